@@ -1,0 +1,56 @@
+"""bergson: training-data attribution for language models.
+
+The public API is imported lazily, so that ``import bergson`` (and ``bergson --help``)
+stays fast until torch is actually needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "BergsonError": "bergson.errors",
+    "DataConfig": "bergson.config",
+    "IndexConfig": "bergson.config",
+    "GradientCollector": "bergson.collect.hooks",
+    "collect_gradients": "bergson.collect.loop",
+    "per_document_loss": "bergson.collect.loop",
+    "InMemorySink": "bergson.collect.loop",
+    "AdafactorNormalizer": "bergson.transforms.normalizers",
+    "AdamNormalizer": "bergson.transforms.normalizers",
+    "projection_matrix": "bergson.transforms.projection",
+    "GradientStore": "bergson.store.reader",
+    "load_gradients": "bergson.store.reader",
+    "build": "bergson.build",
+    "load_data": "bergson.data.load",
+    "tokenize_documents": "bergson.data.tokenize",
+    "load_model": "bergson.models",
+    "find_tracked_modules": "bergson.models",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bergson' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from .build import build
+    from .collect.hooks import GradientCollector
+    from .collect.loop import InMemorySink, collect_gradients, per_document_loss
+    from .config import DataConfig, IndexConfig
+    from .data.load import load_data
+    from .data.tokenize import tokenize_documents
+    from .errors import BergsonError
+    from .models import find_tracked_modules, load_model
+    from .store.reader import GradientStore, load_gradients
+    from .transforms.normalizers import AdafactorNormalizer, AdamNormalizer
+    from .transforms.projection import projection_matrix

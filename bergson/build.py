@@ -1,0 +1,158 @@
+"""``bergson build``: the collection loop with a store writer as its sink."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .collect.hooks import module_dims, module_shape
+from .collect.loop import collect_gradients
+from .config import IndexConfig, save_yaml, to_dict
+from .data import TokenizedDocs, load_data, plan_shards, tokenize_documents
+from .errors import BergsonError
+from .models import find_tracked_modules, load_model
+from .store import GradientStore, Manifest, ModuleLayout, StoreWriter, load_gradients
+from .transforms.normalizers import AdafactorNormalizer, Normalizer
+
+logger = logging.getLogger(__name__)
+
+
+def validate_index_config(cfg: IndexConfig) -> None:
+    if not cfg.run_path:
+        raise BergsonError("run_path is required: the output directory of the store")
+    if cfg.projection_dim < 0:
+        raise BergsonError(f"--projection_dim {cfg.projection_dim}: must be 0 (full gradients) or positive")
+    if cfg.token_batch_size < 2:
+        raise BergsonError(f"--token_batch_size {cfg.token_batch_size}: must be at least 2")
+    if cfg.shard_size < 1:
+        raise BergsonError(f"--shard_size {cfg.shard_size}: must be at least 1")
+
+
+def context_size(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def tokens_fingerprint(docs: TokenizedDocs) -> str:
+    h = hashlib.sha256()
+    for seq, start in zip(docs.input_ids, docs.loss_start):
+        h.update(np.int64(len(seq)).tobytes())
+        h.update(np.int64(start).tobytes())
+        h.update(seq.tobytes())
+    return h.hexdigest()
+
+
+def _normalizer_info(normalizers: Mapping[str, Normalizer] | None) -> dict[str, Any] | None:
+    if not normalizers:
+        return None
+    h = hashlib.sha256()
+    kinds = set()
+    for name in sorted(normalizers):
+        n = normalizers[name]
+        kinds.add("adafactor" if isinstance(n, AdafactorNormalizer) else "adam")
+        h.update(name.encode())
+        for t in vars(n).values():
+            if isinstance(t, torch.Tensor):
+                h.update(t.detach().cpu().double().numpy().tobytes())
+    return {"kind": "+".join(sorted(kinds)), "modules": len(normalizers), "sha256": h.hexdigest()}
+
+
+def make_manifest(
+    cfg: IndexConfig,
+    model: torch.nn.Module,
+    modules: Mapping[str, torch.nn.Module],
+    docs: TokenizedDocs,
+    max_tokens: int,
+    normalizers: Mapping[str, Normalizer] | None = None,
+) -> Manifest:
+    layouts, offset = [], 0
+    for name, m in modules.items():
+        dim = module_dims(m, cfg.projection_dim, cfg.include_bias)
+        has_bias = cfg.include_bias and getattr(m, "bias", None) is not None
+        layouts.append(ModuleLayout(name, type(m).__name__, list(module_shape(m)), has_bias, offset, dim))
+        offset += dim
+    dtype = cfg.save_dtype if cfg.save_dtype != "auto" else ("float16" if cfg.projection_dim > 0 else "float32")
+    config = getattr(model, "config", None)
+    return Manifest(
+        kind="aggregate" if cfg.aggregation != "none" else "gradients",
+        status="in_progress",
+        model={
+            "name": cfg.model,
+            "revision": cfg.revision,
+            "commit": getattr(config, "_commit_hash", None),
+            "class": type(model).__name__,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        },
+        modules=layouts,
+        projection={
+            "kind": "gaussian_two_sided" if cfg.projection_dim > 0 else "none",
+            "dim": cfg.projection_dim,
+            "seed": cfg.projection_seed,
+            "include_bias": cfg.include_bias,
+        },
+        normalizer=_normalizer_info(normalizers),
+        preconditioner=None,
+        loss={
+            "kind": "completion" if cfg.data.completion_column else "causal_lm",
+            "reduction": cfg.loss_reduction,
+        },
+        dtype=dtype,
+        num_rows=len(docs),
+        data={
+            **to_dict(cfg.data),
+            "max_tokens": max_tokens,
+            "num_documents": len(docs),
+            "tokens_sha256": tokens_fingerprint(docs),
+        },
+        plan={"shard_size": cfg.shard_size, "token_batch_size": cfg.token_batch_size},
+        aggregation=cfg.aggregation,
+        unit_normalize=cfg.unit_normalize,
+        producer={"bergson": __version__},
+    )
+
+
+def build(cfg: IndexConfig, normalizers: Mapping[str, Normalizer] | None = None) -> GradientStore:
+    """Collect per-document gradients of ``cfg.data`` under ``cfg.model`` into a store."""
+    validate_index_config(cfg)
+    model, tokenizer = load_model(cfg)
+    ds = load_data(cfg.data)
+    ctx = context_size(model)
+    max_tokens = min(cfg.token_batch_size, ctx) if ctx else cfg.token_batch_size
+    docs = tokenize_documents(ds, tokenizer, cfg.data, max_tokens)
+    if len(docs) == 0:
+        raise BergsonError(f"--dataset {cfg.data.dataset} (split {cfg.data.split!r}) has no rows")
+    modules = find_tracked_modules(model, cfg.modules)
+    manifest = make_manifest(cfg, model, modules, docs, max_tokens, normalizers)
+    writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite)
+    if writer.complete:
+        logger.info("%s is already complete; nothing to do (pass --overwrite to rebuild)", cfg.run_path)
+        return load_gradients(cfg.run_path)
+    save_yaml(cfg, writer.root / "config.yaml")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    collect_gradients(
+        model,
+        docs,
+        sink=writer,
+        modules=modules,
+        projection_dim=cfg.projection_dim,
+        seed=cfg.projection_seed,
+        include_bias=cfg.include_bias,
+        normalizers=normalizers,
+        token_batch_size=cfg.token_batch_size,
+        loss_reduction=cfg.loss_reduction,
+        unit_normalize=cfg.unit_normalize,
+        shard_size=cfg.shard_size,
+        pad_token_id=pad,
+    )
+    writer.finalize(len(plan_shards(len(docs), cfg.shard_size)))
+    return load_gradients(cfg.run_path)

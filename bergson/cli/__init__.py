@@ -1,0 +1,111 @@
+"""The ``bergson`` command line: one small module per subcommand.
+
+Configs are parsed with tyro from the dataclasses in :mod:`bergson.config` (field
+docstrings become ``--help`` text). ``--config FILE.yaml`` loads the same dataclass from
+YAML; flags given after it override the file. Options of a command's ``data`` group
+may be written without the ``data.`` prefix (``--dataset`` == ``--data.dataset``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import BergsonError
+
+# name -> (module with `CONFIG` and `run(cfg)`, one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "build": ("bergson.cli.build", "Collect per-document gradients of a dataset into a gradient store."),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: bergson COMMAND [OPTIONS]   (bergson COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<12} {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _expand_group_aliases(cls: type, args: list[str], group: str = "data") -> list[str]:
+    """Rewrite ``--field`` to ``--group.field`` for fields of the group the command lacks."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    group_field = next((f for f in dataclasses.fields(cls) if f.name == group), None)
+    if group_field is None:
+        return args
+    group_cls = group_field.default_factory  # type: ignore[misc]
+    inner = {f.name for f in dataclasses.fields(group_cls)}  # type: ignore[arg-type]
+    out = []
+    for arg in args:
+        if arg.startswith("--") and "." not in arg.split("=", 1)[0]:
+            flag, eq, value = arg[2:].partition("=")
+            key = flag.replace("-", "_")
+            base = key.removeprefix("no_")
+            if base in inner and base not in names:
+                arg = f"--{group}.{key}{eq}{value}"
+        out.append(arg)
+    return out
+
+
+def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
+    rest, path = [], None
+    it = iter(args)
+    for arg in it:
+        if arg == "--config":
+            path = next(it, None)
+            if path is None:
+                raise BergsonError("--config needs a YAML file path")
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return path, rest
+
+
+def parse(command: str, args: Sequence[str]) -> Any:
+    """Parse a subcommand's arguments into its config dataclass."""
+    import tyro
+
+    from ..config import load_yaml
+
+    module = importlib.import_module(COMMANDS[command][0])
+    cls = module.CONFIG
+    path, rest = _split_config(list(args))
+    default = load_yaml(cls, path) if path else None
+    rest = _expand_group_aliases(cls, rest)
+    return tyro.cli(
+        cls,
+        args=rest,
+        default=default,
+        prog=f"bergson {command}",
+        description=COMMANDS[command][1] + " Pass --config FILE.yaml to read options from YAML.",
+        use_underscores=True,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        sys.exit(0 if args else 2)
+    if args[0] in ("-V", "--version"):
+        from .. import __version__
+
+        print(f"bergson {__version__}")
+        return
+    command = args[0]
+    if command not in COMMANDS:
+        print(f"bergson: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        sys.exit(2)
+    logging.basicConfig(level=logging.INFO, format="bergson: %(message)s")
+    try:
+        cfg = parse(command, args[1:])
+        importlib.import_module(COMMANDS[command][0]).run(cfg)
+    except BergsonError as e:
+        print(f"bergson {command}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"bergson {command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)

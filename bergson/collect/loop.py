@@ -1,0 +1,195 @@
+"""The collection loop: batches -> forward/backward with hooks -> per-row vectors -> sink."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.batching import plan_batches, plan_shards
+from ..data.tokenize import TokenizedDocs
+from ..transforms.normalizers import Normalizer
+from .hooks import GradientCollector
+
+logger = logging.getLogger(__name__)
+
+IGNORE = -100
+
+
+class Sink(Protocol):
+    """Where the loop sends per-row vectors, one shard (range of dataset rows) at a time."""
+
+    def done(self, index: int) -> bool: ...
+    def begin_shard(self, index: int, rows: range) -> None: ...
+    def write(self, row_ids: np.ndarray, vectors: np.ndarray, num_tokens: np.ndarray, losses: np.ndarray) -> None: ...
+    def end_shard(self, index: int) -> None: ...
+
+
+class InMemorySink:
+    """Keeps every row's vector in memory: ``vectors`` [rows, dim] in dataset order."""
+
+    def __init__(self, num_rows: int, dims: Mapping[str, int]):
+        self.dims = dict(dims)
+        self.vectors = np.zeros((num_rows, sum(self.dims.values())), np.float64)
+        self.num_tokens = np.zeros(num_rows, np.int64)
+        self.loss = np.zeros(num_rows, np.float64)
+
+    def done(self, index: int) -> bool:
+        return False
+
+    def begin_shard(self, index: int, rows: range) -> None:
+        pass
+
+    def write(self, row_ids: np.ndarray, vectors: np.ndarray, num_tokens: np.ndarray, losses: np.ndarray) -> None:
+        self.vectors[row_ids] = vectors
+        self.num_tokens[row_ids] = num_tokens
+        self.loss[row_ids] = losses
+
+    def end_shard(self, index: int) -> None:
+        pass
+
+    def by_module(self) -> dict[str, np.ndarray]:
+        """Split the columns into one [rows, dim] array per module."""
+        out, start = {}, 0
+        for name, dim in self.dims.items():
+            out[name] = self.vectors[:, start : start + dim]
+            start += dim
+        return out
+
+
+def per_document_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Next-token cross-entropy per document, [B]; labels equal to -100 carry no loss.
+
+    ``labels`` are aligned with the inputs (the shift happens here), as in Hugging Face
+    models. ``reduction`` is 'sum' over the document's loss tokens or their 'mean'.
+    """
+    logits = logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    target = labels[:, 1:]
+    ce = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        target.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="none",
+    ).view(target.shape)
+    total = ce.sum(1)
+    if reduction == "mean":
+        return total / (target != IGNORE).sum(1).clamp(min=1)
+    if reduction != "sum":
+        raise ValueError(f"unknown loss reduction {reduction!r}")
+    return total
+
+
+def _pad(docs: TokenizedDocs, idx: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and labels; with right padding no attention mask is needed
+    for a causal model, since real tokens never attend to the padding after them."""
+    longest = max(len(docs.input_ids[i]) for i in idx)
+    ids = np.full((len(idx), longest), pad_id, np.int64)
+    labels = np.full((len(idx), longest), IGNORE, np.int64)
+    for row, i in enumerate(idx):
+        seq = docs.input_ids[i]
+        ids[row, : len(seq)] = seq
+        labels[row, : len(seq)] = seq
+        labels[row, : docs.loss_start[i]] = IGNORE
+    return torch.from_numpy(ids), torch.from_numpy(labels)
+
+
+def collect_gradients(
+    model: nn.Module,
+    docs: TokenizedDocs,
+    *,
+    sink: Sink | None = None,
+    modules: Mapping[str, nn.Module] | Sequence[str] | None = None,
+    projection_dim: int = 16,
+    seed: int = 0,
+    include_bias: bool = False,
+    normalizers: Mapping[str, Normalizer] | None = None,
+    token_batch_size: int = 2048,
+    loss_reduction: str = "sum",
+    unit_normalize: bool = False,
+    shard_size: int | None = None,
+    pad_token_id: int = 0,
+    progress: bool = True,
+) -> Sink:
+    """Compute every document's per-example gradient vector and hand it to ``sink``.
+
+    Rows are processed shard by shard (``shard_size`` consecutive documents; one shard by
+    default); shards the sink reports as done are skipped. Within a shard, documents are
+    length-sorted and packed into batches of at most ``token_batch_size`` padded tokens.
+    Without a sink, an :class:`InMemorySink` is filled and returned.
+    """
+    collector = GradientCollector(
+        model,
+        modules,
+        projection_dim=projection_dim,
+        seed=seed,
+        include_bias=include_bias,
+        normalizers=normalizers,
+    )
+    dims = collector.dims
+    offsets = np.cumsum([0, *dims.values()])
+    col = {name: (int(offsets[i]), int(offsets[i + 1])) for i, name in enumerate(dims)}
+    total_dim = int(offsets[-1])
+    if sink is None:
+        sink = InMemorySink(len(docs), dims)
+
+    device = next(model.parameters()).device
+    lengths = docs.lengths
+    active_lengths = np.where(docs.num_loss_tokens() > 0, lengths, 0)
+    shards = plan_shards(len(docs), shard_size or max(len(docs), 1))
+    todo = [(i, r) for i, r in enumerate(shards) if not sink.done(i)]
+    if len(todo) < len(shards):
+        logger.info("%d of %d shards already complete; resuming", len(shards) - len(todo), len(shards))
+    total_tokens = int(sum(active_lengths[r.start : r.stop].sum() for _, r in todo))
+
+    cdt = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    buf: torch.Tensor | None = None
+
+    def closure(name: str, vec: torch.Tensor) -> None:
+        assert buf is not None
+        a, b = col[name]
+        buf[:, a:b] = vec
+
+    collector.closure = closure
+    saved = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="gradients", disable=not progress)
+    try:
+        with collector:
+            for index, rows in todo:
+                sink.begin_shard(index, rows)
+                shard_lengths = active_lengths[rows.start : rows.stop]
+                idle = np.flatnonzero(shard_lengths == 0)
+                if len(idle):
+                    sink.write(
+                        idle + rows.start,
+                        np.zeros((len(idle), total_dim), np.float32),
+                        lengths[idle + rows.start],
+                        np.zeros(len(idle), np.float32),
+                    )
+                for local in plan_batches(shard_lengths, token_batch_size):
+                    idx = local + rows.start
+                    ids, labels = _pad(docs, idx, pad_token_id)
+                    ids, labels = ids.to(device), labels.to(device)
+                    buf = torch.zeros(len(idx), total_dim, dtype=cdt, device=device)
+                    logits = model(input_ids=ids, use_cache=False).logits
+                    losses = per_document_loss(logits, labels, loss_reduction)
+                    losses.sum().backward()
+                    vectors = buf
+                    if unit_normalize:
+                        vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp(min=torch.finfo(cdt).tiny)
+                    sink.write(idx, vectors.cpu().numpy(), lengths[idx], losses.detach().float().cpu().numpy())
+                    bar.update(int(shard_lengths[local].sum()))
+                sink.end_shard(index)
+    finally:
+        bar.close()
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+    return sink

@@ -1,0 +1,165 @@
+"""Configuration dataclasses shared by the command line, YAML files and the Python API.
+
+Each field's docstring is its ``--help`` text. Nothing here imports torch, so that
+``bergson --help`` answers quickly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import tyro
+
+from .errors import BergsonError
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+@dataclass
+class DataConfig:
+    """Which documents to read and how to turn them into token sequences."""
+
+    dataset: str = ""
+    """Hub id, local .json/.jsonl/.csv/.parquet file (optionally .gz), or save_to_disk directory."""
+
+    split: str = "train"
+    """Split to read, with optional slice syntax such as 'train[:1000]' or 'train[10%:20%]'."""
+
+    subset: str | None = None
+    """Configuration name of a hub dataset that has several."""
+
+    prompt_column: str = "text"
+    """Column holding the text (or, with --completion_column, the prompt)."""
+
+    completion_column: str | None = None
+    """Optional column holding a completion; the loss is then taken on the completion only."""
+
+    truncation: bool = False
+    """Truncate documents longer than the token budget (or --max_length) instead of failing."""
+
+    max_length: int | None = None
+    """Truncation length in tokens; defaults to the token budget and the model's context size."""
+
+
+@dataclass
+class ModelOptions:
+    """Fields every command that loads a model accepts."""
+
+    model: str = ""
+    """Hub id or local directory of a causal language model (or of a PEFT adapter)."""
+
+    revision: str | None = None
+    """Model revision (branch, tag or commit) for hub models."""
+
+    precision: Precision = "auto"
+    """Weights' precision: fp32, bf16, fp16, or auto (bf16 on a GPU that supports it, else fp32)."""
+
+    device: str = "auto"
+    """Device to run on: auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ..."""
+
+    trust_remote_code: bool = False
+    """Allow model code from the hub repository to run."""
+
+
+@dataclass
+class IndexConfig(ModelOptions):
+    """Options of ``bergson build``: collect per-document gradients into a store."""
+
+    run_path: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_PATH")] = ""
+    """Output directory of the gradient store."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data options (each may also be written without the 'data.' prefix)."""
+
+    token_batch_size: int = 2048
+    """Token budget of a batch: documents are length-sorted and packed under it."""
+
+    projection_dim: int = 16
+    """Random projection size p (p*p numbers per module); 0 stores full gradients."""
+
+    projection_seed: int = 0
+    """Seed of the projection matrices (regenerated from seed, module name and side)."""
+
+    include_bias: bool = False
+    """Include bias gradients (as an extra input column) in each module's vector."""
+
+    modules: list[str] = field(default_factory=list)
+    """Glob patterns of module names to track (default: every supported layer)."""
+
+    loss_reduction: Literal["sum", "mean"] = "sum"
+    """Per-document loss: sum or mean of the next-token cross-entropies on its loss tokens."""
+
+    aggregation: Literal["none", "mean", "sum"] = "none"
+    """Write one aggregated vector (a query index) instead of one row per document."""
+
+    unit_normalize: bool = False
+    """Scale each document's vector to unit norm (before aggregation)."""
+
+    save_dtype: Literal["auto", "float16", "float32"] = "auto"
+    """Storage dtype: auto is float16 for projected and float32 for full gradients."""
+
+    shard_size: int = 4096
+    """Rows per completed shard file; a killed build resumes from the last completed shard."""
+
+    overwrite: bool = False
+    """Replace an existing store at run_path built with different options."""
+
+
+_T = TypeVar("_T")
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated field type (nested dataclasses included)."""
+    if isinstance(tp, type) and is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise BergsonError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    origin = get_origin(tp)
+    if origin is list and isinstance(value, list):
+        (inner,) = get_args(tp) or (Any,)
+        return [_convert(inner, v, where) for v in value]
+    return value
+
+
+def from_dict(cls: type[_T], values: dict[str, Any], where: str = "config") -> _T:
+    """Build a config dataclass from a (possibly nested) dict, rejecting unknown keys."""
+    assert is_dataclass(cls)
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise BergsonError(
+            f"{where}: unknown option(s) {', '.join(unknown)}; valid options are {', '.join(sorted(known))}"
+        )
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def load_yaml(cls: type[_T], path: str | Path) -> _T:
+    """Load a config dataclass from a YAML file."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise BergsonError(f"--config: no such file {p}")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise BergsonError(f"--config: {p} is not valid YAML: {e}") from e
+    if not isinstance(values, dict):
+        raise BergsonError(f"--config: {p} must hold a mapping of option names to values")
+    return from_dict(cls, values, where=str(p))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain data (for YAML and manifests)."""
+    return asdict(cfg)
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config next to a run's output."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,43 @@
+"""Shards and token-budget batches.
+
+The store is written in shards of consecutive dataset rows. Within a shard, documents
+are sorted by length (longest first) and packed greedily into batches whose padded
+size (documents x longest document) stays within the token budget. The plan depends
+only on the document lengths, so it is the same on every run; that is what lets a
+killed build resume at the first incomplete shard.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def plan_shards(num_rows: int, shard_size: int) -> list[range]:
+    """Consecutive row ranges of at most ``shard_size`` rows."""
+    if shard_size < 1:
+        raise ValueError("shard_size must be >= 1")
+    return [range(s, min(s + shard_size, num_rows)) for s in range(0, num_rows, shard_size)]
+
+
+def plan_batches(lengths: np.ndarray, token_budget: int, min_length: int = 2) -> list[np.ndarray]:
+    """Indices (into ``lengths``) of each batch; documents shorter than ``min_length`` are left out."""
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    batches: list[np.ndarray] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        n = int(lengths[i])
+        if n < min_length:
+            continue
+        if n > token_budget:
+            raise ValueError(f"document {i} has {n} tokens, more than the budget {token_budget}")
+        if current and longest * (len(current) + 1) > token_budget:
+            batches.append(np.asarray(current, dtype=np.int64))
+            current = []
+        if not current:
+            longest = n
+        current.append(int(i))
+    if current:
+        batches.append(np.asarray(current, dtype=np.int64))
+    return batches

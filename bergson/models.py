@@ -1,0 +1,143 @@
+"""Loading models and tokenizers, and finding the layers whose gradients we track."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ModelOptions
+from .errors import BergsonError
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise BergsonError(f"--device: cannot parse {device!r} ({e}); use auto, cpu or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BergsonError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return dev
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """Map --precision to a torch dtype; 'auto' is bf16 on GPUs that support it, else fp32."""
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if precision not in _DTYPES:
+        raise BergsonError(f"--precision {precision!r}: choose one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[precision]
+
+
+def _is_local(path: str) -> bool:
+    return os.path.isdir(os.path.expanduser(path))
+
+
+def load_model(opts: ModelOptions) -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer from a hub id or a local directory.
+
+    A local directory never triggers a request to the hub. A directory holding a PEFT
+    adapter (``adapter_config.json``) loads the base model with the adapter applied.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not opts.model:
+        raise BergsonError("--model is required: a hub id or a local model directory")
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.precision, device)
+    local = _is_local(opts.model)
+    path = os.path.expanduser(opts.model) if local else opts.model
+    if not local and (opts.model.startswith((".", "/", "~")) or opts.model.count("/") > 1):
+        raise BergsonError(f"--model {opts.model}: no such directory")
+    kwargs: dict[str, Any] = {
+        "revision": opts.revision,
+        "trust_remote_code": opts.trust_remote_code,
+    }
+    if local:
+        kwargs["local_files_only"] = True
+        kwargs.pop("revision")
+    try:
+        if local and (Path(path) / "adapter_config.json").is_file():
+            model = _load_peft(path, dtype, kwargs)
+            tok_path = path if (Path(path) / "tokenizer_config.json").is_file() else None
+            if tok_path is None:
+                tok_path = model.peft_config["default"].base_model_name_or_path
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+            tok_path = path
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise BergsonError(f"--model {opts.model}: could not load it ({e})") from e
+    model.to(device)  # type: ignore[arg-type]
+    model.eval()
+    return model, tokenizer
+
+
+def _load_peft(path: str, dtype: torch.dtype, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        from peft import AutoPeftModelForCausalLM
+    except ImportError as e:
+        raise BergsonError(
+            f"--model {path} is a PEFT adapter; install the extra: pip install 'bergson[peft]'"
+        ) from e
+    return AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+
+
+def _supported_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def find_tracked_modules(model: nn.Module, patterns: Sequence[str] = ()) -> dict[str, nn.Module]:
+    """The layers whose per-example gradients are collected.
+
+    Supported layer types: ``torch.nn.Linear`` (and subclasses such as quantized linears)
+    and the GPT-2 style ``transformers.pytorch_utils.Conv1D``. Embedding tables and norms
+    are not tracked. With a PEFT model only the adapter layers are tracked. ``patterns``
+    are glob patterns over module names; an empty list means every supported layer.
+    Layers with weight matrices of other types are skipped with a warning that lists them.
+    """
+    supported = _supported_types()
+    peft = is_peft_model(model)
+    tracked: dict[str, nn.Module] = {}
+    skipped: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, supported):
+            if peft and "lora_" not in name:
+                continue
+            if patterns and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                continue
+            tracked[name] = module
+        elif not isinstance(module, (nn.Embedding, nn.LayerNorm)) and any(
+            p.ndim >= 2 for p in module.parameters(recurse=False)
+        ):
+            skipped.add(type(module).__name__)
+    if skipped:
+        logger.warning(
+            "layers of unsupported types are not tracked: %s (supported: Linear, Conv1D)",
+            ", ".join(sorted(skipped)),
+        )
+    if not tracked:
+        hint = f" matching {list(patterns)}" if patterns else ""
+        raise BergsonError(f"--modules: the model has no supported layers{hint}")
+    return tracked

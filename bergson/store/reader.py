@@ -1,0 +1,127 @@
+"""Reading a store without loading it into memory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from ..errors import BergsonError
+from .manifest import Manifest, read_manifest
+
+ROW_DTYPE = np.dtype([("row_id", np.int64), ("num_tokens", np.int64), ("loss", np.float32)])
+
+
+class RowConcat:
+    """Read-only rows of several memory-mapped arrays, seen as one [rows, dim] array."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [p.shape[0] for p in parts])
+        self.shape = (int(self.offsets[-1]), parts[0].shape[1] if parts else 0)
+        self.dtype = parts[0].dtype if parts else np.dtype(np.float16)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.concatenate([np.asarray(p) for p in self.parts]) if self.parts else np.zeros(self.shape)
+        return out.astype(dtype) if dtype is not None else out
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        if isinstance(rows, (int, np.integer)):
+            i = int(rows) + (self.shape[0] if rows < 0 else 0)
+            s = int(np.searchsorted(self.offsets, i, side="right")) - 1
+            return np.asarray(self.parts[s][i - self.offsets[s]])[cols]
+        if isinstance(rows, slice):
+            idx = np.arange(*rows.indices(self.shape[0]))
+        else:
+            idx = np.asarray(rows)
+            if idx.dtype == bool:
+                idx = np.flatnonzero(idx)
+        which = np.searchsorted(self.offsets, idx, side="right") - 1
+        out = np.empty((len(idx), self.shape[1]), self.dtype)
+        for s in np.unique(which):
+            sel = which == s
+            out[sel] = self.parts[s][idx[sel] - self.offsets[s]]
+        return out[:, cols]
+
+
+class GradientStore:
+    """A complete store opened read-only.
+
+    ``store.modules`` lists module names; ``store[name]`` is that module's [rows, dim]
+    array (memory-mapped); ``store.rows`` holds per-row metadata (``row_id``, the dataset
+    row; ``num_tokens``; ``loss``); ``store.manifest`` says how the vectors were made.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest: Manifest = read_manifest(self.root)
+        if self.manifest.status != "complete":
+            raise BergsonError(
+                f"{self.root}: the store is still being written or was interrupted; "
+                "rerun the same build command to complete it"
+            )
+        self._parts: list[np.ndarray] = []
+        metas = []
+        for shard in self.manifest.shards:
+            path = self.root / f"{shard['file']}.npy"
+            meta = self.root / f"{shard['file']}.rows.parquet"
+            if not path.is_file() or not meta.is_file():
+                raise BergsonError(f"{self.root}: shard {shard['file']} is missing; rebuild the store")
+            self._parts.append(np.load(path, mmap_mode="r"))
+            metas.append(pq.read_table(meta))
+        self.rows = np.zeros(sum(m.num_rows for m in metas), ROW_DTYPE)
+        start = 0
+        for m in metas:
+            for col in ROW_DTYPE.names or ():
+                self.rows[col][start : start + m.num_rows] = m[col].to_numpy()
+            start += m.num_rows
+
+    @property
+    def modules(self) -> list[str]:
+        return [m.name for m in self.manifest.modules]
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {m.name: m.dim for m in self.manifest.modules}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        return (
+            f"GradientStore({str(self.root)!r}, rows={len(self)}, modules={len(self.modules)}, "
+            f"dim={self.manifest.total_dim}, dtype={self.manifest.dtype})"
+        )
+
+    def _view(self, cols: slice) -> np.ndarray | RowConcat:
+        parts = [p[:, cols] for p in self._parts]
+        return parts[0] if len(parts) == 1 else RowConcat(parts)
+
+    def __getitem__(self, module: str) -> np.ndarray | RowConcat:
+        m = self.manifest.module(module)
+        return self._view(slice(m.offset, m.offset + m.dim))
+
+    @property
+    def all(self) -> np.ndarray | RowConcat:
+        """Every module's columns side by side: [rows, total_dim]."""
+        return self._view(slice(None))
+
+    def blocks(self, block_rows: int = 8192) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (first row, rows [b, total_dim]) blocks, reading shard by shard."""
+        start = 0
+        for part in self._parts:
+            for s in range(0, part.shape[0], block_rows):
+                yield start + s, np.asarray(part[s : s + block_rows])
+            start += part.shape[0]
+
+
+def load_gradients(root: str | Path) -> GradientStore:
+    """Open a complete gradient store read-only (memory-mapped)."""
+    return GradientStore(root)

@@ -1,0 +1,193 @@
+"""Writing a store: one completed shard file per range of rows, resumable.
+
+Each shard's row metadata (parquet) is written first and its vectors (``.npy``) last,
+both through a temporary name, fsync and rename; a shard is complete exactly when its
+``.npy`` file exists. A rerun of the same build skips complete shards.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import BergsonError
+from .manifest import (
+    MANIFEST,
+    Manifest,
+    atomic_write_bytes,
+    describe_difference,
+    read_manifest,
+    write_manifest,
+)
+
+logger = logging.getLogger(__name__)
+
+SHARDS = "shards"
+AGGREGATE = "aggregate.npy"
+_OWN_FILES = (MANIFEST, "config.yaml", SHARDS, AGGREGATE, "aggregate.rows.parquet")
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARDS}/{index:05d}"
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _parquet_bytes(row_id: np.ndarray, num_tokens: np.ndarray, loss: np.ndarray) -> bytes:
+    table = pa.table(
+        {
+            "row_id": pa.array(row_id, pa.int64()),
+            "num_tokens": pa.array(num_tokens, pa.int64()),
+            "loss": pa.array(loss, pa.float32()),
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+class StoreWriter:
+    """A sink that writes per-row vectors (or their aggregate) into a store directory."""
+
+    def __init__(self, root: str | Path, manifest: Manifest, *, overwrite: bool = False):
+        self.root = Path(root)
+        self.manifest = manifest
+        self.complete = False
+        self._prepare(overwrite)
+        self._rows: range | None = None
+        self._buf: np.ndarray | None = None
+        self._tokens: np.ndarray | None = None
+        self._loss: np.ndarray | None = None
+        self._filled: np.ndarray | None = None
+
+    # ---------------------------------------------------------------- set-up
+    def _prepare(self, overwrite: bool) -> None:
+        root = self.root
+        if root.exists() and not root.is_dir():
+            raise BergsonError(f"run_path {root} is a file; choose a directory")
+        if (root / MANIFEST).is_file():
+            old = read_manifest(root)
+            diffs = describe_difference(old.identity(), self.manifest.identity())
+            if not diffs and not overwrite:
+                if old.status == "complete":
+                    self.complete = True
+                    self.manifest = old
+                    return
+                logger.info("resuming the build in %s", root)
+                return
+            if diffs and not overwrite:
+                shown = "; ".join(diffs[:6]) + ("; ..." if len(diffs) > 6 else "")
+                raise BergsonError(
+                    f"{root} already holds a store built with other options ({shown}); "
+                    "pass --overwrite to replace it, or choose another run_path"
+                )
+            for name in _OWN_FILES:
+                p = root / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        elif root.is_dir() and any(root.iterdir()):
+            raise BergsonError(
+                f"run_path {root} exists and is not a bergson store; choose a new or empty directory"
+            )
+        (root / SHARDS).mkdir(parents=True, exist_ok=True)
+        write_manifest(root, self.manifest)
+
+    # ---------------------------------------------------------------- shards
+    def done(self, index: int) -> bool:
+        return self.complete or (self.root / f"{shard_name(index)}.npy").is_file()
+
+    @property
+    def aggregate(self) -> bool:
+        return self.manifest.aggregation != "none"
+
+    def begin_shard(self, index: int, rows: range) -> None:
+        n = len(rows)
+        dim = self.manifest.total_dim
+        self._rows = rows
+        self._buf = np.zeros((1 if self.aggregate else n, dim), np.float64 if self.aggregate else self.manifest.dtype)
+        self._tokens = np.zeros(n, np.int64)
+        self._loss = np.zeros(n, np.float32)
+        self._filled = np.zeros(n, bool)
+
+    def write(self, row_ids: np.ndarray, vectors: np.ndarray, num_tokens: np.ndarray, losses: np.ndarray) -> None:
+        """Store float32/float64 ``vectors`` [B, D] for dataset rows ``row_ids`` of the current shard."""
+        assert self._rows is not None and self._buf is not None
+        assert self._tokens is not None and self._loss is not None and self._filled is not None
+        local = np.asarray(row_ids) - self._rows.start
+        if not np.isfinite(vectors).all():
+            bad = np.asarray(row_ids)[~np.isfinite(vectors).all(axis=1)]
+            raise BergsonError(
+                f"non-finite gradients for dataset rows {bad[:5].tolist()}; the model's loss overflowed "
+                "(try --precision fp32)"
+            )
+        if self.aggregate:
+            self._buf[0] += vectors.astype(np.float64).sum(axis=0)
+        else:
+            cast = vectors.astype(self._buf.dtype)
+            if not np.isfinite(cast).all():
+                raise BergsonError(
+                    f"gradient values exceed the {self._buf.dtype} range; pass --save_dtype float32"
+                )
+            self._buf[local] = cast
+        self._tokens[local] = num_tokens
+        self._loss[local] = losses
+        self._filled[local] = True
+
+    def end_shard(self, index: int) -> None:
+        assert self._rows is not None and self._buf is not None and self._filled is not None
+        assert self._tokens is not None and self._loss is not None
+        if not self._filled.all():
+            missing = np.flatnonzero(~self._filled)[:5] + self._rows.start
+            raise RuntimeError(f"shard {index} is missing rows {missing.tolist()}")
+        base = self.root / shard_name(index)
+        row_ids = np.arange(self._rows.start, self._rows.stop)
+        atomic_write_bytes(base.with_suffix(".rows.parquet"), _parquet_bytes(row_ids, self._tokens, self._loss))
+        atomic_write_bytes(base.with_suffix(".npy"), _npy_bytes(self._buf))
+        self._rows = self._buf = None
+
+    # ---------------------------------------------------------------- finish
+    def finalize(self, num_shards: int) -> Manifest:
+        """Mark the store complete (combining per-shard sums for aggregated stores)."""
+        if self.complete:
+            return self.manifest
+        shards = [shard_name(i) for i in range(num_shards)]
+        if self.aggregate:
+            total = np.zeros(self.manifest.total_dim, np.float64)
+            tokens, losses, count = 0, [], 0
+            for s in shards:
+                total += np.load(self.root / f"{s}.npy")[0]
+                meta = pq.read_table(self.root / f"{s}.rows.parquet")
+                tokens += int(meta["num_tokens"].to_numpy().sum())
+                losses.append(meta["loss"].to_numpy())
+                count += meta.num_rows
+            if self.manifest.aggregation == "mean" and count:
+                total /= count
+            vec = total.astype(self.manifest.dtype)[None]
+            loss = float(np.concatenate(losses).mean()) if count else 0.0
+            atomic_write_bytes(
+                self.root / "aggregate.rows.parquet",
+                _parquet_bytes(np.array([-1]), np.array([tokens]), np.array([loss], np.float32)),
+            )
+            atomic_write_bytes(self.root / AGGREGATE, _npy_bytes(vec))
+            self.manifest.shards = [{"file": "aggregate", "rows": 1, "source_rows": count}]
+            self.manifest.num_rows = 1
+        else:
+            self.manifest.shards = [
+                {"file": s, "rows": int(np.load(self.root / f"{s}.npy", mmap_mode="r").shape[0])} for s in shards
+            ]
+        self.manifest.status = "complete"
+        write_manifest(self.root, self.manifest)
+        self.complete = True
+        return self.manifest

@@ -1,0 +1,95 @@
+"""Optimizer second-moment normalizers.
+
+A normalizer divides a gradient elementwise by the square root of a second-moment
+estimate v (plus eps), as Adam-family optimizers do to their updates.
+
+* ``AdafactorNormalizer`` keeps the rank-one estimate v_ij = r_i c_j / sum(r) of
+  Adafactor. Its inverse square root factors into a row scale on the output gradient g
+  and a column scale on the input x, so it is applied before projection (cheap path).
+* ``AdamNormalizer`` keeps the full elementwise estimate; it needs the full per-example
+  gradient, which is then projected if a projection is requested.
+
+Shapes follow the "out x in" convention of ``torch.nn.Linear.weight``. When the bias is
+included it is treated as an extra input column (input value 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import BergsonError
+
+
+@dataclass
+class AdafactorNormalizer:
+    """Rank-one second moment: ``row`` (out,) and ``col`` (in,) factors.
+
+    ``bias_col`` is the column factor of the bias (treated as an extra input column);
+    it is required only when biases are included.
+    """
+
+    row: torch.Tensor
+    col: torch.Tensor
+    bias_col: torch.Tensor | None = None
+    eps: float = 1e-30
+
+    def scales(self, include_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (a, b) with 1/sqrt(v_ij) = a_i * b_j; b covers the bias column if asked."""
+        col = self.col
+        if include_bias:
+            if self.bias_col is None:
+                raise BergsonError(
+                    "include_bias is set but the Adafactor normalizer has no bias column factor"
+                )
+            col = torch.cat([col, self.bias_col.reshape(1).to(col)])
+        total = self.row.sum()
+        a = (self.row + self.eps).rsqrt()
+        b = (total / (col + self.eps)).sqrt()
+        return a, b
+
+    def dense(self, include_bias: bool = False) -> torch.Tensor:
+        """The dense second-moment estimate r c^T / sum(r) (for tests and inspection)."""
+        col = self.col
+        if include_bias:
+            assert self.bias_col is not None
+            col = torch.cat([col, self.bias_col.reshape(1).to(col)])
+        return torch.outer(self.row, col) / self.row.sum()
+
+
+@dataclass
+class AdamNormalizer:
+    """Elementwise second moment of the weight (out x in) and optionally of the bias (out,)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    eps: float = 1e-8
+
+    def apply(self, grad_w: torch.Tensor, grad_b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalize per-example gradients ``grad_w`` [B, out, in] and ``grad_b`` [B, out]."""
+        if tuple(grad_w.shape[1:]) != tuple(self.weight.shape):
+            raise BergsonError(
+                f"Adam normalizer has shape {tuple(self.weight.shape)}, gradient has {tuple(grad_w.shape[1:])}"
+            )
+        grad_w = grad_w / (self.weight.to(grad_w).sqrt() + self.eps)
+        if grad_b is not None:
+            if self.bias is None:
+                raise BergsonError("include_bias is set but the Adam normalizer has no bias moment")
+            grad_b = grad_b / (self.bias.to(grad_b).sqrt() + self.eps)
+        return grad_w, grad_b
+
+    def to_adafactor(self) -> AdafactorNormalizer:
+        """Best rank-one (Adafactor-style) form: row and column sums of the second moment."""
+        w = self.weight.float()
+        bias_col = None
+        if self.bias is not None:
+            # the bias column joins the matrix as column `in`; its column sum is sum(v_bias)
+            bias_col = self.bias.float().sum()
+            row = w.sum(1) + self.bias.float()
+        else:
+            row = w.sum(1)
+        return AdafactorNormalizer(row=row, col=w.sum(0), bias_col=bias_col)
+
+
+Normalizer = AdafactorNormalizer | AdamNormalizer
