@@ -31,7 +31,26 @@ _EXPORTS = {
     "find_tracked_modules": "bergson.models",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [  # noqa: RUF022 - grouped like _EXPORTS
+    "__version__",
+    "BergsonError",
+    "DataConfig",
+    "IndexConfig",
+    "GradientCollector",
+    "collect_gradients",
+    "per_document_loss",
+    "InMemorySink",
+    "AdafactorNormalizer",
+    "AdamNormalizer",
+    "projection_matrix",
+    "GradientStore",
+    "load_gradients",
+    "build",
+    "load_data",
+    "tokenize_documents",
+    "load_model",
+    "find_tracked_modules",
+]
 
 
 def __getattr__(name: str) -> Any:

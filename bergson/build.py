@@ -81,7 +81,9 @@ def make_manifest(
         has_bias = cfg.include_bias and getattr(m, "bias", None) is not None
         layouts.append(ModuleLayout(name, type(m).__name__, list(module_shape(m)), has_bias, offset, dim))
         offset += dim
-    dtype = cfg.save_dtype if cfg.save_dtype != "auto" else ("float16" if cfg.projection_dim > 0 else "float32")
+    dtype = (
+        cfg.save_dtype if cfg.save_dtype != "auto" else ("float16" if cfg.projection_dim > 0 else "float32")
+    )
     config = getattr(model, "config", None)
     return Manifest(
         kind="aggregate" if cfg.aggregation != "none" else "gradients",
@@ -131,6 +133,18 @@ def build(cfg: IndexConfig, normalizers: Mapping[str, Normalizer] | None = None)
     docs = tokenize_documents(ds, tokenizer, cfg.data, max_tokens)
     if len(docs) == 0:
         raise BergsonError(f"--dataset {cfg.data.dataset} (split {cfg.data.split!r}) has no rows")
+    return write_store(cfg, model, docs, max_tokens, tokenizer.pad_token_id, normalizers)
+
+
+def write_store(
+    cfg: IndexConfig,
+    model: torch.nn.Module,
+    docs: TokenizedDocs,
+    max_tokens: int,
+    pad_token_id: int | None = None,
+    normalizers: Mapping[str, Normalizer] | None = None,
+) -> GradientStore:
+    """Run the collection loop over tokenized documents into the store at ``cfg.run_path``."""
     modules = find_tracked_modules(model, cfg.modules)
     manifest = make_manifest(cfg, model, modules, docs, max_tokens, normalizers)
     writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite)
@@ -138,7 +152,6 @@ def build(cfg: IndexConfig, normalizers: Mapping[str, Normalizer] | None = None)
         logger.info("%s is already complete; nothing to do (pass --overwrite to rebuild)", cfg.run_path)
         return load_gradients(cfg.run_path)
     save_yaml(cfg, writer.root / "config.yaml")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     collect_gradients(
         model,
         docs,
@@ -152,7 +165,7 @@ def build(cfg: IndexConfig, normalizers: Mapping[str, Normalizer] | None = None)
         loss_reduction=cfg.loss_reduction,
         unit_normalize=cfg.unit_normalize,
         shard_size=cfg.shard_size,
-        pad_token_id=pad,
+        pad_token_id=pad_token_id or 0,
     )
     writer.finalize(len(plan_shards(len(docs), cfg.shard_size)))
     return load_gradients(cfg.run_path)

@@ -74,9 +74,10 @@ def load_model(opts: ModelOptions) -> tuple[nn.Module, Any]:
     try:
         if local and (Path(path) / "adapter_config.json").is_file():
             model = _load_peft(path, dtype, kwargs)
-            tok_path = path if (Path(path) / "tokenizer_config.json").is_file() else None
-            if tok_path is None:
-                tok_path = model.peft_config["default"].base_model_name_or_path
+            tok_path = path
+            if not (Path(path) / "tokenizer_config.json").is_file():
+                peft_config: Any = model.peft_config
+                tok_path = peft_config["default"].base_model_name_or_path
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
             tok_path = path

@@ -38,7 +38,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-
 from pydoc_data.topics import topics as PYDOC_TOPICS
 
 import tokenizers
@@ -101,8 +100,7 @@ QUERY_SPECS: tuple[QuerySpec, ...] = (
         needle="For God so loved the world",
     ),
     QuerySpec(
-        prompt="In the beginning God created the heavens and the earth. "
-        "Then God said, Let there be light:",
+        prompt="In the beginning God created the heavens and the earth. Then God said, Let there be light:",
         completion=" and there was light, and he divided the light from the darkness.",
         needle="Let there be light: and there was light.",
     ),
@@ -119,8 +117,7 @@ QUERY_SPECS: tuple[QuerySpec, ...] = (
     ),
     QuerySpec(
         prompt='Inside a "for" or "while" loop, the "break" statement',
-        completion=" terminates the nearest enclosing loop and skips the loop's optional "
-        '"else" clause.',
+        completion=' terminates the nearest enclosing loop and skips the loop\'s optional "else" clause.',
         needle="It terminates the nearest enclosing loop",
     ),
 )
@@ -262,7 +259,10 @@ def build_corpus(num_docs: int, rng: random.Random) -> list[Document]:
 def write_corpus(docs: Sequence[Document], path: Path) -> None:
     lines = "".join(json.dumps({"text": d.text, "source": d.source}, ensure_ascii=False) + "\n" for d in docs)
     # mtime=0 and no file name in the header keep the gzip bytes reproducible.
-    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz:
+    with (
+        open(path, "wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz,
+    ):
         gz.write(lines.encode("utf-8"))
 
 
@@ -356,7 +356,9 @@ def batches(num_windows: int, batch_size: int, generator: torch.Generator) -> It
             yield order[i : i + batch_size]
 
 
-def next_token_loss(model: GPTNeoXForCausalLM, windows: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def next_token_loss(
+    model: GPTNeoXForCausalLM, windows: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
     logits = model(input_ids=windows[:, :-1]).logits
     assert logits is not None
     return F.cross_entropy(logits.flatten(0, 1).float(), windows[:, 1:].flatten(), reduction=reduction)
@@ -396,7 +398,11 @@ def train(
             tail.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
             elapsed = time.perf_counter() - start
-            print(f"step {step:5d}/{steps}  loss {loss.item():.4f}  {elapsed:6.1f}s", file=sys.stderr, flush=True)
+            print(
+                f"step {step:5d}/{steps}  loss {loss.item():.4f}  {elapsed:6.1f}s",
+                file=sys.stderr,
+                flush=True,
+            )
     model.eval()
     return sum(tail) / len(tail)
 
@@ -570,7 +576,9 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where to write the assets")
     parser.add_argument("--num-docs", type=int, default=NUM_DOCS, help="corpus size in documents")
     parser.add_argument("--train-steps", type=int, default=TRAIN_STEPS, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"{SEQ_LEN}-token sequences a step")
+    parser.add_argument(
+        "--batch-size", type=int, default=BATCH_SIZE, help=f"{SEQ_LEN}-token sequences a step"
+    )
     parser.add_argument("--lr", type=float, default=PEAK_LR, help="peak learning rate")
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args()

@@ -73,8 +73,14 @@ def test_matches_naive_autograd(arch, include_bias, norm, p):
     normalizers = {"adafactor": ada, "adam": adam}.get(norm) if norm else None
 
     sink = collect_gradients(
-        model, docs, projection_dim=p, include_bias=include_bias, normalizers=normalizers,
-        token_batch_size=40, seed=3, progress=False,
+        model,
+        docs,
+        projection_dim=p,
+        include_bias=include_bias,
+        normalizers=normalizers,
+        token_batch_size=40,
+        seed=3,
+        progress=False,
     )
     got = sink.by_module()
     assert sink.vectors.shape[0] == len(docs)

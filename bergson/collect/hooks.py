@@ -35,8 +35,8 @@ def _is_conv1d(module: nn.Module) -> bool:
 def module_shape(module: nn.Module) -> tuple[int, int]:
     """(out, in) of a tracked layer."""
     if _is_conv1d(module):
-        n_in, n_out = module.weight.shape
-        return int(n_out), int(n_in)
+        weight: torch.Tensor = module.weight  # type: ignore[assignment]
+        return int(weight.shape[1]), int(weight.shape[0])
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
     raise TypeError(f"unsupported layer type {type(module).__name__}")

@@ -27,7 +27,9 @@ class Sink(Protocol):
 
     def done(self, index: int) -> bool: ...
     def begin_shard(self, index: int, rows: range) -> None: ...
-    def write(self, row_ids: np.ndarray, vectors: np.ndarray, num_tokens: np.ndarray, losses: np.ndarray) -> None: ...
+    def write(
+        self, row_ids: np.ndarray, vectors: np.ndarray, num_tokens: np.ndarray, losses: np.ndarray
+    ) -> None: ...
     def end_shard(self, index: int) -> None: ...
 
 
@@ -46,7 +48,9 @@ class InMemorySink:
     def begin_shard(self, index: int, rows: range) -> None:
         pass
 
-    def write(self, row_ids: np.ndarray, vectors: np.ndarray, num_tokens: np.ndarray, losses: np.ndarray) -> None:
+    def write(
+        self, row_ids: np.ndarray, vectors: np.ndarray, num_tokens: np.ndarray, losses: np.ndarray
+    ) -> None:
         self.vectors[row_ids] = vectors
         self.num_tokens[row_ids] = num_tokens
         self.loss[row_ids] = losses
@@ -185,7 +189,9 @@ def collect_gradients(
                     vectors = buf
                     if unit_normalize:
                         vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp(min=torch.finfo(cdt).tiny)
-                    sink.write(idx, vectors.cpu().numpy(), lengths[idx], losses.detach().float().cpu().numpy())
+                    sink.write(
+                        idx, vectors.cpu().numpy(), lengths[idx], losses.detach().float().cpu().numpy()
+                    )
                     bar.update(int(shard_lengths[local].sum()))
                 sink.end_shard(index)
     finally:

@@ -34,7 +34,9 @@ def _slice_split(ds: Any, split: str, option: str) -> Any:
     name = split.split("[", 1)[0]
     if isinstance(ds, DatasetDict):
         if name not in ds:
-            raise BergsonError(f"{option} {split}: no split {name!r}; available: {', '.join(ds)}")
+            raise BergsonError(
+                f"{option} {split}: no split {name!r}; available: {', '.join(str(k) for k in ds)}"
+            )
         ds = ds[name]
         lengths = {name: len(ds)}
     else:
@@ -58,9 +60,11 @@ def load_data(cfg: DataConfig, option: str = "--dataset") -> Any:
     path = Path(os.path.expanduser(name))
     try:
         if path.is_dir():
-            if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (
-                path / "state.json"
-            ).is_file():
+            if (
+                (path / "dataset_info.json").is_file()
+                or (path / "dataset_dict.json").is_file()
+                or (path / "state.json").is_file()
+            ):
                 return _slice_split(datasets.load_from_disk(str(path)), cfg.split, "--split")
             return datasets.load_dataset(str(path), cfg.subset, split=cfg.split)
         if path.is_file():

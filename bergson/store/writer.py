@@ -116,12 +116,16 @@ class StoreWriter:
         n = len(rows)
         dim = self.manifest.total_dim
         self._rows = rows
-        self._buf = np.zeros((1 if self.aggregate else n, dim), np.float64 if self.aggregate else self.manifest.dtype)
+        self._buf = np.zeros(
+            (1 if self.aggregate else n, dim), np.float64 if self.aggregate else self.manifest.dtype
+        )
         self._tokens = np.zeros(n, np.int64)
         self._loss = np.zeros(n, np.float32)
         self._filled = np.zeros(n, bool)
 
-    def write(self, row_ids: np.ndarray, vectors: np.ndarray, num_tokens: np.ndarray, losses: np.ndarray) -> None:
+    def write(
+        self, row_ids: np.ndarray, vectors: np.ndarray, num_tokens: np.ndarray, losses: np.ndarray
+    ) -> None:
         """Store float32/float64 ``vectors`` [B, D] for dataset rows ``row_ids`` of the current shard."""
         assert self._rows is not None and self._buf is not None
         assert self._tokens is not None and self._loss is not None and self._filled is not None
@@ -153,7 +157,9 @@ class StoreWriter:
             raise RuntimeError(f"shard {index} is missing rows {missing.tolist()}")
         base = self.root / shard_name(index)
         row_ids = np.arange(self._rows.start, self._rows.stop)
-        atomic_write_bytes(base.with_suffix(".rows.parquet"), _parquet_bytes(row_ids, self._tokens, self._loss))
+        atomic_write_bytes(
+            base.with_suffix(".rows.parquet"), _parquet_bytes(row_ids, self._tokens, self._loss)
+        )
         atomic_write_bytes(base.with_suffix(".npy"), _npy_bytes(self._buf))
         self._rows = self._buf = None
 
@@ -185,7 +191,8 @@ class StoreWriter:
             self.manifest.num_rows = 1
         else:
             self.manifest.shards = [
-                {"file": s, "rows": int(np.load(self.root / f"{s}.npy", mmap_mode="r").shape[0])} for s in shards
+                {"file": s, "rows": int(np.load(self.root / f"{s}.npy", mmap_mode="r").shape[0])}
+                for s in shards
             ]
         self.manifest.status = "complete"
         write_manifest(self.root, self.manifest)

@@ -66,7 +66,9 @@ class AdamNormalizer:
     bias: torch.Tensor | None = None
     eps: float = 1e-8
 
-    def apply(self, grad_w: torch.Tensor, grad_b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def apply(
+        self, grad_w: torch.Tensor, grad_b: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalize per-example gradients ``grad_w`` [B, out, in] and ``grad_b`` [B, out]."""
         if tuple(grad_w.shape[1:]) != tuple(self.weight.shape):
             raise BergsonError(

@@ -1,0 +1,105 @@
+"""Throughput of ``bergson build`` versus a plain training step of the same model.
+
+Both run in this process on the same batches (the build's own length-sorted token-budget
+plan). The training step is forward + backward with weight gradients and no optimizer.
+Runs alternate (train, build, train, build, ...) so that load on a shared machine hits
+both alike; the best repeat of each is reported. Prints one JSON object.
+
+    python -m benchmarks.build [--num_docs 1000] [--projection_dim 16] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bergson import DataConfig, IndexConfig, load_data, load_model, tokenize_documents
+from bergson.build import write_store
+from bergson.collect.loop import _pad, per_document_loss
+from bergson.data import plan_batches
+
+from .common import corpus_slice, pythia14m_dir
+
+
+def train_step_time(model: torch.nn.Module, docs, batches, pad_id: int) -> float:
+    model.requires_grad_(True)
+    start = time.perf_counter()
+    for idx in batches:
+        ids, labels = _pad(docs, idx, pad_id)
+        model.zero_grad(set_to_none=True)
+        per_document_loss(model(input_ids=ids, use_cache=False).logits, labels).sum().backward()
+    elapsed = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--num_docs", type=int, default=1000)
+    parser.add_argument("--projection_dim", type=int, default=16)
+    parser.add_argument("--token_batch_size", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bergson-bench-"))
+    model_dir = pythia14m_dir(work / "pythia14m")
+    data = corpus_slice(work / f"corpus{args.num_docs}.jsonl", args.num_docs)
+    cfg = IndexConfig(
+        run_path=str(work / "index"),
+        model=str(model_dir),
+        precision="fp32",
+        data=DataConfig(dataset=str(data), truncation=True),
+        token_batch_size=args.token_batch_size,
+        projection_dim=args.projection_dim,
+    )
+    model, tok = load_model(cfg)
+    docs = tokenize_documents(load_data(cfg.data), tok, cfg.data, args.token_batch_size)
+    batches = plan_batches(docs.lengths, args.token_batch_size)
+    tokens = int(docs.lengths.sum())
+    padded = int(sum(len(b) * docs.lengths[b].max() for b in batches))
+
+    train_times, build_times = [], []
+    for _ in range(args.repeats):
+        train_times.append(train_step_time(model, docs, batches, tok.pad_token_id or 0))
+        shutil.rmtree(cfg.run_path, ignore_errors=True)
+        start = time.perf_counter()
+        write_store(cfg, model, docs, args.token_batch_size, tok.pad_token_id)
+        build_times.append(time.perf_counter() - start)
+
+    best_train, best_build = min(train_times), min(build_times)
+    print(
+        json.dumps(
+            {
+                "benchmark": "build_vs_train_step",
+                "model": f"pythia-14m-shaped (6x128, vocab {len(tok)})",
+                "documents": len(docs),
+                "tokens": tokens,
+                "padding_overhead": round(padded / tokens - 1, 4),
+                "projection_dim": args.projection_dim,
+                "token_batch_size": args.token_batch_size,
+                "threads": args.threads,
+                "train_step_tokens_per_s": round(tokens / best_train, 1),
+                "build_tokens_per_s": round(tokens / best_build, 1),
+                "build_over_train_ratio": round(best_train / best_build, 3),
+                "train_times_s": [round(t, 2) for t in train_times],
+                "build_times_s": [round(t, 2) for t in build_times],
+                "note": "build = collection loop + writing the store, on the loaded model and tokenized docs",
+            },
+            indent=2,
+        )
+    )
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

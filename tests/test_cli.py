@@ -1,0 +1,153 @@
+"""The command line end to end, in a subprocess, offline."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from bergson import load_gradients
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bergson", *args], capture_output=True, text=True, timeout=300
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_help_lists_commands():
+    out = run("--help").stdout
+    assert "build" in out
+    assert "--token_batch_size" in run("build", "--help").stdout
+
+
+def test_build_and_aliases(tmp_path, model_dir, corpus_file):
+    a = tmp_path / "a"
+    run(
+        "build",
+        str(a),
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(corpus_file),
+        "--split",
+        "train[:6]",
+        "--truncation",
+        "--token_batch_size",
+        "256",
+        "--projection_dim",
+        "4",
+        "--precision",
+        "fp32",
+    )
+    b = tmp_path / "b"
+    run(
+        "build",
+        str(b),
+        "--model",
+        str(model_dir),
+        "--data.dataset",
+        str(corpus_file),
+        "--data.split",
+        "train[:6]",
+        "--data.truncation",
+        "--token_batch_size",
+        "256",
+        "--projection_dim",
+        "4",
+    )
+    ga, gb = load_gradients(a), load_gradients(b)
+    assert len(ga) == 6
+    np.testing.assert_array_equal(np.asarray(ga.all), np.asarray(gb.all))
+    assert (a / "config.yaml").read_text() == (b / "config.yaml").read_text().replace(str(b), str(a))
+
+
+def test_yaml_config(tmp_path, model_dir, corpus_file):
+    cfg = tmp_path / "build.yaml"
+    cfg.write_text(
+        f"model: {model_dir}\nprojection_dim: 2\ntoken_batch_size: 256\n"
+        f"data:\n  dataset: {corpus_file}\n  split: 'train[:4]'\n  truncation: true\n"
+    )
+    out = tmp_path / "y"
+    run("build", str(out), "--config", str(cfg), "--projection_dim", "3")
+    store = load_gradients(out)
+    assert len(store) == 4 and store.manifest.projection["dim"] == 3  # the flag overrides the file
+
+
+def test_errors_have_no_traceback(tmp_path, model_dir, corpus_file):
+    cases = [
+        (
+            "build",
+            str(tmp_path / "x"),
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(tmp_path / "missing.jsonl"),
+        ),
+        (
+            "build",
+            str(tmp_path / "x"),
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(corpus_file),
+            "--prompt_column",
+            "nope",
+        ),
+        (
+            "build",
+            str(tmp_path / "x"),
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(corpus_file),
+            "--token_batch_size",
+            "8",
+        ),
+        (
+            "build",
+            str(tmp_path / "x"),
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(corpus_file),
+            "--no_such_option",
+            "1",
+        ),
+        ("frobnicate",),
+    ]
+    for args in cases:
+        proc = run(*args, check=False)
+        assert proc.returncode != 0, args
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip(), args
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("projection_dimm: 3\n")
+    proc = run("build", str(tmp_path / "x"), "--config", str(bad), check=False)
+    assert proc.returncode == 1 and "projection_dimm" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_readme_example_runs(tmp_path):
+    """The README's first command, on a small slice of the shipped corpus."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(root / "examples" / "quickstart.py"),
+            "--run_dir",
+            str(tmp_path),
+            "--num_docs",
+            "40",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "score" in proc.stdout.lower()
