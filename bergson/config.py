@@ -163,3 +163,34 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
     import yaml
 
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+@dataclass
+class ReduceConfig(IndexConfig):
+    """Options of ``bergson reduce``: one aggregated vector for a dataset (a query index)."""
+
+    aggregation: Literal["none", "mean", "sum"] = "mean"
+    """How rows are combined: mean or sum (after --unit_normalize, if given)."""
+
+    index: str | None = None
+    """Reduce this existing gradient store instead of computing gradients of --dataset."""
+
+
+@dataclass
+class ScoreConfig(IndexConfig):
+    """Options of ``bergson score``: score every document against query gradients in one pass."""
+
+    query_path: str = ""
+    """Query store (from ``bergson build`` or ``bergson reduce``) whose rows score the dataset."""
+
+    score: Literal["individual", "mean", "max"] = "individual"
+    """individual: a column per query row; mean or max over query rows (max: LESS-style)."""
+
+    query_group_column: str | None = None
+    """With --score max: a column of the query dataset; mean within each group, then max over groups."""
+
+    index: str | None = None
+    """Score this existing gradient store instead of computing gradients of --dataset."""
+
+    top_k: int = 5
+    """How many top-scoring rows to print per score column."""

@@ -60,6 +60,8 @@ def test_build_and_aliases(tmp_path, model_dir, corpus_file):
         "256",
         "--projection_dim",
         "4",
+        "--precision",
+        "fp32",
     )
     ga, gb = load_gradients(a), load_gradients(b)
     assert len(ga) == 6

@@ -20,6 +20,8 @@ from ..errors import BergsonError
 # name -> (module with `CONFIG` and `run(cfg)`, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "build": ("bergson.cli.build", "Collect per-document gradients of a dataset into a gradient store."),
+    "reduce": ("bergson.cli.reduce", "Aggregate a dataset's gradients (or a store) into one query vector."),
+    "score": ("bergson.cli.score", "Score every document of a dataset against query gradients in one pass."),
 }
 
 

@@ -32,7 +32,7 @@ class Manifest:
     """Everything needed to reproduce and validate a store's vectors."""
 
     kind: str
-    """'gradients' (one row per document) or 'aggregate' (one row for the whole dataset)."""
+    """'gradients' (a row per document), 'aggregate' (one row for a dataset) or 'scores'."""
     status: str
     """'in_progress' while being written, 'complete' when every shard is in place."""
     model: dict[str, Any]
@@ -48,6 +48,8 @@ class Manifest:
     """How rows are grouped into shards and batches (so that a resumed run matches)."""
     aggregation: str = "none"
     unit_normalize: bool = False
+    score: dict[str, Any] | None = None
+    """For score stores: how scores were made, and their orientation."""
     shards: list[dict[str, Any]] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
     producer: dict[str, Any] = field(default_factory=dict)
@@ -77,6 +79,36 @@ class Manifest:
         d = dict(d)
         d["modules"] = [ModuleLayout(**m) for m in d["modules"]]
         return cls(**d)
+
+
+SCORE_ORIENTATION = "positive: training on the row lowers the query's loss (gradient inner product)"
+VECTOR_FIELDS = ("model.name", "projection", "normalizer", "preconditioner", "modules")
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None  # type: ignore[assignment]
+    return d
+
+
+def check_compatible(index: Manifest, query: Manifest, index_name: str, query_name: str) -> None:
+    """Fail, naming the field, when two stores' vectors do not live in the same space."""
+    a, b = asdict(index), asdict(query)
+    a["modules"] = {
+        m["name"]: {"shape": m["shape"], "dim": m["dim"], "bias": m["bias"]} for m in a["modules"]
+    }
+    b["modules"] = {
+        m["name"]: {"shape": m["shape"], "dim": m["dim"], "bias": m["bias"]} for m in b["modules"]
+    }
+    for key in VECTOR_FIELDS:
+        va, vb = _get(a, key), _get(b, key)
+        if va != vb:
+            detail = describe_difference({key: va}, {key: vb}) if isinstance(va, (dict, list)) else []
+            shown = "; ".join(detail[:3]) if detail else f"{va!r} != {vb!r}"
+            raise BergsonError(
+                f"{query_name} does not match {index_name}: {key} differs ({shown}); "
+                "build both with the same model, modules, projection and normalizer"
+            )
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -1,0 +1,14 @@
+"""``bergson reduce RUN_PATH (--model M --dataset D | --index STORE) --aggregation mean``"""
+
+from __future__ import annotations
+
+from ..config import ReduceConfig
+
+CONFIG = ReduceConfig
+
+
+def run(cfg: ReduceConfig) -> None:
+    from ..reduce import reduce
+
+    store = reduce(cfg)
+    print(f"wrote {store!r}")

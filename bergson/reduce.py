@@ -1,0 +1,52 @@
+"""``bergson reduce``: one aggregated vector (mean or sum) for a dataset or an existing store."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from .build import build
+from .config import ReduceConfig, save_yaml
+from .errors import BergsonError
+from .score import unit_rows
+from .store import GradientStore, StoreWriter, load_gradients
+
+
+def reduce(cfg: ReduceConfig) -> GradientStore:
+    """Aggregate a dataset's gradients (computed now, or read from ``cfg.index``) into one row."""
+    if cfg.aggregation == "none":
+        raise BergsonError("--aggregation none: reduce needs mean or sum")
+    if not cfg.index:
+        return build(cfg)
+    if not cfg.run_path:
+        raise BergsonError("run_path is required: the output directory of the reduced store")
+    source = load_gradients(cfg.index)
+    if source.manifest.kind != "gradients":
+        raise BergsonError(
+            f"--index {cfg.index}: expected a per-row gradient store, found a {source.manifest.kind} store"
+        )
+    manifest = replace(
+        source.manifest,
+        kind="aggregate",
+        status="in_progress",
+        aggregation=cfg.aggregation,
+        unit_normalize=cfg.unit_normalize,
+        shards=[],
+        plan={"source": str(source.root)},
+    )
+    writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite)
+    if writer.complete:
+        return load_gradients(cfg.run_path)
+    save_yaml(cfg, writer.root / "config.yaml")
+    writer.begin_shard(0, range(len(source)))
+    for start, block in source.blocks():
+        rows = source.rows[start : start + len(block)]
+        vecs = torch.from_numpy(block.astype(np.float64))
+        if cfg.unit_normalize:
+            vecs = unit_rows(vecs)
+        writer.write(np.arange(start, start + len(block)), vecs.numpy(), rows["num_tokens"], rows["loss"])
+    writer.end_shard(0)
+    writer.finalize(1)
+    return load_gradients(cfg.run_path)

@@ -1,0 +1,228 @@
+"""``bergson score``: the collection loop with an in-memory scorer as its sink.
+
+Every document's gradient is compared with query vectors held in memory, and only the
+scores are written (a scores store: rows x score columns). Scores are gradient inner
+products (cosines with ``unit_normalize``), oriented so that positive means training on
+the row lowers the query's loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from .build import context_size, make_manifest, validate_index_config
+from .collect.loop import collect_gradients
+from .config import DataConfig, ScoreConfig, save_yaml
+from .data import load_data, plan_shards, tokenize_documents
+from .errors import BergsonError
+from .models import find_tracked_modules, load_model, resolve_device
+from .store import GradientStore, Manifest, ModuleLayout, StoreWriter, load_gradients
+from .store.manifest import SCORE_ORIENTATION, check_compatible
+
+logger = logging.getLogger(__name__)
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit norm; all-zero rows stay zero."""
+    return x / x.norm(dim=1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
+
+
+def query_matrix(cfg: ScoreConfig, query: GradientStore) -> tuple[np.ndarray, np.ndarray | None]:
+    """Query vectors [nq, D] (float32), aggregated as asked, and group ids for --score max."""
+    q = torch.from_numpy(np.array(query.all, np.float32))
+    if len(q) == 0:
+        raise BergsonError(f"--query_path {cfg.query_path}: the query store has no rows")
+    if cfg.unit_normalize:
+        q = unit_rows(q)
+    if cfg.aggregation != "none":
+        q = q.mean(0, keepdim=True) if cfg.aggregation == "mean" else q.sum(0, keepdim=True)
+    groups = None
+    if cfg.query_group_column:
+        if cfg.score != "max":
+            raise BergsonError("--query_group_column goes with --score max")
+        if cfg.aggregation != "none" or query.manifest.kind != "gradients":
+            raise BergsonError("--query_group_column needs a per-row query store and --aggregation none")
+        qdata = DataConfig(
+            **{k: v for k, v in query.manifest.data.items() if k in DataConfig.__dataclass_fields__}
+        )
+        ds = load_data(qdata, option="query store dataset")
+        if cfg.query_group_column not in ds.column_names:
+            raise BergsonError(
+                f"--query_group_column {cfg.query_group_column!r}: not a column of the query dataset "
+                f"({', '.join(ds.column_names)})"
+            )
+        labels = np.asarray(ds[cfg.query_group_column])[query.rows["row_id"]]
+        _, groups = np.unique(labels, return_inverse=True)
+    return q.numpy(), groups
+
+
+def score_columns(cfg: ScoreConfig, num_queries: int) -> int:
+    return num_queries if cfg.score == "individual" else 1
+
+
+class ScoreSink:
+    """Turns per-row gradient vectors into scores against in-memory queries, then writes them."""
+
+    def __init__(
+        self,
+        writer: StoreWriter,
+        queries: np.ndarray,
+        mode: str,
+        *,
+        groups: np.ndarray | None = None,
+        unit_normalize: bool = False,
+        device: torch.device | str = "cpu",
+    ):
+        self.writer = writer
+        self.q = torch.from_numpy(np.ascontiguousarray(queries, np.float32)).to(device)
+        self.mode = mode
+        self.groups = None if groups is None else torch.from_numpy(groups).to(device)
+        self.unit = unit_normalize
+        self.device = device
+
+    def done(self, index: int) -> bool:
+        return self.writer.done(index)
+
+    def begin_shard(self, index: int, rows: range) -> None:
+        self.writer.begin_shard(index, rows)
+
+    def end_shard(self, index: int) -> None:
+        self.writer.end_shard(index)
+
+    def scores(self, vectors: np.ndarray | torch.Tensor) -> torch.Tensor:
+        v = torch.as_tensor(np.array(vectors, np.float32) if isinstance(vectors, np.ndarray) else vectors)
+        v = v.to(self.device, torch.float32)
+        if self.unit:
+            v = unit_rows(v)
+        s = v @ self.q.T  # [B, nq]
+        if self.mode == "mean":
+            return s.mean(1, keepdim=True)
+        if self.mode == "max":
+            if self.groups is not None:
+                n = int(self.groups.max()) + 1
+                sums = torch.zeros(len(s), n, device=s.device).index_add_(1, self.groups, s)
+                counts = torch.bincount(self.groups, minlength=n).clamp(min=1)
+                s = sums / counts
+            return s.max(1, keepdim=True).values
+        return s
+
+    def write(
+        self, row_ids: np.ndarray, vectors: np.ndarray, num_tokens: np.ndarray, losses: np.ndarray
+    ) -> None:
+        self.writer.write(row_ids, self.scores(vectors).cpu().numpy(), num_tokens, losses)
+
+
+def scores_manifest(base: Manifest, cfg: ScoreConfig, query: GradientStore, ncols: int) -> Manifest:
+    """A scores store's manifest: the training side's provenance, one 'scores' block of columns."""
+    return replace(
+        base,
+        kind="scores",
+        status="in_progress",
+        modules=[ModuleLayout("scores", "scores", [ncols], False, 0, ncols)],
+        dtype="float32",
+        aggregation="none",
+        unit_normalize=cfg.unit_normalize,
+        score={
+            "mode": cfg.score,
+            "columns": ncols,
+            "query_path": str(query.root),
+            "query_rows": len(query),
+            "query_aggregation": cfg.aggregation,
+            "query_group_column": cfg.query_group_column,
+            "query_modules": [m.name for m in query.manifest.modules],
+            "orientation": SCORE_ORIENTATION,
+            "unit_normalize": cfg.unit_normalize,
+            "index": cfg.index,
+        },
+    )
+
+
+def _from_existing_index(
+    cfg: ScoreConfig, query: GradientStore, q: np.ndarray, groups: np.ndarray | None
+) -> None:
+    index = load_gradients(cfg.index or "")
+    check_compatible(index.manifest, query.manifest, f"--index {cfg.index}", f"--query_path {cfg.query_path}")
+    if index.manifest.kind != "gradients":
+        raise BergsonError(
+            f"--index {cfg.index}: expected a per-row gradient store, found a {index.manifest.kind} store"
+        )
+    manifest = scores_manifest(index.manifest, cfg, query, score_columns(cfg, len(q)))
+    manifest.plan = {"source": "index", "shard_size": len(index)}
+    writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite)
+    if writer.complete:
+        return
+    save_yaml(cfg, writer.root / "config.yaml")
+    sink = ScoreSink(writer, q, cfg.score, groups=groups, unit_normalize=cfg.unit_normalize)
+    sink.begin_shard(0, range(len(index)))
+    for start, block in index.blocks():
+        rows = index.rows[start : start + len(block)]
+        sink.write(np.arange(start, start + len(block)), block, rows["num_tokens"], rows["loss"])
+    sink.end_shard(0)
+    # keep the index's dataset row ids (they equal positions for stores written by build)
+    writer.finalize(1)
+
+
+def score(cfg: ScoreConfig) -> GradientStore:
+    """Score a dataset (or an existing gradient store) against a query store."""
+    if not cfg.query_path:
+        raise BergsonError("--query_path is required: a store from `bergson build` or `bergson reduce`")
+    if cfg.top_k < 0:
+        raise BergsonError(f"--top_k {cfg.top_k}: must be >= 0")
+    query = load_gradients(cfg.query_path)
+    q, groups = query_matrix(cfg, query)
+    if cfg.index:
+        if not cfg.run_path:
+            raise BergsonError("run_path is required: the output directory of the scores")
+        _from_existing_index(cfg, query, q, groups)
+        return load_gradients(cfg.run_path)
+
+    validate_index_config(cfg)
+    model, tokenizer = load_model(cfg)
+    ds = load_data(cfg.data)
+    ctx = context_size(model)
+    max_tokens = min(cfg.token_batch_size, ctx) if ctx else cfg.token_batch_size
+    docs = tokenize_documents(ds, tokenizer, cfg.data, max_tokens)
+    if len(docs) == 0:
+        raise BergsonError(f"--dataset {cfg.data.dataset} (split {cfg.data.split!r}) has no rows")
+    modules = find_tracked_modules(model, cfg.modules)
+    base = make_manifest(
+        replace(cfg, aggregation="none", unit_normalize=False), model, modules, docs, max_tokens
+    )
+    check_compatible(base, query.manifest, "the scored model", f"--query_path {cfg.query_path}")
+    manifest = scores_manifest(base, cfg, query, score_columns(cfg, len(q)))
+    writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite)
+    if not writer.complete:
+        save_yaml(cfg, writer.root / "config.yaml")
+        device = resolve_device(cfg.device)
+        sink = ScoreSink(
+            writer, q, cfg.score, groups=groups, unit_normalize=cfg.unit_normalize, device=device
+        )
+        collect_gradients(
+            model,
+            docs,
+            sink=sink,
+            modules=modules,
+            projection_dim=cfg.projection_dim,
+            seed=cfg.projection_seed,
+            include_bias=cfg.include_bias,
+            token_batch_size=cfg.token_batch_size,
+            loss_reduction=cfg.loss_reduction,
+            shard_size=cfg.shard_size,
+            pad_token_id=tokenizer.pad_token_id or 0,
+        )
+        writer.finalize(len(plan_shards(len(docs), cfg.shard_size)))
+    return load_gradients(cfg.run_path)
+
+
+def top_rows(store: GradientStore, k: int) -> list[list[tuple[int, float]]]:
+    """(dataset row, score) of the k highest scores in each column of a scores store."""
+    s = np.asarray(store["scores"], np.float32)
+    out: list[list[tuple[int, float]]] = []
+    for c in range(s.shape[1]):
+        order = np.argsort(-s[:, c], kind="stable")[:k]
+        out.append([(int(store.rows["row_id"][i]), float(s[i, c])) for i in order])
+    return out

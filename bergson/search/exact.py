@@ -1,0 +1,290 @@
+"""Exact top-k search over a gradient store, streamed in row blocks.
+
+Score orientation (the same everywhere in bergson): a score is the inner product of a
+query's gradient with a stored row's gradient (or their cosine with ``unit_norm=True``).
+To first order, one step of gradient descent on a stored row changes the query's loss
+by ``-lr * score``, so a **positive score means that training on the row lowers the
+query's loss** (a "proponent"); negative scores are "opponents".
+
+The store is never loaded whole: it is read block by block (memory-mapped), each block
+is converted to float32 once, in cache-sized chunks, and multiplied by all queries at
+once; a running top-k per query is merged after each block.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+
+from ..errors import BergsonError
+
+if TYPE_CHECKING:
+    from ..store.reader import GradientStore
+
+StoreLike = Union["GradientStore", np.ndarray, str, Path]
+"""A GradientStore, the path of one, or a 2-D array [rows, dim] of stored vectors."""
+
+_SENTINEL = np.iinfo(np.int64).max
+_CHUNK_BYTES = 1 << 22
+"""Size of the float32 conversion buffer: small enough to stay in cache, large enough
+that per-chunk Python overhead is a few percent."""
+_SCORE_BYTES = 1 << 28
+"""Upper bound on the [queries, block rows] float32 score buffer."""
+
+
+# ------------------------------------------------------------------------- inputs
+def open_store(store: StoreLike) -> GradientStore | np.ndarray:
+    """A GradientStore or a 2-D array; paths are opened with ``load_gradients``."""
+    if isinstance(store, (str, Path)):
+        from ..store.reader import load_gradients
+
+        return load_gradients(store)
+    if isinstance(store, np.ndarray):
+        if store.ndim != 2:
+            raise BergsonError(
+                f"the store array must be 2-D [rows, dim], got shape {store.shape}; "
+                "reshape it or pass a GradientStore"
+            )
+        return store
+    return store
+
+
+def store_rows(store: GradientStore | np.ndarray) -> int:
+    return int(store.shape[0]) if isinstance(store, np.ndarray) else len(store)
+
+
+def column_segments(
+    store: GradientStore | np.ndarray, modules: Sequence[str] | None
+) -> tuple[list[tuple[int, int]], int]:
+    """Column ranges [start, stop) of the selected modules, in the order given, and the
+    store's full width."""
+    if isinstance(store, np.ndarray):
+        if modules is not None:
+            raise BergsonError(
+                "modules= needs a GradientStore (a plain array has no module layout); "
+                "slice the array's columns yourself or pass load_gradients(path)"
+            )
+        return [(0, int(store.shape[1]))], int(store.shape[1])
+    manifest = store.manifest
+    total = manifest.total_dim
+    if modules is None:
+        return [(0, total)], total
+    if isinstance(modules, str):
+        modules = [modules]
+    if len(modules) == 0:
+        raise BergsonError("modules= is empty; name at least one module or pass modules=None for all")
+    if len(set(modules)) != len(modules):
+        raise BergsonError(f"modules= lists a module twice: {list(modules)}; list each module once")
+    segments = []
+    for name in modules:
+        try:
+            m = manifest.module(name)
+        except KeyError:
+            raise BergsonError(
+                f"modules=: no module {name!r} in the store {store.root}; "
+                f"its modules are {[m.name for m in manifest.modules]}"
+            ) from None
+        segments.append((m.offset, m.offset + m.dim))
+    return segments, total
+
+
+def prepare_queries(
+    queries: Any,
+    segments: list[tuple[int, int]],
+    total_dim: int,
+    *,
+    unit_norm: bool,
+    reverse: bool,
+) -> np.ndarray:
+    """Validate queries and return them as float32 [Q, dim of the selected columns],
+    normalized (``unit_norm``) and negated (``reverse``) as the search needs them."""
+    if hasattr(queries, "detach"):  # a torch tensor, without importing torch
+        queries = queries.detach().cpu().float().numpy()
+    q = np.asarray(queries)
+    if q.ndim == 1:
+        q = q[None]
+    if q.ndim != 2:
+        raise BergsonError(f"queries must be [num_queries, dim] (or one [dim] vector), got shape {q.shape}")
+    if q.shape[0] == 0:
+        raise BergsonError("queries is empty (0 query vectors); pass at least one query gradient")
+    if not np.issubdtype(q.dtype, np.number) or np.issubdtype(q.dtype, np.complexfloating):
+        raise BergsonError(f"queries must be real numbers, got dtype {q.dtype}")
+    width = sum(b - a for a, b in segments)
+    if q.shape[1] != width:
+        if q.shape[1] == total_dim and width != total_dim:
+            q = np.concatenate([q[:, a:b] for a, b in segments], axis=1)
+        else:
+            extra = f" (or {total_dim}, the full row, to be sliced)" if width != total_dim else ""
+            raise BergsonError(
+                f"query dimension mismatch: expected {width}{extra} columns, got {q.shape[1]}; "
+                "compute query gradients with the same modules and projection as the store "
+                "(and pass modules= to search a subset)"
+            )
+    q = q.astype(np.float64)
+    if not np.isfinite(q).all():
+        bad = np.flatnonzero(~np.isfinite(q).all(axis=1))
+        raise BergsonError(f"queries {bad[:5].tolist()} contain NaN or inf; check the query gradients")
+    if unit_norm:
+        norms = np.linalg.norm(q, axis=1, keepdims=True)
+        q = np.divide(q, norms, out=np.zeros_like(q), where=norms > 0)
+    if reverse:
+        q = -q
+    return np.ascontiguousarray(q, dtype=np.float32)
+
+
+def check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise BergsonError(f"k must be a positive integer (the number of results per query), got {k!r}")
+
+
+def iter_blocks(store: GradientStore | np.ndarray, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    if isinstance(store, np.ndarray):
+        for s in range(0, store.shape[0], block_rows):
+            yield s, store[s : s + block_rows]
+    else:
+        yield from store.blocks(block_rows)
+
+
+# ------------------------------------------------------------------------- top-k
+class TopK:
+    """A running top-k per query, ordered by descending score, ties by ascending row.
+
+    Blocks must be offered in increasing row order (every row of a later block has a
+    higher index than every row already held); that makes the merge a stable sort.
+    """
+
+    def __init__(self, num_queries: int, k: int):
+        self.k = k
+        self.scores = np.full((num_queries, k), -np.inf, np.float32)
+        self.indices = np.full((num_queries, k), _SENTINEL, np.int64)
+
+    def push(self, scores: np.ndarray, first_row: int) -> None:
+        """Offer a block of scores laid out [b, Q] for rows first_row .. first_row + b - 1."""
+        k = self.k
+        # A new row must beat the k-th score held strictly: on a tie the lower row wins.
+        mask = scores > self.scores[:, -1]
+        if not mask.any():
+            return
+        counts = np.count_nonzero(mask, axis=0)
+        big = np.flatnonzero(counts > k)
+        if len(big):
+            # Keep only the exact top-k of these columns: everything above the k-th
+            # largest value, then the lowest-indexed rows equal to it.
+            sub = scores[:, big]
+            b = sub.shape[0]
+            kth = np.partition(sub, b - k, axis=0)[b - k]
+            above = sub > kth
+            ties = sub == kth
+            need = k - np.count_nonzero(above, axis=0)
+            mask[:, big] = above | (ties & (np.cumsum(ties, axis=0) <= need))
+            counts[big] = k
+        rows, qs = np.nonzero(mask)  # sorted by row, then query
+        order = np.argsort(qs, kind="stable")  # by query, then row
+        rows, qs = rows[order], qs[order]
+        num_q = len(counts)
+        width = int(counts.max())
+        starts = np.cumsum(counts) - counts
+        pos = np.arange(len(qs)) - starts[qs]
+        cand_s = np.full((num_q, width), -np.inf, np.float32)
+        cand_i = np.full((num_q, width), _SENTINEL, np.int64)
+        cand_s[qs, pos] = scores[rows, qs]
+        cand_i[qs, pos] = rows + first_row
+        all_s = np.concatenate([self.scores, cand_s], axis=1)
+        all_i = np.concatenate([self.indices, cand_i], axis=1)
+        # Held rows come first and are already ordered; new rows follow in row order, so
+        # a stable sort on the score alone breaks ties by row index.
+        order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
+        self.scores = np.take_along_axis(all_s, order, axis=1)
+        self.indices = np.take_along_axis(all_i, order, axis=1)
+
+
+# ------------------------------------------------------------------------- search
+def exact_topk(
+    store: StoreLike,
+    queries: Any,
+    k: int,
+    *,
+    unit_norm: bool = False,
+    reverse: bool = False,
+    modules: Sequence[str] | None = None,
+    block_rows: int = 65536,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` stored rows with the highest scores for each query, found exactly.
+
+    Args:
+        store: a GradientStore (``load_gradients(path)``), its path, or a 2-D array
+            [rows, dim] of stored vectors.
+        queries: query gradients [Q, dim] (or one [dim] vector), numpy or torch. With
+            ``modules``, ``dim`` is the summed width of those modules, columns in the
+            order given; a full-width query is also accepted and sliced the same way.
+        k: results per query; larger than the number of rows returns every row.
+        unit_norm: score by cosine similarity: queries and stored rows are normalized on
+            the fly. All-zero rows (empty documents) score 0, never NaN.
+        reverse: return the most negative scores first (the strongest opponents).
+        modules: search only these modules' columns (names from the store's manifest).
+        block_rows: rows read per block (bounded further so that the score buffer of
+            all queries stays under 256 MB).
+
+    Returns:
+        ``(scores, indices)``: float32 [Q, min(k, rows)] and int64 [Q, min(k, rows)],
+        best first. A score is the inner product of the query gradient and the row's
+        gradient (cosine with ``unit_norm``): **positive means training on the row
+        lowers the query's loss**. ``indices`` are store row positions (``store.rows``
+        maps them to dataset rows). Equal scores are ordered by ascending row index.
+
+    Raises:
+        BergsonError: empty queries, a query dimension that does not match the store,
+            non-finite queries, k < 1, unknown modules.
+    """
+    check_k(k)
+    if block_rows < 1:
+        raise BergsonError(f"block_rows must be >= 1, got {block_rows}")
+    st = open_store(store)
+    segments, total = column_segments(st, modules)
+    q = prepare_queries(queries, segments, total, unit_norm=unit_norm, reverse=reverse)
+    n = store_rows(st)
+    num_q = q.shape[0]
+    kk = min(int(k), n)
+    if kk == 0:
+        return np.zeros((num_q, 0), np.float32), np.zeros((num_q, 0), np.int64)
+
+    import torch  # imported here so that ``import bergson.search`` stays torch-free
+
+    width = q.shape[1]
+    block_rows = max(1, min(block_rows, _SCORE_BYTES // (4 * num_q)))
+    chunk = min(block_rows, max(16, _CHUNK_BYTES // (4 * max(width, 1))))
+    tq_t = torch.from_numpy(q).T  # [width, Q]
+    buf = torch.empty((chunk, width), dtype=torch.float32)
+    score_buf = torch.empty((block_rows, num_q), dtype=torch.float32)
+    top = TopK(num_q, kk)
+    whole = segments == [(0, total)]
+
+    with warnings.catch_warnings():
+        # torch warns that memory-mapped store blocks are read-only; they are only read.
+        warnings.simplefilter("ignore", UserWarning)
+        for first, block in iter_blocks(st, block_rows):
+            b = block.shape[0]
+            tblock = torch.from_numpy(block)
+            for s in range(0, b, chunk):
+                e = min(s + chunk, b)
+                rows = buf[: e - s]
+                if whole:
+                    rows.copy_(tblock[s:e])
+                else:
+                    col = 0
+                    for a, z in segments:
+                        rows[:, col : col + z - a].copy_(tblock[s:e, a:z])
+                        col += z - a
+                out = score_buf[s:e]  # contiguous rows of the [b, Q] score block
+                torch.mm(rows, tq_t, out=out)
+                if unit_norm:
+                    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+                    out.mul_(torch.where(norms > 0, norms.reciprocal(), 0.0))
+            top.push(score_buf[:b].numpy(), first)
+
+    out_scores = -top.scores if reverse else top.scores
+    return out_scores, top.indices
