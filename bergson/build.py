@@ -18,7 +18,7 @@ from .data import TokenizedDocs, load_data, plan_shards, tokenize_documents
 from .errors import BergsonError
 from .models import find_tracked_modules, load_model
 from .store import GradientStore, Manifest, ModuleLayout, StoreWriter, load_gradients
-from .transforms.normalizers import AdafactorNormalizer, Normalizer
+from .transforms.normalizers import NORMALIZERS_FILE, AdafactorNormalizer, Normalizer, save_normalizers
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,8 @@ def write_store(
         logger.info("%s is already complete; nothing to do (pass --overwrite to rebuild)", cfg.run_path)
         return load_gradients(cfg.run_path)
     save_yaml(cfg, writer.root / "config.yaml")
+    if normalizers:
+        save_normalizers(writer.root / NORMALIZERS_FILE, normalizers)
     collect_gradients(
         model,
         docs,

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin, get_t
 import tyro
 
 from .errors import BergsonError
+from .search.faiss_index import FaissConfig
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -194,3 +195,50 @@ class ScoreConfig(IndexConfig):
 
     top_k: int = 5
     """How many top-scoring rows to print per score column."""
+
+
+@dataclass
+class QueryConfig(ModelOptions):
+    """Options of ``bergson query``: the training rows behind a query text."""
+
+    index: str = ""
+    """Gradient store to search (from ``bergson build``)."""
+
+    query: str | None = None
+    """A query text; without --query and --query_dataset an interactive prompt opens."""
+
+    query_dataset: str | None = None
+    """Queries from a dataset: hub id, local file or save_to_disk directory."""
+
+    query_split: str = "train"
+    """Split of --query_dataset (slice syntax allowed)."""
+
+    query_column: str = "text"
+    """Column of --query_dataset holding the query text (or prompt)."""
+
+    query_completion_column: str | None = None
+    """Optional completion column of --query_dataset: the query loss is on the completion only."""
+
+    top_k: int = 10
+    """How many training rows to return per query."""
+
+    unit_norm: bool = False
+    """Score by cosine similarity instead of the raw gradient inner product."""
+
+    reverse: bool = False
+    """Return the most negative scores (opponents) instead of the most positive."""
+
+    modules: list[str] = field(default_factory=list)
+    """Search only these modules of the store (default: all)."""
+
+    output: str | None = None
+    """Write the hits to a .jsonl, .csv or .parquet file."""
+
+    search: Literal["exact", "faiss"] = "exact"
+    """exact: stream the whole store; faiss: an approximate index built beside the store."""
+
+    faiss: FaissConfig = field(default_factory=FaissConfig)
+    """FAISS index options (with --search faiss)."""
+
+    snippet_chars: int = 160
+    """Characters of each training document shown and written."""

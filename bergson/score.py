@@ -209,6 +209,7 @@ def score(cfg: ScoreConfig) -> GradientStore:
             projection_dim=cfg.projection_dim,
             seed=cfg.projection_seed,
             include_bias=cfg.include_bias,
+            normalizers=normalizers,
             token_batch_size=cfg.token_batch_size,
             loss_reduction=cfg.loss_reduction,
             shard_size=cfg.shard_size,

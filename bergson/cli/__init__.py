@@ -20,6 +20,7 @@ from ..errors import BergsonError
 # name -> (module with `CONFIG` and `run(cfg)`, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "build": ("bergson.cli.build", "Collect per-document gradients of a dataset into a gradient store."),
+    "query": ("bergson.cli.query", "Find the training rows whose gradients explain a query text."),
     "reduce": ("bergson.cli.reduce", "Aggregate a dataset's gradients (or a store) into one query vector."),
     "score": ("bergson.cli.score", "Score every document of a dataset against query gradients in one pass."),
 }

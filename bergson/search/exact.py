@@ -163,35 +163,33 @@ class TopK:
         self.indices = np.full((num_queries, k), _SENTINEL, np.int64)
 
     def push(self, scores: np.ndarray, first_row: int) -> None:
-        """Offer a block of scores laid out [b, Q] for rows first_row .. first_row + b - 1."""
+        """Offer a block of scores [Q, b] for rows first_row .. first_row + b - 1."""
         k = self.k
+        num_q, b = scores.shape
         # A new row must beat the k-th score held strictly: on a tie the lower row wins.
-        mask = scores > self.scores[:, -1]
-        if not mask.any():
+        mask = scores > self.scores[:, -1:]
+        counts = np.count_nonzero(mask, axis=1)
+        if not counts.any():
             return
-        counts = np.count_nonzero(mask, axis=0)
         big = np.flatnonzero(counts > k)
         if len(big):
-            # Keep only the exact top-k of these columns: everything above the k-th
+            # Keep only the exact top-k of these queries: everything above the k-th
             # largest value, then the lowest-indexed rows equal to it.
-            sub = scores[:, big]
-            b = sub.shape[0]
-            kth = np.partition(sub, b - k, axis=0)[b - k]
+            sub = scores[big]
+            kth = np.partition(sub, b - k, axis=1)[:, b - k : b - k + 1]
             above = sub > kth
             ties = sub == kth
-            need = k - np.count_nonzero(above, axis=0)
-            mask[:, big] = above | (ties & (np.cumsum(ties, axis=0) <= need))
+            need = k - np.count_nonzero(above, axis=1, keepdims=True)
+            mask[big] = above | (ties & (np.cumsum(ties, axis=1) <= need))
             counts[big] = k
-        rows, qs = np.nonzero(mask)  # sorted by row, then query
-        order = np.argsort(qs, kind="stable")  # by query, then row
-        rows, qs = rows[order], qs[order]
-        num_q = len(counts)
+        flat = np.flatnonzero(mask)  # ordered by query, then row
+        qs, rows = np.divmod(flat, b)
         width = int(counts.max())
         starts = np.cumsum(counts) - counts
-        pos = np.arange(len(qs)) - starts[qs]
+        pos = np.arange(len(flat)) - starts[qs]
         cand_s = np.full((num_q, width), -np.inf, np.float32)
         cand_i = np.full((num_q, width), _SENTINEL, np.int64)
-        cand_s[qs, pos] = scores[rows, qs]
+        cand_s[qs, pos] = scores.ravel()[flat]
         cand_i[qs, pos] = rows + first_row
         all_s = np.concatenate([self.scores, cand_s], axis=1)
         all_i = np.concatenate([self.indices, cand_i], axis=1)
@@ -257,9 +255,10 @@ def exact_topk(
     width = q.shape[1]
     block_rows = max(1, min(block_rows, _SCORE_BYTES // (4 * num_q)))
     chunk = min(block_rows, max(16, _CHUNK_BYTES // (4 * max(width, 1))))
-    tq_t = torch.from_numpy(q).T  # [width, Q]
+    tq = torch.from_numpy(q)
     buf = torch.empty((chunk, width), dtype=torch.float32)
-    score_buf = torch.empty((block_rows, num_q), dtype=torch.float32)
+    chunk_storage = torch.empty(num_q * chunk, dtype=torch.float32)
+    block_storage = torch.empty(num_q * block_rows, dtype=torch.float32)
     top = TopK(num_q, kk)
     whole = segments == [(0, total)]
 
@@ -268,7 +267,10 @@ def exact_topk(
         warnings.simplefilter("ignore", UserWarning)
         for first, block in iter_blocks(st, block_rows):
             b = block.shape[0]
+            if any(st_ < 0 for st_ in block.strides):
+                block = np.ascontiguousarray(block)
             tblock = torch.from_numpy(block)
+            scores = block_storage[: num_q * b].view(num_q, b)  # contiguous [Q, b]
             for s in range(0, b, chunk):
                 e = min(s + chunk, b)
                 rows = buf[: e - s]
@@ -279,12 +281,16 @@ def exact_topk(
                     for a, z in segments:
                         rows[:, col : col + z - a].copy_(tblock[s:e, a:z])
                         col += z - a
-                out = score_buf[s:e]  # contiguous rows of the [b, Q] score block
-                torch.mm(rows, tq_t, out=out)
+                # mm into a contiguous buffer, then copy: faster than a strided ``out``.
+                direct = num_q == 1 or e - s == b
+                out = scores[:, s:e] if direct else chunk_storage[: num_q * (e - s)].view(num_q, e - s)
+                torch.mm(tq, rows.T, out=out)
                 if unit_norm:
-                    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+                    norms = torch.linalg.vector_norm(rows, dim=1)
                     out.mul_(torch.where(norms > 0, norms.reciprocal(), 0.0))
-            top.push(score_buf[:b].numpy(), first)
+                if not direct:
+                    scores[:, s:e].copy_(out)
+            top.push(scores.numpy(), first)
 
     out_scores = -top.scores if reverse else top.scores
     return out_scores, top.indices

@@ -30,7 +30,15 @@ logger = logging.getLogger(__name__)
 
 SHARDS = "shards"
 AGGREGATE = "aggregate.npy"
-_OWN_FILES = (MANIFEST, "config.yaml", SHARDS, AGGREGATE, "aggregate.rows.parquet")
+_OWN_FILES = (
+    MANIFEST,
+    "config.yaml",
+    SHARDS,
+    AGGREGATE,
+    "aggregate.rows.parquet",
+    "normalizers.safetensors",
+    "faiss",
+)
 
 
 def shard_name(index: int) -> str:

@@ -15,7 +15,9 @@ included it is treated as an extra input column (input value 1).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -95,3 +97,39 @@ class AdamNormalizer:
 
 
 Normalizer = AdafactorNormalizer | AdamNormalizer
+
+
+NORMALIZERS_FILE = "normalizers.safetensors"
+
+
+def save_normalizers(path: str | Path, normalizers: Mapping[str, Normalizer]) -> None:
+    """Write normalizers to a safetensors file (keys ``module/field``, kind per module in metadata)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, str] = {}
+    for name, norm in normalizers.items():
+        meta[name] = "adafactor" if isinstance(norm, AdafactorNormalizer) else "adam"
+        meta[f"{name}/eps"] = repr(norm.eps)
+        for key, value in vars(norm).items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_normalizers(path: str | Path) -> dict[str, Normalizer]:
+    """Read normalizers written by :func:`save_normalizers`."""
+    from safetensors import safe_open
+
+    out: dict[str, Normalizer] = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    for name, kind in meta.items():
+        if "/" in name:
+            continue
+        fields = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.rsplit("/", 1)[0] == name}
+        eps = float(meta[f"{name}/eps"])
+        cls = AdafactorNormalizer if kind == "adafactor" else AdamNormalizer
+        out[name] = cls(**fields, eps=eps)  # type: ignore[arg-type]
+    return out

@@ -1,0 +1,200 @@
+"""The Attributor: open a gradient store and find the training rows behind a query."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..collect.hooks import GradientCollector, module_shape
+from ..errors import BergsonError
+from ..store import GradientStore, load_gradients
+from ..transforms.normalizers import NORMALIZERS_FILE, Normalizer, load_normalizers
+from .exact import exact_topk
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TraceResult:
+    """Filled when a ``trace`` block exits: the top-k rows per query example.
+
+    ``scores`` [Q, k] are gradient inner products (cosines with unit_norm): positive means
+    training on the row lowers the query's loss. ``indices`` are store rows; ``row_ids``
+    the dataset rows they hold.
+    """
+
+    scores: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    row_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    query_vectors: torch.Tensor | None = None
+
+
+def match_modules(store_names: Sequence[str], module: nn.Module) -> dict[str, nn.Module]:
+    """Map the store's module names to submodules of ``module``.
+
+    The store names come from the full model (``gpt_neox.layers.0.mlp.dense_4h_to_h``);
+    ``module`` may be the model or a part of it (``model.base_model``), whose names are
+    suffixes of the store's.
+    """
+    named = dict(module.named_modules())
+    out: dict[str, nn.Module] = {}
+    for name in store_names:
+        if name in named:
+            out[name] = named[name]
+            continue
+        hits = [n for n in named if n and name.endswith("." + n)]
+        if hits:
+            out[name] = named[max(hits, key=len)]
+    return out
+
+
+class Attributor:
+    """Search a gradient store for the training rows that explain a query.
+
+    ``Attributor(path)`` opens the store read-only. ``search(vectors, k)`` takes query
+    vectors made like the store's rows; ``trace(module, k)`` collects them from a forward
+    and backward pass run inside the block, with the store's own projection, seed,
+    modules and normalizers. ``unit_norm`` scores by cosine; ``reverse`` returns the most
+    negative scores (opponents); ``modules`` restricts the search to some modules.
+    With ``faiss_cfg`` the search goes through a FAISS index built beside the store.
+    """
+
+    def __init__(
+        self,
+        index_path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        unit_norm: bool = False,
+        faiss_cfg: Any = None,
+        modules: Sequence[str] | None = None,
+    ):
+        self.store: GradientStore = load_gradients(index_path)
+        manifest = self.store.manifest
+        if manifest.kind == "scores":
+            raise BergsonError(f"{index_path} is a scores store; the Attributor needs a gradient store")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.unit_norm = unit_norm
+        self.faiss_cfg = faiss_cfg
+        self.modules = list(modules) if modules else list(self.store.modules)
+        unknown = sorted(set(self.modules) - set(self.store.modules))
+        if unknown:
+            raise BergsonError(
+                f"modules {unknown} are not in the store {index_path}; it has {self.store.modules}"
+            )
+        norm_path = Path(index_path) / NORMALIZERS_FILE
+        self.normalizers: dict[str, Normalizer] = load_normalizers(norm_path) if norm_path.is_file() else {}
+        if manifest.normalizer and not self.normalizers:
+            raise BergsonError(
+                f"{index_path}: the manifest names a normalizer but {NORMALIZERS_FILE} is missing"
+            )
+        self._faiss: Any = None
+
+    @property
+    def manifest(self):
+        return self.store.manifest
+
+    # ------------------------------------------------------------------ search
+    def search(
+        self,
+        queries: torch.Tensor | np.ndarray | Mapping[str, torch.Tensor],
+        k: int,
+        *,
+        reverse: bool = False,
+        modules: Sequence[str] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (scores, store row indices) for query vectors [Q, dim] or {module: [Q, dim]}."""
+        mods = list(modules) if modules else self.modules
+        if isinstance(queries, Mapping):
+            missing = [m for m in mods if m not in queries]
+            if missing:
+                raise BergsonError(f"query vectors lack modules {missing}")
+            q = torch.cat(
+                [torch.as_tensor(queries[m]).reshape(len(queries[m]), -1).float().cpu() for m in mods], 1
+            )
+        else:
+            q = torch.as_tensor(np.array(queries, np.float32) if isinstance(queries, np.ndarray) else queries)
+            q = q.float().cpu()
+        if self.faiss_cfg is not None:
+            scores, idx = self._faiss_search(q.numpy(), k, reverse, mods)
+        else:
+            restrict = None if mods == list(self.store.modules) else mods
+            scores, idx = exact_topk(
+                self.store, q.numpy(), k, unit_norm=self.unit_norm, reverse=reverse, modules=restrict
+            )
+        return torch.from_numpy(scores).to(self.device), torch.from_numpy(idx).to(self.device)
+
+    def _faiss_search(
+        self, q: np.ndarray, k: int, reverse: bool, mods: list[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        from .faiss_index import load_or_build_index
+
+        if mods != list(self.store.modules):
+            raise BergsonError(
+                f"FAISS search covers every module of the store, but the query covers {len(mods)} of "
+                f"{len(self.store.modules)}; trace the whole model, or use exact search"
+            )
+        if self._faiss is None:
+            self._faiss = load_or_build_index(self.store, self.faiss_cfg, unit_norm=self.unit_norm)
+        return self._faiss.search(q, k, reverse=reverse)
+
+    # ------------------------------------------------------------------ trace
+    def collector_for(self, module: nn.Module) -> GradientCollector:
+        """A GradientCollector that makes vectors the way the store's rows were made."""
+        found = match_modules(self.modules, module)
+        missing = [m for m in self.modules if m not in found]
+        if not found:
+            raise BergsonError(
+                f"none of the store's modules ({self.modules[:3]}...) are inside the traced module; "
+                "pass the model (or model.base_model) the store was built from"
+            )
+        for name, sub in found.items():
+            expected = self.manifest.module(name).shape
+            if list(module_shape(sub)) != list(expected):
+                raise BergsonError(
+                    f"module {name}: shape {list(module_shape(sub))} in the traced model, {expected} in the store"
+                )
+        if missing:
+            logger.info(
+                "searching %d of %d store modules (%s not in the traced module)",
+                len(found),
+                len(self.modules),
+                missing,
+            )
+        proj = self.manifest.projection
+        return GradientCollector(
+            module,
+            found,
+            projection_dim=int(proj["dim"]),
+            seed=int(proj["seed"]),
+            include_bias=bool(proj["include_bias"]),
+            normalizers={n: v for n, v in self.normalizers.items() if n in found},
+        )
+
+    @contextmanager
+    def trace(self, module: nn.Module, k: int, *, reverse: bool = False) -> Iterator[TraceResult]:
+        """Collect query gradients of the backward pass run inside the block, then search.
+
+        The loss backpropagated inside the block should be a sum (or mean) of per-example
+        losses; each example of the batch becomes one query.
+        """
+        collector = self.collector_for(module)
+        result = TraceResult()
+        with collector:
+            yield result
+        grads = collector.gradients
+        if not grads:
+            raise BergsonError("no gradients were collected inside trace(); run a backward pass in the block")
+        names = [n for n in self.modules if n in grads]
+        vectors = torch.cat([grads[n].float() for n in names], 1)
+        result.query_vectors = vectors
+        result.scores, result.indices = self.search(vectors, k, reverse=reverse, modules=names)
+        result.row_ids = self.store.rows["row_id"][result.indices.cpu().numpy()]
