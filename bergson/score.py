@@ -22,6 +22,7 @@ from .errors import BergsonError
 from .models import find_tracked_modules, load_model, resolve_device
 from .store import GradientStore, Manifest, ModuleLayout, StoreWriter, load_gradients
 from .store.manifest import SCORE_ORIENTATION, check_compatible
+from .transforms.normalizers import NORMALIZERS_FILE, load_normalizers
 
 logger = logging.getLogger(__name__)
 
@@ -189,8 +190,10 @@ def score(cfg: ScoreConfig) -> GradientStore:
     if len(docs) == 0:
         raise BergsonError(f"--dataset {cfg.data.dataset} (split {cfg.data.split!r}) has no rows")
     modules = find_tracked_modules(model, cfg.modules)
+    norm_path = query.root / NORMALIZERS_FILE
+    normalizers = load_normalizers(norm_path) if norm_path.is_file() else None
     base = make_manifest(
-        replace(cfg, aggregation="none", unit_normalize=False), model, modules, docs, max_tokens
+        replace(cfg, aggregation="none", unit_normalize=False), model, modules, docs, max_tokens, normalizers
     )
     check_compatible(base, query.manifest, "the scored model", f"--query_path {cfg.query_path}")
     manifest = scores_manifest(base, cfg, query, score_columns(cfg, len(q)))

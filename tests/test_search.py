@@ -90,7 +90,7 @@ def test_exact_equals_bruteforce_float(float_store, block_rows):
 def test_exact_accepts_arrays_paths_and_single_queries(float_store):
     q = np.random.default_rng(4).standard_normal(48)
     s1, i1 = exact_topk(float_store, q, 5)
-    s2, i2 = exact_topk(float_store.root, q[None], 5)
+    _, i2 = exact_topk(float_store.root, q[None], 5)
     s3, i3 = exact_topk(stored(float_store).astype(np.float16), q, 5, block_rows=128)
     assert i1.shape == (1, 5)
     np.testing.assert_array_equal(i1, i2)
@@ -115,7 +115,7 @@ def test_unit_norm_is_cosine_and_zero_rows_score_zero(float_store):
     assert not np.isnan(scores).any()
     full = cosine(q.astype(np.float32).astype(np.float64), stored(float_store))
     np.testing.assert_allclose(scores, np.take_along_axis(full, idx, axis=1), atol=1e-5)
-    top_s, top_i = exact_topk(float_store, q, 10, unit_norm=True)
+    _, top_i = exact_topk(float_store, q, 10, unit_norm=True)
     np.testing.assert_array_equal(top_i, reference_topk(full, 10)[1])
     for z in (0, 17, 2999):
         np.testing.assert_array_equal(scores[idx == z], 0.0)
@@ -282,7 +282,7 @@ def test_faiss_topk_convenience_and_k_beyond_rows(tmp_path):
     x = np.random.default_rng(14).standard_normal((9, 4))
     store = synthetic_store(tmp_path / "s", x, shard_size=4)
     q = np.ones((1, 4))
-    scores, idx = faiss_topk(store, q, 50, FaissConfig(num_shards=3))
+    _, idx = faiss_topk(store, q, 50, FaissConfig(num_shards=3))
     assert idx.shape == (1, 9)
     np.testing.assert_array_equal(idx, exact_topk(store, q, 50)[1])
 

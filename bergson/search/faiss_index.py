@@ -18,7 +18,9 @@ This module does not import torch, and imports faiss only when an index is used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -92,7 +94,7 @@ def index_dir(store: GradientStore, index_factory: str, unit_norm: bool) -> Path
 def shard_bounds(num_rows: int, num_shards: int) -> list[tuple[int, int]]:
     """Contiguous, near-equal row ranges [start, stop)."""
     cuts = [num_rows * i // num_shards for i in range(num_shards + 1)]
-    return list(zip(cuts[:-1], cuts[1:]))
+    return list(itertools.pairwise(cuts))
 
 
 def as_float32_rows(rows: np.ndarray, unit_norm: bool) -> np.ndarray:
@@ -178,10 +180,8 @@ class FaissIndex:
         faiss = import_faiss()
         self.cfg.nprobe = nprobe
         for _, _, index in self.shards:
-            try:
+            with contextlib.suppress(RuntimeError):  # not an IVF index
                 faiss.extract_index_ivf(index).nprobe = nprobe
-            except RuntimeError:
-                pass  # not an IVF index
 
     def search(self, queries: Any, k: int, *, reverse: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best rows per query, as in :func:`bergson.search.exact_topk`.
@@ -331,10 +331,8 @@ def _load_shards(faiss: Any, path: Path, manifest: dict[str, Any], cfg: FaissCon
     for s in manifest["shards"]:
         index = faiss.read_index(str(path / s["file"]), flags)
         if use_gpu:
-            try:
+            with contextlib.suppress(RuntimeError):  # no GPU implementation: stay on the CPU
                 index = faiss.index_cpu_to_all_gpus(index)
-            except RuntimeError:
-                pass  # this index type has no GPU implementation
         shards.append((int(s["start"]), int(s["stop"]), index))
     return shards
 
