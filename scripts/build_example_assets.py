@@ -508,7 +508,8 @@ Other versions may give slightly different files (another Python ships different
 
 ## `corpus.jsonl.gz`
 
-{stats["num_docs"]} English documents in a fixed shuffled order, one JSON object a line with fields `text` and `source`.
+{stats["num_docs"]} English documents in a fixed shuffled order, \
+one JSON object a line with fields `text` and `source`.
 With the tokenizer below they hold {stats["num_tokens"]:,} tokens \
 ({stats["min_doc_tokens"]} to {stats["max_doc_tokens"]} per document, median {stats["median_doc_tokens"]}).
 

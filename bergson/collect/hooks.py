@@ -108,6 +108,7 @@ class GradientCollector:
         self._inputs: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._grads: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._proj: dict[tuple[str, str, torch.dtype, torch.device], torch.Tensor] = {}
+        self._scaled: dict[tuple[str, str, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ layout
     @property
@@ -146,60 +147,115 @@ class GradientCollector:
         if not output.requires_grad:
             # Start autograd here instead of at the embeddings: no weight gradients needed.
             output.requires_grad_(True)
-        self._inputs[name].append(inputs[0].detach())
+        x = inputs[0].detach()
+        # On the projected path only R x is kept, so the layer input can be freed early.
+        self._inputs[name].append(self.project_inputs(name, x) if self._cheap_path(name) else x)
         output.register_hook(partial(self._backward_hook, name))
 
     def _backward_hook(self, name: str, grad: torch.Tensor) -> None:
-        x = self._inputs[name].pop()
-        vec = self.per_example(name, x, grad)
+        saved = self._inputs[name].pop()
+        if self._cheap_path(name):
+            vec = self.from_projected(name, saved, grad)
+        else:
+            vec = self.full_gradient(name, saved, grad)
         if self.closure is not None:
             self.closure(name, vec)
         else:
             self._grads[name].append(vec)
 
     # ------------------------------------------------------------------ math
+    def _cheap_path(self, name: str) -> bool:
+        """Projection without an elementwise (Adam) normalizer: never form the full gradient."""
+        return self.projection_dim > 0 and not isinstance(self.normalizers.get(name), AdamNormalizer)
+
+    @staticmethod
+    def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+        return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
     def _matrix(self, name: str, side: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (name, side, dtype, device)
         mat = self._proj.get(key)
-        if mat is None or mat.shape[1] != n:
+        if mat is None:
             mat = projection_matrix(self.seed, name, side, self.projection_dim, n, dtype=dtype, device=device)  # type: ignore[arg-type]
             self._proj[key] = mat
         return mat
 
-    def per_example(self, name: str, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Per-example vectors [B, dim] of module ``name`` from inputs x and output grads g."""
+    def _scaled_matrices(
+        self, name: str, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """L (p x out) and R (p x in[+1]) with an Adafactor normalizer's row and column
+        scales folded in, so that L diag(a) G diag(b) R^T costs no extra pass over G."""
+        key = (name, "scaled", dtype, device)
+        cached = self._scaled.get(key)
+        if cached is not None:
+            return cached
+        module = self.modules[name]
+        out, n_in = module_shape(module)
+        n_cols = n_in + int(self._has_bias(module))
+        left = self._matrix(name, "left", out, dtype, device)
+        right = self._matrix(name, "right", n_cols, dtype, device)
+        norm = self.normalizers.get(name)
+        if isinstance(norm, AdafactorNormalizer):
+            a, b = norm.scales(self._has_bias(module))
+            left = left * a.to(device, dtype)
+            right = right * b.to(device, dtype)
+        self._scaled[key] = (left, right)
+        return left, right
+
+    def project_inputs(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """R x for every position: [B, S, p] (the bias column, if any, adds R's last column)."""
+        module = self.modules[name]
+        _, n_in = module_shape(module)
+        cdt = self._compute_dtype(x)
+        x = x.reshape(x.shape[0], -1, n_in).to(cdt)
+        _, right = self._scaled_matrices(name, cdt, x.device)
+        xp = x @ right[:, :n_in].T
+        if self._has_bias(module):
+            xp = xp + right[:, n_in]
+        return xp
+
+    def from_projected(self, name: str, xp: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """vec(sum_t (L g_t)(R x_t)^T) per example: [B, p*p]."""
+        out, _ = module_shape(self.modules[name])
+        batch = g.shape[0]
+        g = g.reshape(batch, -1, out).to(xp.dtype)
+        left, _ = self._scaled_matrices(name, xp.dtype, xp.device)
+        return (g @ left.T).mT.bmm(xp).reshape(batch, -1)
+
+    def full_gradient(self, name: str, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The per-example gradient formed explicitly (p = 0, or an Adam normalizer), then
+        normalized and projected if asked; p = 0 returns the parameter's own layout."""
         module = self.modules[name]
         out, n_in = module_shape(module)
         batch = g.shape[0]
-        cdt = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
+        cdt = self._compute_dtype(g)
         x = x.reshape(batch, -1, n_in).to(cdt)
         g = g.reshape(batch, -1, out).to(cdt)
         bias = self._has_bias(module)
-        if bias:
-            x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+        full = g.mT.bmm(x)  # [B, out, in]
+        grad_b = g.sum(1) if bias else None
         norm = self.normalizers.get(name)
         if isinstance(norm, AdafactorNormalizer):
             a, b = norm.scales(bias)
-            g = g * a.to(g)
-            x = x * b.to(x)
+            full = full * a.to(full)[:, None] * b[:n_in].to(full)
+            if grad_b is not None:
+                grad_b = grad_b * a.to(grad_b) * b[n_in].to(grad_b)
+        elif isinstance(norm, AdamNormalizer):
+            full, grad_b = norm.apply(full, grad_b)
         p = self.projection_dim
-        if p > 0 and not isinstance(norm, AdamNormalizer):
-            left = self._matrix(name, "left", out, cdt, g.device)
-            right = self._matrix(name, "right", x.shape[-1], cdt, x.device)
-            return (g @ left.T).mT.bmm(x @ right.T).reshape(batch, p * p)
-
-        full = g.mT.bmm(x)  # [B, out, in(+1)]
-        if isinstance(norm, AdamNormalizer):
-            w, b_ = norm.apply(full[..., :n_in], full[..., n_in] if bias else None)
-            full = torch.cat([w, b_.unsqueeze(-1)], dim=-1) if b_ is not None else w
         if p > 0:
+            if grad_b is not None:
+                full = torch.cat([full, grad_b.unsqueeze(-1)], dim=-1)
             left = self._matrix(name, "left", out, cdt, g.device)
             right = self._matrix(name, "right", full.shape[-1], cdt, g.device)
             return (left @ full @ right.T).reshape(batch, p * p)
-        weight = full[..., :n_in]
         if _is_conv1d(module):
-            weight = weight.mT  # Conv1D stores its weight as (in, out)
-        flat = weight.reshape(batch, -1)
-        if bias:
-            flat = torch.cat([flat, full[..., n_in]], dim=-1)
-        return flat
+            full = full.mT  # Conv1D stores its weight as (in, out)
+        flat = full.reshape(batch, -1)
+        return torch.cat([flat, grad_b], dim=-1) if grad_b is not None else flat
+
+    def per_example(self, name: str, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Per-example vectors [B, dim] of module ``name`` from its inputs x and output grads g."""
+        if self._cheap_path(name):
+            return self.from_projected(name, self.project_inputs(name, x), g)
+        return self.full_gradient(name, x, g)

@@ -262,7 +262,10 @@ def _read_existing(path: Path, expected: dict[str, Any]) -> dict[str, Any] | Non
         logger.info("rebuilding the FAISS index in %s (changed: %s)", path, ", ".join(stale))
         return None
     shards = saved.get("shards")
-    if not isinstance(shards, list) or not all((path / s["file"]).is_file() for s in shards):
+    if not isinstance(shards, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("file"), str) and (path / s["file"]).is_file()
+        for s in shards
+    ):
         return None
     return saved
 
