@@ -342,6 +342,9 @@ def exact_topk(
         gradient (cosine with ``unit_norm``): **positive means training on the row
         lowers the query's loss**. ``indices`` are store row positions (``store.rows``
         maps them to dataset rows). Equal scores are ordered by ascending row index.
+        Rows whose score is NaN (non-finite stored values, which the store writer
+        rejects) are never returned; if that leaves fewer than ``k``, the rest is
+        padded with index -1.
 
     Raises:
         BergsonError: empty queries, a query dimension that does not match the store,
@@ -372,4 +375,6 @@ def exact_topk(
     ) as score:
         for first, block in iter_blocks(st, block_rows):
             top.push(score(block), first)
+    # Only rows with NaN scores (non-finite stored values) are never selected.
+    top.indices[top.indices == _SENTINEL] = -1
     return (-top.scores if reverse else top.scores), top.indices

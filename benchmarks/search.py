@@ -1,0 +1,301 @@
+"""Search throughput: exact top-k against memory bandwidth, and FAISS recall/latency.
+
+1. Exact search. A synthetic float16 store (default 2M x 256 = 1 GiB, i.i.d. Gaussian
+   rows; the values do not change the cost) is written under a temporary directory and
+   scanned with ``exact_topk`` for batches of 1, 16 and 64 queries. Throughput is GB of
+   store scanned per second (bytes of float16 rows read, once per pass). Next to it,
+   measured in the same run:
+
+   - memory bandwidth: a large numpy copy (1 GiB float32 -> 1 GiB float32), counted as
+     bytes read + bytes written per second;
+   - GB scanned per CPU-second (process CPU time, all threads): on a shared machine,
+     where this process gets only part of the cores, it shows what the code does with
+     the CPU time it is given;
+   - the compute roofline: single-threaded float32 matmul throughput on the kernel
+     shape the search uses, times the worker threads. Scoring one float16 element costs
+     2 * Q flops and 2 bytes, so a search can scan at most ``GFLOPS / Q`` GB/s.
+
+2. FAISS. A structured synthetic store (default 1M x 256 float16, a mixture of 1000
+   Gaussian clusters: centres ~ N(0, I), within-cluster noise 2 * N(0, I), so clusters
+   overlap: a row's noise (norm ~32) is larger than the distance between centres (~23)),
+   queries drawn from the same mixture; raw inner-product scores. For each factory: build time, query latency (a batch of
+   queries, per query; and one query at a time) and recall@10 against exact search, for
+   several nprobe values.
+
+The machine may be shared: load averages at the start and end are reported.
+Prints one JSON object.
+
+    python -m benchmarks.search [--rows 2000000] [--dim 256] [--faiss_rows 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bergson.search import FaissConfig, exact_topk, load_or_build_index
+from bergson.store import GradientStore, Manifest, ModuleLayout, StoreWriter, load_gradients
+
+
+def write_store(path: Path, rows: int, dim: int, make_rows: Any, shard_size: int = 262_144) -> GradientStore:
+    """A complete float16 store whose rows come from ``make_rows(start, stop)`` (float32)."""
+    manifest = Manifest(
+        kind="gradients",
+        status="in_progress",
+        model={"name": "synthetic-benchmark"},
+        modules=[ModuleLayout("all", "Linear", [dim, 1], False, 0, dim)],
+        projection={"kind": "none", "dim": 0, "seed": 0, "include_bias": False},
+        normalizer=None,
+        preconditioner=None,
+        loss={"kind": "causal_lm", "reduction": "sum"},
+        dtype="float16",
+        num_rows=rows,
+        data={"dataset": "synthetic", "rows": rows},
+        plan={"shard_size": shard_size},
+    )
+    writer = StoreWriter(path, manifest, overwrite=True)
+    num_shards = 0
+    for i, start in enumerate(range(0, rows, shard_size)):
+        stop = min(start + shard_size, rows)
+        writer.begin_shard(i, range(start, stop))
+        ids = np.arange(start, stop)
+        writer.write(ids, make_rows(start, stop), np.ones(len(ids), np.int64), np.zeros(len(ids), np.float32))
+        writer.end_shard(i)
+        num_shards += 1
+    writer.finalize(num_shards)
+    return load_gradients(path)
+
+
+def gaussian_rows(dim: int) -> Any:
+    def make(start: int, stop: int) -> np.ndarray:
+        return np.random.default_rng(start).standard_normal((stop - start, dim), dtype=np.float32)
+
+    return make
+
+
+def best_and_median(fn: Any, repeats: int) -> tuple[float, float, float]:
+    """Best and median wall time, and the least process CPU time (all threads) of a call."""
+    times, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return min(times), statistics.median(times), min(cpu)
+
+
+def copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, Any]:
+    src = np.ones(int(gib * 2**30) // 4, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in
+    best, median, _ = best_and_median(lambda: np.copyto(dst, src), repeats)
+    moved = 2 * src.nbytes
+    return {
+        "method": f"np.copyto of {src.nbytes / 1e9:.2f} GB float32, single thread",
+        "counted": "bytes read + bytes written",
+        "gbps_best": moved / best / 1e9,
+        "gbps_median": moved / median / 1e9,
+    }
+
+
+def matmul_gflops(q: int, dim: int, rows: int = 4096, repeats: int = 20) -> float:
+    """Single-threaded float32 [q, dim] x [dim, rows], the search's kernel shape."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(q, dim), torch.randn(rows, dim)
+        out = torch.empty(q, rows)
+        torch.mm(a, b.T, out=out)
+        best, _, _ = best_and_median(lambda: torch.mm(a, b.T, out=out), repeats)
+    finally:
+        torch.set_num_threads(saved)
+    return 2 * q * dim * rows / best / 1e9
+
+
+def bench_exact(store: GradientStore, args: argparse.Namespace, bandwidth: float) -> dict[str, Any]:
+    rng = np.random.default_rng(1)
+    dim = store.manifest.total_dim
+    scanned = len(store) * dim * 2
+    results = []
+    for threads in args.threads:
+        for num_q in args.queries:
+            q = rng.standard_normal((num_q, dim)).astype(np.float32)
+            first_start = time.perf_counter()
+            exact_topk(store, q, 10, num_threads=threads)
+            first = time.perf_counter() - first_start
+            best, median, cpu = best_and_median(
+                lambda q=q, threads=threads: exact_topk(store, q, 10, num_threads=threads), args.repeats
+            )
+            roofline = min(bandwidth, threads * matmul_gflops(num_q, dim) / num_q)
+            results.append(
+                {
+                    "queries": num_q,
+                    "threads": threads,
+                    "gbps_best": round(scanned / best / 1e9, 3),
+                    "gbps_median": round(scanned / median / 1e9, 3),
+                    "gbps_first_pass": round(scanned / first / 1e9, 3),
+                    "gb_per_cpu_second": round(scanned / cpu / 1e9, 3),
+                    "fraction_of_copy_bandwidth": round(scanned / best / 1e9 / bandwidth, 3),
+                    "compute_roofline_gbps": round(roofline, 3),
+                    "fraction_of_roofline": round(scanned / best / 1e9 / roofline, 3),
+                }
+            )
+            print(json.dumps(results[-1]), flush=True, file=sys.stderr)
+    return {
+        "store": {"rows": len(store), "dim": dim, "dtype": "float16", "gb": scanned / 1e9},
+        "k": 10,
+        "results": results,
+    }
+
+
+def bench_faiss(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import faiss
+
+    rows, dim, clusters = args.faiss_rows, args.dim, 1000
+    default_threads = faiss.omp_get_max_threads()
+    rng = np.random.default_rng(2)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+
+    def mixture(n: int, gen: np.random.Generator) -> np.ndarray:
+        labels = gen.integers(0, clusters, n)
+        return centres[labels] + args.faiss_noise * gen.standard_normal((n, dim), dtype=np.float32)
+
+    store = write_store(
+        work / "faiss-store", rows, dim, lambda a, b: mixture(b - a, np.random.default_rng(1000 + a))
+    )
+    queries = mixture(args.faiss_queries, np.random.default_rng(3))
+    start = time.perf_counter()
+    _, truth = exact_topk(store, queries, 10)
+    exact_time = time.perf_counter() - start
+
+    def recall(found: np.ndarray) -> float:
+        return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)]))
+
+    out: dict[str, Any] = {
+        "store": {
+            "rows": rows,
+            "dim": dim,
+            "dtype": "float16",
+            "data": f"{clusters} Gaussian clusters, centres N(0, I), noise {args.faiss_noise} N(0, I)",
+        },
+        "queries": args.faiss_queries,
+        "metric": "inner product (raw, not unit-normalized)",
+        "faiss_build_threads": faiss.omp_get_max_threads(),
+        "exact_batch_seconds": round(exact_time, 3),
+        "exact_ms_per_query_in_batch": round(1000 * exact_time / len(queries), 3),
+        "indices": [],
+    }
+    for factory, nprobes in args.factories:
+        cfg = FaissConfig(index_factory=factory, max_train_examples=args.max_train_examples)
+        start = time.perf_counter()
+        index = load_or_build_index(store, cfg)
+        build = time.perf_counter() - start
+        entry: dict[str, Any] = {
+            "factory": factory,
+            "max_train_examples": args.max_train_examples,
+            "build_seconds": round(build, 2),
+            "settings": [],
+        }
+        for nprobe in nprobes or [None]:
+            if nprobe is not None:
+                index.set_nprobe(nprobe)
+            _, found = index.search(queries, 10)
+            setting: dict[str, Any] = {"nprobe": nprobe, "recall_at_10": round(recall(found), 4)}
+            for threads in args.faiss_threads:
+                faiss.omp_set_num_threads(threads)
+                index.search(queries[:4], 10)  # warm up
+                batch, _, _ = best_and_median(lambda index=index: index.search(queries, 10), 3)
+                single = []
+                for q in queries[:20]:
+                    t0 = time.perf_counter()
+                    index.search(q[None], 10)
+                    single.append(time.perf_counter() - t0)
+                setting[f"threads_{threads}"] = {
+                    "ms_per_query_in_batch": round(1000 * batch / len(queries), 3),
+                    "ms_single_query_median": round(1000 * statistics.median(single), 3),
+                }
+            faiss.omp_set_num_threads(default_threads)
+            entry["settings"].append(setting)
+            print(json.dumps({factory: setting}), flush=True, file=sys.stderr)
+        out["indices"].append(entry)
+        del index
+        shutil.rmtree(work / "faiss-store" / "faiss", ignore_errors=True)
+    return out
+
+
+def parse_factories(spec: str) -> list[tuple[str, list[int]]]:
+    """'IVF1024,Flat@8/16/32;Flat' -> [('IVF1024,Flat', [8, 16, 32]), ('Flat', [])]."""
+    out = []
+    for part in spec.split(";"):
+        factory, _, probes = part.partition("@")
+        out.append((factory, [int(p) for p in probes.split("/") if p]))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--queries", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
+    parser.add_argument(
+        "--threads",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=sorted({1, torch.get_num_threads()}),
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--faiss_rows", type=int, default=1_000_000, help="0 skips the FAISS part")
+    parser.add_argument("--faiss_queries", type=int, default=200)
+    parser.add_argument("--faiss_noise", type=float, default=2.0, help="within-cluster noise scale")
+    parser.add_argument(
+        "--faiss_threads",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=sorted({1, torch.get_num_threads()}),
+        help="FAISS (OpenMP) threads for the latency measurements",
+    )
+    parser.add_argument(
+        "--factories",
+        type=parse_factories,
+        default=parse_factories("IVF1024,Flat@16/64/128/256;IVF1024,SQ8@128;Flat"),
+    )
+    parser.add_argument("--max_train_examples", type=int, default=65_536)
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bergson-search-bench-"))
+    load_start = os.getloadavg()
+    try:
+        bandwidth = copy_bandwidth()
+        store = write_store(work / "exact-store", args.rows, args.dim, gaussian_rows(args.dim))
+        result: dict[str, Any] = {
+            "machine": {
+                "cpus": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+                "loadavg_start": [round(x, 2) for x in load_start],
+            },
+            "memory_bandwidth": {k: round(v, 2) if isinstance(v, float) else v for k, v in bandwidth.items()},
+            "exact": bench_exact(store, args, bandwidth["gbps_best"]),
+        }
+        del store
+        shutil.rmtree(work / "exact-store", ignore_errors=True)
+        if args.faiss_rows > 0:
+            result["faiss"] = bench_faiss(work, args)
+        result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
