@@ -59,7 +59,7 @@ def test_trace_equals_one_document_store(tmp_path, model_dir, corpus_file, index
     with attr.trace(model.base_model, 3) as partial:
         per_document_loss(model(ids).logits, ids).sum().backward()
     mods = [m for m in index.modules if m.startswith("gpt_neox.")]  # not the output head
-    s, i = exact_topk(
+    s, _ = exact_topk(
         index, result.query_vectors[:, : sum(index.dims[m] for m in mods)].numpy(), 3, modules=mods
     )
     np.testing.assert_allclose(partial.scores.numpy(), s, rtol=1e-4)
