@@ -16,7 +16,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
-ASSETS = Path(os.environ.get("TMP_ASSETS", Path(__file__).resolve().parents[1] / "bergson" / "assets"))
+ASSETS = Path(__file__).resolve().parents[1] / "bergson" / "assets"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
