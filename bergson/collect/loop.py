@@ -73,10 +73,12 @@ def per_document_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str
     ``labels`` are aligned with the inputs (the shift happens here), as in Hugging Face
     models. ``reduction`` is 'sum' over the document's loss tokens or their 'mean'.
     """
-    logits = logits[:, :-1]
+    # Shift the labels rather than the logits: slicing [B, T, V] logits would copy them
+    # forward and fill a zero tensor of the same size in backward.
+    target = torch.full_like(labels, IGNORE)
+    target[:, :-1] = labels[:, 1:]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    target = labels[:, 1:]
     ce = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),
         target.reshape(-1),
