@@ -1,4 +1,5 @@
-"""Throughput of ``bergson build`` versus a plain training step of the same model.
+"""Throughput of ``bergson build`` (and ``bergson score`` against 16 queries) versus a plain
+training step of the same model.
 
 Both run in this process on the same batches (the build's own length-sorted token-budget
 plan). The training step is forward + backward with weight gradients and no optimizer.
@@ -15,6 +16,7 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,7 +24,10 @@ import torch
 from bergson import DataConfig, IndexConfig, load_data, load_model, tokenize_documents
 from bergson.build import write_store
 from bergson.collect.loop import _pad, per_document_loss
-from bergson.data import plan_batches
+from bergson.config import ScoreConfig
+from bergson.data import TokenizedDocs, plan_batches
+from bergson.score import score_documents
+from bergson.store import load_gradients
 
 from .common import corpus_slice, pythia14m_dir
 
@@ -67,15 +72,28 @@ def main() -> None:
     tokens = int(docs.lengths.sum())
     padded = int(sum(len(b) * docs.lengths[b].max() for b in batches))
 
-    train_times, build_times = [], []
+    # 16 query documents (the first 16 of the corpus) for the score pass
+    qcfg = replace(cfg, run_path=str(work / "query"))
+    shutil.rmtree(qcfg.run_path, ignore_errors=True)
+    qdocs = TokenizedDocs(docs.input_ids[:16], docs.loss_start[:16])
+    write_store(qcfg, model, qdocs, args.token_batch_size, tok.pad_token_id)
+    scfg = ScoreConfig(**{**vars(cfg), "run_path": str(work / "scores"), "query_path": qcfg.run_path})
+
+    train_times, build_times, score_times = [], [], []
     for _ in range(args.repeats):
         train_times.append(train_step_time(model, docs, batches, tok.pad_token_id or 0))
         shutil.rmtree(cfg.run_path, ignore_errors=True)
         start = time.perf_counter()
         write_store(cfg, model, docs, args.token_batch_size, tok.pad_token_id)
         build_times.append(time.perf_counter() - start)
+        shutil.rmtree(scfg.run_path, ignore_errors=True)
+        start = time.perf_counter()
+        score_documents(
+            scfg, model, docs, args.token_batch_size, load_gradients(qcfg.run_path), tok.pad_token_id
+        )
+        score_times.append(time.perf_counter() - start)
 
-    best_train, best_build = min(train_times), min(build_times)
+    best_train, best_build, best_score = min(train_times), min(build_times), min(score_times)
     print(
         json.dumps(
             {
@@ -90,8 +108,12 @@ def main() -> None:
                 "train_step_tokens_per_s": round(tokens / best_train, 1),
                 "build_tokens_per_s": round(tokens / best_build, 1),
                 "build_over_train_ratio": round(best_train / best_build, 3),
+                "score_tokens_per_s": round(tokens / best_score, 1),
+                "score_over_build_ratio": round(best_build / best_score, 3),
+                "score_queries": 16,
                 "train_times_s": [round(t, 2) for t in train_times],
                 "build_times_s": [round(t, 2) for t in build_times],
+                "score_times_s": [round(t, 2) for t in score_times],
                 "note": "build = collection loop + writing the store, on the loaded model and tokenized docs",
             },
             indent=2,

@@ -123,8 +123,8 @@ def make_manifest(
     )
 
 
-def build(cfg: IndexConfig, normalizers: Mapping[str, Normalizer] | None = None) -> GradientStore:
-    """Collect per-document gradients of ``cfg.data`` under ``cfg.model`` into a store."""
+def prepare_inputs(cfg: IndexConfig) -> tuple[torch.nn.Module, Any, TokenizedDocs, int]:
+    """Validate the options, load the model and tokenize the dataset: (model, tokenizer, docs, max_tokens)."""
     validate_index_config(cfg)
     model, tokenizer = load_model(cfg)
     ds = load_data(cfg.data)
@@ -133,6 +133,12 @@ def build(cfg: IndexConfig, normalizers: Mapping[str, Normalizer] | None = None)
     docs = tokenize_documents(ds, tokenizer, cfg.data, max_tokens)
     if len(docs) == 0:
         raise BergsonError(f"--dataset {cfg.data.dataset} (split {cfg.data.split!r}) has no rows")
+    return model, tokenizer, docs, max_tokens
+
+
+def build(cfg: IndexConfig, normalizers: Mapping[str, Normalizer] | None = None) -> GradientStore:
+    """Collect per-document gradients of ``cfg.data`` under ``cfg.model`` into a store."""
+    model, tokenizer, docs, max_tokens = prepare_inputs(cfg)
     return write_store(cfg, model, docs, max_tokens, tokenizer.pad_token_id, normalizers)
 
 

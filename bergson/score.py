@@ -14,12 +14,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .build import context_size, make_manifest, validate_index_config
+from .build import make_manifest, prepare_inputs
 from .collect.loop import collect_gradients
 from .config import DataConfig, ScoreConfig, save_yaml
-from .data import load_data, plan_shards, tokenize_documents
+from .data import TokenizedDocs, load_data, plan_shards
 from .errors import BergsonError
-from .models import find_tracked_modules, load_model, resolve_device
+from .models import find_tracked_modules, resolve_device
 from .store import GradientStore, Manifest, ModuleLayout, StoreWriter, load_gradients
 from .store.manifest import SCORE_ORIENTATION, check_compatible
 from .transforms.normalizers import NORMALIZERS_FILE, load_normalizers
@@ -174,21 +174,27 @@ def score(cfg: ScoreConfig) -> GradientStore:
     if cfg.top_k < 0:
         raise BergsonError(f"--top_k {cfg.top_k}: must be >= 0")
     query = load_gradients(cfg.query_path)
-    q, groups = query_matrix(cfg, query)
     if cfg.index:
         if not cfg.run_path:
             raise BergsonError("run_path is required: the output directory of the scores")
+        q, groups = query_matrix(cfg, query)
         _from_existing_index(cfg, query, q, groups)
         return load_gradients(cfg.run_path)
 
-    validate_index_config(cfg)
-    model, tokenizer = load_model(cfg)
-    ds = load_data(cfg.data)
-    ctx = context_size(model)
-    max_tokens = min(cfg.token_batch_size, ctx) if ctx else cfg.token_batch_size
-    docs = tokenize_documents(ds, tokenizer, cfg.data, max_tokens)
-    if len(docs) == 0:
-        raise BergsonError(f"--dataset {cfg.data.dataset} (split {cfg.data.split!r}) has no rows")
+    model, tokenizer, docs, max_tokens = prepare_inputs(cfg)
+    return score_documents(cfg, model, docs, max_tokens, query, tokenizer.pad_token_id)
+
+
+def score_documents(
+    cfg: ScoreConfig,
+    model: torch.nn.Module,
+    docs: TokenizedDocs,
+    max_tokens: int,
+    query: GradientStore,
+    pad_token_id: int | None = None,
+) -> GradientStore:
+    """One collection pass over tokenized documents, scoring each against the query store."""
+    q, groups = query_matrix(cfg, query)
     modules = find_tracked_modules(model, cfg.modules)
     norm_path = query.root / NORMALIZERS_FILE
     normalizers = load_normalizers(norm_path) if norm_path.is_file() else None
@@ -216,7 +222,7 @@ def score(cfg: ScoreConfig) -> GradientStore:
             token_batch_size=cfg.token_batch_size,
             loss_reduction=cfg.loss_reduction,
             shard_size=cfg.shard_size,
-            pad_token_id=tokenizer.pad_token_id or 0,
+            pad_token_id=pad_token_id or 0,
         )
         writer.finalize(len(plan_shards(len(docs), cfg.shard_size)))
     return load_gradients(cfg.run_path)
