@@ -33,7 +33,7 @@ def pythia14m_dir(out: Path, seed: int = 0) -> Path:
         num_attention_heads=4,
         intermediate_size=512,
         max_position_embeddings=2048,
-        rotary_pct=0.25,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
         tie_word_embeddings=False,
     )
     GPTNeoXForCausalLM(cfg).save_pretrained(out)
