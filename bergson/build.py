@@ -12,7 +12,7 @@ import torch
 
 from . import __version__
 from .collect.hooks import module_dims, module_shape
-from .collect.loop import collect_gradients
+from .collect.loop import Sink, collect_gradients
 from .config import IndexConfig, save_yaml, to_dict
 from .data import TokenizedDocs, load_data, plan_shards, tokenize_documents
 from .errors import BergsonError
@@ -142,6 +142,35 @@ def build(cfg: IndexConfig, normalizers: Mapping[str, Normalizer] | None = None)
     return write_store(cfg, model, docs, max_tokens, tokenizer.pad_token_id, normalizers)
 
 
+def collect_with(
+    cfg: IndexConfig,
+    model: torch.nn.Module,
+    docs: TokenizedDocs,
+    modules: Mapping[str, torch.nn.Module],
+    sink: Sink,
+    normalizers: Mapping[str, Normalizer] | None,
+    pad_token_id: int | None,
+    *,
+    unit_normalize: bool = False,
+) -> None:
+    """The collection loop with the projection, batching and loss options of ``cfg``."""
+    collect_gradients(
+        model,
+        docs,
+        sink=sink,
+        modules=modules,
+        projection_dim=cfg.projection_dim,
+        seed=cfg.projection_seed,
+        include_bias=cfg.include_bias,
+        normalizers=normalizers,
+        token_batch_size=cfg.token_batch_size,
+        loss_reduction=cfg.loss_reduction,
+        unit_normalize=unit_normalize,
+        shard_size=cfg.shard_size,
+        pad_token_id=pad_token_id or 0,
+    )
+
+
 def write_store(
     cfg: IndexConfig,
     model: torch.nn.Module,
@@ -160,20 +189,8 @@ def write_store(
     save_yaml(cfg, writer.root / "config.yaml")
     if normalizers:
         save_normalizers(writer.root / NORMALIZERS_FILE, normalizers)
-    collect_gradients(
-        model,
-        docs,
-        sink=writer,
-        modules=modules,
-        projection_dim=cfg.projection_dim,
-        seed=cfg.projection_seed,
-        include_bias=cfg.include_bias,
-        normalizers=normalizers,
-        token_batch_size=cfg.token_batch_size,
-        loss_reduction=cfg.loss_reduction,
-        unit_normalize=cfg.unit_normalize,
-        shard_size=cfg.shard_size,
-        pad_token_id=pad_token_id or 0,
+    collect_with(
+        cfg, model, docs, modules, writer, normalizers, pad_token_id, unit_normalize=cfg.unit_normalize
     )
     writer.finalize(len(plan_shards(len(docs), cfg.shard_size)))
     return load_gradients(cfg.run_path)

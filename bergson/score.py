@@ -14,8 +14,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .build import make_manifest, prepare_inputs
-from .collect.loop import collect_gradients
+from .build import collect_with, make_manifest, prepare_inputs
 from .config import DataConfig, ScoreConfig, save_yaml
 from .data import TokenizedDocs, load_data, plan_shards
 from .errors import BergsonError
@@ -210,20 +209,7 @@ def score_documents(
         sink = ScoreSink(
             writer, q, cfg.score, groups=groups, unit_normalize=cfg.unit_normalize, device=device
         )
-        collect_gradients(
-            model,
-            docs,
-            sink=sink,
-            modules=modules,
-            projection_dim=cfg.projection_dim,
-            seed=cfg.projection_seed,
-            include_bias=cfg.include_bias,
-            normalizers=normalizers,
-            token_batch_size=cfg.token_batch_size,
-            loss_reduction=cfg.loss_reduction,
-            shard_size=cfg.shard_size,
-            pad_token_id=pad_token_id or 0,
-        )
+        collect_with(cfg, model, docs, modules, sink, normalizers, pad_token_id)
         writer.finalize(len(plan_shards(len(docs), cfg.shard_size)))
     return load_gradients(cfg.run_path)
 
