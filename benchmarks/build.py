@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from bergson import DataConfig, IndexConfig, load_data, load_model, tokenize_documents
-from bergson.build import write_store
 from bergson.collect.loop import _pad, per_document_loss
 from bergson.config import ScoreConfig
 from bergson.data import TokenizedDocs, plan_batches
-from bergson.score import score_documents
+from bergson.indexing import write_store
+from bergson.scoring import score_documents
 from bergson.store import load_gradients
 
 from .common import corpus_slice, pythia14m_dir

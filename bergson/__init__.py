@@ -24,11 +24,20 @@ _EXPORTS = {
     "projection_matrix": "bergson.transforms.projection",
     "GradientStore": "bergson.store.reader",
     "load_gradients": "bergson.store.reader",
-    "build": "bergson.build",
+    "build": "bergson.indexing",
     "load_data": "bergson.data.load",
     "tokenize_documents": "bergson.data.tokenize",
     "load_model": "bergson.models",
     "find_tracked_modules": "bergson.models",
+    "Attributor": "bergson.search.attributor",
+    "FaissConfig": "bergson.search.faiss_index",
+    "exact_topk": "bergson.search.exact",
+    "QueryConfig": "bergson.config",
+    "ScoreConfig": "bergson.config",
+    "ReduceConfig": "bergson.config",
+    "score": "bergson.scoring",
+    "reduce": "bergson.reduction",
+    "query": "bergson.querying",
 }
 
 __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
@@ -50,6 +59,15 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "tokenize_documents",
     "load_model",
     "find_tracked_modules",
+    "Attributor",
+    "FaissConfig",
+    "exact_topk",
+    "QueryConfig",
+    "ScoreConfig",
+    "ReduceConfig",
+    "score",
+    "reduce",
+    "query",
 ]
 
 
@@ -62,14 +80,20 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from .build import build
     from .collect.hooks import GradientCollector
     from .collect.loop import InMemorySink, collect_gradients, per_document_loss
-    from .config import DataConfig, IndexConfig
+    from .config import DataConfig, IndexConfig, QueryConfig, ReduceConfig, ScoreConfig
     from .data.load import load_data
     from .data.tokenize import tokenize_documents
     from .errors import BergsonError
+    from .indexing import build
     from .models import find_tracked_modules, load_model
+    from .querying import query
+    from .reduction import reduce
+    from .scoring import score
+    from .search.attributor import Attributor
+    from .search.exact import exact_topk
+    from .search.faiss_index import FaissConfig
     from .store.reader import GradientStore, load_gradients
     from .transforms.normalizers import AdafactorNormalizer, AdamNormalizer
     from .transforms.projection import projection_matrix

@@ -15,7 +15,7 @@ from bergson import BergsonError, build
 from bergson.collect.loop import per_document_loss
 from bergson.config import DataConfig, QueryConfig
 from bergson.models import load_model
-from bergson.query import query
+from bergson.querying import query
 from bergson.search import FaissConfig, exact_topk
 from bergson.search.attributor import Attributor
 

@@ -7,8 +7,8 @@ import pytest
 
 from bergson import BergsonError, build
 from bergson.config import DataConfig, ReduceConfig, ScoreConfig
-from bergson.reduce import reduce
-from bergson.score import score
+from bergson.reduction import reduce
+from bergson.scoring import score
 
 from .test_store import make_cfg
 

@@ -8,7 +8,7 @@ CONFIG = IndexConfig
 
 
 def run(cfg: IndexConfig) -> None:
-    from ..build import build
+    from ..indexing import build
 
     store = build(cfg)
     print(f"wrote {store!r}")

@@ -8,6 +8,6 @@ CONFIG = QueryConfig
 
 
 def run(cfg: QueryConfig) -> None:
-    from ..query import query
+    from ..querying import query
 
     query(cfg)

@@ -8,7 +8,7 @@ CONFIG = ReduceConfig
 
 
 def run(cfg: ReduceConfig) -> None:
-    from ..reduce import reduce
+    from ..reduction import reduce
 
     store = reduce(cfg)
     print(f"wrote {store!r}")

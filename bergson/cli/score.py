@@ -8,7 +8,7 @@ CONFIG = ScoreConfig
 
 
 def run(cfg: ScoreConfig) -> None:
-    from ..score import score, top_rows
+    from ..scoring import score, top_rows
 
     store = score(cfg)
     print(f"wrote {store!r}")

@@ -14,10 +14,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .build import collect_with, make_manifest, prepare_inputs
 from .config import DataConfig, ScoreConfig, save_yaml
 from .data import TokenizedDocs, load_data, plan_shards
 from .errors import BergsonError
+from .indexing import collect_with, make_manifest, prepare_inputs
 from .models import find_tracked_modules, resolve_device
 from .store import GradientStore, Manifest, ModuleLayout, StoreWriter, load_gradients
 from .store.manifest import SCORE_ORIENTATION, check_compatible

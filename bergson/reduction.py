@@ -7,10 +7,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .build import build
 from .config import ReduceConfig, save_yaml
 from .errors import BergsonError
-from .score import unit_rows
+from .indexing import build
+from .scoring import unit_rows
 from .store import GradientStore, StoreWriter, load_gradients
 
 
