@@ -16,9 +16,16 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
-from bergson import DataConfig, IndexConfig, build, collect_gradients, load_model, tokenize_documents
+from bergson import (
+    Attributor,
+    DataConfig,
+    IndexConfig,
+    InMemorySink,
+    build,
+    collect_gradients,
+    load_model,
+    tokenize_documents,
+)
 from bergson.data import load_data
 
 ASSETS = Path(__file__).resolve().parents[1] / "bergson" / "assets"
@@ -49,29 +56,31 @@ def main() -> None:
     store = build(cfg)
     print(f"built {store!r} in {time.perf_counter() - start:.1f}s\n")
 
-    # Query gradients, made exactly like the store's rows (same modules, seed, projection).
+    # Query gradients made exactly like the store's rows, then a cosine search of the store
+    # (the same as `bergson query --index ... --query_dataset queries.jsonl --unit_norm`).
     model, tokenizer = load_model(cfg)
     qcfg = DataConfig(dataset=str(ASSETS / "queries.jsonl"))
     queries = load_data(qcfg)
     qdocs = tokenize_documents(queries, tokenizer, qcfg, cfg.token_batch_size)
     qvec = collect_gradients(
-        model, qdocs, projection_dim=cfg.projection_dim, seed=cfg.projection_seed, progress=False
+        model,
+        qdocs,
+        sink=InMemorySink(len(qdocs), store.dims),
+        modules=list(store.modules),
+        projection_dim=cfg.projection_dim,
+        seed=cfg.projection_seed,
+        progress=False,
     )
-
-    train = np.asarray(store.all, np.float32)
-    train /= np.maximum(np.linalg.norm(train, axis=1, keepdims=True), 1e-12)
-    q = qvec.vectors.astype(np.float32)
-    q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-    scores = q @ train.T
+    scores, rows = Attributor(cfg.run_path, unit_norm=True).search(qvec.vectors, args.top_k)
 
     with gzip.open(cfg.data.dataset, "rt") as f:
         corpus = [json.loads(line) for line in f]
     for i, row in enumerate(queries):
         print(f"query {i}: {row['text']!r}")
-        for rank, j in enumerate(np.argsort(-scores[i])[: args.top_k], 1):
+        for rank, (value, j) in enumerate(zip(scores[i].tolist(), rows[i].tolist()), 1):
             doc = corpus[int(store.rows["row_id"][j])]
             snippet = " ".join(doc["text"].split())[:90]
-            print(f"  {rank}. score {scores[i, j]:+.3f}  row {j:4d}  [{doc['source']}]  {snippet}...")
+            print(f"  {rank}. score {value:+.3f}  row {j:4d}  [{doc['source']}]  {snippet}...")
         print()
 
 
