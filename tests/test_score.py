@@ -96,3 +96,66 @@ def test_mismatched_query_is_a_clear_error(tmp_path, model_dir, corpus_file, sto
         score(_score_cfg(tmp_path, model_dir, corpus_file, other.root, name="x", index=str(train.root)))
     with pytest.raises(BergsonError, match="not a bergson store"):
         score(_score_cfg(tmp_path, model_dir, corpus_file, tmp_path / "nothing"))
+
+
+def test_normalizers_travel_with_the_query_store(tmp_path, model_dir, corpus_file):
+    """A query store built with normalizers hands them to `score` and the Attributor."""
+    import torch
+
+    from bergson import AdafactorNormalizer, Attributor
+    from bergson.collect.hooks import module_shape
+    from bergson.models import find_tracked_modules, load_model
+
+    cfg = make_cfg(tmp_path, model_dir, corpus_file, name="train", save_dtype="float32")
+    model, _ = load_model(cfg)
+    gen = torch.Generator().manual_seed(0)
+    norms = {}
+    for name, m in find_tracked_modules(model).items():
+        out, n_in = module_shape(m)
+        norms[name] = AdafactorNormalizer(
+            torch.rand(out, generator=gen) + 0.5, torch.rand(n_in, generator=gen) + 0.5
+        )
+    train = build(cfg, normalizers=norms)
+    qdata = DataConfig(dataset=str(corpus_file), split="train[:2]", truncation=True)
+    query = build(
+        make_cfg(tmp_path, model_dir, corpus_file, name="q", save_dtype="float32", data=qdata),
+        normalizers=norms,
+    )
+    assert (
+        query.manifest.normalizer == train.manifest.normalizer
+        and query.manifest.normalizer["kind"] == "adafactor"
+    )
+    s = score(_score_cfg(tmp_path, model_dir, corpus_file, query.root))
+    expected = np.asarray(train.all, np.float64) @ np.asarray(query.all, np.float64).T
+    np.testing.assert_allclose(
+        np.asarray(s["scores"]), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max()
+    )
+    # unnormalized rows would differ: the normalizer really was applied
+    plain = build(make_cfg(tmp_path, model_dir, corpus_file, name="plain", save_dtype="float32"))
+    assert not np.allclose(np.asarray(plain.all), np.asarray(train.all), rtol=1e-2)
+    assert set(Attributor(query.root).normalizers) == set(norms)
+
+
+def test_grouped_max_is_max_over_group_means(tmp_path, model_dir, corpus_file, stores):
+    import json
+
+    train, _ = stores
+    rows = [json.loads(line) for line in corpus_file.read_text().splitlines()][:4]
+    qfile = tmp_path / "tasks.jsonl"
+    qfile.write_text("".join(json.dumps({"text": r["text"], "task": t}) + "\n" for r, t in zip(rows, "abba")))
+    qdata = DataConfig(dataset=str(qfile), truncation=True)
+    query = build(make_cfg(tmp_path, model_dir, corpus_file, name="tq", save_dtype="float32", data=qdata))
+    s = score(
+        _score_cfg(
+            tmp_path,
+            model_dir,
+            corpus_file,
+            query.root,
+            score="max",
+            query_group_column="task",
+            index=str(train.root),
+        )
+    )
+    raw = np.asarray(train.all, np.float64) @ np.asarray(query.all, np.float64).T
+    expected = np.maximum(raw[:, [0, 3]].mean(1), raw[:, [1, 2]].mean(1))
+    np.testing.assert_allclose(np.asarray(s["scores"])[:, 0], expected, rtol=1e-4)
