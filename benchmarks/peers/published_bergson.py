@@ -381,9 +381,9 @@ def document_tokens(model_dir: Path, data: Path) -> list[int]:
     return [len(ids) for ids in tok(texts)["input_ids"]]
 
 
-def ours_command(ours_bin: Path, out: Path, model: Path, data: Path) -> list[str]:
+def shared_build_args(out: Path, model: Path, data: Path) -> list[str]:
+    """The build options both tools get (same syntax in both CLIs)."""
     return [
-        str(ours_bin),
         "build",
         str(out),
         "--model",
@@ -398,25 +398,14 @@ def ours_command(ours_bin: Path, out: Path, model: Path, data: Path) -> list[str
         "--precision",
         PRECISION,
     ]
+
+
+def ours_command(ours_bin: Path, out: Path, model: Path, data: Path) -> list[str]:
+    return [str(ours_bin), *shared_build_args(out, model, data)]
 
 
 def peer_command(peer_bin: Path, out: Path, model: Path, data: Path, tokenizer: Path | None) -> list[str]:
-    cmd = [
-        str(peer_bin),
-        "build",
-        str(out),
-        "--model",
-        str(model),
-        "--dataset",
-        str(data),
-        "--truncation",
-        "--token_batch_size",
-        str(TOKEN_BATCH_SIZE),
-        "--projection_dim",
-        str(PROJECTION_DIM),
-        "--precision",
-        PRECISION,
-    ]
+    cmd = [str(peer_bin), *shared_build_args(out, model, data)]
     return [*cmd, "--tokenizer", str(tokenizer)] if tokenizer else cmd
 
 
