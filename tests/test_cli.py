@@ -153,3 +153,49 @@ def test_readme_example_runs(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "score" in proc.stdout.lower()
+
+
+def test_reduce_score_query_chain(tmp_path, model_dir, corpus_file):
+    """The query-side commands from the shell: reduce -> score --index -> query --search faiss."""
+    common = ["--model", str(model_dir), "--truncation", "--token_batch_size", "256", "--projection_dim", "4"]
+    run("build", str(tmp_path / "idx"), "--dataset", str(corpus_file), *common)
+    run(
+        "reduce",
+        str(tmp_path / "q"),
+        "--dataset",
+        str(corpus_file),
+        "--split",
+        "train[:3]",
+        "--unit_normalize",
+        *common,
+    )
+    out = run(
+        "score",
+        str(tmp_path / "s"),
+        "--index",
+        str(tmp_path / "idx"),
+        "--query_path",
+        str(tmp_path / "q"),
+        "--top_k",
+        "2",
+    )
+    assert "column 0:" in out.stdout and "lowers the query's loss" in out.stdout
+    assert load_gradients(tmp_path / "s")["scores"].shape == (24, 1)
+    hits = tmp_path / "hits.jsonl"
+    run(
+        "query",
+        "--index",
+        str(tmp_path / "idx"),
+        "--query",
+        "The LORD is my shepherd",
+        "--top_k",
+        "2",
+        "--search",
+        "faiss",
+        "--faiss.index_factory",
+        "Flat",
+        "--output",
+        str(hits),
+    )
+    assert len(hits.read_text().splitlines()) == 2
+    assert (tmp_path / "idx" / "faiss").is_dir()
