@@ -258,3 +258,21 @@ def test_completion_column_masks_the_prompt(tmp_path, model_dir):
     assert store.rows["loss"][0] == pytest.approx(float(loss), rel=1e-5)
     assert store.manifest.loss["kind"] == "completion"
     shutil.rmtree(store.root)
+
+
+def test_shard_size_does_not_change_rows(tmp_path, model_dir, corpus_file):
+    """Rows are in dataset order and hold the same vectors whatever the shard boundaries."""
+    one = build(make_cfg(tmp_path, model_dir, corpus_file, name="one", save_dtype="float32"))
+    many = build(make_cfg(tmp_path, model_dir, corpus_file, name="many", save_dtype="float32", shard_size=7))
+    assert len(many.manifest.shards) == 4 and len(one.manifest.shards) == 1
+    np.testing.assert_array_equal(many.rows["row_id"], one.rows["row_id"])
+    a, b = np.asarray(one.all), np.asarray(many.all)
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+    # the multi-shard reader hands out the same module views and row blocks
+    name = one.modules[3]
+    np.testing.assert_allclose(
+        np.asarray(many[name]), np.asarray(one[name]), rtol=1e-4, atol=1e-5 * np.abs(a).max()
+    )
+    np.testing.assert_allclose(many[name][[0, 8, 23]], np.asarray(many[name])[[0, 8, 23]])
+    starts = [s for s, _ in many.blocks(block_rows=5)]
+    assert starts == [0, 5, 7, 12, 14, 19, 21]
