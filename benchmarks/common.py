@@ -13,9 +13,18 @@ ASSETS = Path(__file__).resolve().parents[1] / "bergson" / "assets"
 CORPUS = ASSETS / "corpus.jsonl.gz"
 
 
-def pythia14m_dir(out: Path, seed: int = 0) -> Path:
-    """Save a randomly initialised Pythia-14m-shaped GPT-NeoX (6 layers, width 128) with the
-    shipped 8k tokenizer; weights are random, which does not change the cost per token."""
+def random_neox_dir(
+    out: Path,
+    *,
+    hidden: int,
+    layers: int,
+    heads: int,
+    intermediate: int,
+    max_positions: int,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised GPT-NeoX of the given shape with the shipped 8k tokenizer
+    (reused if ``out`` already holds one)."""
     from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
     if (out / "config.json").is_file():
@@ -28,16 +37,23 @@ def pythia14m_dir(out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     cfg = GPTNeoXConfig(
         vocab_size=len(tok),
-        hidden_size=128,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        intermediate_size=512,
-        max_position_embeddings=2048,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_positions,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
         tie_word_embeddings=False,
     )
     GPTNeoXForCausalLM(cfg).save_pretrained(out)
     return out
+
+
+def pythia14m_dir(out: Path, seed: int = 0) -> Path:
+    """A Pythia-14m-shaped model (6 layers, width 128); random weights do not change the cost per token."""
+    return random_neox_dir(
+        out, hidden=128, layers=6, heads=4, intermediate=512, max_positions=2048, seed=seed
+    )
 
 
 def corpus_slice(out: Path, num_docs: int) -> Path:

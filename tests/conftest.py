@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -74,28 +73,7 @@ def corpus_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     """A small random GPT-NeoX saved with the shipped tokenizer (fast to run on CPU)."""
-    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+    from benchmarks.common import random_neox_dir
 
     out = tmp_path_factory.mktemp("model")
-    src = ASSETS / "tiny-pythia"
-    for name in os.listdir(src):
-        if name.startswith("tokenizer") or name == "special_tokens_map.json":
-            shutil.copy(src / name, out / name)
-    tok = AutoTokenizer.from_pretrained(out)
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        rotary_pct=0.25,
-        tie_word_embeddings=False,
-    )
-    GPTNeoXForCausalLM(cfg).save_pretrained(out)
-    return out
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return random_neox_dir(out, hidden=32, layers=2, heads=2, intermediate=64, max_positions=512)

@@ -27,41 +27,27 @@ def test_help_lists_commands():
 
 
 def test_build_and_aliases(tmp_path, model_dir, corpus_file):
-    a = tmp_path / "a"
-    run(
-        "build",
-        str(a),
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = [
         "--model",
         str(model_dir),
-        "--dataset",
-        str(corpus_file),
-        "--split",
-        "train[:6]",
-        "--truncation",
         "--token_batch_size",
         "256",
         "--projection_dim",
         "4",
         "--precision",
         "fp32",
-    )
-    b = tmp_path / "b"
+    ]
+    run("build", str(a), "--dataset", str(corpus_file), "--split", "train[:6]", "--truncation", *common)
     run(
         "build",
         str(b),
-        "--model",
-        str(model_dir),
         "--data.dataset",
         str(corpus_file),
         "--data.split",
         "train[:6]",
         "--data.truncation",
-        "--token_batch_size",
-        "256",
-        "--projection_dim",
-        "4",
-        "--precision",
-        "fp32",
+        *common,
     )
     ga, gb = load_gradients(a), load_gradients(b)
     assert len(ga) == 6
@@ -82,45 +68,12 @@ def test_yaml_config(tmp_path, model_dir, corpus_file):
 
 
 def test_errors_have_no_traceback(tmp_path, model_dir, corpus_file):
+    base = ("build", str(tmp_path / "x"), "--model", str(model_dir), "--dataset")
     cases = [
-        (
-            "build",
-            str(tmp_path / "x"),
-            "--model",
-            str(model_dir),
-            "--dataset",
-            str(tmp_path / "missing.jsonl"),
-        ),
-        (
-            "build",
-            str(tmp_path / "x"),
-            "--model",
-            str(model_dir),
-            "--dataset",
-            str(corpus_file),
-            "--prompt_column",
-            "nope",
-        ),
-        (
-            "build",
-            str(tmp_path / "x"),
-            "--model",
-            str(model_dir),
-            "--dataset",
-            str(corpus_file),
-            "--token_batch_size",
-            "8",
-        ),
-        (
-            "build",
-            str(tmp_path / "x"),
-            "--model",
-            str(model_dir),
-            "--dataset",
-            str(corpus_file),
-            "--no_such_option",
-            "1",
-        ),
+        (*base, str(tmp_path / "missing.jsonl")),
+        (*base, str(corpus_file), "--prompt_column", "nope"),
+        (*base, str(corpus_file), "--token_batch_size", "8"),
+        (*base, str(corpus_file), "--no_such_option", "1"),
         ("frobnicate",),
     ]
     for args in cases:
