@@ -38,6 +38,15 @@ _EXPORTS = {
     "score": "bergson.scoring",
     "reduce": "bergson.reduction",
     "query": "bergson.querying",
+    "PreconditionerConfig": "bergson.config",
+    "TrackstarConfig": "bergson.config",
+    "Preconditioner": "bergson.transforms.preconditioners",
+    "StatisticsSink": "bergson.transforms.preconditioners",
+    "load_preconditioner": "bergson.transforms.preconditioners",
+    "mix_preconditioners": "bergson.transforms.preconditioners",
+    "fit_preconditioner": "bergson.preconditioning",
+    "trackstar": "bergson.methods.trackstar",
+    "normalizers_from_optimizer_state": "bergson.transforms.optimizer_state",
 }
 
 __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
@@ -68,6 +77,15 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "score",
     "reduce",
     "query",
+    "PreconditionerConfig",
+    "TrackstarConfig",
+    "Preconditioner",
+    "StatisticsSink",
+    "load_preconditioner",
+    "mix_preconditioners",
+    "fit_preconditioner",
+    "trackstar",
+    "normalizers_from_optimizer_state",
 ]
 
 
@@ -82,12 +100,22 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:
     from .collect.hooks import GradientCollector
     from .collect.loop import InMemorySink, collect_gradients, per_document_loss
-    from .config import DataConfig, IndexConfig, QueryConfig, ReduceConfig, ScoreConfig
+    from .config import (
+        DataConfig,
+        IndexConfig,
+        PreconditionerConfig,
+        QueryConfig,
+        ReduceConfig,
+        ScoreConfig,
+        TrackstarConfig,
+    )
     from .data.load import load_data
     from .data.tokenize import tokenize_documents
     from .errors import BergsonError
     from .indexing import build
+    from .methods.trackstar import trackstar
     from .models import find_tracked_modules, load_model
+    from .preconditioning import fit_preconditioner
     from .querying import query
     from .reduction import reduce
     from .scoring import score
@@ -96,4 +124,11 @@ if TYPE_CHECKING:
     from .search.faiss_index import FaissConfig
     from .store.reader import GradientStore, load_gradients
     from .transforms.normalizers import AdafactorNormalizer, AdamNormalizer
+    from .transforms.optimizer_state import normalizers_from_optimizer_state
+    from .transforms.preconditioners import (
+        Preconditioner,
+        StatisticsSink,
+        load_preconditioner,
+        mix_preconditioners,
+    )
     from .transforms.projection import projection_matrix

@@ -107,6 +107,18 @@ class IndexConfig(ModelOptions):
     overwrite: bool = False
     """Replace an existing store at run_path built with different options."""
 
+    optimizer_state: str | None = None
+    """optimizer.pt of a training run (or the checkpoint directory holding it): gradients are divided
+    by the square root of its second moments (AdamW with bias correction, or Adafactor's factors)."""
+
+    normalizer_form: Literal["auto", "adam", "rank_one"] = "auto"
+    """With --optimizer_state: the optimizer's own form (auto), elementwise (adam), or the best rank-one
+    (Adafactor) form of Adam's moments, which keeps the cheap projected path."""
+
+    preconditioner_path: str | None = None
+    """Preconditioner directory (from `bergson preconditioner`). build and reduce store H^-1/2 v; score
+    applies whatever is still missing so that scores use H^-1 exactly once (H^-1/2 per side for cosines)."""
+
 
 _T = TypeVar("_T")
 
@@ -240,5 +252,73 @@ class QueryConfig(ModelOptions):
     faiss: FaissConfig = field(default_factory=FaissConfig)
     """FAISS index options (with --search faiss)."""
 
+    preconditioner_path: str | None = None
+    """Preconditioner directory: queries get H^-1 (with --unit_norm, H^-1/2; the index must then carry
+    H^-1/2, i.e. be built with the same --preconditioner_path). A preconditioner the index carries is
+    used without this option."""
+
     snippet_chars: int = 160
     """Characters of each training document shown and written."""
+
+
+DampingMode = Literal["relative", "absolute"]
+
+
+@dataclass
+class PreconditionerConfig(IndexConfig):
+    """Options of ``bergson preconditioner``: fit (or mix) per-module gradient second moments."""
+
+    index: str | None = None
+    """Fit on the vectors of this existing gradient store instead of computing gradients of --dataset."""
+
+    max_documents: int | None = None
+    """Fit on a random sample of this many documents of --dataset (default: all)."""
+
+    sample_seed: int = 0
+    """Seed of the --max_documents sample."""
+
+    damping: float = 0.1
+    """Damping added to every eigenvalue before inverting (see --damping_mode)."""
+
+    damping_mode: DampingMode = "relative"
+    """relative: damping times the mean eigenvalue of each module (scale-free); absolute: as given."""
+
+    mix_train: str | None = None
+    """With --mix_query: mix two fitted preconditioners (TrackStar) instead of fitting one."""
+
+    mix_query: str | None = None
+    """Preconditioner fitted on the query set, mixed with --mix_train."""
+
+    downweight_components: int = 10
+    """Mixing: the query weight is set so that this many top query components outweigh every
+    training direction (clipped to the query moment's rank)."""
+
+
+@dataclass
+class TrackstarConfig(IndexConfig):
+    """Options of ``bergson trackstar``: normalizer, mixed preconditioner and cosine scores in one run."""
+
+    query: DataConfig = field(default_factory=DataConfig)
+    """The query set (prompt/completion columns allowed)."""
+
+    unit_normalize: bool = True
+    """Score by cosine of the preconditioned vectors (TrackStar); --no_unit_normalize for dot products."""
+
+    stats_documents: int | None = 1000
+    """Training documents sampled for the training-set second moment (None or 0: all)."""
+
+    sample_seed: int = 0
+    """Seed of the --stats_documents sample."""
+
+    damping: float = 0.1
+    """Damping added to every eigenvalue before inverting (see --damping_mode)."""
+
+    damping_mode: DampingMode = "relative"
+    """relative: damping times the mean eigenvalue of each module; absolute: as given."""
+
+    downweight_components: int = 10
+    """How many top query components the mixed preconditioner down-weights (0: no mixing, use
+    the training-set preconditioner alone)."""
+
+    top_k: int = 10
+    """Training documents listed per query in the summary."""

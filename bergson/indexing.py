@@ -13,12 +13,14 @@ import torch
 from . import __version__
 from .collect.hooks import module_dims, module_shape
 from .collect.loop import Sink, collect_gradients
-from .config import IndexConfig, save_yaml, to_dict
+from .config import DataConfig, IndexConfig, save_yaml, to_dict
 from .data import TokenizedDocs, load_data, plan_shards, tokenize_documents
 from .errors import BergsonError
 from .models import find_tracked_modules, load_model
 from .store import GradientStore, Manifest, ModuleLayout, StoreWriter, load_gradients
 from .transforms.normalizers import NORMALIZERS_FILE, AdafactorNormalizer, Normalizer, save_normalizers
+from .transforms.preconditioners import STORE_DIR as PRECONDITIONER_DIR
+from .transforms.preconditioners import resolve_preconditioner
 
 logger = logging.getLogger(__name__)
 
@@ -123,17 +125,55 @@ def make_manifest(
     )
 
 
+def token_budget(cfg: IndexConfig, model: torch.nn.Module) -> int:
+    """The batch token budget, capped at the model's context size."""
+    ctx = context_size(model)
+    return min(cfg.token_batch_size, ctx) if ctx else cfg.token_batch_size
+
+
+def load_docs(data: DataConfig, tokenizer: Any, max_tokens: int, option: str = "--dataset") -> TokenizedDocs:
+    """Load and tokenize a dataset; an empty one is an error naming ``option``."""
+    ds = load_data(data, option=option)
+    docs = tokenize_documents(ds, tokenizer, data, max_tokens)
+    if len(docs) == 0:
+        raise BergsonError(f"{option} {data.dataset} (split {data.split!r}) has no rows")
+    return docs
+
+
 def prepare_inputs(cfg: IndexConfig) -> tuple[torch.nn.Module, Any, TokenizedDocs, int]:
     """Validate the options, load the model and tokenize the dataset: (model, tokenizer, docs, max_tokens)."""
     validate_index_config(cfg)
     model, tokenizer = load_model(cfg)
-    ds = load_data(cfg.data)
-    ctx = context_size(model)
-    max_tokens = min(cfg.token_batch_size, ctx) if ctx else cfg.token_batch_size
-    docs = tokenize_documents(ds, tokenizer, cfg.data, max_tokens)
-    if len(docs) == 0:
-        raise BergsonError(f"--dataset {cfg.data.dataset} (split {cfg.data.split!r}) has no rows")
-    return model, tokenizer, docs, max_tokens
+    max_tokens = token_budget(cfg, model)
+    return model, tokenizer, load_docs(cfg.data, tokenizer, max_tokens), max_tokens
+
+
+def resolve_normalizers(
+    cfg: IndexConfig,
+    model: torch.nn.Module,
+    modules: Mapping[str, torch.nn.Module],
+    given: Mapping[str, Normalizer] | None = None,
+) -> Mapping[str, Normalizer] | None:
+    """Normalizers passed in Python, or read from ``--optimizer_state`` (not both)."""
+    if given is not None and cfg.optimizer_state:
+        raise BergsonError("pass normalizers or --optimizer_state, not both")
+    if given is not None or not cfg.optimizer_state:
+        return given
+    from .transforms.optimizer_state import normalizers_from_optimizer_state
+
+    return normalizers_from_optimizer_state(
+        cfg.optimizer_state, model, modules, form=cfg.normalizer_form, include_bias=cfg.include_bias
+    )
+
+
+def subsample(docs: TokenizedDocs, max_documents: int | None, seed: int) -> tuple[TokenizedDocs, np.ndarray]:
+    """A seeded random sample of documents (all of them when max_documents is None or 0), in order."""
+    if not max_documents or max_documents >= len(docs):
+        return docs, np.arange(len(docs))
+    if max_documents < 0:
+        raise BergsonError(f"sample size {max_documents}: must be positive")
+    idx = np.sort(np.random.default_rng(seed).choice(len(docs), max_documents, replace=False))
+    return TokenizedDocs([docs.input_ids[i] for i in idx], docs.loss_start[idx]), idx
 
 
 def build(cfg: IndexConfig, normalizers: Mapping[str, Normalizer] | None = None) -> GradientStore:
@@ -152,6 +192,7 @@ def collect_with(
     pad_token_id: int | None,
     *,
     unit_normalize: bool = False,
+    transform: Any = None,
 ) -> None:
     """The collection loop with the projection, batching and loss options of ``cfg``."""
     collect_gradients(
@@ -168,6 +209,7 @@ def collect_with(
         unit_normalize=unit_normalize,
         shard_size=cfg.shard_size,
         pad_token_id=pad_token_id or 0,
+        transform=transform,
     )
 
 
@@ -181,7 +223,14 @@ def write_store(
 ) -> GradientStore:
     """Run the collection loop over tokenized documents into the store at ``cfg.run_path``."""
     modules = find_tracked_modules(model, cfg.modules)
+    normalizers = resolve_normalizers(cfg, model, modules, normalizers)
     manifest = make_manifest(cfg, model, modules, docs, max_tokens, normalizers)
+    pre = resolve_preconditioner(cfg.preconditioner_path, [])
+    transform = None
+    if pre is not None:
+        pre.check(manifest, f"the store at {cfg.run_path}")
+        manifest.preconditioner = pre.info(-0.5)
+        transform = pre.transform(-0.5, manifest.modules)
     writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite)
     if writer.complete:
         logger.info("%s is already complete; nothing to do (pass --overwrite to rebuild)", cfg.run_path)
@@ -189,8 +238,18 @@ def write_store(
     save_yaml(cfg, writer.root / "config.yaml")
     if normalizers:
         save_normalizers(writer.root / NORMALIZERS_FILE, normalizers)
+    if pre is not None:
+        pre.save(writer.root / PRECONDITIONER_DIR)
     collect_with(
-        cfg, model, docs, modules, writer, normalizers, pad_token_id, unit_normalize=cfg.unit_normalize
+        cfg,
+        model,
+        docs,
+        modules,
+        writer,
+        normalizers,
+        pad_token_id,
+        unit_normalize=cfg.unit_normalize,
+        transform=transform,
     )
     writer.finalize(len(plan_shards(len(docs), cfg.shard_size)))
     return load_gradients(cfg.run_path)

@@ -36,7 +36,11 @@ class QueryEngine:
         self.cfg = cfg
         faiss_cfg = cfg.faiss if cfg.search == "faiss" else None
         self.attr = Attributor(
-            cfg.index, unit_norm=cfg.unit_norm, faiss_cfg=faiss_cfg, modules=cfg.modules or None
+            cfg.index,
+            unit_norm=cfg.unit_norm,
+            faiss_cfg=faiss_cfg,
+            modules=cfg.modules or None,
+            preconditioner_path=cfg.preconditioner_path,
         )
         manifest = self.attr.manifest
         model_name = cfg.model or manifest.model["name"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -12,6 +13,9 @@ from .errors import BergsonError
 from .indexing import build
 from .scoring import unit_rows
 from .store import GradientStore, StoreWriter, load_gradients
+from .transforms.normalizers import NORMALIZERS_FILE
+from .transforms.preconditioners import STORE_DIR as PRECONDITIONER_DIR
+from .transforms.preconditioners import carried, resolve_preconditioner
 
 
 def reduce(cfg: ReduceConfig) -> GradientStore:
@@ -27,8 +31,14 @@ def reduce(cfg: ReduceConfig) -> GradientStore:
         raise BergsonError(
             f"--index {cfg.index}: expected a per-row gradient store, found a {source.manifest.kind} store"
         )
+    pre = resolve_preconditioner(cfg.preconditioner_path, [("--index", source)])
+    transform = None
+    if pre is not None:
+        extra = -0.5 - carried(source.manifest)
+        transform = pre.transform(extra, source.manifest.modules) if extra else None
     manifest = replace(
         source.manifest,
+        preconditioner=pre.info(-0.5) if pre is not None else None,
         kind="aggregate",
         status="in_progress",
         aggregation=cfg.aggregation,
@@ -40,10 +50,16 @@ def reduce(cfg: ReduceConfig) -> GradientStore:
     if writer.complete:
         return load_gradients(cfg.run_path)
     save_yaml(cfg, writer.root / "config.yaml")
+    if pre is not None:
+        pre.save(writer.root / PRECONDITIONER_DIR)
+    if (source.root / NORMALIZERS_FILE).is_file():
+        shutil.copyfile(source.root / NORMALIZERS_FILE, writer.root / NORMALIZERS_FILE)
     writer.begin_shard(0, range(len(source)))
     for start, block in source.blocks():
         rows = source.rows[start : start + len(block)]
         vecs = torch.from_numpy(block.astype(np.float64))
+        if transform is not None:
+            vecs = transform(vecs)
         if cfg.unit_normalize:
             vecs = unit_rows(vecs)
         writer.write(np.arange(start, start + len(block)), vecs.numpy(), rows["num_tokens"], rows["loss"])

@@ -9,7 +9,9 @@ the row lowers the query's loss.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,11 +19,14 @@ import torch
 from .config import DataConfig, ScoreConfig, save_yaml
 from .data import TokenizedDocs, load_data, plan_shards
 from .errors import BergsonError
-from .indexing import collect_with, make_manifest, prepare_inputs
+from .indexing import collect_with, make_manifest, prepare_inputs, resolve_normalizers
 from .models import find_tracked_modules, resolve_device
 from .store import GradientStore, Manifest, ModuleLayout, StoreWriter, load_gradients
 from .store.manifest import SCORE_ORIENTATION, check_compatible
 from .transforms.normalizers import NORMALIZERS_FILE, load_normalizers
+from .transforms.preconditioners import carried, plan_powers, resolve_preconditioner
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +36,19 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
 
 
-def query_matrix(cfg: ScoreConfig, query: GradientStore) -> tuple[np.ndarray, np.ndarray | None]:
-    """Query vectors [nq, D] (float32), aggregated as asked, and group ids for --score max."""
+def query_matrix(
+    cfg: ScoreConfig, query: GradientStore, transform: Transform | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Query vectors [nq, D] (float32), aggregated as asked, and group ids for --score max.
+
+    ``transform`` (the preconditioner power still missing on the query side) is applied
+    before unit normalization and aggregation.
+    """
     q = torch.from_numpy(np.array(query.all, np.float32))
     if len(q) == 0:
         raise BergsonError(f"--query_path {cfg.query_path}: the query store has no rows")
+    if transform is not None:
+        q = transform(q)
     if cfg.unit_normalize:
         q = unit_rows(q)
     if cfg.aggregation != "none":
@@ -76,6 +89,7 @@ class ScoreSink:
         groups: np.ndarray | None = None,
         unit_normalize: bool = False,
         device: torch.device | str = "cpu",
+        transform: Transform | None = None,
     ):
         self.writer = writer
         self.q = torch.from_numpy(np.ascontiguousarray(queries, np.float32)).to(device)
@@ -83,6 +97,7 @@ class ScoreSink:
         self.groups = None if groups is None else torch.from_numpy(groups).to(device)
         self.unit = unit_normalize
         self.device = device
+        self.transform = transform
 
     def done(self, index: int) -> bool:
         return self.writer.done(index)
@@ -96,6 +111,8 @@ class ScoreSink:
     def scores(self, vectors: np.ndarray | torch.Tensor) -> torch.Tensor:
         v = torch.as_tensor(np.array(vectors, np.float32) if isinstance(vectors, np.ndarray) else vectors)
         v = v.to(self.device, torch.float32)
+        if self.transform is not None:
+            v = self.transform(v)
         if self.unit:
             v = unit_rows(v)
         s = v @ self.q.T  # [B, nq]
@@ -141,22 +158,43 @@ def scores_manifest(base: Manifest, cfg: ScoreConfig, query: GradientStore, ncol
     )
 
 
-def _from_existing_index(
-    cfg: ScoreConfig, query: GradientStore, q: np.ndarray, groups: np.ndarray | None
-) -> None:
+def preconditioning(
+    cfg: ScoreConfig, query: GradientStore, index: GradientStore | None, layout: Manifest
+) -> tuple[Transform | None, Transform | None, dict[str, Any] | None]:
+    """(training-side transform, query-side transform, manifest entry) so that the scores use
+    the preconditioner exactly once, whatever the stores already carry."""
+    stores = [("--query_path", query)] + ([("--index", index)] if index is not None else [])
+    pre = resolve_preconditioner(cfg.preconditioner_path, stores)
+    if pre is None:
+        return None, None, None
+    pre.check(layout, "the scored vectors")
+    train_power = carried(index.manifest) if index is not None else 0.0
+    query_power = carried(query.manifest)
+    extra_t, extra_q = plan_powers(train_power, query_power, cfg.unit_normalize)
+    info = {**pre.info(-1.0), "applied_train": extra_t, "applied_query": extra_q}
+    info["scores_use"] = "H^-1/2 on each side (cosine)" if cfg.unit_normalize else "H^-1 between the sides"
+    t = pre.transform(extra_t, layout.modules) if extra_t else None
+    q = pre.transform(extra_q, query.manifest.modules) if extra_q else None
+    return t, q, info
+
+
+def _from_existing_index(cfg: ScoreConfig, query: GradientStore) -> None:
     index = load_gradients(cfg.index or "")
     check_compatible(index.manifest, query.manifest, f"--index {cfg.index}", f"--query_path {cfg.query_path}")
     if index.manifest.kind != "gradients":
         raise BergsonError(
             f"--index {cfg.index}: expected a per-row gradient store, found a {index.manifest.kind} store"
         )
+    t, qt, info = preconditioning(cfg, query, index, index.manifest)
+    q, groups = query_matrix(cfg, query, qt)
     manifest = scores_manifest(index.manifest, cfg, query, score_columns(cfg, len(q)))
     manifest.plan = {"source": "index", "shard_size": len(index)}
+    manifest.preconditioner = info
     writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite)
     if writer.complete:
         return
     save_yaml(cfg, writer.root / "config.yaml")
-    sink = ScoreSink(writer, q, cfg.score, groups=groups, unit_normalize=cfg.unit_normalize)
+    sink = ScoreSink(writer, q, cfg.score, groups=groups, unit_normalize=cfg.unit_normalize, transform=t)
     sink.begin_shard(0, range(len(index)))
     for start, block in index.blocks():
         rows = index.rows[start : start + len(block)]
@@ -176,8 +214,7 @@ def score(cfg: ScoreConfig) -> GradientStore:
     if cfg.index:
         if not cfg.run_path:
             raise BergsonError("run_path is required: the output directory of the scores")
-        q, groups = query_matrix(cfg, query)
-        _from_existing_index(cfg, query, q, groups)
+        _from_existing_index(cfg, query)
         return load_gradients(cfg.run_path)
 
     model, tokenizer, docs, max_tokens = prepare_inputs(cfg)
@@ -193,21 +230,25 @@ def score_documents(
     pad_token_id: int | None = None,
 ) -> GradientStore:
     """One collection pass over tokenized documents, scoring each against the query store."""
-    q, groups = query_matrix(cfg, query)
     modules = find_tracked_modules(model, cfg.modules)
     norm_path = query.root / NORMALIZERS_FILE
-    normalizers = load_normalizers(norm_path) if norm_path.is_file() else None
+    carried_norms = load_normalizers(norm_path) if norm_path.is_file() else None
+    # an explicit --optimizer_state must agree with the query's normalizers (checked below)
+    normalizers = resolve_normalizers(cfg, model, modules) if cfg.optimizer_state else carried_norms
     base = make_manifest(
         replace(cfg, aggregation="none", unit_normalize=False), model, modules, docs, max_tokens, normalizers
     )
     check_compatible(base, query.manifest, "the scored model", f"--query_path {cfg.query_path}")
+    t, qt, info = preconditioning(cfg, query, None, base)
+    q, groups = query_matrix(cfg, query, qt)
     manifest = scores_manifest(base, cfg, query, score_columns(cfg, len(q)))
+    manifest.preconditioner = info
     writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite)
     if not writer.complete:
         save_yaml(cfg, writer.root / "config.yaml")
         device = resolve_device(cfg.device)
         sink = ScoreSink(
-            writer, q, cfg.score, groups=groups, unit_normalize=cfg.unit_normalize, device=device
+            writer, q, cfg.score, groups=groups, unit_normalize=cfg.unit_normalize, device=device, transform=t
         )
         collect_with(cfg, model, docs, modules, sink, normalizers, pad_token_id)
         writer.finalize(len(plan_shards(len(docs), cfg.shard_size)))

@@ -23,6 +23,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "query": ("bergson.cli.query", "Find the training rows whose gradients explain a query text."),
     "reduce": ("bergson.cli.reduce", "Aggregate a dataset's gradients (or a store) into one query vector."),
     "score": ("bergson.cli.score", "Score every document of a dataset against query gradients in one pass."),
+    "preconditioner": (
+        "bergson.cli.preconditioner",
+        "Fit per-module gradient second moments on a dataset or store (or mix two, TrackStar-style).",
+    ),
+    "trackstar": (
+        "bergson.cli.trackstar",
+        "TrackStar end to end: statistics, mixed preconditioner, query store and scores, resumable.",
+    ),
 }
 
 

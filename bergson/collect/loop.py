@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -123,13 +123,15 @@ def collect_gradients(
     shard_size: int | None = None,
     pad_token_id: int = 0,
     progress: bool = True,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Sink:
     """Compute every document's per-example gradient vector and hand it to ``sink``.
 
     Rows are processed shard by shard (``shard_size`` consecutive documents; one shard by
     default); shards the sink reports as done are skipped. Within a shard, documents are
     length-sorted and packed into batches of at most ``token_batch_size`` padded tokens.
-    Without a sink, an :class:`InMemorySink` is filled and returned.
+    Without a sink, an :class:`InMemorySink` is filled and returned. ``transform`` maps
+    each batch's [B, dim] vectors (e.g. a preconditioner) before unit normalization.
     """
     collector = GradientCollector(
         model,
@@ -188,7 +190,7 @@ def collect_gradients(
                     logits = model(input_ids=ids, use_cache=False).logits
                     losses = per_document_loss(logits, labels, loss_reduction)
                     losses.sum().backward()
-                    vectors = buf
+                    vectors = buf if transform is None else transform(buf)
                     if unit_normalize:
                         vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp(min=torch.finfo(cdt).tiny)
                     sink.write(

@@ -15,8 +15,9 @@ from torch import nn
 
 from ..collect.hooks import GradientCollector, module_shape
 from ..errors import BergsonError
-from ..store import GradientStore, load_gradients
+from ..store import GradientStore, ModuleLayout, load_gradients
 from ..transforms.normalizers import NORMALIZERS_FILE, Normalizer, load_normalizers
+from ..transforms.preconditioners import carried, plan_powers, resolve_preconditioner
 from .exact import exact_topk
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,9 @@ class Attributor:
     ``Attributor(path)`` opens the store read-only. ``search(vectors, k)`` takes query
     vectors made like the store's rows; ``trace(module, k)`` collects them from a forward
     and backward pass run inside the block, with the store's own projection, seed,
-    modules and normalizers. ``unit_norm`` scores by cosine; ``reverse`` returns the most
+    modules and normalizers. Query vectors are given without preconditioning: with
+    ``preconditioner_path`` (or a preconditioner the store carries) the Attributor applies
+    H^-1 to them itself (H^-1/2 with ``unit_norm``). ``unit_norm`` scores by cosine; ``reverse`` returns the most
     negative scores (opponents); ``modules`` restricts the search to some modules.
     With ``faiss_cfg`` the search goes through a FAISS index built beside the store.
     """
@@ -75,6 +78,7 @@ class Attributor:
         unit_norm: bool = False,
         faiss_cfg: Any = None,
         modules: Sequence[str] | None = None,
+        preconditioner_path: str | Path | None = None,
     ):
         self.store: GradientStore = load_gradients(index_path)
         manifest = self.store.manifest
@@ -97,6 +101,18 @@ class Attributor:
                 f"{index_path}: the manifest names a normalizer but {NORMALIZERS_FILE} is missing"
             )
         self._faiss: Any = None
+        self.preconditioner = resolve_preconditioner(
+            str(preconditioner_path) if preconditioner_path else None, [("--index", self.store)]
+        )
+        self.query_power = 0.0
+        if self.preconditioner is not None:
+            extra_t, self.query_power = plan_powers(carried(manifest), 0.0, unit_norm)
+            if extra_t:
+                raise BergsonError(
+                    f"cosine scores with a preconditioner need H^-1/2 on both sides, but the index {index_path} "
+                    "carries none: rebuild it with --preconditioner_path, or drop --unit_norm "
+                    "(the query then gets H^-1)"
+                )
 
     @property
     def manifest(self):
@@ -123,6 +139,13 @@ class Attributor:
         else:
             q = torch.as_tensor(np.array(queries, np.float32) if isinstance(queries, np.ndarray) else queries)
             q = q.float().cpu()
+        if self.preconditioner is not None and self.query_power:
+            layout, offset = [], 0
+            for name in mods:
+                dim = self.manifest.module(name).dim
+                layout.append(ModuleLayout(name, "", [], False, offset, dim))
+                offset += dim
+            q = self.preconditioner.apply(q.double(), self.query_power, layout).float()
         if self.faiss_cfg is not None:
             scores, idx = self._faiss_search(q.numpy(), k, reverse, mods)
         else:

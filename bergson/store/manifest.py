@@ -82,7 +82,9 @@ class Manifest:
 
 
 SCORE_ORIENTATION = "positive: training on the row lowers the query's loss (gradient inner product)"
-VECTOR_FIELDS = ("model.name", "projection", "normalizer", "preconditioner", "modules")
+VECTOR_FIELDS = ("model.name", "projection", "normalizer", "modules")
+"""Fields that must agree for two sets of vectors to be compared (a preconditioner a store
+carries is reconciled by the scorer, which applies what is still missing)."""
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:
@@ -91,24 +93,28 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
     return d
 
 
-def check_compatible(index: Manifest, query: Manifest, index_name: str, query_name: str) -> None:
-    """Fail, naming the field, when two stores' vectors do not live in the same space."""
-    a, b = asdict(index), asdict(query)
-    a["modules"] = {
-        m["name"]: {"shape": m["shape"], "dim": m["dim"], "bias": m["bias"]} for m in a["modules"]
-    }
-    b["modules"] = {
-        m["name"]: {"shape": m["shape"], "dim": m["dim"], "bias": m["bias"]} for m in b["modules"]
-    }
+def _module_map(modules: list[dict[str, Any]]) -> dict[str, Any]:
+    return {m["name"]: {"shape": m["shape"], "dim": m["dim"], "bias": m["bias"]} for m in modules}
+
+
+def check_layouts(a: dict[str, Any], b: dict[str, Any], a_name: str, b_name: str) -> None:
+    """Fail, naming the field, when two vector layouts (manifest-like dicts) differ."""
+    a = {**a, "modules": _module_map(a["modules"])}
+    b = {**b, "modules": _module_map(b["modules"])}
     for key in VECTOR_FIELDS:
         va, vb = _get(a, key), _get(b, key)
         if va != vb:
             detail = describe_difference({key: va}, {key: vb}) if isinstance(va, (dict, list)) else []
             shown = "; ".join(detail[:3]) if detail else f"{va!r} != {vb!r}"
             raise BergsonError(
-                f"{query_name} does not match {index_name}: {key} differs ({shown}); "
+                f"{b_name} does not match {a_name}: {key} differs ({shown}); "
                 "build both with the same model, modules, projection and normalizer"
             )
+
+
+def check_compatible(index: Manifest, query: Manifest, index_name: str, query_name: str) -> None:
+    """Fail, naming the field, when two stores' vectors do not live in the same space."""
+    check_layouts(asdict(index), asdict(query), index_name, query_name)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -1,0 +1,1 @@
+"""Attribution methods composed from the collection loop, transforms, stores and search."""

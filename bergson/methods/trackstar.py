@@ -1,0 +1,236 @@
+"""``bergson trackstar``: TrackStar (Chang et al. 2024) as resumable steps under one run directory.
+
+TrackStar scores a training document d against a query q by the cosine of their
+optimizer-normalized, projected gradients, both multiplied by H^{-1/2}, where H mixes
+the second moments of the query set and of the training set so that only the top few
+query components are down-weighted (see :mod:`bergson.transforms.preconditioners`).
+
+Steps (each skipped when its output is complete, so a killed run resumes where it stopped):
+
+    train_stats/   second moment of a sample of the training set's gradient vectors
+    query/         gradient store of the query set (normalized, projected)
+    query_stats/   second moment of the query vectors
+    mixed/         the task-specific mixture of the two (skipped with --downweight_components 0)
+    scores/        a scores store: one column per query, one row per training document
+    summary.md     the top-k training documents of every query, readable; top_k.jsonl the same as data
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+from ..config import DataConfig, IndexConfig, ScoreConfig, TrackstarConfig, save_yaml, to_dict
+from ..data import TokenizedDocs, load_data
+from ..errors import BergsonError
+from ..indexing import (
+    load_docs,
+    resolve_normalizers,
+    subsample,
+    token_budget,
+    validate_index_config,
+    write_store,
+)
+from ..models import find_tracked_modules, load_model
+from ..preconditioning import check_saved_config, fit_on_documents
+from ..scoring import score_documents, top_rows
+from ..store import GradientStore, load_gradients
+from ..store.manifest import atomic_write_bytes
+from ..transforms.normalizers import Normalizer
+from ..transforms.preconditioners import (
+    Preconditioner,
+    is_complete,
+    layout_of,
+    load_preconditioner,
+    mix_preconditioners,
+    second_moments_of_store,
+)
+
+logger = logging.getLogger(__name__)
+
+STEPS = ("train_stats", "query", "query_stats", "mixed", "scores", "summary")
+CONFIG_FILE = "trackstar.yaml"
+TIMINGS_FILE = "timings.json"
+
+
+def _index_options(cfg: TrackstarConfig, **changes: Any) -> dict[str, Any]:
+    base = {f.name: getattr(cfg, f.name) for f in fields(IndexConfig)}
+    return {**base, "optimizer_state": None, "preconditioner_path": None, "overwrite": False, **changes}
+
+
+def _texts(data: DataConfig, option: str) -> list[str]:
+    ds = load_data(data, option=option)
+    prompts = [str(t) for t in ds[data.prompt_column]]
+    if data.completion_column:
+        return [f"{p} {c}" for p, c in zip(prompts, ds[data.completion_column])]
+    return prompts
+
+
+class _Pipeline:
+    def __init__(self, cfg: TrackstarConfig, normalizers: Mapping[str, Normalizer] | None):
+        self.cfg = cfg
+        self.root = Path(cfg.run_path)
+        self.model, self.tokenizer = load_model(cfg)
+        self.max_tokens = token_budget(cfg, self.model)
+        self.pad = self.tokenizer.pad_token_id
+        self.modules = find_tracked_modules(self.model, cfg.modules)
+        self.normalizers = resolve_normalizers(cfg, self.model, self.modules, normalizers)
+        self._docs: TokenizedDocs | None = None
+        timings = self.root / TIMINGS_FILE
+        self.timings: dict[str, float] = json.loads(timings.read_text()) if timings.is_file() else {}
+
+    @property
+    def docs(self) -> TokenizedDocs:
+        if self._docs is None:
+            self._docs = load_docs(self.cfg.data, self.tokenizer, self.max_tokens)
+        return self._docs
+
+    def step(self, name: str, done: bool, fn: Callable[[], None]) -> None:
+        if done:
+            logger.info("trackstar: %s is complete; skipping", name)
+            return
+        logger.info("trackstar: %s", name)
+        start = time.perf_counter()
+        fn()
+        self.timings[name] = round(time.perf_counter() - start, 3)
+        atomic_write_bytes(self.root / TIMINGS_FILE, json.dumps(self.timings, indent=2).encode())
+
+    # ------------------------------------------------------------------ steps
+    def fit(self, docs: TokenizedDocs, source: dict[str, Any]) -> Preconditioner:
+        cfg = self.cfg
+        return fit_on_documents(
+            IndexConfig(**_index_options(cfg)),
+            self.model,
+            self.modules,
+            docs,
+            self.max_tokens,
+            self.pad,
+            self.normalizers,
+            damping=cfg.damping,
+            damping_mode=cfg.damping_mode,
+            source=source,
+        )
+
+    def train_stats(self) -> None:
+        sample, _ = subsample(self.docs, self.cfg.stats_documents, self.cfg.sample_seed)
+        source = {**to_dict(self.cfg.data), "documents": len(sample), "sample_seed": self.cfg.sample_seed}
+        self.fit(sample, source).save(self.root / "train_stats")
+
+    def query(self) -> None:
+        qcfg = IndexConfig(**_index_options(self.cfg, run_path=str(self.root / "query"), data=self.cfg.query))
+        qcfg = replace(qcfg, aggregation="none", unit_normalize=False)
+        qdocs = load_docs(self.cfg.query, self.tokenizer, self.max_tokens, option="--query.dataset")
+        write_store(qcfg, self.model, qdocs, self.max_tokens, self.pad, self.normalizers)
+
+    def query_stats(self) -> None:
+        store = load_gradients(self.root / "query")
+        moments, count = second_moments_of_store(store)
+        Preconditioner(
+            moments,
+            num_rows=count,
+            layout=layout_of(store.manifest),
+            damping=self.cfg.damping,
+            damping_mode=self.cfg.damping_mode,
+            source={"index": str(store.root), "rows": len(store)},
+        ).save(self.root / "query_stats")
+
+    def mixed(self) -> None:
+        train = load_preconditioner(self.root / "train_stats")
+        query = load_preconditioner(self.root / "query_stats")
+        mix_preconditioners(train, query, self.cfg.downweight_components).save(self.root / "mixed")
+
+    @property
+    def preconditioner_dir(self) -> Path:
+        return self.root / ("mixed" if self.cfg.downweight_components > 0 else "train_stats")
+
+    def scores(self) -> None:
+        scfg = ScoreConfig(
+            **_index_options(
+                self.cfg,
+                run_path=str(self.root / "scores"),
+                preconditioner_path=str(self.preconditioner_dir),
+            ),
+            query_path=str(self.root / "query"),
+            score="individual",
+            top_k=self.cfg.top_k,
+        )
+        score_documents(
+            scfg, self.model, self.docs, self.max_tokens, load_gradients(self.root / "query"), self.pad
+        )
+
+    def summary(self) -> None:
+        write_summary(self.cfg, load_gradients(self.root / "scores"), self.timings)
+
+
+def write_summary(cfg: TrackstarConfig, scores: GradientStore, timings: Mapping[str, float]) -> None:
+    """``summary.md`` (readable) and ``top_k.jsonl`` (one line per query and rank)."""
+    root = Path(cfg.run_path)
+    train_texts = _texts(cfg.data, "--dataset")
+    query_texts = _texts(cfg.query, "--query.dataset")
+    query_rows = load_gradients(root / "query").rows["row_id"]
+    kind = "cosine" if cfg.unit_normalize else "inner product"
+    lines = [
+        "# TrackStar: the training documents behind each query",
+        "",
+        f"Scores are the {kind} of preconditioned, normalized gradients; positive means training on the "
+        "document lowers the query's loss.",
+        "",
+        "Step wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
+        "",
+    ]
+    records = []
+    for col, hits in enumerate(top_rows(scores, cfg.top_k)):
+        qtext = " ".join(query_texts[int(query_rows[col])].split())
+        lines += [f"## Query {col}: {qtext[:200]}", "", "| rank | score | row | text |", "|---|---|---|---|"]
+        for rank, (row, value) in enumerate(hits, 1):
+            text = " ".join(train_texts[row].split())[:160].replace("|", "\\|")
+            lines.append(f"| {rank} | {value:+.4f} | {row} | {text} |")
+            records.append({"query": col, "rank": rank, "row_id": row, "score": value, "text": text})
+        lines.append("")
+    (root / "top_k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_bytes(root / "summary.md", "\n".join(lines).encode())
+
+
+def trackstar(cfg: TrackstarConfig, normalizers: Mapping[str, Normalizer] | None = None) -> GradientStore:
+    """Run (or resume) the TrackStar pipeline; returns the scores store."""
+    validate_index_config(cfg)
+    if cfg.preconditioner_path:
+        raise BergsonError("--preconditioner_path: trackstar fits its own preconditioner; drop the option")
+    if cfg.downweight_components < 0:
+        raise BergsonError(f"--downweight_components {cfg.downweight_components}: must be >= 0")
+    if not cfg.query.dataset:
+        raise BergsonError("--query.dataset is required: the queries to explain")
+    root = Path(cfg.run_path)
+    if cfg.overwrite and root.exists():
+        for name in (*STEPS, TIMINGS_FILE, "summary.md", "top_k.jsonl", CONFIG_FILE):
+            path = root / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    check_saved_config(cfg, root / CONFIG_FILE, "a TrackStar run")
+    root.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, root / CONFIG_FILE)
+
+    run = _Pipeline(cfg, normalizers)
+    run.step("train_stats", is_complete(root / "train_stats"), run.train_stats)
+    run.step("query", _store_complete(root / "query"), run.query)
+    run.step("query_stats", is_complete(root / "query_stats"), run.query_stats)
+    if cfg.downweight_components > 0:
+        run.step("mixed", is_complete(root / "mixed"), run.mixed)
+    run.step("scores", _store_complete(root / "scores"), run.scores)
+    run.step("summary", False, run.summary)
+    return load_gradients(root / "scores")
+
+
+def _store_complete(path: Path) -> bool:
+    try:
+        return load_gradients(path).manifest.status == "complete"
+    except BergsonError:
+        return False

@@ -1,0 +1,154 @@
+"""``bergson preconditioner``: the collection loop with a statistics sink, or a mix of two fits."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .collect.hooks import module_dims
+from .config import IndexConfig, PreconditionerConfig, load_yaml, save_yaml, to_dict
+from .data import TokenizedDocs
+from .errors import BergsonError
+from .indexing import collect_with, make_manifest, prepare_inputs, resolve_normalizers, subsample
+from .models import find_tracked_modules, resolve_device
+from .store import load_gradients
+from .store.manifest import describe_difference
+from .transforms.normalizers import Normalizer
+from .transforms.preconditioners import (
+    Preconditioner,
+    StatisticsSink,
+    is_complete,
+    layout_of,
+    load_preconditioner,
+    mix_preconditioners,
+    second_moments_of_store,
+)
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+
+
+def fit_on_documents(
+    cfg: IndexConfig,
+    model: torch.nn.Module,
+    modules: Mapping[str, torch.nn.Module],
+    docs: TokenizedDocs,
+    max_tokens: int,
+    pad_token_id: int | None,
+    normalizers: Mapping[str, Normalizer] | None = None,
+    *,
+    damping: float,
+    damping_mode: str,
+    source: dict[str, Any] | None = None,
+) -> Preconditioner:
+    """Second moments of the documents' (normalized, projected) gradients, eigendecomposed."""
+    layout = make_manifest(cfg, model, modules, docs, max_tokens, normalizers)
+    dims = {n: module_dims(m, cfg.projection_dim, cfg.include_bias) for n, m in modules.items()}
+    sink = StatisticsSink(dims, resolve_device(cfg.device))
+    collect_with(cfg, model, docs, modules, sink, normalizers, pad_token_id)
+    return Preconditioner(
+        sink.second_moments(),
+        num_rows=sink.count,
+        layout=layout_of(layout),
+        damping=damping,
+        damping_mode=damping_mode,
+        source=source or {},
+    )
+
+
+def check_saved_config(cfg: Any, path: Path, what: str) -> None:
+    """Fail if ``path`` holds a config with other options than ``cfg`` (``overwrite`` aside)."""
+    if not path.is_file():
+        return
+    old = to_dict(replace(load_yaml(type(cfg), path), overwrite=False))
+    diff = describe_difference(old, to_dict(replace(cfg, overwrite=False)))
+    if diff:
+        raise BergsonError(
+            f"{path.parent} already holds {what} made with other options ({'; '.join(diff[:3])}); "
+            "pass --overwrite to replace it or choose another run path"
+        )
+
+
+def _existing(cfg: PreconditionerConfig) -> Preconditioner | None:
+    """A complete earlier fit with the same options (None when there is none, or --overwrite)."""
+    root = Path(cfg.run_path)
+    if not is_complete(root) or cfg.overwrite:
+        return None
+    check_saved_config(cfg, root / CONFIG_FILE, "a preconditioner")
+    return load_preconditioner(root)
+
+
+def fit_preconditioner(
+    cfg: PreconditionerConfig, normalizers: Mapping[str, Normalizer] | None = None
+) -> Preconditioner:
+    """Fit a preconditioner on a dataset or a store (or mix two) and save it at ``cfg.run_path``."""
+    if not cfg.run_path:
+        raise BergsonError("run_path is required: the output directory of the preconditioner")
+    if cfg.preconditioner_path:
+        raise BergsonError(
+            "--preconditioner_path: a preconditioner is fitted on plain vectors; drop the option"
+        )
+    found = _existing(cfg)
+    if found is not None:
+        logger.info("%s is already complete; nothing to do (pass --overwrite to refit)", cfg.run_path)
+        return found
+    if cfg.mix_train or cfg.mix_query:
+        if not (cfg.mix_train and cfg.mix_query):
+            raise BergsonError("--mix_train and --mix_query go together: the two preconditioners to mix")
+        if cfg.index or cfg.data.dataset:
+            raise BergsonError("mixing reads two fitted preconditioners; drop --index and --dataset")
+        mixed = mix_preconditioners(
+            load_preconditioner(cfg.mix_train, "--mix_train"),
+            load_preconditioner(cfg.mix_query, "--mix_query"),
+            cfg.downweight_components,
+        )
+        pre = replace(mixed, damping=cfg.damping, damping_mode=cfg.damping_mode)
+    elif cfg.index:
+        if cfg.data.dataset:
+            raise BergsonError("give either --index or --dataset, not both")
+        store = load_gradients(cfg.index)
+        if store.manifest.kind != "gradients" or store.manifest.preconditioner:
+            raise BergsonError(
+                f"--index {cfg.index}: needs a per-row gradient store without a preconditioner "
+                f"(found kind {store.manifest.kind!r}, preconditioner {store.manifest.preconditioner})"
+            )
+        if store.manifest.unit_normalize:
+            logger.warning("%s holds unit-normalized vectors; the second moment is of those", cfg.index)
+        moments, count = second_moments_of_store(store, resolve_device(cfg.device))
+        pre = Preconditioner(
+            moments,
+            num_rows=count,
+            layout=layout_of(store.manifest),
+            damping=cfg.damping,
+            damping_mode=cfg.damping_mode,
+            source={"index": str(store.root), "rows": len(store)},
+        )
+    else:
+        model, tokenizer, docs, max_tokens = prepare_inputs(cfg)
+        docs, _ = subsample(docs, cfg.max_documents, cfg.sample_seed)
+        modules = find_tracked_modules(model, cfg.modules)
+        norms = resolve_normalizers(cfg, model, modules, normalizers)
+        source = {**to_dict(cfg.data), "documents": len(docs), "sample_seed": cfg.sample_seed}
+        pre = fit_on_documents(
+            cfg,
+            model,
+            modules,
+            docs,
+            max_tokens,
+            tokenizer.pad_token_id,
+            norms,
+            damping=cfg.damping,
+            damping_mode=cfg.damping_mode,
+            source=source,
+        )
+    root = Path(cfg.run_path)
+    root.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, root / CONFIG_FILE)
+    pre.save(root)
+    return pre

@@ -1,0 +1,383 @@
+"""Preconditioners: per-module second moments of gradient vectors, and their inverse powers.
+
+A preconditioner H is fitted, per module, as the second moment of the (normalized,
+projected) per-document gradient vectors of some dataset:
+
+    H = (1/N) sum_n v_n v_nᵀ      (rows whose vector is all zero are not counted)
+
+It is eigendecomposed in float64, H = Q diag(λ) Qᵀ, and applied as a matrix power
+
+    H^a = Q diag((λ + δ)^a) Qᵀ
+
+with damping δ either absolute or relative to the mean eigenvalue (δ = damping * mean λ).
+Scores use H⁻¹ between a query and a training vector: qᵀ H⁻¹ g. For cosine scores the
+two halves H^{-1/2} go on each side before normalizing, cos(H^{-1/2} q, H^{-1/2} g).
+
+The mixed ("task-specific") preconditioner of TrackStar (Chang et al. 2024) blends the
+second moments of a query set Q and a training set T:
+
+    H = w Q + (1 - w) T,   with w chosen so that   w μ_k(Q) = (1 - w) μ_1(T)
+
+where μ_1(T) is the largest training eigenvalue and μ_k(Q) the k-th largest query
+eigenvalue: exactly the top k query components then outweigh every training direction,
+so they, and not the rest of the spectrum, are down-weighted.
+
+On disk a preconditioner is a directory with ``preconditioner.safetensors`` (per module:
+``second_moment``, ``eigenvalues``, ``eigenvectors``) and ``preconditioner.json`` (written
+last, atomically: its presence marks the directory complete).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import BergsonError
+from ..store.manifest import Manifest, ModuleLayout, atomic_write_bytes, check_layouts
+
+TENSORS_FILE = "preconditioner.safetensors"
+META_FILE = "preconditioner.json"
+DAMPING_MODES = ("relative", "absolute")
+
+
+class StatisticsSink:
+    """A collection-loop sink that accumulates each module's second moment sum_n v vᵀ.
+
+    Sums are kept in float32 (on ``device``) and turned into means once, at the end
+    (:meth:`second_moments`). Rows whose vector is all zero (documents without a loss
+    token) are not counted.
+    """
+
+    def __init__(self, dims: Mapping[str, int], device: torch.device | str = "cpu"):
+        self.dims = dict(dims)
+        self.device = torch.device(device)
+        self.sums = {n: torch.zeros(d, d, dtype=torch.float32, device=self.device) for n, d in dims.items()}
+        self.count = 0
+
+    def done(self, index: int) -> bool:
+        return False
+
+    def begin_shard(self, index: int, rows: range) -> None:
+        pass
+
+    def end_shard(self, index: int) -> None:
+        pass
+
+    def write(
+        self, row_ids: np.ndarray, vectors: np.ndarray, num_tokens: np.ndarray, losses: np.ndarray
+    ) -> None:
+        v = torch.from_numpy(np.array(vectors, np.float32)).to(self.device)
+        v = v[v.abs().amax(1) > 0]
+        self.count += len(v)
+        start = 0
+        for name, dim in self.dims.items():
+            block = v[:, start : start + dim]
+            self.sums[name].addmm_(block.T, block)
+            start += dim
+
+    def second_moments(self) -> dict[str, torch.Tensor]:
+        """Mean outer products, float64 on the CPU."""
+        if self.count == 0:
+            raise BergsonError("no rows with a loss token were seen; the second moment is undefined")
+        return {n: s.double().cpu() / self.count for n, s in self.sums.items()}
+
+
+def layout_of(manifest: Manifest) -> dict[str, Any]:
+    """The part of a store manifest that fixes the space its vectors live in."""
+    return {
+        "model": {"name": manifest.model.get("name")},
+        "projection": manifest.projection,
+        "normalizer": manifest.normalizer,
+        "modules": [asdict(m) for m in manifest.modules],
+    }
+
+
+@dataclass
+class Preconditioner:
+    """Per-module second moments with their float64 eigendecompositions.
+
+    ``layout`` records the vector space (model, projection, normalizer, module blocks)
+    the statistics were collected in; it is checked against every store it meets.
+    """
+
+    second_moments: dict[str, torch.Tensor]
+    num_rows: int
+    layout: dict[str, Any]
+    damping: float = 0.1
+    damping_mode: str = "relative"
+    source: dict[str, Any] = field(default_factory=dict)
+    mixing: dict[str, Any] | None = None
+    eigenvalues: dict[str, torch.Tensor] = field(default_factory=dict)
+    eigenvectors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.damping_mode not in DAMPING_MODES:
+            raise BergsonError(
+                f"--damping_mode {self.damping_mode!r}: choose one of {', '.join(DAMPING_MODES)}"
+            )
+        if not self.damping >= 0:
+            raise BergsonError(f"--damping {self.damping}: must be >= 0")
+        for name, m in self.second_moments.items():
+            if name not in self.eigenvalues:
+                m = m.double()
+                lam, vecs = torch.linalg.eigh((m + m.T) / 2)
+                # eigh returns ascending eigenvalues; round-off can make tiny ones negative
+                self.eigenvalues[name] = lam.clamp(min=0)
+                self.eigenvectors[name] = vecs
+
+    # ------------------------------------------------------------------ math
+    @property
+    def modules(self) -> list[str]:
+        return list(self.second_moments)
+
+    def delta(self, name: str) -> float:
+        """The damping added to every eigenvalue of module ``name``."""
+        if self.damping_mode == "absolute":
+            return self.damping
+        return self.damping * float(self.eigenvalues[name].mean())
+
+    def matrix(self, name: str, power: float) -> torch.Tensor:
+        """(H + δI)^power in float64. Directions with λ + δ = 0 get 0 (pseudo-inverse)."""
+        lam = self.eigenvalues[name] + self.delta(name)
+        q = self.eigenvectors[name]
+        scale = torch.where(lam > 0, lam.clamp(min=torch.finfo(lam.dtype).tiny) ** power, 0.0)
+        return (q * scale) @ q.T
+
+    def apply(self, vectors: torch.Tensor, power: float, modules: Sequence[ModuleLayout]) -> torch.Tensor:
+        """Multiply each module block of row vectors [N, D] by (H + δI)^power (a new tensor).
+
+        ``modules`` gives where each module's columns lie (a store manifest's layout).
+        """
+        if power == 0:
+            return vectors
+        out = torch.empty_like(vectors)
+        for m in modules:
+            if m.name not in self.second_moments:
+                raise BergsonError(f"the preconditioner has no statistics for module {m.name}")
+            mat = self.matrix(m.name, power).to(vectors.device, vectors.dtype)
+            block = vectors[:, m.offset : m.offset + m.dim]
+            out[:, m.offset : m.offset + m.dim] = block @ mat  # mat is symmetric
+        return out
+
+    def transform(
+        self, power: float, modules: Sequence[ModuleLayout]
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function applying :meth:`apply` with cached matrices (for the collection loop)."""
+        mats = {m.name: self.matrix(m.name, power) for m in modules}
+
+        def fn(vectors: torch.Tensor) -> torch.Tensor:
+            out = torch.empty_like(vectors)
+            for m in modules:
+                mat = mats[m.name].to(vectors.device, vectors.dtype)
+                out[:, m.offset : m.offset + m.dim] = vectors[:, m.offset : m.offset + m.dim] @ mat
+            return out
+
+        return fn
+
+    # ------------------------------------------------------------------ identity and checks
+    def identity(self) -> str:
+        """A hash of the statistics and the damping: equal hashes apply the same matrices."""
+        h = hashlib.sha256()
+        h.update(json.dumps([self.damping, self.damping_mode, self.num_rows]).encode())
+        for name in sorted(self.second_moments):
+            h.update(name.encode())
+            h.update(self.second_moments[name].double().numpy().tobytes())
+        return h.hexdigest()
+
+    def check(self, manifest: Manifest, where: str, what: str = "the preconditioner") -> None:
+        """Fail, naming the field, if ``manifest``'s vectors are not in this preconditioner's space."""
+        check_layouts(self.layout, layout_of(manifest), what, where)
+
+    def info(self, power: float) -> dict[str, Any]:
+        """The entry a store manifest records when its vectors carry H^power."""
+        return {
+            "sha256": self.identity(),
+            "power": power,
+            "damping": self.damping,
+            "damping_mode": self.damping_mode,
+            "num_rows": self.num_rows,
+            "mixed": self.mixing is not None,
+        }
+
+    # ------------------------------------------------------------------ disk
+    def save(self, path: str | Path) -> Path:
+        """Write the directory (tensors first, then the JSON that marks it complete)."""
+        from safetensors.torch import save_file
+
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        for name in self.second_moments:
+            tensors[f"{name}/second_moment"] = self.second_moments[name].double().contiguous()
+            tensors[f"{name}/eigenvalues"] = self.eigenvalues[name].contiguous()
+            tensors[f"{name}/eigenvectors"] = self.eigenvectors[name].contiguous()
+        tmp = root / f".{TENSORS_FILE}.tmp"
+        save_file(tensors, str(tmp))
+        tmp.replace(root / TENSORS_FILE)
+        meta = {
+            "kind": "preconditioner",
+            "modules": self.modules,
+            "num_rows": self.num_rows,
+            "damping": self.damping,
+            "damping_mode": self.damping_mode,
+            "layout": self.layout,
+            "source": self.source,
+            "mixing": self.mixing,
+            "sha256": self.identity(),
+        }
+        atomic_write_bytes(root / META_FILE, json.dumps(meta, indent=2).encode())
+        return root
+
+
+def is_complete(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).is_file() and (Path(path) / TENSORS_FILE).is_file()
+
+
+def load_preconditioner(path: str | Path, option: str = "--preconditioner_path") -> Preconditioner:
+    """Read a preconditioner directory written by :meth:`Preconditioner.save`."""
+    from safetensors import safe_open
+
+    root = Path(path)
+    if not is_complete(root):
+        raise BergsonError(
+            f"{option} {path}: not a complete preconditioner directory (needs {META_FILE} and {TENSORS_FILE}); "
+            "fit one with `bergson preconditioner`"
+        )
+    try:
+        meta = json.loads((root / META_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise BergsonError(f"{option} {path}: {META_FILE} is corrupt ({e}); fit it again") from e
+    with safe_open(str(root / TENSORS_FILE), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    names = meta["modules"]
+    return Preconditioner(
+        second_moments={n: tensors[f"{n}/second_moment"] for n in names},
+        num_rows=int(meta["num_rows"]),
+        layout=meta["layout"],
+        damping=float(meta["damping"]),
+        damping_mode=meta["damping_mode"],
+        source=meta.get("source") or {},
+        mixing=meta.get("mixing"),
+        eigenvalues={n: tensors[f"{n}/eigenvalues"] for n in names},
+        eigenvectors={n: tensors[f"{n}/eigenvectors"] for n in names},
+    )
+
+
+# ---------------------------------------------------------------------- fitting
+
+
+def second_moments_of_store(
+    store: Any, device: torch.device | str = "cpu"
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Second moments of the vectors of a gradient store (read block by block)."""
+    manifest: Manifest = store.manifest
+    sink = StatisticsSink({m.name: m.dim for m in manifest.modules}, device)
+    for start, block in store.blocks():
+        sink.write(np.arange(start, start + len(block)), block, np.zeros(len(block)), np.zeros(len(block)))
+    return sink.second_moments(), sink.count
+
+
+def mixing_weight(train: torch.Tensor, query: torch.Tensor, components: int) -> tuple[float, int]:
+    """TrackStar's weight w with w μ_k(query) = (1 - w) μ_1(train), and the k used.
+
+    ``train`` and ``query`` are ascending eigenvalues. k is ``components`` clipped to the
+    number of query eigenvalues above 1e-12 of the largest (the query moment's numerical
+    rank: a handful of queries has only that many components to down-weight).
+    """
+    if components < 1:
+        raise BergsonError(f"--downweight_components {components}: must be at least 1")
+    top_train = float(train.max())
+    desc = torch.flip(query, [0])
+    rank = int((desc > 1e-12 * float(desc[0])).sum()) if float(desc[0]) > 0 else 0
+    if rank == 0 or top_train <= 0:
+        raise BergsonError("cannot mix preconditioners: one of the second moments is zero")
+    k = min(components, rank)
+    mu_k = float(desc[k - 1])
+    return top_train / (top_train + mu_k), k
+
+
+def mix_preconditioners(train: Preconditioner, query: Preconditioner, components: int) -> Preconditioner:
+    """TrackStar's task-specific mixture w Q + (1 - w) T, with w set per module by :func:`mixing_weight`."""
+    check_layouts(
+        train.layout, query.layout, "the training-set preconditioner", "the query-set preconditioner"
+    )
+    moments, weights, used = {}, {}, {}
+    for name in train.modules:
+        w, k = mixing_weight(train.eigenvalues[name], query.eigenvalues[name], components)
+        moments[name] = (
+            w * query.second_moments[name].double() + (1 - w) * train.second_moments[name].double()
+        )
+        weights[name], used[name] = w, k
+    return Preconditioner(
+        second_moments=moments,
+        num_rows=train.num_rows + query.num_rows,
+        layout=train.layout,
+        damping=train.damping,
+        damping_mode=train.damping_mode,
+        source={"train": train.source, "query": query.source},
+        mixing={
+            "train_sha256": train.identity(),
+            "query_sha256": query.identity(),
+            "components": components,
+            "components_used": used,
+            "weights": weights,
+        },
+    )
+
+
+# ---------------------------------------------------------------------- planning
+
+
+def plan_powers(train_power: float, query_power: float, unit_normalize: bool) -> tuple[float, float]:
+    """The powers of H still to apply to (training, query) vectors.
+
+    Vectors may already carry a power of H (``train_power``, ``query_power``, from their
+    store's manifest). Dot-product scores need the two sides to carry H⁻¹ between them;
+    cosine scores need H^{-1/2} on each side before normalizing. So a preconditioner is
+    applied exactly once whatever the stores already carry.
+    """
+    if unit_normalize:
+        return -0.5 - train_power, -0.5 - query_power
+    return 0.0, -1.0 - train_power - query_power
+
+
+def carried(manifest: Manifest) -> float:
+    """The power of H a store's vectors already carry (0 without a preconditioner)."""
+    return float(manifest.preconditioner["power"]) if manifest.preconditioner else 0.0
+
+
+STORE_DIR = "preconditioner"
+"""Subdirectory of a store holding the preconditioner its vectors carry."""
+
+
+def resolve_preconditioner(path: str | None, stores: Sequence[tuple[str, Any]]) -> Preconditioner | None:
+    """The one preconditioner of a computation: given by ``path`` and/or carried by ``stores``.
+
+    ``stores`` are (option name, GradientStore) pairs. Every preconditioner found must be
+    the same one (same statistics and damping), and every store must live in its space.
+    """
+    found: list[tuple[str, Preconditioner]] = []
+    if path:
+        found.append(("--preconditioner_path", load_preconditioner(path)))
+    for name, store in stores:
+        if store.manifest.preconditioner:
+            found.append((name, load_preconditioner(Path(store.root) / STORE_DIR, option=name)))
+    if not found:
+        return None
+    first_name, first = found[0]
+    for name, other in found[1:]:
+        if other.identity() != first.identity():
+            raise BergsonError(
+                f"{name} carries a different preconditioner than {first_name}; "
+                "use the same preconditioner on both sides (or rebuild without one)"
+            )
+    for name, store in stores:
+        first.check(store.manifest, name, first_name)
+    return first
