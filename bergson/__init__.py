@@ -46,6 +46,8 @@ _EXPORTS = {
     "mix_preconditioners": "bergson.transforms.preconditioners",
     "fit_preconditioner": "bergson.preconditioning",
     "trackstar": "bergson.methods.trackstar",
+    "ekfac": "bergson.methods.ekfac",
+    "EkfacConfig": "bergson.config",
     "normalizers_from_optimizer_state": "bergson.transforms.optimizer_state",
 }
 
@@ -85,6 +87,8 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "mix_preconditioners",
     "fit_preconditioner",
     "trackstar",
+    "ekfac",
+    "EkfacConfig",
     "normalizers_from_optimizer_state",
 ]
 
@@ -102,6 +106,7 @@ if TYPE_CHECKING:
     from .collect.loop import InMemorySink, collect_gradients, per_document_loss
     from .config import (
         DataConfig,
+        EkfacConfig,
         IndexConfig,
         PreconditionerConfig,
         QueryConfig,
@@ -113,6 +118,7 @@ if TYPE_CHECKING:
     from .data.tokenize import tokenize_documents
     from .errors import BergsonError
     from .indexing import build
+    from .methods.ekfac import ekfac
     from .methods.trackstar import trackstar
     from .models import find_tracked_modules, load_model
     from .preconditioning import fit_preconditioner

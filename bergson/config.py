@@ -322,3 +322,35 @@ class TrackstarConfig(IndexConfig):
 
     top_k: int = 10
     """Training documents listed per query in the summary."""
+
+
+@dataclass
+class EkfacConfig(IndexConfig):
+    """Options of ``bergson ekfac``: EK-FAC influence of every training document on each query."""
+
+    query: DataConfig = field(default_factory=DataConfig)
+    """The query set (prompt/completion columns allowed); one score column per query."""
+
+    method: Literal["ekfac", "kfac"] = "ekfac"
+    """ekfac: refit eigenvalues in the Kronecker eigenbasis (one more pass); kfac: the plain product."""
+
+    fisher: Literal["true", "empirical"] = "true"
+    """true: labels sampled from the model (seeded per document); empirical: the dataset's tokens."""
+
+    fisher_seed: int = 0
+    """Seed of the sampled Fisher labels (the same seed gives identical factors and scores)."""
+
+    damping: float = 0.1
+    """Damping added to the eigenvalues before inverting (see --damping_mode)."""
+
+    damping_mode: DampingMode = "relative"
+    """relative: damping times each module's mean eigenvalue (default 0.1: scale-free); absolute: as given."""
+
+    factor_dtype: Literal["float32", "float64"] = "float32"
+    """Accumulation dtype of the covariances and scores (eigendecompositions are always float64)."""
+
+    per_module_scores: bool = False
+    """Also write each module's share of the scores (per_module.npz; they sum to the total)."""
+
+    top_k: int = 10
+    """Training documents printed per query."""

@@ -27,6 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "bergson.cli.preconditioner",
         "Fit per-module gradient second moments on a dataset or store (or mix two, TrackStar-style).",
     ),
+    "ekfac": (
+        "bergson.cli.ekfac",
+        "EK-FAC influence functions: factors, eigenvalue correction, preconditioned queries, scores.",
+    ),
     "trackstar": (
         "bergson.cli.trackstar",
         "TrackStar end to end: statistics, mixed preconditioner, query store and scores, resumable.",

@@ -259,3 +259,51 @@ class GradientCollector:
         if self._cheap_path(name):
             return self.from_projected(name, self.project_inputs(name, x), g)
         return self.full_gradient(name, x, g)
+
+
+TapFn = Callable[[str, torch.Tensor, torch.Tensor], None]
+
+
+class LayerTap:
+    """Hand each tracked layer's input x [B, T, in] and output gradient g [B, T, out] to ``fn``.
+
+    The statistics methods (K-FAC / EK-FAC covariances, eigenvalue corrections, per-token
+    scores) need the two factors of every per-token gradient g_t x_tᵀ rather than a
+    per-example vector. As with :class:`GradientCollector`, autograd starts at the first
+    tracked layer and no weight gradient is computed. With ``include_bias`` a column of
+    ones is appended to x for layers that have a bias.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], fn: TapFn, include_bias: bool = False):
+        self.modules = dict(modules)
+        self.fn = fn
+        self.include_bias = include_bias
+        self._handles: list[Any] = []
+        self._inputs: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def __enter__(self) -> LayerTap:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(partial(self._forward, name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._inputs.clear()
+
+    def _forward(self, name: str, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+            return
+        if not output.requires_grad:
+            output.requires_grad_(True)
+        out, n_in = module_shape(module)
+        x = inputs[0].detach().reshape(inputs[0].shape[0], -1, n_in)
+        if self.include_bias and getattr(module, "bias", None) is not None:
+            x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
+        self._inputs[name].append(x)
+        output.register_hook(partial(self._backward, name, out))
+
+    def _backward(self, name: str, out: int, grad: torch.Tensor) -> None:
+        x = self._inputs[name].pop()
+        self.fn(name, x, grad.reshape(grad.shape[0], -1, out))

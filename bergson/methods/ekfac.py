@@ -1,0 +1,376 @@
+"""EK-FAC influence functions: the collection loop with statistics consumers, stage by stage.
+
+Stages (each saved as safetensors + JSON under the run directory and skipped when complete):
+
+    covariances/   A and S per module (true Fisher: labels sampled from the model, seeded per document)
+    eigen/         their float64 eigendecompositions
+    corrected/     EK-FAC eigenvalues: mean squared per-document gradient in the Kronecker eigenbasis
+    queries/       inverse-Fisher-vector products of the query gradients, (F + δI)⁻¹ G_q
+    scores/        a scores store, one column per query: Σ_modules ⟨(F + δI)⁻¹ G_q, G_n⟩
+
+Scores are oriented like every bergson score: positive means training on the document
+lowers the query's loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..collect.hooks import LayerTap, module_shape
+from ..collect.loop import IGNORE, _pad
+from ..data import TokenizedDocs
+from ..data.batching import plan_batches
+from ..errors import BergsonError
+from ..transforms.ekfac import Factors, eigendecompose, ihvp, kfac_eigenvalues, rotate
+
+logger = logging.getLogger(__name__)
+
+
+def document_seed(seed: int, row: int) -> int:
+    """The label-sampling seed of one document: independent of batching and worker count."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{row}".encode()).digest()[:8], "little") >> 1
+
+
+def targets(
+    logits: torch.Tensor, labels: torch.Tensor, rows: np.ndarray, fisher: str, seed: int
+) -> torch.Tensor:
+    """Next-token targets aligned with ``logits`` ([B, T]; -100 where there is no loss).
+
+    ``fisher='empirical'`` uses the dataset's tokens; ``'true'`` samples each target from
+    the model's own prediction with a generator seeded per document (:func:`document_seed`).
+    """
+    target = torch.full_like(labels, IGNORE)
+    target[:, :-1] = labels[:, 1:]
+    if fisher == "empirical":
+        return target
+    if fisher != "true":
+        raise BergsonError(f"--fisher {fisher!r}: choose true or empirical")
+    with torch.no_grad():
+        for b, row in enumerate(rows):
+            pos = (target[b] != IGNORE).nonzero().squeeze(1)
+            if len(pos) == 0:
+                continue
+            probs = torch.softmax(logits[b, pos].float(), -1).cpu()
+            gen = torch.Generator().manual_seed(document_seed(seed, int(row)))
+            target[b, pos] = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(target.device)
+    return target
+
+
+def _batches(
+    model: nn.Module, docs: TokenizedDocs, token_batch_size: int, pad_id: int, desc: str, progress: bool
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """(dataset rows, input ids, labels) of length-sorted batches of documents with a loss token."""
+    device = next(model.parameters()).device
+    lengths = np.where(docs.num_loss_tokens() > 0, docs.lengths, 0)
+    batches = plan_batches(lengths, token_batch_size)
+    with tqdm(total=int(lengths.sum()), unit="tok", unit_scale=True, desc=desc, disable=not progress) as bar:
+        for idx in batches:
+            ids, labels = _pad(docs, idx, pad_id)
+            yield idx, ids.to(device), labels.to(device)
+            bar.update(int(lengths[idx].sum()))
+
+
+@dataclass
+class EkfacOptions:
+    """What every EK-FAC pass needs besides the model and the documents."""
+
+    modules: Mapping[str, nn.Module]
+    token_batch_size: int = 2048
+    pad_token_id: int = 0
+    include_bias: bool = False
+    fisher: str = "true"
+    seed: int = 0
+    progress: bool = True
+    dtype: torch.dtype = torch.float32
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _run(model: nn.Module, docs: TokenizedDocs, opts: EkfacOptions, desc: str, fn: Any, fisher: str) -> None:
+    """One pass: forward, the loss under ``fisher`` targets, backward with ``fn`` tapping each layer."""
+    saved = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    state: dict[str, Any] = {}
+
+    def tap(name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        fn(name, x, g, state)
+
+    try:
+        with LayerTap(opts.modules, tap, opts.include_bias):
+            for rows, ids, labels in _batches(
+                model, docs, opts.token_batch_size, opts.pad_token_id, desc, opts.progress
+            ):
+                lengths = torch.as_tensor(docs.lengths[rows], device=ids.device)
+                state["rows"] = rows
+                state["mask"] = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
+                logits = model(input_ids=ids, use_cache=False).logits
+                target = targets(logits, labels, rows, fisher, opts.seed)
+                loss = F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]),
+                    target.reshape(-1),
+                    ignore_index=IGNORE,
+                    reduction="sum",
+                )
+                loss.backward()
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+
+
+def fit_covariances(model: nn.Module, docs: TokenizedDocs, opts: EkfacOptions) -> Factors:
+    """A = (1/T) Σ x xᵀ over real tokens, S = (1/N) Σ g gᵀ over documents with a loss token."""
+    sums: dict[str, dict[str, torch.Tensor]] = {}
+
+    def fn(name: str, x: torch.Tensor, g: torch.Tensor, state: dict[str, Any]) -> None:
+        m = state["mask"]
+        xm, gm = x[m].to(opts.dtype), g[m].to(opts.dtype)
+        d = sums.setdefault(
+            name, {"A": xm.new_zeros(xm.shape[1], xm.shape[1]), "S": gm.new_zeros(gm.shape[1], gm.shape[1])}
+        )
+        d["A"].addmm_(xm.T, xm)
+        d["S"].addmm_(gm.T, gm)
+
+    _run(model, docs, opts, "covariances", fn, opts.fisher)
+    active = docs.num_loss_tokens() > 0
+    tokens, n = int(docs.lengths[active].sum()), int(active.sum())
+    if n == 0:
+        raise BergsonError("no document has a loss token: the Fisher is undefined")
+    factors = {name: {"A": d["A"] / tokens, "S": d["S"] / n} for name, d in sums.items()}
+    return Factors(
+        factors,
+        {"stage": "covariances", "tokens": tokens, "documents": n, "fisher": opts.fisher, "seed": opts.seed},
+    )
+
+
+def per_document_gradients(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """G_n = Σ_t g_t x_tᵀ for a batch: [B, out, in] (padding has g = 0, so it adds nothing)."""
+    return g.mT.to(x.dtype) @ x
+
+
+def fit_corrected_eigenvalues(
+    model: nn.Module, docs: TokenizedDocs, eigen: Factors, opts: EkfacOptions
+) -> Factors:
+    """Λ[i, j] = (1/N) Σ_n (Q_Sᵀ G_n Q_A)[i, j]² with the same sampled labels as the covariances."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def fn(name: str, x: torch.Tensor, g: torch.Tensor, state: dict[str, Any]) -> None:
+        rot = rotate(
+            eigen,
+            name,
+            per_document_gradients(x.to(torch.float64 if opts.dtype == torch.float64 else torch.float32), g),
+        )
+        sq = (rot**2).sum(0)
+        sums[name] = sums[name] + sq if name in sums else sq
+
+    _run(model, docs, opts, "eigenvalue correction", fn, opts.fisher)
+    n = int((docs.num_loss_tokens() > 0).sum())
+    return Factors(
+        {name: {"eigenvalues": s.double() / n} for name, s in sums.items()},
+        {"stage": "corrected", "documents": n},
+    )
+
+
+def query_gradients(model: nn.Module, docs: TokenizedDocs, opts: EkfacOptions) -> dict[str, torch.Tensor]:
+    """Per-query gradients G_q [nq, out, in] of the queries' own (dataset-label) losses."""
+    out: dict[str, torch.Tensor] = {}
+
+    def fn(name: str, x: torch.Tensor, g: torch.Tensor, state: dict[str, Any]) -> None:
+        grads = per_document_gradients(x.double(), g.double())
+        if name not in out:
+            out[name] = torch.zeros(len(docs), *grads.shape[1:], dtype=torch.float64)
+        out[name][torch.as_tensor(state["rows"])] = grads.cpu()
+
+    _run(model, docs, opts, "query gradients", fn, "empirical")
+    return out
+
+
+def precondition_queries(
+    grads: Mapping[str, torch.Tensor],
+    eigen: Factors,
+    corrected: Factors | None,
+    damping: float,
+    damping_mode: str,
+) -> Factors:
+    """(F + δI)⁻¹ G_q per module (EK-FAC eigenvalues, or K-FAC's when ``corrected`` is None)."""
+    out = {}
+    for name, g in grads.items():
+        lam = (
+            corrected.tensors[name]["eigenvalues"] if corrected is not None else kfac_eigenvalues(eigen, name)
+        )
+        out[name] = {"ihvp": ihvp(eigen, lam, name, g.double(), damping, damping_mode)}
+    return Factors(
+        out,
+        {
+            "stage": "queries",
+            "queries": len(next(iter(grads.values()))),
+            "damping": damping,
+            "damping_mode": damping_mode,
+        },
+    )
+
+
+@dataclass
+class Scores:
+    """Scores [N, nq] (documents without a loss token score 0), per module and, on request, per token."""
+
+    total: np.ndarray
+    per_module: dict[str, np.ndarray]
+    per_token: list[np.ndarray] | None = None
+    """For each document, [length, nq]: token t's share g_tᵀ P x_t; the rows sum to ``total``."""
+
+
+def score_documents(
+    model: nn.Module, docs: TokenizedDocs, queries: Factors, opts: EkfacOptions, per_token: bool = False
+) -> Scores:
+    """Σ_modules ⟨(F + δI)⁻¹ G_q, G_n⟩ for every training document n, in one pass."""
+    pre = {name: d["ihvp"] for name, d in queries.tensors.items()}
+    nq = len(next(iter(pre.values())))
+    per_module = {name: np.zeros((len(docs), nq)) for name in pre}
+    tokens = [np.zeros((n, nq)) for n in docs.lengths] if per_token else None
+
+    def fn(name: str, x: torch.Tensor, g: torch.Tensor, state: dict[str, Any]) -> None:
+        dtype = torch.float64 if opts.dtype == torch.float64 else torch.float32
+        p = pre[name].to(x.device, dtype)  # [nq, out, in]
+        x, g = x.to(dtype), g.to(dtype)
+        rows = state["rows"]
+        per_module[name][rows] = (
+            torch.einsum("boi,qoi->bq", per_document_gradients(x, g), p).double().cpu().numpy()
+        )
+        if tokens is not None:
+            contrib = torch.einsum("bto,qoi,bti->btq", g, p, x).double().cpu().numpy()
+            for b, row in enumerate(rows):
+                tokens[row] += contrib[b, : len(tokens[row])]
+
+    _run(model, docs, opts, "scores", fn, "empirical")
+    total = sum(per_module.values())
+    assert isinstance(total, np.ndarray)
+    return Scores(total, per_module, tokens)
+
+
+def save_scores_store(
+    path: Path, scores: Scores, base_manifest: Any, info: dict[str, Any], overwrite: bool
+) -> Any:
+    """Write the total scores as an ordinary scores store (rows x queries)."""
+    from dataclasses import replace
+
+    from ..store import ModuleLayout, StoreWriter, load_gradients
+    from ..store.manifest import SCORE_ORIENTATION
+
+    n, nq = scores.total.shape
+    manifest = replace(
+        base_manifest,
+        kind="scores",
+        status="in_progress",
+        modules=[ModuleLayout("scores", "scores", [nq], False, 0, nq)],
+        dtype="float32",
+        score={**info, "columns": nq, "orientation": SCORE_ORIENTATION},
+    )
+    writer = StoreWriter(path, manifest, overwrite=overwrite)
+    if not writer.complete:
+        writer.begin_shard(0, range(n))
+        writer.write(
+            np.arange(n), scores.total.astype(np.float32), np.zeros(n, np.int64), np.zeros(n, np.float32)
+        )
+        writer.end_shard(0)
+        writer.finalize(1)
+    return load_gradients(path)
+
+
+STAGES = ("covariances", "eigen", "corrected", "queries", "scores")
+
+
+def ekfac(cfg: Any) -> Any:
+    """Run (or resume) ``bergson ekfac``; returns the scores store (rows x queries)."""
+    from dataclasses import replace
+
+    from ..config import save_yaml
+    from ..indexing import load_docs, make_manifest, token_budget, validate_index_config
+    from ..models import find_tracked_modules, load_model
+    from ..preconditioning import check_saved_config
+    from ..store import load_gradients
+
+    validate_index_config(cfg)
+    if not cfg.query.dataset:
+        raise BergsonError("--query.dataset is required: the queries whose influences are wanted")
+    root = Path(cfg.run_path)
+    if cfg.overwrite and root.exists():
+        import shutil
+
+        for stage in (*STAGES, "per_module.npz", "ekfac.yaml"):
+            path = root / stage
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    check_saved_config(cfg, root / "ekfac.yaml", "an EK-FAC run")
+    root.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, root / "ekfac.yaml")
+
+    model, tokenizer = load_model(cfg)
+    max_tokens = token_budget(cfg, model)
+    modules = find_tracked_modules(model, cfg.modules)
+    for name, module in modules.items():
+        big = max(module_shape(module))
+        if big > 4096:
+            logger.warning(
+                "%s: a %d x %d covariance factor; its eigendecomposition takes minutes and %.1f GB. "
+                "Leave the layer out with --modules if it is not needed",
+                name,
+                big,
+                big,
+                big * big * 8 * 3 / 1e9,
+            )
+    opts = EkfacOptions(
+        modules,
+        token_batch_size=cfg.token_batch_size,
+        pad_token_id=tokenizer.pad_token_id or 0,
+        include_bias=cfg.include_bias,
+        fisher=cfg.fisher,
+        seed=cfg.fisher_seed,
+        dtype=torch.float64 if cfg.factor_dtype == "float64" else torch.float32,
+    )
+    docs = load_docs(cfg.data, tokenizer, max_tokens)
+    if not Factors.complete(root / "covariances"):
+        fit_covariances(model, docs, opts).save(root / "covariances")
+    if not Factors.complete(root / "eigen"):
+        eigendecompose(Factors.load(root / "covariances")).save(root / "eigen")
+    eigen = Factors.load(root / "eigen")
+    corrected = None
+    if cfg.method == "ekfac":
+        if not Factors.complete(root / "corrected"):
+            fit_corrected_eigenvalues(model, docs, eigen, opts).save(root / "corrected")
+        corrected = Factors.load(root / "corrected")
+    if not Factors.complete(root / "queries"):
+        qdocs = load_docs(cfg.query, tokenizer, max_tokens, option="--query.dataset")
+        grads = query_gradients(model, qdocs, opts)
+        precondition_queries(grads, eigen, corrected, cfg.damping, cfg.damping_mode).save(root / "queries")
+    scores_path = root / "scores"
+    try:
+        return load_gradients(scores_path)
+    except BergsonError:
+        pass
+    result = score_documents(model, docs, Factors.load(root / "queries"), opts)
+    if cfg.per_module_scores:
+        arrays: dict[str, Any] = dict(result.per_module)
+        np.savez(str(root / "per_module.npz"), **arrays)
+    base = make_manifest(replace(cfg, projection_dim=0), model, modules, docs, max_tokens)
+    info = {
+        "mode": "individual",
+        "method": cfg.method,
+        "fisher": cfg.fisher,
+        "damping": cfg.damping,
+        "damping_mode": cfg.damping_mode,
+        "query_dataset": cfg.query.dataset,
+        "unit_normalize": False,
+    }
+    return save_scores_store(scores_path, result, base, info, overwrite=True)
