@@ -233,3 +233,29 @@ def load(path):
     from bergson import load_gradients
 
     return load_gradients(path)
+
+
+def test_module_subsets_in_separate_passes_equal_one_pass(toy):
+    model, docs, opts, cov, eigen, corrected, *_ = toy
+    names = list(opts.modules)
+    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+    qdocs = random_docs(3, 24, seed=4)
+    full = score_documents(
+        model,
+        docs,
+        precondition_queries(query_gradients(model, qdocs, opts), eigen, corrected, 0.1, "relative"),
+        opts,
+    )
+    total = 0
+    for half in halves:
+        sub = _opts(model, fisher="empirical")
+        sub.modules = {n: opts.modules[n] for n in half}
+        c = fit_covariances(model, docs, sub)
+        for n in half:
+            torch.testing.assert_close(c.tensors[n]["A"], cov.tensors[n]["A"])
+            torch.testing.assert_close(c.tensors[n]["S"], cov.tensors[n]["S"])
+        e = eigendecompose(c)
+        lam = fit_corrected_eigenvalues(model, docs, e, sub)
+        pre = precondition_queries(query_gradients(model, qdocs, sub), e, lam, 0.1, "relative")
+        total = total + score_documents(model, docs, pre, sub).total
+    np.testing.assert_allclose(total, full.total, rtol=1e-8, atol=1e-10)
