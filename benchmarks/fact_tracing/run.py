@@ -34,7 +34,7 @@ import torch
 from . import corpus as corpus_mod
 from .bm25 import bm25_scores
 from .metrics import evaluate
-from .train import fact_recall, train
+from .train import add_recipe_args, fact_recall, train
 
 
 @dataclass
@@ -245,10 +245,7 @@ def main() -> None:
         default=[3],
         help="documents stating each fact, drawn from these counts (2 3: recall 0.67 instead of 0.82)",
     )
-    parser.add_argument("--epochs", type=float, default=40)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--weight_decay", type=float, default=0.1)
+    add_recipe_args(parser)
     parser.add_argument("--projection_dim", type=int, default=32)
     parser.add_argument("--token_batch_size", type=int, default=2048)
     parser.add_argument(

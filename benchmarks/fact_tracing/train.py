@@ -242,6 +242,14 @@ def train(
     return info
 
 
+def add_recipe_args(parser: Any) -> None:
+    """The training recipe's options (shared by this script and the benchmark runner)."""
+    parser.add_argument("--epochs", type=float, default=40)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--weight_decay", type=float, default=0.1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -250,10 +258,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/fact_tracing/model")
     parser.add_argument("--init", choices=["shipped", "random"], default="shipped")
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--epochs", type=float, default=40)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--weight_decay", type=float, default=0.1)
+    add_recipe_args(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--recall_every", type=float, default=0, help="also report recall every N epochs")

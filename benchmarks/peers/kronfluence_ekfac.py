@@ -41,14 +41,22 @@ import importlib.metadata as md
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from ..common import ASSETS, CORPUS, random_neox_dir
-from .published_bergson import _step, clean_env, dir_size_mb, log, log_tail, run_measured, scan_log
+from .published_bergson import (
+    _step,
+    clean_env,
+    dir_size_mb,
+    log,
+    log_tail,
+    peer_versions,
+    run_measured,
+    scan_log,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 KRONFLUENCE_VERSION = "1.0.1"
@@ -92,25 +100,19 @@ def pinned_dev_packages() -> list[str]:
     return out
 
 
-def venv_versions(venv: Path) -> dict[str, str]:
-    code = (
-        "import importlib.metadata as m, json\n"
-        "out = {}\n"
-        "for name in ('kronfluence', 'torch', 'transformers', 'tokenizers', 'accelerate', 'numpy',\n"
-        "             'safetensors', 'opt_einsum', 'einops', 'einconv', 'torchvision'):\n"
-        "    try: out[name] = m.version(name)\n"
-        "    except m.PackageNotFoundError: pass\n"
-        "print(json.dumps(out))"
-    )
-    res = subprocess.run(
-        [str(venv / "bin" / "python"), "-I", "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=clean_env(),
-        cwd=venv,
-    )
-    return json.loads(res.stdout)
+PACKAGES = (
+    "kronfluence",
+    "torch",
+    "transformers",
+    "tokenizers",
+    "accelerate",
+    "numpy",
+    "safetensors",
+    "opt_einsum",
+    "einops",
+    "einconv",
+    "torchvision",
+)
 
 
 def ensure_venv(venv: Path = VENV, skip_install: bool = False) -> dict[str, Any]:
@@ -178,7 +180,7 @@ def ensure_venv(venv: Path = VENV, skip_install: bool = False) -> dict[str, Any]
         info["reused"] = False
     info["path"] = str(venv)
     info["size_mb"] = round(dir_size_mb(venv), 1)
-    info["versions"] = venv_versions(venv)
+    info["versions"] = peer_versions(venv, venv, PACKAGES)
     return info
 
 

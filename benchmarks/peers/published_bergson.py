@@ -218,17 +218,22 @@ def _step(cmd: list[str], log_file: Path) -> float:
     return round(time.perf_counter() - start, 1)
 
 
-def peer_versions(venv: Path, cwd: Path) -> dict[str, str]:
+def peer_versions(
+    venv: Path,
+    cwd: Path,
+    packages: tuple[str, ...] = ("bergson", "torch", "transformers", "datasets", "torchvision", "torchaudio"),
+) -> dict[str, str]:
+    """Installed versions of ``packages`` in a peer's virtual environment."""
     code = (
-        "import importlib.metadata as m, json\n"
+        "import importlib.metadata as m, json, sys\n"
         "out = {}\n"
-        "for name in ('bergson', 'torch', 'transformers', 'datasets', 'torchvision', 'torchaudio'):\n"
+        "for name in sys.argv[1:]:\n"
         "    try: out[name] = m.version(name)\n"
         "    except m.PackageNotFoundError: pass\n"
         "print(json.dumps(out))"
     )
     res = subprocess.run(
-        [str(venv / "bin" / "python"), "-I", "-c", code],
+        [str(venv / "bin" / "python"), "-I", "-c", code, *packages],
         capture_output=True,
         text=True,
         check=True,

@@ -51,7 +51,32 @@ def module_dims(module: nn.Module, projection_dim: int, include_bias: bool) -> i
     return out * n_in + (out if has_bias else 0)
 
 
-class GradientCollector:
+class _LayerHooks:
+    """Forward hooks on every tracked layer while the context is open; subclasses define
+    ``_forward_hook(name, module, inputs, output)`` and keep layer inputs in ``_inputs``."""
+
+    modules: dict[str, nn.Module]
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+        self._inputs: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def _forward_hook(self, name: str, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(partial(self._forward_hook, name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._inputs.clear()
+
+
+class GradientCollector(_LayerHooks):
     """Collect per-example (projected) gradients of tracked layers during backward.
 
     Use as a context manager around the forward and backward passes::
@@ -104,8 +129,7 @@ class GradientCollector:
         if unknown:
             raise KeyError(f"normalizers given for untracked modules: {sorted(unknown)}")
         self.closure = closure
-        self._handles: list[Any] = []
-        self._inputs: dict[str, list[torch.Tensor]] = defaultdict(list)
+        super().__init__()
         self._grads: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._proj: dict[tuple[str, str, torch.dtype, torch.device], torch.Tensor] = {}
         self._scaled: dict[tuple[str, str, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -121,15 +145,7 @@ class GradientCollector:
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> GradientCollector:
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(partial(self._forward_hook, name)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._inputs.clear()
+        return super().__enter__()
 
     @property
     def gradients(self) -> dict[str, torch.Tensor]:
@@ -264,7 +280,7 @@ class GradientCollector:
 TapFn = Callable[[str, torch.Tensor, torch.Tensor], None]
 
 
-class LayerTap:
+class LayerTap(_LayerHooks):
     """Hand each tracked layer's input x [B, T, in] and output gradient g [B, T, out] to ``fn``.
 
     The statistics methods (K-FAC / EK-FAC covariances, eigenvalue corrections, per-token
@@ -275,24 +291,12 @@ class LayerTap:
     """
 
     def __init__(self, modules: Mapping[str, nn.Module], fn: TapFn, include_bias: bool = False):
+        super().__init__()
         self.modules = dict(modules)
         self.fn = fn
         self.include_bias = include_bias
-        self._handles: list[Any] = []
-        self._inputs: dict[str, list[torch.Tensor]] = defaultdict(list)
 
-    def __enter__(self) -> LayerTap:
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(partial(self._forward, name)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._inputs.clear()
-
-    def _forward(self, name: str, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+    def _forward_hook(self, name: str, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
             return
         if not output.requires_grad:

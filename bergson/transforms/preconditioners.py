@@ -155,28 +155,28 @@ class Preconditioner:
 
         ``modules`` gives where each module's columns lie (a store manifest's layout).
         """
-        if power == 0:
-            return vectors
-        out = torch.empty_like(vectors)
-        for m in modules:
-            if m.name not in self.second_moments:
-                raise BergsonError(f"the preconditioner has no statistics for module {m.name}")
-            mat = self.matrix(m.name, power).to(vectors.device, vectors.dtype)
-            block = vectors[:, m.offset : m.offset + m.dim]
-            out[:, m.offset : m.offset + m.dim] = block @ mat  # mat is symmetric
-        return out
+        return vectors if power == 0 else self.transform(power, modules)(vectors)
 
     def transform(
         self, power: float, modules: Sequence[ModuleLayout]
     ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A function applying :meth:`apply` with cached matrices (for the collection loop)."""
+        """A function applying :meth:`apply`, its matrices computed once and kept per device and dtype
+        (it runs on every batch of the collection loop)."""
+        missing = [m.name for m in modules if m.name not in self.second_moments]
+        if missing:
+            raise BergsonError(f"the preconditioner has no statistics for module {missing[0]}")
         mats = {m.name: self.matrix(m.name, power) for m in modules}
+        cache: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
 
         def fn(vectors: torch.Tensor) -> torch.Tensor:
+            key = (vectors.device, vectors.dtype)
+            if key not in cache:
+                cache[key] = {n: m.to(vectors.device, vectors.dtype) for n, m in mats.items()}
             out = torch.empty_like(vectors)
-            for m in modules:
-                mat = mats[m.name].to(vectors.device, vectors.dtype)
-                out[:, m.offset : m.offset + m.dim] = vectors[:, m.offset : m.offset + m.dim] @ mat
+            for m in modules:  # each matrix is symmetric
+                out[:, m.offset : m.offset + m.dim] = (
+                    vectors[:, m.offset : m.offset + m.dim] @ cache[key][m.name]
+                )
             return out
 
         return fn
