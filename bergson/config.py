@@ -352,5 +352,15 @@ class EkfacConfig(IndexConfig):
     per_module_scores: bool = False
     """Also write each module's share of the scores (per_module.npz; they sum to the total)."""
 
+    query_rank: int = 0
+    """0: keep each preconditioned query gradient in full; r > 0: its best rank-r approximation
+    per module (truncated SVD; the relative error is recorded in queries/factors.json), so that
+    many queries share one cheap pass over the training data."""
+
+    projected_queries: bool = False
+    """Also write query_store/: the preconditioned queries projected with --projection_dim and
+    --projection_seed like `bergson build`, for `bergson score --query_path` against a projected
+    store (no preconditioner is applied again)."""
+
     top_k: int = 10
     """Training documents printed per query."""

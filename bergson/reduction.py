@@ -15,7 +15,7 @@ from .scoring import unit_rows
 from .store import GradientStore, StoreWriter, load_gradients
 from .transforms.normalizers import NORMALIZERS_FILE
 from .transforms.preconditioners import STORE_DIR as PRECONDITIONER_DIR
-from .transforms.preconditioners import carried, resolve_preconditioner
+from .transforms.preconditioners import carried, fixed_preconditioner, resolve_preconditioner
 
 
 def reduce(cfg: ReduceConfig) -> GradientStore:
@@ -32,13 +32,14 @@ def reduce(cfg: ReduceConfig) -> GradientStore:
             f"--index {cfg.index}: expected a per-row gradient store, found a {source.manifest.kind} store"
         )
     pre = resolve_preconditioner(cfg.preconditioner_path, [("--index", source)])
+    fixed = fixed_preconditioner([("--index", source)], cfg.unit_normalize)
     transform = None
     if pre is not None:
         extra = -0.5 - carried(source.manifest)
         transform = pre.transform(extra, source.manifest.modules) if extra else None
     manifest = replace(
         source.manifest,
-        preconditioner=pre.info(-0.5) if pre is not None else None,
+        preconditioner=pre.info(-0.5) if pre is not None else fixed,
         kind="aggregate",
         status="in_progress",
         aggregation=cfg.aggregation,

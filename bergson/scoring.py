@@ -24,7 +24,7 @@ from .models import find_tracked_modules, resolve_device
 from .store import GradientStore, Manifest, ModuleLayout, StoreWriter, load_gradients
 from .store.manifest import SCORE_ORIENTATION, check_compatible
 from .transforms.normalizers import NORMALIZERS_FILE, load_normalizers
-from .transforms.preconditioners import carried, plan_powers, resolve_preconditioner
+from .transforms.preconditioners import carried, fixed_preconditioner, plan_powers, resolve_preconditioner
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -166,7 +166,7 @@ def preconditioning(
     stores = [("--query_path", query)] + ([("--index", index)] if index is not None else [])
     pre = resolve_preconditioner(cfg.preconditioner_path, stores)
     if pre is None:
-        return None, None, None
+        return None, None, fixed_preconditioner(stores, cfg.unit_normalize)
     pre.check(layout, "the scored vectors")
     train_power = carried(index.manifest) if index is not None else 0.0
     query_power = carried(query.manifest)

@@ -259,3 +259,98 @@ def test_module_subsets_in_separate_passes_equal_one_pass(toy):
         pre = precondition_queries(query_gradients(model, qdocs, sub), e, lam, 0.1, "relative")
         total = total + score_documents(model, docs, pre, sub).total
     np.testing.assert_allclose(total, full.total, rtol=1e-8, atol=1e-10)
+
+
+def test_low_rank_queries_are_exact_at_full_rank_and_their_error_is_the_svd_tail(toy):
+    model, docs, opts, _, eigen, corrected, *_ = toy
+    qdocs = random_docs(4, 24, seed=6)
+    grads = query_gradients(model, qdocs, opts)
+    full = precondition_queries(grads, eigen, corrected, 0.1, "relative")
+    exact = score_documents(model, docs, full, opts, per_token=True)
+    widest = max(min(g.shape[1:]) for g in grads.values())
+    same = precondition_queries(grads, eigen, corrected, 0.1, "relative", rank=widest)
+    got = score_documents(model, docs, same, opts, per_token=True)
+    np.testing.assert_allclose(got.total, exact.total, rtol=1e-9, atol=1e-12)
+    assert got.per_token is not None
+    np.testing.assert_allclose(np.stack([t.sum(0) for t in got.per_token]), got.total, rtol=1e-9, atol=1e-12)
+    one = precondition_queries(grads, eigen, corrected, 0.1, "relative", rank=1)
+    for name, err in one.meta["relative_error"].items():
+        p = full.tensors[name]["ihvp"]
+        approx = one.tensors[name]["left"] @ one.tensors[name]["right"]
+        assert err == pytest.approx(float((approx - p).norm() / p.norm()), rel=1e-9)
+        assert 0 < err < 1
+    # rank one scores the same as exact scoring of the rank-one products
+    recon = type(full)({n: {"ihvp": d["left"] @ d["right"]} for n, d in one.tensors.items()}, full.meta)
+    np.testing.assert_allclose(
+        score_documents(model, docs, one, opts).total,
+        score_documents(model, docs, recon, opts).total,
+        rtol=1e-9,
+        atol=1e-12,
+    )
+    with pytest.raises(Exception, match="--query_rank"):
+        precondition_queries(grads, eigen, corrected, 0.1, "relative", rank=-1)
+
+
+def test_projected_query_store_scores_like_ekfac_through_bergson_score(tmp_path, model_dir, corpus_file):
+    from bergson import BergsonError, EkfacConfig, IndexConfig, ScoreConfig, build, ekfac, score
+    from bergson.config import DataConfig
+    from bergson.transforms.ekfac import Factors
+    from bergson.transforms.projection import projection_matrix
+
+    data = DataConfig(dataset=str(corpus_file), split="train[:16]", truncation=True, max_length=32)
+    query = DataConfig(dataset=str(corpus_file), split="train[20:23]", truncation=True, max_length=32)
+    common = dict(
+        model=str(model_dir), token_batch_size=256, modules=["gpt_neox.layers.*"], include_bias=True
+    )
+
+    def run(p):
+        out = ekfac(
+            EkfacConfig(
+                run_path=str(tmp_path / f"ek{p}"), data=data, query=query, projected_queries=True,
+                projection_dim=p, factor_dtype="float64", **common,
+            )
+        )  # fmt: skip
+        build(
+            IndexConfig(
+                run_path=str(tmp_path / f"idx{p}"),
+                data=data,
+                projection_dim=p,
+                save_dtype="float32",
+                **common,
+            )
+        )
+        scores = score(
+            ScoreConfig(run_path=str(tmp_path / f"s{p}"), query_path=str(tmp_path / f"ek{p}" / "query_store"),
+                        index=str(tmp_path / f"idx{p}"), **common)
+        )  # fmt: skip
+        assert scores.manifest.preconditioner["kind"] == "ekfac"
+        return np.asarray(out["scores"], np.float64), np.asarray(scores["scores"], np.float64)
+
+    # p = 0: the full products in a full-gradient store's layout; bergson score gives EK-FAC's scores
+    exact, full = run(0)
+    np.testing.assert_allclose(full, exact, rtol=2e-3, atol=1e-3 * np.abs(exact).max())
+    # p = 8: per module ⟨L P Rᵀ, L G Rᵀ⟩ with the build's own projection matrices
+    _, projected = run(8)
+    store = load(tmp_path / "ek8" / "query_store")
+    assert store.manifest.preconditioner["kind"] == "ekfac" and len(store) == 3
+    queries = Factors.load(tmp_path / "ek8" / "queries")
+    grads = load(tmp_path / "idx0")
+    expected = 0
+    for m in grads.manifest.modules:
+        out, n_in = m.shape
+        g = np.asarray(grads[m.name], np.float64)
+        g = torch.from_numpy(
+            np.concatenate([g[:, : out * n_in].reshape(-1, out, n_in), g[:, out * n_in :, None]], 2)
+        )
+        p = queries.tensors[m.name]["ihvp"]
+        left = projection_matrix(0, m.name, "left", 8, out, dtype=torch.float64)
+        right = projection_matrix(0, m.name, "right", 8, n_in + 1, dtype=torch.float64)
+        expected = expected + torch.einsum("nab,qab->nq", left @ g @ right.T, left @ p @ right.T).numpy()
+    np.testing.assert_allclose(projected, expected, rtol=2e-3, atol=1e-3 * np.abs(expected).max())
+    # applying any preconditioner again, or cosine scores, is refused
+    with pytest.raises(BergsonError, match="unit_normalize"):
+        score(ScoreConfig(run_path=str(tmp_path / "c"), query_path=str(tmp_path / "ek8" / "query_store"),
+                          index=str(tmp_path / "idx8"), unit_normalize=True, **common))  # fmt: skip
+    with pytest.raises(BergsonError, match="twice"):
+        score(ScoreConfig(run_path=str(tmp_path / "d"), query_path=str(tmp_path / "ek8" / "query_store"),
+                          index=str(tmp_path / "idx8"), preconditioner_path=str(tmp_path / "nowhere"), **common))  # fmt: skip

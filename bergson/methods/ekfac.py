@@ -6,7 +6,12 @@ Stages (each saved as safetensors + JSON under the run directory and skipped whe
     eigen/         their float64 eigendecompositions
     corrected/     EK-FAC eigenvalues: mean squared per-document gradient in the Kronecker eigenbasis
     queries/       inverse-Fisher-vector products of the query gradients, (F + δI)⁻¹ G_q
+                   (or their best rank-r approximations, with --query_rank r)
+    query_store/   with --projected_queries: those products projected like `bergson build`,
+                   an ordinary store that `bergson score --query_path` scores against
     scores/        a scores store, one column per query: Σ_modules ⟨(F + δI)⁻¹ G_q, G_n⟩
+
+``timings.json`` records the seconds each stage took in the run that computed it.
 
 Scores are oriented like every bergson score: positive means training on the document
 lowers the query's loss.
@@ -15,7 +20,9 @@ lowers the query's loss.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +39,8 @@ from ..collect.loop import IGNORE, _pad
 from ..data import TokenizedDocs
 from ..data.batching import plan_batches
 from ..errors import BergsonError
-from ..transforms.ekfac import Factors, eigendecompose, ihvp, kfac_eigenvalues, rotate
+from ..store.manifest import atomic_write_bytes
+from ..transforms.ekfac import Factors, eigendecompose, ihvp, kfac_eigenvalues
 
 logger = logging.getLogger(__name__)
 
@@ -162,13 +170,15 @@ def fit_corrected_eigenvalues(
 ) -> Factors:
     """Λ[i, j] = (1/N) Σ_n (Q_Sᵀ G_n Q_A)[i, j]² with the same sampled labels as the covariances."""
     sums: dict[str, torch.Tensor] = {}
+    bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    dtype = torch.float64 if opts.dtype == torch.float64 else torch.float32
 
     def fn(name: str, x: torch.Tensor, g: torch.Tensor, state: dict[str, Any]) -> None:
-        rot = rotate(
-            eigen,
-            name,
-            per_document_gradients(x.to(torch.float64 if opts.dtype == torch.float64 else torch.float32), g),
-        )
+        if name not in bases:  # converted once, not per batch (Q_S of an output head is large)
+            d = eigen.tensors[name]
+            bases[name] = (d["S_eigenvectors"].to(x.device, dtype), d["A_eigenvectors"].to(x.device, dtype))
+        qs, qa = bases[name]
+        rot = qs.T @ per_document_gradients(x.to(dtype), g) @ qa
         sq = (rot**2).sum(0)
         sums[name] = sums[name] + sq if name in sums else sq
 
@@ -200,23 +210,55 @@ def precondition_queries(
     corrected: Factors | None,
     damping: float,
     damping_mode: str,
+    rank: int = 0,
+    dtype: torch.dtype = torch.float64,
 ) -> Factors:
-    """(F + δI)⁻¹ G_q per module (EK-FAC eigenvalues, or K-FAC's when ``corrected`` is None)."""
-    out = {}
+    """(F + δI)⁻¹ G_q per module (EK-FAC eigenvalues, or K-FAC's when ``corrected`` is None).
+
+    With ``rank`` r > 0 each product P_q (out × in) is replaced by its best rank-r
+    approximation U_r diag(s_r) V_rᵀ (truncated SVD), saved as ``left`` = U_r diag(s_r)
+    [nq, out, r] and ``right`` = V_rᵀ [nq, r, in]. Scoring then never forms a training
+    document's gradient: ⟨P_q, Σ_t g_t x_tᵀ⟩ = Σ_t Σ_k (g_tᵀ left_k)(right_k x_t), which is
+    cheaper whenever r (out + in) < out · in, so that many queries share one pass. The
+    relative Frobenius error of the approximation is recorded per module in the metadata.
+    ``dtype`` is the precision of the rotations (float32 is several times faster for the
+    large eigenbasis of an output layer).
+    """
+    if rank < 0:
+        raise BergsonError(f"--query_rank {rank}: must be >= 0 (0 keeps the full products)")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    errors: dict[str, float] = {}
     for name, g in grads.items():
         lam = (
             corrected.tensors[name]["eigenvalues"] if corrected is not None else kfac_eigenvalues(eigen, name)
         )
-        out[name] = {"ihvp": ihvp(eigen, lam, name, g.double(), damping, damping_mode)}
-    return Factors(
-        out,
-        {
-            "stage": "queries",
-            "queries": len(next(iter(grads.values()))),
-            "damping": damping,
-            "damping_mode": damping_mode,
-        },
-    )
+        p = ihvp(eigen, lam, name, g.to(dtype), damping, damping_mode)
+        if rank == 0:
+            out[name] = {"ihvp": p}
+            continue
+        u, s, vh = torch.linalg.svd(p, full_matrices=False)
+        k = min(rank, s.shape[-1])
+        kept = (s[:, :k] ** 2).sum()
+        errors[name] = float(
+            ((s**2).sum() - kept).clamp(min=0).sqrt() / (s**2).sum().sqrt().clamp(min=1e-300)
+        )
+        out[name] = {"left": u[:, :, :k] * s[:, None, :k], "right": vh[:, :k, :]}
+    meta: dict[str, Any] = {
+        "stage": "queries",
+        "queries": len(next(iter(grads.values()))),
+        "damping": damping,
+        "damping_mode": damping_mode,
+        "rank": rank,
+    }
+    if rank:
+        meta["relative_error"] = errors
+    return Factors(out, meta)
+
+
+def query_products(queries: Factors, name: str) -> torch.Tensor:
+    """The (possibly low-rank) preconditioned query gradients of one module as [nq, out, in]."""
+    d = queries.tensors[name]
+    return d["ihvp"] if "ihvp" in d else d["left"] @ d["right"]
 
 
 @dataclass
@@ -233,23 +275,33 @@ def score_documents(
     model: nn.Module, docs: TokenizedDocs, queries: Factors, opts: EkfacOptions, per_token: bool = False
 ) -> Scores:
     """Σ_modules ⟨(F + δI)⁻¹ G_q, G_n⟩ for every training document n, in one pass."""
-    pre = {name: d["ihvp"] for name, d in queries.tensors.items()}
-    nq = len(next(iter(pre.values())))
-    per_module = {name: np.zeros((len(docs), nq)) for name in pre}
+    dtype = torch.float64 if opts.dtype == torch.float64 else torch.float32
+    nq = int(queries.meta["queries"])
+    per_module = {name: np.zeros((len(docs), nq)) for name in queries.tensors}
     tokens = [np.zeros((n, nq)) for n in docs.lengths] if per_token else None
+    cache: dict[str, dict[str, torch.Tensor]] = {}
 
     def fn(name: str, x: torch.Tensor, g: torch.Tensor, state: dict[str, Any]) -> None:
-        dtype = torch.float64 if opts.dtype == torch.float64 else torch.float32
-        p = pre[name].to(x.device, dtype)  # [nq, out, in]
+        if name not in cache:
+            cache[name] = {k: t.to(x.device, dtype) for k, t in queries.tensors[name].items()}
+        q = cache[name]
         x, g = x.to(dtype), g.to(dtype)
         rows = state["rows"]
-        per_module[name][rows] = (
-            torch.einsum("boi,qoi->bq", per_document_gradients(x, g), p).double().cpu().numpy()
-        )
-        if tokens is not None:
-            contrib = torch.einsum("bto,qoi,bti->btq", g, p, x).double().cpu().numpy()
+        contrib = None
+        if "ihvp" in q:  # [nq, out, in]
+            doc = torch.einsum("boi,qoi->bq", per_document_gradients(x, g), q["ihvp"])
+            if tokens is not None:
+                contrib = torch.einsum("bto,qoi,bti->btq", g, q["ihvp"], x)
+        else:  # rank r: (g_t · left_k)(right_k · x_t), summed over k (and t)
+            contrib = (
+                torch.einsum("bto,qok->btqk", g, q["left"]) * torch.einsum("bti,qki->btqk", x, q["right"])
+            ).sum(-1)
+            doc = contrib.sum(1)
+        per_module[name][rows] = doc.double().cpu().numpy()
+        if tokens is not None and contrib is not None:
+            c = contrib.double().cpu().numpy()
             for b, row in enumerate(rows):
-                tokens[row] += contrib[b, : len(tokens[row])]
+                tokens[row] += c[b, : len(tokens[row])]
 
     _run(model, docs, opts, "scores", fn, "empirical")
     total = sum(per_module.values())
@@ -286,7 +338,48 @@ def save_scores_store(
     return load_gradients(path)
 
 
-STAGES = ("covariances", "eigen", "corrected", "queries", "scores")
+STAGES = ("covariances", "eigen", "corrected", "queries", "query_store", "scores")
+
+
+def save_query_store(
+    path: Path, queries: Factors, base_manifest: Any, info: dict[str, Any], seed: int, p: int
+) -> Any:
+    """The preconditioned queries projected like ``bergson build --projection_dim p`` (no
+    normalizer): per module L P_q Rᵀ with the build's own matrices, so that ⟨L P Rᵀ, L G Rᵀ⟩
+    ≈ ⟨P, G⟩ and `bergson score --query_path` against a projected store approximates the
+    EK-FAC scores (p = 0: the full products, in the layout of a full-gradient store, and the
+    scores are exact). The manifest marks the vectors as carrying (F + δI)⁻¹ (kind "ekfac")."""
+    from dataclasses import replace
+
+    from ..store import StoreWriter, load_gradients
+    from ..transforms.projection import projection_matrix
+
+    blocks = []
+    for layout in base_manifest.modules:
+        prod = query_products(queries, layout.name).double()  # [nq, out, in(+1)]
+        if p > 0:
+            left = projection_matrix(seed, layout.name, "left", p, prod.shape[1], dtype=torch.float64)
+            right = projection_matrix(seed, layout.name, "right", p, prod.shape[2], dtype=torch.float64)
+            blocks.append((left @ prod @ right.T).reshape(len(prod), -1))
+            continue
+        # p = 0: the full-gradient layout of `bergson build` (weight in the parameter's own
+        # orientation, flattened, then the bias column)
+        n_in = layout.shape[1]
+        weight = prod[:, :, :n_in].mT if layout.type == "Conv1D" else prod[:, :, :n_in]
+        blocks.append(weight.reshape(len(prod), -1))
+        if layout.bias:
+            blocks.append(prod[:, :, n_in])
+    vectors = torch.cat(blocks, 1).numpy().astype(np.float32)
+    manifest = replace(
+        base_manifest, status="in_progress", dtype="float32", preconditioner={**info, "power": -1.0}
+    )
+    writer = StoreWriter(path, manifest, overwrite=True)
+    n = len(vectors)
+    writer.begin_shard(0, range(n))
+    writer.write(np.arange(n), vectors, np.zeros(n, np.int64), np.zeros(n, np.float32))
+    writer.end_shard(0)
+    writer.finalize(1)
+    return load_gradients(path)
 
 
 def ekfac(cfg: Any) -> Any:
@@ -306,7 +399,7 @@ def ekfac(cfg: Any) -> Any:
     if cfg.overwrite and root.exists():
         import shutil
 
-        for stage in (*STAGES, "per_module.npz", "ekfac.yaml"):
+        for stage in (*STAGES, "per_module.npz", "ekfac.yaml", "timings.json"):
             path = root / stage
             if path.is_dir():
                 shutil.rmtree(path)
@@ -339,38 +432,76 @@ def ekfac(cfg: Any) -> Any:
         seed=cfg.fisher_seed,
         dtype=torch.float64 if cfg.factor_dtype == "float64" else torch.float32,
     )
+    timings_path = root / "timings.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+
+    def timed(stage: str, start: float) -> None:
+        timings[stage] = round(time.perf_counter() - start, 3)
+        atomic_write_bytes(timings_path, json.dumps(timings, indent=2).encode())
+
+    info = {
+        "kind": "ekfac",
+        "method": cfg.method,
+        "fisher": cfg.fisher,
+        "damping": cfg.damping,
+        "damping_mode": cfg.damping_mode,
+        "query_rank": cfg.query_rank,
+        "run": str(root),
+    }
     docs = load_docs(cfg.data, tokenizer, max_tokens)
     if not Factors.complete(root / "covariances"):
+        start = time.perf_counter()
         fit_covariances(model, docs, opts).save(root / "covariances")
+        timed("covariances", start)
     if not Factors.complete(root / "eigen"):
+        start = time.perf_counter()
         eigendecompose(Factors.load(root / "covariances")).save(root / "eigen")
+        timed("eigen", start)
     eigen = Factors.load(root / "eigen")
     corrected = None
     if cfg.method == "ekfac":
         if not Factors.complete(root / "corrected"):
+            start = time.perf_counter()
             fit_corrected_eigenvalues(model, docs, eigen, opts).save(root / "corrected")
+            timed("corrected", start)
         corrected = Factors.load(root / "corrected")
+    qdocs = load_docs(cfg.query, tokenizer, max_tokens, option="--query.dataset")
     if not Factors.complete(root / "queries"):
-        qdocs = load_docs(cfg.query, tokenizer, max_tokens, option="--query.dataset")
+        start = time.perf_counter()
         grads = query_gradients(model, qdocs, opts)
-        precondition_queries(grads, eigen, corrected, cfg.damping, cfg.damping_mode).save(root / "queries")
+        precondition_queries(
+            grads, eigen, corrected, cfg.damping, cfg.damping_mode, cfg.query_rank, opts.dtype
+        ).save(root / "queries")
+        timed("queries", start)
+    del eigen, corrected
+    queries = Factors.load(root / "queries")
+    if cfg.projected_queries:
+        try:
+            load_gradients(root / "query_store")
+        except BergsonError:
+            start = time.perf_counter()
+            qbase = make_manifest(replace(cfg, data=cfg.query), model, modules, qdocs, max_tokens)
+            save_query_store(
+                root / "query_store", queries, qbase, info, cfg.projection_seed, cfg.projection_dim
+            )
+            timed("query_store", start)
     scores_path = root / "scores"
     try:
         return load_gradients(scores_path)
     except BergsonError:
         pass
-    result = score_documents(model, docs, Factors.load(root / "queries"), opts)
+    start = time.perf_counter()
+    result = score_documents(model, docs, queries, opts)
     if cfg.per_module_scores:
         arrays: dict[str, Any] = dict(result.per_module)
         np.savez(str(root / "per_module.npz"), **arrays)
     base = make_manifest(replace(cfg, projection_dim=0), model, modules, docs, max_tokens)
-    info = {
+    score_info = {
+        **info,
         "mode": "individual",
-        "method": cfg.method,
-        "fisher": cfg.fisher,
-        "damping": cfg.damping,
-        "damping_mode": cfg.damping_mode,
         "query_dataset": cfg.query.dataset,
         "unit_normalize": False,
     }
-    return save_scores_store(scores_path, result, base, info, overwrite=True)
+    store = save_scores_store(scores_path, result, base, score_info, overwrite=True)
+    timed("scores", start)
+    return store

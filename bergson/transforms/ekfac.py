@@ -81,13 +81,13 @@ class Factors:
 
 
 def eigendecompose(covariances: Factors) -> Factors:
-    """Float64 eigendecompositions of each module's A and S."""
+    """Float64 eigendecompositions of each module's A and S (one factor at a time; ``eigh``
+    reads the lower triangle only, so no symmetrised copy of a large factor is made)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, d in covariances.tensors.items():
         entry = {}
         for key in ("A", "S"):
-            m = d[key].double()
-            lam, vecs = torch.linalg.eigh((m + m.T) / 2)
+            lam, vecs = torch.linalg.eigh(d[key].double(), UPLO="L")
             entry[f"{key}_eigenvalues"] = lam.clamp(min=0)
             entry[f"{key}_eigenvectors"] = vecs
         out[name] = entry
@@ -98,14 +98,6 @@ def kfac_eigenvalues(eigen: Factors, name: str) -> torch.Tensor:
     """K-FAC eigenvalues λ_S[i] λ_A[j] (out × in) of module ``name``."""
     d = eigen.tensors[name]
     return torch.outer(d["S_eigenvalues"], d["A_eigenvalues"])
-
-
-def rotate(eigen: Factors, name: str, grads: torch.Tensor) -> torch.Tensor:
-    """Per-example gradients [B, out, in] expressed in the Kronecker eigenbasis: Q_Sᵀ G Q_A."""
-    d = eigen.tensors[name]
-    qs = d["S_eigenvectors"].to(grads)
-    qa = d["A_eigenvectors"].to(grads)
-    return qs.T @ grads @ qa
 
 
 def damping_value(eigenvalues: torch.Tensor, damping: float, mode: str) -> float:

@@ -357,12 +357,49 @@ STORE_DIR = "preconditioner"
 """Subdirectory of a store holding the preconditioner its vectors carry."""
 
 
+def fixed_preconditioner(
+    stores: Sequence[tuple[str, Any]], unit_normalize: bool = False
+) -> dict[str, Any] | None:
+    """The manifest entry of an EK-FAC inverse Fisher that one of ``stores`` carries
+    (``bergson ekfac --projected_queries``), or None.
+
+    Such vectors already hold (F + δI)⁻¹ q in projected space, where no preconditioner
+    object exists to apply again or halve: they are scored as they are, by dot product.
+    """
+    for name, store in stores:
+        info = store.manifest.preconditioner
+        if not info or info.get("kind") != "ekfac":
+            continue
+        if unit_normalize:
+            raise BergsonError(
+                f"{name} holds EK-FAC preconditioned queries (H^-1 q), which only make sense with "
+                "dot-product scores: drop --unit_normalize"
+            )
+        return info
+    return None
+
+
 def resolve_preconditioner(path: str | None, stores: Sequence[tuple[str, Any]]) -> Preconditioner | None:
     """The one preconditioner of a computation: given by ``path`` and/or carried by ``stores``.
 
     ``stores`` are (option name, GradientStore) pairs. Every preconditioner found must be
     the same one (same statistics and damping), and every store must live in its space.
+    A store with EK-FAC preconditioned queries (see :func:`fixed_preconditioner`) needs
+    none: giving or carrying another one as well is an error, else None is returned.
     """
+    if fixed_preconditioner(stores) is not None:
+        others = [
+            name
+            for name, s in stores
+            if s.manifest.preconditioner and fixed_preconditioner([(name, s)]) is None
+        ]
+        if path or others:
+            raise BergsonError(
+                f"{(others or ['--preconditioner_path'])[0]}: a preconditioner on top of EK-FAC "
+                "preconditioned queries would apply the inverse curvature twice; score against a "
+                "store built without --preconditioner_path and do not pass one"
+            )
+        return None
     found: list[tuple[str, Preconditioner]] = []
     if path:
         found.append(("--preconditioner_path", load_preconditioner(path)))
