@@ -49,6 +49,11 @@ _EXPORTS = {
     "ekfac": "bergson.methods.ekfac",
     "EkfacConfig": "bergson.config",
     "normalizers_from_optimizer_state": "bergson.transforms.optimizer_state",
+    "MagicConfig": "bergson.config",
+    "TrainingConfig": "bergson.config",
+    "ValidateConfig": "bergson.config",
+    "magic": "bergson.methods.magic",
+    "validate": "bergson.validation",
 }
 
 __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
@@ -90,6 +95,11 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "ekfac",
     "EkfacConfig",
     "normalizers_from_optimizer_state",
+    "MagicConfig",
+    "TrainingConfig",
+    "ValidateConfig",
+    "magic",
+    "validate",
 ]
 
 
@@ -108,17 +118,21 @@ if TYPE_CHECKING:
         DataConfig,
         EkfacConfig,
         IndexConfig,
+        MagicConfig,
         PreconditionerConfig,
         QueryConfig,
         ReduceConfig,
         ScoreConfig,
         TrackstarConfig,
+        TrainingConfig,
+        ValidateConfig,
     )
     from .data.load import load_data
     from .data.tokenize import tokenize_documents
     from .errors import BergsonError
     from .indexing import build
     from .methods.ekfac import ekfac
+    from .methods.magic import magic
     from .methods.trackstar import trackstar
     from .models import find_tracked_modules, load_model
     from .preconditioning import fit_preconditioner
@@ -138,3 +152,4 @@ if TYPE_CHECKING:
         mix_preconditioners,
     )
     from .transforms.projection import projection_matrix
+    from .validation import validate

@@ -364,3 +364,130 @@ class EkfacConfig(IndexConfig):
 
     top_k: int = 10
     """Training documents printed per query."""
+
+
+@dataclass
+class TrainingConfig:
+    """A fine-tuning recipe, replayed exactly by ``bergson magic`` and ``bergson validate``.
+
+    Steps follow the Hugging Face Trainer's conventions: the loss of a step is the mean
+    next-token cross-entropy over the loss tokens of its micro-batches, AdamW is
+    torch.optim.AdamW (decoupled weight decay), the schedules are transformers'
+    get_{constant,linear,cosine}_schedule_with_warmup and clipping is clip_grad_norm_.
+    """
+
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """adamw, or sgd (with --momentum and coupled weight decay, as torch.optim.SGD)."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+
+    beta1: float = 0.9
+    """AdamW's first-moment decay."""
+
+    beta2: float = 0.999
+    """AdamW's second-moment decay."""
+
+    eps: float = 1e-8
+    """AdamW's epsilon."""
+
+    momentum: float = 0.9
+    """SGD momentum (0: plain SGD)."""
+
+    weight_decay: float = 0.0
+    """Weight decay (decoupled for AdamW, added to the gradient for SGD)."""
+
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warmup (linear and cosine decay to 0 at the last step)."""
+
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0."""
+
+    max_grad_norm: float = 0.0
+    """Clip the step's gradient to this global norm (0: no clipping)."""
+
+    batch_size: int = 8
+    """Documents per micro-batch."""
+
+    grad_accumulation: int = 1
+    """Micro-batches per optimizer step."""
+
+    epochs: int = 1
+    """Passes over the training documents."""
+
+    seed: int = 0
+    """Seed of the data order (a fresh permutation per epoch)."""
+
+
+@dataclass
+class MagicConfig(ModelOptions):
+    """Options of ``bergson magic``: exact metagradients of a query loss through a fine-tuning run."""
+
+    run_path: str = ""
+    """Output directory: checkpoints, the fine-tuned model, scores and timings."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """The training documents (each data option may also be written without the 'data.' prefix)."""
+
+    query: DataConfig = field(default_factory=DataConfig)
+    """The query documents whose loss after training is attributed."""
+
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """The fine-tuning recipe."""
+
+    query_mode: Literal["aggregate", "individual"] = "aggregate"
+    """aggregate: one score column for the mean query loss (one reverse pass); individual: a
+    column per query (one reverse pass each)."""
+
+    per_token: bool = False
+    """Also write token_scores.safetensors: each training token's score (they sum to its document's)."""
+
+    checkpoints: Literal["every", "sqrt", "log"] = "sqrt"
+    """Which training states the forward pass saves: every step; every ~sqrt(T) steps (the reverse
+    pass replays each segment once); or a logarithmic set (0, T/2, 3T/4, ...; the reverse pass
+    bisects each segment, replaying O(T log T) steps with O(log T) states in memory)."""
+
+    memory_budget_gb: float = 2.0
+    """Replayed states are kept in memory up to this size and spill to disk beyond it."""
+
+    force_low_precision: bool = False
+    """Allow bf16/fp16 weights (metagradients in half precision are mostly rounding noise)."""
+
+    overwrite: bool = False
+    """Start over instead of resuming a run found at run_path."""
+
+    top_k: int = 10
+    """Training documents printed per score column."""
+
+
+@dataclass
+class ValidateConfig:
+    """Options of ``bergson validate``: check scores against real retraining without subsets."""
+
+    run_path: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_PATH")] = ""
+    """Output directory of the report (validation.json)."""
+
+    recipe: str = ""
+    """The training run to replay: a `bergson magic` config YAML or run directory."""
+
+    scores: list[str] = field(default_factory=list)
+    """Scores stores to check (rows = training documents, one column per query or one in total)."""
+
+    protocol: Literal["leave_k_out", "lds"] = "leave_k_out"
+    """leave_k_out: remove a random --fraction of the documents, same order and seed otherwise;
+    lds: keep a random half (the classical linear datamodeling score)."""
+
+    fraction: float = 0.05
+    """Share of the training documents removed in each leave_k_out subset."""
+
+    num_subsets: int = 20
+    """Number of subsets (one retraining each; cached and reused across methods)."""
+
+    seed: int = 0
+    """Seed of the subsets."""
+
+    cache_dir: str = ""
+    """Where retrains are cached (default: RECIPE_RUN/retrains, or RUN_PATH/retrains)."""
+
+    device: str = "auto"
+    """Device to retrain on."""

@@ -62,12 +62,17 @@ def fit_on_documents(
     )
 
 
-def check_saved_config(cfg: Any, path: Path, what: str) -> None:
-    """Fail if ``path`` holds a config with other options than ``cfg`` (``overwrite`` aside)."""
+def check_saved_config(cfg: Any, path: Path, what: str, ignore: tuple[str, ...] = ()) -> None:
+    """Fail if ``path`` holds a config with other options than ``cfg`` (``overwrite`` and the
+    fields in ``ignore``, which do not change results, aside)."""
     if not path.is_file():
         return
     old = to_dict(replace(load_yaml(type(cfg), path), overwrite=False))
-    diff = describe_difference(old, to_dict(replace(cfg, overwrite=False)))
+    new = to_dict(replace(cfg, overwrite=False))
+    for key in ignore:
+        old.pop(key, None)
+        new.pop(key, None)
+    diff = describe_difference(old, new)
     if diff:
         raise BergsonError(
             f"{path.parent} already holds {what} made with other options ({'; '.join(diff[:3])}); "

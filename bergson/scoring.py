@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -263,3 +264,26 @@ def top_rows(store: GradientStore, k: int) -> list[list[tuple[int, float]]]:
         order = np.argsort(-s[:, c], kind="stable")[:k]
         out.append([(int(store.rows["row_id"][i]), float(s[i, c])) for i in order])
     return out
+
+
+def save_score_matrix(
+    path: str | Path, scores: np.ndarray, base_manifest: Manifest, info: dict[str, Any], overwrite: bool
+) -> GradientStore:
+    """Write a [rows, columns] score matrix computed elsewhere (EK-FAC, MAGIC) as an ordinary
+    scores store, with ``base_manifest``'s model and data and ``info`` as its score entry."""
+    n, nq = scores.shape
+    manifest = replace(
+        base_manifest,
+        kind="scores",
+        status="in_progress",
+        modules=[ModuleLayout("scores", "scores", [nq], False, 0, nq)],
+        dtype="float32",
+        score={**info, "columns": nq, "orientation": SCORE_ORIENTATION},
+    )
+    writer = StoreWriter(path, manifest, overwrite=overwrite)
+    if not writer.complete:
+        writer.begin_shard(0, range(n))
+        writer.write(np.arange(n), scores.astype(np.float32), np.zeros(n, np.int64), np.zeros(n, np.float32))
+        writer.end_shard(0)
+        writer.finalize(1)
+    return load_gradients(path)

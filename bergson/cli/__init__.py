@@ -35,6 +35,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "bergson.cli.trackstar",
         "TrackStar end to end: statistics, mixed preconditioner, query store and scores, resumable.",
     ),
+    "magic": (
+        "bergson.cli.magic",
+        "MAGIC: train once with checkpoints, then differentiate the query loss through training.",
+    ),
+    "validate": (
+        "bergson.cli.validate",
+        "Check scores stores against real retraining without random subsets (leave-k-out, LDS).",
+    ),
 }
 
 
@@ -88,6 +96,8 @@ def parse(command: str, args: Sequence[str]) -> Any:
     module = importlib.import_module(COMMANDS[command][0])
     cls = module.CONFIG
     path, rest = _split_config(list(args))
+    if path is None and rest and rest[0].endswith((".yaml", ".yml")) and not rest[0].startswith("-"):
+        path = rest.pop(0)  # `bergson magic config.yaml`: a leading YAML file is the config
     default = load_yaml(cls, path) if path else None
     rest = _expand_group_aliases(cls, rest)
     return tyro.cli(

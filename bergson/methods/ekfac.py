@@ -309,35 +309,6 @@ def score_documents(
     return Scores(total, per_module, tokens)
 
 
-def save_scores_store(
-    path: Path, scores: Scores, base_manifest: Any, info: dict[str, Any], overwrite: bool
-) -> Any:
-    """Write the total scores as an ordinary scores store (rows x queries)."""
-    from dataclasses import replace
-
-    from ..store import ModuleLayout, StoreWriter, load_gradients
-    from ..store.manifest import SCORE_ORIENTATION
-
-    n, nq = scores.total.shape
-    manifest = replace(
-        base_manifest,
-        kind="scores",
-        status="in_progress",
-        modules=[ModuleLayout("scores", "scores", [nq], False, 0, nq)],
-        dtype="float32",
-        score={**info, "columns": nq, "orientation": SCORE_ORIENTATION},
-    )
-    writer = StoreWriter(path, manifest, overwrite=overwrite)
-    if not writer.complete:
-        writer.begin_shard(0, range(n))
-        writer.write(
-            np.arange(n), scores.total.astype(np.float32), np.zeros(n, np.int64), np.zeros(n, np.float32)
-        )
-        writer.end_shard(0)
-        writer.finalize(1)
-    return load_gradients(path)
-
-
 STAGES = ("covariances", "eigen", "corrected", "queries", "query_store", "scores")
 
 
@@ -390,6 +361,7 @@ def ekfac(cfg: Any) -> Any:
     from ..indexing import load_docs, make_manifest, token_budget, validate_index_config
     from ..models import find_tracked_modules, load_model
     from ..preconditioning import check_saved_config
+    from ..scoring import save_score_matrix
     from ..store import load_gradients
 
     validate_index_config(cfg)
@@ -502,6 +474,6 @@ def ekfac(cfg: Any) -> Any:
         "query_dataset": cfg.query.dataset,
         "unit_normalize": False,
     }
-    store = save_scores_store(scores_path, result, base, score_info, overwrite=True)
+    store = save_score_matrix(scores_path, result.total, base, score_info, overwrite=True)
     timed("scores", start)
     return store

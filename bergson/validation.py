@@ -1,0 +1,215 @@
+"""``bergson validate``: scores checked against real retraining without subsets of documents.
+
+For each subset S of training documents the recipe is retrained with S removed (its tokens
+get weight 0: the same data order, batches and number of steps, the removed documents simply
+absent from their batches' mean loss), and the change of each query's loss is measured:
+Δ_q(S) = Q_q(trained without S) − Q_q(trained on everything). A scores store predicts
+Δ_q(S) ≈ Σ_{i ∈ S} score_{i,q} (bergson scores are oriented so that a positive score means the
+document lowers the query loss, so removing it raises the loss). The report gives, per score
+column and averaged over columns, the Spearman and Pearson correlations over subsets.
+
+Protocols: ``leave_k_out`` removes a random ``fraction`` of the documents; ``lds`` removes a
+random half (the linear datamodeling score of Park et al. 2023, which trains on random
+halves). Retrains are cached by recipe and subset, so several methods are checked against the
+same retrains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .config import MagicConfig, ValidateConfig
+from .errors import BergsonError
+from .store.manifest import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+
+def draw_subsets(num_docs: int, protocol: str, fraction: float, count: int, seed: int) -> list[np.ndarray]:
+    """Sorted document indices removed in each subset."""
+    if count < 2:
+        raise BergsonError(f"--num_subsets {count}: correlations need at least 2 subsets")
+    if protocol == "leave_k_out":
+        if not 0 < fraction < 1:
+            raise BergsonError(f"--fraction {fraction}: must be between 0 and 1")
+        k = max(1, round(fraction * num_docs))
+    elif protocol == "lds":
+        k = num_docs // 2
+    else:
+        raise BergsonError(f"--protocol {protocol!r}: choose leave_k_out or lds")
+    rng = np.random.default_rng(seed)
+    return [np.sort(rng.choice(num_docs, size=k, replace=False)) for _ in range(count)]
+
+
+def rank(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged (what Spearman's correlation needs)."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return sums[inverse] / counts[inverse]
+
+
+def correlations(measured: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """Pearson and Spearman correlations of two 1-D arrays (nan when one is constant)."""
+
+    def corr(a: np.ndarray, b: np.ndarray) -> float:
+        if np.std(a) == 0 or np.std(b) == 0:
+            return float("nan")
+        return float(np.corrcoef(a, b)[0, 1])
+
+    return {"pearson": corr(measured, predicted), "spearman": corr(rank(measured), rank(predicted))}
+
+
+def recipe_identity(cfg: MagicConfig) -> dict[str, Any]:
+    """What determines a retrain's outcome (not where or how attribution is run)."""
+    d = asdict(cfg)
+    for key in (
+        "run_path",
+        "overwrite",
+        "query_mode",
+        "per_token",
+        "checkpoints",
+        "memory_budget_gb",
+        "top_k",
+    ):
+        d.pop(key, None)
+    return d
+
+
+class Retrainer:
+    """Retrain a recipe with documents removed and measure every query's final loss (cached)."""
+
+    def __init__(self, recipe: MagicConfig, cache_dir: str | Path, device: str | None = None):
+        from .methods.magic import Replay, prepare
+
+        if device is not None:
+            recipe = replace(recipe, device=device)
+        self.recipe = recipe
+        self.model, tokenizer, self.docs, self.queries = prepare(recipe)
+        self.pad = tokenizer.pad_token_id or 0
+        self.replay = Replay(self.model, self.docs, recipe.training, self.pad, progress=False)
+        key = json.dumps(
+            {
+                "recipe": recipe_identity(recipe),
+                "docs": _fingerprint(self.docs),
+                "queries": _fingerprint(self.queries),
+            },
+            sort_keys=True,
+            default=str,
+        )
+        self.dir = Path(cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "recipe.json").write_text(key)
+
+    def query_losses(self, removed: np.ndarray) -> np.ndarray:
+        """Each query's mean loss after training without the ``removed`` documents."""
+        import torch
+
+        from .methods.magic import query_losses
+
+        ids = np.sort(np.asarray(removed, np.int64))
+        name = hashlib.sha256(ids.tobytes()).hexdigest()[:16]
+        path = self.dir / f"{name}.json"
+        if path.is_file():
+            return np.asarray(json.loads(path.read_text())["query_losses"])
+        start = time.perf_counter()
+        w = torch.as_tensor(self.replay.layout.ones_except(ids), dtype=self.replay.ones().dtype)
+        state, _ = self.replay.run(w.to(self.replay.device))
+        with torch.no_grad():
+            losses = query_losses(self.model, state.params, self.queries, self.pad).double().cpu().numpy()
+        record = {
+            "removed": ids.tolist(),
+            "query_losses": losses.tolist(),
+            "seconds": time.perf_counter() - start,
+        }
+        atomic_write_bytes(path, json.dumps(record).encode())
+        return losses
+
+
+def _fingerprint(docs: Any) -> str:
+    from .indexing import tokens_fingerprint
+
+    return tokens_fingerprint(docs)
+
+
+def check_store(store: Any, name: str, num_docs: int, num_queries: int) -> np.ndarray:
+    """The [documents, columns] score matrix of a store, or an error naming it."""
+    if store.manifest.kind != "scores":
+        raise BergsonError(f"--scores {name}: a {store.manifest.kind} store, not a scores store")
+    s = np.asarray(store["scores"], np.float64)
+    if s.shape[0] != num_docs:
+        raise BergsonError(
+            f"--scores {name}: {s.shape[0]} rows, but the recipe trains on {num_docs} documents; "
+            "score the recipe's own training set"
+        )
+    if s.shape[1] not in (1, num_queries):
+        raise BergsonError(
+            f"--scores {name}: {s.shape[1]} columns; expected one per query ({num_queries}) or one in total"
+        )
+    return s
+
+
+def validate(cfg: ValidateConfig) -> dict[str, Any]:
+    """Retrain without each subset (cached) and correlate the loss changes with every store's
+    predictions; writes validation.json at ``cfg.run_path`` and returns the report."""
+    from .methods.magic import load_recipe
+    from .store import load_gradients
+
+    if not cfg.run_path:
+        raise BergsonError("run_path is required: the output directory of the report")
+    if not cfg.recipe:
+        raise BergsonError("--recipe is required: a `bergson magic` config YAML or run directory")
+    if not cfg.scores:
+        raise BergsonError("--scores is required: one or more scores stores to check")
+    recipe = load_recipe(cfg.recipe)
+    stores = {name: load_gradients(name) for name in cfg.scores}
+    cache = cfg.cache_dir or str(Path(recipe.run_path or cfg.run_path) / "retrains")
+    retrainer = Retrainer(recipe, cache, None if cfg.device == "auto" else cfg.device)
+    n, nq = len(retrainer.docs), len(retrainer.queries)
+    matrices = {name: check_store(s, name, n, nq) for name, s in stores.items()}
+    subsets = draw_subsets(n, cfg.protocol, cfg.fraction, cfg.num_subsets, cfg.seed)
+    start = time.perf_counter()
+    base = retrainer.query_losses(np.array([], np.int64))
+    measured = np.stack(
+        [retrainer.query_losses(s) - base for s in tqdm(subsets, desc="retraining", unit="run")]
+    )  # [subsets, queries]
+    report: dict[str, Any] = {
+        "protocol": cfg.protocol,
+        "removed_per_subset": len(subsets[0]),
+        "documents": n,
+        "queries": nq,
+        "subsets": len(subsets),
+        "seed": cfg.seed,
+        "retrain_cache": str(retrainer.dir),
+        "retrain_seconds": round(time.perf_counter() - start, 2),
+        "base_query_losses": base.tolist(),
+        "stores": {},
+    }
+    for name, s in matrices.items():
+        predicted = np.stack([s[idx].sum(0) for idx in subsets])  # [subsets, columns]
+        entry: dict[str, Any] = {"method": (stores[name].manifest.score or {}).get("kind", "gradient")}
+        if s.shape[1] == nq:
+            per = [correlations(measured[:, q], predicted[:, q]) for q in range(nq)]
+            entry["per_query"] = per
+            for key in ("spearman", "pearson"):
+                vals = np.array([p[key] for p in per])
+                entry[f"mean_{key}"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+                entry[f"std_{key}"] = float(np.nanstd(vals)) if np.isfinite(vals).any() else float("nan")
+        agg_pred = predicted.mean(1)
+        entry["aggregate"] = correlations(measured.mean(1), agg_pred)
+        report["stores"][name] = entry
+    out = Path(cfg.run_path)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "validation.json", json.dumps(report, indent=2).encode())
+    return report
