@@ -418,6 +418,11 @@ class TrainingConfig:
     seed: int = 0
     """Seed of the data order (a fresh permutation per epoch)."""
 
+    freeze: list[str] = field(default_factory=list)
+    """Glob patterns of parameter names kept fixed (e.g. 'gpt_neox.embed_in.*'). Adam's update of a
+    row that only one document touches does not shrink with that document's weight, so freezing
+    sparse input embeddings makes removal effects far more linear (and MAGIC far more accurate)."""
+
 
 @dataclass
 class MagicConfig(ModelOptions):

@@ -200,6 +200,12 @@ def test_recipe_pieces_follow_their_definitions():
     assert all(np.array_equal(a, b) for s1, s2 in zip(plan, again) for a, b in zip(s1, s2))
     with pytest.raises(BergsonError, match="batch_size"):
         plan_steps(10, TrainingConfig(batch_size=0))
+    model = tiny_gpt2(vocab=24, hidden=8, layers=1)
+    docs = random_docs(4, 24)
+    frozen = Replay(model, docs, TrainingConfig(freeze=["transformer.wte.*"]), progress=False)
+    assert "transformer.wte.weight" not in frozen.names and "lm_head.weight" in frozen.names
+    with pytest.raises(BergsonError, match=r"--training\.freeze 'nothing'"):
+        Replay(model, docs, TrainingConfig(freeze=["nothing"]), progress=False)
 
 
 def test_half_precision_is_refused_unless_forced():

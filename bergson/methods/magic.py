@@ -253,13 +253,22 @@ class Replay:
         self.pad_token_id = pad_token_id
         self.progress = progress
         self.device = next(model.parameters()).device
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        from fnmatch import fnmatch
+
+        named = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n in named if not any(fnmatch(n, pat) for pat in recipe.freeze)]
+        unused = [pat for pat in recipe.freeze if not any(fnmatch(n, pat) for n in named)]
+        if unused:
+            raise BergsonError(
+                f"--training.freeze {unused[0]!r} matches no parameter; names look like {named[0]!r}"
+            )
         if not self.names:
-            raise BergsonError("the model has no trainable parameters")
+            raise BergsonError("the model has no trainable parameters (check --training.freeze)")
         self.plan = plan_steps(len(docs), recipe)
         self.layout = TokenWeights(docs)
         self._batches: dict[int, list[MicroBatch]] = {}
-        self._initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        params = dict(model.named_parameters())
+        self._initial = {n: params[n].detach().clone() for n in self.names}
 
     @property
     def num_steps(self) -> int:
