@@ -216,6 +216,17 @@ def test_half_precision_is_refused_unless_forced():
     check_precision(tiny_gpt2(dtype=torch.float32), force=False)
 
 
+def test_attention_without_double_backward_is_replaced():
+    from bergson.methods.magic import use_double_backward_attention
+
+    model = tiny_gpt2(dtype=torch.float32)
+    model.config._attn_implementation = "flash_attention_2"  # as loaded for a CUDA run
+    use_double_backward_attention(model)
+    assert model.config._attn_implementation == "sdpa"
+    use_double_backward_attention(model)  # eager and sdpa are kept
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_validation_helpers():
     np.testing.assert_array_equal(rank(np.array([3.0, 1.0, 2.0, 2.0])), [3.0, 0.0, 1.5, 1.5])
     subsets = draw_subsets(100, "leave_k_out", 0.05, 4, 0)

@@ -134,3 +134,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         print(f"bergson {command}: interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+
+
+def print_top_rows(store: Any, k: int, label: str = "column") -> None:
+    """The ``k`` highest-scoring rows of each column of a scores store, one block per column."""
+    from ..scoring import top_rows
+
+    for col, hits in enumerate(top_rows(store, k)):
+        print(f"{label} {col}:")
+        for rank, (row, value) in enumerate(hits, 1):
+            print(f"  {rank:3d}. row {row:8d}  score {value:+.5g}")

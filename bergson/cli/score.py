@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from ..config import ScoreConfig
+from . import print_top_rows
 
 CONFIG = ScoreConfig
 
 
 def run(cfg: ScoreConfig) -> None:
-    from ..scoring import score, top_rows
+    from ..scoring import score
 
     store = score(cfg)
     print(f"wrote {store!r}")
     print(f"scores: {store.manifest.score['orientation'] if store.manifest.score else ''}")
-    for col, hits in enumerate(top_rows(store, cfg.top_k)):
-        print(f"column {col}:")
-        for rank, (row, value) in enumerate(hits, 1):
-            print(f"  {rank:3d}. row {row:8d}  score {value:+.5g}")
+    print_top_rows(store, cfg.top_k)

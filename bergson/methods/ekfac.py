@@ -363,20 +363,14 @@ def ekfac(cfg: Any) -> Any:
     from ..preconditioning import check_saved_config
     from ..scoring import save_score_matrix
     from ..store import load_gradients
+    from ..store.writer import remove_outputs
 
     validate_index_config(cfg)
     if not cfg.query.dataset:
         raise BergsonError("--query.dataset is required: the queries whose influences are wanted")
     root = Path(cfg.run_path)
     if cfg.overwrite and root.exists():
-        import shutil
-
-        for stage in (*STAGES, "per_module.npz", "ekfac.yaml", "timings.json"):
-            path = root / stage
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        remove_outputs(root, (*STAGES, "per_module.npz", "ekfac.yaml", "timings.json"))
     check_saved_config(cfg, root / "ekfac.yaml", "an EK-FAC run")
     root.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, root / "ekfac.yaml")

@@ -38,7 +38,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -347,27 +347,13 @@ class Replay:
                 self.recipe, state.detached(), {k: v.detach() for k, v in gd.items()}, t, lr
             ), total
 
-    def run(
-        self,
-        weights: torch.Tensor | None = None,
-        state: State | None = None,
-        start: int = 0,
-        stop: int | None = None,
-        on_state: Callable[[int, State], None] | None = None,
-    ) -> tuple[State, list[float]]:
-        """Train from ``state`` at step ``start`` to ``stop`` without a graph; ``on_state(t, s_t)``
-        sees every state before its step."""
+    def run(self, weights: torch.Tensor | None = None) -> tuple[State, list[float]]:
+        """The whole run without a graph (token weights default to ones): final state, step losses."""
         w = self.ones() if weights is None else weights
-        s = self.initial_state() if state is None else state
-        stop = self.num_steps if stop is None else stop
+        s = self.initial_state()
         losses = []
-        bar = tqdm(
-            range(start, stop), desc="training", unit="step", disable=not self.progress or stop - start < 2
-        )
         with _math_attention():
-            for t in bar:
-                if on_state is not None:
-                    on_state(t, s)
+            for t in tqdm(range(self.num_steps), desc="training", unit="step", disable=not self.progress):
                 s, loss = self.step(s, t, w)
                 losses.append(loss)
         return s, losses
@@ -443,6 +429,15 @@ class StateCache:
         self.disk.add(t)
         self.spilled += 1
 
+    def __contains__(self, t: int) -> bool:
+        return t in self.memory or t in self.disk
+
+    def get(self, t: int) -> State:
+        """The state at ``t``, kept where it is."""
+        if t in self.memory:
+            return self.memory[t]
+        return State.load(self.spill_dir / f"{t}.safetensors", self.template, self.device)[0]
+
     def pop(self, t: int) -> State:
         if t in self.memory:
             s = self.memory.pop(t)
@@ -464,7 +459,13 @@ class ReverseResult:
 
 
 class MagicRun:
-    """The forward pass with checkpoints and the reverse passes of one recipe, in ``root``."""
+    """The forward pass with checkpoints and the reverse passes of one recipe, in ``root``.
+
+    The scheduled states are kept in memory (half of ``memory_budget``; beyond it they spill
+    to ``root/states/spill``). Independently, every ~√T steps and at the end a state goes to
+    ``root/states`` on disk, so that a killed run resumes; scheduled states lost with the
+    process are replayed from the nearest saved one when the reverse pass needs them.
+    """
 
     def __init__(self, replay: Replay, root: Path, schedule: str = "sqrt", memory_budget: int = 2 << 30):
         self.replay = replay
@@ -478,6 +479,8 @@ class MagicRun:
         self.weights = replay.ones()
         self.save_every_s = 30.0
         """Seconds between saves of the reverse pass's progress (at segment ends)."""
+        self.resume_steps = set(checkpoint_steps("sqrt", self.total))
+        self.kept = StateCache(memory_budget // 2, self.states_dir / "spill", self.template, replay.device)
 
     def _path(self, t: int) -> Path:
         return self.states_dir / f"step_{t:07d}.safetensors"
@@ -491,7 +494,8 @@ class MagicRun:
         if self._path(self.total).is_file():
             s, meta = self._load(self.total)
             return s, meta["losses"]
-        saved = [t for t in self.steps if self._path(t).is_file()]
+        shutil.rmtree(self.states_dir / "spill", ignore_errors=True)  # a killed process's spill
+        saved = [t for t in self.resume_steps if self._path(t).is_file()]
         start = max(saved) if saved else 0
         state, meta = self._load(start) if saved else (None, {"losses": []})
         losses: list[float] = list(meta["losses"])
@@ -502,7 +506,9 @@ class MagicRun:
         bar = tqdm(range(start, self.total), desc="training", unit="step", disable=not self.replay.progress)
         with _math_attention():
             for t in bar:
-                if t in self.steps and not self._path(t).is_file():
+                if t in self.steps:
+                    self.kept.put(t, s)
+                if t in self.resume_steps and not self._path(t).is_file():
                     s.save(self._path(t), {"step": t, "losses": losses})
                 s, loss = self.replay.step(s, t, self.weights)
                 losses.append(loss)
@@ -511,6 +517,21 @@ class MagicRun:
         return s, losses
 
     # -------------------------------------------------------------------- reverse
+    def _state_at(self, t: int) -> State:
+        """A scheduled state: kept, on disk, or replayed from the nearest earlier one (and kept)."""
+        if t in self.kept:
+            return self.kept.get(t)
+        if self._path(t).is_file():
+            return self._load(t)[0]
+        earlier = [u for u in range(t - 1, -1, -1) if u in self.kept or self._path(u).is_file()]
+        if not earlier:
+            raise BergsonError(
+                f"{self.states_dir}: no saved training state before step {t}; rerun with --overwrite"
+            )
+        s = self._advance(self._state_at(earlier[0]), earlier[0], t)
+        self.kept.put(t, s)
+        return s
+
     def _vjp(self, s: State, t: int, cot: State) -> tuple[State, torch.Tensor]:
         leaf = s.detached(requires_grad=True)
         w = self.weights.detach().clone().requires_grad_(True)
@@ -554,7 +575,7 @@ class MagicRun:
         bar.update(self.total - bounds[segment + 1])
         while segment >= 0:
             a, b = bounds[segment], bounds[segment + 1]
-            s_a, _ = self._load(a)
+            s_a = self._state_at(a)
             if self.schedule == "log":
                 cot = self._bisect(s_a, a, b, cot, acc, bar)
             else:
@@ -579,13 +600,13 @@ class MagicRun:
 
     def _linear(self, s_a: State, a: int, b: int, cot: State, acc: torch.Tensor, bar: Any) -> State:
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".replay-") as tmp:
-            cache = StateCache(self.memory_budget, Path(tmp), self.template, self.replay.device)
+            cache = StateCache(self.memory_budget // 2, Path(tmp), self.template, self.replay.device)
             s = s_a
             cache.put(a, s)
             for t in range(a + 1, b):
                 s = self._advance(s, t - 1, t)
                 cache.put(t, s)
-            self.peak_in_memory = max(self.peak_in_memory, len(cache.memory))
+            self.peak_in_memory = max(self.peak_in_memory, len(cache.memory) + len(self.kept.memory))
             for t in range(b - 1, a - 1, -1):
                 cot = self._step_back(cache.pop(t), t, cot, acc, bar)
         return cot
@@ -593,7 +614,7 @@ class MagicRun:
     def _bisect(
         self, s_a: State, a: int, b: int, cot: State, acc: torch.Tensor, bar: Any, depth: int = 1
     ) -> State:
-        self.peak_in_memory = max(self.peak_in_memory, depth)
+        self.peak_in_memory = max(self.peak_in_memory, depth + len(self.kept.memory))
         if b - a == 1:
             return self._step_back(s_a, a, cot, acc, bar)
         mid = (a + b + 1) // 2
@@ -626,6 +647,23 @@ def check_precision(model: nn.Module, force: bool) -> None:
             f"the model's weights are {str(dtype).removeprefix('torch.')}: metagradients in half precision "
             "are mostly rounding noise. Use --precision fp32 (or pass --force_low_precision to go on anyway)"
         )
+
+
+def use_double_backward_attention(model: nn.Module) -> None:
+    """Switch attention kernels without double-backward support (flash attention and other
+    hub kernels) to SDPA, which `_math_attention` then pins to its math kernel."""
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl in (None, "eager", "sdpa"):
+        return
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is None:
+        raise BergsonError(
+            f"the model's attention implementation {impl!r} has no double backward; load it with "
+            "attn_implementation='sdpa' or 'eager'"
+        )
+    logger.info("attention %r has no double backward: using sdpa (math kernel) instead", impl)
+    setter("sdpa")
 
 
 def query_columns(cfg: MagicConfig, num_queries: int) -> list[np.ndarray]:
@@ -669,6 +707,7 @@ def prepare(cfg: MagicConfig) -> tuple[nn.Module, Any, TokenizedDocs, TokenizedD
         raise BergsonError("--query.dataset is required: the documents whose loss is attributed")
     model, tokenizer = load_model(replace(cfg, precision="fp32") if cfg.precision == "auto" else cfg)
     check_precision(model, cfg.force_low_precision)
+    use_double_backward_attention(model)
     max_tokens = cfg.data.max_length or context_size(model) or 2048
     docs = load_docs(cfg.data, tokenizer, max_tokens)
     qdocs = load_docs(cfg.query, tokenizer, cfg.query.max_length or max_tokens, option="--query.dataset")
@@ -683,17 +722,13 @@ def magic(cfg: MagicConfig) -> Any:
     from ..preconditioning import check_saved_config
     from ..scoring import save_score_matrix
     from ..store import load_gradients
+    from ..store.writer import remove_outputs
 
     if not cfg.run_path:
         raise BergsonError("--run_path is required: the output directory of the run")
     root = Path(cfg.run_path)
     if cfg.overwrite and root.exists():
-        for name in OUTPUTS:
-            path = root / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        remove_outputs(root, OUTPUTS)
     check_saved_config(cfg, root / CONFIG_FILE, "a MAGIC run", ignore=("top_k", "device", "memory_budget_gb"))
     root.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, root / CONFIG_FILE)

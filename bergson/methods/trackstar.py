@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import fields, replace
@@ -42,6 +41,7 @@ from ..preconditioning import check_saved_config, fit_on_documents
 from ..scoring import score_documents, top_rows
 from ..store import GradientStore, load_gradients
 from ..store.manifest import atomic_write_bytes
+from ..store.writer import remove_outputs
 from ..transforms.normalizers import Normalizer
 from ..transforms.preconditioners import (
     Preconditioner,
@@ -208,12 +208,7 @@ def trackstar(cfg: TrackstarConfig, normalizers: Mapping[str, Normalizer] | None
         raise BergsonError("--query.dataset is required: the queries to explain")
     root = Path(cfg.run_path)
     if cfg.overwrite and root.exists():
-        for name in (*STEPS, TIMINGS_FILE, "summary.md", "top_k.jsonl", CONFIG_FILE):
-            path = root / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        remove_outputs(root, (*STEPS, TIMINGS_FILE, "summary.md", "top_k.jsonl", CONFIG_FILE))
     check_saved_config(cfg, root / CONFIG_FILE, "a TrackStar run")
     root.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, root / CONFIG_FILE)

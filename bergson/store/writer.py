@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -99,12 +100,7 @@ class StoreWriter:
                     f"{root} already holds a store built with other options ({shown}); "
                     "pass --overwrite to replace it, or choose another run_path"
                 )
-            for name in _OWN_FILES:
-                p = root / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
+            remove_outputs(root, _OWN_FILES)
         elif root.is_dir() and any(root.iterdir()):
             raise BergsonError(
                 f"run_path {root} exists and is not a bergson store; choose a new or empty directory"
@@ -206,3 +202,13 @@ class StoreWriter:
         write_manifest(self.root, self.manifest)
         self.complete = True
         return self.manifest
+
+
+def remove_outputs(root: Path, names: Iterable[str]) -> None:
+    """Delete the named files and directories under ``root`` (what ``--overwrite`` replaces)."""
+    for name in names:
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
