@@ -206,6 +206,14 @@ def test_recipe_pieces_follow_their_definitions():
     assert "transformer.wte.weight" not in frozen.names and "lm_head.weight" in frozen.names
     with pytest.raises(BergsonError, match=r"--training\.freeze 'nothing'"):
         Replay(model, docs, TrainingConfig(freeze=["nothing"]), progress=False)
+    for bad, option in (
+        (dict(lr=0.0), "lr"),
+        (dict(beta2=1.0), "beta2"),
+        (dict(max_grad_norm=-1.0), "max_grad_norm"),
+        (dict(warmup_steps=-2), "warmup_steps"),
+    ):
+        with pytest.raises(BergsonError, match=rf"--training\.{option} "):
+            Replay(model, docs, TrainingConfig(**bad), progress=False)
 
 
 def test_half_precision_is_refused_unless_forced():
@@ -290,6 +298,10 @@ def test_magic_and_validate_from_the_shell(tmp_path, model_dir, corpus_file):
     assert len(entry["per_query"]) == 2 and report["removed_per_subset"] == 2
     cached = sorted((tmp_path / "run" / "retrains").rglob("*.json"))
     assert len(cached) == 1 + 4 + 1  # baseline, 4 subsets, recipe.json
+    lds = run("validate", str(tmp_path / "lds"), "--recipe", str(tmp_path / "run"), "--scores",
+              str(tmp_path / "run" / "scores"), "--protocol", "lds", "--num_subsets", "3")  # fmt: skip
+    assert "lds: 3 retrains without 6 of 12 documents" in lds.stdout
+    assert len(sorted((tmp_path / "run" / "retrains").rglob("*.json"))) == 1 + 4 + 1 + 3  # baseline reused
     # a store over other documents is refused with its name
     bad = run(
         "validate",

@@ -64,6 +64,27 @@ Tensors = dict[str, torch.Tensor]
 # The recipe: data order, schedule, optimizer update
 
 
+def check_recipe(recipe: TrainingConfig) -> None:
+    """An error naming the option for a recipe that cannot be trained as written."""
+    checks = [
+        ("lr", recipe.lr > 0, "must be > 0"),
+        ("beta1", 0 <= recipe.beta1 < 1, "must be in [0, 1)"),
+        ("beta2", 0 <= recipe.beta2 < 1, "must be in [0, 1)"),
+        ("eps", recipe.eps > 0, "must be > 0"),
+        ("momentum", 0 <= recipe.momentum < 1, "must be in [0, 1)"),
+        ("weight_decay", recipe.weight_decay >= 0, "must be >= 0"),
+        ("warmup_steps", recipe.warmup_steps >= 0, "must be >= 0"),
+        ("max_grad_norm", recipe.max_grad_norm >= 0, "must be >= 0 (0: no clipping)"),
+    ]
+    for name, ok, why in checks:
+        if not ok:
+            raise BergsonError(f"--training.{name} {getattr(recipe, name)}: {why}")
+    if recipe.optimizer not in ("adamw", "sgd"):
+        raise BergsonError(f"--training.optimizer {recipe.optimizer!r}: choose adamw or sgd")
+    if recipe.schedule not in ("constant", "linear", "cosine"):
+        raise BergsonError(f"--training.schedule {recipe.schedule!r}: choose constant, linear or cosine")
+
+
 def plan_steps(num_docs: int, recipe: TrainingConfig) -> list[list[np.ndarray]]:
     """Document indices of every micro-batch of every optimizer step, in training order.
 
@@ -264,6 +285,7 @@ class Replay:
             )
         if not self.names:
             raise BergsonError("the model has no trainable parameters (check --training.freeze)")
+        check_recipe(recipe)
         self.plan = plan_steps(len(docs), recipe)
         self.layout = TokenWeights(docs)
         self._batches: dict[int, list[MicroBatch]] = {}
