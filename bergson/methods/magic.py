@@ -472,6 +472,10 @@ class StateCache:
         return s
 
 
+PROGRESS = "_progress"
+"""Slot name of the accumulated weight gradients in a reverse pass's progress file."""
+
+
 @dataclass
 class ReverseResult:
     token_grads: np.ndarray
@@ -588,9 +592,11 @@ class MagicRun:
         bounds = [*self.steps, self.total]
         segment = len(self.steps) - 1
         if progress_path is not None and progress_path.is_file():
-            loaded, meta = State.load(progress_path, self.template, self.replay.device)
+            # one file holds the cotangent and the weight gradients so far: saved atomically together
+            with_acc = State(self.template.params, {**self.template.slots, PROGRESS: {"acc": acc}})
+            loaded, meta = State.load(progress_path, with_acc, self.replay.device)
+            acc = loaded.slots.pop(PROGRESS)["acc"].double().cpu()
             cot = loaded
-            acc = torch.from_numpy(np.load(progress_path.with_suffix(".npy")))
             segment = int(meta["next_segment"])
         last_save = time.perf_counter()
         bar = tqdm(total=bounds[segment + 1], desc="reverse", unit="step", disable=not self.replay.progress)
@@ -608,8 +614,8 @@ class MagicRun:
                 and segment >= 0
                 and time.perf_counter() - last_save >= self.save_every_s
             ):
-                np.save(progress_path.with_suffix(".npy"), acc.numpy())
-                cot.save(progress_path, {"next_segment": segment})
+                progress = State(cot.params, {**cot.slots, PROGRESS: {"acc": acc}})
+                progress.save(progress_path, {"next_segment": segment})
                 last_save = time.perf_counter()
         bar.close()
         return ReverseResult(acc.numpy(), self.replayed, self.peak_in_memory)
@@ -791,7 +797,9 @@ def magic(cfg: MagicConfig) -> Any:
             q = query_losses(model, params, _subset(qdocs, rows), pad).mean()
         cot = dict(zip(params, torch.autograd.grad(q, list(params.values()))))
         result = run.reverse(cot, reverse_dir / f"column_{j}.progress.safetensors")
-        np.save(done, result.token_grads)
+        tmp = done.with_name(f".{done.name}")
+        np.save(tmp, result.token_grads)
+        tmp.replace(done)
         grads.append(result.token_grads)
         timed(
             f"reverse_{j}_s",
