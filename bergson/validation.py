@@ -91,6 +91,7 @@ class Retrainer:
     """Retrain a recipe with documents removed and measure every query's final loss (cached)."""
 
     def __init__(self, recipe: MagicConfig, cache_dir: str | Path, device: str | None = None):
+        from .indexing import tokens_fingerprint
         from .methods.magic import Replay, prepare
 
         if device is not None:
@@ -102,8 +103,8 @@ class Retrainer:
         key = json.dumps(
             {
                 "recipe": recipe_identity(recipe),
-                "docs": _fingerprint(self.docs),
-                "queries": _fingerprint(self.queries),
+                "docs": tokens_fingerprint(self.docs),
+                "queries": tokens_fingerprint(self.queries),
             },
             sort_keys=True,
             default=str,
@@ -135,12 +136,6 @@ class Retrainer:
         }
         atomic_write_bytes(path, json.dumps(record).encode())
         return losses
-
-
-def _fingerprint(docs: Any) -> str:
-    from .indexing import tokens_fingerprint
-
-    return tokens_fingerprint(docs)
 
 
 def check_store(store: Any, name: str, num_docs: int, num_queries: int) -> np.ndarray:

@@ -34,7 +34,7 @@ import torch
 from . import corpus as corpus_mod
 from .bm25 import bm25_scores
 from .metrics import evaluate
-from .train import add_recipe_args, fact_recall, train
+from .train import add_recipe_args, fact_recall, recipe_kwargs, train
 
 
 @dataclass
@@ -273,14 +273,7 @@ def main() -> None:
     timings["corpus"] = round(time.perf_counter() - start, 2)
 
     model_dir = out / "model"
-    recipe = {
-        "epochs": args.epochs,
-        "lr": args.lr,
-        "batch_size": args.batch_size,
-        "weight_decay": args.weight_decay,
-        "seed": args.seed,
-        "data_sha256": _sha256(paths["train"]),
-    }
+    recipe = {**recipe_kwargs(args), "data_sha256": _sha256(paths["train"])}
     info_path = model_dir / "train_info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else None
     if (
@@ -291,16 +284,7 @@ def main() -> None:
     ):
         start = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the JSON result
-            info = train(
-                out / "data",
-                model_dir,
-                epochs=args.epochs,
-                lr=args.lr,
-                batch_size=args.batch_size,
-                weight_decay=args.weight_decay,
-                seed=args.seed,
-                threads=args.threads,
-            )
+            info = train(out / "data", model_dir, threads=args.threads, **recipe_kwargs(args))
         info["recipe"] = recipe
         info_path.write_text(json.dumps(info, indent=2) + "\n")
         timings["train"] = round(time.perf_counter() - start, 2)

@@ -250,6 +250,11 @@ def add_recipe_args(parser: Any) -> None:
     parser.add_argument("--weight_decay", type=float, default=0.1)
 
 
+def recipe_kwargs(args: Any) -> dict[str, Any]:
+    """The options of :func:`add_recipe_args` (plus the seed) as keyword arguments of ``train``."""
+    return {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "weight_decay", "seed")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -268,12 +273,8 @@ def main() -> None:
         args.out,
         init=args.init,
         hidden=args.hidden,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
         threads=args.threads,
+        **recipe_kwargs(args),
         recall_every=args.recall_every,
     )
     print(json.dumps(info, indent=2))

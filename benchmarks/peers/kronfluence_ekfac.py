@@ -48,8 +48,10 @@ from typing import Any
 
 from ..common import ASSETS, CORPUS, random_neox_dir
 from .published_bergson import (
+    INSTALL_MARKER,
     _step,
     clean_env,
+    clear_interrupted_venv,
     dir_size_mb,
     log,
     log_tail,
@@ -62,7 +64,6 @@ REPO = Path(__file__).resolve().parents[2]
 KRONFLUENCE_VERSION = "1.0.1"
 TORCH_VERSION = "2.13.0"
 VENV = REPO / "benchmarks" / ".venvs" / "kronfluence"
-INSTALL_MARKER = "bench-install.json"
 WORKER = Path(__file__).resolve().with_name("_kronfluence_worker.py")
 WORKDIR = REPO / "runs" / "kronfluence_ekfac"
 # kronfluence 1.0.1's requirements except torch (pinned) and torchvision (declared, never imported).
@@ -132,10 +133,7 @@ def ensure_venv(venv: Path = VENV, skip_install: bool = False) -> dict[str, Any]
     elif skip_install:
         raise SystemExit(f"--skip_install given but there is no complete kronfluence venv at {venv}")
     else:
-        if venv.exists():
-            log(f"{venv} exists without {INSTALL_MARKER} (an interrupted set-up?); recreating it")
-            shutil.rmtree(venv)
-        venv.parent.mkdir(parents=True, exist_ok=True)
+        clear_interrupted_venv(venv)
         log_file = venv.parent / "kronfluence-install.log"
         log_file.write_text("")
         pip = [str(python), "-I", "-m", "pip"]

@@ -243,6 +243,14 @@ def peer_versions(
     return json.loads(res.stdout)
 
 
+def clear_interrupted_venv(venv: Path) -> None:
+    """Remove a venv whose set-up never finished (no install marker) and make its parent."""
+    if venv.exists():
+        log(f"{venv} exists without {INSTALL_MARKER} (an interrupted set-up?); recreating it")
+        shutil.rmtree(venv)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+
+
 def ensure_peer_venv(venv: Path, skip_install: bool, log_file: Path) -> dict[str, Any]:
     """Create the peer's venv unless a complete one exists; describe how it was made."""
     marker = venv / INSTALL_MARKER
@@ -253,10 +261,7 @@ def ensure_peer_venv(venv: Path, skip_install: bool, log_file: Path) -> dict[str
     elif skip_install:
         raise SystemExit(f"--skip_install given but there is no peer venv at {venv}")
     else:
-        if venv.exists():
-            log(f"{venv} exists without {INSTALL_MARKER} (an interrupted set-up?); recreating it")
-            shutil.rmtree(venv)
-        venv.parent.mkdir(parents=True, exist_ok=True)
+        clear_interrupted_venv(venv)
         pip = [str(venv / "bin" / "python"), "-I", "-m", "pip"]
         steps = {
             "venv_s": _step([shutil.which("python3") or "python3", "-I", "-m", "venv", str(venv)], log_file),

@@ -20,7 +20,6 @@ lowers the query's loss.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Iterator, Mapping
@@ -39,7 +38,6 @@ from ..collect.loop import IGNORE, _pad
 from ..data import TokenizedDocs
 from ..data.batching import plan_batches
 from ..errors import BergsonError
-from ..store.manifest import atomic_write_bytes
 from ..transforms.ekfac import Factors, eigendecompose, ihvp, kfac_eigenvalues
 
 logger = logging.getLogger(__name__)
@@ -364,13 +362,14 @@ def ekfac(cfg: Any) -> Any:
     from ..scoring import save_score_matrix
     from ..store import load_gradients
     from ..store.writer import remove_outputs
+    from ..timings import TIMINGS_FILE, Timings
 
     validate_index_config(cfg)
     if not cfg.query.dataset:
         raise BergsonError("--query.dataset is required: the queries whose influences are wanted")
     root = Path(cfg.run_path)
     if cfg.overwrite and root.exists():
-        remove_outputs(root, (*STAGES, "per_module.npz", "ekfac.yaml", "timings.json"))
+        remove_outputs(root, (*STAGES, "per_module.npz", "ekfac.yaml", TIMINGS_FILE))
     check_saved_config(cfg, root / "ekfac.yaml", "an EK-FAC run")
     root.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, root / "ekfac.yaml")
@@ -398,12 +397,7 @@ def ekfac(cfg: Any) -> Any:
         seed=cfg.fisher_seed,
         dtype=torch.float64 if cfg.factor_dtype == "float64" else torch.float32,
     )
-    timings_path = root / "timings.json"
-    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-
-    def timed(stage: str, start: float) -> None:
-        timings[stage] = round(time.perf_counter() - start, 3)
-        atomic_write_bytes(timings_path, json.dumps(timings, indent=2).encode())
+    timings = Timings(root)
 
     info = {
         "kind": "ekfac",
@@ -418,18 +412,18 @@ def ekfac(cfg: Any) -> Any:
     if not Factors.complete(root / "covariances"):
         start = time.perf_counter()
         fit_covariances(model, docs, opts).save(root / "covariances")
-        timed("covariances", start)
+        timings.record("covariances", start)
     if not Factors.complete(root / "eigen"):
         start = time.perf_counter()
         eigendecompose(Factors.load(root / "covariances")).save(root / "eigen")
-        timed("eigen", start)
+        timings.record("eigen", start)
     eigen = Factors.load(root / "eigen")
     corrected = None
     if cfg.method == "ekfac":
         if not Factors.complete(root / "corrected"):
             start = time.perf_counter()
             fit_corrected_eigenvalues(model, docs, eigen, opts).save(root / "corrected")
-            timed("corrected", start)
+            timings.record("corrected", start)
         corrected = Factors.load(root / "corrected")
     qdocs = load_docs(cfg.query, tokenizer, max_tokens, option="--query.dataset")
     if not Factors.complete(root / "queries"):
@@ -438,7 +432,7 @@ def ekfac(cfg: Any) -> Any:
         precondition_queries(
             grads, eigen, corrected, cfg.damping, cfg.damping_mode, cfg.query_rank, opts.dtype
         ).save(root / "queries")
-        timed("queries", start)
+        timings.record("queries", start)
     del eigen, corrected
     queries = Factors.load(root / "queries")
     if cfg.projected_queries:
@@ -450,7 +444,7 @@ def ekfac(cfg: Any) -> Any:
             save_query_store(
                 root / "query_store", queries, qbase, info, cfg.projection_seed, cfg.projection_dim
             )
-            timed("query_store", start)
+            timings.record("query_store", start)
     scores_path = root / "scores"
     try:
         return load_gradients(scores_path)
@@ -469,5 +463,5 @@ def ekfac(cfg: Any) -> Any:
         "unit_normalize": False,
     }
     store = save_score_matrix(scores_path, result.total, base, score_info, overwrite=True)
-    timed("scores", start)
+    timings.record("scores", start)
     return store

@@ -53,7 +53,7 @@ from ..collect.loop import IGNORE, _pad
 from ..config import MagicConfig, TrainingConfig
 from ..data import TokenizedDocs
 from ..errors import BergsonError
-from ..store.manifest import atomic_write_bytes
+from ..timings import TIMINGS_FILE, Timings
 
 logger = logging.getLogger(__name__)
 
@@ -187,15 +187,13 @@ def optimizer_update(recipe: TrainingConfig, state: State, grads: Tensors, step:
             new_params[k] = p * (1 - lr * recipe.weight_decay) - (lr / bc1) * m / denom
             m_new[k], v_new[k] = m, v
         return State(new_params, {"m": m_new, "v": v_new})
-    if recipe.optimizer == "sgd":
-        buf_new = {}
-        for k, p in params.items():
-            g = grads[k] + recipe.weight_decay * p if recipe.weight_decay else grads[k]
-            buf = recipe.momentum * state.slots["buf"][k] + g if recipe.momentum else g
-            new_params[k] = p - lr * buf
-            buf_new[k] = buf
-        return State(new_params, {"buf": buf_new})
-    raise BergsonError(f"--training.optimizer {recipe.optimizer!r}: choose adamw or sgd")
+    buf_new = {}  # sgd (check_recipe admits no other optimizer)
+    for k, p in params.items():
+        g = grads[k] + recipe.weight_decay * p if recipe.weight_decay else grads[k]
+        buf = recipe.momentum * state.slots["buf"][k] + g if recipe.momentum else g
+        new_params[k] = p - lr * buf
+        buf_new[k] = buf
+    return State(new_params, {"buf": buf_new})
 
 
 def clip(grads: Tensors, max_norm: float) -> Tensors:
@@ -560,7 +558,7 @@ class MagicRun:
 
     def _vjp(self, s: State, t: int, cot: State) -> tuple[State, torch.Tensor]:
         leaf = s.detached(requires_grad=True)
-        w = self.weights.detach().clone().requires_grad_(True)
+        w = self.weights.detach().requires_grad_(True)  # a new leaf sharing storage, no copy
         with _math_attention():
             new, _ = self.replay.step(leaf, t, w, create_graph=True)
         outs, grads_out = [], []
@@ -721,7 +719,7 @@ def load_recipe(path: str) -> MagicConfig:
 
 
 CONFIG_FILE = "magic.yaml"
-OUTPUTS = ("states", "reverse", "model", "scores", "token_scores.safetensors", "timings.json", CONFIG_FILE)
+OUTPUTS = ("states", "reverse", "model", "scores", "token_scores.safetensors", TIMINGS_FILE, CONFIG_FILE)
 
 
 def prepare(cfg: MagicConfig) -> tuple[nn.Module, Any, TokenizedDocs, TokenizedDocs]:
@@ -768,18 +766,11 @@ def magic(cfg: MagicConfig) -> Any:
     pad = tokenizer.pad_token_id or 0
     replay = Replay(model, docs, cfg.training, pad)
     run = MagicRun(replay, root, cfg.checkpoints, int(cfg.memory_budget_gb * 2**30))
-    timings_path = root / "timings.json"
-    timings: dict[str, Any] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-
-    def timed(key: str, start: float, **extra: Any) -> None:
-        timings[key] = round(time.perf_counter() - start, 3)
-        timings.update(extra)
-        atomic_write_bytes(timings_path, json.dumps(timings, indent=2).encode())
-
+    timings = Timings(root)
     start = time.perf_counter()
     final, losses = run.train()
     if "train_s" not in timings:
-        timed("train_s", start, steps=run.total, first_loss=losses[0], last_loss=losses[-1])
+        timings.record("train_s", start, steps=run.total, first_loss=losses[0], last_loss=losses[-1])
     if not (root / "model" / "config.json").is_file():
         _save_model(model, tokenizer, final.params, root / "model")
     columns = query_columns(cfg, len(qdocs))
@@ -801,7 +792,7 @@ def magic(cfg: MagicConfig) -> Any:
         np.save(tmp, result.token_grads)
         tmp.replace(done)
         grads.append(result.token_grads)
-        timed(
+        timings.record(
             f"reverse_{j}_s",
             start,
             replayed_steps=result.replayed_steps,

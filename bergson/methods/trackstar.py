@@ -42,6 +42,7 @@ from ..scoring import score_documents, top_rows
 from ..store import GradientStore, load_gradients
 from ..store.manifest import atomic_write_bytes
 from ..store.writer import remove_outputs
+from ..timings import TIMINGS_FILE, Timings
 from ..transforms.normalizers import Normalizer
 from ..transforms.preconditioners import (
     Preconditioner,
@@ -56,7 +57,6 @@ logger = logging.getLogger(__name__)
 
 STEPS = ("train_stats", "query", "query_stats", "mixed", "scores", "summary")
 CONFIG_FILE = "trackstar.yaml"
-TIMINGS_FILE = "timings.json"
 
 
 def _index_options(cfg: TrackstarConfig, **changes: Any) -> dict[str, Any]:
@@ -82,8 +82,7 @@ class _Pipeline:
         self.modules = find_tracked_modules(self.model, cfg.modules)
         self.normalizers = resolve_normalizers(cfg, self.model, self.modules, normalizers)
         self._docs: TokenizedDocs | None = None
-        timings = self.root / TIMINGS_FILE
-        self.timings: dict[str, float] = json.loads(timings.read_text()) if timings.is_file() else {}
+        self.timings = Timings(self.root)
 
     @property
     def docs(self) -> TokenizedDocs:
@@ -98,8 +97,7 @@ class _Pipeline:
         logger.info("trackstar: %s", name)
         start = time.perf_counter()
         fn()
-        self.timings[name] = round(time.perf_counter() - start, 3)
-        atomic_write_bytes(self.root / TIMINGS_FILE, json.dumps(self.timings, indent=2).encode())
+        self.timings.record(name, start)
 
     # ------------------------------------------------------------------ steps
     def fit(self, docs: TokenizedDocs, source: dict[str, Any]) -> Preconditioner:
