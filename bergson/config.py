@@ -37,6 +37,14 @@ class DataConfig:
     completion_column: str | None = None
     """Optional column holding a completion; the loss is then taken on the completion only."""
 
+    conversation_column: str | None = None
+    """Column holding chat conversations (lists of {role, content} messages), rendered with the
+    tokenizer's chat template; the loss is taken on the assistant turns only."""
+
+    reward_column: str | None = None
+    """Column of rewards (with --completion_column): each row's loss is multiplied by its Dr. GRPO
+    advantage, the reward minus the mean reward of the rows with the same prompt (no std scaling)."""
+
     truncation: bool = False
     """Truncate documents longer than the token budget (or --max_length) instead of failing."""
 
@@ -62,6 +70,12 @@ class ModelOptions:
 
     trust_remote_code: bool = False
     """Allow model code from the hub repository to run."""
+
+    force_math_sdp: bool = False
+    """Run attention with the math SDPA kernel (deterministic, batch-invariant) instead of flash / memory-efficient kernels."""
+
+    use_tf32_matmuls: bool = False
+    """Allow TF32 matmuls (and cuDNN TF32) on CUDA: faster fp32, with about 1e-3 relative rounding."""
 
 
 @dataclass
@@ -463,6 +477,30 @@ class MagicConfig(ModelOptions):
 
     top_k: int = 10
     """Training documents printed per score column."""
+
+
+@dataclass
+class ModelConfigTestConfig(ModelOptions):
+    """Options of ``bergson test_model_configuration``: are batched gradients equal to one-by-one ones?"""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Documents to test (default: a few built-in English sentences); long ones are cut to
+    --data.max_length (256 tokens by default)."""
+
+    num_documents: int = 8
+    """How many documents to test (at least 2; they are batched together)."""
+
+    projection_dim: int = 16
+    """Random projection size p of the compared gradient vectors (0: full gradients)."""
+
+    tolerance: float = 1e-3
+    """Largest accepted relative error ||v_batched - v_alone|| / ||v_alone|| of any document's vector."""
+
+    modules: list[str] = field(default_factory=list)
+    """Glob patterns of module names to track (default: every supported layer)."""
+
+    output: str | None = None
+    """Also write the report as JSON to this file."""
 
 
 @dataclass

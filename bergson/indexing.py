@@ -16,7 +16,7 @@ from .collect.loop import Sink, collect_gradients
 from .config import DataConfig, IndexConfig, save_yaml, to_dict
 from .data import TokenizedDocs, load_data, plan_shards, tokenize_documents
 from .errors import BergsonError
-from .models import find_tracked_modules, load_model
+from .models import find_tracked_modules, load_model, numerics
 from .store import GradientStore, Manifest, ModuleLayout, StoreWriter, load_gradients
 from .transforms.normalizers import NORMALIZERS_FILE, AdafactorNormalizer, Normalizer, save_normalizers
 from .transforms.preconditioners import STORE_DIR as PRECONDITIONER_DIR
@@ -47,11 +47,24 @@ def context_size(model: torch.nn.Module) -> int | None:
 
 def tokens_fingerprint(docs: TokenizedDocs) -> str:
     h = hashlib.sha256()
-    for seq, start in zip(docs.input_ids, docs.loss_start):
+    for i, (seq, start) in enumerate(zip(docs.input_ids, docs.loss_start)):
         h.update(np.int64(len(seq)).tobytes())
         h.update(np.int64(start).tobytes())
         h.update(seq.tobytes())
+        if docs.loss_mask is not None:
+            h.update(docs.targets(i).tobytes())
+    if docs.weights is not None:
+        h.update(np.asarray(docs.weights, np.float64).tobytes())
     return h.hexdigest()
+
+
+def loss_kind(data: DataConfig) -> str:
+    """The manifest's name for the loss the data options select."""
+    if data.conversation_column:
+        return "chat"
+    if data.reward_column:
+        return "grpo"
+    return "completion" if data.completion_column else "causal_lm"
 
 
 def _normalizer_info(normalizers: Mapping[str, Normalizer] | None) -> dict[str, Any] | None:
@@ -107,7 +120,7 @@ def make_manifest(
         normalizer=_normalizer_info(normalizers),
         preconditioner=None,
         loss={
-            "kind": "completion" if cfg.data.completion_column else "causal_lm",
+            "kind": loss_kind(cfg.data),
             "reduction": cfg.loss_reduction,
         },
         dtype=dtype,
@@ -173,13 +186,14 @@ def subsample(docs: TokenizedDocs, max_documents: int | None, seed: int) -> tupl
     if max_documents < 0:
         raise BergsonError(f"sample size {max_documents}: must be positive")
     idx = np.sort(np.random.default_rng(seed).choice(len(docs), max_documents, replace=False))
-    return TokenizedDocs([docs.input_ids[i] for i in idx], docs.loss_start[idx]), idx
+    return docs.select(idx), idx
 
 
 def build(cfg: IndexConfig, normalizers: Mapping[str, Normalizer] | None = None) -> GradientStore:
     """Collect per-document gradients of ``cfg.data`` under ``cfg.model`` into a store."""
-    model, tokenizer, docs, max_tokens = prepare_inputs(cfg)
-    return write_store(cfg, model, docs, max_tokens, tokenizer.pad_token_id, normalizers)
+    with numerics(cfg):
+        model, tokenizer, docs, max_tokens = prepare_inputs(cfg)
+        return write_store(cfg, model, docs, max_tokens, tokenizer.pad_token_id, normalizers)
 
 
 def collect_with(

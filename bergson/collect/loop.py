@@ -102,8 +102,7 @@ def _pad(docs: TokenizedDocs, idx: np.ndarray, pad_id: int) -> tuple[torch.Tenso
     for row, i in enumerate(idx):
         seq = docs.input_ids[i]
         ids[row, : len(seq)] = seq
-        labels[row, : len(seq)] = seq
-        labels[row, : docs.loss_start[i]] = IGNORE
+        labels[row, : len(seq)] = np.where(docs.targets(i), seq, IGNORE)
     return torch.from_numpy(ids), torch.from_numpy(labels)
 
 
@@ -189,6 +188,10 @@ def collect_gradients(
                     buf = torch.zeros(len(idx), total_dim, dtype=cdt, device=device)
                     logits = model(input_ids=ids, use_cache=False).logits
                     losses = per_document_loss(logits, labels, loss_reduction)
+                    if docs.weights is not None:
+                        losses = losses * torch.as_tensor(
+                            docs.weights[idx], dtype=losses.dtype, device=device
+                        )
                     losses.sum().backward()
                     vectors = buf if transform is None else transform(buf)
                     if unit_normalize:

@@ -785,7 +785,7 @@ def magic(cfg: MagicConfig) -> Any:
         start = time.perf_counter()
         params = {k: v.detach().requires_grad_(True) for k, v in final.params.items()}
         with _math_attention():
-            q = query_losses(model, params, _subset(qdocs, rows), pad).mean()
+            q = query_losses(model, params, qdocs.select(rows), pad).mean()
         cot = dict(zip(params, torch.autograd.grad(q, list(params.values()))))
         result = run.reverse(cot, reverse_dir / f"column_{j}.progress.safetensors")
         tmp = done.with_name(f".{done.name}")
@@ -827,10 +827,6 @@ def magic(cfg: MagicConfig) -> Any:
     return save_score_matrix(
         root / "scores", replay.layout.per_document(token_scores), base, info, overwrite=True
     )
-
-
-def _subset(docs: TokenizedDocs, rows: np.ndarray) -> TokenizedDocs:
-    return TokenizedDocs([docs.input_ids[i] for i in rows], docs.loss_start[rows])
 
 
 def _save_model(model: nn.Module, tokenizer: Any, params: Tensors, path: Path) -> None:
