@@ -54,6 +54,10 @@ _EXPORTS = {
     "ValidateConfig": "bergson.config",
     "magic": "bergson.methods.magic",
     "validate": "bergson.validation",
+    "GradientCollectorCallback": "bergson.integrations.trainer",
+    "prepare_for_gradient_collection": "bergson.integrations.trainer",
+    "ModelConfigTestConfig": "bergson.config",
+    "test_model_configuration": "bergson.diagnostics",
 }
 
 __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
@@ -100,6 +104,10 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "ValidateConfig",
     "magic",
     "validate",
+    "GradientCollectorCallback",
+    "prepare_for_gradient_collection",
+    "ModelConfigTestConfig",
+    "test_model_configuration",
 ]
 
 
@@ -119,6 +127,7 @@ if TYPE_CHECKING:
         EkfacConfig,
         IndexConfig,
         MagicConfig,
+        ModelConfigTestConfig,
         PreconditionerConfig,
         QueryConfig,
         ReduceConfig,
@@ -129,8 +138,10 @@ if TYPE_CHECKING:
     )
     from .data.load import load_data
     from .data.tokenize import tokenize_documents
+    from .diagnostics import test_model_configuration
     from .errors import BergsonError
     from .indexing import build
+    from .integrations.trainer import GradientCollectorCallback, prepare_for_gradient_collection
     from .methods.ekfac import ekfac
     from .methods.magic import magic
     from .methods.trackstar import trackstar

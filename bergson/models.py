@@ -5,7 +5,8 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,32 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision not in _DTYPES:
         raise BergsonError(f"--precision {precision!r}: choose one of auto, {', '.join(_DTYPES)}")
     return _DTYPES[precision]
+
+
+@contextmanager
+def numerics(opts: ModelOptions) -> Iterator[None]:
+    """Apply ``--force_math_sdp`` and ``--use_tf32_matmuls`` inside the block; restore on exit.
+
+    The math SDPA kernel affects models that run attention through
+    ``torch.nn.functional.scaled_dot_product_attention`` (transformers' "sdpa"), not eager
+    or flash-attention-2 implementations. TF32 flags only matter on CUDA; without
+    ``use_tf32_matmuls`` the process's own TF32 settings are left as they are.
+    """
+    with ExitStack() as stack:
+        if opts.force_math_sdp:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        if opts.use_tf32_matmuls:
+            saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+
+            def restore() -> None:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+            stack.callback(restore)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        yield
 
 
 def _is_local(path: str) -> bool:

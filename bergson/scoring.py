@@ -21,7 +21,7 @@ from .config import DataConfig, ScoreConfig, save_yaml
 from .data import TokenizedDocs, load_data, plan_shards
 from .errors import BergsonError
 from .indexing import collect_with, make_manifest, prepare_inputs, resolve_normalizers
-from .models import find_tracked_modules, resolve_device
+from .models import find_tracked_modules, numerics, resolve_device
 from .store import GradientStore, Manifest, ModuleLayout, StoreWriter, load_gradients
 from .store.manifest import SCORE_ORIENTATION, check_compatible
 from .transforms.normalizers import NORMALIZERS_FILE, load_normalizers
@@ -218,8 +218,9 @@ def score(cfg: ScoreConfig) -> GradientStore:
         _from_existing_index(cfg, query)
         return load_gradients(cfg.run_path)
 
-    model, tokenizer, docs, max_tokens = prepare_inputs(cfg)
-    return score_documents(cfg, model, docs, max_tokens, query, tokenizer.pad_token_id)
+    with numerics(cfg):
+        model, tokenizer, docs, max_tokens = prepare_inputs(cfg)
+        return score_documents(cfg, model, docs, max_tokens, query, tokenizer.pad_token_id)
 
 
 def score_documents(

@@ -43,12 +43,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "bergson.cli.validate",
         "Check scores stores against real retraining without random subsets (leave-k-out, LDS).",
     ),
+    "test_model_configuration": (
+        "bergson.cli.test_model_configuration",
+        "Check that batched gradients equal one-by-one ones; suggest --force_math_sdp / --precision if not.",
+    ),
 }
 
 
 def _usage() -> str:
     lines = ["usage: bergson COMMAND [OPTIONS]   (bergson COMMAND --help for its options)", "", "commands:"]
-    lines += [f"  {name:<12} {summary}" for name, (_, summary) in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}} {summary}" for name, (_, summary) in COMMANDS.items()]
     return "\n".join(lines)
 
 
