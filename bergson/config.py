@@ -52,6 +52,36 @@ class DataConfig:
     """Truncation length in tokens; defaults to the token budget and the model's context size."""
 
 
+@dataclass(frozen=True)
+class AttentionConfig:
+    """How one module's gradient splits into attention heads: ``num_heads`` consecutive blocks of
+    ``head_size`` features along axis ``head_dim`` of the (out x in) weight.
+
+    ``head_dim=0`` splits the output axis (rows): query, key and value projections, and fused qkv
+    layers whose rows are grouped per head (GPT-NeoX). ``head_dim=1`` splits the input axis
+    (columns): the attention output projection, whose inputs are the concatenated heads.
+    ``num_heads * head_size`` must equal the size of that axis.
+    """
+
+    num_heads: int
+    head_size: int
+    head_dim: int = 0
+
+    @classmethod
+    def parse(cls, spec: str) -> tuple[str, AttentionConfig]:
+        """``'PATTERN=NUM_HEADS:HEAD_SIZE:AXIS'`` (AXIS: out, in, 0 or 1) -> (pattern, config)."""
+        pattern, _, rest = spec.partition("=")
+        parts = rest.split(":")
+        axes = {"out": 0, "0": 0, "in": 1, "1": 1}
+        if not pattern or len(parts) != 3 or parts[2] not in axes or not all(p.isdigit() for p in parts[:2]):
+            raise BergsonError(
+                f"--attention_heads {spec!r}: expected MODULE_PATTERN=NUM_HEADS:HEAD_SIZE:AXIS with AXIS "
+                "out (heads on the output rows: q/k/v, fused qkv) or in (heads on the input columns: "
+                "the attention output projection), e.g. 'gpt_neox.layers.*.attention.dense=4:16:in'"
+            )
+        return pattern, cls(int(parts[0]), int(parts[1]), axes[parts[2]])
+
+
 @dataclass
 class ModelOptions:
     """Fields every command that loads a model accepts."""
@@ -102,6 +132,11 @@ class IndexConfig(ModelOptions):
 
     modules: list[str] = field(default_factory=list)
     """Glob patterns of module names to track (default: every supported layer)."""
+
+    attention_heads: list[str] = field(default_factory=list)
+    """Split modules into one block per attention head, each with its own projection:
+    'PATTERN=NUM_HEADS:HEAD_SIZE:AXIS', AXIS out (q/k/v or fused qkv rows) or in (output projection
+    columns); e.g. 'gpt_neox.layers.*.attention.query_key_value=4:48:out'."""
 
     loss_reduction: Literal["sum", "mean"] = "sum"
     """Per-document loss: sum or mean of the next-token cross-entropies on its loss tokens."""
@@ -484,8 +519,7 @@ class ModelConfigTestConfig(ModelOptions):
     """Options of ``bergson test_model_configuration``: are batched gradients equal to one-by-one ones?"""
 
     data: DataConfig = field(default_factory=DataConfig)
-    """Documents to test (default: a few built-in English sentences); long ones are cut to
-    --data.max_length (256 tokens by default)."""
+    """Documents to test (default: 8 built-in English sentences), cut to --data.max_length (default 256) tokens."""
 
     num_documents: int = 8
     """How many documents to test (at least 2; they are batched together)."""

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .collect.hooks import module_dims, module_shape
+from .collect.hooks import module_blocks, resolve_heads
 from .collect.loop import Sink, collect_gradients
 from .config import DataConfig, IndexConfig, save_yaml, to_dict
 from .data import TokenizedDocs, load_data, plan_shards, tokenize_documents
@@ -91,11 +91,16 @@ def make_manifest(
     normalizers: Mapping[str, Normalizer] | None = None,
 ) -> Manifest:
     layouts, offset = [], 0
+    heads = resolve_heads(modules, cfg.attention_heads)
     for name, m in modules.items():
-        dim = module_dims(m, cfg.projection_dim, cfg.include_bias)
-        has_bias = cfg.include_bias and getattr(m, "bias", None) is not None
-        layouts.append(ModuleLayout(name, type(m).__name__, list(module_shape(m)), has_bias, offset, dim))
-        offset += dim
+        for block in module_blocks(name, m, cfg.include_bias, heads.get(name)):
+            dim = block.dim(cfg.projection_dim)
+            layouts.append(
+                ModuleLayout(
+                    block.name, type(m).__name__, list(block.shape), block.bias, offset, dim, block.head
+                )
+            )
+            offset += dim
     dtype = (
         cfg.save_dtype if cfg.save_dtype != "auto" else ("float16" if cfg.projection_dim > 0 else "float32")
     )
@@ -224,6 +229,7 @@ def collect_with(
         shard_size=cfg.shard_size,
         pad_token_id=pad_token_id or 0,
         transform=transform,
+        heads=cfg.attention_heads,
     )
 
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from .collect.hooks import module_dims
 from .config import IndexConfig, PreconditionerConfig, load_yaml, save_yaml, to_dict
 from .data import TokenizedDocs
 from .errors import BergsonError
@@ -49,7 +48,7 @@ def fit_on_documents(
 ) -> Preconditioner:
     """Second moments of the documents' (normalized, projected) gradients, eigendecomposed."""
     layout = make_manifest(cfg, model, modules, docs, max_tokens, normalizers)
-    dims = {n: module_dims(m, cfg.projection_dim, cfg.include_bias) for n, m in modules.items()}
+    dims = {m.name: m.dim for m in layout.modules}
     sink = StatisticsSink(dims, resolve_device(cfg.device))
     collect_with(cfg, model, docs, modules, sink, normalizers, pad_token_id)
     return Preconditioner(

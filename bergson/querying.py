@@ -90,8 +90,9 @@ class QueryEngine:
             loss_reduction=self.loss_reduction,
             pad_token_id=self.tokenizer.pad_token_id or 0,
             progress=False,
+            heads=coll.heads,
         )
-        return sink.vectors, list(coll.modules)  # type: ignore[attr-defined]
+        return sink.vectors, list(coll.dims)
 
     def run(self, texts: list[str]) -> list[dict[str, Any]]:
         from datasets import Dataset

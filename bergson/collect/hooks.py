@@ -14,14 +14,18 @@ tracked layer.
 
 from __future__ import annotations
 
+import fnmatch
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..config import AttentionConfig
+from ..errors import BergsonError
 from ..transforms.normalizers import AdafactorNormalizer, AdamNormalizer, Normalizer
 from ..transforms.projection import projection_matrix
 
@@ -42,13 +46,105 @@ def module_shape(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"unsupported layer type {type(module).__name__}")
 
 
-def module_dims(module: nn.Module, projection_dim: int, include_bias: bool) -> int:
-    """Length of one module's stored vector."""
+@dataclass(frozen=True)
+class Block:
+    """The part of a tracked module stored as one column block: the whole module, or one
+    attention head (rows ``rows`` of the output axis and columns ``cols`` of the input axis)."""
+
+    name: str
+    module: str
+    rows: slice
+    cols: slice
+    bias: bool
+    head: dict[str, Any] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows.stop - self.rows.start, self.cols.stop - self.cols.start
+
+    def dim(self, projection_dim: int) -> int:
+        """Length of the block's stored vector."""
+        if projection_dim > 0:
+            return projection_dim * projection_dim
+        out, n_in = self.shape
+        return out * n_in + (out if self.bias else 0)
+
+
+def module_blocks(
+    name: str, module: nn.Module, include_bias: bool, heads: AttentionConfig | None = None
+) -> list[Block]:
+    """The column blocks of a tracked module: itself, or one block per attention head named
+    ``'{name}.head{h}'``. Heads must tile their axis exactly."""
     out, n_in = module_shape(module)
-    if projection_dim > 0:
-        return projection_dim * projection_dim
     has_bias = include_bias and getattr(module, "bias", None) is not None
-    return out * n_in + (out if has_bias else 0)
+    if heads is None:
+        return [Block(name, name, slice(0, out), slice(0, n_in), has_bias)]
+    axis = "out" if heads.head_dim == 0 else "in"
+    size = out if heads.head_dim == 0 else n_in
+    if heads.head_dim not in (0, 1) or heads.num_heads < 1 or heads.num_heads * heads.head_size != size:
+        raise BergsonError(
+            f"attention heads of {name}: {heads.num_heads} heads x {heads.head_size} features on axis "
+            f"{heads.head_dim} do not cover it: the layer is {out} (out) x {n_in} (in), so the heads of "
+            f"its {axis} axis must multiply to {size}"
+        )
+    if has_bias and heads.head_dim == 1:
+        raise BergsonError(
+            f"attention heads of {name} lie on its input axis, where the bias belongs to no head; "
+            "drop --include_bias or split this module on its output axis"
+        )
+    blocks = []
+    for h in range(heads.num_heads):
+        span = slice(h * heads.head_size, (h + 1) * heads.head_size)
+        info = {"module": name, "index": h, "num_heads": heads.num_heads, "axis": axis,
+                "start": span.start, "stop": span.stop}  # fmt: skip
+        rows, cols = (span, slice(0, n_in)) if heads.head_dim == 0 else (slice(0, out), span)
+        blocks.append(Block(f"{name}.head{h}", name, rows, cols, has_bias, info))
+    return blocks
+
+
+def resolve_heads(
+    modules: Mapping[str, nn.Module], heads: Mapping[str, AttentionConfig] | Sequence[str] | None
+) -> dict[str, AttentionConfig]:
+    """Map tracked module names to their head split, from exact names or glob patterns (or
+    'PATTERN=NUM_HEADS:HEAD_SIZE:AXIS' strings); every pattern must match a tracked module."""
+    if not heads:
+        return {}
+    if not isinstance(heads, Mapping):
+        heads = dict(AttentionConfig.parse(s) for s in heads)
+    out: dict[str, AttentionConfig] = {}
+    for pattern, cfg in heads.items():
+        matched = [n for n in modules if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise BergsonError(
+                f"attention heads {pattern!r} match no tracked module; tracked modules look like "
+                f"{next(iter(modules), '(none)')!r}"
+            )
+        for n in matched:
+            if n in out and out[n] != cfg:
+                raise BergsonError(f"module {n} is given two different attention head splits")
+            out[n] = cfg
+    return out
+
+
+def layout_module(layout: Any) -> str:
+    """The model module a store's column block (a ModuleLayout) belongs to."""
+    return layout.head["module"] if layout.head else layout.name
+
+
+def heads_of(layouts: Sequence[Any]) -> dict[str, AttentionConfig]:
+    """The attention-head splits recorded in a store's module layouts, per module."""
+    out: dict[str, AttentionConfig] = {}
+    for layout in layouts:
+        if layout.head:
+            h = layout.head
+            size = h["stop"] - h["start"]
+            out[h["module"]] = AttentionConfig(h["num_heads"], size, 0 if h["axis"] == "out" else 1)
+    return out
+
+
+def module_dims(module: nn.Module, projection_dim: int, include_bias: bool) -> int:
+    """Length of one (unsplit) module's stored vector."""
+    return module_blocks("", module, include_bias)[0].dim(projection_dim)
 
 
 class _LayerHooks:
@@ -84,16 +180,20 @@ class GradientCollector(_LayerHooks):
         with GradientCollector(model, projection_dim=16) as collector:
             loss = per_document_loss(model(ids).logits, labels).sum()
             loss.backward()
-        grads = collector.gradients  # {module name: [batch, dim]}
+        grads = collector.gradients  # {block name: [batch, dim]}
 
-    With ``closure=fn``, ``fn(module_name, grads)`` is called for each tracked module
-    as soon as its per-example gradients ([batch, dim]) are ready during the backward
-    pass, and nothing is kept. The batch's loss must be a sum of per-example losses.
+    With ``closure=fn``, ``fn(block_name, grads)`` is called for each column block as soon as
+    its per-example gradients ([batch, dim]) are ready during the backward pass, and nothing
+    is kept. The batch's loss must be a sum of per-example losses.
 
     ``normalizers`` maps module names to an :class:`AdafactorNormalizer` (applied as row and
     column scales before projection) or an :class:`AdamNormalizer` (applied to the full
     per-example gradient, which is then projected). Normalizer shapes are in the
     ``(out, in)`` convention of ``nn.Linear`` for every layer type.
+
+    ``heads`` splits modules into attention heads (:class:`AttentionConfig` per module name
+    or glob pattern): each head becomes its own block ``'{module}.head{h}'`` with its own
+    projection; the blocks of a module concatenate to the module's gradient.
     """
 
     def __init__(
@@ -106,6 +206,7 @@ class GradientCollector(_LayerHooks):
         include_bias: bool = False,
         normalizers: Mapping[str, Normalizer] | None = None,
         closure: Closure | None = None,
+        heads: Mapping[str, AttentionConfig] | Sequence[str] | None = None,
     ):
         from ..models import find_tracked_modules
 
@@ -128,20 +229,21 @@ class GradientCollector(_LayerHooks):
         unknown = set(self.normalizers) - set(self.modules)
         if unknown:
             raise KeyError(f"normalizers given for untracked modules: {sorted(unknown)}")
+        self.heads = resolve_heads(self.modules, heads)
+        self.blocks: dict[str, list[Block]] = {
+            n: module_blocks(n, m, include_bias, self.heads.get(n)) for n, m in self.modules.items()
+        }
         self.closure = closure
         super().__init__()
         self._grads: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._proj: dict[tuple[str, str, torch.dtype, torch.device], torch.Tensor] = {}
-        self._scaled: dict[tuple[str, str, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scaled: dict[tuple[str, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ layout
     @property
     def dims(self) -> dict[str, int]:
-        """Vector length per tracked module, in tracking order."""
-        return {n: module_dims(m, self.projection_dim, self.include_bias) for n, m in self.modules.items()}
-
-    def _has_bias(self, module: nn.Module) -> bool:
-        return self.include_bias and getattr(module, "bias", None) is not None
+        """Vector length per column block (a module, or one of its heads), in tracking order."""
+        return {b.name: b.dim(self.projection_dim) for blocks in self.blocks.values() for b in blocks}
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> GradientCollector:
@@ -165,19 +267,23 @@ class GradientCollector(_LayerHooks):
             output.requires_grad_(True)
         x = inputs[0].detach()
         # On the projected path only R x is kept, so the layer input can be freed early.
-        self._inputs[name].append(self.project_inputs(name, x) if self._cheap_path(name) else x)
+        if self._cheap_path(name):
+            self._inputs[name].append([self.project_inputs(b, x) for b in self.blocks[name]])  # type: ignore[arg-type]
+        else:
+            self._inputs[name].append(x)
         output.register_hook(partial(self._backward_hook, name))
 
     def _backward_hook(self, name: str, grad: torch.Tensor) -> None:
-        saved = self._inputs[name].pop()
-        if self._cheap_path(name):
-            vec = self.from_projected(name, saved, grad)
-        else:
-            vec = self.full_gradient(name, saved, grad)
-        if self.closure is not None:
-            self.closure(name, vec)
-        else:
-            self._grads[name].append(vec)
+        saved: Any = self._inputs[name].pop()
+        for k, block in enumerate(self.blocks[name]):
+            if self._cheap_path(name):
+                vec = self.from_projected(block, saved[k], grad)
+            else:
+                vec = self.full_gradient(block, saved, grad)
+            if self.closure is not None:
+                self.closure(block.name, vec)
+            else:
+                self._grads[block.name].append(vec)
 
     # ------------------------------------------------------------------ math
     def _cheap_path(self, name: str) -> bool:
@@ -196,85 +302,108 @@ class GradientCollector(_LayerHooks):
             self._proj[key] = mat
         return mat
 
+    def _adafactor_scales(self, block: Block) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The block's slice of the module's Adafactor row scale and column scale (bias last)."""
+        norm = self.normalizers.get(block.module)
+        if not isinstance(norm, AdafactorNormalizer):
+            return None
+        a, b = norm.scales(block.bias)
+        n_in = module_shape(self.modules[block.module])[1]
+        cols = b[block.cols]
+        return a[block.rows], torch.cat([cols, b[n_in:]]) if block.bias else cols
+
     def _scaled_matrices(
-        self, name: str, dtype: torch.dtype, device: torch.device
+        self, block: Block, dtype: torch.dtype, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """L (p x out) and R (p x in[+1]) with an Adafactor normalizer's row and column
+        """L (p x out) and R (p x in[+1]) of a block with an Adafactor normalizer's row and column
         scales folded in, so that L diag(a) G diag(b) R^T costs no extra pass over G."""
-        key = (name, "scaled", dtype, device)
+        key = (block.name, dtype, device)
         cached = self._scaled.get(key)
         if cached is not None:
             return cached
-        module = self.modules[name]
-        out, n_in = module_shape(module)
-        n_cols = n_in + int(self._has_bias(module))
-        left = self._matrix(name, "left", out, dtype, device)
-        right = self._matrix(name, "right", n_cols, dtype, device)
-        norm = self.normalizers.get(name)
-        if isinstance(norm, AdafactorNormalizer):
-            a, b = norm.scales(self._has_bias(module))
-            left = left * a.to(device, dtype)
-            right = right * b.to(device, dtype)
+        out, n_in = block.shape
+        left = self._matrix(block.name, "left", out, dtype, device)
+        right = self._matrix(block.name, "right", n_in + int(block.bias), dtype, device)
+        scales = self._adafactor_scales(block)
+        if scales is not None:
+            left = left * scales[0].to(device, dtype)
+            right = right * scales[1].to(device, dtype)
         self._scaled[key] = (left, right)
         return left, right
 
-    def project_inputs(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def project_inputs(self, block: Block | str, x: torch.Tensor) -> torch.Tensor:
         """R x for every position: [B, S, p] (the bias column, if any, adds R's last column)."""
-        module = self.modules[name]
-        _, n_in = module_shape(module)
+        block = self._block(block)
+        n_in = module_shape(self.modules[block.module])[1]
         cdt = self._compute_dtype(x)
-        x = x.reshape(x.shape[0], -1, n_in).to(cdt)
-        _, right = self._scaled_matrices(name, cdt, x.device)
-        xp = x @ right[:, :n_in].T
-        if self._has_bias(module):
-            xp = xp + right[:, n_in]
+        x = x.reshape(x.shape[0], -1, n_in)[..., block.cols].to(cdt)
+        _, right = self._scaled_matrices(block, cdt, x.device)
+        width = block.shape[1]
+        xp = x @ right[:, :width].T
+        if block.bias:
+            xp = xp + right[:, width]
         return xp
 
-    def from_projected(self, name: str, xp: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    def from_projected(self, block: Block | str, xp: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """vec(sum_t (L g_t)(R x_t)^T) per example: [B, p*p]."""
-        out, _ = module_shape(self.modules[name])
+        block = self._block(block)
+        out = module_shape(self.modules[block.module])[0]
         batch = g.shape[0]
-        g = g.reshape(batch, -1, out).to(xp.dtype)
-        left, _ = self._scaled_matrices(name, xp.dtype, xp.device)
+        g = g.reshape(batch, -1, out)[..., block.rows].to(xp.dtype)
+        left, _ = self._scaled_matrices(block, xp.dtype, xp.device)
         return (g @ left.T).mT.bmm(xp).reshape(batch, -1)
 
-    def full_gradient(self, name: str, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """The per-example gradient formed explicitly (p = 0, or an Adam normalizer), then
-        normalized and projected if asked; p = 0 returns the parameter's own layout."""
-        module = self.modules[name]
+    def full_gradient(self, block: Block | str, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The per-example gradient of a block formed explicitly (p = 0, or an Adam normalizer),
+        then normalized and projected if asked; p = 0 returns the parameter's own layout."""
+        block = self._block(block)
+        module = self.modules[block.module]
         out, n_in = module_shape(module)
         batch = g.shape[0]
         cdt = self._compute_dtype(g)
-        x = x.reshape(batch, -1, n_in).to(cdt)
-        g = g.reshape(batch, -1, out).to(cdt)
-        bias = self._has_bias(module)
-        full = g.mT.bmm(x)  # [B, out, in]
-        grad_b = g.sum(1) if bias else None
-        norm = self.normalizers.get(name)
-        if isinstance(norm, AdafactorNormalizer):
-            a, b = norm.scales(bias)
-            full = full * a.to(full)[:, None] * b[:n_in].to(full)
+        x = x.reshape(batch, -1, n_in)[..., block.cols].to(cdt)
+        g = g.reshape(batch, -1, out)[..., block.rows].to(cdt)
+        full = g.mT.bmm(x)  # [B, out, in] of the block
+        grad_b = g.sum(1) if block.bias else None
+        norm = self.normalizers.get(block.module)
+        scales = self._adafactor_scales(block)
+        if scales is not None:
+            a, b = scales
+            full = full * a.to(full)[:, None] * b[: full.shape[-1]].to(full)
             if grad_b is not None:
-                grad_b = grad_b * a.to(grad_b) * b[n_in].to(grad_b)
+                grad_b = grad_b * a.to(grad_b) * b[-1].to(grad_b)
         elif isinstance(norm, AdamNormalizer):
-            full, grad_b = norm.apply(full, grad_b)
+            sliced = AdamNormalizer(
+                norm.weight[block.rows, block.cols],
+                None if norm.bias is None else norm.bias[block.rows],
+                norm.eps,
+            )
+            full, grad_b = sliced.apply(full, grad_b)
         p = self.projection_dim
         if p > 0:
             if grad_b is not None:
                 full = torch.cat([full, grad_b.unsqueeze(-1)], dim=-1)
-            left = self._matrix(name, "left", out, cdt, g.device)
-            right = self._matrix(name, "right", full.shape[-1], cdt, g.device)
+            left = self._matrix(block.name, "left", full.shape[1], cdt, g.device)
+            right = self._matrix(block.name, "right", full.shape[-1], cdt, g.device)
             return (left @ full @ right.T).reshape(batch, p * p)
         if _is_conv1d(module):
             full = full.mT  # Conv1D stores its weight as (in, out)
         flat = full.reshape(batch, -1)
         return torch.cat([flat, grad_b], dim=-1) if grad_b is not None else flat
 
-    def per_example(self, name: str, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Per-example vectors [B, dim] of module ``name`` from its inputs x and output grads g."""
-        if self._cheap_path(name):
-            return self.from_projected(name, self.project_inputs(name, x), g)
-        return self.full_gradient(name, x, g)
+    def _block(self, block: Block | str) -> Block:
+        """A block, or the single block of an unsplit module given by name."""
+        if isinstance(block, Block):
+            return block
+        (only,) = self.blocks[block]
+        return only
+
+    def per_example(self, block: Block | str, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Per-example vectors [B, dim] of a block (or unsplit module) from its module's inputs x
+        and output grads g."""
+        if self._cheap_path(self._block(block).module):
+            return self.from_projected(block, self.project_inputs(block, x), g)
+        return self.full_gradient(block, x, g)
 
 
 TapFn = Callable[[str, torch.Tensor, torch.Tensor], None]

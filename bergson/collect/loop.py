@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import AttentionConfig
 from ..data.batching import plan_batches, plan_shards
 from ..data.tokenize import TokenizedDocs
 from ..transforms.normalizers import Normalizer
@@ -123,6 +124,7 @@ def collect_gradients(
     pad_token_id: int = 0,
     progress: bool = True,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    heads: Mapping[str, AttentionConfig] | Sequence[str] | None = None,
 ) -> Sink:
     """Compute every document's per-example gradient vector and hand it to ``sink``.
 
@@ -131,6 +133,7 @@ def collect_gradients(
     length-sorted and packed into batches of at most ``token_batch_size`` padded tokens.
     Without a sink, an :class:`InMemorySink` is filled and returned. ``transform`` maps
     each batch's [B, dim] vectors (e.g. a preconditioner) before unit normalization.
+    ``heads`` splits modules into attention-head blocks (see :class:`GradientCollector`).
     """
     collector = GradientCollector(
         model,
@@ -139,6 +142,7 @@ def collect_gradients(
         seed=seed,
         include_bias=include_bias,
         normalizers=normalizers,
+        heads=heads,
     )
     dims = collector.dims
     offsets = np.cumsum([0, *dims.values()])

@@ -731,6 +731,11 @@ def prepare(cfg: MagicConfig) -> tuple[nn.Module, Any, TokenizedDocs, TokenizedD
         raise BergsonError("--dataset is required: the training documents")
     if not cfg.query.dataset:
         raise BergsonError("--query.dataset is required: the documents whose loss is attributed")
+    if cfg.data.reward_column or cfg.query.reward_column:
+        raise BergsonError(
+            "--reward_column: MAGIC replays a supervised fine-tune; advantage-weighted (GRPO) losses "
+            "are not supported by bergson magic"
+        )
     model, tokenizer = load_model(replace(cfg, precision="fp32") if cfg.precision == "auto" else cfg)
     check_precision(model, cfg.force_low_precision)
     use_double_backward_attention(model)

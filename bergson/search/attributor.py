@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..collect.hooks import GradientCollector, module_shape
+from ..collect.hooks import GradientCollector, heads_of, layout_module, module_blocks
 from ..errors import BergsonError
 from ..store import GradientStore, ModuleLayout, load_gradients
 from ..transforms.normalizers import NORMALIZERS_FILE, Normalizer, load_normalizers
@@ -172,19 +172,26 @@ class Attributor:
     # ------------------------------------------------------------------ trace
     def collector_for(self, module: nn.Module) -> GradientCollector:
         """A GradientCollector that makes vectors the way the store's rows were made."""
-        found = match_modules(self.modules, module)
-        missing = [m for m in self.modules if m not in found]
+        layouts = {layout.name: layout for layout in self.manifest.modules}
+        owner = {n: layout_module(layouts[n]) for n in self.modules}  # column block -> its module
+        found = match_modules(list(dict.fromkeys(owner.values())), module)
+        missing = [m for m in self.modules if owner[m] not in found]
+        heads = {m: c for m, c in heads_of(self.manifest.modules).items() if m in found}
+        include_bias = bool(self.manifest.projection["include_bias"])
         if not found:
             raise BergsonError(
                 f"none of the store's modules ({self.modules[:3]}...) are inside the traced module; "
                 "pass the model (or model.base_model) the store was built from"
             )
         for name, sub in found.items():
-            expected = self.manifest.module(name).shape
-            if list(module_shape(sub)) != list(expected):
-                raise BergsonError(
-                    f"module {name}: shape {list(module_shape(sub))} in the traced model, {expected} in the store"
-                )
+            blocks = module_blocks(name, sub, include_bias, heads.get(name))
+            for block in blocks:
+                expected = layouts[block.name].shape if block.name in layouts else None
+                if expected is None or list(block.shape) != list(expected):
+                    raise BergsonError(
+                        f"module {name}: block {block.name} of shape {list(block.shape)} in the traced "
+                        f"model, {expected} in the store"
+                    )
         if missing:
             logger.info(
                 "searching %d of %d store modules (%s not in the traced module)",
@@ -198,8 +205,9 @@ class Attributor:
             found,
             projection_dim=int(proj["dim"]),
             seed=int(proj["seed"]),
-            include_bias=bool(proj["include_bias"]),
+            include_bias=include_bias,
             normalizers={n: v for n, v in self.normalizers.items() if n in found},
+            heads=heads,
         )
 
     @contextmanager

@@ -25,6 +25,9 @@ class ModuleLayout:
     bias: bool
     offset: int
     dim: int
+    head: dict[str, Any] | None = None
+    """For one attention head's block: the module, head index, axis ('out' or 'in') and the
+    [start, stop) range of that axis it covers."""
 
 
 @dataclass
