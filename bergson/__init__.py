@@ -15,6 +15,7 @@ _EXPORTS = {
     "BergsonError": "bergson.errors",
     "DataConfig": "bergson.config",
     "IndexConfig": "bergson.config",
+    "AttentionConfig": "bergson.config",
     "GradientCollector": "bergson.collect.hooks",
     "collect_gradients": "bergson.collect.loop",
     "per_document_loss": "bergson.collect.loop",
@@ -61,6 +62,7 @@ _EXPORTS = {
 }
 
 __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
+    "AttentionConfig",
     "__version__",
     "BergsonError",
     "DataConfig",
@@ -123,6 +125,7 @@ if TYPE_CHECKING:
     from .collect.hooks import GradientCollector
     from .collect.loop import InMemorySink, collect_gradients, per_document_loss
     from .config import (
+        AttentionConfig,
         DataConfig,
         EkfacConfig,
         IndexConfig,

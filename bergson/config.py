@@ -147,6 +147,10 @@ class IndexConfig(ModelOptions):
     unit_normalize: bool = False
     """Scale each document's vector to unit norm (before aggregation)."""
 
+    per_token: bool = False
+    """Also keep one vector per token of every document (its positions' terms g_t x_tᵀ of the
+    gradient, summing to the document's vector); score then writes per-token scores."""
+
     save_dtype: Literal["auto", "float16", "float32"] = "auto"
     """Storage dtype: auto is float16 for projected and float32 for full gradients."""
 
@@ -308,6 +312,10 @@ class QueryConfig(ModelOptions):
 
     snippet_chars: int = 160
     """Characters of each training document shown and written."""
+
+    per_token: bool = False
+    """Split each hit's score over tokens: the query's, and the training document's when the store
+    was built with --per_token (printed: the top few; written: all)."""
 
 
 DampingMode = Literal["relative", "absolute"]
@@ -494,7 +502,8 @@ class MagicConfig(ModelOptions):
     column per query (one reverse pass each)."""
 
     per_token: bool = False
-    """Also write token_scores.safetensors: each training token's score (they sum to its document's)."""
+    """Also keep each training token's score as the scores store's token rows (they sum to the
+    document's score; GradientStore.token_rows)."""
 
     checkpoints: Literal["every", "sqrt", "log"] = "sqrt"
     """Which training states the forward pass saves: every step; every ~sqrt(T) steps (the reverse

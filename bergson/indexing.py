@@ -34,6 +34,11 @@ def validate_index_config(cfg: IndexConfig) -> None:
         raise BergsonError(f"--token_batch_size {cfg.token_batch_size}: must be at least 2")
     if cfg.shard_size < 1:
         raise BergsonError(f"--shard_size {cfg.shard_size}: must be at least 1")
+    if cfg.per_token and cfg.aggregation != "none":
+        raise BergsonError(
+            f"--per_token with --aggregation {cfg.aggregation}: an aggregated vector has no tokens to "
+            "break down; drop one of the two"
+        )
 
 
 def context_size(model: torch.nn.Module) -> int | None:
@@ -139,6 +144,7 @@ def make_manifest(
         plan={"shard_size": cfg.shard_size, "token_batch_size": cfg.token_batch_size},
         aggregation=cfg.aggregation,
         unit_normalize=cfg.unit_normalize,
+        per_token=cfg.per_token,
         producer={"bergson": __version__},
     )
 
@@ -212,6 +218,7 @@ def collect_with(
     *,
     unit_normalize: bool = False,
     transform: Any = None,
+    per_token: bool = False,
 ) -> None:
     """The collection loop with the projection, batching and loss options of ``cfg``."""
     collect_gradients(
@@ -230,6 +237,7 @@ def collect_with(
         pad_token_id=pad_token_id or 0,
         transform=transform,
         heads=cfg.attention_heads,
+        per_token=per_token,
     )
 
 
@@ -270,6 +278,7 @@ def write_store(
         pad_token_id,
         unit_normalize=cfg.unit_normalize,
         transform=transform,
+        per_token=cfg.per_token,
     )
     writer.finalize(len(plan_shards(len(docs), cfg.shard_size)))
     return load_gradients(cfg.run_path)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -69,6 +70,20 @@ def numerics(opts: ModelOptions) -> Iterator[None]:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         yield
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def honours_numerics(fn: _F) -> _F:
+    """Run an entry point ``fn(cfg, ...)`` inside :func:`numerics` of its config."""
+
+    @functools.wraps(fn)
+    def wrapper(cfg: ModelOptions, *args: Any, **kwargs: Any) -> Any:
+        with numerics(cfg):
+            return fn(cfg, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _is_local(path: str) -> bool:

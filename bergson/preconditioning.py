@@ -14,7 +14,7 @@ from .config import IndexConfig, PreconditionerConfig, load_yaml, save_yaml, to_
 from .data import TokenizedDocs
 from .errors import BergsonError
 from .indexing import collect_with, make_manifest, prepare_inputs, resolve_normalizers, subsample
-from .models import find_tracked_modules, resolve_device
+from .models import find_tracked_modules, honours_numerics, resolve_device
 from .store import load_gradients
 from .store.manifest import describe_difference
 from .transforms.normalizers import Normalizer
@@ -88,6 +88,7 @@ def _existing(cfg: PreconditionerConfig) -> Preconditioner | None:
     return load_preconditioner(root)
 
 
+@honours_numerics
 def fit_preconditioner(
     cfg: PreconditionerConfig, normalizers: Mapping[str, Normalizer] | None = None
 ) -> Preconditioner:

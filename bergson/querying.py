@@ -15,12 +15,13 @@ from .collect.loop import collect_gradients
 from .config import DataConfig, QueryConfig
 from .data import load_data, tokenize_documents
 from .errors import BergsonError
-from .models import load_model
+from .models import honours_numerics, load_model
 from .search.attributor import Attributor
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv", ".parquet")
+TOP_TOKENS = 5
 
 
 class QueryEngine:
@@ -50,6 +51,8 @@ class QueryEngine:
         self.max_tokens = int(manifest.data.get("max_tokens") or 2048)
         self.loss_reduction = manifest.loss.get("reduction", "sum")
         self._texts: list[str] | None = None
+        self._dataset: Any = None
+        self.modules: list[str] = []
 
     # ------------------------------------------------------------------ texts
     def training_text(self, row_id: int) -> str:
@@ -68,8 +71,11 @@ class QueryEngine:
         return ""
 
     # ------------------------------------------------------------------ queries
-    def vectors(self, ds: Any, column: str, completion: str | None) -> tuple[np.ndarray, list[str]]:
-        """Query vectors made like the store's rows, and the store modules they cover."""
+    def vectors(
+        self, ds: Any, column: str, completion: str | None
+    ) -> tuple[np.ndarray, list[str], Any, list[Any]]:
+        """Query vectors made like the store's rows, the store modules they cover, the tokenized
+        queries and (with --per_token) each query's token vectors."""
         dcfg = DataConfig(prompt_column=column, completion_column=completion, truncation=True)
         docs = tokenize_documents(ds, self.tokenizer, dcfg, self.max_tokens)
         empty = np.flatnonzero(docs.num_loss_tokens() == 0)
@@ -91,8 +97,39 @@ class QueryEngine:
             pad_token_id=self.tokenizer.pad_token_id or 0,
             progress=False,
             heads=coll.heads,
+            per_token=self.cfg.per_token,
         )
-        return sink.vectors, list(coll.dims)
+        return sink.vectors, list(coll.dims), docs, sink.tokens  # type: ignore[attr-defined]
+
+    def training_tokens(self, row_id: int, expected: int) -> list[str] | None:
+        """The token strings of a training document as the store saw them (None when the
+        dataset is unavailable or tokenizes to another length than the store recorded)."""
+        try:
+            data = self.attr.manifest.data
+            dcfg = DataConfig(**{k: v for k, v in data.items() if k in DataConfig.__dataclass_fields__})
+            if self._dataset is None:
+                self._dataset = load_data(dcfg, option="the store's dataset")
+            docs = tokenize_documents(self._dataset.select([row_id]), self.tokenizer, dcfg, self.max_tokens)
+        except (BergsonError, KeyError, IndexError) as e:
+            logger.warning("training tokens unavailable (%s)", e)
+            return None
+        ids = docs.input_ids[0]
+        return [self.tokenizer.decode([int(t)]) for t in ids] if len(ids) == expected else None
+
+    def explain(
+        self, hit: dict[str, Any], index: int, query: np.ndarray, tokens: Any, qtext: list[str]
+    ) -> None:
+        """Add the hit's per-token split (training document and query) to ``hit``."""
+        doc, q = self.attr.explain(query, index, query_tokens=tokens, modules=self.modules)
+        if doc is not None:
+            words = self.training_tokens(hit["row_id"], len(doc)) or [""] * len(doc)
+            hit["tokens"] = [
+                {"position": t, "token": w, "score": float(s)} for t, (w, s) in enumerate(zip(words, doc))
+            ]
+        if q is not None:
+            hit["query_tokens"] = [
+                {"position": t, "token": w, "score": float(s)} for t, (w, s) in enumerate(zip(qtext, q))
+            ]
 
     def run(self, texts: list[str]) -> list[dict[str, Any]]:
         from datasets import Dataset
@@ -102,22 +139,25 @@ class QueryEngine:
         return self.run_dataset(Dataset.from_dict({"text": texts}), "text", None)
 
     def run_dataset(self, ds: Any, column: str, completion: str | None) -> list[dict[str, Any]]:
-        vecs, modules = self.vectors(ds, column, completion)
+        vecs, modules, qdocs, qtokens = self.vectors(ds, column, completion)
+        self.modules = modules
         scores, idx = self.attr.search(vecs, self.cfg.top_k, reverse=self.cfg.reverse, modules=modules)
         rows = self.attr.store.rows["row_id"]
         hits = []
         for q in range(len(vecs)):
             for rank in range(scores.shape[1]):
                 row = int(rows[int(idx[q, rank])])
-                hits.append(
-                    {
-                        "query": q,
-                        "rank": rank + 1,
-                        "row_id": row,
-                        "score": float(scores[q, rank]),
-                        "text": self.training_text(row),
-                    }
-                )
+                hit = {
+                    "query": q,
+                    "rank": rank + 1,
+                    "row_id": row,
+                    "score": float(scores[q, rank]),
+                    "text": self.training_text(row),
+                }
+                if self.cfg.per_token:
+                    qtext = [self.tokenizer.decode([int(t)]) for t in qdocs.input_ids[q]]
+                    self.explain(hit, int(idx[q, rank]), vecs[q], qtokens[q], qtext)
+                hits.append(hit)
         return hits
 
 
@@ -130,6 +170,11 @@ def print_hits(hits: Iterable[dict[str, Any]], queries: list[str] | None = None,
             label = repr(queries[current][:80]) if queries and current < len(queries) else ""
             print(f"query {current} {label}", file=out)
         print(f"  {h['rank']:3d}. score {h['score']:+.4g}  row {h['row_id']:6d}  {h['text'][:100]}", file=out)
+        for key, label in (("tokens", "training tokens"), ("query_tokens", "query tokens")):
+            if key in h:
+                top = sorted(h[key], key=lambda t: -t["score"])[:TOP_TOKENS]
+                shown = "  ".join(f"{t['token']!r}@{t['position']} {t['score']:+.3g}" for t in top)
+                print(f"         {label}: {shown}", file=out)
 
 
 def write_hits(path: str, hits: list[dict[str, Any]]) -> None:
@@ -144,13 +189,16 @@ def write_hits(path: str, hits: list[dict[str, Any]]) -> None:
     if p.suffix == ".csv":
         import pyarrow.csv as pacsv
 
-        pacsv.write_csv(table, p)
+        # CSV has no nested values: per-token lists are written as JSON text
+        flat = [{k: json.dumps(v) if isinstance(v, list) else v for k, v in h.items()} for h in hits]
+        pacsv.write_csv(pa.Table.from_pylist(flat) if hits else table, p)
     else:
         import pyarrow.parquet as pq
 
         pq.write_table(table, p)
 
 
+@honours_numerics
 def query(cfg: QueryConfig) -> list[dict[str, Any]]:
     """Run ``bergson query``; returns the hits (also printed, and written with --output)."""
     if cfg.query is not None and cfg.query_dataset:

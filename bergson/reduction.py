@@ -11,6 +11,7 @@ import torch
 from .config import ReduceConfig, save_yaml
 from .errors import BergsonError
 from .indexing import build
+from .models import honours_numerics
 from .scoring import unit_rows
 from .store import GradientStore, StoreWriter, load_gradients
 from .transforms.normalizers import NORMALIZERS_FILE
@@ -18,6 +19,7 @@ from .transforms.preconditioners import STORE_DIR as PRECONDITIONER_DIR
 from .transforms.preconditioners import carried, fixed_preconditioner, resolve_preconditioner
 
 
+@honours_numerics
 def reduce(cfg: ReduceConfig) -> GradientStore:
     """Aggregate a dataset's gradients (computed now, or read from ``cfg.index``) into one row."""
     if cfg.aggregation == "none":

@@ -109,29 +109,53 @@ class ScoreSink:
     def end_shard(self, index: int) -> None:
         self.writer.end_shard(index)
 
-    def scores(self, vectors: np.ndarray | torch.Tensor) -> torch.Tensor:
-        v = torch.as_tensor(np.array(vectors, np.float32) if isinstance(vectors, np.ndarray) else vectors)
-        v = v.to(self.device, torch.float32)
-        if self.transform is not None:
-            v = self.transform(v)
-        if self.unit:
-            v = unit_rows(v)
-        s = v @ self.q.T  # [B, nq]
+    def _columns(self, s: torch.Tensor) -> torch.Tensor:
+        """Raw scores [..., nq] -> the score columns of --score (mean, or per group for max)."""
         if self.mode == "mean":
-            return s.mean(1, keepdim=True)
-        if self.mode == "max":
-            if self.groups is not None:
-                n = int(self.groups.max()) + 1
-                sums = torch.zeros(len(s), n, device=s.device).index_add_(1, self.groups, s)
-                counts = torch.bincount(self.groups, minlength=n).clamp(min=1)
-                s = sums / counts
-            return s.max(1, keepdim=True).values
+            return s.mean(-1, keepdim=True)
+        if self.mode == "max" and self.groups is not None:
+            n = int(self.groups.max()) + 1
+            sums = torch.zeros(*s.shape[:-1], n, device=s.device).index_add_(-1, self.groups, s)
+            return sums / torch.bincount(self.groups, minlength=n).clamp(min=1)
         return s
 
+    def scores(
+        self, vectors: np.ndarray | torch.Tensor, tokens: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Score columns of rows [B, D] and, given their token rows [B, S, D], each token's share
+        (with --score max: its share of the winning query or group)."""
+        v = torch.as_tensor(np.array(vectors, np.float32) if isinstance(vectors, np.ndarray) else vectors)
+        v = v.to(self.device, torch.float32)
+        t = None if tokens is None else torch.from_numpy(np.asarray(tokens, np.float32)).to(self.device)
+        if self.transform is not None:
+            v = self.transform(v)
+            if t is not None:
+                t = self.transform(t.reshape(-1, t.shape[-1])).reshape(t.shape)
+        if self.unit:
+            norm = v.norm(dim=1, keepdim=True).clamp(min=torch.finfo(v.dtype).tiny)
+            v = v / norm
+            t = None if t is None else t / norm[:, None]
+        s = self._columns(v @ self.q.T)  # [B, columns]
+        st = None if t is None else self._columns(t @ self.q.T)  # [B, S, columns]
+        if self.mode == "max":
+            best = s.argmax(1, keepdim=True)
+            s = s.gather(1, best)
+            if st is not None:
+                st = st.gather(2, best[:, None].expand(-1, st.shape[1], 1))
+        return s, st
+
     def write(
-        self, row_ids: np.ndarray, vectors: np.ndarray, num_tokens: np.ndarray, losses: np.ndarray
+        self,
+        row_ids: np.ndarray,
+        vectors: np.ndarray,
+        num_tokens: np.ndarray,
+        losses: np.ndarray,
+        tokens: np.ndarray | None = None,
     ) -> None:
-        self.writer.write(row_ids, self.scores(vectors).cpu().numpy(), num_tokens, losses)
+        s, st = self.scores(vectors, tokens)
+        self.writer.write(
+            row_ids, s.cpu().numpy(), num_tokens, losses, None if st is None else st.cpu().numpy()
+        )
 
 
 def scores_manifest(base: Manifest, cfg: ScoreConfig, query: GradientStore, ncols: int) -> Manifest:
@@ -252,7 +276,7 @@ def score_documents(
         sink = ScoreSink(
             writer, q, cfg.score, groups=groups, unit_normalize=cfg.unit_normalize, device=device, transform=t
         )
-        collect_with(cfg, model, docs, modules, sink, normalizers, pad_token_id)
+        collect_with(cfg, model, docs, modules, sink, normalizers, pad_token_id, per_token=cfg.per_token)
         writer.finalize(len(plan_shards(len(docs), cfg.shard_size)))
     return load_gradients(cfg.run_path)
 
@@ -268,10 +292,16 @@ def top_rows(store: GradientStore, k: int) -> list[list[tuple[int, float]]]:
 
 
 def save_score_matrix(
-    path: str | Path, scores: np.ndarray, base_manifest: Manifest, info: dict[str, Any], overwrite: bool
+    path: str | Path,
+    scores: np.ndarray,
+    base_manifest: Manifest,
+    info: dict[str, Any],
+    overwrite: bool,
+    tokens: list[np.ndarray] | None = None,
 ) -> GradientStore:
     """Write a [rows, columns] score matrix computed elsewhere (EK-FAC, MAGIC) as an ordinary
-    scores store, with ``base_manifest``'s model and data and ``info`` as its score entry."""
+    scores store, with ``base_manifest``'s model and data and ``info`` as its score entry;
+    ``tokens`` (per row, [length, columns]) become its token rows."""
     n, nq = scores.shape
     manifest = replace(
         base_manifest,
@@ -280,11 +310,18 @@ def save_score_matrix(
         modules=[ModuleLayout("scores", "scores", [nq], False, 0, nq)],
         dtype="float32",
         score={**info, "columns": nq, "orientation": SCORE_ORIENTATION},
+        per_token=tokens is not None,
     )
     writer = StoreWriter(path, manifest, overwrite=overwrite)
     if not writer.complete:
         writer.begin_shard(0, range(n))
-        writer.write(np.arange(n), scores.astype(np.float32), np.zeros(n, np.int64), np.zeros(n, np.float32))
+        lengths = np.zeros(n, np.int64) if tokens is None else np.array([len(t) for t in tokens])
+        padded = None
+        if tokens is not None:
+            padded = np.zeros((n, int(lengths.max(initial=0)), nq), np.float32)
+            for i, t in enumerate(tokens):
+                padded[i, : len(t)] = t
+        writer.write(np.arange(n), scores.astype(np.float32), lengths, np.zeros(n, np.float32), padded)
         writer.end_shard(0)
         writer.finalize(1)
     return load_gradients(path)

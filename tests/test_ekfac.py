@@ -208,8 +208,16 @@ def test_pipeline_resumes_reproduces_and_runs_from_the_shell(tmp_path, model_dir
     monkeypatch.undo()
     a = ekfac(cfg("a", per_module_scores=True))
     assert (tmp_path / "a" / "corrected" / "factors.json").stat().st_mtime_ns == stamp
-    b = ekfac(cfg("b", per_module_scores=True))  # an uninterrupted run, same seed: identical
+    # an uninterrupted run, same seed: identical, and with token rows that sum to the scores
+    b = ekfac(cfg("b", per_module_scores=True, per_token=True))
     np.testing.assert_array_equal(np.asarray(a["scores"]), np.asarray(b["scores"]))
+    assert b.has_tokens and not a.has_tokens
+    for i in range(len(b)):
+        tokens = b.token_rows(i)
+        assert len(tokens) == b.rows["num_tokens"][i] > 0
+        # float32 sums of terms of both signs: rounding scales with the sum of their magnitudes
+        slack = 1e-5 * np.abs(tokens).sum(0)
+        assert (np.abs(tokens.sum(0) - b["scores"][i]) <= slack).all()
     parts = np.load(tmp_path / "a" / "per_module.npz")
     np.testing.assert_allclose(
         sum(parts[k] for k in parts.files), np.asarray(a["scores"]), rtol=1e-5, atol=1e-6

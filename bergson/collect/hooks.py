@@ -194,6 +194,10 @@ class GradientCollector(_LayerHooks):
     ``heads`` splits modules into attention heads (:class:`AttentionConfig` per module name
     or glob pattern): each head becomes its own block ``'{module}.head{h}'`` with its own
     projection; the blocks of a module concatenate to the module's gradient.
+
+    With ``per_token`` every position keeps its own term g_t x_tᵀ of the sum G = Σ_t g_t x_tᵀ
+    (normalized and projected like a whole example): vectors are [batch, positions, dim] and
+    sum over positions to the per-example vectors. Padding positions get zero vectors.
     """
 
     def __init__(
@@ -207,6 +211,7 @@ class GradientCollector(_LayerHooks):
         normalizers: Mapping[str, Normalizer] | None = None,
         closure: Closure | None = None,
         heads: Mapping[str, AttentionConfig] | Sequence[str] | None = None,
+        per_token: bool = False,
     ):
         from ..models import find_tracked_modules
 
@@ -234,6 +239,7 @@ class GradientCollector(_LayerHooks):
             n: module_blocks(n, m, include_bias, self.heads.get(n)) for n, m in self.modules.items()
         }
         self.closure = closure
+        self.per_token = per_token
         super().__init__()
         self._grads: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._proj: dict[tuple[str, str, torch.dtype, torch.device], torch.Tensor] = {}
@@ -275,11 +281,21 @@ class GradientCollector(_LayerHooks):
 
     def _backward_hook(self, name: str, grad: torch.Tensor) -> None:
         saved: Any = self._inputs[name].pop()
+        batch = grad.shape[0]
+        if self.per_token:
+            # each position is an "example" of one token: its term g_t x_t^T
+            grad = grad.reshape(-1, 1, grad.shape[-1])
+            if self._cheap_path(name):
+                saved = [s.reshape(-1, 1, s.shape[-1]) for s in saved]
+            else:
+                saved = saved.reshape(-1, 1, saved.shape[-1])
         for k, block in enumerate(self.blocks[name]):
             if self._cheap_path(name):
                 vec = self.from_projected(block, saved[k], grad)
             else:
                 vec = self.full_gradient(block, saved, grad)
+            if self.per_token:
+                vec = vec.reshape(batch, -1, vec.shape[-1])
             if self.closure is not None:
                 self.closure(block.name, vec)
             else:

@@ -24,24 +24,34 @@ IGNORE = -100
 
 
 class Sink(Protocol):
-    """Where the loop sends per-row vectors, one shard (range of dataset rows) at a time."""
+    """Where the loop sends per-row vectors, one shard (range of dataset rows) at a time.
+
+    ``num_tokens`` are the rows' lengths; with per-token collection ``tokens`` [B, S, dim]
+    holds each position's vector (row b's first ``num_tokens[b]`` positions are its own)."""
 
     def done(self, index: int) -> bool: ...
     def begin_shard(self, index: int, rows: range) -> None: ...
     def write(
-        self, row_ids: np.ndarray, vectors: np.ndarray, num_tokens: np.ndarray, losses: np.ndarray
+        self,
+        row_ids: np.ndarray,
+        vectors: np.ndarray,
+        num_tokens: np.ndarray,
+        losses: np.ndarray,
+        tokens: np.ndarray | None = None,
     ) -> None: ...
     def end_shard(self, index: int) -> None: ...
 
 
 class InMemorySink:
-    """Keeps every row's vector in memory: ``vectors`` [rows, dim] in dataset order."""
+    """Keeps every row's vector in memory: ``vectors`` [rows, dim] in dataset order, and with
+    per-token collection ``tokens[row]`` [num_tokens, dim]."""
 
     def __init__(self, num_rows: int, dims: Mapping[str, int]):
         self.dims = dict(dims)
         self.vectors = np.zeros((num_rows, sum(self.dims.values())), np.float64)
         self.num_tokens = np.zeros(num_rows, np.int64)
         self.loss = np.zeros(num_rows, np.float64)
+        self.tokens: list[np.ndarray | None] = [None] * num_rows
 
     def done(self, index: int) -> bool:
         return False
@@ -50,11 +60,19 @@ class InMemorySink:
         pass
 
     def write(
-        self, row_ids: np.ndarray, vectors: np.ndarray, num_tokens: np.ndarray, losses: np.ndarray
+        self,
+        row_ids: np.ndarray,
+        vectors: np.ndarray,
+        num_tokens: np.ndarray,
+        losses: np.ndarray,
+        tokens: np.ndarray | None = None,
     ) -> None:
         self.vectors[row_ids] = vectors
         self.num_tokens[row_ids] = num_tokens
         self.loss[row_ids] = losses
+        for b, row in enumerate(np.asarray(row_ids)):
+            n = int(num_tokens[b])
+            self.tokens[row] = np.zeros((n, self.vectors.shape[1])) if tokens is None else tokens[b, :n]
 
     def end_shard(self, index: int) -> None:
         pass
@@ -125,6 +143,7 @@ def collect_gradients(
     progress: bool = True,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     heads: Mapping[str, AttentionConfig] | Sequence[str] | None = None,
+    per_token: bool = False,
 ) -> Sink:
     """Compute every document's per-example gradient vector and hand it to ``sink``.
 
@@ -134,6 +153,8 @@ def collect_gradients(
     Without a sink, an :class:`InMemorySink` is filled and returned. ``transform`` maps
     each batch's [B, dim] vectors (e.g. a preconditioner) before unit normalization.
     ``heads`` splits modules into attention-head blocks (see :class:`GradientCollector`).
+    ``per_token`` also hands the sink every position's vector (summing to the row's vector;
+    transforms apply to each, and unit normalization divides them by the row's norm).
     """
     collector = GradientCollector(
         model,
@@ -143,6 +164,7 @@ def collect_gradients(
         include_bias=include_bias,
         normalizers=normalizers,
         heads=heads,
+        per_token=per_token,
     )
     dims = collector.dims
     offsets = np.cumsum([0, *dims.values()])
@@ -166,7 +188,7 @@ def collect_gradients(
     def closure(name: str, vec: torch.Tensor) -> None:
         assert buf is not None
         a, b = col[name]
-        buf[:, a:b] = vec
+        buf[..., a:b] = vec
 
     collector.closure = closure
     saved = {p: p.requires_grad for p in model.parameters()}
@@ -189,7 +211,8 @@ def collect_gradients(
                     idx = local + rows.start
                     ids, labels = _pad(docs, idx, pad_token_id)
                     ids, labels = ids.to(device), labels.to(device)
-                    buf = torch.zeros(len(idx), total_dim, dtype=cdt, device=device)
+                    shape = (len(idx), ids.shape[1], total_dim) if per_token else (len(idx), total_dim)
+                    buf = torch.zeros(shape, dtype=cdt, device=device)
                     logits = model(input_ids=ids, use_cache=False).logits
                     losses = per_document_loss(logits, labels, loss_reduction)
                     if docs.weights is not None:
@@ -197,11 +220,23 @@ def collect_gradients(
                             docs.weights[idx], dtype=losses.dtype, device=device
                         )
                     losses.sum().backward()
-                    vectors = buf if transform is None else transform(buf)
+                    tokens = buf if per_token else None
+                    if tokens is not None and transform is not None:
+                        tokens = transform(tokens.reshape(-1, total_dim)).reshape(tokens.shape)
+                    if tokens is not None:
+                        vectors = tokens.sum(1)
+                    else:
+                        vectors = buf if transform is None else transform(buf)
                     if unit_normalize:
-                        vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp(min=torch.finfo(cdt).tiny)
+                        norm = vectors.norm(dim=1, keepdim=True).clamp(min=torch.finfo(cdt).tiny)
+                        vectors = vectors / norm
+                        tokens = None if tokens is None else tokens / norm[:, None]
                     sink.write(
-                        idx, vectors.cpu().numpy(), lengths[idx], losses.detach().float().cpu().numpy()
+                        idx,
+                        vectors.cpu().numpy(),
+                        lengths[idx],
+                        losses.detach().float().cpu().numpy(),
+                        None if tokens is None else tokens.cpu().numpy(),
                     )
                     bar.update(int(shard_lengths[local].sum()))
                 sink.end_shard(index)

@@ -38,6 +38,7 @@ from ..collect.loop import IGNORE, _pad
 from ..data import TokenizedDocs
 from ..data.batching import plan_batches
 from ..errors import BergsonError
+from ..models import honours_numerics
 from ..transforms.ekfac import Factors, eigendecompose, ihvp, kfac_eigenvalues
 
 logger = logging.getLogger(__name__)
@@ -351,6 +352,7 @@ def save_query_store(
     return load_gradients(path)
 
 
+@honours_numerics
 def ekfac(cfg: Any) -> Any:
     """Run (or resume) ``bergson ekfac``; returns the scores store (rows x queries)."""
     from dataclasses import replace
@@ -450,7 +452,9 @@ def ekfac(cfg: Any) -> Any:
             load_gradients(root / "query_store")
         except BergsonError:
             start = time.perf_counter()
-            qbase = make_manifest(replace(cfg, data=cfg.query), model, modules, qdocs, max_tokens)
+            qbase = make_manifest(
+                replace(cfg, data=cfg.query, per_token=False), model, modules, qdocs, max_tokens
+            )
             save_query_store(
                 root / "query_store", queries, qbase, info, cfg.projection_seed, cfg.projection_dim
             )
@@ -461,7 +465,7 @@ def ekfac(cfg: Any) -> Any:
     except BergsonError:
         pass
     start = time.perf_counter()
-    result = score_documents(model, docs, queries, opts)
+    result = score_documents(model, docs, queries, opts, per_token=cfg.per_token)
     if cfg.per_module_scores:
         arrays: dict[str, Any] = dict(result.per_module)
         np.savez(str(root / "per_module.npz"), **arrays)
@@ -472,6 +476,8 @@ def ekfac(cfg: Any) -> Any:
         "query_dataset": cfg.query.dataset,
         "unit_normalize": False,
     }
-    store = save_score_matrix(scores_path, result.total, base, score_info, overwrite=True)
+    store = save_score_matrix(
+        scores_path, result.total, base, score_info, overwrite=True, tokens=result.per_token
+    )
     timings.record("scores", start)
     return store

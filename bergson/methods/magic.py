@@ -719,7 +719,7 @@ def load_recipe(path: str) -> MagicConfig:
 
 
 CONFIG_FILE = "magic.yaml"
-OUTPUTS = ("states", "reverse", "model", "scores", "token_scores.safetensors", TIMINGS_FILE, CONFIG_FILE)
+OUTPUTS = ("states", "reverse", "model", "scores", TIMINGS_FILE, CONFIG_FILE)
 
 
 def prepare(cfg: MagicConfig) -> tuple[nn.Module, Any, TokenizedDocs, TokenizedDocs]:
@@ -804,13 +804,7 @@ def magic(cfg: MagicConfig) -> Any:
             peak_states_in_memory=result.peak_states_in_memory,
         )
     token_scores = -np.stack(grads, 1)  # positive: up-weighting the token lowers the query loss
-    if cfg.per_token:
-        from safetensors.numpy import save_file
-
-        save_file(
-            {"scores": token_scores, "offsets": replay.layout.offsets},
-            str(root / "token_scores.safetensors"),
-        )
+    tokens = np.split(token_scores, replay.layout.offsets[1:-1]) if cfg.per_token else None
     from ..config import IndexConfig
 
     base = make_manifest(
@@ -830,7 +824,7 @@ def magic(cfg: MagicConfig) -> Any:
         "meaning": "-d(mean query loss after training)/d(document weight)",
     }
     return save_score_matrix(
-        root / "scores", replay.layout.per_document(token_scores), base, info, overwrite=True
+        root / "scores", replay.layout.per_document(token_scores), base, info, overwrite=True, tokens=tokens
     )
 
 

@@ -36,7 +36,7 @@ from ..indexing import (
     validate_index_config,
     write_store,
 )
-from ..models import find_tracked_modules, load_model
+from ..models import find_tracked_modules, honours_numerics, load_model
 from ..preconditioning import check_saved_config, fit_on_documents
 from ..scoring import score_documents, top_rows
 from ..store import GradientStore, load_gradients
@@ -195,6 +195,7 @@ def write_summary(cfg: TrackstarConfig, scores: GradientStore, timings: Mapping[
     atomic_write_bytes(root / "summary.md", "\n".join(lines).encode())
 
 
+@honours_numerics
 def trackstar(cfg: TrackstarConfig, normalizers: Mapping[str, Normalizer] | None = None) -> GradientStore:
     """Run (or resume) the TrackStar pipeline; returns the scores store."""
     validate_index_config(cfg)

@@ -18,7 +18,7 @@ from ..errors import BergsonError
 from ..store import GradientStore, ModuleLayout, load_gradients
 from ..transforms.normalizers import NORMALIZERS_FILE, Normalizer, load_normalizers
 from ..transforms.preconditioners import carried, plan_powers, resolve_preconditioner
-from .exact import exact_topk
+from .exact import column_segments, exact_topk
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,22 @@ class Attributor:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k (scores, store row indices) for query vectors [Q, dim] or {module: [Q, dim]}."""
         mods = list(modules) if modules else self.modules
+        q = self.prepare(queries, mods)
+        if self.faiss_cfg is not None:
+            scores, idx = self._faiss_search(q.numpy(), k, reverse, mods)
+        else:
+            restrict = None if mods == list(self.store.modules) else mods
+            scores, idx = exact_topk(
+                self.store, q.numpy(), k, unit_norm=self.unit_norm, reverse=reverse, modules=restrict
+            )
+        return torch.from_numpy(scores).to(self.device), torch.from_numpy(idx).to(self.device)
+
+    def prepare(
+        self, queries: torch.Tensor | np.ndarray | Mapping[str, torch.Tensor], mods: Sequence[str]
+    ) -> torch.Tensor:
+        """Query vectors of modules ``mods`` as the search compares them: float32 [Q, dim] on the
+        CPU, with the preconditioner power the query side needs (linear, so it applies to
+        per-token query vectors alike)."""
         if isinstance(queries, Mapping):
             missing = [m for m in mods if m not in queries]
             if missing:
@@ -146,14 +162,38 @@ class Attributor:
                 layout.append(ModuleLayout(name, "", [], False, offset, dim))
                 offset += dim
             q = self.preconditioner.apply(q.double(), self.query_power, layout).float()
-        if self.faiss_cfg is not None:
-            scores, idx = self._faiss_search(q.numpy(), k, reverse, mods)
-        else:
-            restrict = None if mods == list(self.store.modules) else mods
-            scores, idx = exact_topk(
-                self.store, q.numpy(), k, unit_norm=self.unit_norm, reverse=reverse, modules=restrict
-            )
-        return torch.from_numpy(scores).to(self.device), torch.from_numpy(idx).to(self.device)
+        return q
+
+    def explain(
+        self,
+        query: torch.Tensor | np.ndarray,
+        index: int,
+        *,
+        query_tokens: torch.Tensor | np.ndarray | None = None,
+        modules: Sequence[str] | None = None,
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Split one query's score against store row ``index`` over tokens.
+
+        Returns (training-token scores [num_tokens] when the store holds token rows, query-token
+        scores [T_q] when ``query_tokens`` [T_q, dim] are given); each sums to the score the
+        search reports for the pair (the cosine, with ``unit_norm``).
+        """
+        mods = list(modules) if modules else self.modules
+        segments, _ = column_segments(self.store, mods)
+        q = self.prepare(torch.as_tensor(query).reshape(1, -1), mods)[0].double().numpy()
+        doc = np.concatenate([np.asarray(self.store.all[int(index)], np.float64)[a:b] for a, b in segments])
+        scale = 1.0
+        if self.unit_norm:
+            scale = 1.0 / max(float(np.linalg.norm(q) * np.linalg.norm(doc)), np.finfo(np.float64).tiny)
+        doc_scores = None
+        if self.store.has_tokens:
+            rows = np.asarray(self.store.token_rows(int(index)), np.float64)
+            doc_scores = np.concatenate([rows[:, a:b] for a, b in segments], 1) @ q * scale
+        query_scores = None
+        if query_tokens is not None:
+            qt = self.prepare(torch.as_tensor(query_tokens), mods).double().numpy()
+            query_scores = qt @ doc * scale
+        return doc_scores, query_scores
 
     def _faiss_search(
         self, q: np.ndarray, k: int, reverse: bool, mods: list[str]

@@ -53,6 +53,9 @@ class Manifest:
     unit_normalize: bool = False
     score: dict[str, Any] | None = None
     """For score stores: how scores were made, and their orientation."""
+    per_token: bool = False
+    """Each shard also holds one row per token (``tokens.npy``: the rows' tokens in order, as many
+    as each row's ``num_tokens``); a row's token rows sum to the row."""
     shards: list[dict[str, Any]] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
     producer: dict[str, Any] = field(default_factory=dict)

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from ..errors import BergsonError
 from .manifest import Manifest, read_manifest
+from .writer import TOKENS
 
 ROW_DTYPE = np.dtype([("row_id", np.int64), ("num_tokens", np.int64), ("loss", np.float32)])
 
@@ -82,6 +83,35 @@ class GradientStore:
             for col in ROW_DTYPE.names or ():
                 self.rows[col][start : start + m.num_rows] = m[col].to_numpy()
             start += m.num_rows
+        self._token_parts: list[np.ndarray] | None = None
+        self._shard_starts = np.cumsum([0] + [p.shape[0] for p in self._parts])
+
+    @property
+    def has_tokens(self) -> bool:
+        """Whether the store holds one row per token beside each row (built with --per_token)."""
+        return self.manifest.per_token
+
+    def token_rows(self, index: int) -> np.ndarray:
+        """The token rows [num_tokens, total_dim] of store row ``index`` (memory-mapped); they sum
+        to the row."""
+        if not self.has_tokens:
+            raise BergsonError(f"{self.root} has no token rows; rebuild it with --per_token")
+        if self._token_parts is None:
+            parts = []
+            for shard in self.manifest.shards:
+                path = self.root / f"{shard['file']}{TOKENS}"
+                if not path.is_file():
+                    raise BergsonError(
+                        f"{self.root}: token rows of shard {shard['file']} are missing; rebuild"
+                    )
+                parts.append(np.load(path, mmap_mode="r"))
+            self._token_parts = parts
+        index = int(index)
+        s = int(np.searchsorted(self._shard_starts, index, side="right")) - 1
+        first = int(self._shard_starts[s])
+        counts = self.rows["num_tokens"][first : index + 1]
+        stop = int(counts.sum())
+        return self._token_parts[s][stop - int(counts[-1]) : stop]
 
     @property
     def modules(self) -> list[str]:

@@ -42,6 +42,9 @@ _OWN_FILES = (
 )
 
 
+TOKENS = ".tokens.npy"
+
+
 def shard_name(index: int) -> str:
     return f"{SHARDS}/{index:05d}"
 
@@ -78,6 +81,7 @@ class StoreWriter:
         self._tokens: np.ndarray | None = None
         self._loss: np.ndarray | None = None
         self._filled: np.ndarray | None = None
+        self._token_rows: dict[int, np.ndarray] = {}
 
     # ---------------------------------------------------------------- set-up
     def _prepare(self, overwrite: bool) -> None:
@@ -126,11 +130,19 @@ class StoreWriter:
         self._tokens = np.zeros(n, np.int64)
         self._loss = np.zeros(n, np.float32)
         self._filled = np.zeros(n, bool)
+        self._token_rows = {}
 
     def write(
-        self, row_ids: np.ndarray, vectors: np.ndarray, num_tokens: np.ndarray, losses: np.ndarray
+        self,
+        row_ids: np.ndarray,
+        vectors: np.ndarray,
+        num_tokens: np.ndarray,
+        losses: np.ndarray,
+        tokens: np.ndarray | None = None,
     ) -> None:
-        """Store float32/float64 ``vectors`` [B, D] for dataset rows ``row_ids`` of the current shard."""
+        """Store float32/float64 ``vectors`` [B, D] for dataset rows ``row_ids`` of the current shard
+        (and, in a per-token store, ``tokens`` [B, S, D]: row b's first ``num_tokens[b]`` positions;
+        None means zeros)."""
         assert self._rows is not None and self._buf is not None
         assert self._tokens is not None and self._loss is not None and self._filled is not None
         local = np.asarray(row_ids) - self._rows.start
@@ -149,6 +161,17 @@ class StoreWriter:
                     f"gradient values exceed the {self._buf.dtype} range; pass --save_dtype float32"
                 )
             self._buf[local] = cast
+        if self.manifest.per_token:
+            for b, i in enumerate(local):
+                n = int(num_tokens[b])
+                rows = np.zeros((n, self._buf.shape[1])) if tokens is None else tokens[b, :n]
+                cast = rows.astype(self._buf.dtype)
+                if not np.isfinite(cast).all():
+                    raise BergsonError(
+                        f"token values of dataset row {int(row_ids[b])} are not finite in {self._buf.dtype}; "
+                        "pass --save_dtype float32"
+                    )
+                self._token_rows[int(i)] = cast
         self._tokens[local] = num_tokens
         self._loss[local] = losses
         self._filled[local] = True
@@ -161,6 +184,11 @@ class StoreWriter:
             raise RuntimeError(f"shard {index} is missing rows {missing.tolist()}")
         base = self.root / shard_name(index)
         row_ids = np.arange(self._rows.start, self._rows.stop)
+        if self.manifest.per_token:
+            parts = [self._token_rows[i] for i in range(len(row_ids))]
+            empty = np.zeros((0, self._buf.shape[1]), self._buf.dtype)
+            atomic_write_bytes(base.with_suffix(TOKENS), _npy_bytes(np.concatenate([empty, *parts])))
+            self._token_rows = {}
         atomic_write_bytes(
             base.with_suffix(".rows.parquet"), _parquet_bytes(row_ids, self._tokens, self._loss)
         )

@@ -71,7 +71,12 @@ class StatisticsSink:
         pass
 
     def write(
-        self, row_ids: np.ndarray, vectors: np.ndarray, num_tokens: np.ndarray, losses: np.ndarray
+        self,
+        row_ids: np.ndarray,
+        vectors: np.ndarray,
+        num_tokens: np.ndarray,
+        losses: np.ndarray,
+        tokens: np.ndarray | None = None,
     ) -> None:
         v = torch.from_numpy(np.array(vectors, np.float32)).to(self.device)
         v = v[v.abs().amax(1) > 0]
