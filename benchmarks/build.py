@@ -6,7 +6,10 @@ plan). The training step is forward + backward with weight gradients and no opti
 Runs alternate (train, build, train, build, ...) so that load on a shared machine hits
 both alike; the best repeat of each is reported. Prints one JSON object.
 
-    python -m benchmarks.build [--num_docs 1000] [--projection_dim 16] [--repeats 3]
+    python -m benchmarks.build [--num_docs 1000] [--projection_dim 16] [--repeats 3] [--per_token]
+
+``--per_token`` adds a third leg to each round: the same build keeping one row per token
+(its store holds tokens x dims numbers, so keep --num_docs modest).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--per_token", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -79,8 +83,15 @@ def main() -> None:
     write_store(qcfg, model, qdocs, args.token_batch_size, tok.pad_token_id)
     scfg = ScoreConfig(**{**vars(cfg), "run_path": str(work / "scores"), "query_path": qcfg.run_path})
 
-    train_times, build_times, score_times = [], [], []
+    tcfg = replace(cfg, run_path=str(work / "tokens"), per_token=True)
+    train_times, build_times, score_times, token_times = [], [], [], []
     for _ in range(args.repeats):
+        if args.per_token:
+            shutil.rmtree(tcfg.run_path, ignore_errors=True)
+            start = time.perf_counter()
+            write_store(tcfg, model, docs, args.token_batch_size, tok.pad_token_id)
+            token_times.append(time.perf_counter() - start)
+            shutil.rmtree(tcfg.run_path, ignore_errors=True)
         train_times.append(train_step_time(model, docs, batches, tok.pad_token_id or 0))
         shutil.rmtree(cfg.run_path, ignore_errors=True)
         start = time.perf_counter()
@@ -94,6 +105,13 @@ def main() -> None:
         score_times.append(time.perf_counter() - start)
 
     best_train, best_build, best_score = min(train_times), min(build_times), min(score_times)
+    per_token = {}
+    if token_times:
+        per_token = {
+            "per_token_build_tokens_per_s": round(tokens / min(token_times), 1),
+            "per_token_over_build_ratio": round(best_build / min(token_times), 3),
+            "per_token_times_s": [round(t, 2) for t in token_times],
+        }
     print(
         json.dumps(
             {
@@ -114,6 +132,7 @@ def main() -> None:
                 "train_times_s": [round(t, 2) for t in train_times],
                 "build_times_s": [round(t, 2) for t in build_times],
                 "score_times_s": [round(t, 2) for t in score_times],
+                **per_token,
                 "note": "build = collection loop + writing the store, on the loaded model and tokenized docs",
             },
             indent=2,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bergson import IndexConfig, ScoreConfig, build, collect_gradients, load_gradients, score
+from bergson import IndexConfig, ScoreConfig, build, collect_gradients, score
 from bergson.collect.hooks import module_shape
 from bergson.collect.loop import _pad, per_document_loss
 from bergson.errors import BergsonError
@@ -72,11 +72,17 @@ def test_token_vectors_against_autograd(p, norm):
 @pytest.fixture(scope="module")
 def token_store(tmp_path_factory, model_dir, corpus_file):
     root = tmp_path_factory.mktemp("tokens")
-    common = dict(model=str(model_dir), precision="fp32", device="cpu", projection_dim=4, save_dtype="float32")
+    common = dict(
+        model=str(model_dir), precision="fp32", device="cpu", projection_dim=4, save_dtype="float32"
+    )
     data = dict(dataset=str(corpus_file), truncation=True, max_length=40)
     from bergson.config import DataConfig
 
-    store = build(IndexConfig(run_path=str(root / "docs"), data=DataConfig(**data), per_token=True, shard_size=7, **common))  # type: ignore[arg-type]
+    store = build(
+        IndexConfig(
+            run_path=str(root / "docs"), data=DataConfig(**data), per_token=True, shard_size=7, **common
+        )
+    )  # type: ignore[arg-type]
     query = build(
         IndexConfig(run_path=str(root / "q"), data=DataConfig(**data, split="train[:3]"), **common)  # type: ignore[arg-type]
     )
@@ -89,7 +95,9 @@ def test_store_token_rows_sum_to_documents_across_shards(token_store):
     for i in range(len(store)):
         tokens = store.token_rows(i)
         assert len(tokens) == store.rows["num_tokens"][i] > 0
-        np.testing.assert_allclose(tokens.sum(0), store.all[i], rtol=1e-4, atol=1e-6 * np.abs(store.all[i]).max())
+        np.testing.assert_allclose(
+            tokens.sum(0), store.all[i], rtol=1e-4, atol=1e-6 * np.abs(store.all[i]).max()
+        )
 
 
 @pytest.mark.parametrize("mode", ["individual", "mean", "max"])
@@ -109,7 +117,9 @@ def test_score_token_rows(token_store, mode):
         np.testing.assert_allclose(tokens.sum(0), out["scores"][i], rtol=1e-4, atol=1e-6)
         raw = np.asarray(store.token_rows(i), np.float64) @ q.T  # [T, nq]
         doc = np.asarray(store.all[i], np.float64) @ q.T
-        expected = {"individual": raw, "mean": raw.mean(1, keepdims=True), "max": raw[:, [doc.argmax()]]}[mode]
+        expected = {"individual": raw, "mean": raw.mean(1, keepdims=True), "max": raw[:, [doc.argmax()]]}[
+            mode
+        ]
         np.testing.assert_allclose(tokens, expected, rtol=1e-3, atol=1e-5 * np.abs(expected).max())
 
 
@@ -118,13 +128,30 @@ def test_per_token_errors(token_store, tmp_path):
     from bergson.config import DataConfig
 
     with pytest.raises(BergsonError, match="--per_token with --aggregation"):
-        build(IndexConfig(run_path=str(tmp_path / "a"), data=DataConfig(**data), per_token=True, aggregation="mean", **common))  # type: ignore[arg-type]
-    plain = build(IndexConfig(run_path=str(tmp_path / "b"), data=DataConfig(**data, split="train[:2]"), **common))  # type: ignore[arg-type]
+        build(
+            IndexConfig(
+                run_path=str(tmp_path / "a"),
+                data=DataConfig(**data),
+                per_token=True,
+                aggregation="mean",
+                **common,
+            )
+        )  # type: ignore[arg-type]
+    plain = build(
+        IndexConfig(run_path=str(tmp_path / "b"), data=DataConfig(**data, split="train[:2]"), **common)
+    )  # type: ignore[arg-type]
     with pytest.raises(BergsonError, match="--per_token"):
         plain.token_rows(0)
     # a per-token build cannot resume into a store built without token rows
     with pytest.raises(BergsonError, match="per_token"):
-        build(IndexConfig(run_path=str(tmp_path / "b"), data=DataConfig(**data, split="train[:2]"), per_token=True, **common))  # type: ignore[arg-type]
+        build(
+            IndexConfig(
+                run_path=str(tmp_path / "b"),
+                data=DataConfig(**data, split="train[:2]"),
+                per_token=True,
+                **common,
+            )
+        )  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("unit_norm", [False, True])

@@ -5,6 +5,8 @@ A Hugging Face ``Trainer`` checkpoint (``checkpoint-N/optimizer.pt``) or a file 
 divided its updates by. :func:`normalizers_from_optimizer_state` turns them into the
 normalizers of :mod:`bergson.transforms.normalizers`, one per tracked module, so that
 per-example gradients are normalized exactly as the training run normalized its updates.
+:func:`normalizers_from_optimizer` does the same from a live optimizer (the Trainer callback's
+per-step normalizers), sharing the conversion below.
 
 Supported optimizers (detected from the state of each weight):
 
@@ -170,6 +172,69 @@ def normalizers_from_optimizer_state(
             bias_entry, _ = lookup(module_name, "bias")
         out[module_name] = _normalizer(
             module_name, weight_entry, bias_entry, _is_conv1d(module), weight.dtype, form, file
+        )
+    return out
+
+
+def normalizers_from_optimizer(
+    optimizer: Any,
+    modules: Mapping[str, nn.Module],
+    *,
+    form: str = "auto",
+    include_bias: bool = False,
+    source: str = "the optimizer",
+) -> dict[str, Normalizer] | None:
+    """Normalizers from a live optimizer, built exactly as :func:`normalizers_from_optimizer_state`
+    builds them from a saved state dict (same optimizers, ``form`` and bias handling).
+
+    The state is looked up by parameter object, so no index mapping is needed; an
+    ``accelerate`` ``AcceleratedOptimizer`` is unwrapped. Returns None while the optimizer holds
+    no state for any tracked weight (before its first step). The normalizers may share tensors
+    with the optimizer's state: use them before its next step. ``source`` names the optimizer
+    in error messages.
+    """
+    if form not in NORMALIZER_FORMS:
+        raise BergsonError(f"normalizer_form {form!r}: choose one of {', '.join(NORMALIZER_FORMS)}")
+    opt = getattr(optimizer, "optimizer", optimizer)
+    where: dict[int, tuple[int, Mapping[str, Any]]] = {}
+    for group in opt.param_groups:
+        for param in group["params"]:
+            where[id(param)] = (len(where), group)
+
+    def lookup(module_name: str, param: str) -> tuple[torch.Tensor, _Entry | None]:
+        tensor = getattr(modules[module_name], param, None)
+        if not isinstance(tensor, torch.Tensor) or id(tensor) not in where:
+            raise BergsonError(
+                f"{source}: the {param} of module {module_name!r} is not among the optimized parameters "
+                "(frozen?); track only the trained modules"
+            )
+        index, group = where[id(tensor)]
+        state = opt.state.get(tensor)
+        return tensor, _Entry(index, state, group) if state else None
+
+    weights = {name: lookup(name, "weight") for name in modules}
+    if all(entry is None for _, entry in weights.values()):
+        return None
+    out: dict[str, Normalizer] = {}
+    for module_name, (weight, weight_entry) in weights.items():
+        bias_entry = None
+        if include_bias and getattr(modules[module_name], "bias", None) is not None:
+            _, bias_entry = lookup(module_name, "bias")
+            if bias_entry is None:
+                weight_entry = None
+        if weight_entry is None:
+            raise BergsonError(
+                f"{source}: no optimizer state for module {module_name!r} while other modules have "
+                "some: it received no gradient in the optimizer steps so far"
+            )
+        out[module_name] = _normalizer(
+            module_name,
+            weight_entry,
+            bias_entry,
+            _is_conv1d(modules[module_name]),
+            weight.dtype,
+            form,
+            source,
         )
     return out
 
@@ -377,7 +442,8 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def _float(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().to("cpu")
+    # a state dict read from a file is on the CPU already; a live optimizer's state stays on its device
+    t = t.detach()
     return t if t.dtype == torch.float64 else t.float()
 
 
@@ -411,7 +477,7 @@ def _normalizer(
     conv1d: bool,
     dtype: torch.dtype,
     form: str,
-    file: Path,
+    file: str | Path,
 ) -> Normalizer:
     state = weight.state
     if "exp_avg_sq_row" in state and "exp_avg_sq_col" in state:
@@ -442,7 +508,7 @@ def _normalizer(
     return rank_one.normalizer(bias_v)
 
 
-def _require(entry: _Entry, key: str, module_name: str, file: Path) -> _Entry:
+def _require(entry: _Entry, key: str, module_name: str, file: str | Path) -> _Entry:
     if key not in entry.state:
         keys = ", ".join(sorted(map(str, entry.state))) or "none"
         raise BergsonError(
@@ -452,7 +518,7 @@ def _require(entry: _Entry, key: str, module_name: str, file: Path) -> _Entry:
     return entry
 
 
-def _vector_moment(entry: _Entry, key: str, module_name: str, file: Path) -> torch.Tensor:
+def _vector_moment(entry: _Entry, key: str, module_name: str, file: str | Path) -> torch.Tensor:
     """An Adafactor optimizer's unfactored (vector) second moment; no bias correction is needed."""
     return _float(_require(entry, key, module_name, file).state[key])
 

@@ -1,0 +1,158 @@
+"""One epoch's gradient store, filled in training order and written in dataset order."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..data import plan_shards
+from ..errors import BergsonError
+from ..store import Manifest, StoreWriter
+from ..store.manifest import atomic_write_bytes
+from ..transforms.normalizers import NORMALIZERS_FILE, Normalizer, save_normalizers
+
+logger = logging.getLogger(__name__)
+
+ORDER_FILE = "order.parquet"
+"""Per epoch store: the rows in the order they were trained on, with their step."""
+_BUFFER_FILE = ".collecting.npy"
+
+
+class EpochStore:
+    """Rows arrive in training order; they are kept in a memory-mapped float32 buffer in dataset
+    order and written as an ordinary store (shards of ``shard_size`` rows) when the epoch ends.
+
+    With ``auto_dtype`` a float16 store becomes float32 when a value exceeds float16's range
+    (normalized gradients early in training can: Adam's second moments are still tiny for rarely
+    seen tokens), rather than failing the training run."""
+
+    def __init__(
+        self, root: Path, manifest: Manifest, num_rows: int, epoch: int, shard_size: int, auto_dtype: bool
+    ):
+        self.root = root
+        self.epoch = epoch
+        self.shard_size = shard_size
+        self.auto_dtype = auto_dtype
+        self.writer = StoreWriter(root, manifest)
+        self.largest = 0.0
+        self.vectors = np.lib.format.open_memmap(
+            root / _BUFFER_FILE, mode="w+", dtype=np.float32, shape=(num_rows, manifest.total_dim)
+        )
+        self.num_tokens = np.zeros(num_rows, np.int64)
+        self.loss = np.zeros(num_rows, np.float32)
+        self.seen = np.zeros(num_rows, bool)
+        self.order: list[tuple[np.ndarray, int, int, bool]] = []
+        self.approximate = 0
+        self.unnormalized: set[int] = set()
+        self.steps: set[int] = set()
+
+    def add(
+        self,
+        rows: np.ndarray,
+        vectors: np.ndarray,
+        num_tokens: np.ndarray,
+        loss: np.ndarray,
+        step: int,
+        micro_batch: int,
+        normalized: bool,
+    ) -> None:
+        bad = rows[(rows < 0) | (rows >= len(self.seen))]
+        if len(bad):
+            raise BergsonError(
+                f"GradientCollectorCallback: the sampler gave row {int(bad[0])}, outside the train_dataset's "
+                f"{len(self.seen)} rows"
+            )
+        unique, counts = np.unique(rows, return_counts=True)
+        twice = np.concatenate([unique[counts > 1], rows[self.seen[rows]]])
+        if len(twice):
+            raise BergsonError(
+                f"GradientCollectorCallback: dataset row {int(twice[0])} was trained on twice in epoch "
+                f"{self.epoch}; a store holds one vector per row, so every row may be used at most once per "
+                "epoch (samplers that repeat rows are not supported)"
+            )
+        cast_vectors = vectors.astype(np.float32)
+        if not np.isfinite(cast_vectors).all():
+            raise BergsonError(
+                f"GradientCollectorCallback: gradient values of dataset rows {rows[:5].tolist()} exceed the "
+                "float32 range"
+            )
+        if cast_vectors.size:
+            self.largest = max(self.largest, float(np.abs(cast_vectors).max()))
+        self.vectors[rows] = cast_vectors
+        self.num_tokens[rows] = num_tokens
+        self.loss[rows] = loss
+        self.seen[rows] = True
+        self.order.append((rows, step, micro_batch, normalized))
+        self.steps.add(step)
+        if not normalized:
+            self.unnormalized.add(step)
+
+    def close(
+        self,
+        plan: dict[str, Any],
+        normalizers: dict[str, Normalizer] | None,
+        normalizer_info: dict[str, Any] | None,
+        write_order: bool,
+    ) -> None:
+        manifest = self.writer.manifest
+        if manifest.dtype == "float16" and self.largest > float(np.finfo(np.float16).max):
+            if not self.auto_dtype:
+                raise BergsonError(
+                    f"GradientCollectorCallback: epoch {self.epoch} has gradient values up to {self.largest:.3g}, "
+                    "beyond the float16 range; pass save_dtype='float32' (or 'auto')"
+                )
+            logger.warning(
+                "epoch %d: gradient values up to %.3g exceed the float16 range; this store is float32",
+                self.epoch,
+                self.largest,
+            )
+            manifest.dtype = "float32"
+        shards = plan_shards(len(self.seen), self.shard_size)
+        for i, rows in enumerate(shards):
+            self.writer.begin_shard(i, rows)
+            self.writer.write(
+                np.arange(rows.start, rows.stop),
+                np.asarray(self.vectors[rows.start : rows.stop]),
+                self.num_tokens[rows.start : rows.stop],
+                self.loss[rows.start : rows.stop],
+            )
+            self.writer.end_shard(i)
+        if normalizers:
+            save_normalizers(self.root / NORMALIZERS_FILE, normalizers)
+        if write_order:
+            atomic_write_bytes(self.root / ORDER_FILE, self.order_bytes())
+        self.writer.manifest.normalizer = normalizer_info
+        self.writer.manifest.plan = plan
+        self.writer.finalize(len(shards))
+        self.discard_buffer()
+
+    def order_bytes(self) -> bytes:
+        n = [len(r) for r, *_ in self.order]
+        rows = np.concatenate([r for r, *_ in self.order]) if self.order else np.zeros(0, np.int64)
+        table = pa.table(
+            {
+                "row": pa.array(rows, pa.int64()),
+                "step": pa.array(np.repeat([s for _, s, _, _ in self.order], n).astype(np.int64), pa.int64()),
+                "epoch": pa.array(np.full(len(rows), self.epoch, np.int64), pa.int64()),
+                "micro_batch": pa.array(
+                    np.repeat([m for _, _, m, _ in self.order], n).astype(np.int64), pa.int64()
+                ),
+                "normalized": pa.array(np.repeat([z for *_, z in self.order], n).astype(bool), pa.bool_()),
+            }
+        )
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        return buf.getvalue()
+
+    def discard_buffer(self) -> None:
+        mm = getattr(self.vectors, "_mmap", None)
+        del self.vectors
+        if mm is not None:
+            mm.close()
+        (self.root / _BUFFER_FILE).unlink(missing_ok=True)

@@ -1,0 +1,162 @@
+"""The loss scale c of a Trainer micro-batch, measured from the gradient that reaches the logits.
+
+A trainer's loss is some multiple c of each row's summed next-token cross-entropy S (a mean
+over the accumulated batch's tokens, divided by the accumulation steps, scaled by a loss
+scaler, ...). For S, dS/dz = softmax(z) - onehot(y) at label positions, so the gradient G that
+actually reaches the logits z gives c = <G, dS/dz> / |dS/dz|^2 per row, here taken at a few
+label positions of each row, which also check that G is a multiple of dS/dz at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import BergsonError
+
+IGNORE = -100
+PROBES = 3
+"""Label positions per row at which the loss scale c is measured and checked."""
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Next-token targets aligned with the logits: position t predicts labels[t + 1]."""
+    out = torch.full_like(labels, IGNORE)
+    out[:, :-1] = labels[:, 1:]
+    return out
+
+
+def _probe_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _probe_positions(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, k] label positions per row, evenly spread over its labels (first and last included);
+    rows without labels get position 0 (unused)."""
+    n = mask.sum(1)
+    j = torch.arange(k, device=mask.device)
+    rank = (j[None, :] * (n[:, None] - 1).clamp(min=0)) // max(k - 1, 1)
+    count = mask.long().cumsum(1) - 1
+    hit = (count[:, None, :] == rank[:, :, None]) & mask[:, None, :]
+    return hit.int().argmax(-1)
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch between its forward pass and the end of its backward pass.
+
+    The probes touch the [B, T, V] logits and their gradient G only through gathers (no pass
+    over the vocabulary, which would cost as much as the model's own loss). Per-row losses come
+    from G too: with G = c (softmax(z) - onehot(y)), 1 - p_y = -G_y / c and p_v = G_v / c for
+    v != y, so a token's cross-entropy is -log1p(G_y / c) when p_y >= 1/2 (accurate as p_y -> 1)
+    and otherwise z_v - z_y - log(G_v / c) with v another token (the position's input token),
+    whose probability keeps full relative precision unless c p_v underflows; only then the
+    less accurate -log(1 + G_y / c) is used. float16 logits, whose gradients underflow easily,
+    get an exact cross-entropy pass in the forward instead.
+    """
+
+    rows: np.ndarray
+    step: int
+    index: int
+    normalized: bool
+    buffer: torch.Tensor
+    """[B, total_dim]: the hooked (c-scaled) vectors, filled by the collector's closure."""
+    targets: torch.Tensor
+    num_tokens: np.ndarray
+    inputs: torch.Tensor | None = None
+    has_targets: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    """[B] summed next-token cross-entropy of each row."""
+    probes: torch.Tensor | None = None
+    """[B * k] flat (row * T + position) indices of the probe positions."""
+    dloss: torch.Tensor | None = None
+    """[B, k, V] dS/dz at the probe positions."""
+    other: torch.Tensor | None = None
+    """[B * T] a token other than the target at every position."""
+    logit_gap: torch.Tensor | None = None
+    """[B * T] z_other - z_y."""
+    scale: torch.Tensor | None = None
+    """[B] c: the trainer's gradient per unit of the row's summed cross-entropy."""
+    residual: torch.Tensor | None = None
+    grad_dtype: torch.dtype | None = None
+    forward_done: bool = False
+    approximate: int = 0
+    """Loss tokens whose cross-entropy could only be approximated (c p_v underflowed)."""
+
+    def probe_forward(self, logits: torch.Tensor) -> None:
+        """dS/dz at a few label positions per row, and what the losses need from the logits."""
+        if logits.ndim != 3 or tuple(logits.shape[:2]) != tuple(self.targets.shape):
+            raise BergsonError(
+                f"GradientCollectorCallback: the model's logits have shape {tuple(logits.shape)} but its labels "
+                f"{tuple(self.targets.shape)}; it needs one label per input position (a causal LM)"
+            )
+        with torch.no_grad():
+            batch, length, vocab = logits.shape
+            flat = logits.detach().reshape(batch * length, vocab)
+            targets = self.targets.to(flat.device)
+            mask = targets != IGNORE
+            safe = targets.clamp(min=0).reshape(-1)
+            pos = _probe_positions(mask, PROBES)
+            k = pos.shape[1]
+            self.probes = (torch.arange(batch, device=flat.device)[:, None] * length + pos).reshape(-1)
+            d = torch.softmax(flat.index_select(0, self.probes).to(_probe_dtype(flat)), dim=-1)
+            d[torch.arange(batch * k, device=flat.device), safe[self.probes]] -= 1.0
+            self.dloss = d.view(batch, k, vocab)
+            self.has_targets = mask.any(1)
+            if flat.dtype == torch.float16:
+                ce = F.cross_entropy(flat.float(), targets.reshape(-1), ignore_index=IGNORE, reduction="none")
+                self.loss = ce.view(batch, length).sum(1).double()
+            else:
+                nxt = (safe + 1) % vocab
+                if self.inputs is not None and self.inputs.shape == self.targets.shape:
+                    inputs = self.inputs.to(flat.device).reshape(-1)
+                    self.other = torch.where((inputs != safe) & (inputs >= 0) & (inputs < vocab), inputs, nxt)
+                else:
+                    self.other = nxt
+                gap = flat.gather(1, self.other[:, None]).double() - flat.gather(1, safe[:, None]).double()
+                self.logit_gap = gap.squeeze(1)
+            self.forward_done = True
+
+    def probe_backward(self, grad: torch.Tensor) -> None:
+        """c per row from the gradient reaching the logits, how far the gradient is from a multiple
+        of dS/dz, and (unless done in the forward) the per-row losses."""
+        assert self.probes is not None and self.dloss is not None and self.has_targets is not None
+        with torch.no_grad():
+            batch, length, vocab = grad.shape
+            flat = grad.reshape(batch * length, vocab)
+            d = self.dloss.flatten(1)
+            g = flat.index_select(0, self.probes).to(d.dtype).view_as(d)
+            num = torch.linalg.vecdot(g, d).double()
+            den = torch.linalg.vecdot(d, d).double()
+            valid = self.has_targets & (den > 0)
+            scale = torch.where(valid, num / den.clamp(min=1e-300), torch.zeros_like(num))
+            norm = g.norm(dim=1).double()
+            resid = (g - scale.to(d.dtype)[:, None] * d).norm(dim=1).double() / norm.clamp(min=1e-300)
+            self.scale = scale
+            self.residual = torch.where(valid & (norm > 0), resid, torch.zeros_like(resid))
+            self.grad_dtype = grad.dtype
+            self.dloss = None
+            if self.loss is None:
+                assert self.other is not None and self.logit_gap is not None
+                targets = self.targets.to(flat.device).reshape(-1)
+                safe = targets.clamp(min=0)
+                c = torch.where(valid, scale, torch.ones_like(scale)).repeat_interleave(length)
+                g_other = flat.gather(1, self.other[:, None]).squeeze(1)
+                rest = (-flat.gather(1, safe[:, None]).squeeze(1).double() / c).clamp(0.0, 1.0)  # 1 - p_y
+                precise = g_other.abs() >= torch.finfo(g_other.dtype).tiny * 2**10
+                nll = torch.where(
+                    rest <= 0.5,
+                    -torch.log1p(-rest),
+                    torch.where(
+                        precise,
+                        self.logit_gap - (g_other.double() / c).clamp(min=1e-300).log(),
+                        -(1.0 - rest).clamp(min=1e-300).log(),
+                    ),
+                )
+                keep = (targets != IGNORE) & valid.repeat_interleave(length)
+                self.approximate = int((keep & (rest > 0.5) & ~precise).sum())
+                self.loss = torch.where(keep, nll, torch.zeros_like(nll)).view(batch, length).sum(1)
+                self.other = self.logit_gap = None
