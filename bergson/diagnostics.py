@@ -144,6 +144,17 @@ def _truncate(docs: TokenizedDocs, lengths: int | Sequence[int]) -> TokenizedDoc
     return type(docs)(**values)
 
 
+def _strict_json(value: Any) -> Any:
+    """The report with non-finite numbers (an infinite relative error) written as null."""
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def load_test_documents(cfg: ModelConfigTestConfig, tokenizer: Any, model: nn.Module) -> TokenizedDocs:
     """The first ``num_documents`` documents with a next-token target, cut to ``max_length`` tokens.
 
@@ -349,7 +360,7 @@ def check_model_configuration(cfg: ModelConfigTestConfig, loader: Loader = load_
         path = Path(cfg.output)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(report, indent=2) + "\n")
+            path.write_text(json.dumps(_strict_json(report), indent=2, allow_nan=False) + "\n")
         except OSError as e:
             raise BergsonError(f"--output {cfg.output}: cannot write the report ({e})") from e
     return report
