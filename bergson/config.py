@@ -160,6 +160,12 @@ class IndexConfig(ModelOptions):
     overwrite: bool = False
     """Replace an existing store at run_path built with different options."""
 
+    nproc_per_node: int = 1
+    """Worker processes to start on this machine, each taking a share of the shards (under torchrun, its flags decide)."""
+
+    dist_timeout: float = 7200.0
+    """Seconds a worker waits for the others at a barrier or reduction before failing (long: ranks finish at different times)."""
+
     optimizer_state: str | None = None
     """optimizer.pt of a training run (or the checkpoint directory holding it): gradients are divided
     by the square root of its second moments (AdamW with bias correction, or Adafactor's factors)."""

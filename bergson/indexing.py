@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .collect.hooks import module_blocks, resolve_heads
 from .collect.loop import Sink, collect_gradients
 from .config import DataConfig, IndexConfig, save_yaml, to_dict
-from .data import TokenizedDocs, load_data, plan_shards, tokenize_documents
+from .data import TokenizedDocs, assign_shards, load_data, plan_shards, tokenize_documents
 from .errors import BergsonError
 from .models import find_tracked_modules, load_model, numerics
 from .store import GradientStore, Manifest, ModuleLayout, StoreWriter, load_gradients
@@ -145,7 +145,7 @@ def make_manifest(
         aggregation=cfg.aggregation,
         unit_normalize=cfg.unit_normalize,
         per_token=cfg.per_token,
-        producer={"bergson": __version__},
+        producer={"bergson": __version__, "world_size": distributed.world_size()},
     )
 
 
@@ -200,8 +200,10 @@ def subsample(docs: TokenizedDocs, max_documents: int | None, seed: int) -> tupl
     return docs.select(idx), idx
 
 
+@distributed.entry(lambda cfg: load_gradients(cfg.run_path))
 def build(cfg: IndexConfig, normalizers: Mapping[str, Normalizer] | None = None) -> GradientStore:
-    """Collect per-document gradients of ``cfg.data`` under ``cfg.model`` into a store."""
+    """Collect per-document gradients of ``cfg.data`` under ``cfg.model`` into a store
+    (on ``cfg.nproc_per_node`` workers, or on the ranks of a torchrun launch)."""
     with numerics(cfg):
         model, tokenizer, docs, max_tokens = prepare_inputs(cfg)
         return write_store(cfg, model, docs, max_tokens, tokenizer.pad_token_id, normalizers)
@@ -220,7 +222,8 @@ def collect_with(
     transform: Any = None,
     per_token: bool = False,
 ) -> None:
-    """The collection loop with the projection, batching and loss options of ``cfg``."""
+    """The collection loop with the projection, batching and loss options of ``cfg``, over this
+    rank's share of the shards (all of them in a single process)."""
     collect_gradients(
         model,
         docs,
@@ -238,7 +241,60 @@ def collect_with(
         transform=transform,
         heads=cfg.attention_heads,
         per_token=per_token,
+        only_shards=rank_shards(cfg, docs, sink),
+        progress=distributed.rank() == 0,
     )
+
+
+def rank_shards(cfg: IndexConfig, docs: TokenizedDocs, sink: Sink) -> list[int] | None:
+    """This rank's shards (None in a single process): rank 0 says which shards are still to do,
+    and every rank splits those the same way, balancing token counts (:func:`assign_shards`)."""
+    world, me = distributed.world_size(), distributed.rank()
+    if world == 1:
+        return None
+    shards = plan_shards(len(docs), cfg.shard_size)
+    todo: list[int] = distributed.broadcast([i for i in range(len(shards)) if not sink.done(i)])
+    if me == 0 and len(todo) < len(shards):
+        logger.info("%d of %d shards already complete; resuming", len(shards) - len(todo), len(shards))
+    active = np.where(docs.num_loss_tokens() > 0, docs.lengths, 0)
+    costs = [int(active[shards[i].start : shards[i].stop].sum()) for i in todo]
+    share = assign_shards(costs, world)[me]
+    logger.info(
+        "rank %d of %d: %d of %d shards, %s of %s tokens",
+        me,
+        world,
+        len(share),
+        len(todo),
+        f"{sum(costs[j] for j in share):,}",
+        f"{sum(costs):,}",
+    )
+    if not share and todo:
+        logger.warning(
+            "rank %d has no shard: %d shards for %d ranks (try a smaller --shard_size)", me, len(todo), world
+        )
+    return [todo[j] for j in share]
+
+
+def open_shared_store(
+    cfg: IndexConfig, manifest: Manifest, setup: Callable[[StoreWriter], None] | None = None
+) -> StoreWriter:
+    """The store at ``cfg.run_path``: rank 0 creates or validates it and, unless it is complete,
+    runs ``setup(writer)`` (config and side files) while the other ranks wait; they then open it."""
+
+    def create() -> StoreWriter:
+        writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite)
+        if setup is not None and not writer.complete:
+            setup(writer)
+        return writer
+
+    writer = distributed.on_rank_zero(create, f"preparing the store at {cfg.run_path}")
+    return writer if writer is not None else StoreWriter(cfg.run_path, manifest, create=False)
+
+
+def finish_shared_store(writer: StoreWriter, num_shards: int) -> None:
+    """Once every rank has written its shards, rank 0 marks the store complete (the others wait)."""
+    distributed.barrier("the end of the pass (every rank's shards written)")
+    distributed.on_rank_zero(lambda: writer.finalize(num_shards), f"finalizing {writer.root}")
 
 
 def write_store(
@@ -259,15 +315,18 @@ def write_store(
         pre.check(manifest, f"the store at {cfg.run_path}")
         manifest.preconditioner = pre.info(-0.5)
         transform = pre.transform(-0.5, manifest.modules)
-    writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite)
+
+    def setup(writer: StoreWriter) -> None:
+        save_yaml(cfg, writer.root / "config.yaml")
+        if normalizers:
+            save_normalizers(writer.root / NORMALIZERS_FILE, normalizers)
+        if pre is not None:
+            pre.save(writer.root / PRECONDITIONER_DIR)
+
+    writer = open_shared_store(cfg, manifest, setup)
     if writer.complete:
         logger.info("%s is already complete; nothing to do (pass --overwrite to rebuild)", cfg.run_path)
         return load_gradients(cfg.run_path)
-    save_yaml(cfg, writer.root / "config.yaml")
-    if normalizers:
-        save_normalizers(writer.root / NORMALIZERS_FILE, normalizers)
-    if pre is not None:
-        pre.save(writer.root / PRECONDITIONER_DIR)
     collect_with(
         cfg,
         model,
@@ -280,5 +339,5 @@ def write_store(
         transform=transform,
         per_token=cfg.per_token,
     )
-    writer.finalize(len(plan_shards(len(docs), cfg.shard_size)))
+    finish_shared_store(writer, len(plan_shards(len(docs), cfg.shard_size)))
     return load_gradients(cfg.run_path)

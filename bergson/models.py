@@ -23,7 +23,18 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when present, else the CPU."""
+    """'auto' picks CUDA when present, else the CPU. Under a torchrun-style launch, 'auto' and
+    'cuda' mean this worker's own GPU, cuda:LOCAL_RANK."""
+    from . import distributed
+
+    if device in ("auto", "cuda") and distributed.launched() and torch.cuda.is_available():
+        index = distributed.local_rank()
+        if index >= torch.cuda.device_count():
+            raise BergsonError(
+                f"--device {device}: local rank {index} has no GPU of its own ({torch.cuda.device_count()} "
+                "here); start at most one process per GPU, or pass --device cpu"
+            )
+        return torch.device("cuda", index)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

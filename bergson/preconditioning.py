@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .config import IndexConfig, PreconditionerConfig, load_yaml, save_yaml, to_dict
 from .data import TokenizedDocs
 from .errors import BergsonError
@@ -46,11 +47,13 @@ def fit_on_documents(
     damping_mode: str,
     source: dict[str, Any] | None = None,
 ) -> Preconditioner:
-    """Second moments of the documents' (normalized, projected) gradients, eigendecomposed."""
+    """Second moments of the documents' (normalized, projected) gradients, eigendecomposed (with
+    several ranks: each collects its shards' moments, then one sum over ranks)."""
     layout = make_manifest(cfg, model, modules, docs, max_tokens, normalizers)
     dims = {m.name: m.dim for m in layout.modules}
     sink = StatisticsSink(dims, resolve_device(cfg.device))
     collect_with(cfg, model, docs, modules, sink, normalizers, pad_token_id)
+    sink.all_reduce()
     return Preconditioner(
         sink.second_moments(),
         num_rows=sink.count,
@@ -62,13 +65,13 @@ def fit_on_documents(
 
 
 def check_saved_config(cfg: Any, path: Path, what: str, ignore: tuple[str, ...] = ()) -> None:
-    """Fail if ``path`` holds a config with other options than ``cfg`` (``overwrite`` and the
-    fields in ``ignore``, which do not change results, aside)."""
+    """Fail if ``path`` holds a config with other options than ``cfg`` (``overwrite``, the worker
+    options and the fields in ``ignore``, which do not change results, aside)."""
     if not path.is_file():
         return
     old = to_dict(replace(load_yaml(type(cfg), path), overwrite=False))
     new = to_dict(replace(cfg, overwrite=False))
-    for key in ignore:
+    for key in (*ignore, "nproc_per_node", "dist_timeout"):
         old.pop(key, None)
         new.pop(key, None)
     diff = describe_difference(old, new)
@@ -88,6 +91,13 @@ def _existing(cfg: PreconditionerConfig) -> Preconditioner | None:
     return load_preconditioner(root)
 
 
+def _single_process(cfg: PreconditionerConfig) -> str | None:
+    if cfg.mix_train or cfg.mix_query:
+        return "mixing preconditioners (--mix_train/--mix_query)"
+    return "fitting on a store (--index)" if cfg.index else None
+
+
+@distributed.entry(lambda cfg: load_preconditioner(cfg.run_path), alone=_single_process)
 @honours_numerics
 def fit_preconditioner(
     cfg: PreconditionerConfig, normalizers: Mapping[str, Normalizer] | None = None
@@ -153,7 +163,11 @@ def fit_preconditioner(
             source=source,
         )
     root = Path(cfg.run_path)
-    root.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, root / CONFIG_FILE)
-    pre.save(root)
+
+    def save() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, root / CONFIG_FILE)
+        pre.save(root)
+
+    distributed.on_rank_zero(save, f"saving the preconditioner at {root}")
     return pre

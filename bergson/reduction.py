@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from . import distributed
 from .config import ReduceConfig, save_yaml
 from .errors import BergsonError
 from .indexing import build
@@ -26,6 +27,7 @@ def reduce(cfg: ReduceConfig) -> GradientStore:
         raise BergsonError("--aggregation none: reduce needs mean or sum")
     if not cfg.index:
         return build(cfg)
+    distributed.refuse(cfg, "bergson reduce --index (reducing a store, with no gradients to compute)")
     if not cfg.run_path:
         raise BergsonError("run_path is required: the output directory of the reduced store")
     source = load_gradients(cfg.index)

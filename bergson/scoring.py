@@ -17,10 +17,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed
 from .config import DataConfig, ScoreConfig, save_yaml
 from .data import TokenizedDocs, load_data, plan_shards
 from .errors import BergsonError
-from .indexing import collect_with, make_manifest, prepare_inputs, resolve_normalizers
+from .indexing import (
+    collect_with,
+    finish_shared_store,
+    make_manifest,
+    open_shared_store,
+    prepare_inputs,
+    resolve_normalizers,
+)
 from .models import find_tracked_modules, numerics, resolve_device
 from .store import GradientStore, Manifest, ModuleLayout, StoreWriter, load_gradients
 from .store.manifest import SCORE_ORIENTATION, check_compatible
@@ -229,8 +237,15 @@ def _from_existing_index(cfg: ScoreConfig, query: GradientStore) -> None:
     writer.finalize(1)
 
 
+@distributed.entry(
+    lambda cfg: load_gradients(cfg.run_path),
+    alone=lambda cfg: (
+        "bergson score --index (scoring a store, with no gradients to compute)" if cfg.index else None
+    ),
+)
 def score(cfg: ScoreConfig) -> GradientStore:
-    """Score a dataset (or an existing gradient store) against a query store."""
+    """Score a dataset (or an existing gradient store) against a query store (a dataset on
+    ``cfg.nproc_per_node`` workers, or on the ranks of a torchrun launch)."""
     if not cfg.query_path:
         raise BergsonError("--query_path is required: a store from `bergson build` or `bergson reduce`")
     if cfg.top_k < 0:
@@ -269,15 +284,14 @@ def score_documents(
     q, groups = query_matrix(cfg, query, qt)
     manifest = scores_manifest(base, cfg, query, score_columns(cfg, len(q)))
     manifest.preconditioner = info
-    writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite)
+    writer = open_shared_store(cfg, manifest, lambda w: save_yaml(cfg, w.root / "config.yaml"))
     if not writer.complete:
-        save_yaml(cfg, writer.root / "config.yaml")
         device = resolve_device(cfg.device)
         sink = ScoreSink(
             writer, q, cfg.score, groups=groups, unit_normalize=cfg.unit_normalize, device=device, transform=t
         )
         collect_with(cfg, model, docs, modules, sink, normalizers, pad_token_id, per_token=cfg.per_token)
-        writer.finalize(len(plan_shards(len(docs), cfg.shard_size)))
+        finish_shared_store(writer, len(plan_shards(len(docs), cfg.shard_size)))
     return load_gradients(cfg.run_path)
 
 

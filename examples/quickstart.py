@@ -62,10 +62,11 @@ def main() -> None:
     qcfg = DataConfig(dataset=str(ASSETS / "queries.jsonl"))
     queries = load_data(qcfg)
     qdocs = tokenize_documents(queries, tokenizer, qcfg, cfg.token_batch_size)
-    qvec = collect_gradients(
+    qvec = InMemorySink(len(qdocs), store.dims)
+    collect_gradients(
         model,
         qdocs,
-        sink=InMemorySink(len(qdocs), store.dims),
+        sink=qvec,
         modules=list(store.modules),
         projection_dim=cfg.projection_dim,
         seed=cfg.projection_seed,

@@ -129,16 +129,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     if command not in COMMANDS:
         print(f"bergson: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
-    logging.basicConfig(level=logging.INFO, format="bergson: %(message)s")
+    from .. import distributed
+
+    # each worker of a launch logs with its rank; errors name it (the launcher stops the others)
+    where = f" (rank {distributed.env_rank()})" if distributed.env_world_size() > 1 else ""
+    logging.basicConfig(level=logging.INFO, format=f"bergson{where}: %(message)s")
     try:
         cfg = parse(command, args[1:])
+        distributed.check_command(command, cfg)
         importlib.import_module(COMMANDS[command][0]).run(cfg)
     except BergsonError as e:
-        print(f"bergson {command}: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        print(f"bergson {command}{where}: error: {e}", file=sys.stderr)
+        sys.exit(distributed.PEER_EXIT if isinstance(e, distributed.PeerError) else 1)
     except KeyboardInterrupt:
-        print(f"bergson {command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"bergson {command}{where}: interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if where:
+            print(f"bergson {command}{where}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        raise
+    distributed.shutdown()
 
 
 def print_top_rows(store: Any, k: int, label: str = "column") -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from ..config import IndexConfig
+from ..distributed import reports
 
 CONFIG = IndexConfig
 
@@ -15,6 +16,8 @@ def run(cfg: IndexConfig) -> None:
     started, start = time.time(), time.perf_counter()
     store = build(cfg)
     elapsed = time.perf_counter() - start
+    if not reports():
+        return
     if (store.root / "manifest.json").stat().st_mtime < started:
         print(f"{store!r} was already complete")
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..config import PreconditionerConfig
+from ..distributed import reports
 
 CONFIG = PreconditionerConfig
 
@@ -11,6 +12,8 @@ def run(cfg: PreconditionerConfig) -> None:
     from ..preconditioning import fit_preconditioner
 
     pre = fit_preconditioner(cfg)
+    if not reports():
+        return
     print(f"wrote {cfg.run_path}: {len(pre.modules)} modules, second moments of {pre.num_rows} rows")
     if pre.mixing:
         weights = list(pre.mixing["weights"].values())

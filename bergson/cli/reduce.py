@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..config import ReduceConfig
+from ..distributed import reports
 
 CONFIG = ReduceConfig
 
@@ -11,4 +12,6 @@ def run(cfg: ReduceConfig) -> None:
     from ..reduction import reduce
 
     store = reduce(cfg)
+    if not reports():
+        return
     print(f"wrote {store!r}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -144,6 +144,7 @@ def collect_gradients(
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     heads: Mapping[str, AttentionConfig] | Sequence[str] | None = None,
     per_token: bool = False,
+    only_shards: Collection[int] | None = None,
 ) -> Sink:
     """Compute every document's per-example gradient vector and hand it to ``sink``.
 
@@ -155,6 +156,7 @@ def collect_gradients(
     ``heads`` splits modules into attention-head blocks (see :class:`GradientCollector`).
     ``per_token`` also hands the sink every position's vector (summing to the row's vector;
     transforms apply to each, and unit normalization divides them by the row's norm).
+    ``only_shards`` restricts the pass to those shard indices (one rank's share; None: all).
     """
     collector = GradientCollector(
         model,
@@ -177,9 +179,11 @@ def collect_gradients(
     lengths = docs.lengths
     active_lengths = np.where(docs.num_loss_tokens() > 0, lengths, 0)
     shards = plan_shards(len(docs), shard_size or max(len(docs), 1))
-    todo = [(i, r) for i, r in enumerate(shards) if not sink.done(i)]
-    if len(todo) < len(shards):
-        logger.info("%d of %d shards already complete; resuming", len(shards) - len(todo), len(shards))
+    wanted = None if only_shards is None else set(only_shards)
+    mine = [(i, r) for i, r in enumerate(shards) if wanted is None or i in wanted]
+    todo = [(i, r) for i, r in mine if not sink.done(i)]
+    if len(todo) < len(mine):
+        logger.info("%d of %d shards already complete; resuming", len(mine) - len(todo), len(mine))
     total_tokens = int(sum(active_lengths[r.start : r.stop].sum() for _, r in todo))
 
     cdt = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32

@@ -1,7 +1,7 @@
 """Loading datasets, tokenizing documents and packing them into token-budget batches."""
 
-from .batching import plan_batches, plan_shards
+from .batching import assign_shards, plan_batches, plan_shards
 from .load import load_data
 from .tokenize import TokenizedDocs, tokenize_documents
 
-__all__ = ["TokenizedDocs", "load_data", "plan_batches", "plan_shards", "tokenize_documents"]
+__all__ = ["TokenizedDocs", "assign_shards", "load_data", "plan_batches", "plan_shards", "tokenize_documents"]

@@ -4,10 +4,14 @@ The store is written in shards of consecutive dataset rows. Within a shard, docu
 are sorted by length (longest first) and packed greedily into batches whose padded
 size (documents x longest document) stays within the token budget. The plan depends
 only on the document lengths, so it is the same on every run; that is what lets a
-killed build resume at the first incomplete shard.
+killed build resume at the first incomplete shard. Several ranks split the shards
+whole, balancing their token counts (:func:`assign_shards`).
 """
 
 from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -17,6 +21,23 @@ def plan_shards(num_rows: int, shard_size: int) -> list[range]:
     if shard_size < 1:
         raise ValueError("shard_size must be >= 1")
     return [range(s, min(s + shard_size, num_rows)) for s in range(0, num_rows, shard_size)]
+
+
+def assign_shards(costs: Sequence[int], num_ranks: int) -> list[list[int]]:
+    """Split shards (indices into ``costs``, e.g. their token counts) among ``num_ranks`` ranks
+    with balanced totals: whole shards, largest first, each to the least-loaded rank (ties: the
+    lower shard index, the lower rank). Deterministic, so every rank computes the same split;
+    each rank's shards are returned in increasing order."""
+    if num_ranks < 1:
+        raise ValueError("num_ranks must be >= 1")
+    loads = [(0, r) for r in range(num_ranks)]
+    heapq.heapify(loads)
+    share: list[list[int]] = [[] for _ in range(num_ranks)]
+    for i in sorted(range(len(costs)), key=lambda i: (-int(costs[i]), i)):
+        load, r = heapq.heappop(loads)
+        share[r].append(i)
+        heapq.heappush(loads, (load + int(costs[i]), r))
+    return [sorted(s) for s in share]
 
 
 def plan_batches(lengths: np.ndarray, token_budget: int, min_length: int = 2) -> list[np.ndarray]:

@@ -69,13 +69,21 @@ def _parquet_bytes(row_id: np.ndarray, num_tokens: np.ndarray, loss: np.ndarray)
 
 
 class StoreWriter:
-    """A sink that writes per-row vectors (or their aggregate) into a store directory."""
+    """A sink that writes per-row vectors (or their aggregate) into a store directory.
 
-    def __init__(self, root: str | Path, manifest: Manifest, *, overwrite: bool = False):
+    With ``create=False`` it opens a store that another process (rank 0 of several workers)
+    has just created or validated, and writes nothing but its own shards: the manifest must be
+    there and agree with ``manifest``.
+    """
+
+    def __init__(self, root: str | Path, manifest: Manifest, *, overwrite: bool = False, create: bool = True):
         self.root = Path(root)
         self.manifest = manifest
         self.complete = False
-        self._prepare(overwrite)
+        if create:
+            self._prepare(overwrite)
+        else:
+            self._attach()
         self._rows: range | None = None
         self._buf: np.ndarray | None = None
         self._tokens: np.ndarray | None = None
@@ -111,6 +119,24 @@ class StoreWriter:
             )
         (root / SHARDS).mkdir(parents=True, exist_ok=True)
         write_manifest(root, self.manifest)
+
+    def _attach(self) -> None:
+        if not (self.root / MANIFEST).is_file():
+            raise BergsonError(
+                f"{self.root}: the store rank 0 prepared is not visible to this worker; every worker "
+                "must write into the same directory (on several machines, a shared filesystem)"
+            )
+        old = read_manifest(self.root)
+        diffs = describe_difference(old.identity(), self.manifest.identity())
+        if diffs:
+            shown = "; ".join(diffs[:6]) + ("; ..." if len(diffs) > 6 else "")
+            raise BergsonError(
+                f"{self.root}: the store rank 0 prepared does not match this worker's ({shown}); "
+                "every worker must see the same model, data and options"
+            )
+        if old.status == "complete":
+            self.complete = True
+            self.manifest = old
 
     # ---------------------------------------------------------------- shards
     def done(self, index: int) -> bool:
@@ -201,6 +227,13 @@ class StoreWriter:
         if self.complete:
             return self.manifest
         shards = [shard_name(i) for i in range(num_shards)]
+        missing = [s for s in shards if not (self.root / f"{s}.npy").is_file()]
+        if missing:
+            raise BergsonError(
+                f"{self.root}: {len(missing)} of {num_shards} shards are missing ({', '.join(missing[:3])}); "
+                "workers on several machines must write into the same directory (a shared filesystem), "
+                "and rerunning the same command writes what is missing"
+            )
         if self.aggregate:
             total = np.zeros(self.manifest.total_dim, np.float64)
             tokens, losses, count = 0, [], 0

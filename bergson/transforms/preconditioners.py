@@ -87,6 +87,18 @@ class StatisticsSink:
             self.sums[name].addmm_(block.T, block)
             start += dim
 
+    def all_reduce(self) -> None:
+        """Sum the sums and counts of every rank (torch.distributed), so that each rank holds the
+        totals; nothing happens in a single process."""
+        from ..distributed import all_reduce_sum, world_size
+
+        if world_size() == 1:
+            return
+        for s in self.sums.values():
+            all_reduce_sum(s)
+        count = torch.tensor([self.count], dtype=torch.int64, device=self.device)
+        self.count = int(all_reduce_sum(count).item())
+
     def second_moments(self) -> dict[str, torch.Tensor]:
         """Mean outer products, float64 on the CPU."""
         if self.count == 0:

@@ -1,0 +1,424 @@
+"""Several worker processes on torch.distributed: set-up, rank helpers, collectives, launching.
+
+Two ways to start N workers, with the same result::
+
+    torchrun --nproc_per_node N -m bergson build ...   # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK,
+                                                       # MASTER_ADDR and MASTER_PORT for each worker
+    bergson build ... --nproc_per_node N               # bergson starts N local workers (:func:`launch`)
+
+Every rank loads the model and tokenizes the data itself (deterministically, so that all agree),
+then takes its share of the dataset's shards; rank 0 alone writes the shared files of an output
+(a store's manifest, its config). Outside a launch everything here is a no-op for a world of one.
+Every rank logs with its rank (``bergson (rank 3): ...``); only rank 0 shows a progress bar, of
+its own share (the shares are balanced, so it tracks the whole run).
+
+Process group: NCCL for CUDA tensors and gloo for CPU ones (``cpu:gloo,cuda:nccl`` on a GPU,
+plain gloo on the CPU), plus a gloo group for control messages (barriers, small objects). Its
+timeout is long on purpose (``--dist_timeout``, two hours by default): ranks reach the last
+barrier at different times (the slowest rank's last shard, then rank 0's finalize or
+eigendecomposition), and a short collective timeout would kill runs that are merely uneven.
+
+Faults: a rank that raises prints its error naming its rank and exits non-zero; the launcher
+(:func:`launch`, or torchrun's agent) then stops the other ranks. Without a launcher to stop
+them, the barrier names the ranks that did not arrive (gloo's monitored barrier) as soon as a
+peer's connection closes, or after the timeout. Completed shards stay on disk, so rerunning
+the same command resumes.
+
+Under a launch, ``--device auto`` (or ``cuda``) means ``cuda:LOCAL_RANK`` on a CUDA machine.
+torch is imported lazily here, so that the command line's ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import BergsonError
+
+logger = logging.getLogger(__name__)
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""Environment variables a torchrun-style launcher sets for every worker."""
+
+SPAWNED = "BERGSON_SPAWNED"
+"""Set by :func:`launch` in its workers: the launching process reports the result, not rank 0."""
+
+PEER_EXIT = 3
+"""Exit status of a rank that stops because another rank failed (the launcher names the other)."""
+
+DEFAULT_TIMEOUT = 7200.0
+
+_T = TypeVar("_T")
+_control: Any = None  # gloo group for barriers and objects (None: the default group is gloo)
+_timeout: timedelta | None = None  # the timeout init() gave the process group
+
+
+class PeerError(BergsonError):
+    """This rank stopped because another rank failed (or could not be reached)."""
+
+
+# ---------------------------------------------------------------------- who am I
+
+
+def launched() -> bool:
+    """Whether this process was started by a torchrun-style launcher (the environment says so)."""
+    return all(v in os.environ for v in LAUNCH_VARS)
+
+
+def env_world_size() -> int:
+    """The launch's number of ranks (1 when not launched)."""
+    return int(os.environ["WORLD_SIZE"]) if launched() else 1
+
+
+def env_rank() -> int:
+    """This process's rank according to the launch environment (0 when not launched)."""
+    return int(os.environ["RANK"]) if launched() else 0
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (0 when not launched)."""
+    return int(os.environ.get("LOCAL_RANK", os.environ["RANK"])) if launched() else 0
+
+
+def is_active() -> bool:
+    """Whether a torch.distributed process group is initialized in this process."""
+    if "torch" not in sys.modules:
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank in the process group (0 without one)."""
+    if not is_active():
+        return 0
+    import torch.distributed as dist
+
+    return dist.get_rank()
+
+
+def world_size() -> int:
+    """Number of ranks in the process group (1 without one)."""
+    if not is_active():
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size()
+
+
+def reports() -> bool:
+    """Whether this process prints a command's summary: rank 0, unless :func:`launch` started
+    it (then the launching process prints it)."""
+    return env_rank() == 0 and SPAWNED not in os.environ
+
+
+# ---------------------------------------------------------------------- set-up and shutdown
+
+
+def init(device: Any = None, timeout: float = DEFAULT_TIMEOUT) -> bool:
+    """Join the process group of a torchrun-style launch; True if this call created it.
+
+    Nothing happens outside a launch, for a world of one, or when a group already exists (one
+    the caller made is used as it is). ``device`` (a torch.device) picks the backend: NCCL with
+    gloo for CPU tensors when it is a CUDA device (made the current one), else gloo.
+    """
+    global _control, _timeout
+    if is_active() or env_world_size() <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise BergsonError("this torch build has no torch.distributed; run a single process")
+    dev = torch.device("cpu" if device is None else device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(dev)
+    wait = timedelta(seconds=timeout)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=wait)
+    _control = dist.new_group(backend="gloo", timeout=wait) if cuda else None
+    _timeout = wait
+    logger.info(
+        "rank %d of %d joined (local rank %d, %s, timeout %.0fs)",
+        dist.get_rank(),
+        dist.get_world_size(),
+        local_rank(),
+        "nccl+gloo" if cuda else "gloo",
+        timeout,
+    )
+    return True
+
+
+def init_from(cfg: Any) -> None:
+    """:func:`init` with a config's device and ``dist_timeout``."""
+    if is_active() or env_world_size() <= 1:
+        return
+    from .models import resolve_device
+
+    init(resolve_device(getattr(cfg, "device", "auto")), getattr(cfg, "dist_timeout", DEFAULT_TIMEOUT))
+
+
+def shutdown() -> None:
+    """Leave the process group (if this process has one)."""
+    global _control, _timeout
+    if is_active():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    _control = _timeout = None
+
+
+# ---------------------------------------------------------------------- collectives
+
+
+def barrier(what: str = "a barrier") -> None:
+    """Wait for every rank. A rank that has died or does not arrive within the timeout is
+    named in the error (gloo's monitored barrier)."""
+    if world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    if _control is None and dist.get_backend() != "gloo":  # a caller's own NCCL group
+        dist.barrier()
+        return
+    try:
+        # monitored_barrier's own default timeout is 30 minutes, not the group's
+        wait = _timeout or timedelta(seconds=DEFAULT_TIMEOUT)
+        dist.monitored_barrier(group=_control, timeout=wait, wait_all_ranks=True)
+    except RuntimeError as e:
+        raise PeerError(f"rank {rank()} lost the other ranks at {what}: {e}") from e
+
+
+def broadcast(obj: _T, src: int = 0) -> _T:
+    """``obj`` as rank ``src`` has it, on every rank (a small picklable object)."""
+    if world_size() == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=_control)
+    return box[0]
+
+
+def all_reduce_sum(tensor: Any) -> Any:
+    """Sum ``tensor`` over ranks, in place (NCCL for CUDA tensors, gloo for CPU ones); returns it."""
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def on_rank_zero(fn: Callable[[], _T], what: str) -> _T | None:
+    """Run ``fn`` on rank 0 while the other ranks wait; its result there (None elsewhere).
+
+    An error on rank 0 is raised on every rank, so no rank is left waiting: rank 0 raises its
+    own, the others a :class:`PeerError` with its message.
+    """
+    if world_size() == 1:
+        return fn()
+    result, error = None, None
+    if rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    message = broadcast(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise PeerError(f"rank 0 failed while {what} ({message})")
+    return result
+
+
+# ---------------------------------------------------------------------- commands and launching
+
+
+def _commands() -> dict[type, str]:
+    from .config import IndexConfig, PreconditionerConfig, ReduceConfig, ScoreConfig
+
+    return {
+        IndexConfig: "build",
+        ReduceConfig: "reduce",
+        ScoreConfig: "score",
+        PreconditionerConfig: "preconditioner",
+    }
+
+
+DISTRIBUTED_COMMANDS = ("build", "reduce", "score", "preconditioner")
+"""The commands that split their work over several ranks."""
+
+
+def requested(cfg: Any) -> int:
+    """The config's ``nproc_per_node`` (1 when it has none), checked."""
+    n = getattr(cfg, "nproc_per_node", 1)
+    if n < 1:
+        raise BergsonError(f"--nproc_per_node {n}: must be at least 1")
+    return n
+
+
+def check_command(command: str, cfg: Any) -> None:
+    """Refuse to run a command that does not split its work on several ranks."""
+    if command in DISTRIBUTED_COMMANDS:
+        return
+    if requested(cfg) > 1 or env_world_size() > 1:
+        raise BergsonError(
+            f"bergson {command} does not run on several processes yet (only "
+            f"{', '.join(DISTRIBUTED_COMMANDS)} do); run it as one process, without --nproc_per_node or torchrun"
+        )
+
+
+def refuse(cfg: Any, what: str) -> None:
+    """Fail when ``what`` (work that runs in one process) is asked for on several ranks."""
+    if requested(cfg) > 1 or env_world_size() > 1 or world_size() > 1:
+        raise BergsonError(
+            f"{what} runs in one process; drop --nproc_per_node (or start it without torchrun)"
+        )
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
+    """Terminate the workers still running (SIGTERM, then SIGKILL after ``grace`` seconds)."""
+    alive = [p for p in procs if p.poll() is None]
+    for p in alive:
+        p.terminate()
+    deadline = time.monotonic() + grace
+    for p in alive:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _wait(procs: list[subprocess.Popen]) -> None:
+    """Wait for every worker; when one fails, stop the others and raise naming its rank."""
+    n = len(procs)
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [r for r, c in enumerate(codes) if c is not None and c != 0]
+        if failed:
+            first = next((r for r in failed if codes[r] != PEER_EXIT), failed[0])
+            _stop(procs)
+            code = codes[first]
+            assert code is not None
+            raise BergsonError(
+                f"rank {first} of {n} failed ({_describe_exit(code)}; its messages are above) and the "
+                "other ranks were stopped; completed shards are kept, so rerunning the same command "
+                "(once the cause is fixed) resumes"
+            )
+        if all(c == 0 for c in codes):
+            return
+        time.sleep(0.1)
+
+
+def launch(cfg: Any) -> None:
+    """Run ``cfg``'s command on ``cfg.nproc_per_node`` local workers and wait for them.
+
+    Each worker is ``python -m bergson COMMAND --config CFG.yaml`` (the resolved config) with
+    the environment torchrun would give it (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
+    MASTER_ADDR=127.0.0.1 and a free MASTER_PORT); its output goes to this process's. Each
+    worker gets ``OMP_NUM_THREADS`` = cores / workers unless it is set (torchrun sets 1). When
+    a worker fails the others are stopped and a :class:`BergsonError` names its rank.
+    """
+    n = requested(cfg)
+    command = _commands().get(type(cfg))
+    if command is None:
+        raise BergsonError(
+            f"--nproc_per_node: {type(cfg).__name__} runs have no command to start workers with"
+        )
+    from .config import save_yaml
+
+    env = dict(os.environ)
+    env.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        WORLD_SIZE=str(n),
+        LOCAL_WORLD_SIZE=str(n),
+        GROUP_RANK="0",
+        **{SPAWNED: "1"},
+    )
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    logger.info("starting %d workers for bergson %s", n, command)
+    with tempfile.TemporaryDirectory(prefix="bergson-workers-") as tmp:
+        path = Path(tmp) / "config.yaml"
+        save_yaml(cfg, path)
+        procs: list[subprocess.Popen] = []
+        try:
+            for r in range(n):
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "bergson", command, "--config", str(path)],
+                        env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                    )
+                )
+            _wait(procs)
+        finally:
+            _stop(procs)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def entry(
+    result: Callable[[Any], Any], alone: Callable[[Any], str | None] | None = None
+) -> Callable[[_F], _F]:
+    """Decorate a command's entry point ``fn(cfg, ...)`` to run on several ranks.
+
+    With ``cfg.nproc_per_node`` > 1 outside a launch, the workers are started (:func:`launch`)
+    and ``result(cfg)`` (the output they wrote, read back) is returned. Under a launch, ``fn``
+    runs in the process group (joined here when needed). ``alone(cfg)`` names the option that
+    keeps a run in one process (None: it can be split); such runs on several ranks are refused.
+    """
+
+    def deco(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+            n = requested(cfg)
+            reason = alone(cfg) if alone is not None else None
+            if reason:
+                refuse(cfg, reason)
+            if n > 1 and not launched():
+                if any(a is not None for a in (*args, *kwargs.values())):
+                    raise BergsonError(
+                        "--nproc_per_node: objects passed in Python (such as normalizers) cannot reach "
+                        "the workers; use --optimizer_state, or start your script with torchrun"
+                    )
+                launch(cfg)
+                return result(cfg)
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", env_world_size()))
+            if n > 1 and n != local:
+                logger.warning("--nproc_per_node %d ignored: the launcher started %d ranks here", n, local)
+            init_from(cfg)
+            return fn(cfg, *args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco

@@ -1,0 +1,200 @@
+"""Several workers (torch.distributed, gloo on the CPU, 2 processes) give what one process gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bergson import BergsonError, GradientStore, build, load_gradients
+from bergson.config import DataConfig, EkfacConfig, PreconditionerConfig, ScoreConfig
+from bergson.data import assign_shards
+from bergson.distributed import check_command
+from bergson.preconditioning import fit_preconditioner
+from bergson.scoring import score
+
+from .test_store import make_cfg
+
+SHARD_SIZE = 5  # 24 documents: 5 shards, so that each of two ranks gets several
+
+
+def cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def options(model_dir: Path, corpus_file: Path, *extra: str) -> list[str]:
+    """The command-line twin of ``make_cfg(..., save_dtype='float32', shard_size=SHARD_SIZE)``."""
+    return [
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(corpus_file),
+        "--truncation",
+        "--token_batch_size",
+        "256",
+        "--projection_dim",
+        "4",
+        "--save_dtype",
+        "float32",
+        "--shard_size",
+        str(SHARD_SIZE),
+        *extra,
+    ]
+
+
+def one_cfg(tmp_path: Path, model_dir: Path, corpus_file: Path, name: str, **kw):
+    return make_cfg(
+        tmp_path, model_dir, corpus_file, name=name, save_dtype="float32", shard_size=SHARD_SIZE, **kw
+    )
+
+
+def manifest_json(store: GradientStore) -> dict:
+    m = json.loads((store.root / "manifest.json").read_text())
+    m.pop("producer")  # bergson version and number of workers
+    return m
+
+
+def assert_same_store(one: GradientStore, two: GradientStore) -> None:
+    assert manifest_json(two) == manifest_json(one)
+    np.testing.assert_array_equal(two.rows["row_id"], one.rows["row_id"])
+    np.testing.assert_array_equal(two.rows["num_tokens"], one.rows["num_tokens"])
+    np.testing.assert_allclose(two.rows["loss"], one.rows["loss"], rtol=1e-5)
+    a, b = np.asarray(one.all, np.float64), np.asarray(two.all, np.float64)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, model_dir, corpus_file) -> GradientStore:
+    """The store one process builds (in this process, through the Python API)."""
+    return build(one_cfg(tmp_path_factory.mktemp("one"), model_dir, corpus_file, "index"))
+
+
+def test_assign_shards_balances_whole_shards():
+    costs = [50, 10, 40, 30, 30, 20, 0, 5]
+    share = assign_shards(costs, 3)
+    assert share == assign_shards(costs, 3)  # the same on every rank
+    assert sorted(i for s in share for i in s) == list(range(len(costs)))
+    loads = [sum(costs[i] for i in s) for s in share]
+    assert max(loads) - min(loads) <= max(costs) and max(loads) <= 65
+    assert all(s == sorted(s) for s in share)
+    assert assign_shards(costs, 1) == [list(range(len(costs)))]
+    assert assign_shards([3], 2) == [[0], []]  # more ranks than shards: some have none
+
+
+def test_build_on_two_workers_equals_one(tmp_path, model_dir, corpus_file, reference):
+    out = tmp_path / "two"
+    proc = cli("bergson", "build", str(out), *options(model_dir, corpus_file, "--nproc_per_node", "2"))
+    two = load_gradients(out)
+    assert_same_store(reference, two)
+    assert two.manifest.producer["world_size"] == 2
+    assert len(two.manifest.shards) == 5
+    # each rank logs its share: whole shards, balanced, together all five
+    shares = {int(r): int(n) for r, n in re.findall(r"rank (\d) of 2: (\d) of 5 shards", proc.stderr)}
+    assert sorted(shares) == [0, 1] and sum(shares.values()) == 5 and min(shares.values()) >= 2
+    assert "wrote GradientStore" in proc.stdout and proc.stdout.count("wrote") == 1
+
+
+def test_torchrun_aggregated_store_equals_one_process(tmp_path, model_dir, corpus_file):
+    """torchrun launches the same workers; a mean over the dataset sums the ranks' shard sums."""
+    one = build(one_cfg(tmp_path, model_dir, corpus_file, "one", aggregation="mean"))
+    out = tmp_path / "two"
+    run = ("torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "bergson", "build")
+    cli(*run, str(out), *options(model_dir, corpus_file, "--aggregation", "mean"))
+    two = load_gradients(out)
+    assert len(two) == 1 and two.manifest.shards[0]["source_rows"] == 24
+    assert_same_store(one, two)
+
+
+def test_score_on_two_workers_equals_one(tmp_path, model_dir, corpus_file):
+    qdata = DataConfig(dataset=str(corpus_file), split="train[3:6]", truncation=True)
+    query = build(make_cfg(tmp_path, model_dir, corpus_file, name="query", save_dtype="float32", data=qdata))
+    base = one_cfg(tmp_path, model_dir, corpus_file, "one")
+    one = score(ScoreConfig(**{**vars(base), "query_path": str(query.root)}))
+    out = tmp_path / "two"
+    extra = ("--query_path", str(query.root), "--nproc_per_node", "2")
+    cli("bergson", "score", str(out), *options(model_dir, corpus_file, *extra))
+    two = load_gradients(out)
+    assert two.manifest.kind == "scores" and np.asarray(two["scores"]).shape == (24, 3)
+    assert_same_store(one, two)
+
+
+def test_preconditioner_on_two_workers_equals_one(tmp_path, model_dir, corpus_file):
+    """Each rank sums its shards' second moments, then one all-reduce (through the Python API,
+    which starts the workers itself)."""
+    base = one_cfg(tmp_path, model_dir, corpus_file, "one")
+    one = fit_preconditioner(PreconditionerConfig(**vars(base)))
+    two = fit_preconditioner(
+        PreconditionerConfig(**{**vars(base), "run_path": str(tmp_path / "two"), "nproc_per_node": 2})
+    )
+    assert two.num_rows == one.num_rows == 24 and two.modules == one.modules
+    for name in one.modules:
+        a, b = one.second_moments[name].numpy(), two.second_moments[name].numpy()
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+
+
+# Test-only fault: on rank 1, raise right after its first shard is written. It is installed
+# in the workers as a `sitecustomize` module (imported by Python at start-up from PYTHONPATH),
+# so that no hook is needed in bergson itself.
+FAULT = """
+import os
+
+if os.environ.get("RANK") == "1":
+    from bergson.store import writer
+
+    _end_shard = writer.StoreWriter.end_shard
+
+    def end_shard(self, index):
+        _end_shard(self, index)
+        raise RuntimeError(f"injected fault after shard {index}")
+
+    writer.StoreWriter.end_shard = end_shard
+"""
+
+
+def test_failed_worker_stops_the_run_and_the_rerun_resumes(tmp_path, model_dir, corpus_file, reference):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAULT)
+    paths = [str(hook), *filter(None, [os.environ.get("PYTHONPATH")])]
+    faulty = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    out = tmp_path / "two"
+    args = ("bergson", "build", str(out), *options(model_dir, corpus_file, "--nproc_per_node", "2"))
+
+    failed = cli(*args, env=faulty, check=False)
+    assert failed.returncode != 0
+    assert "injected fault" in failed.stderr
+    assert "rank 1 of 2 failed" in failed.stderr and "rerunning the same command" in failed.stderr
+    done = sorted(p.name for p in (out / "shards").glob("*.npy"))
+    assert 1 <= len(done) < 5
+    with pytest.raises(BergsonError, match="still being written"):
+        load_gradients(out)
+
+    resumed = cli(*args)
+    assert f"{len(done)} of 5 shards already complete; resuming" in resumed.stderr
+    assert_same_store(reference, load_gradients(out))
+
+
+def test_single_process_work_is_refused_on_several_workers(tmp_path, model_dir, corpus_file, reference):
+    base = one_cfg(tmp_path, model_dir, corpus_file, "scores")
+    cfg = ScoreConfig(**{**vars(base), "query_path": str(reference.root), "index": str(reference.root)})
+    with pytest.raises(BergsonError, match=r"--index .*runs in one process; drop --nproc_per_node"):
+        score(replace(cfg, nproc_per_node=2))
+    with pytest.raises(BergsonError, match="mixing preconditioners"):
+        fit_preconditioner(
+            PreconditionerConfig(run_path=str(tmp_path / "p"), mix_train="a", mix_query="b", nproc_per_node=2)
+        )
+    with pytest.raises(BergsonError, match="bergson ekfac does not run on several processes"):
+        check_command("ekfac", EkfacConfig(nproc_per_node=2))
+    with pytest.raises(BergsonError, match="--nproc_per_node 0"):
+        build(replace(base, nproc_per_node=0))
+    assert not (tmp_path / "scores").exists()
