@@ -218,9 +218,15 @@ def _from_existing_index(cfg: ScoreConfig, query: GradientStore) -> None:
         raise BergsonError(
             f"--index {cfg.index}: expected a per-row gradient store, found a {index.manifest.kind} store"
         )
+    if cfg.per_token and not index.has_tokens:
+        raise BergsonError(
+            f"--per_token with --index {cfg.index}: the store has no token rows; rebuild it with "
+            "bergson build --per_token, or score the dataset itself"
+        )
     t, qt, info = preconditioning(cfg, query, index, index.manifest)
     q, groups = query_matrix(cfg, query, qt)
     manifest = scores_manifest(index.manifest, cfg, query, score_columns(cfg, len(q)))
+    manifest.per_token = cfg.per_token
     manifest.plan = {"source": "index", "shard_size": len(index)}
     manifest.preconditioner = info
     writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite)
@@ -229,9 +235,17 @@ def _from_existing_index(cfg: ScoreConfig, query: GradientStore) -> None:
     save_yaml(cfg, writer.root / "config.yaml")
     sink = ScoreSink(writer, q, cfg.score, groups=groups, unit_normalize=cfg.unit_normalize, transform=t)
     sink.begin_shard(0, range(len(index)))
-    for start, block in index.blocks():
+    for start, block in index.blocks(256 if cfg.per_token else 8192):
         rows = index.rows[start : start + len(block)]
-        sink.write(np.arange(start, start + len(block)), block, rows["num_tokens"], rows["loss"])
+        tokens = None
+        if cfg.per_token:
+            tokens = np.zeros(
+                (len(block), int(rows["num_tokens"].max(initial=0)), block.shape[1]), np.float32
+            )
+            for b in range(len(block)):
+                part = index.token_rows(start + b)
+                tokens[b, : len(part)] = part
+        sink.write(np.arange(start, start + len(block)), block, rows["num_tokens"], rows["loss"], tokens)
     sink.end_shard(0)
     # keep the index's dataset row ids (they equal positions for stores written by build)
     writer.finalize(1)

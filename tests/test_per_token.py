@@ -191,3 +191,31 @@ def test_query_per_token_from_the_shell(token_store):
     proc = run("query", "--index", str(store.root), "--model", common["model"], "--precision", "fp32",
                "--device", "cpu", "--query", "A history of music", "--top_k", "2", "--per_token")  # fmt: skip
     assert proc.stdout.count("training tokens:") == 2 and proc.stdout.count("query tokens:") == 2
+
+
+def test_score_of_an_existing_store_keeps_its_token_rows(token_store, tmp_path):
+    """score --index --per_token reads the store's token rows: the same scores as scoring the
+    dataset; without token rows in the store it is an error, and without --per_token none are kept."""
+    from bergson.config import DataConfig
+
+    root, store, query, common, data = token_store
+    direct = score(
+        ScoreConfig(run_path=str(root / "s_individual_ref"), data=DataConfig(**data), query_path=str(query.root),
+                    per_token=True, **common)  # type: ignore[arg-type]
+    )  # fmt: skip
+    indexed = score(
+        ScoreConfig(run_path=str(tmp_path / "s"), index=str(store.root), query_path=str(query.root), per_token=True,
+                    **common)  # type: ignore[arg-type]
+    )  # fmt: skip
+    np.testing.assert_allclose(indexed["scores"], direct["scores"], rtol=1e-4, atol=1e-6)
+    for i in range(len(store)):
+        np.testing.assert_allclose(indexed.token_rows(i), direct.token_rows(i), rtol=1e-3, atol=1e-5)
+    plain = score(
+        ScoreConfig(run_path=str(tmp_path / "p"), index=str(store.root), query_path=str(query.root), **common)  # type: ignore[arg-type]
+    )
+    assert not plain.has_tokens
+    with pytest.raises(BergsonError, match="has no token rows"):
+        score(
+            ScoreConfig(run_path=str(tmp_path / "q"), index=str(query.root), query_path=str(query.root),
+                        per_token=True, **common)  # type: ignore[arg-type]
+        )  # fmt: skip
