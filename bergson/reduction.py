@@ -25,6 +25,10 @@ def reduce(cfg: ReduceConfig) -> GradientStore:
     """Aggregate a dataset's gradients (computed now, or read from ``cfg.index``) into one row."""
     if cfg.aggregation == "none":
         raise BergsonError("--aggregation none: reduce needs mean or sum")
+    if cfg.per_token:
+        raise BergsonError(
+            "--per_token: reduce writes one aggregated vector, which has no tokens to break down"
+        )
     if not cfg.index:
         return build(cfg)
     distributed.refuse(cfg, "bergson reduce --index (reducing a store, with no gradients to compute)")
@@ -50,6 +54,7 @@ def reduce(cfg: ReduceConfig) -> GradientStore:
         unit_normalize=cfg.unit_normalize,
         shards=[],
         plan={"source": str(source.root)},
+        per_token=False,
     )
     writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite)
     if writer.complete:

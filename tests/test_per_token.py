@@ -219,3 +219,14 @@ def test_score_of_an_existing_store_keeps_its_token_rows(token_store, tmp_path):
             ScoreConfig(run_path=str(tmp_path / "q"), index=str(query.root), query_path=str(query.root),
                         per_token=True, **common)  # type: ignore[arg-type]
         )  # fmt: skip
+
+
+def test_reduce_of_a_per_token_store(token_store, tmp_path):
+    from bergson import ReduceConfig, reduce
+
+    _, store, _, common, _ = token_store
+    out = reduce(ReduceConfig(run_path=str(tmp_path / "r"), index=str(store.root), **common))  # type: ignore[arg-type]
+    assert not out.has_tokens and len(out) == 1
+    np.testing.assert_allclose(out.all[0], np.asarray(store.all, np.float64).mean(0), rtol=1e-4, atol=1e-7)
+    with pytest.raises(BergsonError, match="no tokens to break down"):
+        reduce(ReduceConfig(run_path=str(tmp_path / "s"), index=str(store.root), per_token=True, **common))  # type: ignore[arg-type]

@@ -187,7 +187,7 @@ class StoreWriter:
                     f"gradient values exceed the {self._buf.dtype} range; pass --save_dtype float32"
                 )
             self._buf[local] = cast
-        if self.manifest.per_token:
+        if self.manifest.per_token and not self.aggregate:
             for b, i in enumerate(local):
                 n = int(num_tokens[b])
                 rows = np.zeros((n, self._buf.shape[1])) if tokens is None else tokens[b, :n]
@@ -210,7 +210,7 @@ class StoreWriter:
             raise RuntimeError(f"shard {index} is missing rows {missing.tolist()}")
         base = self.root / shard_name(index)
         row_ids = np.arange(self._rows.start, self._rows.stop)
-        if self.manifest.per_token:
+        if self.manifest.per_token and not self.aggregate:
             parts = [self._token_rows[i] for i in range(len(row_ids))]
             empty = np.zeros((0, self._buf.shape[1]), self._buf.dtype)
             atomic_write_bytes(base.with_suffix(TOKENS), _npy_bytes(np.concatenate([empty, *parts])))
