@@ -7,6 +7,7 @@ Runs alternate (train, build, train, build, ...) so that load on a shared machin
 both alike; the best repeat of each is reported. Prints one JSON object.
 
     python -m benchmarks.build [--num_docs 1000] [--projection_dim 16] [--repeats 3] [--per_token]
+        [--shape 14m|70m|160m] [--precision fp32|bf16] [--device cpu|cuda]
 
 ``--per_token`` adds a third leg to each round: the same build keeping one row per token
 (its store holds tokens x dims numbers, so keep --num_docs modest).
@@ -32,16 +33,25 @@ from bergson.indexing import write_store
 from bergson.scoring import score_documents
 from bergson.store import load_gradients
 
-from .common import corpus_slice, pythia14m_dir
+from .common import SHAPES, corpus_slice, pythia_shaped_dir
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def train_step_time(model: torch.nn.Module, docs, batches, pad_id: int) -> float:
     model.requires_grad_(True)
+    device = next(model.parameters()).device
+    _sync()
     start = time.perf_counter()
     for idx in batches:
         ids, labels = _pad(docs, idx, pad_id)
         model.zero_grad(set_to_none=True)
-        per_document_loss(model(input_ids=ids, use_cache=False).logits, labels).sum().backward()
+        logits = model(input_ids=ids.to(device), use_cache=False).logits
+        per_document_loss(logits, labels.to(device)).sum().backward()
+    _sync()
     elapsed = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
     return elapsed
@@ -56,16 +66,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--per_token", action="store_true")
+    parser.add_argument(
+        "--shape", choices=sorted(SHAPES), default="14m", help="Pythia size whose layer shapes to use"
+    )
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bergson-bench-"))
-    model_dir = pythia14m_dir(work / "pythia14m")
+    model_dir = pythia_shaped_dir(work / f"pythia{args.shape}", args.shape)
     data = corpus_slice(work / f"corpus{args.num_docs}.jsonl", args.num_docs)
     cfg = IndexConfig(
         run_path=str(work / "index"),
         model=str(model_dir),
-        precision="fp32",
+        precision=args.precision,
+        device=args.device,
         data=DataConfig(dataset=str(data), truncation=True),
         token_batch_size=args.token_batch_size,
         projection_dim=args.projection_dim,
@@ -116,7 +132,10 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "build_vs_train_step",
-                "model": f"pythia-14m-shaped (6x128, vocab {len(tok)})",
+                "model": f"pythia-{args.shape}-shaped {SHAPES[args.shape]}, vocab {len(tok)}",
+                "precision": args.precision,
+                "device": str(next(model.parameters()).device),
+                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                 "documents": len(docs),
                 "tokens": tokens,
                 "padding_overhead": round(padded / tokens - 1, 4),

@@ -51,8 +51,28 @@ def random_neox_dir(
 
 def pythia14m_dir(out: Path, seed: int = 0) -> Path:
     """A Pythia-14m-shaped model (6 layers, width 128); random weights do not change the cost per token."""
+    return pythia_shaped_dir(out, "14m", seed)
+
+
+SHAPES = {
+    # name: (hidden, layers, heads, intermediate); the vocabulary is the shipped 8k tokenizer's
+    "14m": (128, 6, 4, 512),
+    "70m": (512, 6, 8, 2048),
+    "160m": (768, 12, 12, 3072),
+}
+
+
+def pythia_shaped_dir(out: Path, shape: str, seed: int = 0) -> Path:
+    """A randomly initialised model with the layer shapes of a Pythia size (``SHAPES``)."""
+    hidden, layers, heads, intermediate = SHAPES[shape]
     return random_neox_dir(
-        out, hidden=128, layers=6, heads=4, intermediate=512, max_positions=2048, seed=seed
+        out,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        intermediate=intermediate,
+        max_positions=2048,
+        seed=seed,
     )
 
 
