@@ -7,10 +7,11 @@ Two ways to start N workers, with the same result::
     bergson build ... --nproc_per_node N               # bergson starts N local workers (:func:`launch`)
 
 Every rank loads the model and tokenizes the data itself (deterministically, so that all agree),
-then takes its share of the dataset's shards; rank 0 alone writes the shared files of an output
-(a store's manifest, its config). Outside a launch everything here is a no-op for a world of one.
-Every rank logs with its rank (``bergson (rank 3): ...``); only rank 0 shows a progress bar, of
-its own share (the shares are balanced, so it tracks the whole run).
+then takes its share of the dataset's shards (``ekfac``: of its documents); rank 0 alone writes
+the shared files of an output (a store's manifest, its config, EK-FAC's stages). Outside a
+launch everything here is a no-op for a world of one. Every rank logs with its rank
+(``bergson (rank 3): ...``); only rank 0 shows a progress bar, of its own share (the shares
+are balanced, so it tracks the whole run).
 
 Process group: NCCL for CUDA tensors and gloo for CPU ones (``cpu:gloo,cuda:nccl`` on a GPU,
 plain gloo on the CPU), plus a gloo group for control messages (barriers, small objects). Its
@@ -247,17 +248,18 @@ def on_rank_zero(fn: Callable[[], _T], what: str) -> _T | None:
 
 
 def _commands() -> dict[type, str]:
-    from .config import IndexConfig, PreconditionerConfig, ReduceConfig, ScoreConfig
+    from .config import EkfacConfig, IndexConfig, PreconditionerConfig, ReduceConfig, ScoreConfig
 
     return {
         IndexConfig: "build",
         ReduceConfig: "reduce",
         ScoreConfig: "score",
         PreconditionerConfig: "preconditioner",
+        EkfacConfig: "ekfac",
     }
 
 
-DISTRIBUTED_COMMANDS = ("build", "reduce", "score", "preconditioner")
+DISTRIBUTED_COMMANDS = ("build", "reduce", "score", "preconditioner", "ekfac")
 """The commands that split their work over several ranks."""
 
 

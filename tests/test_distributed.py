@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bergson import BergsonError, GradientStore, build, load_gradients
-from bergson.config import DataConfig, EkfacConfig, PreconditionerConfig, ScoreConfig
+from bergson.config import DataConfig, EkfacConfig, PreconditionerConfig, ScoreConfig, TrackstarConfig
 from bergson.data import assign_shards
 from bergson.distributed import check_command
 from bergson.preconditioning import fit_preconditioner
@@ -193,8 +193,9 @@ def test_single_process_work_is_refused_on_several_workers(tmp_path, model_dir, 
         fit_preconditioner(
             PreconditionerConfig(run_path=str(tmp_path / "p"), mix_train="a", mix_query="b", nproc_per_node=2)
         )
-    with pytest.raises(BergsonError, match="bergson ekfac does not run on several processes"):
-        check_command("ekfac", EkfacConfig(nproc_per_node=2))
+    with pytest.raises(BergsonError, match="bergson trackstar does not run on several processes"):
+        check_command("trackstar", TrackstarConfig(nproc_per_node=2))
+    check_command("ekfac", EkfacConfig(nproc_per_node=2))  # ekfac splits its documents
     with pytest.raises(BergsonError, match="--nproc_per_node 0"):
         build(replace(base, nproc_per_node=0))
     assert not (tmp_path / "scores").exists()

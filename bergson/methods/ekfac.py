@@ -13,6 +13,18 @@ Stages (each saved as safetensors + JSON under the run directory and skipped whe
 
 ``timings.json`` records the seconds each stage took in the run that computed it.
 
+Several workers (``--nproc_per_node N`` or torchrun) split the training documents, whole,
+balancing their token counts (:func:`rank_documents`; the same split on every rank). Each
+pass over the training data sums over the rank's own documents, then one all-reduce adds
+the ranks' sums (covariances, eigenvalue corrections, score rows and token rows, which are
+zero outside a rank's documents), so every rank holds the totals and divides by the same
+global counts. Rank 0 alone writes the stages (and alone computes the eigendecompositions,
+the query products and the query store) while the others wait, then every rank loads what
+it wrote, so all ranks use identical eigenbases and queries. Whether a stage is already
+complete is decided by rank 0 and broadcast, so a resumed run skips the same stages on
+every rank. The true-Fisher labels are seeded per document, so the results do not depend
+on the number of workers (up to float rounding of the sums).
+
 Scores are oriented like every bergson score: positive means training on the document
 lowers the query's loss.
 """
@@ -24,6 +36,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +46,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..collect.hooks import LayerTap, module_shape
 from ..collect.loop import IGNORE, _pad
 from ..data import TokenizedDocs
-from ..data.batching import plan_batches
+from ..data.batching import assign_shards, plan_batches
 from ..errors import BergsonError
 from ..models import honours_numerics
 from ..transforms.ekfac import Factors, eigendecompose, ihvp, kfac_eigenvalues
@@ -74,12 +88,56 @@ def targets(
     return target
 
 
+def rank_documents(docs: TokenizedDocs) -> np.ndarray | None:
+    """The documents (indices into ``docs``) this rank processes: None (all) in one process.
+
+    Whole documents, split among the ranks with balanced token counts (documents without a
+    loss token count nothing); deterministic, so every rank computes the same split.
+    """
+    world = distributed.world_size()
+    if world == 1:
+        return None
+    active = np.where(docs.num_loss_tokens() > 0, docs.lengths, 0)
+    share = assign_shards(active.tolist(), world)[distributed.rank()]
+    return np.asarray(share, dtype=np.int64)
+
+
+def sum_over_ranks(tensors: list[torch.Tensor]) -> None:
+    """Add each tensor's values over the ranks, in place, with one all-reduce (no-op in one
+    process). The tensors share a dtype and a device, and every rank passes the same shapes
+    in the same order."""
+    if distributed.world_size() == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    distributed.all_reduce_sum(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _input_dim(module: nn.Module, include_bias: bool) -> int:
+    """The width of x at a tracked layer (plus the column of ones of a bias)."""
+    return module_shape(module)[1] + int(include_bias and getattr(module, "bias", None) is not None)
+
+
 def _batches(
-    model: nn.Module, docs: TokenizedDocs, token_batch_size: int, pad_id: int, desc: str, progress: bool
+    model: nn.Module,
+    docs: TokenizedDocs,
+    token_batch_size: int,
+    pad_id: int,
+    desc: str,
+    progress: bool,
+    only: np.ndarray | None = None,
 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-    """(dataset rows, input ids, labels) of length-sorted batches of documents with a loss token."""
+    """(dataset rows, input ids, labels) of length-sorted batches of documents with a loss token
+    (of the documents ``only``, when given; rows are always indices into ``docs``)."""
     device = next(model.parameters()).device
     lengths = np.where(docs.num_loss_tokens() > 0, docs.lengths, 0)
+    if only is not None:
+        keep = np.zeros(len(lengths), dtype=bool)
+        keep[only] = True
+        lengths = np.where(keep, lengths, 0)
     batches = plan_batches(lengths, token_batch_size)
     with tqdm(total=int(lengths.sum()), unit="tok", unit_scale=True, desc=desc, disable=not progress) as bar:
         for idx in batches:
@@ -103,8 +161,17 @@ class EkfacOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _run(model: nn.Module, docs: TokenizedDocs, opts: EkfacOptions, desc: str, fn: Any, fisher: str) -> None:
-    """One pass: forward, the loss under ``fisher`` targets, backward with ``fn`` tapping each layer."""
+def _run(
+    model: nn.Module,
+    docs: TokenizedDocs,
+    opts: EkfacOptions,
+    desc: str,
+    fn: Any,
+    fisher: str,
+    only: np.ndarray | None = None,
+) -> None:
+    """One pass (over the documents ``only``, or all): forward, the loss under ``fisher``
+    targets, backward with ``fn`` tapping each layer."""
     saved = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
     state: dict[str, Any] = {}
@@ -115,7 +182,7 @@ def _run(model: nn.Module, docs: TokenizedDocs, opts: EkfacOptions, desc: str, f
     try:
         with LayerTap(opts.modules, tap, opts.include_bias):
             for rows, ids, labels in _batches(
-                model, docs, opts.token_batch_size, opts.pad_token_id, desc, opts.progress
+                model, docs, opts.token_batch_size, opts.pad_token_id, desc, opts.progress, only
             ):
                 lengths = torch.as_tensor(docs.lengths[rows], device=ids.device)
                 state["rows"] = rows
@@ -135,7 +202,8 @@ def _run(model: nn.Module, docs: TokenizedDocs, opts: EkfacOptions, desc: str, f
 
 
 def fit_covariances(model: nn.Module, docs: TokenizedDocs, opts: EkfacOptions) -> Factors:
-    """A = (1/T) Σ x xᵀ over real tokens, S = (1/N) Σ g gᵀ over documents with a loss token."""
+    """A = (1/T) Σ x xᵀ over real tokens, S = (1/N) Σ g gᵀ over documents with a loss token
+    (on several ranks: each sums over its documents, then one all-reduce)."""
     sums: dict[str, dict[str, torch.Tensor]] = {}
 
     def fn(name: str, x: torch.Tensor, g: torch.Tensor, state: dict[str, Any]) -> None:
@@ -147,7 +215,17 @@ def fit_covariances(model: nn.Module, docs: TokenizedDocs, opts: EkfacOptions) -
         d["A"].addmm_(xm.T, xm)
         d["S"].addmm_(gm.T, gm)
 
-    _run(model, docs, opts, "covariances", fn, opts.fisher)
+    _run(model, docs, opts, "covariances", fn, opts.fisher, rank_documents(docs))
+    if distributed.world_size() > 1:
+        device = next(model.parameters()).device
+        for name, module in opts.modules.items():  # a rank without documents has no sums yet
+            if name not in sums:
+                a, s = _input_dim(module, opts.include_bias), module_shape(module)[0]
+                sums[name] = {
+                    "A": torch.zeros(a, a, dtype=opts.dtype, device=device),
+                    "S": torch.zeros(s, s, dtype=opts.dtype, device=device),
+                }
+        sum_over_ranks([sums[name][key] for name in opts.modules for key in ("A", "S")])
     active = docs.num_loss_tokens() > 0
     tokens, n = int(docs.lengths[active].sum()), int(active.sum())
     if n == 0:
@@ -167,7 +245,8 @@ def per_document_gradients(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def fit_corrected_eigenvalues(
     model: nn.Module, docs: TokenizedDocs, eigen: Factors, opts: EkfacOptions
 ) -> Factors:
-    """Λ[i, j] = (1/N) Σ_n (Q_Sᵀ G_n Q_A)[i, j]² with the same sampled labels as the covariances."""
+    """Λ[i, j] = (1/N) Σ_n (Q_Sᵀ G_n Q_A)[i, j]² with the same sampled labels as the covariances
+    (on several ranks: each sums over its documents, then one all-reduce)."""
     sums: dict[str, torch.Tensor] = {}
     bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     dtype = torch.float64 if opts.dtype == torch.float64 else torch.float32
@@ -181,7 +260,14 @@ def fit_corrected_eigenvalues(
         sq = (rot**2).sum(0)
         sums[name] = sums[name] + sq if name in sums else sq
 
-    _run(model, docs, opts, "eigenvalue correction", fn, opts.fisher)
+    _run(model, docs, opts, "eigenvalue correction", fn, opts.fisher, rank_documents(docs))
+    if distributed.world_size() > 1:
+        device = next(model.parameters()).device
+        for name, module in opts.modules.items():
+            if name not in sums:
+                shape = (module_shape(module)[0], _input_dim(module, opts.include_bias))
+                sums[name] = torch.zeros(shape, dtype=dtype, device=device)
+        sum_over_ranks([sums[name] for name in opts.modules])
     n = int((docs.num_loss_tokens() > 0).sum())
     return Factors(
         {name: {"eigenvalues": s.double() / n} for name, s in sums.items()},
@@ -273,7 +359,8 @@ class Scores:
 def score_documents(
     model: nn.Module, docs: TokenizedDocs, queries: Factors, opts: EkfacOptions, per_token: bool = False
 ) -> Scores:
-    """Σ_modules ⟨(F + δI)⁻¹ G_q, G_n⟩ for every training document n, in one pass."""
+    """Σ_modules ⟨(F + δI)⁻¹ G_q, G_n⟩ for every training document n, in one pass (on several
+    ranks: each scores its documents, then one all-reduce gives every rank all the rows)."""
     dtype = torch.float64 if opts.dtype == torch.float64 else torch.float32
     nq = int(queries.meta["queries"])
     per_module = {name: np.zeros((len(docs), nq)) for name in queries.tensors}
@@ -302,7 +389,18 @@ def score_documents(
             for b, row in enumerate(rows):
                 tokens[row] += c[b, : len(tokens[row])]
 
-    _run(model, docs, opts, "scores", fn, "empirical")
+    _run(model, docs, opts, "scores", fn, "empirical", rank_documents(docs))
+    if distributed.world_size() > 1:
+        # rows (and token rows) outside a rank's documents are zero, so the sum assembles them
+        parts = [per_module[name] for name in queries.tensors]
+        if tokens is not None:
+            parts.extend(tokens)
+        flat = torch.from_numpy(np.concatenate([a.reshape(-1) for a in parts]))
+        sum_over_ranks([flat])
+        offset = 0
+        for a in parts:
+            a.reshape(-1)[:] = flat[offset : offset + a.size].numpy()
+            offset += a.size
     total = sum(per_module.values())
     assert isinstance(total, np.ndarray)
     return Scores(total, per_module, tokens)
@@ -352,9 +450,34 @@ def save_query_store(
     return load_gradients(path)
 
 
+def _still_to_do(done: Any) -> bool:
+    """Whether a stage is still to do, as rank 0 sees it (``done()`` runs there alone and every
+    rank gets its answer, so that all ranks skip or run the same stages)."""
+    return bool(distributed.broadcast(not done() if distributed.rank() == 0 else None))
+
+
+def _is_store(path: Path) -> bool:
+    from ..store import load_gradients
+
+    try:
+        load_gradients(path)
+    except BergsonError:
+        return False
+    return True
+
+
+def _scores_of(cfg: Any) -> Any:
+    from ..store import load_gradients
+
+    return load_gradients(Path(cfg.run_path) / "scores")
+
+
+@distributed.entry(_scores_of)
 @honours_numerics
 def ekfac(cfg: Any) -> Any:
-    """Run (or resume) ``bergson ekfac``; returns the scores store (rows x queries)."""
+    """Run (or resume) ``bergson ekfac``; returns the scores store (rows x queries). On
+    ``cfg.nproc_per_node`` workers (or the ranks of a torchrun launch) the passes over the
+    training documents are split among the ranks and rank 0 writes the stages."""
     from dataclasses import replace
 
     from ..config import save_yaml
@@ -380,18 +503,23 @@ def ekfac(cfg: Any) -> Any:
             "losses are available in build, score and query, not in bergson ekfac"
         )
     root = Path(cfg.run_path)
-    if cfg.overwrite and root.exists():
-        remove_outputs(root, (*STAGES, "per_module.npz", "ekfac.yaml", TIMINGS_FILE))
-    check_saved_config(cfg, root / "ekfac.yaml", "an EK-FAC run")
-    root.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, root / "ekfac.yaml")
+    lead = distributed.rank() == 0
+
+    def prepare() -> None:
+        if cfg.overwrite and root.exists():
+            remove_outputs(root, (*STAGES, "per_module.npz", "ekfac.yaml", TIMINGS_FILE))
+        check_saved_config(cfg, root / "ekfac.yaml", "an EK-FAC run")
+        root.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, root / "ekfac.yaml")
+
+    distributed.on_rank_zero(prepare, f"preparing the run directory {root}")
 
     model, tokenizer = load_model(cfg)
     max_tokens = token_budget(cfg, model)
     modules = find_tracked_modules(model, cfg.modules)
     for name, module in modules.items():
         big = max(module_shape(module))
-        if big > 4096:
+        if big > 4096 and lead:
             logger.warning(
                 "%s: a %d x %d covariance factor; its eigendecomposition takes minutes and %.1f GB. "
                 "Leave the layer out with --modules if it is not needed",
@@ -407,9 +535,14 @@ def ekfac(cfg: Any) -> Any:
         include_bias=cfg.include_bias,
         fisher=cfg.fisher,
         seed=cfg.fisher_seed,
+        progress=lead,
         dtype=torch.float64 if cfg.factor_dtype == "float64" else torch.float32,
     )
     timings = Timings(root)
+
+    def record(stage: str, start: float) -> None:
+        if lead:
+            timings.record(stage, start)
 
     info = {
         "kind": "ekfac",
@@ -421,63 +554,92 @@ def ekfac(cfg: Any) -> Any:
         "run": str(root),
     }
     docs = load_docs(cfg.data, tokenizer, max_tokens)
-    if not Factors.complete(root / "covariances"):
+    share = rank_documents(docs)
+    if share is not None:
+        active = np.where(docs.num_loss_tokens() > 0, docs.lengths, 0)
+        logger.info(
+            "rank %d of %d: %d of %d documents, %s of %s tokens",
+            distributed.rank(),
+            distributed.world_size(),
+            len(share),
+            len(docs),
+            f"{int(active[share].sum()):,}",
+            f"{int(active.sum()):,}",
+        )
+    if _still_to_do(lambda: Factors.complete(root / "covariances")):
         start = time.perf_counter()
-        fit_covariances(model, docs, opts).save(root / "covariances")
-        timings.record("covariances", start)
-    if not Factors.complete(root / "eigen"):
+        covariances = fit_covariances(model, docs, opts)  # summed over the ranks
+        distributed.on_rank_zero(lambda: covariances.save(root / "covariances"), "saving the covariances")
+        del covariances
+        record("covariances", start)
+    if _still_to_do(lambda: Factors.complete(root / "eigen")):
         start = time.perf_counter()
-        eigendecompose(Factors.load(root / "covariances")).save(root / "eigen")
-        timings.record("eigen", start)
-    eigen = Factors.load(root / "eigen")
+        distributed.on_rank_zero(
+            lambda: eigendecompose(Factors.load(root / "covariances")).save(root / "eigen"),
+            "eigendecomposing the covariances",
+        )
+        record("eigen", start)
+    eigen = Factors.load(root / "eigen")  # rank 0's, on every rank
     corrected = None
     if cfg.method == "ekfac":
-        if not Factors.complete(root / "corrected"):
+        if _still_to_do(lambda: Factors.complete(root / "corrected")):
             start = time.perf_counter()
-            fit_corrected_eigenvalues(model, docs, eigen, opts).save(root / "corrected")
-            timings.record("corrected", start)
+            fitted = fit_corrected_eigenvalues(model, docs, eigen, opts)  # summed over the ranks
+            distributed.on_rank_zero(
+                lambda: fitted.save(root / "corrected"), "saving the corrected eigenvalues"
+            )
+            del fitted
+            record("corrected", start)
         corrected = Factors.load(root / "corrected")
     qdocs = load_docs(cfg.query, tokenizer, max_tokens, option="--query.dataset")
-    if not Factors.complete(root / "queries"):
+    if _still_to_do(lambda: Factors.complete(root / "queries")):
         start = time.perf_counter()
-        grads = query_gradients(model, qdocs, opts)
-        precondition_queries(
-            grads, eigen, corrected, cfg.damping, cfg.damping_mode, cfg.query_rank, opts.dtype
-        ).save(root / "queries")
-        timings.record("queries", start)
+
+        def fit_queries(eigen: Factors, corrected: Factors | None) -> None:
+            grads = query_gradients(model, qdocs, opts)
+            precondition_queries(
+                grads, eigen, corrected, cfg.damping, cfg.damping_mode, cfg.query_rank, opts.dtype
+            ).save(root / "queries")
+
+        distributed.on_rank_zero(partial(fit_queries, eigen, corrected), "preconditioning the queries")
+        record("queries", start)
     del eigen, corrected
     queries = Factors.load(root / "queries")
-    if cfg.projected_queries:
-        try:
-            load_gradients(root / "query_store")
-        except BergsonError:
-            start = time.perf_counter()
+    if cfg.projected_queries and _still_to_do(lambda: _is_store(root / "query_store")):
+        start = time.perf_counter()
+
+        def write_query_store() -> None:
             qbase = make_manifest(
                 replace(cfg, data=cfg.query, per_token=False), model, modules, qdocs, max_tokens
             )
             save_query_store(
                 root / "query_store", queries, qbase, info, cfg.projection_seed, cfg.projection_dim
             )
-            timings.record("query_store", start)
+
+        distributed.on_rank_zero(write_query_store, "writing the query store")
+        record("query_store", start)
     scores_path = root / "scores"
-    try:
+    if not _still_to_do(lambda: _is_store(scores_path)):
         return load_gradients(scores_path)
-    except BergsonError:
-        pass
     start = time.perf_counter()
-    result = score_documents(model, docs, queries, opts, per_token=cfg.per_token)
-    if cfg.per_module_scores:
-        arrays: dict[str, Any] = dict(result.per_module)
-        np.savez(str(root / "per_module.npz"), **arrays)
-    base = make_manifest(replace(cfg, projection_dim=0), model, modules, docs, max_tokens)
-    score_info = {
-        **info,
-        "mode": "individual",
-        "query_dataset": cfg.query.dataset,
-        "unit_normalize": False,
-    }
-    store = save_score_matrix(
-        scores_path, result.total, base, score_info, overwrite=True, tokens=result.per_token
-    )
-    timings.record("scores", start)
-    return store
+    result = score_documents(model, docs, queries, opts, per_token=cfg.per_token)  # every row, every rank
+
+    def write_scores() -> Any:
+        if cfg.per_module_scores:
+            arrays: dict[str, Any] = dict(result.per_module)
+            np.savez(str(root / "per_module.npz"), **arrays)
+        base = make_manifest(replace(cfg, projection_dim=0), model, modules, docs, max_tokens)
+        score_info = {
+            **info,
+            "mode": "individual",
+            "query_dataset": cfg.query.dataset,
+            "unit_normalize": False,
+        }
+        store = save_score_matrix(
+            scores_path, result.total, base, score_info, overwrite=True, tokens=result.per_token
+        )
+        timings.record("scores", start)
+        return store
+
+    store = distributed.on_rank_zero(write_scores, f"writing the scores at {scores_path}")
+    return store if store is not None else load_gradients(scores_path)
