@@ -51,6 +51,11 @@ class DataConfig:
     max_length: int | None = None
     """Truncation length in tokens; defaults to the token budget and the model's context size."""
 
+    @classmethod
+    def from_manifest(cls, data: dict[str, Any]) -> DataConfig:
+        """The data options recorded in a store's manifest (its other data fields left out)."""
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
 
 @dataclass(frozen=True)
 class AttentionConfig:

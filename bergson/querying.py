@@ -58,10 +58,8 @@ class QueryEngine:
     def training_text(self, row_id: int) -> str:
         """A snippet of the training document (from the dataset recorded in the manifest)."""
         if self._texts is None:
-            data = self.attr.manifest.data
             try:
-                dcfg = DataConfig(**{k: v for k, v in data.items() if k in DataConfig.__dataclass_fields__})
-                ds = load_data(dcfg, option="the store's dataset")
+                dcfg, ds = self.training_data()
                 self._texts = [str(t) for t in ds[dcfg.prompt_column]]
             except (BergsonError, KeyError) as e:
                 logger.warning("training texts unavailable (%s); hits show row ids only", e)
@@ -101,15 +99,19 @@ class QueryEngine:
         )
         return sink.vectors, list(coll.dims), docs, sink.tokens  # type: ignore[attr-defined]
 
+    def training_data(self) -> tuple[DataConfig, Any]:
+        """The store's data options and its dataset, loaded once."""
+        dcfg = DataConfig.from_manifest(self.attr.manifest.data)
+        if self._dataset is None:
+            self._dataset = load_data(dcfg, option="the store's dataset")
+        return dcfg, self._dataset
+
     def training_tokens(self, row_id: int, expected: int) -> list[str] | None:
         """The token strings of a training document as the store saw them (None when the
         dataset is unavailable or tokenizes to another length than the store recorded)."""
         try:
-            data = self.attr.manifest.data
-            dcfg = DataConfig(**{k: v for k, v in data.items() if k in DataConfig.__dataclass_fields__})
-            if self._dataset is None:
-                self._dataset = load_data(dcfg, option="the store's dataset")
-            docs = tokenize_documents(self._dataset.select([row_id]), self.tokenizer, dcfg, self.max_tokens)
+            dcfg, ds = self.training_data()
+            docs = tokenize_documents(ds.select([row_id]), self.tokenizer, dcfg, self.max_tokens)
         except (BergsonError, KeyError, IndexError) as e:
             logger.warning("training tokens unavailable (%s)", e)
             return None

@@ -40,6 +40,14 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 logger = logging.getLogger(__name__)
 
 
+def pad_token_rows(parts: list[np.ndarray], dim: int) -> np.ndarray:
+    """Rows' token arrays ([length_i, dim] each) as one zero-padded [rows, longest, dim] array."""
+    out = np.zeros((len(parts), max((len(p) for p in parts), default=0), dim), np.float32)
+    for i, p in enumerate(parts):
+        out[i, : len(p)] = p
+    return out
+
+
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit norm; all-zero rows stay zero."""
     return x / x.norm(dim=1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
@@ -68,9 +76,7 @@ def query_matrix(
             raise BergsonError("--query_group_column goes with --score max")
         if cfg.aggregation != "none" or query.manifest.kind != "gradients":
             raise BergsonError("--query_group_column needs a per-row query store and --aggregation none")
-        qdata = DataConfig(
-            **{k: v for k, v in query.manifest.data.items() if k in DataConfig.__dataclass_fields__}
-        )
+        qdata = DataConfig.from_manifest(query.manifest.data)
         ds = load_data(qdata, option="query store dataset")
         if cfg.query_group_column not in ds.column_names:
             raise BergsonError(
@@ -239,12 +245,7 @@ def _from_existing_index(cfg: ScoreConfig, query: GradientStore) -> None:
         rows = index.rows[start : start + len(block)]
         tokens = None
         if cfg.per_token:
-            tokens = np.zeros(
-                (len(block), int(rows["num_tokens"].max(initial=0)), block.shape[1]), np.float32
-            )
-            for b in range(len(block)):
-                part = index.token_rows(start + b)
-                tokens[b, : len(part)] = part
+            tokens = pad_token_rows([index.token_rows(start + b) for b in range(len(block))], block.shape[1])
         sink.write(np.arange(start, start + len(block)), block, rows["num_tokens"], rows["loss"], tokens)
     sink.end_shard(0)
     # keep the index's dataset row ids (they equal positions for stores written by build)
@@ -344,11 +345,7 @@ def save_score_matrix(
     if not writer.complete:
         writer.begin_shard(0, range(n))
         lengths = np.zeros(n, np.int64) if tokens is None else np.array([len(t) for t in tokens])
-        padded = None
-        if tokens is not None:
-            padded = np.zeros((n, int(lengths.max(initial=0)), nq), np.float32)
-            for i, t in enumerate(tokens):
-                padded[i, : len(t)] = t
+        padded = None if tokens is None else pad_token_rows(tokens, nq)
         writer.write(np.arange(n), scores.astype(np.float32), lengths, np.zeros(n, np.float32), padded)
         writer.end_shard(0)
         writer.finalize(1)
