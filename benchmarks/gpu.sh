@@ -11,3 +11,5 @@ for shape in 70m 160m; do
       --num_docs 1000 --repeats 2 --token_batch_size 8192
   done
 done
+# --fsdp on one GPU equals no FSDP; int4 / int8 (bitsandbytes, when installed) build
+python -m benchmarks.gpu_checks --shape 70m --num_docs 64

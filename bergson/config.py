@@ -15,7 +15,7 @@ import tyro
 from .errors import BergsonError
 from .search.faiss_index import FaissConfig
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16", "int4", "int8"]
 
 
 @dataclass
@@ -98,7 +98,8 @@ class ModelOptions:
     """Model revision (branch, tag or commit) for hub models."""
 
     precision: Precision = "auto"
-    """Weights' precision: fp32, bf16, fp16, or auto (bf16 on a GPU that supports it, else fp32)."""
+    """Weights' precision: fp32, bf16, fp16, auto (bf16 on a GPU that supports it, else fp32), or int4 / int8:
+    the linear layers quantized by bitsandbytes (CUDA only; gradients flow through the frozen quantized layers)."""
 
     device: str = "auto"
     """Device to run on: auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ..."""
@@ -111,6 +112,10 @@ class ModelOptions:
 
     use_tf32_matmuls: bool = False
     """Allow TF32 matmuls (and cuDNN TF32) on CUDA: faster fp32, with about 1e-3 relative rounding."""
+
+    fsdp: bool = False
+    """Shard the model over the ranks with FSDP2 (fully_shard per decoder layer), for a model too big for one device.
+    Each rank keeps 1/N of the weights; results equal an unsharded run. (build, score, preconditioner, ekfac.)"""
 
 
 @dataclass
@@ -532,6 +537,12 @@ class MagicConfig(ModelOptions):
 
     top_k: int = 10
     """Training documents printed per score column."""
+
+    nproc_per_node: int = 1
+    """Data-parallel worker processes to start on this machine, each taking its share of every batch (under torchrun, its flags decide)."""
+
+    dist_timeout: float = 7200.0
+    """Seconds a worker waits for the others at a barrier or reduction before failing."""
 
 
 @dataclass

@@ -117,7 +117,7 @@ def make_manifest(
             "name": cfg.model,
             "revision": cfg.revision,
             "commit": getattr(config, "_commit_hash", None),
-            "class": type(model).__name__,
+            "class": distributed.model_class(model).__name__,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         },
         modules=layouts,

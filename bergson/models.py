@@ -20,6 +20,8 @@ from .errors import BergsonError
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZED = ("int4", "int8")
+"""--precision values that load the linear layers quantized by bitsandbytes."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -47,14 +49,38 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """Map --precision to a torch dtype; 'auto' is bf16 on GPUs that support it, else fp32."""
-    if precision == "auto":
+    """Map --precision to a torch dtype; 'auto' is bf16 on GPUs that support it, else fp32.
+    For int4 / int8 it is the dtype of the layers left unquantized (and of 4-bit compute)."""
+    if precision == "auto" or precision in QUANTIZED:
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
     if precision not in _DTYPES:
-        raise BergsonError(f"--precision {precision!r}: choose one of auto, {', '.join(_DTYPES)}")
+        raise BergsonError(
+            f"--precision {precision!r}: choose one of auto, {', '.join(_DTYPES)}, {', '.join(QUANTIZED)}"
+        )
     return _DTYPES[precision]
+
+
+def quantization_config(precision: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """The transformers ``BitsAndBytesConfig`` of ``--precision int4|int8``: 4-bit NF4 weights
+    computing in ``dtype``, or LLM.int8() weights. bitsandbytes runs on CUDA only."""
+    if device.type != "cuda":
+        raise BergsonError(
+            f"--precision {precision}: bitsandbytes quantization needs a CUDA device, and this run's device "
+            f"is {device}; use --precision fp32 or bf16 here, or run on a GPU"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise BergsonError(
+            f"--precision {precision} needs bitsandbytes: pip install 'bergson[quantization]'"
+        ) from e
+    from transformers import BitsAndBytesConfig
+
+    if precision == "int4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 @contextmanager
@@ -124,6 +150,14 @@ def load_model(opts: ModelOptions) -> tuple[nn.Module, Any]:
     if local:
         kwargs["local_files_only"] = True
         kwargs.pop("revision")
+    quantized = opts.precision in QUANTIZED
+    if quantized:
+        if opts.fsdp:
+            raise BergsonError(
+                f"--precision {opts.precision} with --fsdp: FSDP cannot shard quantized layers; drop one"
+            )
+        kwargs["quantization_config"] = quantization_config(opts.precision, device, dtype)
+        kwargs["device_map"] = {"": device}
     try:
         if local and (Path(path) / "adapter_config.json").is_file():
             model = _load_peft(path, dtype, kwargs)
@@ -137,8 +171,13 @@ def load_model(opts: ModelOptions) -> tuple[nn.Module, Any]:
         tokenizer = AutoTokenizer.from_pretrained(tok_path, **kwargs)
     except (OSError, ValueError) as e:
         raise BergsonError(f"--model {opts.model}: could not load it ({e})") from e
-    model.to(device)  # type: ignore[arg-type]
+    if not quantized:  # bitsandbytes placed the quantized model on its device already
+        model.to(device)  # type: ignore[arg-type]
     model.eval()
+    if opts.fsdp:
+        from .distributed import shard_model
+
+        shard_model(model, device)
     return model, tokenizer
 
 

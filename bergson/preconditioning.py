@@ -71,7 +71,7 @@ def check_saved_config(cfg: Any, path: Path, what: str, ignore: tuple[str, ...] 
         return
     old = to_dict(replace(load_yaml(type(cfg), path), overwrite=False))
     new = to_dict(replace(cfg, overwrite=False))
-    for key in (*ignore, "nproc_per_node", "dist_timeout"):
+    for key in (*ignore, "nproc_per_node", "dist_timeout", "fsdp"):
         old.pop(key, None)
         new.pop(key, None)
     diff = describe_difference(old, new)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..config import AttentionConfig
 from ..data.batching import plan_batches, plan_shards
 from ..data.tokenize import TokenizedDocs
@@ -125,6 +126,16 @@ def _pad(docs: TokenizedDocs, idx: np.ndarray, pad_id: int) -> tuple[torch.Tenso
     return torch.from_numpy(ids), torch.from_numpy(labels)
 
 
+def idle_step(model: nn.Module, pad_token_id: int) -> None:
+    """A forward and backward of one padding token whose result is thrown away: what a rank
+    with no batch left runs while the others finish theirs, when the model is sharded (FSDP's
+    weight gathers are collective, so every rank takes part in every step)."""
+    device = next(model.parameters()).device
+    ids = torch.full((1, 1), pad_token_id, dtype=torch.long, device=device)
+    logits = model(input_ids=ids, use_cache=False).logits
+    (logits.float().sum() * 0.0).backward()
+
+
 def collect_gradients(
     model: nn.Module,
     docs: TokenizedDocs,
@@ -197,6 +208,9 @@ def collect_gradients(
     collector.closure = closure
     saved = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
+    plans = {i: plan_batches(active_lengths[r.start : r.stop], token_batch_size) for i, r in todo}
+    steps = sum(map(len, plans.values()))
+    idle_steps = distributed.lockstep(model, steps) - steps
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="gradients", disable=not progress)
     try:
         with collector:
@@ -211,7 +225,7 @@ def collect_gradients(
                         lengths[idle + rows.start],
                         np.zeros(len(idle), np.float32),
                     )
-                for local in plan_batches(shard_lengths, token_batch_size):
+                for local in plans[index]:
                     idx = local + rows.start
                     ids, labels = _pad(docs, idx, pad_token_id)
                     ids, labels = ids.to(device), labels.to(device)
@@ -244,6 +258,11 @@ def collect_gradients(
                     )
                     bar.update(int(shard_lengths[local].sum()))
                 sink.end_shard(index)
+            for _ in range(idle_steps):
+                buf = torch.zeros(
+                    (1, 1, total_dim) if per_token else (1, total_dim), dtype=cdt, device=device
+                )
+                idle_step(model, pad_token_id)
     finally:
         bar.close()
         for p, flag in saved.items():

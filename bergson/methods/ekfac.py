@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..collect.hooks import LayerTap, module_shape
-from ..collect.loop import IGNORE, _pad
+from ..collect.loop import IGNORE, _pad, idle_step
 from ..data import TokenizedDocs
 from ..data.batching import assign_shards, plan_batches
 from ..errors import BergsonError
@@ -129,9 +129,10 @@ def _batches(
     desc: str,
     progress: bool,
     only: np.ndarray | None = None,
-) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+) -> Iterator[tuple[np.ndarray, torch.Tensor | None, torch.Tensor | None]]:
     """(dataset rows, input ids, labels) of length-sorted batches of documents with a loss token
-    (of the documents ``only``, when given; rows are always indices into ``docs``)."""
+    (of the documents ``only``, when given; rows are always indices into ``docs``). A rank of a
+    sharded model then gets ``(no rows, None, None)`` until every rank has had as many steps."""
     device = next(model.parameters()).device
     lengths = np.where(docs.num_loss_tokens() > 0, docs.lengths, 0)
     if only is not None:
@@ -144,6 +145,8 @@ def _batches(
             ids, labels = _pad(docs, idx, pad_id)
             yield idx, ids.to(device), labels.to(device)
             bar.update(int(lengths[idx].sum()))
+    for _ in range(distributed.lockstep(model, len(batches)) - len(batches)):
+        yield np.empty(0, np.int64), None, None  # an idle step of a sharded model
 
 
 @dataclass
@@ -177,13 +180,18 @@ def _run(
     state: dict[str, Any] = {}
 
     def tap(name: str, x: torch.Tensor, g: torch.Tensor) -> None:
-        fn(name, x, g, state)
+        if not state["idle"]:
+            fn(name, x, g, state)
 
     try:
         with LayerTap(opts.modules, tap, opts.include_bias):
             for rows, ids, labels in _batches(
                 model, docs, opts.token_batch_size, opts.pad_token_id, desc, opts.progress, only
             ):
+                state["idle"] = ids is None or labels is None
+                if ids is None or labels is None:
+                    idle_step(model, opts.pad_token_id)
+                    continue
                 lengths = torch.as_tensor(docs.lengths[rows], device=ids.device)
                 state["rows"] = rows
                 state["mask"] = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
@@ -595,8 +603,11 @@ def ekfac(cfg: Any) -> Any:
     if _still_to_do(lambda: Factors.complete(root / "queries")):
         start = time.perf_counter()
 
+        # every rank takes part in a sharded model's forward and backward passes
+        shared = query_gradients(model, qdocs, opts) if distributed.is_sharded(model) else None
+
         def fit_queries(eigen: Factors, corrected: Factors | None) -> None:
-            grads = query_gradients(model, qdocs, opts)
+            grads = shared if shared is not None else query_gradients(model, qdocs, opts)
             precondition_queries(
                 grads, eigen, corrected, cfg.damping, cfg.damping_mode, cfg.query_rank, opts.dtype
             ).save(root / "queries")

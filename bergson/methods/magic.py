@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..collect.loop import IGNORE, _pad
 from ..config import MagicConfig, TrainingConfig
 from ..data import TokenizedDocs
@@ -227,6 +228,45 @@ class MicroBatch:
     weight_index: torch.Tensor  # [B, T] index into the flat token-weight vector (0 where no loss)
     mask: torch.Tensor  # [B, T] bool: position t's prediction carries loss
 
+    def share(self, rank: int, world: int) -> MicroBatch:
+        """Rows rank, rank + world, ... (one rank's documents under data parallelism)."""
+        return MicroBatch(*(x[rank::world] for x in (self.ids, self.target, self.weight_index, self.mask)))
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Forward: the sum of a tensor over the ranks. Backward: the cotangent as it is, because
+    everything downstream (the optimizer update) runs identically on every rank."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return distributed.all_reduce_sum(x.clone())
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Forward: the identity. Backward: the cotangent times ``factor``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def sum_gradients_over_ranks(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each rank's gradient of its own documents' share of the loss, summed over the ranks in
+    one all-reduce (differentiable: each rank's share receives the replicated cotangent)."""
+    if distributed.world_size() == 1:
+        return grads
+    total = _SumOverRanks.apply(torch.cat([g.reshape(-1) for g in grads]))
+    return [x.view_as(g) for x, g in zip(total.split([g.numel() for g in grads]), grads)]
+
 
 class TokenWeights:
     """The flat layout of per-token weights: document i's token j is ``offsets[i] + j``."""
@@ -346,8 +386,13 @@ class Replay:
         keys = list(params)
         grads: list[torch.Tensor] | None = None
         total = 0.0
+        world, me = distributed.world_size(), distributed.rank()
+        if world > 1:  # data parallel: each rank its share of every micro-batch's documents
+            batches, w = [b.share(me, world) for b in batches], [x[me::world] for x in w]
         with torch.enable_grad():
             for b, wb in zip(batches, w):
+                if not len(b.ids):
+                    continue
                 leaves = (
                     params
                     if create_graph
@@ -357,7 +402,13 @@ class Replay:
                 g = torch.autograd.grad(loss, [leaves[k] for k in keys], create_graph=create_graph)
                 grads = list(g) if grads is None else [a + c for a, c in zip(grads, g)]
                 total += float(loss.detach())
-        assert grads is not None
+        if grads is None:  # no documents of this step on this rank
+            grads = [torch.zeros_like(params[k]) for k in keys]
+        if world > 1:
+            grads = sum_gradients_over_ranks(grads)
+            total = float(distributed.all_reduce_sum(torch.tensor([total], dtype=torch.float64)).item())
+            if create_graph:  # on every rank: the update's own (replicated) term, 1/world of it
+                state = state.like([_ScaleGrad.apply(x, 1.0 / world) for x in state.tensors()])
         gd = clip(dict(zip(keys, grads)), self.recipe.max_grad_norm)
         lr = learning_rate(self.recipe, t, self.num_steps)
         if create_graph:
@@ -504,7 +555,12 @@ class MagicRun:
         self.save_every_s = 30.0
         """Seconds between saves of the reverse pass's progress (at segment ends)."""
         self.resume_steps = set(checkpoint_steps("sqrt", self.total))
-        self.kept = StateCache(memory_budget // 2, self.states_dir / "spill", self.template, replay.device)
+        self.spill_dir = self.states_dir / (
+            "spill" if distributed.world_size() == 1 else f"spill-{distributed.rank()}"
+        )
+        self.kept = StateCache(memory_budget // 2, self.spill_dir, self.template, replay.device)
+        self.writes = distributed.rank() == 0
+        """Whether this process writes the run's files (rank 0 of a data-parallel run)."""
 
     def _path(self, t: int) -> Path:
         return self.states_dir / f"step_{t:07d}.safetensors"
@@ -518,7 +574,7 @@ class MagicRun:
         if self._path(self.total).is_file():
             s, meta = self._load(self.total)
             return s, meta["losses"]
-        shutil.rmtree(self.states_dir / "spill", ignore_errors=True)  # a killed process's spill
+        shutil.rmtree(self.spill_dir, ignore_errors=True)  # a killed process's spill
         saved = [t for t in self.resume_steps if self._path(t).is_file()]
         start = max(saved) if saved else 0
         state, meta = self._load(start) if saved else (None, {"losses": []})
@@ -532,12 +588,14 @@ class MagicRun:
             for t in bar:
                 if t in self.steps:
                     self.kept.put(t, s)
-                if t in self.resume_steps and not self._path(t).is_file():
+                if self.writes and t in self.resume_steps and not self._path(t).is_file():
                     s.save(self._path(t), {"step": t, "losses": losses})
                 s, loss = self.replay.step(s, t, self.weights)
                 losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4f}")
-        s.save(self._path(self.total), {"step": self.total, "losses": losses})
+        if self.writes:
+            s.save(self._path(self.total), {"step": self.total, "losses": losses})
+        distributed.barrier("the end of training")
         return s, losses
 
     # -------------------------------------------------------------------- reverse
@@ -569,6 +627,9 @@ class MagicRun:
         inputs = [*leaf.tensors(), w]
         got = torch.autograd.grad(outs, inputs, grads_out, allow_unused=True)
         flat = [torch.zeros_like(x) if g is None else g.detach() for x, g in zip(inputs, got)]
+        if distributed.world_size() > 1:
+            # each rank holds 1/world of the update's own term plus its documents' terms
+            flat = sum_gradients_over_ranks(flat)
         return leaf.like(flat[:-1]), flat[-1]
 
     def _advance(self, s: State, a: int, b: int) -> State:
@@ -609,6 +670,7 @@ class MagicRun:
             segment -= 1
             if (
                 progress_path is not None
+                and self.writes
                 and segment >= 0
                 and time.perf_counter() - last_save >= self.save_every_s
             ):
@@ -722,10 +784,9 @@ CONFIG_FILE = "magic.yaml"
 OUTPUTS = ("states", "reverse", "model", "scores", TIMINGS_FILE, CONFIG_FILE)
 
 
-def prepare(cfg: MagicConfig) -> tuple[nn.Module, Any, TokenizedDocs, TokenizedDocs]:
-    """Load the model (fp32 unless told otherwise) and tokenize the training and query sets."""
-    from ..indexing import context_size, load_docs
-    from ..models import load_model
+def check_options(cfg: MagicConfig) -> None:
+    """Refuse what MAGIC cannot do, before anything is written."""
+    from ..models import QUANTIZED
 
     if not cfg.data.dataset:
         raise BergsonError("--dataset is required: the training documents")
@@ -736,6 +797,20 @@ def prepare(cfg: MagicConfig) -> tuple[nn.Module, Any, TokenizedDocs, TokenizedD
             "--reward_column: MAGIC replays a supervised fine-tune; advantage-weighted (GRPO) losses "
             "are not supported by bergson magic"
         )
+    if cfg.fsdp or cfg.precision in QUANTIZED:
+        option = "--fsdp" if cfg.fsdp else f"--precision {cfg.precision}"
+        raise BergsonError(
+            f"bergson magic {option}: MAGIC trains the model and differentiates through training, "
+            "which needs the whole model in full precision in each process; drop the option"
+        )
+
+
+def prepare(cfg: MagicConfig) -> tuple[nn.Module, Any, TokenizedDocs, TokenizedDocs]:
+    """Load the model (fp32 unless told otherwise) and tokenize the training and query sets."""
+    from ..indexing import context_size, load_docs
+    from ..models import load_model
+
+    check_options(cfg)
     model, tokenizer = load_model(replace(cfg, precision="fp32") if cfg.precision == "auto" else cfg)
     check_precision(model, cfg.force_low_precision)
     use_double_backward_attention(model)
@@ -745,9 +820,14 @@ def prepare(cfg: MagicConfig) -> tuple[nn.Module, Any, TokenizedDocs, TokenizedD
     return model, tokenizer, docs, qdocs
 
 
+@distributed.entry(lambda cfg: _load_scores(cfg))
 def magic(cfg: MagicConfig) -> Any:
     """Train once with checkpoints, then one reverse pass per score column; returns the scores
-    store (rows = training documents). Every stage resumes where a killed run stopped."""
+    store (rows = training documents). Every stage resumes where a killed run stopped.
+
+    On several ranks (``--nproc_per_node`` or torchrun) the run is data parallel: each rank
+    takes every other document of each micro-batch, in training and in the reverse passes,
+    and the ranks sum their gradients (one all-reduce per step); rank 0 writes the files."""
     from ..config import save_yaml
     from ..indexing import make_manifest
     from ..preconditioning import check_saved_config
@@ -757,12 +837,19 @@ def magic(cfg: MagicConfig) -> Any:
 
     if not cfg.run_path:
         raise BergsonError("--run_path is required: the output directory of the run")
+    check_options(cfg)
     root = Path(cfg.run_path)
-    if cfg.overwrite and root.exists():
-        remove_outputs(root, OUTPUTS)
-    check_saved_config(cfg, root / CONFIG_FILE, "a MAGIC run", ignore=("top_k", "device", "memory_budget_gb"))
-    root.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, root / CONFIG_FILE)
+
+    def prepare_dir() -> None:
+        if cfg.overwrite and root.exists():
+            remove_outputs(root, OUTPUTS)
+        check_saved_config(
+            cfg, root / CONFIG_FILE, "a MAGIC run", ignore=("top_k", "device", "memory_budget_gb")
+        )
+        root.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, root / CONFIG_FILE)
+
+    distributed.on_rank_zero(prepare_dir, f"preparing the run directory {root}")
     try:
         return load_gradients(root / "scores")
     except BergsonError:
@@ -774,9 +861,9 @@ def magic(cfg: MagicConfig) -> Any:
     timings = Timings(root)
     start = time.perf_counter()
     final, losses = run.train()
-    if "train_s" not in timings:
+    if run.writes and "train_s" not in timings:
         timings.record("train_s", start, steps=run.total, first_loss=losses[0], last_loss=losses[-1])
-    if not (root / "model" / "config.json").is_file():
+    if run.writes and not (root / "model" / "config.json").is_file():
         _save_model(model, tokenizer, final.params, root / "model")
     columns = query_columns(cfg, len(qdocs))
     reverse_dir = root / "reverse"
@@ -793,10 +880,12 @@ def magic(cfg: MagicConfig) -> Any:
             q = query_losses(model, params, qdocs.select(rows), pad).mean()
         cot = dict(zip(params, torch.autograd.grad(q, list(params.values()))))
         result = run.reverse(cot, reverse_dir / f"column_{j}.progress.safetensors")
+        grads.append(result.token_grads)
+        if not run.writes:
+            continue
         tmp = done.with_name(f".{done.name}")
         np.save(tmp, result.token_grads)
         tmp.replace(done)
-        grads.append(result.token_grads)
         timings.record(
             f"reverse_{j}_s",
             start,
@@ -823,9 +912,19 @@ def magic(cfg: MagicConfig) -> Any:
         "unit_normalize": False,
         "meaning": "-d(mean query loss after training)/d(document weight)",
     }
-    return save_score_matrix(
-        root / "scores", replay.layout.per_document(token_scores), base, info, overwrite=True, tokens=tokens
+    scores = replay.layout.per_document(token_scores)
+    distributed.on_rank_zero(
+        lambda: save_score_matrix(root / "scores", scores, base, info, overwrite=True, tokens=tokens),
+        f"writing the scores at {root / 'scores'}",
     )
+    distributed.barrier("the end of the run")
+    return _load_scores(cfg)
+
+
+def _load_scores(cfg: MagicConfig) -> Any:
+    from ..store import load_gradients
+
+    return load_gradients(Path(cfg.run_path) / "scores")
 
 
 def _save_model(model: nn.Module, tokenizer: Any, params: Tensors, path: Path) -> None:
