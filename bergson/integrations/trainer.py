@@ -229,9 +229,11 @@ class GradientCollectorCallback(TrainerCallback):
         path: output directory; epoch ``k`` goes to ``path/epoch_{k}``.
         track_order: write ``path/epoch_{k}/order.parquet`` (row, step, epoch, micro_batch,
             normalized) in the order rows were trained on.
-        projection_dim, projection_seed, include_bias, modules: as ``bergson build``'s
-            ``--projection_dim``, ``--projection_seed``, ``--include_bias`` and ``--modules``
-            (glob patterns of module names; default every supported layer).
+        projection_dim: as ``bergson build --projection_dim`` (0: full gradients).
+        projection_seed: as ``bergson build --projection_seed``.
+        include_bias: as ``bergson build --include_bias``.
+        modules: as ``bergson build --modules`` (glob patterns of module names; default every
+            supported layer).
         normalize: divide by the optimizer's second moments at each step (see the module notes).
         normalizer_form: ``"rank_one"`` (default: Adafactor-style fit, cheap projected path),
             ``"adam"`` (elementwise; forms full per-row gradients) or ``"auto"`` (the
