@@ -59,6 +59,10 @@ _EXPORTS = {
     "prepare_for_gradient_collection": "bergson.integrations.trainer",
     "ModelConfigTestConfig": "bergson.config",
     "test_model_configuration": "bergson.diagnostics",
+    "ReportConfig": "bergson.config",
+    "ServeConfig": "bergson.config",
+    "report": "bergson.reports",
+    "serve": "bergson.reports",
 }
 
 __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
@@ -110,6 +114,10 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "prepare_for_gradient_collection",
     "ModelConfigTestConfig",
     "test_model_configuration",
+    "ReportConfig",
+    "ServeConfig",
+    "report",
+    "serve",
 ]
 
 
@@ -134,7 +142,9 @@ if TYPE_CHECKING:
         PreconditionerConfig,
         QueryConfig,
         ReduceConfig,
+        ReportConfig,
         ScoreConfig,
+        ServeConfig,
         TrackstarConfig,
         TrainingConfig,
         ValidateConfig,
@@ -152,6 +162,7 @@ if TYPE_CHECKING:
     from .preconditioning import fit_preconditioner
     from .querying import query
     from .reduction import reduce
+    from .reports import report, serve
     from .scoring import score
     from .search.attributor import Attributor
     from .search.exact import exact_topk

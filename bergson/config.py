@@ -599,3 +599,76 @@ class ValidateConfig:
 
     device: str = "auto"
     """Device to retrain on."""
+
+
+@dataclass
+class ReportConfig:
+    """Options of ``bergson report``: one self-contained HTML page of the most influential documents."""
+
+    source: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="SOURCE")] = ""
+    """A scores store (from score, ekfac, trackstar, magic) or query results (.jsonl/.csv/.parquet
+    written by ``bergson query --output``)."""
+
+    output: str = "report.html"
+    """The HTML file to write."""
+
+    top_k: int = 10
+    """Proponents and opponents shown per query (a scores store; query results show what they hold)."""
+
+    index: str | None = None
+    """With query results: the gradient store they were searched in (for its manifest and the full
+    training texts)."""
+
+    queries: str | None = None
+    """With query results: the query texts (a dataset whose rows are the queries, in order)."""
+
+    query_column: str = "text"
+    """Column of --queries holding the query text."""
+
+    max_queries: int | None = None
+    """Report only the first N queries (score columns)."""
+
+    collapse_chars: int = 600
+    """Documents longer than this many characters are shown collapsed."""
+
+    bins: int = 30
+    """Bins of each query's score histogram."""
+
+    title: str = "bergson report"
+    """The page title."""
+
+
+@dataclass
+class ServeConfig(ModelOptions):
+    """Options of ``bergson serve``: a local page that answers typed queries from a gradient store."""
+
+    index: str = ""
+    """Gradient store to search (from ``bergson build``); opened read-only."""
+
+    host: str = "127.0.0.1"
+    """Address to bind (the default serves this machine only)."""
+
+    port: int = 8000
+    """Port to listen on (0 picks a free one)."""
+
+    top_k: int = 10
+    """Proponents and opponents shown per query."""
+
+    unit_norm: bool = False
+    """Score by cosine similarity instead of the raw gradient inner product."""
+
+    per_token: bool = False
+    """Split each hit's score over the query's tokens (and the training document's, when the store
+    was built with --per_token)."""
+
+    preconditioner_path: str | None = None
+    """Preconditioner directory, as for ``bergson query``."""
+
+    max_query_chars: int = 2000
+    """Longer queries are refused with a message in the page."""
+
+    max_waiting: int = 16
+    """Requests that may wait for the model at once; more are answered 'busy, retry'."""
+
+    collapse_chars: int = 600
+    """Documents longer than this many characters are shown collapsed."""

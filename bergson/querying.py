@@ -22,6 +22,23 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv", ".parquet")
 TOP_TOKENS = 5
+TOKEN_CACHE_ROWS = 20_000
+
+
+def documents_tokens(
+    ds: Any, dcfg: DataConfig, tokenizer: Any, max_tokens: int, row_ids: Iterable[int]
+) -> dict[int, list[str]]:
+    """The token strings of dataset rows ``row_ids`` as a store built with ``dcfg`` saw them,
+    tokenized together (rows that cannot be read are left out, with a warning)."""
+    rows = sorted({int(r) for r in row_ids if 0 <= int(r) < len(ds)})
+    if not rows:
+        return {}
+    try:
+        docs = tokenize_documents(ds.select(rows), tokenizer, dcfg, max_tokens)
+    except (BergsonError, KeyError, IndexError) as e:
+        logger.warning("training tokens unavailable (%s)", e)
+        return {}
+    return {r: [tokenizer.decode([int(t)]) for t in ids] for r, ids in zip(rows, docs.input_ids)}
 
 
 class QueryEngine:
@@ -52,6 +69,7 @@ class QueryEngine:
         self.loss_reduction = manifest.loss.get("reduction", "sum")
         self._texts: list[str] | None = None
         self._dataset: Any = None
+        self._tokens: dict[int, list[str] | None] = {}
         self.modules: list[str] = []
 
     # ------------------------------------------------------------------ texts
@@ -109,14 +127,26 @@ class QueryEngine:
     def training_tokens(self, row_id: int, expected: int) -> list[str] | None:
         """The token strings of a training document as the store saw them (None when the
         dataset is unavailable or tokenizes to another length than the store recorded)."""
+        if row_id not in self._tokens:
+            self.prefetch_tokens([row_id])
+        words = self._tokens.get(row_id)
+        return words if words is not None and len(words) == expected else None
+
+    def prefetch_tokens(self, row_ids: Iterable[int]) -> None:
+        """Tokenize training documents in one call and keep their token strings."""
+        todo = [r for r in row_ids if r not in self._tokens]
+        if not todo:
+            return
+        if len(self._tokens) > TOKEN_CACHE_ROWS:  # a long-running server keeps a bounded cache
+            self._tokens.clear()
         try:
             dcfg, ds = self.training_data()
-            docs = tokenize_documents(ds.select([row_id]), self.tokenizer, dcfg, self.max_tokens)
-        except (BergsonError, KeyError, IndexError) as e:
+        except (BergsonError, KeyError) as e:
             logger.warning("training tokens unavailable (%s)", e)
-            return None
-        ids = docs.input_ids[0]
-        return [self.tokenizer.decode([int(t)]) for t in ids] if len(ids) == expected else None
+            self._tokens.update(dict.fromkeys(todo))
+            return
+        found = documents_tokens(ds, dcfg, self.tokenizer, self.max_tokens, todo)
+        self._tokens.update({r: found.get(r) for r in todo})
 
     def explain(
         self, hit: dict[str, Any], index: int, query: np.ndarray, tokens: Any, qtext: list[str]
@@ -142,9 +172,18 @@ class QueryEngine:
 
     def run_dataset(self, ds: Any, column: str, completion: str | None) -> list[dict[str, Any]]:
         vecs, modules, qdocs, qtokens = self.vectors(ds, column, completion)
+        return self.hits(vecs, modules, qdocs, qtokens, reverse=self.cfg.reverse)
+
+    def hits(
+        self, vecs: np.ndarray, modules: list[str], qdocs: Any, qtokens: list[Any], *, reverse: bool
+    ) -> list[dict[str, Any]]:
+        """The top-k hit records of query vectors made by :meth:`vectors` (the most negative
+        scores with ``reverse``)."""
         self.modules = modules
-        scores, idx = self.attr.search(vecs, self.cfg.top_k, reverse=self.cfg.reverse, modules=modules)
+        scores, idx = self.attr.search(vecs, self.cfg.top_k, reverse=reverse, modules=modules)
         rows = self.attr.store.rows["row_id"]
+        if self.cfg.per_token and self.attr.store.has_tokens:
+            self.prefetch_tokens(int(rows[int(i)]) for i in idx.reshape(-1) if int(i) >= 0)
         hits = []
         for q in range(len(vecs)):
             for rank in range(scores.shape[1]):

@@ -43,6 +43,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "bergson.cli.validate",
         "Check scores stores against real retraining without random subsets (leave-k-out, LDS).",
     ),
+    "report": (
+        "bergson.cli.report",
+        "Write one self-contained HTML page of the documents behind a scores store or query results.",
+    ),
+    "serve": (
+        "bergson.cli.serve",
+        "Serve a local page that explains typed queries live from a gradient store (read-only).",
+    ),
     "test_model_configuration": (
         "bergson.cli.test_model_configuration",
         "Check that batched gradients equal one-by-one ones; suggest --force_math_sdp / --precision if not.",

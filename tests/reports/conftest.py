@@ -1,0 +1,69 @@
+"""Stores for the report and serve tests: a per-token gradient store over a slice of the
+shipped corpus (one document carries HTML that must stay text), a query store and the
+scores of the one against the other."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HOSTILE = '</script><script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"> & <b>bold</b>'
+HOSTILE_ROW = 5
+
+
+@pytest.fixture(scope="session")
+def report_stores(tmp_path_factory, model_dir, corpus_file) -> dict[str, Any]:
+    from bergson import IndexConfig, ScoreConfig, build, score
+    from bergson.config import DataConfig
+
+    root = tmp_path_factory.mktemp("report")
+    rows = [json.loads(line) for line in Path(corpus_file).read_text().splitlines()]
+    rows[HOSTILE_ROW]["text"] = HOSTILE + " " + rows[HOSTILE_ROW]["text"]
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common: dict[str, Any] = dict(
+        model=str(model_dir), precision="fp32", device="cpu", projection_dim=4, save_dtype="float32"
+    )
+    data = dict(dataset=str(corpus), truncation=True, max_length=40)
+    store = build(IndexConfig(run_path=str(root / "docs"), data=DataConfig(**data), per_token=True, **common))
+    query = build(IndexConfig(run_path=str(root / "q"), data=DataConfig(**data, split="train[:3]"), **common))
+    scores = score(
+        ScoreConfig(
+            run_path=str(root / "scores"),
+            index=str(store.root),
+            query_path=str(query.root),
+            per_token=True,
+            **common,
+        )
+    )
+    texts = [r["text"] for r in rows]
+    return {"root": root, "store": store, "query": query, "scores": scores, "texts": texts, "common": common}
+
+
+@pytest.fixture(scope="session")
+def query_hits(report_stores) -> tuple[str, list[dict[str, Any]]]:
+    """A query text and its hits (5 proponents, 3 opponents) with per-token splits."""
+    from bergson import QueryConfig
+    from bergson.querying import query
+
+    store = report_stores["store"]
+    text = "The river flows through the old town"
+    common = {k: v for k, v in report_stores["common"].items() if k in ("model", "precision", "device")}
+    hits = query(QueryConfig(index=str(store.root), query=text, top_k=5, per_token=True, **common))
+    hits += query(
+        QueryConfig(index=str(store.root), query=text, top_k=3, per_token=True, reverse=True, **common)
+    )
+    return text, hits
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    """Where screenshots go: $BERGSON_TEST_ARTIFACTS, or tests/artifacts (ignored by git)."""
+    import os
+
+    out = Path(os.environ.get("BERGSON_TEST_ARTIFACTS") or Path(__file__).resolve().parents[1] / "artifacts")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
