@@ -1,0 +1,477 @@
+"""Attribution quality on the example causal LM: every method against real retraining.
+
+The workload is the fine-tune of ``examples/magic/tiny.yaml`` (the shipped tiny Pythia on the
+first ``--docs`` documents of the shipped corpus, AdamW, cosine schedule, input embeddings
+frozen), attributed for the five shipped prompt/completion queries (loss on the completion).
+The recipe is trained once; its final weights and AdamW state (written as a torch
+``optimizer.pt``) are the checkpoint every gradient method scores with:
+
+* ``dot``: ``bergson build`` (projected gradients) of the training and query sets, then
+  ``bergson score --score individual`` (gradient dot products);
+* ``cosine``: the same stores scored with ``--unit_normalize``;
+* ``cosine_opt``: stores built with ``--optimizer_state`` (gradients divided by the square root
+  of AdamW's bias-corrected second moments), scored with ``--unit_normalize``;
+* ``trackstar``: ``bergson trackstar`` (optimizer normalizer, mixed preconditioner, cosine);
+* ``ekfac``: ``bergson ekfac`` (EK-FAC influence, true Fisher);
+* ``magic``: ``bergson magic`` (trains the same recipe itself and differentiates through it).
+
+Then ``bergson validate`` retrains the recipe without random subsets of documents, once per
+subset for all methods together (retrains are cached under ``runs/quality_lm/retrains``): LDS
+(random halves, ``--subsets`` retrains) and leave-k-out for each of ``--fractions``. For each
+method and protocol the Spearman correlation over subsets between the measured change of a
+query's loss and the sum of the removed documents' scores is averaged over the queries (mean ±
+std over queries). Every command runs in this process, timed on its own; a rerun reuses the
+finished steps (and their recorded times) under ``runs/quality_lm/`` (delete it to measure
+afresh). On an idle 2-core CPU the defaults should take about 20 minutes (an estimate from the
+idle timings of ``benchmarks.magic``: training 12 s, MAGIC with five query columns about 5
+minutes, each of the 49 retrains about 13 s; the gradient methods a few minutes together).
+
+    python -m benchmarks.quality.lm [--docs 240] [--subsets 16] [--fractions 0.02 0.05] [--quick]
+
+Prints one JSON object and writes ``lm.json``, ``lm.md`` (the table and the command that
+reproduces it) and ``lm.png`` to ``--out`` (``benchmarks/quality/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .common import bar_plot, fmt_corr, machine, markdown_table
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "examples" / "magic" / "tiny.yaml"
+ASSETS = REPO / "bergson" / "assets"
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("dot", "cosine", "cosine_opt", "trackstar", "ekfac", "magic")
+LABELS = {
+    "dot": "gradient dot",
+    "cosine": "cosine",
+    "cosine_opt": "cosine, optimizer-normalized",
+    "trackstar": "TrackStar",
+    "ekfac": "EK-FAC",
+    "magic": "MAGIC",
+}
+# the bergson commands each method needs (shared stores count for every method that uses them)
+PIPELINES = {
+    "dot": ("build_train", "build_query", "score_dot"),
+    "cosine": ("build_train", "build_query", "score_cosine"),
+    "cosine_opt": ("build_train_opt", "build_query_opt", "score_cosine_opt"),
+    "trackstar": ("trackstar",),
+    "ekfac": ("ekfac",),
+    "magic": ("magic",),
+}
+STORES = {
+    "dot": "scores_dot",
+    "cosine": "scores_cosine",
+    "cosine_opt": "scores_cosine_opt",
+    "trackstar": "trackstar/scores",
+    "ekfac": "ekfac/scores",
+    "magic": "magic/scores",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[quality.lm {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--docs", type=int, default=240, help="training documents (the first N of the corpus)")
+    p.add_argument("--epochs", type=int, default=8, help="epochs of the recipe")
+    p.add_argument("--max_length", type=int, default=64, help="tokens kept per document and query")
+    p.add_argument("--queries", type=int, default=5, help="queries (the first N of the shipped five)")
+    p.add_argument("--subsets", type=int, default=16, help="retrains per protocol")
+    p.add_argument("--fractions", type=float, nargs="*", default=[0.02, 0.05], help="leave-k-out fractions")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--projection_dim", type=int, default=32, help="p of the build stores (p*p per module)")
+    p.add_argument(
+        "--modules", nargs="+", default=["gpt_neox.layers.*"], help="tracked modules (all methods)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the removed subsets")
+    p.add_argument(
+        "--quick", action="store_true", help="a small slice: 16 documents, 1 epoch, 2 queries, 3 subsets"
+    )
+    p.add_argument("--work", type=Path, default=REPO / "runs" / "quality_lm", help="cache of every step")
+    p.add_argument("--out", type=Path, default=None, help=f"results directory (default {RESULTS})")
+    args = p.parse_args(argv)
+    args.defaults = (
+        all(
+            getattr(args, k) == p.get_default(k)
+            for k in ("docs", "epochs", "max_length", "queries", "subsets")
+        )
+        and not args.quick
+    )
+    if args.quick:
+        args.docs, args.epochs, args.max_length, args.subsets, args.queries = 16, 1, 32, 3, 2
+        args.projection_dim = min(args.projection_dim, 8)
+    if args.out is None:
+        args.out = args.work / "quick_results" if args.quick else RESULTS
+    if args.docs < 4:
+        p.error(f"--docs {args.docs}: at least 4 documents are needed (LDS removes half)")
+    if not 1 <= args.queries <= 5:
+        p.error(f"--queries {args.queries}: the shipped query file holds 5 queries; choose 1 to 5")
+    if args.subsets < 2:
+        p.error(f"--subsets {args.subsets}: correlations need at least 2 retrains")
+    return args
+
+
+# ------------------------------------------------------------------------------- the workload
+
+
+def make_recipe(args: argparse.Namespace, work: Path) -> Path:
+    """The example recipe on ``--docs`` documents and ``--epochs`` epochs, written to work/recipe.yaml."""
+    from bergson.config import MagicConfig, load_yaml, save_yaml
+
+    cfg = load_yaml(MagicConfig, RECIPE)
+    data = replace(cfg.data, dataset=str(ASSETS / "corpus.jsonl.gz"), split=f"train[:{args.docs}]")
+    cfg = replace(
+        cfg,
+        run_path=str(work / "magic"),
+        model=str(ASSETS / "tiny-pythia"),
+        device="cpu",
+        data=replace(data, max_length=args.max_length),
+        query=replace(
+            cfg.query,
+            dataset=str(ASSETS / "queries.jsonl"),
+            split=f"train[:{args.queries}]",
+            max_length=args.max_length,
+        ),
+        training=replace(cfg.training, epochs=args.epochs),
+        query_mode="individual",
+        per_token=False,
+    )
+    path = work / "recipe.yaml"
+    save_yaml(cfg, path)
+    return path
+
+
+def train_checkpoint(recipe_path: Path, out: Path) -> dict[str, Any]:
+    """Train the recipe once; save the final weights (a Hugging Face directory) and AdamW's state
+    as a torch optimizer state dict (``optimizer.pt``, parameters named), for the gradient methods."""
+    import torch
+
+    from bergson.methods.magic import Replay, load_recipe, prepare
+
+    recipe = load_recipe(str(recipe_path))
+    if recipe.training.optimizer != "adamw":
+        raise SystemExit("the benchmark's optimizer-normalized methods need an AdamW recipe")
+    model, tokenizer, docs, _ = prepare(recipe)
+    replay = Replay(model, docs, recipe.training, tokenizer.pad_token_id or 0, progress=True)
+    state, losses = replay.run()
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in state.params.items():
+            named[k].copy_(v)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)  # type: ignore[operator]
+    tokenizer.save_pretrained(tmp)
+    names = list(state.params)
+    r = recipe.training
+    optimizer_state = {
+        "state": {
+            i: {
+                "step": torch.tensor(float(replay.num_steps)),
+                "exp_avg": state.slots["m"][k].detach().cpu(),
+                "exp_avg_sq": state.slots["v"][k].detach().cpu(),
+            }
+            for i, k in enumerate(names)
+        },
+        "param_groups": [
+            {
+                "params": list(range(len(names))),
+                "param_names": names,
+                "lr": r.lr,
+                "betas": (r.beta1, r.beta2),
+                "eps": r.eps,
+                "weight_decay": r.weight_decay,
+                "amsgrad": False,
+            }
+        ],
+    }
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    tmp.replace(out)
+    return {"steps": replay.num_steps, "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def commands(args: argparse.Namespace, work: Path, recipe: Path) -> dict[str, list[str]]:
+    """``bergson`` argument lists of every step (the first item is the subcommand)."""
+    ckpt = str(work / "checkpoint")
+    opt = ["--optimizer_state", str(work / "checkpoint" / "optimizer.pt")]
+    length = ["--truncation", "--max_length", str(args.max_length)]
+    model = ["--model", ckpt, "--precision", "fp32", "--device", "cpu", "--modules", *args.modules]
+    train = ["--dataset", str(ASSETS / "corpus.jsonl.gz"), "--split", f"train[:{args.docs}]", *length]
+    query_file = str(ASSETS / "queries.jsonl")
+    query = ["--dataset", query_file, "--split", f"train[:{args.queries}]", "--prompt_column", "prompt"]
+    query += ["--completion_column", "completion", *length]
+    query_group = ["--query.dataset", query_file, "--query.split", f"train[:{args.queries}]"]
+    query_group += ["--query.prompt_column", "prompt"]
+    query_group += ["--query.completion_column", "completion", "--query.truncation"]
+    query_group += ["--query.max_length", str(args.max_length)]
+    proj = ["--projection_dim", str(args.projection_dim)]
+
+    def score(name: str, index: str, queries: str, *extra: str) -> list[str]:
+        return ["score", str(work / name), "--index", str(work / index), "--query_path", str(work / queries),
+                "--score", "individual", "--device", "cpu", *extra]  # fmt: skip
+
+    return {
+        "build_train": ["build", str(work / "train"), *model, *train, *proj],
+        "build_query": ["build", str(work / "query"), *model, *query, *proj],
+        "score_dot": score("scores_dot", "train", "query"),
+        "score_cosine": score("scores_cosine", "train", "query", "--unit_normalize"),
+        "build_train_opt": ["build", str(work / "train_opt"), *model, *train, *proj, *opt],
+        "build_query_opt": ["build", str(work / "query_opt"), *model, *query, *proj, *opt],
+        "score_cosine_opt": score("scores_cosine_opt", "train_opt", "query_opt", "--unit_normalize"),
+        "trackstar": [
+            "trackstar",
+            str(work / "trackstar"),
+            *model,
+            *train,
+            *query_group,
+            *proj,
+            *opt,
+            "--stats_documents",
+            str(args.docs),
+        ],
+        "ekfac": ["ekfac", str(work / "ekfac"), *model, *train, *query_group],
+        "magic": ["magic", str(recipe), "--checkpoints", "sqrt"],
+    }
+
+
+# ------------------------------------------------------------------------------- running steps
+
+
+class Steps:
+    """Runs each step once and records its wall time in work/steps.json (a rerun reuses both)."""
+
+    def __init__(self, work: Path):
+        self.path = work / "steps.json"
+        self.done: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def run(self, name: str, key: list[str], fn: Any) -> dict[str, Any]:
+        if self.done.get(name, {}).get("key") == key:
+            return self.done[name]
+        log(f"{name}: {' '.join(key)[:160]}")
+        start = time.perf_counter()
+        info = fn() or {}
+        seconds = round(time.perf_counter() - start, 2)
+        self.done[name] = {"key": key, "seconds": seconds, **machine(), **info}
+        self.path.write_text(json.dumps(self.done, indent=1))
+        return self.done[name]
+
+
+def bergson(argv: list[str]) -> None:
+    """One ``bergson`` command in this process (parsed exactly as the CLI parses it)."""
+    from bergson.cli import COMMANDS, parse
+
+    cfg = parse(argv[0], argv[1:])
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON result alone
+        importlib.import_module(COMMANDS[argv[0]][0]).run(cfg)
+
+
+def retrain_seconds(report: dict[str, Any], protocol: str, fraction: float, seed: int) -> dict[str, float]:
+    """Recorded seconds of each retrain a report used (by cache file name), however long ago it ran."""
+    import numpy as np
+
+    from bergson.validation import draw_subsets
+
+    drawn = draw_subsets(report["documents"], protocol, fraction, report["subsets"], seed)
+    out = {}
+    for ids in [np.array([], np.int64), *drawn]:
+        name = hashlib.sha256(np.sort(np.asarray(ids, np.int64)).tobytes()).hexdigest()[:16]
+        out[name] = json.loads((Path(report["retrain_cache"]) / f"{name}.json").read_text())["seconds"]
+    return out
+
+
+def validate(work: Path, recipe: Path, stores: list[str], protocol: str, fraction: float, args: Any) -> Any:
+    from bergson.config import ValidateConfig
+    from bergson.validation import validate as run_validation
+
+    tag = "lds" if protocol == "lds" else f"lko_{fraction:g}"
+    cfg = ValidateConfig(
+        run_path=str(work / f"validate_{tag}"),
+        recipe=str(recipe),
+        scores=stores,
+        protocol=protocol,  # type: ignore[arg-type]
+        fraction=fraction,
+        num_subsets=args.subsets,
+        seed=args.seed,
+        cache_dir=str(args.work / "retrains"),
+        device="cpu",
+    )
+    log(f"validate {tag}: {args.subsets} retrains shared by {len(stores)} stores")
+    return run_validation(cfg)
+
+
+# ------------------------------------------------------------------------------- report
+
+
+def shown_path(path: str | Path) -> str:
+    """A path relative to the repository when it lies inside it (results name no one's checkout)."""
+    p = Path(path)
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+
+
+def protocol_name(protocol: str, fraction: float) -> str:
+    return "LDS" if protocol == "lds" else f"leave-{fraction * 100:g}%-out"
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lm.json").write_text(json.dumps(result, indent=2) + "\n")
+    protocols = [p["name"] for p in result["protocols"]]
+    methods = result["methods"]
+    header = ["method", *(f"{p} Spearman" for p in protocols), "scoring wall s"]
+    rows = [
+        [
+            LABELS[m],
+            *(fmt_corr(e["quality"][p]["mean_spearman"], e["quality"][p]["std_spearman"]) for p in protocols),
+            f"{e['scoring_wall_s']:.1f}",
+        ]
+        for m, e in methods.items()
+    ]
+    w, mach = result["workload"], result["machine"]
+    low, high = result["load_avg_1m_range"]
+    retrains = "; ".join(
+        f"{p['name']}: {p['subsets']} retrains without {p['removed_per_subset']} of {w['documents']} documents"
+        for p in result["protocols"]
+    )
+    text = [
+        "# Attribution quality on the example causal LM\n",
+        f"Fine-tune of `examples/magic/tiny.yaml`: {w['documents']} documents of the shipped corpus "
+        f"(≤ {w['max_length']} tokens), {w['epochs']} epochs ({w['steps']} AdamW steps), {w['queries']} "
+        f"prompt/completion queries. {retrains}. Each cell is the Spearman correlation over retrains "
+        "between the measured change of a query's loss and the sum of the removed documents' scores, "
+        "mean ± std over the queries. Scoring wall time is each method's own bergson commands "
+        f"(training the shared checkpoint took {result['train_s']:.1f} s; MAGIC trains by itself).\n",
+        markdown_table(header, rows),
+        f"\nTracked modules `{' '.join(w['modules'])}`, projection p = {w['projection_dim']} for the "
+        f"build stores. Measured from {mach['date_utc']} UTC on {mach['cpus']} CPU cores, 1-minute load "
+        f"average {low:g}{'' if low == high else f' to {high:g}'} when the steps ended (above the core count, other work shared the machine and slowed "
+        f"every timing); {result['retrains']} retrains took {result['retrain_s']:.0f} s in all.\n",
+        ""
+        if result["defaults"]
+        else "\nA reduced slice: the default command (`python -m benchmarks.quality.lm`) runs 240 documents, "
+        "8 epochs (240 steps) and 16 retrains per protocol.\n",
+        f"\nReproduce:\n\n```bash\n{result['command']}\n```\n",
+    ]
+    (out / "lm.md").write_text("\n".join(text))
+    series = {
+        p: [
+            (methods[m]["quality"][p]["mean_spearman"], methods[m]["quality"][p]["std_spearman"])
+            for m in methods
+        ]
+        for p in protocols
+    }
+    bar_plot(
+        out / "lm.png",
+        [LABELS[m] for m in methods],
+        series,
+        "Spearman (mean ± std over queries)",
+        f"Example causal LM, {w['documents']} documents: scores vs retraining",
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parse_args(argv)
+    settings = [args.docs, args.epochs, args.max_length, args.queries, args.projection_dim, args.modules]
+    tag = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:10]
+    work = (args.work / f"run_{tag}").resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = make_recipe(args, work)
+    steps = Steps(work)
+    cmds = commands(args, work, recipe)
+    trained = steps.run(
+        "train", ["train", str(recipe)], lambda: train_checkpoint(recipe, work / "checkpoint")
+    )
+    needed = list(dict.fromkeys(s for m in args.methods for s in PIPELINES[m]))
+    for name in needed:
+        steps.run(name, cmds[name], lambda name=name: bergson(cmds[name]))
+    stores = {m: str(work / STORES[m]) for m in args.methods}
+    protocols = [("lds", 0.5)] + [("leave_k_out", f) for f in args.fractions]
+    quality: dict[str, dict[str, Any]] = {m: {} for m in args.methods}
+    plist, retrains = [], {}
+    for protocol, fraction in protocols:
+        report = validate(work, recipe, list(stores.values()), protocol, fraction, args)
+        name = protocol_name(protocol, fraction)
+        used = retrain_seconds(report, protocol, fraction, args.seed)
+        retrains.update(used)
+        plist.append(
+            {
+                "name": name,
+                "protocol": protocol,
+                "fraction": fraction if protocol != "lds" else 0.5,
+                "removed_per_subset": report["removed_per_subset"],
+                "subsets": report["subsets"],
+                "retrain_s": round(sum(used.values()), 2),
+                "report": shown_path(
+                    work / f"validate_{'lds' if protocol == 'lds' else f'lko_{fraction:g}'}"
+                ),
+            }
+        )
+        for m, path in stores.items():
+            e = report["stores"][path]
+            quality[m][name] = {
+                "mean_spearman": e["mean_spearman"],
+                "std_spearman": e["std_spearman"],
+                "mean_pearson": e["mean_pearson"],
+                "per_query_spearman": [q["spearman"] for q in e["per_query"]],
+            }
+    now = machine()
+    loads = [v["load_avg_1m"] for v in steps.done.values() if "load_avg_1m" in v] or [now["load_avg_1m"]]
+    mach = {"cpus": os.cpu_count(), "date_utc": steps.done["train"].get("date_utc", now["date_utc"])}
+    methods = {
+        m: {
+            "label": LABELS[m],
+            "scoring_wall_s": round(sum(steps.done[s]["seconds"] for s in PIPELINES[m]), 2),
+            "steps": {s: steps.done[s]["seconds"] for s in PIPELINES[m]},
+            "scores": shown_path(stores[m]),
+            "quality": quality[m],
+        }
+        for m in args.methods
+    }
+    shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a]
+    result = {
+        "benchmark": "quality.lm",
+        "command": "python -m benchmarks.quality.lm" + "".join(f" {shlex.quote(a)}" for a in shown),
+        "machine": mach,
+        "workload": {
+            "recipe": str(RECIPE.relative_to(REPO)),
+            "documents": args.docs,
+            "epochs": args.epochs,
+            "steps": trained["steps"],
+            "max_length": args.max_length,
+            "queries": args.queries,
+            "modules": args.modules,
+            "projection_dim": args.projection_dim,
+            "work": shown_path(work),
+        },
+        "train_s": trained["seconds"],
+        "retrain_s": round(sum(retrains.values()), 2),
+        "retrains": len(retrains),
+        "compute_s": round(sum(v["seconds"] for v in steps.done.values()) + sum(retrains.values()), 2),
+        "load_avg_1m_range": [min(loads), max(loads)],
+        "defaults": args.defaults,
+        "protocols": plist,
+        "methods": methods,
+    }
+    write_outputs(result, args.out)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The causal-LM quality benchmark (benchmarks/quality/lm.py) on a tiny slice: every method, one
+shared set of retrains, and correlations recomputed independently from the retrain cache."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import rankdata
+
+from benchmarks.quality import lm
+
+
+def test_quality_lm_quick_slice(tmp_path, capsys):
+    out = tmp_path / "results"
+    result = lm.main(["--quick", "--work", str(tmp_path / "work"), "--out", str(out)])
+    printed = json.loads(capsys.readouterr().out)  # stdout holds the JSON object alone
+    assert printed == json.loads((out / "lm.json").read_text()) == json.loads(json.dumps(result))
+
+    w = result["workload"]
+    assert (w["documents"], w["queries"], w["epochs"]) == (16, 2, 1)
+    assert set(result["methods"]) == set(lm.METHODS)
+    names = [p["name"] for p in result["protocols"]]
+    assert names == ["LDS", "leave-2%-out", "leave-5%-out"]
+    assert [p["removed_per_subset"] for p in result["protocols"]] == [8, 1, 1]
+    for m, e in result["methods"].items():
+        assert e["scoring_wall_s"] > 0 and set(e["quality"]) == set(names), m
+        for q in e["quality"].values():
+            assert len(q["per_query_spearman"]) == 2
+            for v in (q["mean_spearman"], *q["per_query_spearman"]):
+                assert math.isnan(v) or -1.0 <= v <= 1.0
+
+    # retrains are shared by all six methods: one baseline plus one per distinct subset (2% and 5%
+    # of 16 documents both remove one document, drawn with the same seed, so they coincide)
+    records = [json.loads(p.read_text()) for p in (tmp_path / "work" / "retrains").rglob("*.json")]
+    runs = {tuple(r["removed"]): np.asarray(r["query_losses"]) for r in records if "removed" in r}
+    assert len(runs) == 1 + 3 + 3
+
+    # LDS Spearman of the dot-product scores recomputed from the cached retrains (scipy's tie-aware ranks)
+    from bergson import load_gradients
+
+    scores = np.asarray(load_gradients(result["methods"]["dot"]["scores"])["scores"], np.float64)
+    base = runs[()]
+    halves = [k for k in runs if len(k) == 8]
+    measured = np.stack([runs[k] - base for k in halves])
+    predicted = np.stack([scores[list(k)].sum(0) for k in halves])
+    per_query = [np.corrcoef(rankdata(measured[:, q]), rankdata(predicted[:, q]))[0, 1] for q in range(2)]
+    assert result["methods"]["dot"]["quality"]["LDS"]["mean_spearman"] == pytest.approx(np.mean(per_query))
+
+    # the gradient methods' checkpoint is the model MAGIC trained on its own with the same recipe
+    from safetensors.torch import load_file
+
+    work = Path(w["work"])
+    mine = load_file(work / "checkpoint" / "model.safetensors")
+    magics = load_file(work / "magic" / "model" / "model.safetensors")
+    assert mine.keys() == magics.keys()
+    for k in mine:
+        np.testing.assert_allclose(mine[k].numpy(), magics[k].numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+
+    md = (out / "lm.md").read_text()
+    for label in lm.LABELS.values():
+        assert f"| {label} |" in md
+    assert "python -m benchmarks.quality.lm --quick" in md
+    png = (out / "lm.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out / "lm.png").shape[2] in (3, 4)
+
+    # a rerun reuses every finished step (same recorded times, no retraining)
+    again = lm.main(["--quick", "--work", str(tmp_path / "work"), "--out", str(out)])
+    capsys.readouterr()
+    assert json.dumps(again["methods"]) == json.dumps(result["methods"])
+    assert again["train_s"] == result["train_s"]
+    assert len(list((tmp_path / "work" / "retrains").rglob("*.json"))) == len(records)
+
+
+def test_quality_lm_rejects_bad_options(capsys):
+    for argv, option in ((["--queries", "9"], "--queries"), (["--subsets", "1"], "--subsets")):
+        with pytest.raises(SystemExit) as exc:
+            lm.parse_args(argv)
+        assert exc.value.code != 0 and option in capsys.readouterr().err
