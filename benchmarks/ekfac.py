@@ -73,18 +73,8 @@ def run_bergson(workload: dict[str, Any], out: Path, timeout_s: float) -> dict[s
 
 
 def run_kronfluence(workload: dict[str, Any], out: Path, timeout_s: float) -> dict[str, Any]:
-    args = argparse.Namespace(
-        model_dir=workload["model"],
-        train=workload["train"],
-        queries=workload["queries"],
-        max_tokens=128,
-        damping=str(DAMPING),
-        out_dir=str(out),
-        skip_install=False,
-        timeout_s=timeout_s,
-        include_bias=False,
-        per_module_scores=False,
-        **{flag[2:]: default for flag, _, default, _ in kf.WORKER_OPTIONS},
+    args = kf.run_args(
+        workload["model"], workload["train"], workload["queries"], 128, DAMPING, out, timeout_s
     )
     report = kf.run(args)
     t = report["worker"]["timings_s"]

@@ -16,26 +16,20 @@ import json
 import logging
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from trak import TRAKer
 from trak.projectors import BasicProjector, ProjectionType
 
 
-class LogReg(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x)
-
-
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with python -I: no script dir on the path
+    from _logreg import LogReg  # the model shared by the peer workers
+
     p = argparse.ArgumentParser()
     p.add_argument("--workload", type=Path, required=True)
     p.add_argument("--out_dir", type=Path, required=True)

@@ -87,6 +87,36 @@ WORKER_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--exclude_modules", str, "", "comma-separated nn.Linear names not to track"),
     ("--threads", int, 0, "torch threads in the worker (0: torch's default)"),
 )
+
+
+def run_args(
+    model_dir: str,
+    train: str,
+    queries: str,
+    max_tokens: int,
+    damping: float,
+    out: Path,
+    timeout_s: float,
+    **worker: Any,
+) -> argparse.Namespace:
+    """The namespace :func:`run` takes, with the worker options at their defaults unless given."""
+    options = {flag[2:]: default for flag, _, default, _ in WORKER_OPTIONS}
+    options.update(worker)
+    return argparse.Namespace(
+        model_dir=model_dir,
+        train=train,
+        queries=queries,
+        max_tokens=max_tokens,
+        damping=str(damping),
+        out_dir=str(out),
+        skip_install=False,
+        timeout_s=timeout_s,
+        include_bias=False,
+        per_module_scores=False,
+        **options,
+    )
+
+
 WORKER_FLAGS = ("--include_bias", "--per_module_scores")
 
 

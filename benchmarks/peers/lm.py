@@ -91,22 +91,9 @@ def ours_ekfac_scores(out: Path) -> np.ndarray:
 
 def kronfluence_args(data: dict[str, Path], out: Path, timeout_s: float) -> Any:
     """The namespace ``kronfluence_ekfac.run`` takes: the same settings as ``ours_ekfac``."""
-    import argparse
-
     from . import kronfluence_ekfac as kf
 
-    defaults = {flag[2:]: default for flag, _, default, _ in kf.WORKER_OPTIONS}
-    defaults.update(exclude_modules="lm_head")
-    return argparse.Namespace(
-        model_dir=str(MODEL),
-        train=str(data["train"]),
-        queries=str(data["queries"]),
-        max_tokens=MAX_LENGTH,
-        damping=str(DAMPING),
-        out_dir=str(out),
-        skip_install=False,
-        timeout_s=timeout_s,
-        include_bias=False,
-        per_module_scores=False,
-        **defaults,
-    )
+    return kf.run_args(
+        str(MODEL), str(data["train"]), str(data["queries"]), MAX_LENGTH, DAMPING, out, timeout_s,
+        exclude_modules="lm_head",
+    )  # fmt: skip

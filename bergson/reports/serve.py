@@ -8,6 +8,7 @@ server is busy).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import QueryConfig, ServeConfig
+from ..config import ModelOptions, QueryConfig, ServeConfig
 from ..errors import BergsonError
 from ..store.manifest import read_manifest
 from .data import empty_page, from_hits, histogram, manifest_entry
@@ -49,13 +50,7 @@ class LiveQueries:
         read_manifest(cfg.index)  # a wrong --index fails before the model loads
         self.cfg = cfg
         qcfg = QueryConfig(
-            model=cfg.model,
-            revision=cfg.revision,
-            precision=cfg.precision,
-            device=cfg.device,
-            trust_remote_code=cfg.trust_remote_code,
-            force_math_sdp=cfg.force_math_sdp,
-            use_tf32_matmuls=cfg.use_tf32_matmuls,
+            **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelOptions)},
             index=cfg.index,
             top_k=cfg.top_k,
             unit_norm=cfg.unit_norm,
