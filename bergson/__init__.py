@@ -1,4 +1,4 @@
-"""bergson: training-data attribution for language models.
+"""bergson: training-data attribution for language models and custom PyTorch models.
 
 The public API is imported lazily, so that ``import bergson`` (and ``bergson --help``)
 stays fast until torch is actually needed.
@@ -18,6 +18,14 @@ _EXPORTS = {
     "AttentionConfig": "bergson.config",
     "GradientCollector": "bergson.collect.hooks",
     "collect_gradients": "bergson.collect.loop",
+    "per_example_gradients": "bergson.collect.generic",
+    "ExampleGradients": "bergson.collect.generic",
+    "gradient_scores": "bergson.methods.custom",
+    "fit_second_moment": "bergson.methods.custom",
+    "trackstar_scores": "bergson.methods.custom",
+    "fit_ekfac": "bergson.methods.custom",
+    "ekfac_scores": "bergson.methods.custom",
+    "EkfacFactors": "bergson.methods.custom",
     "per_document_loss": "bergson.collect.loop",
     "InMemorySink": "bergson.collect.loop",
     "AdafactorNormalizer": "bergson.transforms.normalizers",
@@ -73,6 +81,14 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "IndexConfig",
     "GradientCollector",
     "collect_gradients",
+    "per_example_gradients",
+    "ExampleGradients",
+    "gradient_scores",
+    "fit_second_moment",
+    "trackstar_scores",
+    "fit_ekfac",
+    "ekfac_scores",
+    "EkfacFactors",
     "per_document_loss",
     "InMemorySink",
     "AdafactorNormalizer",
@@ -130,6 +146,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+    from .collect.generic import ExampleGradients, per_example_gradients
     from .collect.hooks import GradientCollector
     from .collect.loop import InMemorySink, collect_gradients, per_document_loss
     from .config import (
@@ -155,6 +172,14 @@ if TYPE_CHECKING:
     from .errors import BergsonError
     from .indexing import build
     from .integrations.trainer import GradientCollectorCallback, prepare_for_gradient_collection
+    from .methods.custom import (
+        EkfacFactors,
+        ekfac_scores,
+        fit_ekfac,
+        fit_second_moment,
+        gradient_scores,
+        trackstar_scores,
+    )
     from .methods.ekfac import ekfac
     from .methods.magic import magic
     from .methods.trackstar import trackstar

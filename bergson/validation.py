@@ -71,6 +71,28 @@ def correlations(measured: np.ndarray, predicted: np.ndarray) -> dict[str, float
     return {"pearson": corr(measured, predicted), "spearman": corr(rank(measured), rank(predicted))}
 
 
+def score_correlations(scores: np.ndarray, subsets: list[np.ndarray], measured: np.ndarray) -> dict[str, Any]:
+    """How well scores predict retraining: the correlations over subsets of the predicted loss
+    change Σ_{i ∈ S} score_{i,q} with the ``measured`` one ([subsets, queries]).
+
+    ``scores`` is [documents, queries] (or [documents, 1], one column for all queries).
+    Returns ``per_query`` correlations with their ``mean_``/``std_`` over queries (nan-aware;
+    only with one column per query) and the ``aggregate`` correlation of the mean over queries.
+    """
+    nq = measured.shape[1]
+    predicted = np.stack([scores[idx].sum(0) for idx in subsets])  # [subsets, columns]
+    entry: dict[str, Any] = {}
+    if scores.shape[1] == nq:
+        per = [correlations(measured[:, q], predicted[:, q]) for q in range(nq)]
+        entry["per_query"] = per
+        for key in ("spearman", "pearson"):
+            vals = np.array([p[key] for p in per])
+            entry[f"mean_{key}"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+            entry[f"std_{key}"] = float(np.nanstd(vals)) if np.isfinite(vals).any() else float("nan")
+    entry["aggregate"] = correlations(measured.mean(1), predicted.mean(1))
+    return entry
+
+
 def recipe_identity(cfg: MagicConfig) -> dict[str, Any]:
     """What determines a retrain's outcome (not where or how attribution is run)."""
     d = asdict(cfg)
@@ -192,18 +214,8 @@ def validate(cfg: ValidateConfig) -> dict[str, Any]:
         "stores": {},
     }
     for name, s in matrices.items():
-        predicted = np.stack([s[idx].sum(0) for idx in subsets])  # [subsets, columns]
         entry: dict[str, Any] = {"method": (stores[name].manifest.score or {}).get("kind", "gradient")}
-        if s.shape[1] == nq:
-            per = [correlations(measured[:, q], predicted[:, q]) for q in range(nq)]
-            entry["per_query"] = per
-            for key in ("spearman", "pearson"):
-                vals = np.array([p[key] for p in per])
-                entry[f"mean_{key}"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
-                entry[f"std_{key}"] = float(np.nanstd(vals)) if np.isfinite(vals).any() else float("nan")
-        agg_pred = predicted.mean(1)
-        entry["aggregate"] = correlations(measured.mean(1), agg_pred)
-        report["stores"][name] = entry
+        report["stores"][name] = {**entry, **score_correlations(s, subsets, measured)}
     out = Path(cfg.run_path)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "validation.json", json.dumps(report, indent=2).encode())

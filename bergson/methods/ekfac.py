@@ -53,7 +53,14 @@ from ..data import TokenizedDocs
 from ..data.batching import assign_shards, plan_batches
 from ..errors import BergsonError
 from ..models import honours_numerics
-from ..transforms.ekfac import Factors, eigendecompose, ihvp, kfac_eigenvalues
+from ..transforms.ekfac import (
+    Factors,
+    add_corrections,
+    add_covariances,
+    eigendecompose,
+    ihvp,
+    kfac_eigenvalues,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -216,12 +223,7 @@ def fit_covariances(model: nn.Module, docs: TokenizedDocs, opts: EkfacOptions) -
 
     def fn(name: str, x: torch.Tensor, g: torch.Tensor, state: dict[str, Any]) -> None:
         m = state["mask"]
-        xm, gm = x[m].to(opts.dtype), g[m].to(opts.dtype)
-        d = sums.setdefault(
-            name, {"A": xm.new_zeros(xm.shape[1], xm.shape[1]), "S": gm.new_zeros(gm.shape[1], gm.shape[1])}
-        )
-        d["A"].addmm_(xm.T, xm)
-        d["S"].addmm_(gm.T, gm)
+        add_covariances(sums, name, x[m].to(opts.dtype), g[m].to(opts.dtype))
 
     _run(model, docs, opts, "covariances", fn, opts.fisher, rank_documents(docs))
     if distributed.world_size() > 1:
@@ -263,10 +265,7 @@ def fit_corrected_eigenvalues(
         if name not in bases:  # converted once, not per batch (Q_S of an output head is large)
             d = eigen.tensors[name]
             bases[name] = (d["S_eigenvectors"].to(x.device, dtype), d["A_eigenvectors"].to(x.device, dtype))
-        qs, qa = bases[name]
-        rot = qs.T @ per_document_gradients(x.to(dtype), g) @ qa
-        sq = (rot**2).sum(0)
-        sums[name] = sums[name] + sq if name in sums else sq
+        add_corrections(sums, name, bases[name], per_document_gradients(x.to(dtype), g))
 
     _run(model, docs, opts, "eigenvalue correction", fn, opts.fisher, rank_documents(docs))
     if distributed.world_size() > 1:

@@ -80,6 +80,28 @@ class Factors:
         return cls(tensors, meta)
 
 
+def add_covariances(
+    sums: dict[str, dict[str, torch.Tensor]], name: str, x: torch.Tensor, g: torch.Tensor
+) -> None:
+    """Add Σ x xᵀ to ``sums[name]["A"]`` and Σ g gᵀ to ``sums[name]["S"]`` for the positions of
+    one batch, x [T, in] and g [T, out] (created on first use)."""
+    d = sums.setdefault(
+        name, {"A": x.new_zeros(x.shape[1], x.shape[1]), "S": g.new_zeros(g.shape[1], g.shape[1])}
+    )
+    d["A"].addmm_(x.T, x)
+    d["S"].addmm_(g.T, g)
+
+
+def add_corrections(
+    sums: dict[str, torch.Tensor], name: str, bases: tuple[torch.Tensor, torch.Tensor], grads: torch.Tensor
+) -> None:
+    """Add Σ_n (Q_Sᵀ G_n Q_A)² (elementwise) to ``sums[name]`` for per-example gradients
+    ``grads`` [B, out, in], with ``bases`` = (Q_S, Q_A) in the gradients' dtype and device."""
+    qs, qa = bases
+    sq = ((qs.T @ grads @ qa) ** 2).sum(0)
+    sums[name] = sums[name] + sq if name in sums else sq
+
+
 def eigendecompose(covariances: Factors) -> Factors:
     """Float64 eigendecompositions of each module's A and S (one factor at a time; ``eigh``
     reads the lower triangle only, so no symmetrised copy of a large factor is made)."""

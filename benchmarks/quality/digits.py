@@ -1,0 +1,322 @@
+"""The classic small classifier setting of the quality benchmarks: scikit-learn's digits
+(shipped with scikit-learn, offline), logistic regression and a small MLP in torch (float64, CPU).
+
+Training is deterministic full-batch Adam with L2 regularisation, written as a pure function of
+the parameters and per-example weights w (the loss is Σ w_i ℓ_i / Σ w_i), so that
+
+* many retrains (each a different w: removed examples get 0) run at once, as one stack of
+  parameters trained with batched matrix products, and
+* MAGIC differentiates the final query losses through all the steps with respect to w.
+
+The attribution methods themselves go through bergson's Python API for custom models
+(:func:`bergson.per_example_gradients`, :func:`bergson.gradient_scores`,
+:func:`bergson.trackstar_scores`, :func:`bergson.fit_ekfac`, :func:`bergson.ekfac_scores`).
+Scores are [training examples, queries], positive = training on the example lowers the
+query's loss (bergson's orientation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import bergson
+
+Params = dict[str, torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor]
+MODELS = ("logreg", "mlp")
+
+
+@dataclass
+class Recipe:
+    """Full-batch Adam on the weighted mean cross-entropy plus weight_decay/2 |θ|²."""
+
+    steps: int = 100
+    lr: float = 0.03
+    weight_decay: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+@dataclass
+class Digits:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    flipped: np.ndarray
+    """Training rows whose label was changed (empty unless asked)."""
+
+
+def load_digits(
+    seed: int = 0, train_size: int | None = None, test_size: int = 360, flip: float = 0.0
+) -> Digits:
+    """Pixel values scaled to [0, 1], a seeded train/test split, and optionally a seeded
+    fraction ``flip`` of the training labels replaced by a different random class."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    x, y = sk_digits(return_X_y=True)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x))
+    test, train = order[:test_size], order[test_size:]
+    if train_size is not None:
+        train = train[:train_size]
+    y_train = y[train].copy()
+    flipped = np.sort(rng.choice(len(train), size=round(flip * len(train)), replace=False))
+    y_train[flipped] = (y_train[flipped] + rng.integers(1, 10, size=len(flipped))) % 10
+    as_x = lambda a: torch.as_tensor(a / 16.0, dtype=torch.float64)  # noqa: E731
+    as_y = lambda a: torch.as_tensor(a, dtype=torch.int64)  # noqa: E731
+    return Digits(as_x(x[train]), as_y(y_train), as_x(x[test]), as_y(y[test]), flipped)
+
+
+def make_model(kind: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if kind == "logreg":
+        return nn.Sequential(nn.Linear(64, 10)).double()
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
+    raise ValueError(f"unknown model {kind!r}: choose one of {MODELS}")
+
+
+def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Per-example cross-entropy, [B]: the loss bergson differentiates."""
+    x, y = batch
+    return F.cross_entropy(model(x), y, reduction="none")
+
+
+def sampled_loss_fn(seed: int) -> Callable[[nn.Module, Batch], torch.Tensor]:
+    """Cross-entropy against labels drawn from the model's own predictions (the true Fisher)."""
+
+    def fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+        x, _ = batch
+        logits = model(x)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(seed)
+            labels = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).squeeze(1)
+        return F.cross_entropy(logits, labels, reduction="none")
+
+    return fn
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, size: int = 256) -> list[Batch]:
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+# ---------------------------------------------------------------------- training
+
+
+def forward(params: Params, x: torch.Tensor) -> torch.Tensor:
+    """Logits [M, B, 10] of M stacked models (``params`` as ``named_parameters``, each with a
+    leading model axis) of the layouts of :func:`make_model`: linear layers '0' (and '2', after
+    a tanh)."""
+    w0 = params["0.weight"]  # [M, out, in]: one GEMM for all models
+    h = (x @ w0.reshape(-1, w0.shape[-1]).T).reshape(len(x), *w0.shape[:2]).transpose(0, 1)
+    h = h + params["0.bias"].unsqueeze(1)
+    if "2.weight" in params:
+        h = torch.baddbmm(params["2.bias"].unsqueeze(1), torch.tanh(h), params["2.weight"].mT)
+    return h
+
+
+def objective(params: Params, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, wd: float) -> torch.Tensor:
+    """Each model's training objective [M]: Σ w ℓ / Σ w + wd/2 |θ|² (w [M, N])."""
+    logits = forward(params, x)
+    ce = F.cross_entropy(logits.transpose(1, 2), y.expand(len(logits), -1), reduction="none")
+    reg = sum((p**2).flatten(1).sum(1) for p in params.values())
+    return (w * ce).sum(1) / w.sum(1) + 0.5 * wd * reg
+
+
+def _adam(
+    params: Params, m: Params, v: Params, grads: Params, t: int, r: Recipe
+) -> tuple[Params, Params, Params]:
+    b1, b2 = r.betas
+    m = {k: b1 * m[k] + (1 - b1) * grads[k] for k in params}
+    v = {k: b2 * v[k] + (1 - b2) * grads[k] ** 2 for k in params}
+    new = {k: params[k] - r.lr * (m[k] / (1 - b1**t)) / ((v[k] / (1 - b2**t)).sqrt() + r.eps) for k in params}
+    return new, m, v
+
+
+def _run(
+    init: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, recipe: Recipe, graph: bool
+) -> tuple[Params, Params]:
+    """Full-batch Adam for every row of ``weights`` [M, N]; with ``graph`` the whole run stays
+    differentiable (in the weights)."""
+    count = weights.shape[0]
+    params = {
+        k: p.detach().expand(count, *p.shape).clone().requires_grad_() for k, p in init.named_parameters()
+    }
+    m = {k: torch.zeros_like(p) for k, p in params.items()}
+    v = {k: torch.zeros_like(p) for k, p in params.items()}
+    names = list(params)
+    for t in range(1, recipe.steps + 1):
+        with torch.enable_grad():
+            loss = objective(params, x, y, weights, recipe.weight_decay).sum()
+            grads = dict(
+                zip(names, torch.autograd.grad(loss, [params[k] for k in names], create_graph=graph))
+            )
+        params, m, v = _adam(params, m, v, grads, t, recipe)
+        if not graph:
+            params = {k: p.detach().requires_grad_() for k, p in params.items()}
+            m = {k: p.detach() for k, p in m.items()}
+            v = {k: p.detach() for k, p in v.items()}
+    return params, v
+
+
+def train(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, recipe: Recipe
+) -> tuple[Params, Params]:
+    """Train one model per row of ``weights`` [M, N] from the model's parameters, all at once;
+    returns the stacked final parameters and Adam's bias-corrected second moments."""
+    params, v = _run(model, x, y, weights, recipe, graph=False)
+    corrected = {k: s / (1 - recipe.betas[1] ** recipe.steps) for k, s in v.items()}
+    return {k: p.detach() for k, p in params.items()}, corrected
+
+
+def query_losses(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-query losses [M, Q] of stacked parameters."""
+    logits = forward(params, x)
+    return F.cross_entropy(logits.transpose(1, 2), y.expand(len(logits), -1), reduction="none")
+
+
+def retrain_losses(
+    init: nn.Module, data: Digits, removed: list[np.ndarray], recipe: Recipe, chunk: int = 64
+) -> np.ndarray:
+    """Query (test) losses [len(removed), Q] after training ``init`` (an untrained model, whose
+    parameters every run starts from) without each set of rows."""
+    model = init
+    n = len(data.x_train)
+    out = []
+    for start in range(0, len(removed), chunk):
+        w = torch.ones(len(removed[start : start + chunk]), n, dtype=torch.float64)
+        for row, idx in enumerate(removed[start : start + chunk]):
+            w[row, idx] = 0.0
+        params, _ = train(model, data.x_train, data.y_train, w, recipe)
+        out.append(query_losses(params, data.x_test, data.y_test))
+    return torch.cat(out).numpy()
+
+
+def trained(kind: str, data: Digits, recipe: Recipe, seed: int = 0) -> tuple[nn.Module, Params]:
+    """The model trained on all of ``data`` (its parameters loaded) and Adam's second moments."""
+    model = make_model(kind, seed)
+    params, v = train(
+        model, data.x_train, data.y_train, torch.ones(1, len(data.x_train), dtype=torch.float64), recipe
+    )
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            p.copy_(params[k][0])
+    return model, {k: s[0] for k, s in v.items()}
+
+
+# ---------------------------------------------------------------------- methods
+
+
+def magic_scores(model: nn.Module, data: Digits, recipe: Recipe, seed: int = 0) -> np.ndarray:
+    """MAGIC: the exact derivative of every query's final loss with respect to each training
+    example's weight, by reverse-mode autograd through the whole (unrolled) training run;
+    scores are −∂L_q/∂w_i (so positive = training on i lowers the query's loss).
+
+    bergson's ``bergson magic`` replays token-weighted training of a causal LM from a recipe
+    file; a custom model, loss and full-batch recipe is simplest unrolled with autograd here."""
+    fresh = make_model(model_kind(model), seed)
+    w = torch.ones(1, len(data.x_train), dtype=torch.float64, requires_grad=True)
+    params, _ = _run(fresh, data.x_train, data.y_train, w, recipe, graph=True)
+    losses = query_losses(params, data.x_test, data.y_test)[0]
+    eye = torch.eye(len(losses), dtype=losses.dtype)
+    (dw,) = torch.autograd.grad(losses, w, eye, is_grads_batched=True)
+    return (-dw[:, 0, :]).T.numpy()
+
+
+def model_kind(model: nn.Module) -> str:
+    return "logreg" if len(model) == 1 else "mlp"  # type: ignore[arg-type]
+
+
+def exact_influence(model: nn.Module, data: Digits, recipe: Recipe) -> np.ndarray:
+    """Influence functions with the exact Hessian H of the training objective (all parameters,
+    L2 term included): score = (1/N) ∇ℓ_qᵀ H⁻¹ ∇(ℓ_i + wd/2 |θ|²). The ground-truth reference
+    for logistic regression, whose objective is strictly convex (H positive definite)."""
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    names = list(params)
+    shapes = [params[k].shape for k in names]
+    sizes = [params[k].numel() for k in names]
+    flat0 = torch.cat([params[k].reshape(-1) for k in names])
+
+    def unflat(flat: torch.Tensor) -> Params:
+        return {k: t.reshape(s) for k, t, s in zip(names, flat.split(sizes), shapes)}
+
+    def per_example(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(model, unflat(flat), (x,)), y, reduction="none")
+
+    n = len(data.x_train)
+    flat = flat0.clone().requires_grad_()
+    (g,) = torch.autograd.grad(per_example(flat, data.x_train, data.y_train).mean(), flat, create_graph=True)
+    eye = torch.eye(len(flat0), dtype=flat0.dtype)
+    (hess,) = torch.autograd.grad(g, flat, eye, is_grads_batched=True)  # one HVP per column
+    hess = (hess + hess.T) / 2 + recipe.weight_decay * eye  # the L2 term's Hessian
+    g_train = torch.func.jacrev(per_example)(flat0, data.x_train, data.y_train)  # [N, P]
+    g_query = torch.func.jacrev(per_example)(flat0, data.x_test, data.y_test)
+    g_train = g_train + recipe.weight_decay * flat0  # each example's share of the objective
+    return (g_train @ torch.linalg.solve(hess, g_query.T) / n).numpy()
+
+
+def method_scores(
+    kind: str,
+    model: nn.Module,
+    second_moments: Params,
+    data: Digits,
+    recipe: Recipe,
+    methods: tuple[str, ...],
+    projection_dim: int = 0,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Scores [N, Q] of every method through bergson's Python API (and the two references)."""
+    train_b = batches(data.x_train, data.y_train)
+    query_b = batches(data.x_test, data.y_test)
+    common = {"projection_dim": projection_dim, "include_bias": True, "progress": False, "seed": seed}
+    normalizers: dict[str, bergson.AdamNormalizer] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            normalizers[name] = bergson.AdamNormalizer(
+                second_moments[f"{name}.weight"], second_moments[f"{name}.bias"], eps=recipe.eps
+            )
+    out: dict[str, np.ndarray] = {}
+    need_plain = {"dot", "cosine"} & set(methods)
+    need_norm = {"cosine_adam", "trackstar"} & set(methods)
+    if need_plain:
+        train = bergson.per_example_gradients(model, train_b, loss_fn, **common)
+        queries = bergson.per_example_gradients(model, query_b, loss_fn, **common)
+        if "dot" in methods:
+            out["dot"] = bergson.gradient_scores(train, queries).numpy()
+        if "cosine" in methods:
+            out["cosine"] = bergson.gradient_scores(train, queries, unit_normalize=True).numpy()
+    if need_norm:
+        train = bergson.per_example_gradients(model, train_b, loss_fn, normalizers=normalizers, **common)
+        queries = bergson.per_example_gradients(model, query_b, loss_fn, normalizers=normalizers, **common)
+        if "cosine_adam" in methods:
+            out["cosine_adam"] = bergson.gradient_scores(train, queries, unit_normalize=True).numpy()
+        if "trackstar" in methods:
+            out["trackstar"] = bergson.trackstar_scores(train, queries, components=10).numpy()
+    if "ekfac" in methods:
+        factors = bergson.fit_ekfac(model, train_b, sampled_loss_fn(seed), include_bias=True, progress=False)
+        out["ekfac"] = bergson.ekfac_scores(model, factors, train_b, query_b, loss_fn, progress=False).numpy()
+    if "magic" in methods:
+        out["magic"] = magic_scores(model, data, recipe, seed)
+    if "exact_if" in methods:
+        out["exact_if"] = exact_influence(model, data, recipe)
+    return out
+
+
+METHODS = ("dot", "cosine", "cosine_adam", "trackstar", "ekfac", "magic", "exact_if")
+LABELS = {
+    "dot": "gradient dot",
+    "cosine": "gradient cosine",
+    "cosine_adam": "cosine, Adam-normalized",
+    "trackstar": "TrackStar",
+    "ekfac": "EK-FAC",
+    "magic": "MAGIC",
+    "exact_if": "exact IF (full Hessian)",
+}

@@ -1,0 +1,178 @@
+"""Per-example gradients of any PyTorch model and loss, not only causal language models.
+
+The document loop (:func:`bergson.collect.loop.collect_gradients`) tokenizes text and
+computes a next-token loss. Here the caller brings both halves instead: an iterable of
+batches in whatever form the model takes, and ``loss_fn(model, batch)`` returning the
+per-example losses [B]. The same :class:`~bergson.collect.hooks.GradientCollector` hooks
+turn each tracked layer's inputs and output gradients into per-example (projected,
+optionally optimizer-normalized) gradient vectors. Layer inputs may be [B, in] (a
+classifier) or [B, T, in] (a sequence model; positions are summed per example).
+
+Example, a logistic regression on features ``x`` with labels ``y``::
+
+    model = torch.nn.Linear(64, 10)
+    batches = [(x[i : i + 256], y[i : i + 256]) for i in range(0, len(x), 256)]
+
+    def loss_fn(model, batch):
+        inputs, labels = batch
+        return torch.nn.functional.cross_entropy(model(inputs), labels, reduction="none")
+
+    grads = per_example_gradients(model, batches, loss_fn, projection_dim=0)
+    grads.vectors  # [N, 10 * 64]: row n is example n's weight gradient, flattened
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import BergsonError
+from ..store.manifest import ModuleLayout
+from ..transforms.normalizers import Normalizer
+from .hooks import GradientCollector, LayerTap, TapFn, module_shape
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+"""``loss_fn(model, batch) -> losses [B]``: one loss per example of the batch."""
+
+
+@dataclass
+class ExampleGradients:
+    """Per-example gradient vectors: ``vectors`` [N, D] (row n is the n-th example seen), the
+    column blocks ``layouts`` (one per tracked module, in column order) and each example's loss."""
+
+    vectors: torch.Tensor
+    layouts: list[ModuleLayout]
+    losses: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.vectors.shape[0]
+
+    def by_module(self) -> dict[str, torch.Tensor]:
+        """The columns of each module, [N, dim] per module name."""
+        return {m.name: self.vectors[:, m.offset : m.offset + m.dim] for m in self.layouts}
+
+
+def _layouts(collector: GradientCollector) -> list[ModuleLayout]:
+    out, offset = [], 0
+    for blocks in collector.blocks.values():
+        for b in blocks:
+            module = collector.modules[b.module]
+            dim = b.dim(collector.projection_dim)
+            out.append(
+                ModuleLayout(
+                    b.name, type(module).__name__, list(module_shape(module)), b.bias, offset, dim, b.head
+                )
+            )
+            offset += dim
+    return out
+
+
+def _losses(loss_fn: LossFn, model: nn.Module, batch: Any) -> torch.Tensor:
+    losses = loss_fn(model, batch)
+    if not isinstance(losses, torch.Tensor) or losses.ndim != 1:
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise BergsonError(
+            f"loss_fn must return one loss per example (a 1-D tensor [B]), got {shape}; "
+            "use reduction='none' and sum over any other axis"
+        )
+    return losses
+
+
+def per_example_gradients(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: LossFn,
+    *,
+    modules: Mapping[str, nn.Module] | Sequence[str] | None = None,
+    projection_dim: int = 16,
+    seed: int = 0,
+    include_bias: bool = False,
+    normalizers: Mapping[str, Normalizer] | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    unit_normalize: bool = False,
+    progress: bool = True,
+) -> ExampleGradients:
+    """The per-example gradient of ``loss_fn`` at every example of ``batches``, one row each.
+
+    ``modules`` are the tracked layers (names or a name → module mapping; default: every
+    ``nn.Linear``). ``projection_dim`` p > 0 stores vec(L G Rᵀ) (p² numbers per module, with
+    the library's seeded matrices, so vectors of separate calls are comparable); p = 0 stores
+    the exact gradient in the weight's own layout (bias last with ``include_bias``).
+    ``normalizers`` (per module) divide by an optimizer's second moment first, as in
+    :class:`~bergson.collect.hooks.GradientCollector`. ``transform`` maps each batch's
+    [B, D] vectors (e.g. a preconditioner's :meth:`~bergson.Preconditioner.transform`),
+    before ``unit_normalize`` scales each row to norm 1.
+
+    Computed in the model's dtype (float32 for half precision). The model's ``requires_grad``
+    flags are restored afterwards and no ``param.grad`` is written.
+    """
+    collector = GradientCollector(
+        model,
+        modules,
+        projection_dim=projection_dim,
+        seed=seed,
+        include_bias=include_bias,
+        normalizers=normalizers,
+    )
+    layouts = _layouts(collector)
+    dtype = next(model.parameters()).dtype
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    rows: list[torch.Tensor] = []
+    losses: list[torch.Tensor] = []
+    saved = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    try:
+        with collector, torch.enable_grad():
+            for batch in tqdm(batches, desc="gradients", unit="batch", disable=not progress):
+                batch_losses = _losses(loss_fn, model, batch)
+                batch_losses.sum().backward()
+                grads = collector.gradients
+                collector.reset()
+                vec = torch.cat([grads[m.name].to(cdt) for m in layouts], dim=1)
+                if transform is not None:
+                    vec = transform(vec)
+                if unit_normalize:
+                    vec = vec / vec.norm(dim=1, keepdim=True).clamp(min=torch.finfo(cdt).tiny)
+                rows.append(vec.detach().cpu())
+                losses.append(batch_losses.detach().to(cdt).cpu())
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+    if not rows:
+        raise BergsonError("batches is empty: there are no examples to compute gradients of")
+    return ExampleGradients(torch.cat(rows), layouts, torch.cat(losses))
+
+
+def tap_batches(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: LossFn,
+    modules: Mapping[str, nn.Module],
+    fn: TapFn,
+    *,
+    include_bias: bool = False,
+    desc: str = "pass",
+    progress: bool = True,
+) -> int:
+    """One forward/backward pass over ``batches`` handing every tracked layer's inputs x
+    [B, T, in] and output gradients g [B, T, out] to ``fn(name, x, g)`` (T = 1 for inputs
+    without a sequence axis); the statistics passes of EK-FAC for custom models use it.
+    Returns the number of examples seen."""
+    saved = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    count = 0
+    try:
+        with LayerTap(modules, fn, include_bias), torch.enable_grad():
+            for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+                batch_losses = _losses(loss_fn, model, batch)
+                batch_losses.sum().backward()
+                count += batch_losses.shape[0]
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+    return count
