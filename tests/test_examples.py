@@ -124,13 +124,3 @@ def test_per_head_shares_add_up_to_the_score(tmp_path):
     assert result["top_head"] == max(result["heads"], key=lambda h: result["heads"][h])
     # the query is about Python's "break": its top document is Python documentation
     assert shipped_corpus()[result["row_id"]]["source"].startswith("pydoc:"), out
-
-
-def test_mislabel_example(tmp_path):
-    script = EXAMPLES / "mislabel.py"
-    if not script.is_file():
-        pytest.skip("examples/mislabel.py is not in this tree (written by another branch)")
-    help_text = run_example("mislabel.py", "--help")
-    args = ["--quick"] if "--quick" in help_text else []
-    out = run_example("mislabel.py", *args)
-    assert re.search(r"mislabel", out, flags=re.I), out
