@@ -234,6 +234,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out_dir", default="runs/fact_tracing")
+    parser.add_argument(
+        "--results_dir",
+        default=str(Path(__file__).resolve().parents[1] / "quality" / "results"),
+        help="also write fact_tracing.{json,md,png} here ('' to skip)",
+    )
     parser.add_argument("--num_facts", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_passages", type=int, default=300)
@@ -352,7 +357,34 @@ def main() -> None:
     }
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "results.md").write_text(_markdown(result))
+    if args.results_dir:
+        publish(result, Path(args.results_dir))
     print(json.dumps(result, indent=2))
+
+
+def publish(result: dict[str, Any], results_dir: Path) -> None:
+    """Copy the results beside the other quality benchmarks: ``fact_tracing.json``, ``.md`` (with
+    the command) and ``.png`` (MRR and recall@10 per method)."""
+    from ..quality.common import bar_plot
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "fact_tracing.json").write_text(json.dumps(result, indent=2) + "\n")
+    command = (
+        "Command: `python -m benchmarks.fact_tracing.run` (defaults; `--results_dir` writes these files).\n\n"
+    )
+    md = _markdown(result).replace("# Fact tracing\n\n", "# Fact tracing\n\n" + command, 1)
+    (results_dir / "fact_tracing.md").write_text(md + "\n![MRR and recall@10](fact_tracing.png)\n")
+    methods = list(result["methods"])
+    bar_plot(
+        results_dir / "fact_tracing.png",
+        methods,
+        {
+            metric: [(float(result["methods"][m][metric]), float("nan")) for m in methods]
+            for metric in ("mrr", "recall@10")
+        },
+        "score (higher is better)",
+        f"Fact tracing: {result['corpus']['num_facts']} facts, {result['corpus']['num_docs']} documents",
+    )
 
 
 if __name__ == "__main__":
