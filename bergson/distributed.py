@@ -316,7 +316,15 @@ def lockstep(model: Any, steps: int) -> int:
 
 
 def _commands() -> dict[type, str]:
-    from .config import EkfacConfig, IndexConfig, MagicConfig, PreconditionerConfig, ReduceConfig, ScoreConfig
+    from .config import (
+        EkfacConfig,
+        IndexConfig,
+        MagicConfig,
+        PreconditionerConfig,
+        ReduceConfig,
+        ScoreConfig,
+        TrackstarConfig,
+    )
 
     return {
         IndexConfig: "build",
@@ -325,10 +333,11 @@ def _commands() -> dict[type, str]:
         PreconditionerConfig: "preconditioner",
         EkfacConfig: "ekfac",
         MagicConfig: "magic",
+        TrackstarConfig: "trackstar",
     }
 
 
-DISTRIBUTED_COMMANDS = ("build", "reduce", "score", "preconditioner", "ekfac", "magic")
+DISTRIBUTED_COMMANDS = ("build", "reduce", "score", "preconditioner", "ekfac", "magic", "trackstar")
 """The commands that split their work over several ranks."""
 
 

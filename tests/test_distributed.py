@@ -9,12 +9,13 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from bergson import BergsonError, GradientStore, build, load_gradients
-from bergson.config import DataConfig, EkfacConfig, PreconditionerConfig, ScoreConfig, TrackstarConfig
+from bergson.config import DataConfig, EkfacConfig, PreconditionerConfig, ScoreConfig
 from bergson.data import assign_shards
 from bergson.distributed import check_command
 from bergson.preconditioning import fit_preconditioner
@@ -193,9 +194,37 @@ def test_single_process_work_is_refused_on_several_workers(tmp_path, model_dir, 
         fit_preconditioner(
             PreconditionerConfig(run_path=str(tmp_path / "p"), mix_train="a", mix_query="b", nproc_per_node=2)
         )
-    with pytest.raises(BergsonError, match="bergson trackstar does not run on several processes"):
-        check_command("trackstar", TrackstarConfig(nproc_per_node=2))
+    with pytest.raises(BergsonError, match="bergson query does not run on several processes"):
+        check_command("query", SimpleNamespace(nproc_per_node=2))
     check_command("ekfac", EkfacConfig(nproc_per_node=2))  # ekfac splits its documents
     with pytest.raises(BergsonError, match="--nproc_per_node 0"):
         build(replace(base, nproc_per_node=0))
     assert not (tmp_path / "scores").exists()
+
+
+def test_trackstar_on_two_workers_equals_one(tmp_path, model_dir, corpus_file):
+    """Statistics, query store and scores split their shards over the ranks; rank 0 fits and
+    mixes the preconditioners and writes the summary: the same scores as one process."""
+    from bergson import trackstar
+    from bergson.config import TrackstarConfig
+
+    query = DataConfig(dataset=str(corpus_file), split="train[20:23]", truncation=True)
+    base = one_cfg(tmp_path, model_dir, corpus_file, "one")
+    options_ = {k: v for k, v in vars(base).items() if k != "unit_normalize"}  # TrackStar's default: on
+    cfg = TrackstarConfig(**options_, query=query, stats_documents=12, downweight_components=2)
+    one = trackstar(cfg)
+    out = tmp_path / "two"
+    extra = ("--query.dataset", str(corpus_file), "--query.split", "train[20:23]", "--query.truncation",
+             "--stats_documents", "12", "--downweight_components", "2", "--nproc_per_node", "2")  # fmt: skip
+    proc = cli("bergson", "trackstar", str(out), *options(model_dir, corpus_file, *extra))
+    assert proc.stdout.count("wrote") == 1  # the launcher reports
+    two = load_gradients(out / "scores")
+    assert two.manifest.producer["world_size"] == 2
+    drop = ("sha256", "path")  # the mixed preconditioners differ by float rounding, and in location
+    assert {k: v for k, v in two.manifest.preconditioner.items() if k not in drop} == {
+        k: v for k, v in one.manifest.preconditioner.items() if k not in drop
+    }
+    np.testing.assert_array_equal(two.rows["row_id"], one.rows["row_id"])
+    a, b = np.asarray(one["scores"], np.float64), np.asarray(two["scores"], np.float64)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+    assert (out / "summary.md").is_file() and (out / "mixed").is_dir()

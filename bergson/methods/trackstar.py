@@ -25,6 +25,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+from .. import distributed
 from ..config import DataConfig, IndexConfig, ScoreConfig, TrackstarConfig, save_yaml, to_dict
 from ..data import TokenizedDocs, load_data
 from ..errors import BergsonError
@@ -91,13 +92,17 @@ class _Pipeline:
         return self._docs
 
     def step(self, name: str, done: bool, fn: Callable[[], None]) -> None:
-        if done:
+        """Run a step unless rank 0 finds it complete; every rank runs it (the collection passes
+        split their work over the ranks; the rest happens on rank 0 while the others wait)."""
+        if distributed.broadcast(done):
             logger.info("trackstar: %s is complete; skipping", name)
             return
         logger.info("trackstar: %s", name)
         start = time.perf_counter()
         fn()
-        self.timings.record(name, start)
+        distributed.barrier(f"the end of trackstar's {name} step")
+        if distributed.rank() == 0:
+            self.timings.record(name, start)
 
     # ------------------------------------------------------------------ steps
     def fit(self, docs: TokenizedDocs, source: dict[str, Any]) -> Preconditioner:
@@ -118,7 +123,8 @@ class _Pipeline:
     def train_stats(self) -> None:
         sample, _ = subsample(self.docs, self.cfg.stats_documents, self.cfg.sample_seed)
         source = {**to_dict(self.cfg.data), "documents": len(sample), "sample_seed": self.cfg.sample_seed}
-        self.fit(sample, source).save(self.root / "train_stats")
+        pre = self.fit(sample, source)  # summed over the ranks
+        distributed.on_rank_zero(lambda: pre.save(self.root / "train_stats"), "saving train_stats")
 
     def query(self) -> None:
         qcfg = IndexConfig(**_index_options(self.cfg, run_path=str(self.root / "query"), data=self.cfg.query))
@@ -127,6 +133,9 @@ class _Pipeline:
         write_store(qcfg, self.model, qdocs, self.max_tokens, self.pad, self.normalizers)
 
     def query_stats(self) -> None:
+        distributed.on_rank_zero(self._query_stats, "fitting query_stats")
+
+    def _query_stats(self) -> None:
         store = load_gradients(self.root / "query")
         moments, count = second_moments_of_store(store)
         Preconditioner(
@@ -139,9 +148,12 @@ class _Pipeline:
         ).save(self.root / "query_stats")
 
     def mixed(self) -> None:
-        train = load_preconditioner(self.root / "train_stats")
-        query = load_preconditioner(self.root / "query_stats")
-        mix_preconditioners(train, query, self.cfg.downweight_components).save(self.root / "mixed")
+        def mix() -> None:
+            train = load_preconditioner(self.root / "train_stats")
+            query = load_preconditioner(self.root / "query_stats")
+            mix_preconditioners(train, query, self.cfg.downweight_components).save(self.root / "mixed")
+
+        distributed.on_rank_zero(mix, "mixing the preconditioners")
 
     @property
     def preconditioner_dir(self) -> Path:
@@ -163,7 +175,10 @@ class _Pipeline:
         )
 
     def summary(self) -> None:
-        write_summary(self.cfg, load_gradients(self.root / "scores"), self.timings)
+        distributed.on_rank_zero(
+            lambda: write_summary(self.cfg, load_gradients(self.root / "scores"), self.timings),
+            "writing the summary",
+        )
 
 
 def write_summary(cfg: TrackstarConfig, scores: GradientStore, timings: Mapping[str, float]) -> None:
@@ -195,9 +210,12 @@ def write_summary(cfg: TrackstarConfig, scores: GradientStore, timings: Mapping[
     atomic_write_bytes(root / "summary.md", "\n".join(lines).encode())
 
 
+@distributed.entry(lambda cfg: load_gradients(Path(cfg.run_path) / "scores"))
 @honours_numerics
 def trackstar(cfg: TrackstarConfig, normalizers: Mapping[str, Normalizer] | None = None) -> GradientStore:
-    """Run (or resume) the TrackStar pipeline; returns the scores store."""
+    """Run (or resume) the TrackStar pipeline; returns the scores store. On several workers
+    (``--nproc_per_node`` or torchrun) the statistics, query and scores passes split their
+    shards over the ranks; rank 0 fits and mixes the preconditioners and writes the summary."""
     validate_index_config(cfg)
     if cfg.preconditioner_path:
         raise BergsonError("--preconditioner_path: trackstar fits its own preconditioner; drop the option")
@@ -206,11 +224,15 @@ def trackstar(cfg: TrackstarConfig, normalizers: Mapping[str, Normalizer] | None
     if not cfg.query.dataset:
         raise BergsonError("--query.dataset is required: the queries to explain")
     root = Path(cfg.run_path)
-    if cfg.overwrite and root.exists():
-        remove_outputs(root, (*STEPS, TIMINGS_FILE, "summary.md", "top_k.jsonl", CONFIG_FILE))
-    check_saved_config(cfg, root / CONFIG_FILE, "a TrackStar run")
-    root.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, root / CONFIG_FILE)
+
+    def prepare_dir() -> None:
+        if cfg.overwrite and root.exists():
+            remove_outputs(root, (*STEPS, TIMINGS_FILE, "summary.md", "top_k.jsonl", CONFIG_FILE))
+        check_saved_config(cfg, root / CONFIG_FILE, "a TrackStar run")
+        root.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, root / CONFIG_FILE)
+
+    distributed.on_rank_zero(prepare_dir, f"preparing the run directory {root}")
 
     run = _Pipeline(cfg, normalizers)
     run.step("train_stats", is_complete(root / "train_stats"), run.train_stats)
