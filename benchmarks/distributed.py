@@ -51,7 +51,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = pythia_shaped_dir(root / "model", args.shape)
-        data = corpus_slice(root / "data", args.num_docs)
+        data = corpus_slice(root / "data.jsonl", args.num_docs)
         common = ["--model", str(model), "--dataset", str(data), "--truncation", "--max_length", "256",
                   "--projection_dim", "16", "--save_dtype", "float32", "--shard_size", "16",
                   "--precision", "fp32", "--device", "cpu"]  # fmt: skip

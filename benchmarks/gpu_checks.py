@@ -33,7 +33,7 @@ def main() -> None:
         root = Path(tmp)
         model = pythia_shaped_dir(root / "model", args.shape)
         data = DataConfig(
-            dataset=str(corpus_slice(root / "data", args.num_docs)), truncation=True, max_length=256
+            dataset=str(corpus_slice(root / "data.jsonl", args.num_docs)), truncation=True, max_length=256
         )
         base = IndexConfig(
             run_path=str(root / "plain"), model=str(model), data=data, precision="fp32", device="cuda",
