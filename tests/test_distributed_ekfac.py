@@ -29,6 +29,19 @@ def assert_same_factors(one: Path, two: Path, keys: tuple[str, ...]) -> None:
             assert_close(b.tensors[name][key].numpy(), a.tensors[name][key].numpy())
 
 
+def ekfac_cli(
+    out: Path, model_dir: Path, corpus_file: Path, split: str, token_batch_size: str, *extra: str
+) -> tuple[str, ...]:
+    """``bergson ekfac OUT`` on the documents ``split`` (and queries 20-22) of the test corpus,
+    cut to 32 tokens, tracking the transformer layers."""
+    return (
+        "bergson", "ekfac", str(out), "--model", str(model_dir), "--dataset", str(corpus_file), "--split",
+        split, "--truncation", "--max_length", "32", "--token_batch_size", token_batch_size,
+        "--query.dataset", str(corpus_file), "--query.split", "train[20:23]", "--query.truncation",
+        "--query.max_length", "32", "--modules", "gpt_neox.layers.*", *extra,
+    )  # fmt: skip
+
+
 def test_ekfac_on_two_workers_equals_one(tmp_path, model_dir, corpus_file):
     """Documents split by tokens, sums all-reduced, rank 0 writes: the same factors, corrected
     eigenvalues and scores (and token rows) as one process; a rerun resumes on both ranks."""
@@ -47,12 +60,9 @@ def test_ekfac_on_two_workers_equals_one(tmp_path, model_dir, corpus_file):
         )
     )
     out = tmp_path / "two"
-    args = (
-        "bergson", "ekfac", str(out), "--model", str(model_dir), "--dataset", str(corpus_file), "--split",
-        "train[:12]", "--truncation", "--max_length", "32", "--token_batch_size", "128", "--query.dataset",
-        str(corpus_file), "--query.split", "train[20:23]", "--query.truncation", "--query.max_length", "32",
-        "--modules", "gpt_neox.layers.*", "--per_token", "--per_module_scores", "--top_k", "2",
-        "--nproc_per_node", "2",
+    args = ekfac_cli(
+        out, model_dir, corpus_file, "train[:12]", "128",
+        "--per_token", "--per_module_scores", "--top_k", "2", "--nproc_per_node", "2",
     )  # fmt: skip
     proc = cli(*args)
     # each rank logs its share of the documents: together all twelve

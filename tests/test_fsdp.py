@@ -18,7 +18,7 @@ from bergson.models import quantization_config
 
 from .conftest import tiny_neox
 from .test_distributed import assert_same_store, cli, one_cfg, options
-from .test_distributed_ekfac import assert_close
+from .test_distributed_ekfac import assert_close, ekfac_cli
 
 
 def test_sharded_model_has_fsdp_layers_and_same_gradients_in_one_process(tmp_path, model_dir, corpus_file):
@@ -59,13 +59,7 @@ def test_ekfac_with_fsdp_on_two_workers_equals_one(tmp_path, model_dir, corpus_f
         )
     )
     out = tmp_path / "two"
-    args = (
-        "bergson", "ekfac", str(out), "--model", str(model_dir), "--dataset", str(corpus_file), "--split",
-        "train[:11]", "--truncation", "--max_length", "32", "--token_batch_size", "64", "--query.dataset",
-        str(corpus_file), "--query.split", "train[20:23]", "--query.truncation", "--query.max_length", "32",
-        "--modules", "gpt_neox.layers.*", "--fsdp", "--nproc_per_node", "2",
-    )  # fmt: skip
-    cli(*args)
+    cli(*ekfac_cli(out, model_dir, corpus_file, "train[:11]", "64", "--fsdp", "--nproc_per_node", "2"))
     two = load_gradients(out / "scores")
     assert_close(np.asarray(two["scores"]), np.asarray(one["scores"]))
 

@@ -19,9 +19,6 @@ positive = the training example helps, i.e. lowers the query's loss, as bergson'
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
-import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -35,7 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with python -I: no script dir on the path
-    from _logreg import LogReg  # the model shared by the peer workers
+    from _worker_common import LogReg, write_result  # shared by the peer workers
 
     p = argparse.ArgumentParser()
     p.add_argument("--workload", type=Path, required=True)
@@ -121,16 +118,7 @@ def main() -> None:
         scores = attr.attribute(query_loader)
     scores_np = np.asarray(scores.detach().double().numpy()).T
     np.save(args.out_dir / "scores.npy", scores_np)
-    result = {
-        "tool": "dattri",
-        "version": md.version("dattri"),
-        "method": args.method,
-        "settings": settings,
-        "scores_shape": list(scores_np.shape),
-        "worker_s": round(time.perf_counter() - start, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }
-    (args.out_dir / "result.json").write_text(json.dumps(result, indent=2))
+    write_result(args.out_dir, "dattri", args.method, settings, scores_np.shape, start)
 
 
 if __name__ == "__main__":

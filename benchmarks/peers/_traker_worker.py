@@ -12,9 +12,7 @@ raises the query's margin, i.e. lowers its loss, as bergson's) and ``result.json
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import resource
 import shutil
 import sys
 import time
@@ -28,7 +26,7 @@ from trak.projectors import BasicProjector, ProjectionType
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with python -I: no script dir on the path
-    from _logreg import LogReg  # the model shared by the peer workers
+    from _worker_common import LogReg, write_result  # shared by the peer workers
 
     p = argparse.ArgumentParser()
     p.add_argument("--workload", type=Path, required=True)
@@ -76,18 +74,8 @@ def main() -> None:
         traker.score(batch=(x_q[lo:hi], y_q[lo:hi]), num_samples=hi - lo)
     scores = np.asarray(traker.finalize_scores(exp_name="digits"), dtype=np.float64).T
     np.save(args.out_dir / "scores.npy", scores)
-    import importlib.metadata as md
-
-    result = {
-        "tool": "traker",
-        "version": md.version("traker"),
-        "method": "trak",
-        "settings": {"projector": "BasicProjector normal", "proj_dim": args.proj_dim, "checkpoints": 1},
-        "scores_shape": list(scores.shape),
-        "worker_s": round(time.perf_counter() - start, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }
-    (args.out_dir / "result.json").write_text(json.dumps(result, indent=2))
+    settings = {"projector": "BasicProjector normal", "proj_dim": args.proj_dim, "checkpoints": 1}
+    write_result(args.out_dir, "traker", "trak", settings, scores.shape, start)
 
 
 if __name__ == "__main__":

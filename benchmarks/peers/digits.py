@@ -28,16 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FEATURES, CLASSES = 64, 10
-
-
-class LogReg(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(FEATURES, CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x)
+from ._worker_common import LogReg  # the same model as the peer workers
 
 
 def make_data(num_train: int, num_query: int, seed: int) -> dict[str, np.ndarray]:

@@ -198,18 +198,11 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import platform
-    import sys
-
     args = parse(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     start = time.perf_counter()
     report: dict[str, Any] = {
-        "benchmark": "classifier",
-        "command": "python -m benchmarks.quality.classifier "
-        + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-        "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
+        **D.run_header("classifier", args, argv),
         "models": {kind: evaluate(kind, args) for kind in args.models},
     }
     report["wall_seconds"] = round(time.perf_counter() - start, 1)

@@ -17,8 +17,12 @@ query's loss (bergson's orientation).
 
 from __future__ import annotations
 
+import argparse
+import platform
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +56,18 @@ class Digits:
     y_test: torch.Tensor
     flipped: np.ndarray
     """Training rows whose label was changed (empty unless asked)."""
+
+
+def run_header(name: str, args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    """What a digits benchmark's report starts with: its name, the command that reproduces it,
+    the machine and the settings (``--out_dir`` aside)."""
+    given = sys.argv[1:] if argv is None else argv
+    return {
+        "benchmark": name,
+        "command": f"python -m benchmarks.quality.{name} " + " ".join(given),
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
+    }
 
 
 def load_digits(

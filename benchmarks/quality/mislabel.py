@@ -193,9 +193,6 @@ def write_plot(curves: dict[str, dict[str, np.ndarray]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import platform
-    import sys
-
     args = parse(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     start = time.perf_counter()
@@ -203,11 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for kind in args.models:
         results[kind], curves[kind] = evaluate(kind, args)
     report: dict[str, Any] = {
-        "benchmark": "mislabel",
-        "command": "python -m benchmarks.quality.mislabel "
-        + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-        "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
+        **D.run_header("mislabel", args, argv),
         "models": results,
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
