@@ -11,9 +11,11 @@ so that load on a shared machine hits both alike. Two figures: the fastest whole
 step of every round, plus the callback's end-of-epoch store writing spread over the steps),
 which is steadier under the load spikes of a shared machine. One torch thread by default:
 on a shared 2-core machine, 2-thread kernels stall waiting for each other, which swamps the
-small kernels being compared. Prints one JSON object.
+small kernels being compared. With ``--ranks N`` both runs are data parallel (torchrun, N CPU
+processes with gloo; the batch is per rank) and the callback's time includes sending every
+rank's rows to rank 0 at the end of each epoch. Prints one JSON object.
 
-    python -m benchmarks.callback [--rows 256] [--epochs 2] [--rounds 2] [--threads 1]
+    python -m benchmarks.callback [--rows 256] [--epochs 2] [--rounds 2] [--threads 1] [--ranks 1]
 """
 
 from __future__ import annotations
@@ -119,12 +121,15 @@ def worker(args: argparse.Namespace) -> None:
         result["store_mb"] = (
             sum(f.stat().st_size for s in stores for f in s.rglob("*") if f.is_file()) / 2**20
         )
-    print("RESULT " + json.dumps(result), flush=True)
+    if trainer.args.process_index == 0:
+        print("RESULT " + json.dumps(result), flush=True)
 
 
 def run_worker(kind: str, args: argparse.Namespace, work: Path) -> dict:
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.ranks)]
     cmd = [
-        sys.executable, "-m", "benchmarks.callback", "--worker", kind, "--workdir", str(work),
+        sys.executable, *(launch if args.ranks > 1 else []), "-m", "benchmarks.callback",
+        "--worker", kind, "--workdir", str(work),
         "--rows", str(args.rows), "--epochs", str(args.epochs), "--max_length", str(args.max_length),
         "--threads", str(args.threads),
     ]  # fmt: skip
@@ -142,6 +147,7 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ranks", type=int, default=1)
     parser.add_argument("--worker", choices=["plain", "callback"], default=None)
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
@@ -170,7 +176,9 @@ def main() -> None:
                 "tokens_per_epoch": runs["plain"][0]["tokens"],
                 "epochs": args.epochs,
                 "optimizer_steps": runs["plain"][0]["steps"],
-                "batch": "8 x 2 accumulation steps",
+                "batch": "8 x 2 accumulation steps"
+                + (f", on each of {args.ranks} ranks" if args.ranks > 1 else ""),
+                "ranks": args.ranks,
                 "threads": args.threads,
                 "projection_dim": 16,
                 "normalizer": "rank_one from the live AdamW state, every step",

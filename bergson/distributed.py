@@ -222,6 +222,63 @@ def all_reduce_sum(tensor: Any) -> Any:
     return tensor
 
 
+def control_group() -> Any:
+    """The group for CPU tensors and small objects: None (the default group) when that is
+    gloo, else a gloo group made on first use, as when a launcher such as accelerate made an
+    NCCL default group. Collective on first use: every rank must call it at the same point."""
+    global _control
+    if world_size() > 1 and _control is None:
+        import torch.distributed as dist
+
+        if dist.get_backend() != "gloo":
+            _control = dist.new_group(backend="gloo")
+    return _control
+
+
+def gather_to_zero(obj: _T) -> list[_T] | None:
+    """Every rank's ``obj`` (a small picklable object), in rank order, on rank 0 (None elsewhere)."""
+    if world_size() == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] | None = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(obj, out, dst=0, group=_control)
+    return out
+
+
+_CHUNK_BYTES = 64 << 20
+
+
+def send_array(array: Any, dst: int) -> None:
+    """Send a numpy array to rank ``dst`` (which calls :func:`recv_array`), in pieces of at most
+    64 MiB over the CPU group."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    array = np.ascontiguousarray(array)
+    dist.send_object_list([(array.dtype.str, array.shape)], dst=dst, group=_control)
+    flat = array.reshape(-1).view(np.uint8)
+    for start in range(0, flat.size, _CHUNK_BYTES):
+        dist.send(torch.from_numpy(flat[start : start + _CHUNK_BYTES]), dst=dst, group=_control)
+
+
+def recv_array(src: int) -> Any:
+    """The numpy array rank ``src`` sends with :func:`send_array`."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    header: list[Any] = [None]
+    dist.recv_object_list(header, src=src, group=_control)
+    dtype, shape = header[0]
+    out = np.empty(shape, np.dtype(dtype))
+    flat = out.reshape(-1).view(np.uint8)
+    for start in range(0, flat.size, _CHUNK_BYTES):
+        dist.recv(torch.from_numpy(flat[start : start + _CHUNK_BYTES]), src=src, group=_control)
+    return out
+
+
 def on_rank_zero(fn: Callable[[], _T], what: str) -> _T | None:
     """Run ``fn`` on rank 0 while the other ranks wait; its result there (None elsewhere).
 

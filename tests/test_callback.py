@@ -330,7 +330,13 @@ def test_bad_setups_raise(tmp_path, monkeypatch):
 
     trainer = _trainer(tmp_path, [GradientCollectorCallback(tmp_path / "d")], max_steps=1)
     monkeypatch.setattr(type(trainer.args), "world_size", property(lambda self: 2))
-    with pytest.raises(BergsonError, match="Multi-process"):
+    with pytest.raises(
+        BergsonError, match=r"runs 2 processes but this process's torch\.distributed group has 1"
+    ):
+        prepare_for_gradient_collection(trainer)
+    monkeypatch.setattr(type(trainer.args), "world_size", property(lambda self: 1))
+    monkeypatch.setattr(type(trainer.args), "n_gpu", property(lambda self: 2))
+    with pytest.raises(BergsonError, match="DataParallel"):
         prepare_for_gradient_collection(trainer)
 
 

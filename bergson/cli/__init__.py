@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import BergsonError
 
@@ -142,21 +144,43 @@ def main(argv: Sequence[str] | None = None) -> None:
     # each worker of a launch logs with its rank; errors name it (the launcher stops the others)
     where = f" (rank {distributed.env_rank()})" if distributed.env_world_size() > 1 else ""
     logging.basicConfig(level=logging.INFO, format=f"bergson{where}: %(message)s")
+    code = 0
     try:
         cfg = parse(command, args[1:])
         distributed.check_command(command, cfg)
         importlib.import_module(COMMANDS[command][0]).run(cfg)
     except BergsonError as e:
         print(f"bergson {command}{where}: error: {e}", file=sys.stderr)
-        sys.exit(distributed.PEER_EXIT if isinstance(e, distributed.PeerError) else 1)
+        code = distributed.PEER_EXIT if isinstance(e, distributed.PeerError) else 1
     except KeyboardInterrupt:
         print(f"bergson {command}{where}: interrupted; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
+        code = 130
     except Exception as e:
-        if where:
-            print(f"bergson {command}{where}: failed: {type(e).__name__}: {e}", file=sys.stderr)
-        raise
-    distributed.shutdown()
+        if not where:
+            raise
+        traceback.print_exc()
+        print(f"bergson {command}{where}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        code = 1
+    if code == 0:
+        distributed.shutdown()
+    if where:
+        _leave_worker(code)
+    if code:
+        sys.exit(code)
+
+
+def _leave_worker(code: int) -> NoReturn:
+    """End a worker of a launch without the interpreter's finalization.
+
+    Its work is done and its files are closed, but the process group's C++ threads may still
+    hold tensors (FSDP's gathers, gloo's asynchronous work); destroying those while Python
+    shuts down can abort the process (SIGABRT, "terminate called without an active
+    exception"), which would turn a finished rank into a failed one.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def print_top_rows(store: Any, k: int, label: str = "column") -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import distributed
 from ..data import plan_shards
 from ..errors import BergsonError
 from ..store import Manifest, StoreWriter
@@ -28,6 +31,10 @@ class EpochStore:
     """Rows arrive in training order; they are kept in a memory-mapped float32 buffer in dataset
     order and written as an ordinary store (shards of ``shard_size`` rows) when the epoch ends.
 
+    Under data parallel training (several ranks), every rank keeps the rows it trained on
+    (rank 0 in the store directory, the others in a local temporary directory); at the end of
+    the epoch :meth:`merge_ranks` sends them to rank 0, which alone writes the store.
+
     With ``auto_dtype`` a float16 store becomes float32 when a value exceeds float16's range
     (normalized gradients early in training can: Adam's second moments are still tiny for rarely
     seen tokens), rather than failing the training run."""
@@ -39,11 +46,16 @@ class EpochStore:
         self.epoch = epoch
         self.shard_size = shard_size
         self.auto_dtype = auto_dtype
-        self.writer = StoreWriter(root, manifest)
+        self.writer = distributed.on_rank_zero(lambda: StoreWriter(root, manifest), f"preparing {root}")
+        self._scratch = None if self.writer is not None else Path(tempfile.mkdtemp(prefix="bergson-epoch-"))
         self.largest = 0.0
         self.vectors = np.lib.format.open_memmap(
-            root / _BUFFER_FILE, mode="w+", dtype=np.float32, shape=(num_rows, manifest.total_dim)
+            (self._scratch or root) / _BUFFER_FILE,
+            mode="w+",
+            dtype=np.float32,
+            shape=(num_rows, manifest.total_dim),
         )
+        self.counts = np.zeros(num_rows, np.int64)  # times each row was trained on, over all ranks
         self.num_tokens = np.zeros(num_rows, np.int64)
         self.loss = np.zeros(num_rows, np.float32)
         self.seen = np.zeros(num_rows, bool)
@@ -88,10 +100,84 @@ class EpochStore:
         self.num_tokens[rows] = num_tokens
         self.loss[rows] = loss
         self.seen[rows] = True
+        self.counts[rows] += 1
         self.order.append((rows, step, micro_batch, normalized))
         self.steps.add(step)
         if not normalized:
             self.unnormalized.add(step)
+
+    def merge_ranks(self) -> None:
+        """Send every rank's rows to rank 0 (collective; nothing happens in one process).
+
+        A row that several ranks trained on keeps the vector of its first step. accelerate's
+        ``even_batches`` fills the epoch's last batches with rows from its start, so such a row
+        was trained on once in its own turn and again as padding in the last step;
+        :meth:`close` refuses any other repetition."""
+        world = distributed.world_size()
+        if world == 1:
+            return
+        summary = distributed.gather_to_zero((self.order, self.approximate))
+        mine = np.flatnonzero(self.seen)
+        chunk = max(1, (64 << 20) // (4 * max(1, self.vectors.shape[1])))
+        if distributed.rank() != 0:
+            for part in (mine, self.num_tokens[mine], self.loss[mine]):
+                distributed.send_array(part, 0)
+            for a in range(0, len(mine), chunk):
+                distributed.send_array(self.vectors[mine[a : a + chunk]], 0)
+            self.order = []
+            return
+        assert summary is not None
+        entries = sorted(
+            (step, micro, r, rows, z)
+            for r, (order, _) in enumerate(summary)
+            for rows, step, micro, z in order
+        )
+        owner = np.full(len(self.seen), -1, np.int64)  # the rank of each row's first step
+        self.counts[:] = 0
+        for _, _, r, rows, _ in entries:
+            owner[rows[owner[rows] < 0]] = r
+            self.counts[rows] += 1
+        for src in range(1, world):
+            rows, tokens, losses = (distributed.recv_array(src) for _ in range(3))
+            keep = owner[rows] == src
+            self.num_tokens[rows[keep]] = tokens[keep]
+            self.loss[rows[keep]] = losses[keep]
+            for a in range(0, len(rows), chunk):
+                vectors = distributed.recv_array(src)
+                part = keep[a : a + chunk]
+                self.vectors[rows[a : a + chunk][part]] = vectors[part]
+                self.largest = max(self.largest, float(np.abs(vectors[part]).max(initial=0.0)))
+        self.seen = self.counts > 0
+        self.order = [(rows, step, micro, z) for step, micro, _, rows, z in entries]
+        self.steps = {step for _, step, _, _ in self.order}
+        self.unnormalized = {step for _, step, _, z in self.order if not z}
+        self.approximate = sum(n for _, n in summary)
+
+    def repeated_rows(self) -> int:
+        """How many rows were trained on more than once (by several ranks)."""
+        return int((self.counts > 1).sum())
+
+    def _check_repeats(self) -> None:
+        if not self.repeated_rows():
+            return
+        last = max(self.steps)
+        first: dict[int, int] = {}
+        for rows, step, _, _ in self.order:
+            for row in rows[self.counts[rows] > 1].tolist():
+                if row not in first:
+                    first[row] = step
+                elif step != last:
+                    raise BergsonError(
+                        f"GradientCollectorCallback: dataset row {row} was trained on in steps {first[row]} and "
+                        f"{step} of epoch {self.epoch}; a store holds one vector per row, so every row may be used "
+                        "at most once per epoch (samplers that repeat rows are not supported)"
+                    )
+        logger.warning(
+            "epoch %d: %d rows were trained on again in the last step, to fill every rank's batch "
+            "(accelerate's even_batches); they keep the vector of their first step",
+            self.epoch,
+            self.repeated_rows(),
+        )
 
     def close(
         self,
@@ -100,6 +186,8 @@ class EpochStore:
         normalizer_info: dict[str, Any] | None,
         write_order: bool,
     ) -> None:
+        assert self.writer is not None, "only rank 0 writes the store"
+        self._check_repeats()
         manifest = self.writer.manifest
         if manifest.dtype == "float16" and self.largest > float(np.finfo(np.float16).max):
             if not self.auto_dtype:
@@ -151,8 +239,13 @@ class EpochStore:
         return buf.getvalue()
 
     def discard_buffer(self) -> None:
-        mm = getattr(self.vectors, "_mmap", None)
-        del self.vectors
+        """Close and delete the row buffer (again: nothing)."""
+        vectors = self.__dict__.pop("vectors", None)
+        mm = getattr(vectors, "_mmap", None)
+        del vectors
         if mm is not None:
             mm.close()
-        (self.root / _BUFFER_FILE).unlink(missing_ok=True)
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+        else:
+            (self.root / _BUFFER_FILE).unlink(missing_ok=True)

@@ -46,9 +46,17 @@ vector with ``num_tokens`` 0 and loss 0 and are missing from the order file; a r
 twice in one epoch is an error. ``num_tokens`` is the row's attention-mask length (its padded
 length when the batch has no mask); ``loss`` its summed cross-entropy.
 
-Not supported (a :class:`~bergson.errors.BergsonError` says so): several processes or GPUs
-(DDP, DeepSpeed, FSDP, DataParallel; planned for a later release), packed or padding-free
-batches, label smoothing, a custom ``compute_loss_func``, losses with terms other than the
+Data parallel training (DDP: ``torchrun`` or ``accelerate launch`` of the training script,
+one process per device) is supported: every rank collects the rows its own batches hold, and at
+the end of each epoch sends them to rank 0, which writes the epoch store (its ``order.parquet``
+lists every rank's micro-batches, step by step). accelerate's ``even_batches`` (on by default)
+fills the last step's batches with rows from the start of the epoch, so those rows are trained on
+twice; they keep the vector of their first step, both steps are in ``order.parquet`` and the
+manifest's ``plan.repeated_rows`` counts them (``accelerator_config={"even_batches": False}``
+avoids the repeats). Only rank 0 needs to see the output directory.
+
+Not supported (a :class:`~bergson.errors.BergsonError` says so): DeepSpeed, FSDP and
+DataParallel (several GPUs in one process), packed or padding-free batches, label smoothing, a custom ``compute_loss_func``, losses with terms other than the
 labels' cross-entropy, labels that are not per position, encoder-decoder models, gradient
 checkpointing, ``torch_compile``, iterable datasets, and resuming from a checkpoint. The
 vectors equal ``bergson build``'s only when the model has no active dropout (the trainer's
@@ -71,6 +79,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from .. import distributed
 from ..collect.hooks import GradientCollector
 from ..config import IndexConfig
 from ..data import TokenizedDocs
@@ -86,9 +95,6 @@ from .loss_scale import MicroBatch, next_token_targets
 
 logger = logging.getLogger(__name__)
 
-_MULTIPLE = "Multi-process and multi-GPU training is not supported yet (planned for a later release)"
-
-
 # ---------------------------------------------------------------------------------------------
 # Checks
 
@@ -96,14 +102,24 @@ _MULTIPLE = "Multi-process and multi-GPU training is not supported yet (planned 
 def _check_trainer(trainer: Any) -> None:
     """Refuse trainer set-ups whose per-row gradients the callback cannot recover."""
     args = trainer.args
-    processes = getattr(getattr(trainer, "accelerator", None), "num_processes", 1)
-    if args.world_size > 1 or processes > 1 or args.n_gpu > 1:
+    if args.n_gpu > 1:
         raise BergsonError(
-            f"GradientCollectorCallback: the trainer runs {max(args.world_size, processes, args.n_gpu)} "
-            f"processes or GPUs. {_MULTIPLE}: train on one process and one device (e.g. CUDA_VISIBLE_DEVICES=0)"
+            f"GradientCollectorCallback: the trainer drives {args.n_gpu} GPUs from one process (DataParallel), "
+            "whose replicas' gradients cannot be told apart; launch one process per GPU (torchrun or "
+            "accelerate launch) for data parallel training, or set CUDA_VISIBLE_DEVICES to one GPU"
         )
     if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
-        raise BergsonError(f"GradientCollectorCallback: DeepSpeed and FSDP are not supported. {_MULTIPLE}")
+        raise BergsonError(
+            "GradientCollectorCallback: DeepSpeed and FSDP training are not supported (they shard the "
+            "layers the hooks read); use plain data parallel training (DDP) or one process"
+        )
+    processes = getattr(getattr(trainer, "accelerator", None), "num_processes", 1)
+    if max(args.world_size, processes) != distributed.world_size():
+        raise BergsonError(
+            f"GradientCollectorCallback: the trainer runs {max(args.world_size, processes)} processes but "
+            f"this process's torch.distributed group has {distributed.world_size()}; start every process "
+            "with torchrun or accelerate launch"
+        )
     if getattr(args, "label_smoothing_factor", 0):
         raise BergsonError(
             f"GradientCollectorCallback: label_smoothing_factor={args.label_smoothing_factor}: label smoothing "
@@ -389,7 +405,8 @@ class GradientCollectorCallback(TrainerCallback):
             raise BergsonError(
                 "GradientCollectorCallback: the collector's columns disagree with the store layout"
             )
-        self._prepare_directory()
+        distributed.control_group()  # every rank, before any rank-0-only step
+        distributed.on_rank_zero(self._prepare_directory, f"preparing {self.path}")
         dataloader = kwargs.get("train_dataloader")
         if dataloader is None:
             raise BergsonError("GradientCollectorCallback: the trainer did not pass its train dataloader")
@@ -415,13 +432,15 @@ class GradientCollectorCallback(TrainerCallback):
         self._epochs_started = 0
         self.stores = []
         self._seconds = self._epoch_seconds = 0.0
-        logger.info(
-            "collecting gradients of %d modules (%d columns per row) for %d rows into %s",
-            len(self._tracked),
-            sum(b - a for a, b in self._columns.values()),
-            self._num_rows,
-            self.path,
-        )
+        if distributed.rank() == 0:
+            logger.info(
+                "collecting gradients of %d modules (%d columns per row) for %d rows into %s%s",
+                len(self._tracked),
+                sum(b - a for a, b in self._columns.values()),
+                self._num_rows,
+                self.path,
+                f" on {distributed.world_size()} ranks" if distributed.world_size() > 1 else "",
+            )
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._finish_epoch(state)
@@ -684,6 +703,7 @@ class GradientCollectorCallback(TrainerCallback):
             return
         self._epoch = None
         start = time.perf_counter()
+        store.merge_ranks()
         normalizers = self._normalizers() if self.normalize else None
         info = self._manifest(self._trainer.model, normalizers).normalizer if normalizers else None
         seen = int(store.seen.sum())
@@ -705,11 +725,20 @@ class GradientCollectorCallback(TrainerCallback):
             "order_file": ORDER_FILE if self.track_order else None,
             "approximate_loss_tokens": store.approximate,
             "shard_size": self.shard_size,
+            "ranks": distributed.world_size(),
+            "repeated_rows": store.repeated_rows(),
         }
-        store.close(plan, normalizers, info, self.track_order)
+        try:
+            distributed.on_rank_zero(
+                lambda: store.close(plan, normalizers, info, self.track_order), f"writing {store.root}"
+            )
+        finally:
+            store.discard_buffer()
         self.stores.append(store.root)
         self._seconds += time.perf_counter() - start
         self._epoch_seconds += time.perf_counter() - start
+        if distributed.rank() != 0:
+            return
         if seen < len(store.seen):
             logger.warning(
                 "epoch %d: %d of %d rows were not trained on; they keep zero vectors (num_tokens 0)",
