@@ -8,8 +8,12 @@ Two ways to start N workers, with the same result::
 
 Every rank loads the model and tokenizes the data itself (deterministically, so that all agree),
 then takes its share of the dataset's shards (``ekfac``: of its documents); rank 0 alone writes
-the shared files of an output (a store's manifest, its config, EK-FAC's stages). Outside a
-launch everything here is a no-op for a world of one. Every rank logs with its rank
+the shared files of an output (a store's manifest, its config, EK-FAC's stages). A rank on a
+machine that does not see rank 0's output directory (no shared filesystem: it does not find
+the launch marker rank 0 leaves there, :func:`node_local_ranks`) writes a store's shards into a
+copy of its own and sends them to rank 0 at the end (:func:`send_files`); commands whose later
+steps read rank 0's files on every rank refuse such launches (:func:`require_shared_directory`).
+Outside a launch everything here is a no-op for a world of one. Every rank logs with its rank
 (``bergson (rank 3): ...``); only rank 0 shows a progress bar, of its own share (the shares
 are balanced, so it tracks the whole run).
 
@@ -31,9 +35,11 @@ torch is imported lazily here, so that the command line's ``--help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -213,6 +219,17 @@ def broadcast(obj: _T, src: int = 0) -> _T:
     return box[0]
 
 
+def all_gather_objects(obj: _T) -> list[_T]:
+    """Every rank's ``obj`` (a small picklable object), in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj, group=_control)
+    return out
+
+
 def all_reduce_sum(tensor: Any) -> Any:
     """Sum ``tensor`` over ranks, in place (NCCL for CUDA tensors, gloo for CPU ones); returns it."""
     if world_size() > 1:
@@ -299,6 +316,140 @@ def on_rank_zero(fn: Callable[[], _T], what: str) -> _T | None:
     if message is not None:
         raise PeerError(f"rank 0 failed while {what} ({message})")
     return result
+
+
+# ---------------------------------------------------------------------- machines without a shared filesystem
+
+LAUNCH_MARKER = ".bergson-launch"
+"""A file rank 0 leaves in a directory for a moment, holding a random token of this launch: a
+rank that reads the same token there sees rank 0's directory (it shares its filesystem)."""
+
+CHUNK_BYTES = 64 << 20
+"""The most bytes of a file sent in one message (so that a file never has to fit in memory)."""
+
+
+def write_marker(root: str | Path) -> str:
+    """Write a fresh random token into ``root``'s launch marker (rank 0; ``root`` exists); returns it."""
+    token = secrets.token_hex(16)
+    path = Path(root) / LAUNCH_MARKER
+    tmp = path.with_name(f"{LAUNCH_MARKER}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "w") as f:
+        f.write(token)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return token
+
+
+def sees_marker(root: str | Path, token: str) -> bool:
+    """Whether ``root`` holds the launch marker with ``token`` (so it is rank 0's directory)."""
+    try:
+        # a fresh listing first: a network filesystem may cache that the name did not exist
+        if LAUNCH_MARKER not in os.listdir(root):
+            return False
+        return (Path(root) / LAUNCH_MARKER).read_text().strip() == token
+    except OSError:
+        return False
+
+
+def clear_marker(root: str | Path) -> None:
+    """Remove ``root``'s launch marker (rank 0, once every rank has looked)."""
+    with contextlib.suppress(FileNotFoundError):
+        (Path(root) / LAUNCH_MARKER).unlink()
+
+
+def node_local_ranks(root: str | Path) -> list[int]:
+    """The ranks that do not see rank 0's directory ``root`` (which rank 0 has created): those on
+    machines without a filesystem shared with rank 0's. Collective; [] in a world of one."""
+    if world_size() == 1:
+        return []
+    token = broadcast(on_rank_zero(lambda: write_marker(root), f"writing a marker into {root}"))
+    assert token is not None
+    sees = all_gather_objects(rank() == 0 or sees_marker(root, token))
+    if rank() == 0:
+        clear_marker(root)
+    return [r for r, ok in enumerate(sees) if not ok]
+
+
+def require_shared_directory(root: str | Path, command: str, why: str) -> None:
+    """Fail on every rank when some rank does not see rank 0's directory ``root`` (collective)."""
+    local = node_local_ranks(root)
+    if local:
+        ranks = ", ".join(map(str, local))
+        raise BergsonError(
+            f"bergson {command} needs a shared filesystem for its run_path: rank(s) {ranks} do not see "
+            f"rank 0's directory {root} ({why}); put run_path on a filesystem that every machine "
+            "mounts at the same path, or run on one machine"
+        )
+
+
+def send_files(paths: list[Path], dst: int) -> None:
+    """Send the files ``paths`` to rank ``dst`` (which calls :func:`recv_files`): a header (the
+    chunk size, then each file's size, -1 for a file that does not exist), then the files' bytes
+    in chunks of that size (the last one of a file shorter), as uint8 CPU tensors on the
+    control group (gloo), so that no file has to fit in memory."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    with contextlib.ExitStack() as stack:
+        handles = []
+        for path in paths:
+            try:
+                handles.append(stack.enter_context(open(path, "rb")))
+            except FileNotFoundError:
+                handles.append(None)
+        sizes = [os.fstat(h.fileno()).st_size if h is not None else -1 for h in handles]
+        chunk = max(1, min(CHUNK_BYTES, max(sizes, default=0)))
+        dist.send(torch.tensor([chunk, *sizes], dtype=torch.int64), dst=dst, group=_control)
+        buf = np.empty(chunk, np.uint8)
+        for h, size in zip(handles, sizes):
+            left = size
+            while h is not None and left > 0:
+                want, got = min(left, chunk), 0
+                while got < want:
+                    n = h.readinto(buf.data[got:want])
+                    if not n:
+                        raise BergsonError(f"{h.name} shrank while being sent to rank {dst}")
+                    got += n
+                dist.send(torch.from_numpy(buf[:want]), dst=dst, group=_control)
+                left -= want
+
+
+def recv_files(paths: list[Path], src: int) -> list[Path | None]:
+    """Receive the files rank ``src`` sends with :func:`send_files`, each into a temporary name
+    next to its path (written, fsynced); returns those names (None for a file ``src`` lacks).
+    The caller renames them into place, in the order that keeps its files consistent."""
+    import torch
+    import torch.distributed as dist
+
+    header = torch.empty(len(paths) + 1, dtype=torch.int64)
+    dist.recv(header, src=src, group=_control)
+    chunk, *sizes = header.tolist()
+    buf = torch.empty(chunk, dtype=torch.uint8)
+    out: list[Path | None] = []
+    for path, size in zip(paths, sizes):
+        if size < 0:
+            out.append(None)
+            continue
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        out.append(tmp)
+        try:
+            with open(tmp, "wb") as f:
+                left = size
+                while left > 0:
+                    part = buf[: min(left, chunk)]
+                    dist.recv(part, src=src, group=_control)
+                    f.write(part.numpy().data)
+                    left -= part.numel()
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            for t in out:
+                if t is not None:
+                    t.unlink(missing_ok=True)
+            raise
+    return out
 
 
 # ---------------------------------------------------------------------- FSDP2

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from .data import TokenizedDocs, assign_shards, load_data, plan_shards, tokenize
 from .errors import BergsonError
 from .models import find_tracked_modules, load_model, numerics
 from .store import GradientStore, Manifest, ModuleLayout, StoreWriter, load_gradients
+from .store.writer import TOKENS, shard_name
 from .transforms.normalizers import NORMALIZERS_FILE, AdafactorNormalizer, Normalizer, save_normalizers
 from .transforms.preconditioners import STORE_DIR as PRECONDITIONER_DIR
 from .transforms.preconditioners import resolve_preconditioner
@@ -203,10 +205,14 @@ def subsample(docs: TokenizedDocs, max_documents: int | None, seed: int) -> tupl
 @distributed.entry(lambda cfg: load_gradients(cfg.run_path))
 def build(cfg: IndexConfig, normalizers: Mapping[str, Normalizer] | None = None) -> GradientStore:
     """Collect per-document gradients of ``cfg.data`` under ``cfg.model`` into a store
-    (on ``cfg.nproc_per_node`` workers, or on the ranks of a torchrun launch)."""
+    (on ``cfg.nproc_per_node`` workers, or on the ranks of a torchrun launch).
+
+    On a rank of a several-machine launch that does not see rank 0's ``run_path`` (no shared
+    filesystem) it returns None: the store is on rank 0's machine."""
     with numerics(cfg):
         model, tokenizer, docs, max_tokens = prepare_inputs(cfg)
-        return write_store(cfg, model, docs, max_tokens, tokenizer.pad_token_id, normalizers)
+        store = write_store(cfg, model, docs, max_tokens, tokenizer.pad_token_id, normalizers)
+        return cast(GradientStore, store)  # None only on such a node-local rank
 
 
 def collect_with(
@@ -247,13 +253,27 @@ def collect_with(
 
 
 def rank_shards(cfg: IndexConfig, docs: TokenizedDocs, sink: Sink) -> list[int] | None:
-    """This rank's shards (None in a single process): rank 0 says which shards are still to do,
-    and every rank splits those the same way, balancing token counts (:func:`assign_shards`)."""
+    """This rank's shards (None in a single process): the shards complete nowhere are still to
+    do, and every rank splits those the same way, balancing token counts (:func:`assign_shards`).
+    Rank 0 says which shards are complete; when some ranks write node-local copies of the store
+    (:func:`open_shared_store`), those report theirs too, and a shard complete on any rank counts."""
     world, me = distributed.world_size(), distributed.rank()
     if world == 1:
         return None
     shards = plan_shards(len(docs), cfg.shard_size)
-    todo: list[int] = distributed.broadcast([i for i in range(len(shards)) if not sink.done(i)])
+    writer = sink if isinstance(sink, StoreWriter) else getattr(sink, "writer", None)
+    if isinstance(writer, StoreWriter) and writer.local_ranks:
+        looks = me == 0 or writer.node_local  # ranks that share rank 0's directory have nothing to add
+        reported = distributed.all_gather_objects([i for i in range(len(shards)) if looks and sink.done(i)])
+        done = set().union(*reported)
+        todo = [i for i in range(len(shards)) if i not in done]
+        elsewhere = len(done - set(reported[0]))
+        if me == 0 and elsewhere:
+            logger.info(
+                "%d complete shard(s) are only in node-local copies; they are sent here at the end", elsewhere
+            )
+    else:
+        todo = distributed.broadcast([i for i in range(len(shards)) if not sink.done(i)])
     if me == 0 and len(todo) < len(shards):
         logger.info("%d of %d shards already complete; resuming", len(shards) - len(todo), len(shards))
     active = np.where(docs.num_loss_tokens() > 0, docs.lengths, 0)
@@ -279,22 +299,133 @@ def open_shared_store(
     cfg: IndexConfig, manifest: Manifest, setup: Callable[[StoreWriter], None] | None = None
 ) -> StoreWriter:
     """The store at ``cfg.run_path``: rank 0 creates or validates it and, unless it is complete,
-    runs ``setup(writer)`` (config and side files) while the other ranks wait; they then open it."""
+    runs ``setup(writer)`` (config and side files) while the other ranks wait; they then open it.
 
-    def create() -> StoreWriter:
+    A rank that does not see rank 0's directory (a machine without a filesystem shared with
+    rank 0's: it does not find the launch marker rank 0 leaves there) writes into a copy of its
+    own at ``cfg.run_path`` on its machine, whose shards :func:`finish_shared_store` sends to
+    rank 0. ``writer.local_ranks`` lists such ranks, on every rank."""
+    if distributed.world_size() == 1:
         writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite)
         if setup is not None and not writer.complete:
             setup(writer)
         return writer
+    me = distributed.rank()
 
-    writer = distributed.on_rank_zero(create, f"preparing the store at {cfg.run_path}")
-    return writer if writer is not None else StoreWriter(cfg.run_path, manifest, create=False)
+    def create() -> tuple[StoreWriter, str]:
+        writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite)
+        if setup is not None and not writer.complete:
+            setup(writer)
+        return writer, distributed.write_marker(writer.root)
+
+    made = distributed.on_rank_zero(create, f"preparing the store at {cfg.run_path}")
+    said = distributed.broadcast(None if made is None else (made[1], made[0].complete))
+    assert said is not None
+    token, complete = said
+    local, error = False, None
+    writer: StoreWriter | None = made[0] if made is not None else None
+    if me != 0:
+        local = not distributed.sees_marker(cfg.run_path, token)
+        try:
+            if not local:
+                writer = StoreWriter(cfg.run_path, manifest, create=False)
+            elif complete:
+                writer = StoreWriter.complete_elsewhere(cfg.run_path, manifest)
+            else:
+                writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite, node_local=True)
+                logger.info(
+                    "rank %d does not see rank 0's store: it writes its shards node-locally into %s "
+                    "and sends them to rank 0 at the end",
+                    me,
+                    Path(cfg.run_path).resolve(),
+                )
+        except (BergsonError, OSError) as e:
+            where = f" (it does not see rank 0's store; its own copy: {Path(cfg.run_path).resolve()})"
+            error = BergsonError(f"rank {me}{where if local else ''}: {e}")
+    reports = distributed.all_gather_objects((local, None if error is None else str(error)))
+    if me == 0:
+        distributed.clear_marker(cfg.run_path)
+    if error is not None:
+        raise error
+    failed = [(r, message) for r, (_, message) in enumerate(reports) if message]
+    if failed:
+        raise distributed.PeerError(f"rank {failed[0][0]} could not open the store ({failed[0][1]})")
+    assert writer is not None
+    writer.local_ranks = [r for r, (is_local, _) in enumerate(reports) if is_local]
+    if me == 0 and writer.local_ranks and not writer.complete:
+        logger.info(
+            "rank(s) %s do not see %s: they write node-local copies and send their shards here at the end",
+            ", ".join(map(str, writer.local_ranks)),
+            writer.root.resolve(),
+        )
+    return writer
+
+
+def gather_node_local_shards(writer: StoreWriter, num_shards: int) -> None:
+    """Send rank 0 every complete shard its directory lacks from the node-local copies (for each
+    shard one sender, the lowest rank that has it). Collective; every rank passes its writer.
+
+    The files go over the process group in chunks (:func:`distributed.send_files`); rank 0 writes
+    each to a temporary name, fsyncs and renames it, the rows' metadata (and token rows) first
+    and the vectors (``.npy``, which marks a shard complete) last."""
+    me = distributed.rank()
+    looks = me == 0 or writer.node_local
+    reported = distributed.all_gather_objects([i for i in range(num_shards) if looks and writer.done(i)])
+    have = [set(r) for r in reported]
+    plan = []
+    for i in range(num_shards):
+        senders = [r for r in writer.local_ranks if i in have[r]]  # local_ranks ascend
+        if i not in have[0] and senders:
+            plan.append((i, senders[0]))
+    if me == 0 and plan:
+        logger.info("receiving %d shard(s) from node-local ranks", len(plan))
+    for i, src in plan:
+        base = writer.root / shard_name(i)
+        paths = [base.with_suffix(".rows.parquet"), base.with_suffix(TOKENS), base.with_suffix(".npy")]
+        if me == src:
+            distributed.send_files(paths, dst=0)
+        elif me == 0:
+            _place_shard(writer, i, paths, distributed.recv_files(paths, src), src)
+
+
+def _place_shard(
+    writer: StoreWriter, index: int, paths: list[Path], got: list[Path | None], src: int
+) -> None:
+    """Rename a received shard's files into place, the vectors last; a shard that came without its
+    rows' metadata (or token rows, in a per-token store) stays missing."""
+    rows, tokens, vectors = got
+    per_token = writer.manifest.per_token and not writer.aggregate
+    if rows is None or vectors is None or (per_token and tokens is None):
+        for tmp in got:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        logger.warning("rank %d sent shard %d without all of its files; it stays missing", src, index)
+        return
+    for tmp, path in zip(got, paths):
+        if tmp is not None:
+            tmp.replace(path)
 
 
 def finish_shared_store(writer: StoreWriter, num_shards: int) -> None:
-    """Once every rank has written its shards, rank 0 marks the store complete (the others wait)."""
+    """Once every rank has written its shards, the node-local ones (if any) are sent to rank 0,
+    which marks the store complete (the others wait)."""
     distributed.barrier("the end of the pass (every rank's shards written)")
+    if writer.local_ranks:
+        gather_node_local_shards(writer, num_shards)
+        if writer.node_local:
+            logger.info(
+                "rank %d has sent rank 0 the shards it lacked; this node-local partial copy at %s is "
+                "kept (a rerun resumes from it) and may be deleted once rank 0's store is complete",
+                distributed.rank(),
+                writer.root.resolve(),
+            )
     distributed.on_rank_zero(lambda: writer.finalize(num_shards), f"finalizing {writer.root}")
+
+
+def store_here(writer: StoreWriter) -> GradientStore | None:
+    """The finished store as this rank sees it: None on a rank that wrote a node-local copy
+    (the store is on rank 0's machine)."""
+    return None if writer.node_local else load_gradients(writer.root)
 
 
 def write_store(
@@ -304,8 +435,9 @@ def write_store(
     max_tokens: int,
     pad_token_id: int | None = None,
     normalizers: Mapping[str, Normalizer] | None = None,
-) -> GradientStore:
-    """Run the collection loop over tokenized documents into the store at ``cfg.run_path``."""
+) -> GradientStore | None:
+    """Run the collection loop over tokenized documents into the store at ``cfg.run_path``; returns
+    it (None on a rank that wrote a node-local copy: the store is on rank 0's machine)."""
     modules = find_tracked_modules(model, cfg.modules)
     normalizers = resolve_normalizers(cfg, model, modules, normalizers)
     manifest = make_manifest(cfg, model, modules, docs, max_tokens, normalizers)
@@ -325,8 +457,9 @@ def write_store(
 
     writer = open_shared_store(cfg, manifest, setup)
     if writer.complete:
-        logger.info("%s is already complete; nothing to do (pass --overwrite to rebuild)", cfg.run_path)
-        return load_gradients(cfg.run_path)
+        if not writer.node_local:
+            logger.info("%s is already complete; nothing to do (pass --overwrite to rebuild)", cfg.run_path)
+        return store_here(writer)
     collect_with(
         cfg,
         model,
@@ -340,4 +473,4 @@ def write_store(
         per_token=cfg.per_token,
     )
     finish_shared_store(writer, len(plan_shards(len(docs), cfg.shard_size)))
-    return load_gradients(cfg.run_path)
+    return store_here(writer)

@@ -109,7 +109,11 @@ def fit_preconditioner(
         raise BergsonError(
             "--preconditioner_path: a preconditioner is fitted on plain vectors; drop the option"
         )
-    found = _existing(cfg)
+    # rank 0 decides and every rank gets its fit: a rank on another machine may not see rank 0's
+    # run_path (no shared filesystem), and all ranks must agree to skip the collection pass
+    found = distributed.broadcast(
+        distributed.on_rank_zero(lambda: _existing(cfg), f"checking {cfg.run_path}")
+    )
     if found is not None:
         logger.info("%s is already complete; nothing to do (pass --overwrite to refit)", cfg.run_path)
         return found

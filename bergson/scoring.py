@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from .indexing import (
     open_shared_store,
     prepare_inputs,
     resolve_normalizers,
+    store_here,
 )
 from .models import find_tracked_modules, numerics, resolve_device
 from .store import GradientStore, Manifest, ModuleLayout, StoreWriter, load_gradients
@@ -260,7 +261,10 @@ def _from_existing_index(cfg: ScoreConfig, query: GradientStore) -> None:
 )
 def score(cfg: ScoreConfig) -> GradientStore:
     """Score a dataset (or an existing gradient store) against a query store (a dataset on
-    ``cfg.nproc_per_node`` workers, or on the ranks of a torchrun launch)."""
+    ``cfg.nproc_per_node`` workers, or on the ranks of a torchrun launch).
+
+    On a rank of a several-machine launch that does not see rank 0's ``run_path`` (no shared
+    filesystem) it returns None: the scores are on rank 0's machine."""
     if not cfg.query_path:
         raise BergsonError("--query_path is required: a store from `bergson build` or `bergson reduce`")
     if cfg.top_k < 0:
@@ -274,7 +278,8 @@ def score(cfg: ScoreConfig) -> GradientStore:
 
     with numerics(cfg):
         model, tokenizer, docs, max_tokens = prepare_inputs(cfg)
-        return score_documents(cfg, model, docs, max_tokens, query, tokenizer.pad_token_id)
+        store = score_documents(cfg, model, docs, max_tokens, query, tokenizer.pad_token_id)
+        return cast(GradientStore, store)  # None only on such a node-local rank
 
 
 def score_documents(
@@ -284,8 +289,9 @@ def score_documents(
     max_tokens: int,
     query: GradientStore,
     pad_token_id: int | None = None,
-) -> GradientStore:
-    """One collection pass over tokenized documents, scoring each against the query store."""
+) -> GradientStore | None:
+    """One collection pass over tokenized documents, scoring each against the query store; returns
+    the scores store (None on a rank that wrote a node-local copy: it is on rank 0's machine)."""
     modules = find_tracked_modules(model, cfg.modules)
     norm_path = query.root / NORMALIZERS_FILE
     carried_norms = load_normalizers(norm_path) if norm_path.is_file() else None
@@ -307,7 +313,7 @@ def score_documents(
         )
         collect_with(cfg, model, docs, modules, sink, normalizers, pad_token_id, per_token=cfg.per_token)
         finish_shared_store(writer, len(plan_shards(len(docs), cfg.shard_size)))
-    return load_gradients(cfg.run_path)
+    return store_here(writer)
 
 
 def top_rows(store: GradientStore, k: int) -> list[list[tuple[int, float]]]:

@@ -520,6 +520,12 @@ def ekfac(cfg: Any) -> Any:
         save_yaml(cfg, root / "ekfac.yaml")
 
     distributed.on_rank_zero(prepare, f"preparing the run directory {root}")
+    distributed.require_shared_directory(
+        root,
+        "ekfac",
+        "every rank loads the stages rank 0 writes there: the eigenbases, the corrected eigenvalues "
+        "and the preconditioned queries",
+    )
 
     model, tokenizer = load_model(cfg)
     max_tokens = token_budget(cfg, model)

@@ -850,6 +850,12 @@ def magic(cfg: MagicConfig) -> Any:
         save_yaml(cfg, root / CONFIG_FILE)
 
     distributed.on_rank_zero(prepare_dir, f"preparing the run directory {root}")
+    distributed.require_shared_directory(
+        root,
+        "magic",
+        "rank 0 alone saves the training checkpoints and finished reverse passes there, and every "
+        "rank decides from them where a run resumes, in step with the others",
+    )
     try:
         return load_gradients(root / "scores")
     except BergsonError:

@@ -233,6 +233,12 @@ def trackstar(cfg: TrackstarConfig, normalizers: Mapping[str, Normalizer] | None
         save_yaml(cfg, root / CONFIG_FILE)
 
     distributed.on_rank_zero(prepare_dir, f"preparing the run directory {root}")
+    distributed.require_shared_directory(
+        root,
+        "trackstar",
+        "its later steps read on every rank what earlier ones wrote there: the query store, "
+        "its statistics and the mixed preconditioner",
+    )
 
     run = _Pipeline(cfg, normalizers)
     run.step("train_stats", is_complete(root / "train_stats"), run.train_stats)

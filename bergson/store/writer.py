@@ -7,16 +7,19 @@ both through a temporary name, fsync and rename; a shard is complete exactly whe
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..distributed import LAUNCH_MARKER
 from ..errors import BergsonError
 from .manifest import (
     MANIFEST,
@@ -74,22 +77,53 @@ class StoreWriter:
     With ``create=False`` it opens a store that another process (rank 0 of several workers)
     has just created or validated, and writes nothing but its own shards: the manifest must be
     there and agree with ``manifest``.
+
+    With ``node_local=True`` it is a worker's copy of such a store on a machine that does not
+    see rank 0's directory: created (or resumed) from the same manifest like rank 0's, under a
+    lock, so that several workers of one machine may share it; it only collects shards, which
+    are sent to rank 0 at the end, and is never finalized.
     """
 
-    def __init__(self, root: str | Path, manifest: Manifest, *, overwrite: bool = False, create: bool = True):
-        self.root = Path(root)
-        self.manifest = manifest
-        self.complete = False
-        if create:
+    def __init__(
+        self,
+        root: str | Path,
+        manifest: Manifest,
+        *,
+        overwrite: bool = False,
+        create: bool = True,
+        node_local: bool = False,
+    ):
+        self._init(root, manifest, node_local)
+        if node_local:
+            self._prepare_local(overwrite)
+        elif create:
             self._prepare(overwrite)
         else:
             self._attach()
+
+    def _init(self, root: str | Path, manifest: Manifest, node_local: bool) -> None:
+        self.root = Path(root)
+        self.manifest = manifest
+        self.complete = False
+        self.node_local = node_local
+        """Whether this process writes a copy of its own (it does not see rank 0's store)."""
+        self.local_ranks: list[int] = []
+        """The ranks that write copies of their own (set by the launch; the same on every rank)."""
         self._rows: range | None = None
         self._buf: np.ndarray | None = None
         self._tokens: np.ndarray | None = None
         self._loss: np.ndarray | None = None
         self._filled: np.ndarray | None = None
         self._token_rows: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def complete_elsewhere(cls, root: str | Path, manifest: Manifest) -> StoreWriter:
+        """A node-local worker's writer when rank 0's store (on another machine) is already
+        complete: nothing to write, and nothing is created here."""
+        writer = cls.__new__(cls)
+        writer._init(root, manifest, node_local=True)
+        writer.complete = True
+        return writer
 
     # ---------------------------------------------------------------- set-up
     def _prepare(self, overwrite: bool) -> None:
@@ -113,18 +147,36 @@ class StoreWriter:
                     "pass --overwrite to replace it, or choose another run_path"
                 )
             remove_outputs(root, _OWN_FILES)
-        elif root.is_dir() and any(root.iterdir()):
+        elif root.is_dir() and any(p.name != LAUNCH_MARKER for p in root.iterdir()):
             raise BergsonError(
                 f"run_path {root} exists and is not a bergson store; choose a new or empty directory"
             )
         (root / SHARDS).mkdir(parents=True, exist_ok=True)
         write_manifest(root, self.manifest)
 
+    def _prepare_local(self, overwrite: bool) -> None:
+        root = self.root
+        if root.exists() and not root.is_dir():
+            raise BergsonError(f"run_path {root} is a file; choose a directory")
+        root.mkdir(parents=True, exist_ok=True)
+        with _locked(root):  # the other workers of this machine prepare the same directory
+            # an unfinished copy of this very store is resumed even with --overwrite: it may be rank
+            # 0's own directory seen through a stale network-filesystem cache, and its config and
+            # side files must not be removed
+            resume = (root / MANIFEST).is_file()
+            if resume:
+                old = read_manifest(root)
+                resume = old.status != "complete" and not describe_difference(
+                    old.identity(), self.manifest.identity()
+                )
+            self._prepare(overwrite and not resume)
+        self.complete = False  # a copy collects shards; only rank 0's store is finalized
+
     def _attach(self) -> None:
         if not (self.root / MANIFEST).is_file():
             raise BergsonError(
-                f"{self.root}: the store rank 0 prepared is not visible to this worker; every worker "
-                "must write into the same directory (on several machines, a shared filesystem)"
+                f"{self.root}: this worker sees rank 0's directory but not the manifest rank 0 wrote "
+                "there; check that the directory is not being replaced or cleaned by something else"
             )
         old = read_manifest(self.root)
         diffs = describe_difference(old.identity(), self.manifest.identity())
@@ -229,10 +281,10 @@ class StoreWriter:
         shards = [shard_name(i) for i in range(num_shards)]
         missing = [s for s in shards if not (self.root / f"{s}.npy").is_file()]
         if missing:
+            shown = ", ".join(missing[:8]) + (", ..." if len(missing) > 8 else "")
             raise BergsonError(
-                f"{self.root}: {len(missing)} of {num_shards} shards are missing ({', '.join(missing[:3])}); "
-                "workers on several machines must write into the same directory (a shared filesystem), "
-                "and rerunning the same command writes what is missing"
+                f"{self.root}: {len(missing)} of {num_shards} shards are missing ({shown}); "
+                "rerunning the same command resumes: it computes only the missing shards"
             )
         if self.aggregate:
             total = np.zeros(self.manifest.total_dim, np.float64)
@@ -263,6 +315,22 @@ class StoreWriter:
         write_manifest(self.root, self.manifest)
         self.complete = True
         return self.manifest
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the directory ``root`` (for processes of one machine)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: workers of one machine race as before
+        yield
+        return
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def remove_outputs(root: Path, names: Iterable[str]) -> None:
