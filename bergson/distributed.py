@@ -252,50 +252,6 @@ def control_group() -> Any:
     return _control
 
 
-def gather_to_zero(obj: _T) -> list[_T] | None:
-    """Every rank's ``obj`` (a small picklable object), in rank order, on rank 0 (None elsewhere)."""
-    if world_size() == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] | None = [None] * world_size() if rank() == 0 else None
-    dist.gather_object(obj, out, dst=0, group=_control)
-    return out
-
-
-_CHUNK_BYTES = 64 << 20
-
-
-def send_array(array: Any, dst: int) -> None:
-    """Send a numpy array to rank ``dst`` (which calls :func:`recv_array`), in pieces of at most
-    64 MiB over the CPU group."""
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-
-    array = np.ascontiguousarray(array)
-    dist.send_object_list([(array.dtype.str, array.shape)], dst=dst, group=_control)
-    flat = array.reshape(-1).view(np.uint8)
-    for start in range(0, flat.size, _CHUNK_BYTES):
-        dist.send(torch.from_numpy(flat[start : start + _CHUNK_BYTES]), dst=dst, group=_control)
-
-
-def recv_array(src: int) -> Any:
-    """The numpy array rank ``src`` sends with :func:`send_array`."""
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-
-    header: list[Any] = [None]
-    dist.recv_object_list(header, src=src, group=_control)
-    dtype, shape = header[0]
-    out = np.empty(shape, np.dtype(dtype))
-    flat = out.reshape(-1).view(np.uint8)
-    for start in range(0, flat.size, _CHUNK_BYTES):
-        dist.recv(torch.from_numpy(flat[start : start + _CHUNK_BYTES]), src=src, group=_control)
-    return out
-
-
 def on_rank_zero(fn: Callable[[], _T], what: str) -> _T | None:
     """Run ``fn`` on rank 0 while the other ranks wait; its result there (None elsewhere).
 
@@ -381,6 +337,36 @@ def require_shared_directory(root: str | Path, command: str, why: str) -> None:
             f"rank 0's directory {root} ({why}); put run_path on a filesystem that every machine "
             "mounts at the same path, or run on one machine"
         )
+
+
+def send_array(array: Any, dst: int) -> None:
+    """Send a numpy array to rank ``dst`` (which calls :func:`recv_array`), in pieces of at most
+    64 MiB over the CPU group."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    array = np.ascontiguousarray(array)
+    dist.send_object_list([(array.dtype.str, array.shape)], dst=dst, group=_control)
+    flat = array.reshape(-1).view(np.uint8)
+    for start in range(0, flat.size, CHUNK_BYTES):
+        dist.send(torch.from_numpy(flat[start : start + CHUNK_BYTES]), dst=dst, group=_control)
+
+
+def recv_array(src: int) -> Any:
+    """The numpy array rank ``src`` sends with :func:`send_array`."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    header: list[Any] = [None]
+    dist.recv_object_list(header, src=src, group=_control)
+    dtype, shape = header[0]
+    out = np.empty(shape, np.dtype(dtype))
+    flat = out.reshape(-1).view(np.uint8)
+    for start in range(0, flat.size, CHUNK_BYTES):
+        dist.recv(torch.from_numpy(flat[start : start + CHUNK_BYTES]), src=src, group=_control)
+    return out
 
 
 def send_files(paths: list[Path], dst: int) -> None:

@@ -116,7 +116,7 @@ class EpochStore:
         world = distributed.world_size()
         if world == 1:
             return
-        summary = distributed.gather_to_zero((self.order, self.approximate))
+        summary = distributed.all_gather_objects((self.order, self.approximate))
         mine = np.flatnonzero(self.seen)
         chunk = max(1, (64 << 20) // (4 * max(1, self.vectors.shape[1])))
         if distributed.rank() != 0:
@@ -126,7 +126,6 @@ class EpochStore:
                 distributed.send_array(self.vectors[mine[a : a + chunk]], 0)
             self.order = []
             return
-        assert summary is not None
         entries = sorted(
             (step, micro, r, rows, z)
             for r, (order, _) in enumerate(summary)
