@@ -1,5 +1,8 @@
 """Wall time of the same work on one process and on two workers (gloo, CPU): ``build`` plain,
-``build --fsdp``, and ``magic`` data parallel; and whether the outputs agree.
+``build --fsdp``, ``build`` on two "machines" without a shared filesystem (two ranks launched
+by hand, each in a directory of its own, writing the same relative run_path: rank 1 writes a
+node-local copy and sends its shards to rank 0 at the end), and ``magic`` data parallel; and
+whether the outputs agree.
 
 Each run is its own ``bergson`` process, timed from outside (start-up and model loading
 included). On a CPU machine two workers share the cores one process would use (each worker
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,6 +28,7 @@ import numpy as np
 import yaml
 
 from bergson import load_gradients
+from bergson.distributed import free_port
 
 from .common import corpus_slice, pythia_shaped_dir
 
@@ -31,6 +36,29 @@ from .common import corpus_slice, pythia_shaped_dir
 def timed(args: list[str]) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "bergson", *args], check=True, capture_output=True, text=True)
+    return round(time.perf_counter() - start, 2)
+
+
+def timed_two_machines(root: Path, args: list[str]) -> float:
+    """``bergson ARGS`` as ranks 0 and 1 of one launch, run in ``root/node0`` and ``root/node1``."""
+    env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    start = time.perf_counter()
+    procs = []
+    for rank in (0, 1):
+        (root / f"node{rank}").mkdir()
+        rank_env = {**env, "RANK": str(rank), "GROUP_RANK": str(rank)}
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "bergson", *args],
+                cwd=root / f"node{rank}",
+                env=rank_env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    if any(p.wait() != 0 for p in procs):
+        raise SystemExit(f"bergson {' '.join(args)} on two machines failed")
     return round(time.perf_counter() - start, 2)
 
 
@@ -61,11 +89,20 @@ def main() -> None:
             "build_2_fsdp": ["build", str(root / "b2f"), *common, "--nproc_per_node", "2", "--fsdp"],
         }
         out["seconds"] = {name: timed(cmd) for name, cmd in runs.items()}
+        out["seconds"]["build_2_no_shared_fs"] = timed_two_machines(root, ["build", "runs/index", *common])
+        local = root / "node0" / "runs" / "index"
+        out["build_2_no_shared_fs_vs_1"] = round(
+            out["seconds"]["build_2_no_shared_fs"] / out["seconds"]["build_1"], 3
+        )
+        out["shards_sent_to_rank_0"] = sum(
+            1 for _ in (root / "node1" / "runs" / "index" / "shards").glob("*.npy")
+        )
         out["build_2_vs_1"] = round(out["seconds"]["build_2"] / out["seconds"]["build_1"], 3)
         out["build_2_fsdp_vs_1"] = round(out["seconds"]["build_2_fsdp"] / out["seconds"]["build_1"], 3)
         out["max_rel_diff"] = {
             "build_2": max_rel_diff(root / "b1", root / "b2"),
             "build_2_fsdp": max_rel_diff(root / "b1", root / "b2f"),
+            "build_2_no_shared_fs": max_rel_diff(root / "b1", local),
         }
         recipe = {
             "model": str(model),
