@@ -8,6 +8,7 @@ optimizer state at the start of every step; every rank saves the rows it was fed
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,13 @@ def main(out: Path, rows: int) -> None:
     prepare_for_gradient_collection(trainer)
     trainer.train()
     (out / f"fed-{trainer.args.process_index}.json").write_text(json.dumps(capture.fed))
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), int(sys.argv[2]))
+    # as bergson's own workers do: skip the interpreter's finalization, where torch's process-group
+    # threads can abort a process whose work is done
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
