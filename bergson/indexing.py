@@ -305,27 +305,21 @@ def open_shared_store(
     rank 0's: it does not find the launch marker rank 0 leaves there) writes into a copy of its
     own at ``cfg.run_path`` on its machine, whose shards :func:`finish_shared_store` sends to
     rank 0. ``writer.local_ranks`` lists such ranks, on every rank."""
-    if distributed.world_size() == 1:
+
+    def create() -> StoreWriter:
         writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite)
         if setup is not None and not writer.complete:
             setup(writer)
         return writer
+
+    if distributed.world_size() == 1:
+        return create()
     me = distributed.rank()
-
-    def create() -> tuple[StoreWriter, str]:
-        writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite)
-        if setup is not None and not writer.complete:
-            setup(writer)
-        return writer, distributed.write_marker(writer.root)
-
-    made = distributed.on_rank_zero(create, f"preparing the store at {cfg.run_path}")
-    said = distributed.broadcast(None if made is None else (made[1], made[0].complete))
-    assert said is not None
-    token, complete = said
-    local, error = False, None
-    writer: StoreWriter | None = made[0] if made is not None else None
+    writer = distributed.on_rank_zero(create, f"preparing the store at {cfg.run_path}")
+    complete = distributed.broadcast(None if writer is None else writer.complete)
+    local_ranks = distributed.node_local_ranks(cfg.run_path)
+    local, error = me in local_ranks, None
     if me != 0:
-        local = not distributed.sees_marker(cfg.run_path, token)
         try:
             if not local:
                 writer = StoreWriter(cfg.run_path, manifest, create=False)
@@ -342,16 +336,14 @@ def open_shared_store(
         except (BergsonError, OSError) as e:
             where = f" (it does not see rank 0's store; its own copy: {Path(cfg.run_path).resolve()})"
             error = BergsonError(f"rank {me}{where if local else ''}: {e}")
-    reports = distributed.all_gather_objects((local, None if error is None else str(error)))
-    if me == 0:
-        distributed.clear_marker(cfg.run_path)
+    reports = distributed.all_gather_objects(None if error is None else str(error))
     if error is not None:
         raise error
-    failed = [(r, message) for r, (_, message) in enumerate(reports) if message]
+    failed = [(r, message) for r, message in enumerate(reports) if message]
     if failed:
         raise distributed.PeerError(f"rank {failed[0][0]} could not open the store ({failed[0][1]})")
     assert writer is not None
-    writer.local_ranks = [r for r, (is_local, _) in enumerate(reports) if is_local]
+    writer.local_ranks = local_ranks
     if me == 0 and writer.local_ranks and not writer.complete:
         logger.info(
             "rank(s) %s do not see %s: they write node-local copies and send their shards here at the end",

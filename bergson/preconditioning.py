@@ -54,14 +54,7 @@ def fit_on_documents(
     sink = StatisticsSink(dims, resolve_device(cfg.device))
     collect_with(cfg, model, docs, modules, sink, normalizers, pad_token_id)
     sink.all_reduce()
-    return Preconditioner(
-        sink.second_moments(),
-        num_rows=sink.count,
-        layout=layout_of(layout),
-        damping=damping,
-        damping_mode=damping_mode,
-        source=source or {},
-    )
+    return sink.preconditioner(layout_of(layout), damping, damping_mode, source)
 
 
 def check_saved_config(cfg: Any, path: Path, what: str, ignore: tuple[str, ...] = ()) -> None:

@@ -42,22 +42,28 @@ def ekfac_cli(
     )  # fmt: skip
 
 
+def ekfac_one(out: Path, model_dir: Path, corpus_file: Path, split: str, token_batch_size: int, **options):
+    """The one-process run (in this process) that :func:`ekfac_cli` ``out ... split token_batch_size``
+    describes, with further ``EkfacConfig`` options."""
+    data = DataConfig(dataset=str(corpus_file), split=split, truncation=True, max_length=32)
+    query = DataConfig(dataset=str(corpus_file), split="train[20:23]", truncation=True, max_length=32)
+    cfg = EkfacConfig(
+        run_path=str(out),
+        model=str(model_dir),
+        data=data,
+        query=query,
+        token_batch_size=token_batch_size,
+        modules=["gpt_neox.layers.*"],
+        **options,
+    )
+    return ekfac(cfg)
+
+
 def test_ekfac_on_two_workers_equals_one(tmp_path, model_dir, corpus_file):
     """Documents split by tokens, sums all-reduced, rank 0 writes: the same factors, corrected
     eigenvalues and scores (and token rows) as one process; a rerun resumes on both ranks."""
-    data = DataConfig(dataset=str(corpus_file), split="train[:12]", truncation=True, max_length=32)
-    query = DataConfig(dataset=str(corpus_file), split="train[20:23]", truncation=True, max_length=32)
-    one = ekfac(
-        EkfacConfig(
-            run_path=str(tmp_path / "one"),
-            model=str(model_dir),
-            data=data,
-            query=query,
-            token_batch_size=128,
-            modules=["gpt_neox.layers.*"],
-            per_token=True,
-            per_module_scores=True,
-        )
+    one = ekfac_one(
+        tmp_path / "one", model_dir, corpus_file, "train[:12]", 128, per_token=True, per_module_scores=True
     )
     out = tmp_path / "two"
     args = ekfac_cli(

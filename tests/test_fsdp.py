@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from bergson import BergsonError, EkfacConfig, build, ekfac, load_gradients
+from bergson import BergsonError, build, load_gradients
 from bergson.config import DataConfig, MagicConfig
 from bergson.distributed import decoder_layers, is_sharded, shard_model
 from bergson.models import quantization_config
 
 from .conftest import tiny_neox
 from .test_distributed import assert_same_store, cli, one_cfg, options
-from .test_distributed_ekfac import assert_close, ekfac_cli
+from .test_distributed_ekfac import assert_close, ekfac_cli, ekfac_one
 
 
 def test_sharded_model_has_fsdp_layers_and_same_gradients_in_one_process(tmp_path, model_dir, corpus_file):
@@ -46,18 +46,7 @@ def test_build_with_fsdp_on_two_workers_equals_one(tmp_path, model_dir, corpus_f
 
 
 def test_ekfac_with_fsdp_on_two_workers_equals_one(tmp_path, model_dir, corpus_file):
-    data = DataConfig(dataset=str(corpus_file), split="train[:11]", truncation=True, max_length=32)
-    query = DataConfig(dataset=str(corpus_file), split="train[20:23]", truncation=True, max_length=32)
-    one = ekfac(
-        EkfacConfig(
-            run_path=str(tmp_path / "one"),
-            model=str(model_dir),
-            data=data,
-            query=query,
-            token_batch_size=64,
-            modules=["gpt_neox.layers.*"],
-        )
-    )
+    one = ekfac_one(tmp_path / "one", model_dir, corpus_file, "train[:11]", 64)
     out = tmp_path / "two"
     cli(*ekfac_cli(out, model_dir, corpus_file, "train[:11]", "64", "--fsdp", "--nproc_per_node", "2"))
     two = load_gradients(out / "scores")

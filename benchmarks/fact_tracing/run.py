@@ -365,10 +365,9 @@ def main() -> None:
 def publish(result: dict[str, Any], results_dir: Path) -> None:
     """Copy the results beside the other quality benchmarks: ``fact_tracing.json``, ``.md`` (with
     the command) and ``.png`` (MRR and recall@10 per method)."""
-    from ..quality.common import bar_plot
+    from ..quality.common import bar_plot, save_json
 
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "fact_tracing.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_json(results_dir, "fact_tracing", result)
     command = (
         "Command: `python -m benchmarks.fact_tracing.run` (defaults; `--results_dir` writes these files).\n\n"
     )

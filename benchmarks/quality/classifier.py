@@ -35,6 +35,7 @@ import torch
 from bergson.validation import correlations, draw_subsets, score_correlations
 
 from . import digits as D
+from .common import save_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -206,9 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "models": {kind: evaluate(kind, args) for kind in args.models},
     }
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "classifier.json").write_text(json.dumps(report, indent=2))
+    out = save_json(Path(args.out_dir), "classifier", report)
     write_markdown(report, out / "classifier.md")
     write_plot(report, out / "classifier.png")
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -32,6 +33,14 @@ def machine() -> dict[str, Any]:
         "load_avg_1m": round(load[0], 2),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
+
+
+def save_json(out_dir: Path, name: str, report: Mapping[str, Any]) -> Path:
+    """Write ``out_dir/NAME.json`` (making ``out_dir``) and return ``out_dir``, where the
+    benchmark's markdown table and plot go beside it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    return out_dir
 
 
 def bar_plot(

@@ -47,7 +47,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .common import bar_plot, fmt_corr, machine, markdown_table
+from .common import bar_plot, fmt_corr, machine, markdown_table, save_json
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "examples" / "magic" / "tiny.yaml"
@@ -327,8 +327,7 @@ def protocol_name(protocol: str, fraction: float) -> str:
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lm.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_json(out, "lm", result)
     protocols = [p["name"] for p in result["protocols"]]
     methods = result["methods"]
     header = ["method", *(f"{p} Spearman" for p in protocols), "scoring wall s"]

@@ -36,6 +36,7 @@ from torch import nn
 import bergson
 
 from . import digits as D
+from .common import save_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("loss", "dot", "adam", "trackstar", "ekfac", "exact_if")
@@ -204,9 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "models": results,
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mislabel.json").write_text(json.dumps(report, indent=2))
+    out = save_json(Path(args.out_dir), "mislabel", report)
     write_markdown(report, out / "mislabel.md")
     write_plot(curves, out / "mislabel.png")
     return report

@@ -68,13 +68,7 @@ def fit_second_moment(
     sink = StatisticsSink({m.name: m.dim for m in grads.layouts})
     zeros = np.zeros(len(grads))
     sink.write(np.arange(len(grads)), grads.vectors.numpy(), zeros, zeros)
-    return Preconditioner(
-        sink.second_moments(),
-        num_rows=sink.count,
-        layout=_layout(grads),
-        damping=damping,
-        damping_mode=damping_mode,
-    )
+    return sink.preconditioner(_layout(grads), damping, damping_mode)
 
 
 def gradient_scores(

@@ -105,6 +105,23 @@ class StatisticsSink:
             raise BergsonError("no rows with a loss token were seen; the second moment is undefined")
         return {n: s.double().cpu() / self.count for n, s in self.sums.items()}
 
+    def preconditioner(
+        self,
+        layout: dict[str, Any],
+        damping: float,
+        damping_mode: str,
+        source: dict[str, Any] | None = None,
+    ) -> Preconditioner:
+        """The :class:`Preconditioner` of these second moments (vectors in the space ``layout``)."""
+        return Preconditioner(
+            self.second_moments(),
+            num_rows=self.count,
+            layout=layout,
+            damping=damping,
+            damping_mode=damping_mode,
+            source=source or {},
+        )
+
 
 def layout_of(manifest: Manifest) -> dict[str, Any]:
     """The part of a store manifest that fixes the space its vectors live in."""
