@@ -66,7 +66,7 @@ def train_only(plain: bool, epochs: int) -> None:
     replay = Replay(model, docs, cfg.training, tokenizer.pad_token_id or 0, progress=False)
     start = time.perf_counter()
     if plain:
-        from bergson.collect.loop import _pad
+        from bergson.data.batching import pad_batch
 
         model.requires_grad_(True)
         r = cfg.training
@@ -75,7 +75,7 @@ def train_only(plain: bool, epochs: int) -> None:
         )
         for t in range(replay.num_steps):
             for idx in replay.plan[t]:
-                ids, labels = _pad(docs, idx, tokenizer.pad_token_id or 0)
+                ids, labels = pad_batch(docs, idx, tokenizer.pad_token_id or 0)
                 model(input_ids=ids, labels=labels).loss.backward()
             if r.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), r.max_grad_norm)

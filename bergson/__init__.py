@@ -15,7 +15,7 @@ _EXPORTS = {
     "BergsonError": "bergson.errors",
     "DataConfig": "bergson.config",
     "IndexConfig": "bergson.config",
-    "AttentionConfig": "bergson.config",
+    "AttentionConfig": "bergson.core.layout",
     "GradientCollector": "bergson.collect.hooks",
     "collect_gradients": "bergson.collect.loop",
     "per_example_gradients": "bergson.collect.generic",
@@ -39,7 +39,7 @@ _EXPORTS = {
     "load_model": "bergson.models",
     "find_tracked_modules": "bergson.models",
     "Attributor": "bergson.search.attributor",
-    "FaissConfig": "bergson.search.faiss_index",
+    "FaissConfig": "bergson.config",
     "exact_topk": "bergson.search.exact",
     "QueryConfig": "bergson.config",
     "ScoreConfig": "bergson.config",
@@ -150,9 +150,9 @@ if TYPE_CHECKING:
     from .collect.hooks import GradientCollector
     from .collect.loop import InMemorySink, collect_gradients, per_document_loss
     from .config import (
-        AttentionConfig,
         DataConfig,
         EkfacConfig,
+        FaissConfig,
         IndexConfig,
         MagicConfig,
         ModelConfigTestConfig,
@@ -166,6 +166,7 @@ if TYPE_CHECKING:
         TrainingConfig,
         ValidateConfig,
     )
+    from .core.layout import AttentionConfig
     from .data.load import load_data
     from .data.tokenize import tokenize_documents
     from .diagnostics import test_model_configuration
@@ -191,7 +192,6 @@ if TYPE_CHECKING:
     from .scoring import score
     from .search.attributor import Attributor
     from .search.exact import exact_topk
-    from .search.faiss_index import FaissConfig
     from .store.reader import GradientStore, load_gradients
     from .transforms.normalizers import AdafactorNormalizer, AdamNormalizer
     from .transforms.optimizer_state import normalizers_from_optimizer_state

@@ -13,7 +13,6 @@ from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin, get_t
 import tyro
 
 from .errors import BergsonError
-from .search.faiss_index import FaissConfig
 
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int4", "int8"]
 
@@ -57,34 +56,20 @@ class DataConfig:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
-@dataclass(frozen=True)
-class AttentionConfig:
-    """How one module's gradient splits into attention heads: ``num_heads`` consecutive blocks of
-    ``head_size`` features along axis ``head_dim`` of the (out x in) weight.
+@dataclass
+class FaissConfig:
+    """How to build and query a FAISS index over a gradient store."""
 
-    ``head_dim=0`` splits the output axis (rows): query, key and value projections, and fused qkv
-    layers whose rows are grouped per head (GPT-NeoX). ``head_dim=1`` splits the input axis
-    (columns): the attention output projection, whose inputs are the concatenated heads.
-    ``num_heads * head_size`` must equal the size of that axis.
-    """
-
-    num_heads: int
-    head_size: int
-    head_dim: int = 0
-
-    @classmethod
-    def parse(cls, spec: str) -> tuple[str, AttentionConfig]:
-        """``'PATTERN=NUM_HEADS:HEAD_SIZE:AXIS'`` (AXIS: out, in, 0 or 1) -> (pattern, config)."""
-        pattern, _, rest = spec.partition("=")
-        parts = rest.split(":")
-        axes = {"out": 0, "0": 0, "in": 1, "1": 1}
-        if not pattern or len(parts) != 3 or parts[2] not in axes or not all(p.isdigit() for p in parts[:2]):
-            raise BergsonError(
-                f"--attention_heads {spec!r}: expected MODULE_PATTERN=NUM_HEADS:HEAD_SIZE:AXIS with AXIS "
-                "out (heads on the output rows: q/k/v, fused qkv) or in (heads on the input columns: "
-                "the attention output projection), e.g. 'gpt_neox.layers.*.attention.dense=4:16:in'"
-            )
-        return pattern, cls(int(parts[0]), int(parts[1]), axes[parts[2]])
+    index_factory: str = "Flat"
+    """FAISS index factory string: "Flat" is exact; "IVF1024,Flat" or "IVF4096,PQ64" are approximate."""
+    mmap_index: bool = False
+    """Memory-map the saved index instead of reading it into RAM (for indices larger than memory)."""
+    nprobe: int = 10
+    """Inverted lists an IVF index visits per query: higher is slower and finds more true neighbours."""
+    num_shards: int = 1
+    """Split the store into this many contiguous row ranges, each its own index (less memory per build)."""
+    max_train_examples: int | None = None
+    """Rows (sampled with a fixed seed) used to train IVF/PQ indices; default: 256 per IVF list, at least 65536."""
 
 
 @dataclass

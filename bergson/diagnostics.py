@@ -39,9 +39,10 @@ from torch import nn
 
 from .collect.loop import InMemorySink, collect_gradients
 from .config import ModelConfigTestConfig, ModelOptions
+from .core.devices import resolve_device
 from .data import TokenizedDocs, load_data, tokenize_documents
 from .errors import BergsonError
-from .models import find_tracked_modules, load_model, numerics, resolve_device, resolve_dtype
+from .models import find_tracked_modules, load_model, numerics, resolve_dtype
 
 logger = logging.getLogger(__name__)
 

@@ -51,12 +51,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .core.devices import launched, local_rank, resolve_device
 from .errors import BergsonError
 
 logger = logging.getLogger(__name__)
-
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-"""Environment variables a torchrun-style launcher sets for every worker."""
 
 SPAWNED = "BERGSON_SPAWNED"
 """Set by :func:`launch` in its workers: the launching process reports the result, not rank 0."""
@@ -78,11 +76,6 @@ class PeerError(BergsonError):
 # ---------------------------------------------------------------------- who am I
 
 
-def launched() -> bool:
-    """Whether this process was started by a torchrun-style launcher (the environment says so)."""
-    return all(v in os.environ for v in LAUNCH_VARS)
-
-
 def env_world_size() -> int:
     """The launch's number of ranks (1 when not launched)."""
     return int(os.environ["WORLD_SIZE"]) if launched() else 1
@@ -91,11 +84,6 @@ def env_world_size() -> int:
 def env_rank() -> int:
     """This process's rank according to the launch environment (0 when not launched)."""
     return int(os.environ["RANK"]) if launched() else 0
-
-
-def local_rank() -> int:
-    """This process's rank on its machine (0 when not launched)."""
-    return int(os.environ.get("LOCAL_RANK", os.environ["RANK"])) if launched() else 0
 
 
 def is_active() -> bool:
@@ -172,7 +160,6 @@ def init_from(cfg: Any) -> None:
     """:func:`init` with a config's device and ``dist_timeout``."""
     if is_active() or env_world_size() <= 1:
         return
-    from .models import resolve_device
 
     init(resolve_device(getattr(cfg, "device", "auto")), getattr(cfg, "dist_timeout", DEFAULT_TIMEOUT))
 

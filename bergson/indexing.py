@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from . import __version__, distributed
-from .collect.hooks import module_blocks, resolve_heads
 from .collect.loop import Sink, collect_gradients
 from .config import DataConfig, IndexConfig, save_yaml, to_dict
+from .core.layout import column_layouts
 from .data import TokenizedDocs, assign_shards, load_data, plan_shards, tokenize_documents
 from .errors import BergsonError
 from .models import find_tracked_modules, load_model, numerics
-from .store import GradientStore, Manifest, ModuleLayout, StoreWriter, load_gradients
+from .store import GradientStore, Manifest, StoreWriter, load_gradients
 from .store.writer import TOKENS, shard_name
 from .transforms.normalizers import NORMALIZERS_FILE, AdafactorNormalizer, Normalizer, save_normalizers
 from .transforms.preconditioners import STORE_DIR as PRECONDITIONER_DIR
@@ -97,17 +97,7 @@ def make_manifest(
     max_tokens: int,
     normalizers: Mapping[str, Normalizer] | None = None,
 ) -> Manifest:
-    layouts, offset = [], 0
-    heads = resolve_heads(modules, cfg.attention_heads)
-    for name, m in modules.items():
-        for block in module_blocks(name, m, cfg.include_bias, heads.get(name)):
-            dim = block.dim(cfg.projection_dim)
-            layouts.append(
-                ModuleLayout(
-                    block.name, type(m).__name__, list(block.shape), block.bias, offset, dim, block.head
-                )
-            )
-            offset += dim
+    layouts = column_layouts(modules, cfg.projection_dim, cfg.include_bias, cfg.attention_heads)
     dtype = (
         cfg.save_dtype if cfg.save_dtype != "auto" else ("float16" if cfg.projection_dim > 0 else "float32")
     )
@@ -307,7 +297,9 @@ def open_shared_store(
     rank 0. ``writer.local_ranks`` lists such ranks, on every rank."""
 
     def create() -> StoreWriter:
-        writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite)
+        writer = StoreWriter(
+            cfg.run_path, manifest, overwrite=cfg.overwrite, foreign_files=(distributed.LAUNCH_MARKER,)
+        )
         if setup is not None and not writer.complete:
             setup(writer)
         return writer
@@ -326,7 +318,13 @@ def open_shared_store(
             elif complete:
                 writer = StoreWriter.complete_elsewhere(cfg.run_path, manifest)
             else:
-                writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite, node_local=True)
+                writer = StoreWriter(
+                    cfg.run_path,
+                    manifest,
+                    overwrite=cfg.overwrite,
+                    node_local=True,
+                    foreign_files=(distributed.LAUNCH_MARKER,),
+                )
                 logger.info(
                     "rank %d does not see rank 0's store: it writes its shards node-locally into %s "
                     "and sends them to rank 0 at the end",

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import ModelOptions
+from .core.devices import resolve_device
 from .errors import BergsonError
 
 logger = logging.getLogger(__name__)
@@ -22,30 +23,6 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZED = ("int4", "int8")
 """--precision values that load the linear layers quantized by bitsandbytes."""
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when present, else the CPU. Under a torchrun-style launch, 'auto' and
-    'cuda' mean this worker's own GPU, cuda:LOCAL_RANK."""
-    from . import distributed
-
-    if device in ("auto", "cuda") and distributed.launched() and torch.cuda.is_available():
-        index = distributed.local_rank()
-        if index >= torch.cuda.device_count():
-            raise BergsonError(
-                f"--device {device}: local rank {index} has no GPU of its own ({torch.cuda.device_count()} "
-                "here); start at most one process per GPU, or pass --device cpu"
-            )
-        return torch.device("cuda", index)
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise BergsonError(f"--device: cannot parse {device!r} ({e}); use auto, cpu or cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BergsonError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return dev
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:

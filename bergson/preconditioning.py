@@ -12,12 +12,13 @@ import torch
 
 from . import distributed
 from .config import IndexConfig, PreconditionerConfig, load_yaml, save_yaml, to_dict
+from .core.devices import resolve_device
+from .core.files import describe_difference
 from .data import TokenizedDocs
 from .errors import BergsonError
 from .indexing import collect_with, make_manifest, prepare_inputs, resolve_normalizers, subsample
-from .models import find_tracked_modules, honours_numerics, resolve_device
+from .models import find_tracked_modules, honours_numerics
 from .store import load_gradients
-from .store.manifest import describe_difference
 from .transforms.normalizers import Normalizer
 from .transforms.preconditioners import (
     Preconditioner,

@@ -19,6 +19,8 @@ import torch
 
 from . import distributed
 from .config import DataConfig, ScoreConfig, save_yaml
+from .core.devices import resolve_device
+from .core.layout import ModuleLayout
 from .data import TokenizedDocs, load_data, plan_shards
 from .errors import BergsonError
 from .indexing import (
@@ -30,8 +32,8 @@ from .indexing import (
     resolve_normalizers,
     store_here,
 )
-from .models import find_tracked_modules, numerics, resolve_device
-from .store import GradientStore, Manifest, ModuleLayout, StoreWriter, load_gradients
+from .models import find_tracked_modules, numerics
+from .store import GradientStore, Manifest, StoreWriter, load_gradients
 from .store.manifest import SCORE_ORIENTATION, check_compatible
 from .transforms.normalizers import NORMALIZERS_FILE, load_normalizers
 from .transforms.preconditioners import carried, fixed_preconditioner, plan_powers, resolve_preconditioner

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .store.manifest import atomic_write_bytes
+from .core.files import atomic_write_bytes
 
 TIMINGS_FILE = "timings.json"
 

@@ -28,8 +28,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .config import MagicConfig, ValidateConfig
+from .core.files import atomic_write_bytes
 from .errors import BergsonError
-from .store.manifest import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from bergson import AdafactorNormalizer, AdamNormalizer, GradientCollector, collect_gradients
-from bergson.collect.hooks import module_shape
 from bergson.collect.loop import per_document_loss
+from bergson.core.layout import module_shape
 from bergson.data import TokenizedDocs
 from bergson.models import find_tracked_modules
 from bergson.transforms.projection import projection_matrix

@@ -10,7 +10,7 @@ import torch
 
 from bergson import collect_gradients
 from bergson.collect.hooks import GradientCollector
-from bergson.config import AttentionConfig
+from bergson.core.layout import AttentionConfig
 from bergson.errors import BergsonError
 from bergson.models import find_tracked_modules
 from bergson.transforms.projection import projection_matrix

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from bergson import collect_gradients
-from bergson.collect.loop import IGNORE, _pad
 from bergson.config import DataConfig
 from bergson.data import tokenize_documents
+from bergson.data.batching import IGNORE, pad_batch
 from bergson.data.tokenize import grpo_advantages, tokenize_conversations
 from bergson.errors import BergsonError
 
@@ -46,7 +46,7 @@ def tokenizer():
 
 def target_tokens(docs, i: int) -> np.ndarray:
     """The token ids that the padded labels of the collection loop mark as targets."""
-    _, labels = _pad(docs, np.array([i]), 0)
+    _, labels = pad_batch(docs, np.array([i]), 0)
     return labels[0][labels[0] != IGNORE].numpy()
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from bergson.collect.hooks import module_shape
+from bergson.core.layout import module_shape
 from bergson.errors import BergsonError
 from bergson.models import find_tracked_modules
 from bergson.transforms.normalizers import AdafactorNormalizer, AdamNormalizer

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from bergson import IndexConfig, ScoreConfig, build, collect_gradients, score
-from bergson.collect.hooks import module_shape
-from bergson.collect.loop import _pad, per_document_loss
+from bergson.collect.loop import per_document_loss
+from bergson.core.layout import module_shape
+from bergson.data.batching import pad_batch
 from bergson.errors import BergsonError
 from bergson.models import find_tracked_modules
 from bergson.transforms.projection import projection_matrix
@@ -23,7 +24,7 @@ def position_terms(model, module, docs, i: int) -> torch.Tensor:
     """∂loss/∂Δ_t for a perturbation Δ_t of the layer's weight applied at position t only:
     [T, out, in]. This is the t-th term of the document's gradient, from autograd alone."""
     out, n_in = module_shape(module)
-    ids, labels = _pad(docs, np.array([i]), 0)
+    ids, labels = pad_batch(docs, np.array([i]), 0)
     delta = torch.zeros(ids.shape[1], out, n_in, dtype=torch.float64, requires_grad=True)
 
     def hook(_mod, inputs, output):

@@ -103,7 +103,7 @@ def test_normalizers_travel_with_the_query_store(tmp_path, model_dir, corpus_fil
     import torch
 
     from bergson import AdafactorNormalizer, Attributor
-    from bergson.collect.hooks import module_shape
+    from bergson.core.layout import module_shape
     from bergson.models import find_tracked_modules, load_model
 
     cfg = make_cfg(tmp_path, model_dir, corpus_file, name="train", save_dtype="float32")

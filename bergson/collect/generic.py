@@ -31,10 +31,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.layout import ModuleLayout, column_layouts
 from ..errors import BergsonError
-from ..store.manifest import ModuleLayout
 from ..transforms.normalizers import Normalizer
-from .hooks import GradientCollector, LayerTap, TapFn, module_shape
+from .hooks import GradientCollector, LayerTap, TapFn
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 """``loss_fn(model, batch) -> losses [B]``: one loss per example of the batch."""
@@ -55,21 +55,6 @@ class ExampleGradients:
     def by_module(self) -> dict[str, torch.Tensor]:
         """The columns of each module, [N, dim] per module name."""
         return {m.name: self.vectors[:, m.offset : m.offset + m.dim] for m in self.layouts}
-
-
-def _layouts(collector: GradientCollector) -> list[ModuleLayout]:
-    out, offset = [], 0
-    for blocks in collector.blocks.values():
-        for b in blocks:
-            module = collector.modules[b.module]
-            dim = b.dim(collector.projection_dim)
-            out.append(
-                ModuleLayout(
-                    b.name, type(module).__name__, list(module_shape(module)), b.bias, offset, dim, b.head
-                )
-            )
-            offset += dim
-    return out
 
 
 def _losses(loss_fn: LossFn, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -119,7 +104,7 @@ def per_example_gradients(
         include_bias=include_bias,
         normalizers=normalizers,
     )
-    layouts = _layouts(collector)
+    layouts = column_layouts(collector.modules, projection_dim, include_bias, collector.heads)
     dtype = next(model.parameters()).dtype
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
     rows: list[torch.Tensor] = []

@@ -14,137 +14,19 @@ tracked layer.
 
 from __future__ import annotations
 
-import fnmatch
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import AttentionConfig
-from ..errors import BergsonError
+from ..core.layout import AttentionConfig, Block, is_conv1d, module_blocks, module_shape, resolve_heads
 from ..transforms.normalizers import AdafactorNormalizer, AdamNormalizer, Normalizer
 from ..transforms.projection import projection_matrix
 
 Closure = Callable[[str, torch.Tensor], None]
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def module_shape(module: nn.Module) -> tuple[int, int]:
-    """(out, in) of a tracked layer."""
-    if _is_conv1d(module):
-        weight: torch.Tensor = module.weight  # type: ignore[assignment]
-        return int(weight.shape[1]), int(weight.shape[0])
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    raise TypeError(f"unsupported layer type {type(module).__name__}")
-
-
-@dataclass(frozen=True)
-class Block:
-    """The part of a tracked module stored as one column block: the whole module, or one
-    attention head (rows ``rows`` of the output axis and columns ``cols`` of the input axis)."""
-
-    name: str
-    module: str
-    rows: slice
-    cols: slice
-    bias: bool
-    head: dict[str, Any] | None = None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.rows.stop - self.rows.start, self.cols.stop - self.cols.start
-
-    def dim(self, projection_dim: int) -> int:
-        """Length of the block's stored vector."""
-        if projection_dim > 0:
-            return projection_dim * projection_dim
-        out, n_in = self.shape
-        return out * n_in + (out if self.bias else 0)
-
-
-def module_blocks(
-    name: str, module: nn.Module, include_bias: bool, heads: AttentionConfig | None = None
-) -> list[Block]:
-    """The column blocks of a tracked module: itself, or one block per attention head named
-    ``'{name}.head{h}'``. Heads must tile their axis exactly."""
-    out, n_in = module_shape(module)
-    has_bias = include_bias and getattr(module, "bias", None) is not None
-    if heads is None:
-        return [Block(name, name, slice(0, out), slice(0, n_in), has_bias)]
-    axis = "out" if heads.head_dim == 0 else "in"
-    size = out if heads.head_dim == 0 else n_in
-    if heads.head_dim not in (0, 1) or heads.num_heads < 1 or heads.num_heads * heads.head_size != size:
-        raise BergsonError(
-            f"attention heads of {name}: {heads.num_heads} heads x {heads.head_size} features on axis "
-            f"{heads.head_dim} do not cover it: the layer is {out} (out) x {n_in} (in), so the heads of "
-            f"its {axis} axis must multiply to {size}"
-        )
-    if has_bias and heads.head_dim == 1:
-        raise BergsonError(
-            f"attention heads of {name} lie on its input axis, where the bias belongs to no head; "
-            "drop --include_bias or split this module on its output axis"
-        )
-    blocks = []
-    for h in range(heads.num_heads):
-        span = slice(h * heads.head_size, (h + 1) * heads.head_size)
-        info = {"module": name, "index": h, "num_heads": heads.num_heads, "axis": axis,
-                "start": span.start, "stop": span.stop}  # fmt: skip
-        rows, cols = (span, slice(0, n_in)) if heads.head_dim == 0 else (slice(0, out), span)
-        blocks.append(Block(f"{name}.head{h}", name, rows, cols, has_bias, info))
-    return blocks
-
-
-def resolve_heads(
-    modules: Mapping[str, nn.Module], heads: Mapping[str, AttentionConfig] | Sequence[str] | None
-) -> dict[str, AttentionConfig]:
-    """Map tracked module names to their head split, from exact names or glob patterns (or
-    'PATTERN=NUM_HEADS:HEAD_SIZE:AXIS' strings); every pattern must match a tracked module."""
-    if not heads:
-        return {}
-    if not isinstance(heads, Mapping):
-        heads = dict(AttentionConfig.parse(s) for s in heads)
-    out: dict[str, AttentionConfig] = {}
-    for pattern, cfg in heads.items():
-        matched = [n for n in modules if n == pattern or fnmatch.fnmatchcase(n, pattern)]
-        if not matched:
-            raise BergsonError(
-                f"attention heads {pattern!r} match no tracked module; tracked modules look like "
-                f"{next(iter(modules), '(none)')!r}"
-            )
-        for n in matched:
-            if n in out and out[n] != cfg:
-                raise BergsonError(f"module {n} is given two different attention head splits")
-            out[n] = cfg
-    return out
-
-
-def layout_module(layout: Any) -> str:
-    """The model module a store's column block (a ModuleLayout) belongs to."""
-    return layout.head["module"] if layout.head else layout.name
-
-
-def heads_of(layouts: Sequence[Any]) -> dict[str, AttentionConfig]:
-    """The attention-head splits recorded in a store's module layouts, per module."""
-    out: dict[str, AttentionConfig] = {}
-    for layout in layouts:
-        if layout.head:
-            h = layout.head
-            size = h["stop"] - h["start"]
-            out[h["module"]] = AttentionConfig(h["num_heads"], size, 0 if h["axis"] == "out" else 1)
-    return out
-
-
-def module_dims(module: nn.Module, projection_dim: int, include_bias: bool) -> int:
-    """Length of one (unsplit) module's stored vector."""
-    return module_blocks("", module, include_bias)[0].dim(projection_dim)
 
 
 class _LayerHooks:
@@ -175,12 +57,9 @@ class _LayerHooks:
 class GradientCollector(_LayerHooks):
     """Collect per-example (projected) gradients of tracked layers during backward.
 
-    Use as a context manager around the forward and backward passes::
-
-        with GradientCollector(model, projection_dim=16) as collector:
-            loss = per_document_loss(model(ids).logits, labels).sum()
-            loss.backward()
-        grads = collector.gradients  # {block name: [batch, dim]}
+    Open it as a context manager around a forward pass and the backward pass of the summed
+    per-example losses (the pass engine, :func:`bergson.collect.engine.run_passes`, does both);
+    ``collector.gradients`` then holds ``{block name: [batch, dim]}``.
 
     With ``closure=fn``, ``fn(block_name, grads)`` is called for each column block as soon as
     its per-example gradients ([batch, dim]) are ready during the backward pass, and nothing
@@ -402,7 +281,7 @@ class GradientCollector(_LayerHooks):
             left = self._matrix(block.name, "left", full.shape[1], cdt, g.device)
             right = self._matrix(block.name, "right", full.shape[-1], cdt, g.device)
             return (left @ full @ right.T).reshape(batch, p * p)
-        if _is_conv1d(module):
+        if is_conv1d(module):
             full = full.mT  # Conv1D stores its weight as (in, out)
         flat = full.reshape(batch, -1)
         return torch.cat([flat, grad_b], dim=-1) if grad_b is not None else flat

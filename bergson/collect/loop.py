@@ -13,15 +13,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..config import AttentionConfig
-from ..data.batching import plan_batches, plan_shards
+from ..core.layout import AttentionConfig
+from ..data.batching import IGNORE, pad_batch, plan_batches, plan_shards
 from ..data.tokenize import TokenizedDocs
 from ..transforms.normalizers import Normalizer
 from .hooks import GradientCollector
 
 logger = logging.getLogger(__name__)
-
-IGNORE = -100
 
 
 class Sink(Protocol):
@@ -111,19 +109,6 @@ def per_document_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str
     if reduction != "sum":
         raise ValueError(f"unknown loss reduction {reduction!r}")
     return total
-
-
-def _pad(docs: TokenizedDocs, idx: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input ids and labels; with right padding no attention mask is needed
-    for a causal model, since real tokens never attend to the padding after them."""
-    longest = max(len(docs.input_ids[i]) for i in idx)
-    ids = np.full((len(idx), longest), pad_id, np.int64)
-    labels = np.full((len(idx), longest), IGNORE, np.int64)
-    for row, i in enumerate(idx):
-        seq = docs.input_ids[i]
-        ids[row, : len(seq)] = seq
-        labels[row, : len(seq)] = np.where(docs.targets(i), seq, IGNORE)
-    return torch.from_numpy(ids), torch.from_numpy(labels)
 
 
 def idle_step(model: nn.Module, pad_token_id: int) -> None:
@@ -227,7 +212,7 @@ def collect_gradients(
                     )
                 for local in plans[index]:
                     idx = local + rows.start
-                    ids, labels = _pad(docs, idx, pad_token_id)
+                    ids, labels = pad_batch(docs, idx, pad_token_id)
                     ids, labels = ids.to(device), labels.to(device)
                     shape = (len(idx), ids.shape[1], total_dim) if per_token else (len(idx), total_dim)
                     buf = torch.zeros(shape, dtype=cdt, device=device)

@@ -14,6 +14,12 @@ import heapq
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+
+from .tokenize import TokenizedDocs
+
+IGNORE = -100
+"""The label of a position that carries no loss (the ignore index of PyTorch's cross-entropy)."""
 
 
 def plan_shards(num_rows: int, shard_size: int) -> list[range]:
@@ -62,3 +68,16 @@ def plan_batches(lengths: np.ndarray, token_budget: int, min_length: int = 2) ->
     if current:
         batches.append(np.asarray(current, dtype=np.int64))
     return batches
+
+
+def pad_batch(docs: TokenizedDocs, idx: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and labels; with right padding no attention mask is needed
+    for a causal model, since real tokens never attend to the padding after them."""
+    longest = max(len(docs.input_ids[i]) for i in idx)
+    ids = np.full((len(idx), longest), pad_id, np.int64)
+    labels = np.full((len(idx), longest), IGNORE, np.int64)
+    for row, i in enumerate(idx):
+        seq = docs.input_ids[i]
+        ids[row, : len(seq)] = seq
+        labels[row, : len(seq)] = np.where(docs.targets(i), seq, IGNORE)
+    return torch.from_numpy(ids), torch.from_numpy(labels)

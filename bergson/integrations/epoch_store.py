@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import distributed
+from ..core.files import atomic_write_bytes
 from ..data import plan_shards
 from ..errors import BergsonError
 from ..store import Manifest, StoreWriter
-from ..store.manifest import atomic_write_bytes
 from ..transforms.normalizers import NORMALIZERS_FILE, Normalizer, save_normalizers
 
 logger = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.batching import IGNORE
 from ..errors import BergsonError
 
-IGNORE = -100
 PROBES = 3
 """Label positions per row at which the loss scale c is measured and checked."""
 

@@ -47,10 +47,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..collect.hooks import LayerTap, module_shape
-from ..collect.loop import IGNORE, _pad, idle_step
+from ..collect.hooks import LayerTap
+from ..collect.loop import idle_step
+from ..core.layout import module_shape
 from ..data import TokenizedDocs
-from ..data.batching import assign_shards, plan_batches
+from ..data.batching import IGNORE, assign_shards, pad_batch, plan_batches
 from ..errors import BergsonError
 from ..models import honours_numerics
 from ..transforms.ekfac import (
@@ -149,7 +150,7 @@ def _batches(
     batches = plan_batches(lengths, token_batch_size)
     with tqdm(total=int(lengths.sum()), unit="tok", unit_scale=True, desc=desc, disable=not progress) as bar:
         for idx in batches:
-            ids, labels = _pad(docs, idx, pad_id)
+            ids, labels = pad_batch(docs, idx, pad_id)
             yield idx, ids.to(device), labels.to(device)
             bar.update(int(lengths[idx].sum()))
     for _ in range(distributed.lockstep(model, len(batches)) - len(batches)):

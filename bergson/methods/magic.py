@@ -50,9 +50,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..collect.loop import IGNORE, _pad
 from ..config import MagicConfig, TrainingConfig
 from ..data import TokenizedDocs
+from ..data.batching import IGNORE, pad_batch
 from ..errors import BergsonError
 from ..timings import TIMINGS_FILE, Timings
 
@@ -340,7 +340,7 @@ class Replay:
             return cached
         out = []
         for idx in self.plan[step]:
-            ids, labels = _pad(self.docs, idx, self.pad_token_id)
+            ids, labels = pad_batch(self.docs, idx, self.pad_token_id)
             target = torch.full_like(labels, IGNORE)
             target[:, :-1] = labels[:, 1:]
             mask = target != IGNORE
@@ -444,7 +444,7 @@ def query_losses(
     out = []
     for i in range(0, len(queries), batch_size):
         idx = np.arange(i, min(i + batch_size, len(queries)))
-        ids, labels = _pad(queries, idx, pad_token_id)
+        ids, labels = pad_batch(queries, idx, pad_token_id)
         ids, labels = ids.to(device), labels.to(device)
         logits = functional_call(model, params, (ids,), {"use_cache": False}).logits
         target = torch.full_like(labels, IGNORE)

@@ -27,6 +27,7 @@ from typing import Any
 
 from .. import distributed
 from ..config import DataConfig, IndexConfig, ScoreConfig, TrackstarConfig, save_yaml, to_dict
+from ..core.files import atomic_write_bytes
 from ..data import TokenizedDocs, load_data
 from ..errors import BergsonError
 from ..indexing import (
@@ -41,7 +42,6 @@ from ..models import find_tracked_modules, honours_numerics, load_model
 from ..preconditioning import check_saved_config, fit_on_documents
 from ..scoring import score_documents, top_rows
 from ..store import GradientStore, load_gradients
-from ..store.manifest import atomic_write_bytes
 from ..store.writer import remove_outputs
 from ..timings import TIMINGS_FILE, Timings
 from ..transforms.normalizers import Normalizer

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..collect.hooks import GradientCollector, heads_of, layout_module, module_blocks
+from ..collect.hooks import GradientCollector
+from ..core.layout import ModuleLayout, heads_of, layout_module, module_blocks
 from ..errors import BergsonError
-from ..store import GradientStore, ModuleLayout, load_gradients
+from ..store import GradientStore, load_gradients
 from ..transforms.normalizers import NORMALIZERS_FILE, Normalizer, load_normalizers
 from ..transforms.preconditioners import carried, plan_powers, resolve_preconditioner
 from .exact import column_segments, exact_topk

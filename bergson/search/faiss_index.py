@@ -26,12 +26,13 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..config import FaissConfig
 from ..errors import BergsonError
 from .exact import check_k, prepare_queries
 
@@ -44,22 +45,6 @@ INDEX_FORMAT_VERSION = 1
 INDEX_MANIFEST = "manifest.json"
 TRAIN_SEED = 0
 _MISSING = -1
-
-
-@dataclass
-class FaissConfig:
-    """How to build and query a FAISS index over a gradient store."""
-
-    index_factory: str = "Flat"
-    """FAISS index factory string: "Flat" is exact; "IVF1024,Flat" or "IVF4096,PQ64" are approximate."""
-    mmap_index: bool = False
-    """Memory-map the saved index instead of reading it into RAM (for indices larger than memory)."""
-    nprobe: int = 10
-    """Inverted lists an IVF index visits per query: higher is slower and finds more true neighbours."""
-    num_shards: int = 1
-    """Split the store into this many contiguous row ranges, each its own index (less memory per build)."""
-    max_train_examples: int | None = None
-    """Rows (sampled with a fixed seed) used to train IVF/PQ indices; default: 256 per IVF list, at least 65536."""
 
 
 def import_faiss() -> Any:

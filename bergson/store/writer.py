@@ -12,20 +12,18 @@ import io
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..distributed import LAUNCH_MARKER
+from ..core.files import atomic_write_bytes, describe_difference
 from ..errors import BergsonError
 from .manifest import (
     MANIFEST,
     Manifest,
-    atomic_write_bytes,
-    describe_difference,
     read_manifest,
     write_manifest,
 )
@@ -92,7 +90,11 @@ class StoreWriter:
         overwrite: bool = False,
         create: bool = True,
         node_local: bool = False,
+        foreign_files: Collection[str] = (),
     ):
+        self.foreign_files = frozenset(foreign_files)
+        """Names a new store's directory may already hold without being someone else's (the
+        marker a distributed launch leaves in ``run_path``)."""
         self._init(root, manifest, node_local)
         if node_local:
             self._prepare_local(overwrite)
@@ -121,6 +123,7 @@ class StoreWriter:
         """A node-local worker's writer when rank 0's store (on another machine) is already
         complete: nothing to write, and nothing is created here."""
         writer = cls.__new__(cls)
+        writer.foreign_files = frozenset()
         writer._init(root, manifest, node_local=True)
         writer.complete = True
         return writer
@@ -147,7 +150,7 @@ class StoreWriter:
                     "pass --overwrite to replace it, or choose another run_path"
                 )
             remove_outputs(root, _OWN_FILES)
-        elif root.is_dir() and any(p.name != LAUNCH_MARKER for p in root.iterdir()):
+        elif root.is_dir() and any(p.name not in self.foreign_files for p in root.iterdir()):
             raise BergsonError(
                 f"run_path {root} exists and is not a bergson store; choose a new or empty directory"
             )

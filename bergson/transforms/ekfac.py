@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
+from ..core.files import atomic_write_bytes
 from ..errors import BergsonError
-from ..store.manifest import atomic_write_bytes
 
 
 @dataclass

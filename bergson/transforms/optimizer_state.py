@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.layout import is_conv1d
 from ..errors import BergsonError
 from .normalizers import AdafactorNormalizer, AdamNormalizer, Normalizer
 
@@ -171,7 +172,7 @@ def normalizers_from_optimizer_state(
         if include_bias and getattr(module, "bias", None) is not None:
             bias_entry, _ = lookup(module_name, "bias")
         out[module_name] = _normalizer(
-            module_name, weight_entry, bias_entry, _is_conv1d(module), weight.dtype, form, file
+            module_name, weight_entry, bias_entry, is_conv1d(module), weight.dtype, form, file
         )
     return out
 
@@ -231,7 +232,7 @@ def normalizers_from_optimizer(
             module_name,
             weight_entry,
             bias_entry,
-            _is_conv1d(modules[module_name]),
+            is_conv1d(modules[module_name]),
             weight.dtype,
             form,
             source,
@@ -434,11 +435,6 @@ def _expected_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
 
 # ---------------------------------------------------------------------------------------------
 # Building normalizers
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    """GPT-2 style ``transformers.pytorch_utils.Conv1D`` (weight stored in x out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def _float(t: torch.Tensor) -> torch.Tensor:

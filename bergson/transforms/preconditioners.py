@@ -39,8 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.files import atomic_write_bytes
+from ..core.layout import ModuleLayout, check_layouts
 from ..errors import BergsonError
-from ..store.manifest import Manifest, ModuleLayout, atomic_write_bytes, check_layouts
 
 TENSORS_FILE = "preconditioner.safetensors"
 META_FILE = "preconditioner.json"
@@ -123,7 +124,7 @@ class StatisticsSink:
         )
 
 
-def layout_of(manifest: Manifest) -> dict[str, Any]:
+def layout_of(manifest: Any) -> dict[str, Any]:
     """The part of a store manifest that fixes the space its vectors live in."""
     return {
         "model": {"name": manifest.model.get("name")},
@@ -225,7 +226,7 @@ class Preconditioner:
             h.update(self.second_moments[name].double().numpy().tobytes())
         return h.hexdigest()
 
-    def check(self, manifest: Manifest, where: str, what: str = "the preconditioner") -> None:
+    def check(self, manifest: Any, where: str, what: str = "the preconditioner") -> None:
         """Fail, naming the field, if ``manifest``'s vectors are not in this preconditioner's space."""
         check_layouts(self.layout, layout_of(manifest), what, where)
 
@@ -311,7 +312,7 @@ def second_moments_of_store(
     store: Any, device: torch.device | str = "cpu"
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Second moments of the vectors of a gradient store (read block by block)."""
-    manifest: Manifest = store.manifest
+    manifest = store.manifest
     sink = StatisticsSink({m.name: m.dim for m in manifest.modules}, device)
     for start, block in store.blocks():
         sink.write(np.arange(start, start + len(block)), block, np.zeros(len(block)), np.zeros(len(block)))
@@ -382,7 +383,7 @@ def plan_powers(train_power: float, query_power: float, unit_normalize: bool) ->
     return 0.0, -1.0 - train_power - query_power
 
 
-def carried(manifest: Manifest) -> float:
+def carried(manifest: Any) -> float:
     """The power of H a store's vectors already carry (0 without a preconditioner)."""
     return float(manifest.preconditioner["power"]) if manifest.preconditioner else 0.0
 

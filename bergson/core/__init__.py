@@ -1,0 +1,3 @@
+"""The bottom floor: vocabulary every layer of bergson may import, and which imports nothing of
+ours but :mod:`bergson.errors`: module and column layouts (:mod:`.layout`), atomic file writes and
+setting differences (:mod:`.files`), and device resolution (:mod:`.devices`)."""
