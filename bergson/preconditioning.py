@@ -11,13 +11,13 @@ from typing import Any
 import torch
 
 from . import distributed
-from .config import IndexConfig, PreconditionerConfig, load_yaml, save_yaml, to_dict
+from .config import IndexConfig, PreconditionerConfig, save_yaml, to_dict
 from .core.devices import resolve_device
-from .core.files import describe_difference
 from .data import TokenizedDocs
 from .errors import BergsonError
 from .indexing import collect_with, make_manifest, prepare_inputs, resolve_normalizers, subsample
 from .models import find_tracked_modules, honours_numerics
+from .runs.rundir import check_saved_config
 from .store import load_gradients
 from .transforms.normalizers import Normalizer
 from .transforms.preconditioners import (
@@ -56,24 +56,6 @@ def fit_on_documents(
     collect_with(cfg, model, docs, modules, sink, normalizers, pad_token_id)
     sink.all_reduce()
     return sink.preconditioner(layout_of(layout), damping, damping_mode, source)
-
-
-def check_saved_config(cfg: Any, path: Path, what: str, ignore: tuple[str, ...] = ()) -> None:
-    """Fail if ``path`` holds a config with other options than ``cfg`` (``overwrite``, the worker
-    options and the fields in ``ignore``, which do not change results, aside)."""
-    if not path.is_file():
-        return
-    old = to_dict(replace(load_yaml(type(cfg), path), overwrite=False))
-    new = to_dict(replace(cfg, overwrite=False))
-    for key in (*ignore, "nproc_per_node", "dist_timeout", "fsdp"):
-        old.pop(key, None)
-        new.pop(key, None)
-    diff = describe_difference(old, new)
-    if diff:
-        raise BergsonError(
-            f"{path.parent} already holds {what} made with other options ({'; '.join(diff[:3])}); "
-            "pass --overwrite to replace it or choose another run path"
-        )
 
 
 def _existing(cfg: PreconditionerConfig) -> Preconditioner | None:

@@ -488,14 +488,11 @@ def ekfac(cfg: Any) -> Any:
     training documents are split among the ranks and rank 0 writes the stages."""
     from dataclasses import replace
 
-    from ..config import save_yaml
     from ..indexing import load_docs, make_manifest, token_budget, validate_index_config
     from ..models import find_tracked_modules, load_model
-    from ..preconditioning import check_saved_config
+    from ..runs.rundir import RunDir
     from ..scoring import save_score_matrix
     from ..store import load_gradients
-    from ..store.writer import remove_outputs
-    from ..timings import TIMINGS_FILE, Timings
 
     validate_index_config(cfg)
     if not cfg.query.dataset:
@@ -510,23 +507,16 @@ def ekfac(cfg: Any) -> Any:
             "--reward_column: EK-FAC scores use the plain next-token loss; advantage-weighted (GRPO) "
             "losses are available in build, score and query, not in bergson ekfac"
         )
-    root = Path(cfg.run_path)
-    lead = distributed.rank() == 0
-
-    def prepare() -> None:
-        if cfg.overwrite and root.exists():
-            remove_outputs(root, (*STAGES, "per_module.npz", "ekfac.yaml", TIMINGS_FILE))
-        check_saved_config(cfg, root / "ekfac.yaml", "an EK-FAC run")
-        root.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, root / "ekfac.yaml")
-
-    distributed.on_rank_zero(prepare, f"preparing the run directory {root}")
-    distributed.require_shared_directory(
-        root,
-        "ekfac",
-        "every rank loads the stages rank 0 writes there: the eigenbases, the corrected eigenvalues "
+    run = RunDir(
+        cfg,
+        command="ekfac",
+        what="an EK-FAC run",
+        config_file="ekfac.yaml",
+        outputs=(*STAGES, "per_module.npz"),
+        shared="every rank loads the stages rank 0 writes there: the eigenbases, the corrected eigenvalues "
         "and the preconditioned queries",
-    )
+    ).prepare()
+    root, lead = run.root, run.lead
 
     model, tokenizer = load_model(cfg)
     max_tokens = token_budget(cfg, model)
@@ -552,12 +542,6 @@ def ekfac(cfg: Any) -> Any:
         progress=lead,
         dtype=torch.float64 if cfg.factor_dtype == "float64" else torch.float32,
     )
-    timings = Timings(root)
-
-    def record(stage: str, start: float) -> None:
-        if lead:
-            timings.record(stage, start)
-
     info = {
         "kind": "ekfac",
         "method": cfg.method,
@@ -585,14 +569,14 @@ def ekfac(cfg: Any) -> Any:
         covariances = fit_covariances(model, docs, opts)  # summed over the ranks
         distributed.on_rank_zero(lambda: covariances.save(root / "covariances"), "saving the covariances")
         del covariances
-        record("covariances", start)
+        run.record("covariances", start)
     if _still_to_do(lambda: Factors.complete(root / "eigen")):
         start = time.perf_counter()
         distributed.on_rank_zero(
             lambda: eigendecompose(Factors.load(root / "covariances")).save(root / "eigen"),
             "eigendecomposing the covariances",
         )
-        record("eigen", start)
+        run.record("eigen", start)
     eigen = Factors.load(root / "eigen")  # rank 0's, on every rank
     corrected = None
     if cfg.method == "ekfac":
@@ -603,7 +587,7 @@ def ekfac(cfg: Any) -> Any:
                 lambda: fitted.save(root / "corrected"), "saving the corrected eigenvalues"
             )
             del fitted
-            record("corrected", start)
+            run.record("corrected", start)
         corrected = Factors.load(root / "corrected")
     qdocs = load_docs(cfg.query, tokenizer, max_tokens, option="--query.dataset")
     if _still_to_do(lambda: Factors.complete(root / "queries")):
@@ -619,7 +603,7 @@ def ekfac(cfg: Any) -> Any:
             ).save(root / "queries")
 
         distributed.on_rank_zero(partial(fit_queries, eigen, corrected), "preconditioning the queries")
-        record("queries", start)
+        run.record("queries", start)
     del eigen, corrected
     queries = Factors.load(root / "queries")
     if cfg.projected_queries and _still_to_do(lambda: _is_store(root / "query_store")):
@@ -634,7 +618,7 @@ def ekfac(cfg: Any) -> Any:
             )
 
         distributed.on_rank_zero(write_query_store, "writing the query store")
-        record("query_store", start)
+        run.record("query_store", start)
     scores_path = root / "scores"
     if not _still_to_do(lambda: _is_store(scores_path)):
         return load_gradients(scores_path)
@@ -655,7 +639,7 @@ def ekfac(cfg: Any) -> Any:
         store = save_score_matrix(
             scores_path, result.total, base, score_info, overwrite=True, tokens=result.per_token
         )
-        timings.record("scores", start)
+        run.record("scores", start)
         return store
 
     store = distributed.on_rank_zero(write_scores, f"writing the scores at {scores_path}")

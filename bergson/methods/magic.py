@@ -54,7 +54,6 @@ from ..config import MagicConfig, TrainingConfig
 from ..data import TokenizedDocs
 from ..data.batching import IGNORE, pad_batch
 from ..errors import BergsonError
-from ..timings import TIMINGS_FILE, Timings
 
 logger = logging.getLogger(__name__)
 
@@ -781,7 +780,7 @@ def load_recipe(path: str) -> MagicConfig:
 
 
 CONFIG_FILE = "magic.yaml"
-OUTPUTS = ("states", "reverse", "model", "scores", TIMINGS_FILE, CONFIG_FILE)
+OUTPUTS = ("states", "reverse", "model", "scores")
 
 
 def check_options(cfg: MagicConfig) -> None:
@@ -828,34 +827,23 @@ def magic(cfg: MagicConfig) -> Any:
     On several ranks (``--nproc_per_node`` or torchrun) the run is data parallel: each rank
     takes every other document of each micro-batch, in training and in the reverse passes,
     and the ranks sum their gradients (one all-reduce per step); rank 0 writes the files."""
-    from ..config import save_yaml
     from ..indexing import make_manifest
-    from ..preconditioning import check_saved_config
+    from ..runs.rundir import RunDir
     from ..scoring import save_score_matrix
     from ..store import load_gradients
-    from ..store.writer import remove_outputs
 
-    if not cfg.run_path:
-        raise BergsonError("--run_path is required: the output directory of the run")
     check_options(cfg)
-    root = Path(cfg.run_path)
-
-    def prepare_dir() -> None:
-        if cfg.overwrite and root.exists():
-            remove_outputs(root, OUTPUTS)
-        check_saved_config(
-            cfg, root / CONFIG_FILE, "a MAGIC run", ignore=("top_k", "device", "memory_budget_gb")
-        )
-        root.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, root / CONFIG_FILE)
-
-    distributed.on_rank_zero(prepare_dir, f"preparing the run directory {root}")
-    distributed.require_shared_directory(
-        root,
-        "magic",
-        "rank 0 alone saves the training checkpoints and finished reverse passes there, and every "
+    run_dir = RunDir(
+        cfg,
+        command="magic",
+        what="a MAGIC run",
+        config_file=CONFIG_FILE,
+        outputs=OUTPUTS,
+        ignore=("top_k", "device", "memory_budget_gb"),
+        shared="rank 0 alone saves the training checkpoints and finished reverse passes there, and every "
         "rank decides from them where a run resumes, in step with the others",
-    )
+    ).prepare()
+    root = run_dir.root
     try:
         return load_gradients(root / "scores")
     except BergsonError:
@@ -864,7 +852,7 @@ def magic(cfg: MagicConfig) -> Any:
     pad = tokenizer.pad_token_id or 0
     replay = Replay(model, docs, cfg.training, pad)
     run = MagicRun(replay, root, cfg.checkpoints, int(cfg.memory_budget_gb * 2**30))
-    timings = Timings(root)
+    timings = run_dir.timings
     start = time.perf_counter()
     final, losses = run.train()
     if run.writes and "train_s" not in timings:

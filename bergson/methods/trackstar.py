@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed
-from ..config import DataConfig, IndexConfig, ScoreConfig, TrackstarConfig, save_yaml, to_dict
+from ..config import DataConfig, IndexConfig, ScoreConfig, TrackstarConfig, to_dict
 from ..core.files import atomic_write_bytes
 from ..data import TokenizedDocs, load_data
 from ..errors import BergsonError
@@ -39,11 +39,10 @@ from ..indexing import (
     write_store,
 )
 from ..models import find_tracked_modules, honours_numerics, load_model
-from ..preconditioning import check_saved_config, fit_on_documents
+from ..preconditioning import fit_on_documents
+from ..runs.rundir import RunDir
 from ..scoring import score_documents, top_rows
 from ..store import GradientStore, load_gradients
-from ..store.writer import remove_outputs
-from ..timings import TIMINGS_FILE, Timings
 from ..transforms.normalizers import Normalizer
 from ..transforms.preconditioners import (
     Preconditioner,
@@ -74,16 +73,16 @@ def _texts(data: DataConfig, option: str) -> list[str]:
 
 
 class _Pipeline:
-    def __init__(self, cfg: TrackstarConfig, normalizers: Mapping[str, Normalizer] | None):
+    def __init__(self, cfg: TrackstarConfig, normalizers: Mapping[str, Normalizer] | None, run_dir: RunDir):
         self.cfg = cfg
-        self.root = Path(cfg.run_path)
+        self.run_dir = run_dir
+        self.root = run_dir.root
         self.model, self.tokenizer = load_model(cfg)
         self.max_tokens = token_budget(cfg, self.model)
         self.pad = self.tokenizer.pad_token_id
         self.modules = find_tracked_modules(self.model, cfg.modules)
         self.normalizers = resolve_normalizers(cfg, self.model, self.modules, normalizers)
         self._docs: TokenizedDocs | None = None
-        self.timings = Timings(self.root)
 
     @property
     def docs(self) -> TokenizedDocs:
@@ -101,8 +100,7 @@ class _Pipeline:
         start = time.perf_counter()
         fn()
         distributed.barrier(f"the end of trackstar's {name} step")
-        if distributed.rank() == 0:
-            self.timings.record(name, start)
+        self.run_dir.record(name, start)
 
     # ------------------------------------------------------------------ steps
     def fit(self, docs: TokenizedDocs, source: dict[str, Any]) -> Preconditioner:
@@ -176,7 +174,7 @@ class _Pipeline:
 
     def summary(self) -> None:
         distributed.on_rank_zero(
-            lambda: write_summary(self.cfg, load_gradients(self.root / "scores"), self.timings),
+            lambda: write_summary(self.cfg, load_gradients(self.root / "scores"), self.run_dir.timings),
             "writing the summary",
         )
 
@@ -223,24 +221,18 @@ def trackstar(cfg: TrackstarConfig, normalizers: Mapping[str, Normalizer] | None
         raise BergsonError(f"--downweight_components {cfg.downweight_components}: must be >= 0")
     if not cfg.query.dataset:
         raise BergsonError("--query.dataset is required: the queries to explain")
-    root = Path(cfg.run_path)
-
-    def prepare_dir() -> None:
-        if cfg.overwrite and root.exists():
-            remove_outputs(root, (*STEPS, TIMINGS_FILE, "summary.md", "top_k.jsonl", CONFIG_FILE))
-        check_saved_config(cfg, root / CONFIG_FILE, "a TrackStar run")
-        root.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, root / CONFIG_FILE)
-
-    distributed.on_rank_zero(prepare_dir, f"preparing the run directory {root}")
-    distributed.require_shared_directory(
-        root,
-        "trackstar",
-        "its later steps read on every rank what earlier ones wrote there: the query store, "
+    run_dir = RunDir(
+        cfg,
+        command="trackstar",
+        what="a TrackStar run",
+        config_file=CONFIG_FILE,
+        outputs=(*STEPS, "summary.md", "top_k.jsonl"),
+        shared="its later steps read on every rank what earlier ones wrote there: the query store, "
         "its statistics and the mixed preconditioner",
-    )
+    ).prepare()
+    root = run_dir.root
 
-    run = _Pipeline(cfg, normalizers)
+    run = _Pipeline(cfg, normalizers, run_dir)
     run.step("train_stats", is_complete(root / "train_stats"), run.train_stats)
     run.step("query", _store_complete(root / "query"), run.query)
     run.step("query_stats", is_complete(root / "query_stats"), run.query_stats)
