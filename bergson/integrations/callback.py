@@ -22,7 +22,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .. import distributed
-from ..collect.hooks import GradientCollector
+from ..collect.hooks import Closure, GradientCollector
 from ..config import IndexConfig
 from ..data import TokenizedDocs
 from ..errors import BergsonError
@@ -32,7 +32,7 @@ from ..store import Manifest
 from ..transforms.normalizers import Normalizer
 from ..transforms.optimizer_state import normalizers_from_optimizer
 from .checks import callback_error, check_options, check_trainer, dropout_modules
-from .epoch_store import ORDER_FILE, EpochStore, prepare_directory
+from .epoch_store import EpochStore, prepare_directory
 from .recording import BatchRecorder, Stopwatch
 
 logger = logging.getLogger(__name__)
@@ -150,13 +150,27 @@ class GradientCollectorCallback(TrainerCallback):
         }
         return manifest
 
+    def _collector_for(
+        self,
+        model: nn.Module,
+        normalizers: dict[str, Normalizer] | None = None,
+        closure: Closure | None = None,
+    ) -> GradientCollector:
+        """A gradient collector on the tracked modules with the callback's projection."""
+        return GradientCollector(
+            model,
+            self._tracked,
+            projection_dim=self.projection_dim,
+            seed=self.projection_seed,
+            include_bias=self.include_bias,
+            normalizers=normalizers,
+            closure=closure,
+        )
+
     def _columns(self, model: nn.Module) -> dict[str, tuple[int, int]]:
         """Each tracked module's columns of a row's vector, as the store lays them out."""
         layout = self._manifest(model).modules
-        probe = GradientCollector(
-            model, self._tracked, projection_dim=self.projection_dim, include_bias=self.include_bias
-        )
-        if probe.dims != {m.name: m.dim for m in layout}:
+        if self._collector_for(model).dims != {m.name: m.dim for m in layout}:
             raise callback_error("the collector's columns disagree with the store layout")
         return {m.name: (m.offset, m.offset + m.dim) for m in layout}
 
@@ -230,15 +244,8 @@ class GradientCollectorCallback(TrainerCallback):
             normalizers = self._normalizers() if self.normalize else None
             if self.normalize and normalizers is None and state.global_step > 0:
                 self._no_optimizer_state(state.global_step)
-            self._collector = GradientCollector(
-                self._trainer.model,
-                self._tracked,
-                projection_dim=self.projection_dim,
-                seed=self.projection_seed,
-                include_bias=self.include_bias,
-                normalizers=normalizers,
-                closure=self._recorder.closure,
-            ).__enter__()
+            model = self._trainer.model
+            self._collector = self._collector_for(model, normalizers, self._recorder.closure).__enter__()
             self._recorder.open_step(int(state.global_step), normalized=normalizers is not None)
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -299,31 +306,6 @@ class GradientCollectorCallback(TrainerCallback):
             self._epoch.add(mb.rows, vectors, mb.num_tokens, loss, mb.step, mb.index, mb.normalized)
 
     # ------------------------------------------------------------------ epochs
-    def _plan(self, store: EpochStore) -> dict[str, Any]:
-        """The manifest's ``plan``: how the epoch's vectors were made."""
-        seen = int(store.seen.sum())
-        return {
-            "source": "transformers.Trainer (bergson GradientCollectorCallback)",
-            "epoch": store.epoch,
-            "steps": sorted(store.steps),
-            "rows_trained": seen,
-            "rows_not_trained": len(store.seen) - seen,
-            "normalize": self.normalize,
-            "normalizer_form": self.normalizer_form if self.normalize else None,
-            "row_normalizers": (
-                "each row: the optimizer state before its step's update; normalizers.safetensors: the state "
-                "at the end of the epoch"
-                if self.normalize
-                else None
-            ),
-            "unnormalized_steps": sorted(store.unnormalized) if self.normalize else [],
-            "order_file": ORDER_FILE if self.track_order else None,
-            "approximate_loss_tokens": store.approximate,
-            "shard_size": self.shard_size,
-            "ranks": distributed.world_size(),
-            "repeated_rows": store.repeated_rows(),
-        }
-
     def _finish_epoch(self) -> None:
         self._close_step()
         store = self._epoch
@@ -334,7 +316,7 @@ class GradientCollectorCallback(TrainerCallback):
             store.merge_ranks()
             normalizers = self._normalizers() if self.normalize else None
             info = self._manifest(self._trainer.model, normalizers).normalizer if normalizers else None
-            plan = self._plan(store)
+            plan = store.plan(self.normalize, self.normalizer_form, self.track_order)
             try:
                 distributed.on_rank_zero(
                     lambda: store.close(plan, normalizers, info, self.track_order), f"writing {store.root}"

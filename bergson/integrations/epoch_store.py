@@ -170,6 +170,31 @@ class EpochStore:
         self.unnormalized = {step for _, step, _, z in self.order if not z}
         self.approximate = sum(n for _, n in summary)
 
+    def plan(self, normalize: bool, normalizer_form: str, track_order: bool) -> dict[str, Any]:
+        """The manifest's ``plan``: how the epoch's vectors were made (after :meth:`merge_ranks`)."""
+        seen = int(self.seen.sum())
+        return {
+            "source": "transformers.Trainer (bergson GradientCollectorCallback)",
+            "epoch": self.epoch,
+            "steps": sorted(self.steps),
+            "rows_trained": seen,
+            "rows_not_trained": len(self.seen) - seen,
+            "normalize": normalize,
+            "normalizer_form": normalizer_form if normalize else None,
+            "row_normalizers": (
+                "each row: the optimizer state before its step's update; normalizers.safetensors: the state "
+                "at the end of the epoch"
+                if normalize
+                else None
+            ),
+            "unnormalized_steps": sorted(self.unnormalized) if normalize else [],
+            "order_file": ORDER_FILE if track_order else None,
+            "approximate_loss_tokens": self.approximate,
+            "shard_size": self.shard_size,
+            "ranks": distributed.world_size(),
+            "repeated_rows": self.repeated_rows(),
+        }
+
     def repeated_rows(self) -> int:
         """How many rows were trained on more than once (by several ranks)."""
         return int((self.counts > 1).sum())
