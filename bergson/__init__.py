@@ -63,8 +63,8 @@ _EXPORTS = {
     "ValidateConfig": "bergson.config",
     "magic": "bergson.methods.magic",
     "validate": "bergson.validation",
-    "GradientCollectorCallback": "bergson.integrations.trainer",
-    "prepare_for_gradient_collection": "bergson.integrations.trainer",
+    "GradientCollectorCallback": "bergson.integrations",
+    "prepare_for_gradient_collection": "bergson.integrations",
     "ModelConfigTestConfig": "bergson.config",
     "test_model_configuration": "bergson.diagnostics",
     "ReportConfig": "bergson.config",
@@ -172,7 +172,7 @@ if TYPE_CHECKING:
     from .diagnostics import test_model_configuration
     from .errors import BergsonError
     from .indexing import build
-    from .integrations.trainer import GradientCollectorCallback, prepare_for_gradient_collection
+    from .integrations import GradientCollectorCallback, prepare_for_gradient_collection
     from .methods.custom import (
         EkfacFactors,
         ekfac_scores,
