@@ -22,14 +22,14 @@ class Command(NamedTuple):
     command runs in one process and refuses a launch of several."""
 
 
-SHARDS = "whole dataset shards, balanced by token count"
+_SHARDS = "whole dataset shards, balanced by token count"
 
 COMMANDS: dict[str, Command] = {
     "build": Command(
         "bergson.cli.build",
         "Collect per-document gradients of a dataset into a gradient store.",
         "IndexConfig",
-        SHARDS,
+        _SHARDS,
     ),
     "query": Command(
         "bergson.cli.query",
@@ -40,19 +40,19 @@ COMMANDS: dict[str, Command] = {
         "bergson.cli.reduce",
         "Aggregate a dataset's gradients (or a store) into one query vector.",
         "ReduceConfig",
-        SHARDS,
+        _SHARDS,
     ),
     "score": Command(
         "bergson.cli.score",
         "Score every document of a dataset against query gradients in one pass.",
         "ScoreConfig",
-        SHARDS,
+        _SHARDS,
     ),
     "preconditioner": Command(
         "bergson.cli.preconditioner",
         "Fit per-module gradient second moments on a dataset or store (or mix two, TrackStar-style).",
         "PreconditionerConfig",
-        SHARDS + "; one all-reduce of the second moments",
+        _SHARDS + "; one all-reduce of the second moments",
     ),
     "ekfac": Command(
         "bergson.cli.ekfac",
@@ -64,7 +64,7 @@ COMMANDS: dict[str, Command] = {
         "bergson.cli.trackstar",
         "TrackStar end to end: statistics, mixed preconditioner, query store and scores, resumable.",
         "TrackstarConfig",
-        SHARDS + " in each pass; rank 0 fits and mixes the preconditioners",
+        _SHARDS + " in each pass; rank 0 fits and mixes the preconditioners",
     ),
     "magic": Command(
         "bergson.cli.magic",
