@@ -17,7 +17,7 @@ from bergson.distributed import decoder_layers, is_sharded, shard_model
 from bergson.models import quantization_config
 
 from .conftest import tiny_neox
-from .test_distributed import assert_same_store, cli, one_cfg, options
+from .helpers.distributed import assert_same_store, cli, one_cfg, options
 from .test_distributed_ekfac import assert_close, ekfac_cli, ekfac_one
 
 
