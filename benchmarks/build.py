@@ -29,7 +29,7 @@ from bergson import DataConfig, IndexConfig, load_data, load_model, tokenize_doc
 from bergson.collect.loop import _pad, per_document_loss
 from bergson.config import ScoreConfig
 from bergson.data import TokenizedDocs, plan_batches
-from bergson.indexing import write_store
+from bergson.runs.shared_store import write_store
 from bergson.scoring import score_documents
 from bergson.store import load_gradients
 

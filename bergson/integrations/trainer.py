@@ -84,8 +84,9 @@ from ..collect.hooks import GradientCollector
 from ..config import IndexConfig
 from ..data import TokenizedDocs
 from ..errors import BergsonError
-from ..indexing import context_size, make_manifest
 from ..models import find_tracked_modules
+from ..runs.documents import context_size
+from ..runs.manifests import make_manifest
 from ..store import Manifest
 from ..store.manifest import MANIFEST
 from ..transforms.normalizers import Normalizer
