@@ -15,9 +15,11 @@ from .config import IndexConfig, PreconditionerConfig, save_yaml, to_dict
 from .core.devices import resolve_device
 from .data import TokenizedDocs
 from .errors import BergsonError
-from .indexing import collect_with, make_manifest, prepare_inputs, resolve_normalizers, subsample
 from .models import find_tracked_modules, honours_numerics
+from .runs.documents import prepare_inputs, subsample
+from .runs.manifests import make_manifest, resolve_normalizers
 from .runs.rundir import check_saved_config
+from .runs.shared_store import collect_with
 from .store import load_gradients
 from .transforms.normalizers import Normalizer
 from .transforms.preconditioners import (

@@ -146,7 +146,7 @@ def _leave_worker(code: int) -> NoReturn:
 
 def print_top_rows(store: Any, k: int, label: str = "column") -> None:
     """The ``k`` highest-scoring rows of each column of a scores store, one block per column."""
-    from ..scoring import top_rows
+    from ..store.scores import top_rows
 
     for col, hits in enumerate(top_rows(store, k)):
         print(f"{label} {col}:")

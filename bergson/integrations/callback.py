@@ -26,8 +26,9 @@ from ..collect.hooks import Closure, GradientCollector
 from ..config import IndexConfig
 from ..data import TokenizedDocs
 from ..errors import BergsonError
-from ..indexing import context_size, make_manifest
 from ..models import find_tracked_modules
+from ..runs.documents import context_size
+from ..runs.manifests import make_manifest
 from ..store import Manifest
 from ..transforms.normalizers import Normalizer
 from ..transforms.optimizer_state import normalizers_from_optimizer
