@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bergson import AdafactorNormalizer, AdamNormalizer, GradientCollector, collect_gradients
-from bergson.collect.loop import per_document_loss
+from bergson.collect.losses import per_document_loss
 from bergson.core.layout import module_shape
 from bergson.data import TokenizedDocs
 from bergson.models import find_tracked_modules
