@@ -137,7 +137,9 @@ def _logits(model: nn.Module, batch: DocumentBatch) -> torch.Tensor:
     return model(input_ids=batch.ids, use_cache=False).logits
 
 
-def lm_loss(docs: TokenizedDocs, reduction: str = "sum") -> Callable[[nn.Module, DocumentBatch], torch.Tensor]:
+def lm_loss(
+    docs: TokenizedDocs, reduction: str = "sum"
+) -> Callable[[nn.Module, DocumentBatch], torch.Tensor]:
     """``loss(model, batch)`` -> [B]: each document's next-token loss (``reduction`` over its loss
     tokens), times its weight when ``docs`` carry weights (GRPO advantages)."""
     if reduction not in REDUCTIONS:

@@ -234,9 +234,7 @@ def example_gradients(source: Source, desc: str = "query gradients") -> dict[str
 # ---------------------------------------------------------------------- over documents
 
 
-def _zero_sums(
-    sums: dict[str, Any], opts: EkfacOptions, make: Callable[[nn.Module], Any]
-) -> None:
+def _zero_sums(sums: dict[str, Any], opts: EkfacOptions, make: Callable[[nn.Module], Any]) -> None:
     """Fill in the sums of modules a rank without documents never saw (before an all-reduce)."""
     for name, module in opts.modules.items():
         if name not in sums:

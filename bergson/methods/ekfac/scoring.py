@@ -16,7 +16,14 @@ from ... import distributed
 from ...data import TokenizedDocs
 from ...errors import BergsonError
 from ...transforms.ekfac import Factors, ihvp, kfac_eigenvalues
-from .passes import DocumentSource, EkfacOptions, Source, per_document_gradients, rank_documents, sum_over_ranks
+from .passes import (
+    DocumentSource,
+    EkfacOptions,
+    Source,
+    per_document_gradients,
+    rank_documents,
+    sum_over_ranks,
+)
 
 
 def precondition_queries(
