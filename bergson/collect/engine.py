@@ -28,6 +28,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sized
 from contextlib import AbstractContextManager
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import torch
@@ -57,6 +58,7 @@ def check_losses(losses: Any) -> torch.Tensor:
     return losses
 
 
+@dataclass(eq=False)
 class PassEngine:
     """Runs passes over batches: ``loss_fn(model, batch)`` forward, the reverse pass of the
     summed per-example losses with hooks open, ``on_batch`` after each batch.
@@ -69,26 +71,16 @@ class PassEngine:
     :attr:`seen` the number of examples of the pass before it.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        *,
-        idle_loss: Callable[[nn.Module], torch.Tensor] | None = None,
-        size: Callable[[Any], int] | None = None,
-        unit: str = "batch",
-        desc: str = "pass",
-        progress: bool = True,
-    ):
-        self.model = model
-        self.loss_fn = loss_fn
-        self.idle_loss = idle_loss
-        self.size = size
-        self.unit = unit
-        self.desc = desc
-        self.progress = progress
-        self.batch: Any = None
-        self.seen = 0
+    model: nn.Module = field(repr=False)
+    loss_fn: LossFn
+    _: KW_ONLY
+    idle_loss: Callable[[nn.Module], torch.Tensor] | None = None
+    size: Callable[[Any], int] | None = None
+    unit: str = "batch"
+    desc: str = "pass"
+    progress: bool = True
+    batch: Any = field(default=None, init=False)
+    seen: int = field(default=0, init=False)
 
     def _idle_steps(self, batches: Iterable[Any], steps: int | None) -> int:
         if self.idle_loss is None:

@@ -30,11 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.layout import ModuleLayout, column_layouts
+from ..core.layout import ModuleLayout
 from ..errors import BergsonError
 from ..transforms.normalizers import Normalizer
 from .engine import LossFn, PassEngine
 from .hooks import GradientCollector, LayerTap, TapFn
+from .loop import finish_rows
 
 __all__ = ["ExampleGradients", "LossFn", "per_example_gradients", "tap_batches"]
 
@@ -92,7 +93,7 @@ def per_example_gradients(
         include_bias=include_bias,
         normalizers=normalizers,
     )
-    layouts = column_layouts(collector.modules, projection_dim, include_bias, collector.heads)
+    layouts = collector.layouts
     dtype = next(model.parameters()).dtype
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
     rows: list[torch.Tensor] = []
@@ -101,11 +102,9 @@ def per_example_gradients(
     def keep(batch: Any, batch_losses: torch.Tensor) -> None:
         grads = collector.gradients
         collector.reset()
-        vec = torch.cat([grads[m.name].to(cdt) for m in layouts], dim=1)
-        if transform is not None:
-            vec = transform(vec)
-        if unit_normalize:
-            vec = vec / vec.norm(dim=1, keepdim=True).clamp(min=torch.finfo(cdt).tiny)
+        vec, _ = finish_rows(
+            torch.cat([grads[m.name].to(cdt) for m in layouts], 1), transform, unit_normalize
+        )
         rows.append(vec.detach().cpu())
         losses.append(batch_losses.to(cdt).cpu())
 

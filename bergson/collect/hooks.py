@@ -22,7 +22,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.layout import AttentionConfig, Block, is_conv1d, module_blocks, module_shape, resolve_heads
+from ..core.layout import (
+    AttentionConfig,
+    Block,
+    ModuleLayout,
+    column_layouts,
+    is_conv1d,
+    module_blocks,
+    module_shape,
+    resolve_heads,
+)
 from ..errors import BergsonError
 from ..transforms.normalizers import AdafactorNormalizer, AdamNormalizer, Normalizer
 from ..transforms.projection import projection_matrix
@@ -137,6 +146,12 @@ class GradientCollector(_LayerHooks):
         self._scaled: dict[tuple[str, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ layout
+    @property
+    def layouts(self) -> list[ModuleLayout]:
+        """The column block of every block (a module, or one of its heads), with its offset in
+        the row (:func:`bergson.core.layout.column_layouts`)."""
+        return column_layouts(self.modules, self.projection_dim, self.include_bias, self.heads)
+
     @property
     def dims(self) -> dict[str, int]:
         """Vector length per column block (a module, or one of its heads), in tracking order."""

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.layout import AttentionConfig, column_layouts
+from ..core.layout import AttentionConfig
 from ..data.batching import plan_batches, plan_shards
 from ..data.tokenize import TokenizedDocs
 from ..transforms.normalizers import Normalizer
@@ -59,14 +59,7 @@ class InMemorySink(Sink):
         self.loss = np.zeros(num_rows, np.float64)
         self.tokens: list[np.ndarray | None] = [None] * num_rows
 
-    def write(
-        self,
-        row_ids: np.ndarray,
-        vectors: np.ndarray,
-        num_tokens: np.ndarray,
-        losses: np.ndarray,
-        tokens: np.ndarray | None = None,
-    ) -> None:
+    def write(self, row_ids, vectors, num_tokens, losses, tokens=None) -> None:  # types: Sink.write
         self.vectors[row_ids] = vectors
         self.num_tokens[row_ids] = num_tokens
         self.loss[row_ids] = losses
@@ -81,6 +74,29 @@ class InMemorySink(Sink):
             out[name] = self.vectors[:, start : start + dim]
             start += dim
         return out
+
+
+def finish_rows(
+    out: torch.Tensor,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    unit_normalize: bool,
+    per_token: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch's rows [B, dim] (and with ``per_token`` its token vectors [B, S, dim], which sum
+    to the rows) from the hooks' output ``out``: ``transform`` applied to each vector, then with
+    ``unit_normalize`` each row (and its tokens) divided by the row's norm."""
+    tokens = out if per_token else None
+    if tokens is not None:
+        if transform is not None:
+            tokens = transform(tokens.reshape(-1, tokens.shape[-1])).reshape(tokens.shape)
+        vectors = tokens.sum(1)
+    else:
+        vectors = out if transform is None else transform(out)
+    if unit_normalize:
+        norm = vectors.norm(dim=1, keepdim=True).clamp(min=torch.finfo(vectors.dtype).tiny)
+        vectors = vectors / norm
+        tokens = None if tokens is None else tokens / norm[:, None]
+    return vectors, tokens
 
 
 def collect_gradients(
@@ -126,7 +142,7 @@ def collect_gradients(
         heads=heads,
         per_token=per_token,
     )
-    layouts = column_layouts(collector.modules, projection_dim, include_bias, collector.heads)
+    layouts = collector.layouts
     col = {m.name: (m.offset, m.offset + m.dim) for m in layouts}
     total_dim = sum(m.dim for m in layouts)
     if sink is None:
@@ -174,17 +190,7 @@ def collect_gradients(
         if out is None:  # no tracked layer is reached from the loss
             shape = (len(rows), batch.ids.shape[1], total_dim) if per_token else (len(rows), total_dim)
             out = torch.zeros(shape, dtype=cdt, device=device)
-        tokens = out if per_token else None
-        if tokens is not None and transform is not None:
-            tokens = transform(tokens.reshape(-1, total_dim)).reshape(tokens.shape)
-        if tokens is not None:
-            vectors = tokens.sum(1)
-        else:
-            vectors = out if transform is None else transform(out)
-        if unit_normalize:
-            norm = vectors.norm(dim=1, keepdim=True).clamp(min=torch.finfo(cdt).tiny)
-            vectors = vectors / norm
-            tokens = None if tokens is None else tokens / norm[:, None]
+        vectors, tokens = finish_rows(out, transform, unit_normalize, per_token)
         sink.write(
             rows,
             vectors.cpu().numpy(),

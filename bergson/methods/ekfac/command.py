@@ -45,13 +45,7 @@ from ...core.layout import module_shape
 from ...errors import BergsonError
 from ...models import honours_numerics
 from ...transforms.ekfac import Factors, eigendecompose
-from .passes import (
-    EkfacOptions,
-    fit_corrected_eigenvalues,
-    fit_covariances,
-    query_gradients,
-    rank_documents,
-)
+from .passes import EkfacOptions, fit_corrected_eigenvalues, fit_covariances, query_gradients, rank_documents
 from .scoring import precondition_queries, save_query_store, score_documents
 
 logger = logging.getLogger(__name__)
