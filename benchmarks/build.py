@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 from bergson import DataConfig, IndexConfig, load_data, load_model, tokenize_documents
-from bergson.collect.loop import _pad, per_document_loss
+from bergson.collect.losses import per_document_loss
 from bergson.config import ScoreConfig
 from bergson.data import TokenizedDocs, plan_batches
+from bergson.data.batching import pad_batch as _pad
 from bergson.indexing import write_store
 from bergson.scoring import score_documents
 from bergson.store import load_gradients
