@@ -6,7 +6,8 @@ batches in whatever form the model takes, and ``loss_fn(model, batch)`` returnin
 per-example losses [B]. The same :class:`~bergson.collect.hooks.GradientCollector` hooks
 turn each tracked layer's inputs and output gradients into per-example (projected,
 optionally optimizer-normalized) gradient vectors. Layer inputs may be [B, in] (a
-classifier) or [B, T, in] (a sequence model; positions are summed per example).
+classifier) or [B, T, in] (a sequence model; positions are summed per example). Both loops
+are passes of the one pass engine (:class:`~bergson.collect.engine.PassEngine`).
 
 Example, a logistic regression on features ``x`` with labels ``y``::
 
