@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from bergson import DataConfig, IndexConfig, load_data, load_model, tokenize_documents
-from bergson.collect.loop import per_document_loss
+from bergson.collect.losses import per_document_loss
 from bergson.config import ScoreConfig
 from bergson.data import TokenizedDocs, plan_batches
 from bergson.data.batching import pad_batch

@@ -26,7 +26,7 @@ _EXPORTS = {
     "fit_ekfac": "bergson.methods.custom",
     "ekfac_scores": "bergson.methods.custom",
     "EkfacFactors": "bergson.methods.custom",
-    "per_document_loss": "bergson.collect.loop",
+    "per_document_loss": "bergson.collect.losses",
     "InMemorySink": "bergson.collect.loop",
     "AdafactorNormalizer": "bergson.transforms.normalizers",
     "AdamNormalizer": "bergson.transforms.normalizers",
@@ -148,7 +148,8 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:
     from .collect.generic import ExampleGradients, per_example_gradients
     from .collect.hooks import GradientCollector
-    from .collect.loop import InMemorySink, collect_gradients, per_document_loss
+    from .collect.loop import InMemorySink, collect_gradients
+    from .collect.losses import per_document_loss
     from .config import (
         DataConfig,
         EkfacConfig,

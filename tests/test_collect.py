@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bergson import AdafactorNormalizer, AdamNormalizer, GradientCollector, collect_gradients
-from bergson.collect.loop import per_document_loss
+from bergson.collect.losses import per_document_loss
 from bergson.core.layout import module_shape
 from bergson.data import TokenizedDocs
 from bergson.models import find_tracked_modules
@@ -184,4 +184,41 @@ def test_closure_and_dict_modes_agree_and_params_untouched():
         torch.testing.assert_close(c.gradients[n], seen[n])
         assert c.gradients[n].shape == (2, 16)
     # with frozen parameters no weight gradient is ever computed
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_user_mistakes_raise_the_library_error():
+    from bergson import BergsonError
+
+    model = tiny_neox()
+    with pytest.raises(BergsonError, match="no module named 'nope'"):
+        GradientCollector(model, ["nope"])
+    with pytest.raises(BergsonError, match="projection_dim"):
+        GradientCollector(model, projection_dim=-1)
+    name = next(iter(find_tracked_modules(model)))
+    with pytest.raises(BergsonError, match="untracked"):
+        GradientCollector(model, [name], normalizers={"other": AdamNormalizer(torch.ones(1, 1))})
+    ids = torch.as_tensor(random_docs(1, model.config.vocab_size).input_ids[0])[None]
+    with pytest.raises(BergsonError, match="reduction 'max'"):
+        per_document_loss(model(ids).logits, ids, "max")
+
+
+def test_the_pass_engine_restores_flags_and_counts_examples():
+    from bergson.collect.engine import PassEngine
+
+    model = tiny_neox()
+    model.get_submodule(next(iter(find_tracked_modules(model)))).requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    docs = random_docs(5, model.config.vocab_size)
+    batches = [torch.as_tensor(docs.input_ids[i])[None] for i in range(5)]
+    seen: list[int] = []
+    engine = PassEngine(model, lambda m, ids: per_document_loss(m(ids).logits, ids), progress=False)
+    with torch.no_grad():  # the engine enables gradients for its pass
+        count = engine.run(
+            batches,
+            hooks=GradientCollector(model, projection_dim=2),
+            on_batch=lambda batch, losses: seen.append(engine.seen),
+        )
+    assert count == 5 and seen == [0, 1, 2, 3, 4] and engine.batch is None
+    assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())

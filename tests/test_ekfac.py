@@ -178,7 +178,7 @@ def test_true_fisher_labels_are_seeded_per_document_and_batch_invariant():
 def test_pipeline_resumes_reproduces_and_runs_from_the_shell(tmp_path, model_dir, corpus_file, monkeypatch):
     from bergson import BergsonError, EkfacConfig, ekfac
     from bergson.config import DataConfig
-    from bergson.methods import ekfac as ekfac_mod
+    from bergson.methods.ekfac import command as ekfac_command
 
     from .test_cli import run
 
@@ -201,7 +201,7 @@ def test_pipeline_resumes_reproduces_and_runs_from_the_shell(tmp_path, model_dir
     def killed(*args, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ekfac_mod, "score_documents", killed)
+    monkeypatch.setattr(ekfac_command, "score_documents", killed)
     with pytest.raises(KeyboardInterrupt):
         ekfac(cfg("a", per_module_scores=True))
     stamp = (tmp_path / "a" / "corrected" / "factors.json").stat().st_mtime_ns

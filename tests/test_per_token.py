@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bergson import IndexConfig, ScoreConfig, build, collect_gradients, score
-from bergson.collect.loop import per_document_loss
+from bergson.collect.losses import per_document_loss
 from bergson.core.layout import module_shape
 from bergson.data.batching import pad_batch
 from bergson.errors import BergsonError

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bergson import BergsonError, build
-from bergson.collect.loop import per_document_loss
+from bergson.collect.losses import per_document_loss
 from bergson.config import DataConfig, QueryConfig
 from bergson.models import load_model
 from bergson.querying import query

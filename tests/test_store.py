@@ -252,7 +252,7 @@ def test_completion_column_masks_the_prompt(tmp_path, model_dir):
     ids = torch.tensor([p + c])
     labels = ids.clone()
     labels[:, : len(p)] = -100
-    from bergson.collect.loop import per_document_loss
+    from bergson.collect.losses import per_document_loss
 
     loss = per_document_loss(model(ids).logits, labels)
     assert store.rows["loss"][0] == pytest.approx(float(loss), rel=1e-5)

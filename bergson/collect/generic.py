@@ -6,7 +6,8 @@ batches in whatever form the model takes, and ``loss_fn(model, batch)`` returnin
 per-example losses [B]. The same :class:`~bergson.collect.hooks.GradientCollector` hooks
 turn each tracked layer's inputs and output gradients into per-example (projected,
 optionally optimizer-normalized) gradient vectors. Layer inputs may be [B, in] (a
-classifier) or [B, T, in] (a sequence model; positions are summed per example).
+classifier) or [B, T, in] (a sequence model; positions are summed per example). Both loops
+are passes of the one pass engine (:class:`~bergson.collect.engine.PassEngine`).
 
 Example, a logistic regression on features ``x`` with labels ``y``::
 
@@ -29,15 +30,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..core.layout import ModuleLayout, column_layouts
+from ..core.layout import ModuleLayout
 from ..errors import BergsonError
 from ..transforms.normalizers import Normalizer
+from .engine import LossFn, PassEngine
 from .hooks import GradientCollector, LayerTap, TapFn
+from .loop import finish_rows
 
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
-"""``loss_fn(model, batch) -> losses [B]``: one loss per example of the batch."""
+__all__ = ["ExampleGradients", "LossFn", "per_example_gradients", "tap_batches"]
 
 
 @dataclass
@@ -55,17 +56,6 @@ class ExampleGradients:
     def by_module(self) -> dict[str, torch.Tensor]:
         """The columns of each module, [N, dim] per module name."""
         return {m.name: self.vectors[:, m.offset : m.offset + m.dim] for m in self.layouts}
-
-
-def _losses(loss_fn: LossFn, model: nn.Module, batch: Any) -> torch.Tensor:
-    losses = loss_fn(model, batch)
-    if not isinstance(losses, torch.Tensor) or losses.ndim != 1:
-        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise BergsonError(
-            f"loss_fn must return one loss per example (a 1-D tensor [B]), got {shape}; "
-            "use reduction='none' and sum over any other axis"
-        )
-    return losses
 
 
 def per_example_gradients(
@@ -104,30 +94,24 @@ def per_example_gradients(
         include_bias=include_bias,
         normalizers=normalizers,
     )
-    layouts = column_layouts(collector.modules, projection_dim, include_bias, collector.heads)
+    layouts = collector.layouts
     dtype = next(model.parameters()).dtype
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
     rows: list[torch.Tensor] = []
     losses: list[torch.Tensor] = []
-    saved = {p: p.requires_grad for p in model.parameters()}
-    model.requires_grad_(False)
-    try:
-        with collector, torch.enable_grad():
-            for batch in tqdm(batches, desc="gradients", unit="batch", disable=not progress):
-                batch_losses = _losses(loss_fn, model, batch)
-                batch_losses.sum().backward()
-                grads = collector.gradients
-                collector.reset()
-                vec = torch.cat([grads[m.name].to(cdt) for m in layouts], dim=1)
-                if transform is not None:
-                    vec = transform(vec)
-                if unit_normalize:
-                    vec = vec / vec.norm(dim=1, keepdim=True).clamp(min=torch.finfo(cdt).tiny)
-                rows.append(vec.detach().cpu())
-                losses.append(batch_losses.detach().to(cdt).cpu())
-    finally:
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
+
+    def keep(batch: Any, batch_losses: torch.Tensor) -> None:
+        grads = collector.gradients
+        collector.reset()
+        vec, _ = finish_rows(
+            torch.cat([grads[m.name].to(cdt) for m in layouts], 1), transform, unit_normalize
+        )
+        rows.append(vec.detach().cpu())
+        losses.append(batch_losses.to(cdt).cpu())
+
+    PassEngine(model, loss_fn, desc="gradients", progress=progress).run(
+        batches, hooks=collector, on_batch=keep
+    )
     if not rows:
         raise BergsonError("batches is empty: there are no examples to compute gradients of")
     return ExampleGradients(torch.cat(rows), layouts, torch.cat(losses))
@@ -144,20 +128,8 @@ def tap_batches(
     desc: str = "pass",
     progress: bool = True,
 ) -> int:
-    """One forward/backward pass over ``batches`` handing every tracked layer's inputs x
+    """One pass of the engine over ``batches`` handing every tracked layer's inputs x
     [B, T, in] and output gradients g [B, T, out] to ``fn(name, x, g)`` (T = 1 for inputs
-    without a sequence axis); the statistics passes of EK-FAC for custom models use it.
-    Returns the number of examples seen."""
-    saved = {p: p.requires_grad for p in model.parameters()}
-    model.requires_grad_(False)
-    count = 0
-    try:
-        with LayerTap(modules, fn, include_bias), torch.enable_grad():
-            for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-                batch_losses = _losses(loss_fn, model, batch)
-                batch_losses.sum().backward()
-                count += batch_losses.shape[0]
-    finally:
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-    return count
+    without a sequence axis). Returns the number of examples seen."""
+    engine = PassEngine(model, loss_fn, desc=desc, progress=progress)
+    return engine.run(batches, hooks=LayerTap(modules, fn, include_bias))

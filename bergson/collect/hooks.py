@@ -22,11 +22,39 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.layout import AttentionConfig, Block, is_conv1d, module_blocks, module_shape, resolve_heads
+from ..core.layout import (
+    AttentionConfig,
+    Block,
+    ModuleLayout,
+    column_layouts,
+    is_conv1d,
+    module_blocks,
+    module_shape,
+    resolve_heads,
+)
+from ..errors import BergsonError
 from ..transforms.normalizers import AdafactorNormalizer, AdamNormalizer, Normalizer
 from ..transforms.projection import projection_matrix
 
 Closure = Callable[[str, torch.Tensor], None]
+
+
+def resolve_modules(
+    model: nn.Module, modules: Mapping[str, nn.Module] | Sequence[str] | None
+) -> dict[str, nn.Module]:
+    """The tracked layers by name: ``modules`` itself (a mapping), the model's modules of those
+    names, or by default every layer :func:`bergson.models.find_tracked_modules` finds."""
+    from ..models import find_tracked_modules
+
+    if modules is None:
+        return find_tracked_modules(model)
+    if isinstance(modules, Mapping):
+        return dict(modules)
+    named = dict(model.named_modules())
+    missing = [m for m in modules if m not in named]
+    if missing:
+        raise BergsonError(f"modules: no module named {missing[0]!r} in the model")
+    return {m: named[m] for m in modules}
 
 
 class _LayerHooks:
@@ -58,7 +86,7 @@ class GradientCollector(_LayerHooks):
     """Collect per-example (projected) gradients of tracked layers during backward.
 
     Open it as a context manager around a forward pass and the backward pass of the summed
-    per-example losses (the pass engine, :func:`bergson.collect.engine.run_passes`, does both);
+    per-example losses (the pass engine, :class:`bergson.collect.engine.PassEngine`, does both);
     ``collector.gradients`` then holds ``{block name: [batch, dim]}``.
 
     With ``closure=fn``, ``fn(block_name, grads)`` is called for each column block as soon as
@@ -92,27 +120,20 @@ class GradientCollector(_LayerHooks):
         heads: Mapping[str, AttentionConfig] | Sequence[str] | None = None,
         per_token: bool = False,
     ):
-        from ..models import find_tracked_modules
-
-        if modules is None:
-            modules = find_tracked_modules(model)
-        elif not isinstance(modules, Mapping):
-            named = dict(model.named_modules())
-            missing = [m for m in modules if m not in named]
-            if missing:
-                raise KeyError(f"no module named {missing[0]!r} in the model")
-            modules = {m: named[m] for m in modules}
         if projection_dim < 0:
-            raise ValueError("projection_dim must be >= 0")
+            raise BergsonError(f"projection_dim {projection_dim}: must be >= 0 (0 keeps the full gradients)")
         self.model = model
-        self.modules: dict[str, nn.Module] = dict(modules)
+        self.modules = resolve_modules(model, modules)
         self.projection_dim = projection_dim
         self.seed = seed
         self.include_bias = include_bias
         self.normalizers: dict[str, Normalizer] = dict(normalizers or {})
         unknown = set(self.normalizers) - set(self.modules)
         if unknown:
-            raise KeyError(f"normalizers given for untracked modules: {sorted(unknown)}")
+            raise BergsonError(
+                f"normalizers given for untracked modules: {sorted(unknown)}; track them with modules= "
+                "or leave their normalizers out"
+            )
         self.heads = resolve_heads(self.modules, heads)
         self.blocks: dict[str, list[Block]] = {
             n: module_blocks(n, m, include_bias, self.heads.get(n)) for n, m in self.modules.items()
@@ -125,6 +146,12 @@ class GradientCollector(_LayerHooks):
         self._scaled: dict[tuple[str, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ layout
+    @property
+    def layouts(self) -> list[ModuleLayout]:
+        """The column block of every block (a module, or one of its heads), with its offset in
+        the row (:func:`bergson.core.layout.column_layouts`)."""
+        return column_layouts(self.modules, self.projection_dim, self.include_bias, self.heads)
+
     @property
     def dims(self) -> dict[str, int]:
         """Vector length per column block (a module, or one of its heads), in tracking order."""

@@ -1,23 +1,22 @@
-"""The collection loop: batches -> forward/backward with hooks -> per-row vectors -> sink."""
+"""The collection loop: documents -> the pass engine with gradient hooks -> per-row vectors -> sink."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from .. import distributed
 from ..core.layout import AttentionConfig
-from ..data.batching import IGNORE, pad_batch, plan_batches, plan_shards
+from ..data.batching import plan_batches, plan_shards
 from ..data.tokenize import TokenizedDocs
 from ..transforms.normalizers import Normalizer
+from .engine import PassEngine
 from .hooks import GradientCollector
+from .losses import DocumentBatch, document_batches, idle_loss, lm_loss
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +25,16 @@ class Sink(Protocol):
     """Where the loop sends per-row vectors, one shard (range of dataset rows) at a time.
 
     ``num_tokens`` are the rows' lengths; with per-token collection ``tokens`` [B, S, dim]
-    holds each position's vector (row b's first ``num_tokens[b]`` positions are its own)."""
+    holds each position's vector (row b's first ``num_tokens[b]`` positions are its own).
+    A sink that subclasses this class inherits the no-op ``done`` (no shard is complete),
+    ``begin_shard`` and ``end_shard``, and writes only ``write``."""
 
-    def done(self, index: int) -> bool: ...
-    def begin_shard(self, index: int, rows: range) -> None: ...
+    def done(self, index: int) -> bool:
+        return False
+
+    def begin_shard(self, index: int, rows: range) -> None:
+        return None
+
     def write(
         self,
         row_ids: np.ndarray,
@@ -38,10 +43,12 @@ class Sink(Protocol):
         losses: np.ndarray,
         tokens: np.ndarray | None = None,
     ) -> None: ...
-    def end_shard(self, index: int) -> None: ...
+
+    def end_shard(self, index: int) -> None:
+        return None
 
 
-class InMemorySink:
+class InMemorySink(Sink):
     """Keeps every row's vector in memory: ``vectors`` [rows, dim] in dataset order, and with
     per-token collection ``tokens[row]`` [num_tokens, dim]."""
 
@@ -52,29 +59,13 @@ class InMemorySink:
         self.loss = np.zeros(num_rows, np.float64)
         self.tokens: list[np.ndarray | None] = [None] * num_rows
 
-    def done(self, index: int) -> bool:
-        return False
-
-    def begin_shard(self, index: int, rows: range) -> None:
-        pass
-
-    def write(
-        self,
-        row_ids: np.ndarray,
-        vectors: np.ndarray,
-        num_tokens: np.ndarray,
-        losses: np.ndarray,
-        tokens: np.ndarray | None = None,
-    ) -> None:
+    def write(self, row_ids, vectors, num_tokens, losses, tokens=None) -> None:  # types: Sink.write
         self.vectors[row_ids] = vectors
         self.num_tokens[row_ids] = num_tokens
         self.loss[row_ids] = losses
         for b, row in enumerate(np.asarray(row_ids)):
             n = int(num_tokens[b])
             self.tokens[row] = np.zeros((n, self.vectors.shape[1])) if tokens is None else tokens[b, :n]
-
-    def end_shard(self, index: int) -> None:
-        pass
 
     def by_module(self) -> dict[str, np.ndarray]:
         """Split the columns into one [rows, dim] array per module."""
@@ -85,40 +76,27 @@ class InMemorySink:
         return out
 
 
-def per_document_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-    """Next-token cross-entropy per document, [B]; labels equal to -100 carry no loss.
-
-    ``labels`` are aligned with the inputs (the shift happens here), as in Hugging Face
-    models. ``reduction`` is 'sum' over the document's loss tokens or their 'mean'.
-    """
-    # Shift the labels rather than the logits: slicing [B, T, V] logits would copy them
-    # forward and fill a zero tensor of the same size in backward.
-    target = torch.full_like(labels, IGNORE)
-    target[:, :-1] = labels[:, 1:]
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    ce = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]),
-        target.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="none",
-    ).view(target.shape)
-    total = ce.sum(1)
-    if reduction == "mean":
-        return total / (target != IGNORE).sum(1).clamp(min=1)
-    if reduction != "sum":
-        raise ValueError(f"unknown loss reduction {reduction!r}")
-    return total
-
-
-def idle_step(model: nn.Module, pad_token_id: int) -> None:
-    """A forward and backward of one padding token whose result is thrown away: what a rank
-    with no batch left runs while the others finish theirs, when the model is sharded (FSDP's
-    weight gathers are collective, so every rank takes part in every step)."""
-    device = next(model.parameters()).device
-    ids = torch.full((1, 1), pad_token_id, dtype=torch.long, device=device)
-    logits = model(input_ids=ids, use_cache=False).logits
-    (logits.float().sum() * 0.0).backward()
+def finish_rows(
+    out: torch.Tensor,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    unit_normalize: bool,
+    per_token: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch's rows [B, dim] (and with ``per_token`` its token vectors [B, S, dim], which sum
+    to the rows) from the hooks' output ``out``: ``transform`` applied to each vector, then with
+    ``unit_normalize`` each row (and its tokens) divided by the row's norm."""
+    tokens = out if per_token else None
+    if tokens is not None:
+        if transform is not None:
+            tokens = transform(tokens.reshape(-1, tokens.shape[-1])).reshape(tokens.shape)
+        vectors = tokens.sum(1)
+    else:
+        vectors = out if transform is None else transform(out)
+    if unit_normalize:
+        norm = vectors.norm(dim=1, keepdim=True).clamp(min=torch.finfo(vectors.dtype).tiny)
+        vectors = vectors / norm
+        tokens = None if tokens is None else tokens / norm[:, None]
+    return vectors, tokens
 
 
 def collect_gradients(
@@ -164,12 +142,12 @@ def collect_gradients(
         heads=heads,
         per_token=per_token,
     )
-    dims = collector.dims
-    offsets = np.cumsum([0, *dims.values()])
-    col = {name: (int(offsets[i]), int(offsets[i + 1])) for i, name in enumerate(dims)}
-    total_dim = int(offsets[-1])
+    layouts = collector.layouts
+    col = {m.name: (m.offset, m.offset + m.dim) for m in layouts}
+    total_dim = sum(m.dim for m in layouts)
     if sink is None:
-        sink = InMemorySink(len(docs), dims)
+        sink = InMemorySink(len(docs), {m.name: m.dim for m in layouts})
+    loss_fn = lm_loss(docs, loss_reduction)
 
     device = next(model.parameters()).device
     lengths = docs.lengths
@@ -181,75 +159,56 @@ def collect_gradients(
     if len(todo) < len(mine):
         logger.info("%d of %d shards already complete; resuming", len(mine) - len(todo), len(mine))
     total_tokens = int(sum(active_lengths[r.start : r.stop].sum() for _, r in todo))
+    plans = {i: plan_batches(active_lengths[r.start : r.stop], token_batch_size) for i, r in todo}
 
     cdt = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
-    buf: torch.Tensor | None = None
+    buf: torch.Tensor | None = None  # the batch's rows, filled block by block in the reverse pass
 
     def closure(name: str, vec: torch.Tensor) -> None:
-        assert buf is not None
+        nonlocal buf
+        if buf is None:
+            buf = torch.zeros((*vec.shape[:-1], total_dim), dtype=cdt, device=vec.device)
         a, b = col[name]
         buf[..., a:b] = vec
 
     collector.closure = closure
-    saved = {p: p.requires_grad for p in model.parameters()}
-    model.requires_grad_(False)
-    plans = {i: plan_batches(active_lengths[r.start : r.stop], token_batch_size) for i, r in todo}
-    steps = sum(map(len, plans.values()))
-    idle_steps = distributed.lockstep(model, steps) - steps
-    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="gradients", disable=not progress)
-    try:
-        with collector:
-            for index, rows in todo:
-                sink.begin_shard(index, rows)
-                shard_lengths = active_lengths[rows.start : rows.stop]
-                idle = np.flatnonzero(shard_lengths == 0)
-                if len(idle):
-                    sink.write(
-                        idle + rows.start,
-                        np.zeros((len(idle), total_dim), np.float32),
-                        lengths[idle + rows.start],
-                        np.zeros(len(idle), np.float32),
-                    )
-                for local in plans[index]:
-                    idx = local + rows.start
-                    ids, labels = pad_batch(docs, idx, pad_token_id)
-                    ids, labels = ids.to(device), labels.to(device)
-                    shape = (len(idx), ids.shape[1], total_dim) if per_token else (len(idx), total_dim)
-                    buf = torch.zeros(shape, dtype=cdt, device=device)
-                    logits = model(input_ids=ids, use_cache=False).logits
-                    losses = per_document_loss(logits, labels, loss_reduction)
-                    if docs.weights is not None:
-                        losses = losses * torch.as_tensor(
-                            docs.weights[idx], dtype=losses.dtype, device=device
-                        )
-                    losses.sum().backward()
-                    tokens = buf if per_token else None
-                    if tokens is not None and transform is not None:
-                        tokens = transform(tokens.reshape(-1, total_dim)).reshape(tokens.shape)
-                    if tokens is not None:
-                        vectors = tokens.sum(1)
-                    else:
-                        vectors = buf if transform is None else transform(buf)
-                    if unit_normalize:
-                        norm = vectors.norm(dim=1, keepdim=True).clamp(min=torch.finfo(cdt).tiny)
-                        vectors = vectors / norm
-                        tokens = None if tokens is None else tokens / norm[:, None]
-                    sink.write(
-                        idx,
-                        vectors.cpu().numpy(),
-                        lengths[idx],
-                        losses.detach().float().cpu().numpy(),
-                        None if tokens is None else tokens.cpu().numpy(),
-                    )
-                    bar.update(int(shard_lengths[local].sum()))
-                sink.end_shard(index)
-            for _ in range(idle_steps):
-                buf = torch.zeros(
-                    (1, 1, total_dim) if per_token else (1, total_dim), dtype=cdt, device=device
-                )
-                idle_step(model, pad_token_id)
-    finally:
-        bar.close()
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
+
+    def batches() -> Iterator[DocumentBatch]:
+        """Shard by shard: the shard's rows without a loss token as zero rows, then its batches."""
+        for index, rows in todo:
+            sink.begin_shard(index, rows)
+            idle = np.flatnonzero(active_lengths[rows.start : rows.stop] == 0) + rows.start
+            if len(idle):
+                zeros = np.zeros(len(idle), np.float32)
+                sink.write(idle, np.zeros((len(idle), total_dim), np.float32), lengths[idle], zeros)
+            yield from document_batches(docs, (p + rows.start for p in plans[index]), pad_token_id, device)
+            sink.end_shard(index)
+
+    def write(batch: DocumentBatch, losses: torch.Tensor) -> None:
+        nonlocal buf
+        rows, out, buf = batch.rows, buf, None
+        if out is None:  # no tracked layer is reached from the loss
+            shape = (len(rows), batch.ids.shape[1], total_dim) if per_token else (len(rows), total_dim)
+            out = torch.zeros(shape, dtype=cdt, device=device)
+        vectors, tokens = finish_rows(out, transform, unit_normalize, per_token)
+        sink.write(
+            rows,
+            vectors.cpu().numpy(),
+            lengths[rows],
+            losses.float().cpu().numpy(),
+            None if tokens is None else tokens.cpu().numpy(),
+        )
+
+    engine = PassEngine(
+        model,
+        loss_fn,
+        idle_loss=idle_loss(pad_token_id),
+        size=lambda batch: batch.num_tokens,
+        unit="tok",
+        desc="gradients",
+        progress=progress,
+    )
+    engine.run(
+        batches(), hooks=collector, on_batch=write, steps=sum(map(len, plans.values())), total=total_tokens
+    )
     return sink

@@ -1,8 +1,8 @@
 """Attribution methods for a custom model and loss, from Python (no tokenizer, no store).
 
 Each function composes the library's own pieces on the vectors of
-:func:`~bergson.per_example_gradients` or on the layer taps of
-:func:`~bergson.collect.generic.tap_batches`:
+:func:`~bergson.per_example_gradients` or on the passes of ``bergson ekfac``, both on the
+one pass engine (:class:`~bergson.collect.engine.PassEngine`):
 
 * :func:`gradient_scores`: gradient inner products or cosines, optionally with a
   preconditioner H (H⁻¹ between the sides, or H^{-1/2} on each side for cosines), exactly as
@@ -12,8 +12,8 @@ Each function composes the library's own pieces on the vectors of
   second moment (:func:`~bergson.mix_preconditioners`), applied as H^{-1/2} on both sides,
   then cosines.
 * :func:`fit_ekfac` and :func:`ekfac_scores`: EK-FAC influence for the ``nn.Linear`` layers
-  of the model, with the covariance, eigenvalue-correction and inverse-Fisher-vector math of
-  :mod:`bergson.transforms.ekfac` and :mod:`bergson.methods.ekfac`.
+  of the model: the statistics, query products and scores of :mod:`bergson.methods.ekfac`
+  on the model's own batches and loss (one implementation, two entry points).
 
 Every score has the library's orientation: positive means that training on the example lowers
 the query's loss. Scores are [training examples, queries].
@@ -29,18 +29,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..collect.generic import ExampleGradients, LossFn, tap_batches
+from ..collect.engine import LossFn
+from ..collect.generic import ExampleGradients
+from ..collect.hooks import resolve_modules
 from ..errors import BergsonError
-from ..models import find_tracked_modules
 from ..store.scores import unit_rows
-from ..transforms.ekfac import Factors, add_corrections, add_covariances, eigendecompose
+from ..transforms.ekfac import Factors, eigendecompose
 from ..transforms.preconditioners import (
     Preconditioner,
     StatisticsSink,
     mix_preconditioners,
     plan_powers,
 )
-from .ekfac import per_document_gradients, precondition_queries, query_products
+from .ekfac import (
+    BatchSource,
+    correction_sums,
+    covariance_sums,
+    example_gradients,
+    precondition_queries,
+    score_modules,
+)
 
 
 def _layout(grads: ExampleGradients) -> dict[str, Any]:
@@ -131,24 +139,6 @@ class EkfacFactors:
     include_bias: bool = False
 
 
-def _resolve(
-    model: nn.Module, modules: Mapping[str, nn.Module] | Sequence[str] | None
-) -> dict[str, nn.Module]:
-    if modules is None:
-        return find_tracked_modules(model)
-    if isinstance(modules, Mapping):
-        return dict(modules)
-    named = dict(model.named_modules())
-    missing = [m for m in modules if m not in named]
-    if missing:
-        raise BergsonError(f"modules: no module named {missing[0]!r} in the model")
-    return {m: named[m] for m in modules}
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1]).double()
-
-
 def fit_ekfac(
     model: nn.Module,
     batches: Iterable[Any],
@@ -158,58 +148,24 @@ def fit_ekfac(
     include_bias: bool = False,
     progress: bool = True,
 ) -> EkfacFactors:
-    """EK-FAC factors from two passes over ``batches`` (float64 sums).
+    """EK-FAC factors from two passes over ``batches`` (float64 sums), with the statistics of
+    ``bergson ekfac`` (:mod:`bergson.methods.ekfac.passes`).
 
     ``loss_fn`` defines the Fisher: pass the model's loss with labels sampled from its own
     predictions for the true Fisher, or with the dataset's labels for the empirical Fisher.
     A = (1/T) Σ x xᵀ over the T positions (T = N for inputs without a sequence axis),
     S = (1/N) Σ g gᵀ, and Λ = (1/N) Σ_n (Q_Sᵀ G_n Q_A)²."""
-    tracked = _resolve(model, modules)
-    batches = list(batches)
-    sums: dict[str, dict[str, torch.Tensor]] = {}
-    positions: dict[str, int] = {}
-
-    def covariances(name: str, x: torch.Tensor, g: torch.Tensor) -> None:
-        add_covariances(sums, name, _flat(x), _flat(g))
-        positions[name] = positions.get(name, 0) + x.shape[0] * x.shape[1]
-
-    n = tap_batches(
-        model, batches, loss_fn, tracked, covariances, include_bias=include_bias, desc="covariances",
-        progress=progress,
-    )  # fmt: skip
+    tracked = resolve_modules(model, modules)
+    source = BatchSource(model, list(batches), loss_fn, tracked, include_bias, progress)
+    sums, positions, n = covariance_sums(source, torch.float64)
     if n == 0:
         raise BergsonError("batches is empty: the Fisher is undefined")
     eigen = eigendecompose(
         Factors({k: {"A": d["A"] / positions[k], "S": d["S"] / n} for k, d in sums.items()})
     )
-    bases = {k: (d["S_eigenvectors"], d["A_eigenvectors"]) for k, d in eigen.tensors.items()}
-    corrections: dict[str, torch.Tensor] = {}
-
-    def correct(name: str, x: torch.Tensor, g: torch.Tensor) -> None:
-        add_corrections(corrections, name, bases[name], per_document_gradients(x.double(), g.double()))
-
-    tap_batches(
-        model, batches, loss_fn, tracked, correct, include_bias=include_bias, desc="eigenvalue correction",
-        progress=progress,
-    )  # fmt: skip
+    corrections = correction_sums(source, eigen, torch.float64)
     corrected = Factors({k: {"eigenvalues": s / n} for k, s in corrections.items()})
     return EkfacFactors(tracked, eigen, corrected, include_bias)
-
-
-def _gradients(
-    model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, factors: EkfacFactors, progress: bool
-) -> dict[str, torch.Tensor]:
-    """Per-example gradients [N, out, in] of every tracked layer (float64)."""
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in factors.modules}
-
-    def keep(name: str, x: torch.Tensor, g: torch.Tensor) -> None:
-        parts[name].append(per_document_gradients(x.double(), g.double()).cpu())
-
-    tap_batches(
-        model, batches, loss_fn, factors.modules, keep, include_bias=factors.include_bias,
-        desc="query gradients", progress=progress,
-    )  # fmt: skip
-    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def ekfac_scores(
@@ -224,21 +180,13 @@ def ekfac_scores(
     progress: bool = True,
 ) -> torch.Tensor:
     """Influence scores [N, Q] = Σ_modules ⟨(F + δI)⁻¹ G_q, G_n⟩ of every training example n
-    on every query q, both gradients of ``loss_fn`` (with the dataset's labels)."""
-    grads = _gradients(model, query_batches, loss_fn, factors, progress)
+    on every query q, both gradients of ``loss_fn`` (with the dataset's labels), scored as
+    ``bergson ekfac`` scores documents (:func:`bergson.methods.ekfac.score_modules`)."""
+
+    def source(batches: Iterable[Any]) -> BatchSource:
+        return BatchSource(model, list(batches), loss_fn, factors.modules, factors.include_bias, progress)
+
+    grads = example_gradients(source(query_batches))
     queries = precondition_queries(grads, factors.eigen, factors.corrected, damping, damping_mode)
-    products = {k: query_products(queries, k) for k in factors.modules}
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in factors.modules}
-
-    def score(name: str, x: torch.Tensor, g: torch.Tensor) -> None:
-        p = products[name].to(x.device)
-        parts[name].append(
-            torch.einsum("boi,qoi->bq", per_document_gradients(x.double(), g.double()), p).cpu()
-        )
-
-    tap_batches(
-        model, train_batches, loss_fn, factors.modules, score, include_bias=factors.include_bias,
-        desc="scores", progress=progress,
-    )  # fmt: skip
-    per_module = [torch.cat(v) for v in parts.values()]
-    return torch.stack(per_module).sum(0)
+    per_module = score_modules(source(train_batches), queries, torch.float64)
+    return torch.from_numpy(sum(per_module.values()))  # type: ignore[arg-type]
