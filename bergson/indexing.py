@@ -14,6 +14,7 @@ import torch
 from . import __version__, distributed
 from .collect.loop import Sink, collect_gradients
 from .config import DataConfig, IndexConfig, save_yaml, to_dict
+from .config.options import validate_options
 from .core.layout import column_layouts
 from .data import TokenizedDocs, assign_shards, load_data, plan_shards, tokenize_documents
 from .errors import BergsonError
@@ -27,20 +28,11 @@ from .transforms.preconditioners import resolve_preconditioner
 logger = logging.getLogger(__name__)
 
 
-def validate_index_config(cfg: IndexConfig) -> None:
+def validate_index_config(cfg: Any) -> None:
+    """Refuse a config without a run path or with values its option groups do not accept."""
     if not cfg.run_path:
         raise BergsonError("run_path is required: the output directory of the store")
-    if cfg.projection_dim < 0:
-        raise BergsonError(f"--projection_dim {cfg.projection_dim}: must be 0 (full gradients) or positive")
-    if cfg.token_batch_size < 2:
-        raise BergsonError(f"--token_batch_size {cfg.token_batch_size}: must be at least 2")
-    if cfg.shard_size < 1:
-        raise BergsonError(f"--shard_size {cfg.shard_size}: must be at least 1")
-    if cfg.per_token and cfg.aggregation != "none":
-        raise BergsonError(
-            f"--per_token with --aggregation {cfg.aggregation}: an aggregated vector has no tokens to "
-            "break down; drop one of the two"
-        )
+    validate_options(cfg)
 
 
 def context_size(model: torch.nn.Module) -> int | None:

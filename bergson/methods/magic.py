@@ -796,10 +796,9 @@ def check_options(cfg: MagicConfig) -> None:
             "--reward_column: MAGIC replays a supervised fine-tune; advantage-weighted (GRPO) losses "
             "are not supported by bergson magic"
         )
-    if cfg.fsdp or cfg.precision in QUANTIZED:
-        option = "--fsdp" if cfg.fsdp else f"--precision {cfg.precision}"
+    if cfg.precision in QUANTIZED:
         raise BergsonError(
-            f"bergson magic {option}: MAGIC trains the model and differentiates through training, "
+            f"bergson magic --precision {cfg.precision}: MAGIC trains the model and differentiates through training, "
             "which needs the whole model in full precision in each process; drop the option"
         )
 

@@ -60,7 +60,7 @@ CONFIG_FILE = "trackstar.yaml"
 
 
 def _index_options(cfg: TrackstarConfig, **changes: Any) -> dict[str, Any]:
-    base = {f.name: getattr(cfg, f.name) for f in fields(IndexConfig)}
+    base = {f.name: getattr(cfg, f.name) for f in fields(IndexConfig) if f.name in cfg.__dataclass_fields__}
     return {**base, "optimizer_state": None, "preconditioner_path": None, "overwrite": False, **changes}
 
 
