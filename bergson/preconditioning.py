@@ -12,6 +12,7 @@ import torch
 
 from . import distributed
 from .config import IndexConfig, PreconditionerConfig, save_yaml, to_dict
+from .config.options import is_default, validate_options
 from .core.devices import resolve_device
 from .data import TokenizedDocs
 from .errors import BergsonError
@@ -61,7 +62,7 @@ def fit_on_documents(
 def _existing(cfg: PreconditionerConfig) -> Preconditioner | None:
     """A complete earlier fit with the same options (None when there is none, or --overwrite)."""
     root = Path(cfg.run_path)
-    if not is_complete(root) or cfg.overwrite:
+    if cfg.overwrite or not is_complete(root):
         return None
     check_saved_config(cfg, root / CONFIG_FILE, "a preconditioner")
     return load_preconditioner(root)
@@ -81,9 +82,11 @@ def fit_preconditioner(
     """Fit a preconditioner on a dataset or a store (or mix two) and save it at ``cfg.run_path``."""
     if not cfg.run_path:
         raise BergsonError("run_path is required: the output directory of the preconditioner")
-    if cfg.preconditioner_path:
+    validate_options(cfg)
+    if not (cfg.mix_train or cfg.mix_query) and not is_default(cfg, "downweight_components"):
         raise BergsonError(
-            "--preconditioner_path: a preconditioner is fitted on plain vectors; drop the option"
+            f"--downweight_components {cfg.downweight_components}: it sets how two preconditioners are "
+            "mixed, and none are (--mix_train/--mix_query); drop the option"
         )
     # rank 0 decides and every rank gets its fit: a rank on another machine may not see rank 0's
     # run_path (no shared filesystem), and all ranks must agree to skip the collection pass

@@ -12,9 +12,7 @@ import dataclasses
 import importlib
 import json
 import re
-import threading
 import typing
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -66,44 +64,333 @@ def test_help_lists_exactly_the_options(command, capfd):
     assert shown - aliases == flags(config_class(command))
 
 
-def runs(tmp: Path, model: str, corpus: str) -> dict[str, list[tuple[list[str], str | None]]]:
-    """Per command: (arguments, None for a run that must succeed or a pattern its error must
-    match). Refused runs read the options they refuse; each writes to a run path of its own."""
-    m = ["--model", model, "--device", "cpu", "--precision", "fp32"]
-    d = ["--dataset", corpus, "--split", "train[:6]", "--truncation", "--max_length", "24"]
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, model_dir, corpus_file) -> dict[str, str]:
+    """A small corpus with group, prompt/completion and reward columns, and the stores and runs
+    the commands that read earlier results start from (built here, outside the recording)."""
+    from bergson import IndexConfig, build
+
+    tmp = tmp_path_factory.mktemp("options")
+    texts = [json.loads(line)["text"] for line in Path(corpus_file).read_text().splitlines()[:8]]
+    rows = [
+        {"text": t, "prompt": t[:40], "completion": t[40:120], "group": "ab"[i % 2], "reward": float(i)}
+        for i, t in enumerate(texts)
+    ]
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = C.DataConfig(dataset=str(corpus), truncation=True, max_length=24)
+    common = dict(model=str(model_dir), device="cpu", precision="fp32", projection_dim=4, data=data)
+    index = build(IndexConfig(run_path=str(tmp / "index"), per_token=True, **common))
+    query = build(IndexConfig(run_path=str(tmp / "query"), **common))
+    return {
+        "tmp": str(tmp),
+        "model": str(model_dir),
+        "corpus": str(corpus),
+        "index": str(index.root),
+        "query": str(query.root),
+    }
+
+
+def runs(a: dict[str, str], tmp: Path) -> dict[str, list[tuple[list[str], str | None]]]:
+    """Per command: (arguments, None for a run that must succeed or a text its error must
+    contain). Refused runs read the options they refuse; each run has a run path of its own."""
+    m = ["--model", a["model"], "--device", "cpu", "--precision", "fp32"]
+    d = ["--dataset", a["corpus"], "--split", "train[:6]", "--truncation", "--max_length", "24"]
+    qd = [
+        "--query.dataset",
+        a["corpus"],
+        "--query.split",
+        "train[6:8]",
+        "--query.truncation",
+        "--query.max_length",
+        "24",
+    ]
     heads = "gpt_neox.layers.0.attention.query_key_value=2:48:out"
-    collect = ["--token_batch_size", "64", "--projection_dim", "4", "--projection_seed", "1", "--include_bias",
-               "--modules", "gpt_neox.layers.*", "--loss_reduction", "mean", "--shard_size", "4",
-               "--revision", "main", "--force_math_sdp"]  # fmt: skip
+    grads = [
+        "--projection_dim",
+        "4",
+        "--projection_seed",
+        "0",
+        "--include_bias",
+        "--modules",
+        "gpt_neox.layers.*",
+    ]
+    extra = [
+        "--token_batch_size",
+        "64",
+        "--revision",
+        "main",
+        "--force_math_sdp",
+        "--use_tf32_matmuls",
+        "--no_trust_remote_code",
+        "--fsdp",
+        "--nproc_per_node",
+        "1",
+        "--overwrite",
+    ]
+    collect = [*grads, *extra, "--loss_reduction", "mean", "--shard_size", "4"]
     count = iter(range(1000))
     new = lambda: str(tmp / f"run{next(count)}")  # noqa: E731
-    refused_everywhere = [
-        ([new(), *m, *d, "--dist_timeout", "5"], "--dist_timeout 5.0: it is how long"),
-        ([new(), *m, *d, "--normalizer_form", "adam"], "--normalizer_form adam: it says how"),
-        ([new(), *m, *d, "--data.subset", "en"], "--subset en: it names a configuration"),
-        ([new(), *m, *d, "--optimizer_state", str(tmp / "missing.pt")], "missing.pt: no such file"),
-    ]
+    missing = str(tmp / "missing")
+
+    def refused(*options: str, base: tuple[str, ...] = ()) -> list[tuple[list[str], str | None]]:
+        """The refusals of the option groups a command shares (each group checks its own), with
+        the options ``base`` that the command needs besides."""
+        cases = {
+            "workers": (["--dist_timeout", "5"], "--dist_timeout 5.0: it is how long"),
+            "data": (["--data.subset", "en"], "--subset en: it names a configuration"),
+            "completion": (["--completion_column", "nope"], "nope"),
+            "chat": (["--conversation_column", "nope"], "nope"),
+            "reward": (["--reward_column", "nope"], "--reward_column"),
+            "form": (["--normalizer_form", "adam"], "--normalizer_form adam: it says how"),
+            "state": (["--optimizer_state", missing + ".pt"], "missing.pt: no such file"),
+            "pre": (["--preconditioner_path", missing], "missing"),
+        }
+        run = ["--run_path"] if base[:1] == ("--run_path",) else []
+        return [([*run, new(), *m, *d, *base[len(run) :], *cases[o][0]], cases[o][1]) for o in options]
+
+    everything = ("workers", "data", "completion", "chat", "reward")
     return {
         "build": [
-            ([new(), *m, *d, *collect, "--attention_heads", heads, "--per_token", "--save_dtype", "float32",
-              "--unit_normalize", "--overwrite", "--fsdp", "--nproc_per_node", "1", "--use_tf32_matmuls",
-              "--no_trust_remote_code"], None),  # fmt: skip
+            (
+                [
+                    new(),
+                    *m,
+                    *d,
+                    *collect,
+                    "--attention_heads",
+                    heads,
+                    "--per_token",
+                    "--save_dtype",
+                    "float32",
+                    "--unit_normalize",
+                ],
+                None,
+            ),
             ([new(), *m, *d, "--aggregation", "mean", "--prompt_column", "text"], None),
-            ([new(), *m, *d, "--preconditioner_path", str(tmp / "missing")], "--preconditioner_path"),
-            ([new(), *m, *d, "--completion_column", "nope"], "nope"),
-            ([new(), *m, *d, "--conversation_column", "nope"], "nope"),
-            ([new(), *m, *d, "--reward_column", "nope"], "--reward_column needs --completion_column"),
-            *refused_everywhere,
+            *refused(*everything, "form", "state", "pre"),
+        ],
+        "reduce": [
+            (
+                [
+                    new(),
+                    *m,
+                    *d,
+                    *collect,
+                    "--attention_heads",
+                    heads,
+                    "--aggregation",
+                    "sum",
+                    "--unit_normalize",
+                    "--save_dtype",
+                    "float32",
+                ],
+                None,
+            ),
+            ([new(), "--index", a["index"]], None),
+            ([new(), *m, *d, "--per_token"], "--per_token"),
+            *refused(*everything, "form", "state", "pre"),
+        ],
+        "score": [
+            (
+                [
+                    new(),
+                    *m,
+                    *d,
+                    "--projection_dim",
+                    "4",
+                    "--token_batch_size",
+                    "64",
+                    "--query_path",
+                    a["query"],
+                    "--score",
+                    "max",
+                    "--query_group_column",
+                    "group",
+                    "--top_k",
+                    "2",
+                    "--unit_normalize",
+                    "--per_token",
+                    "--save_dtype",
+                    "float32",
+                ],
+                None,
+            ),
+            ([new(), "--index", a["index"], "--query_path", a["query"], "--aggregation", "mean"], None),
+            *refused(
+                *everything,
+                "form",
+                "state",
+                "pre",
+                base=("--query_path", a["query"], "--projection_dim", "4"),
+            ),
+        ],
+        "preconditioner": [
+            (
+                [
+                    new(),
+                    *m,
+                    *d,
+                    *collect,
+                    "--attention_heads",
+                    heads,
+                    "--max_documents",
+                    "4",
+                    "--sample_seed",
+                    "1",
+                    "--damping",
+                    "0.2",
+                    "--damping_mode",
+                    "absolute",
+                ],
+                None,
+            ),
+            ([new(), "--index", a["index"]], None),
+            (
+                [new(), "--mix_train", missing, "--mix_query", missing, "--downweight_components", "2"],
+                "missing",
+            ),
+            ([new(), *m, *d, "--downweight_components", "2"], "--downweight_components 2: it sets how"),
+            *refused(*everything, "form", "state"),
+        ],
+        "trackstar": [
+            (
+                [
+                    new(),
+                    *m,
+                    *d,
+                    *qd,
+                    *collect,
+                    "--attention_heads",
+                    heads,
+                    "--stats_documents",
+                    "4",
+                    "--sample_seed",
+                    "1",
+                    "--damping",
+                    "0.2",
+                    "--damping_mode",
+                    "absolute",
+                    "--downweight_components",
+                    "1",
+                    "--top_k",
+                    "2",
+                    "--no_unit_normalize",
+                    "--aggregation",
+                    "none",
+                    "--per_token",
+                    "--save_dtype",
+                    "float32",
+                ],
+                None,
+            ),
+            *refused(*everything, "form", "state", base=tuple(qd)),
+        ],
+        "ekfac": [
+            (
+                [
+                    new(),
+                    *m,
+                    *d,
+                    *qd,
+                    *grads,
+                    *extra,
+                    "--method",
+                    "kfac",
+                    "--fisher",
+                    "empirical",
+                    "--fisher_seed",
+                    "1",
+                    "--damping",
+                    "0.2",
+                    "--damping_mode",
+                    "absolute",
+                    "--factor_dtype",
+                    "float64",
+                    "--per_module_scores",
+                    "--query_rank",
+                    "1",
+                    "--projected_queries",
+                    "--top_k",
+                    "2",
+                    "--per_token",
+                ],
+                None,
+            ),
+            *refused(*everything, base=tuple(qd)),
+        ],
+        "magic": [
+            (
+                [
+                    *m,
+                    "--run_path",
+                    new(),
+                    *d,
+                    *qd,
+                    "--training.optimizer",
+                    "sgd",
+                    "--training.lr",
+                    "0.01",
+                    "--training.beta1",
+                    "0.9",
+                    "--training.beta2",
+                    "0.99",
+                    "--training.eps",
+                    "1e-8",
+                    "--training.momentum",
+                    "0.5",
+                    "--training.weight_decay",
+                    "0.01",
+                    "--training.schedule",
+                    "linear",
+                    "--training.warmup_steps",
+                    "1",
+                    "--training.max_grad_norm",
+                    "1.0",
+                    "--training.batch_size",
+                    "2",
+                    "--training.grad_accumulation",
+                    "1",
+                    "--training.epochs",
+                    "1",
+                    "--training.seed",
+                    "1",
+                    "--training.freeze",
+                    "gpt_neox.embed_in.*",
+                    "--query_mode",
+                    "individual",
+                    "--per_token",
+                    "--checkpoints",
+                    "log",
+                    "--memory_budget_gb",
+                    "0.5",
+                    "--no_force_low_precision",
+                    "--overwrite",
+                    "--top_k",
+                    "2",
+                    "--nproc_per_node",
+                    "1",
+                    "--revision",
+                    "main",
+                    "--force_math_sdp",
+                    "--use_tf32_matmuls",
+                    "--no_trust_remote_code",
+                ],
+                None,
+            ),
+            *refused("workers", base=("--run_path", *qd)),
         ],
     }
 
 
-@pytest.mark.parametrize("command", ["build"])
-def test_every_option_is_read(command, tmp_path, model_dir, corpus_file, capfd):
+@pytest.mark.parametrize(
+    "command", ["build", "reduce", "score", "preconditioner", "trackstar", "ekfac", "magic"]
+)
+def test_every_option_is_read(command, assets, tmp_path, capfd):
     cls = config_class(command)
     read: set[tuple[str, str]] = set()
     failures = []
-    for args, refusal in runs(tmp_path, str(model_dir), str(corpus_file))[command]:
+    for args, refusal in runs(assets, tmp_path)[command]:
         with recording([cls, *NESTED]) as reads:
             try:
                 main([command, *args])

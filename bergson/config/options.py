@@ -7,7 +7,7 @@ reads, so that no command offers a flag it would ignore. Each field's docstring 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from typing import Annotated, Any, Literal
 
 import tyro
@@ -356,3 +356,10 @@ def validate_options(cfg: Any) -> None:
         check = group.__dict__.get("_check")
         if check is not None:
             check(cfg)
+
+
+def is_default(cfg: Any, name: str) -> bool:
+    """Whether option ``name`` of ``cfg`` still has its default value (was not given)."""
+    f = type(cfg).__dataclass_fields__[name]
+    default = f.default_factory() if f.default_factory is not MISSING else f.default
+    return getattr(cfg, name) == default

@@ -215,8 +215,6 @@ def trackstar(cfg: TrackstarConfig, normalizers: Mapping[str, Normalizer] | None
     (``--nproc_per_node`` or torchrun) the statistics, query and scores passes split their
     shards over the ranks; rank 0 fits and mixes the preconditioners and writes the summary."""
     validate_index_config(cfg)
-    if cfg.preconditioner_path:
-        raise BergsonError("--preconditioner_path: trackstar fits its own preconditioner; drop the option")
     if cfg.downweight_components < 0:
         raise BergsonError(f"--downweight_components {cfg.downweight_components}: must be >= 0")
     if not cfg.query.dataset:
