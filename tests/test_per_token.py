@@ -13,8 +13,8 @@ from bergson.data.batching import pad_batch
 from bergson.errors import BergsonError
 from bergson.models import find_tracked_modules
 from bergson.transforms.projection import projection_matrix
+from tests.helpers.assets import tiny_neox
 
-from .conftest import tiny_neox
 from .test_collect import dense_second_moments, random_docs
 
 MODULES = ["gpt_neox.layers.0.attention.query_key_value", "gpt_neox.layers.1.mlp.dense_4h_to_h"]
