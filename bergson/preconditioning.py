@@ -12,7 +12,7 @@ import torch
 
 from . import distributed
 from .config import IndexConfig, PreconditionerConfig, save_yaml, to_dict
-from .config.options import is_default, validate_options
+from .config.options import COMPUTING, ModelOptions, is_default, unused_with, validate_options
 from .core.devices import resolve_device
 from .data import TokenizedDocs
 from .errors import BergsonError
@@ -111,6 +111,8 @@ def fit_preconditioner(
         if cfg.data.dataset:
             raise BergsonError("give either --index or --dataset, not both")
         store = load_gradients(cfg.index)
+        unused = tuple(g for g in COMPUTING if g is not ModelOptions)  # --device still places the fit
+        unused_with(cfg, "--index", unused, "the second moments are those of the store's vectors")
         if store.manifest.kind != "gradients" or store.manifest.preconditioner:
             raise BergsonError(
                 f"--index {cfg.index}: needs a per-row gradient store without a preconditioner "

@@ -7,13 +7,16 @@ reads, so that no command offers a flag it would ignore. Each field's docstring 
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field
+import logging
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Annotated, Any, Literal
 
 import tyro
 
 from ..core.devices import launched
 from ..errors import BergsonError
+
+logger = logging.getLogger("bergson")
 
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int4", "int8"]
 DampingMode = Literal["relative", "absolute"]
@@ -363,3 +366,34 @@ def is_default(cfg: Any, name: str) -> bool:
     f = type(cfg).__dataclass_fields__[name]
     default = f.default_factory() if f.default_factory is not MISSING else f.default
     return getattr(cfg, name) == default
+
+
+def given(cfg: Any, *groups: type) -> list[str]:
+    """The flags of the options of ``groups`` (option group classes) that ``cfg`` sets to other
+    than their defaults, nested groups as ``--group.field``."""
+    out = []
+    for group in groups:
+        for f in fields(group):
+            if f.name not in cfg.__dataclass_fields__ or is_default(cfg, f.name):
+                continue
+            value = getattr(cfg, f.name)
+            if is_dataclass(value):
+                out += [f"--{f.name}.{g.name}" for g in fields(value) if not is_default(value, g.name)]
+            else:
+                out.append(f"--{f.name}")
+    return out
+
+
+def unused_with(cfg: Any, when: str, groups: tuple[type, ...], why: str) -> None:
+    """Announce the options of ``groups`` that ``cfg`` sets although ``when`` makes them unused."""
+    flags = given(cfg, *groups)
+    if flags:
+        logger.warning("%s with %s: %s, so %s not used", ", ".join(flags), when, why,
+                       "it is" if len(flags) == 1 else "they are")  # fmt: skip
+
+
+COMPUTING = (
+    ModelOptions, FsdpOptions, DataOptions, BatchOptions, GradientOptions, HeadOptions, LossOptions,
+    ShardOptions, NormalizerOptions,
+)  # fmt: skip
+"""The groups of options that only matter when gradients are computed (not read from a store)."""
