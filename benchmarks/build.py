@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 from bergson import DataConfig, IndexConfig, load_data, load_model, tokenize_documents
-from bergson.collect.loop import _pad, per_document_loss
+from bergson.collect.loop import per_document_loss
 from bergson.config import ScoreConfig
 from bergson.data import TokenizedDocs, plan_batches
-from bergson.indexing import write_store
+from bergson.data.batching import pad_batch
+from bergson.runs.shared_store import write_store
 from bergson.scoring import score_documents
 from bergson.store import load_gradients
 
@@ -47,7 +48,7 @@ def train_step_time(model: torch.nn.Module, docs, batches, pad_id: int) -> float
     _sync()
     start = time.perf_counter()
     for idx in batches:
-        ids, labels = _pad(docs, idx, pad_id)
+        ids, labels = pad_batch(docs, idx, pad_id)
         model.zero_grad(set_to_none=True)
         logits = model(input_ids=ids.to(device), use_cache=False).logits
         per_document_loss(logits, labels.to(device)).sum().backward()

@@ -33,7 +33,7 @@ _EXPORTS = {
     "projection_matrix": "bergson.transforms.projection",
     "GradientStore": "bergson.store.reader",
     "load_gradients": "bergson.store.reader",
-    "build": "bergson.indexing",
+    "build": "bergson.methods.build",
     "load_data": "bergson.data.load",
     "tokenize_documents": "bergson.data.tokenize",
     "load_model": "bergson.models",
@@ -63,8 +63,8 @@ _EXPORTS = {
     "ValidateConfig": "bergson.config",
     "magic": "bergson.methods.magic",
     "validate": "bergson.validation",
-    "GradientCollectorCallback": "bergson.integrations.trainer",
-    "prepare_for_gradient_collection": "bergson.integrations.trainer",
+    "GradientCollectorCallback": "bergson.integrations",
+    "prepare_for_gradient_collection": "bergson.integrations",
     "ModelConfigTestConfig": "bergson.config",
     "test_model_configuration": "bergson.diagnostics",
     "ReportConfig": "bergson.config",
@@ -171,8 +171,8 @@ if TYPE_CHECKING:
     from .data.tokenize import tokenize_documents
     from .diagnostics import test_model_configuration
     from .errors import BergsonError
-    from .indexing import build
-    from .integrations.trainer import GradientCollectorCallback, prepare_for_gradient_collection
+    from .integrations import GradientCollectorCallback, prepare_for_gradient_collection
+    from .methods.build import build
     from .methods.custom import (
         EkfacFactors,
         ekfac_scores,

@@ -163,7 +163,7 @@ def load_test_documents(cfg: ModelConfigTestConfig, tokenizer: Any, model: nn.Mo
     down to about half the limit) so that the padded batch always mixes lengths.
     """
     limit = cfg.data.max_length or DEFAULT_MAX_LENGTH
-    from .indexing import context_size
+    from .runs.documents import context_size
 
     ctx = context_size(model)
     if ctx:

@@ -11,14 +11,16 @@ from typing import Any
 import torch
 
 from . import distributed
-from .config import IndexConfig, PreconditionerConfig, save_yaml, to_dict
+from .config import PreconditionerConfig, save_yaml, to_dict
 from .config.options import COMPUTING, ModelOptions, is_default, unused_with, validate_options
 from .core.devices import resolve_device
 from .data import TokenizedDocs
 from .errors import BergsonError
-from .indexing import collect_with, make_manifest, prepare_inputs, resolve_normalizers, subsample
 from .models import find_tracked_modules, honours_numerics
+from .runs.documents import prepare_inputs, subsample
+from .runs.manifests import make_manifest, resolve_normalizers
 from .runs.rundir import check_saved_config
+from .runs.shared_store import collect_with
 from .store import load_gradients
 from .transforms.normalizers import Normalizer
 from .transforms.preconditioners import (
@@ -37,7 +39,7 @@ CONFIG_FILE = "config.yaml"
 
 
 def fit_on_documents(
-    cfg: IndexConfig,
+    cfg: Any,
     model: torch.nn.Module,
     modules: Mapping[str, torch.nn.Module],
     docs: TokenizedDocs,

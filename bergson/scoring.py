@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -24,37 +23,19 @@ from .core.devices import resolve_device
 from .core.layout import ModuleLayout
 from .data import TokenizedDocs, load_data, plan_shards
 from .errors import BergsonError
-from .indexing import (
-    collect_with,
-    finish_shared_store,
-    make_manifest,
-    open_shared_store,
-    prepare_inputs,
-    resolve_normalizers,
-    store_here,
-)
 from .models import find_tracked_modules, numerics
+from .runs.documents import prepare_inputs
+from .runs.manifests import make_manifest, resolve_normalizers
+from .runs.shared_store import collect_with, finish_shared_store, open_shared_store, store_here
 from .store import GradientStore, Manifest, StoreWriter, load_gradients
 from .store.manifest import SCORE_ORIENTATION, check_compatible
+from .store.scores import pad_token_rows, row_norms, unit_rows
 from .transforms.normalizers import NORMALIZERS_FILE, load_normalizers
 from .transforms.preconditioners import carried, fixed_preconditioner, plan_powers, resolve_preconditioner
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 logger = logging.getLogger(__name__)
-
-
-def pad_token_rows(parts: list[np.ndarray], dim: int) -> np.ndarray:
-    """Rows' token arrays ([length_i, dim] each) as one zero-padded [rows, longest, dim] array."""
-    out = np.zeros((len(parts), max((len(p) for p in parts), default=0), dim), np.float32)
-    for i, p in enumerate(parts):
-        out[i, : len(p)] = p
-    return out
-
-
-def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit norm; all-zero rows stay zero."""
-    return x / x.norm(dim=1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
 
 
 def query_matrix(
@@ -150,7 +131,7 @@ class ScoreSink:
             if t is not None:
                 t = self.transform(t.reshape(-1, t.shape[-1])).reshape(t.shape)
         if self.unit:
-            norm = v.norm(dim=1, keepdim=True).clamp(min=torch.finfo(v.dtype).tiny)
+            norm = row_norms(v)
             v = v / norm
             t = None if t is None else t / norm[:, None]
         s = self._columns(v @ self.q.T)  # [B, columns]
@@ -318,45 +299,3 @@ def score_documents(
         collect_with(cfg, model, docs, modules, sink, normalizers, pad_token_id, per_token=cfg.per_token)
         finish_shared_store(writer, len(plan_shards(len(docs), cfg.shard_size)))
     return store_here(writer)
-
-
-def top_rows(store: GradientStore, k: int) -> list[list[tuple[int, float]]]:
-    """(dataset row, score) of the k highest scores in each column of a scores store."""
-    s = np.asarray(store["scores"], np.float32)
-    out: list[list[tuple[int, float]]] = []
-    for c in range(s.shape[1]):
-        order = np.argsort(-s[:, c], kind="stable")[:k]
-        out.append([(int(store.rows["row_id"][i]), float(s[i, c])) for i in order])
-    return out
-
-
-def save_score_matrix(
-    path: str | Path,
-    scores: np.ndarray,
-    base_manifest: Manifest,
-    info: dict[str, Any],
-    overwrite: bool,
-    tokens: list[np.ndarray] | None = None,
-) -> GradientStore:
-    """Write a [rows, columns] score matrix computed elsewhere (EK-FAC, MAGIC) as an ordinary
-    scores store, with ``base_manifest``'s model and data and ``info`` as its score entry;
-    ``tokens`` (per row, [length, columns]) become its token rows."""
-    n, nq = scores.shape
-    manifest = replace(
-        base_manifest,
-        kind="scores",
-        status="in_progress",
-        modules=[ModuleLayout("scores", "scores", [nq], False, 0, nq)],
-        dtype="float32",
-        score={**info, "columns": nq, "orientation": SCORE_ORIENTATION},
-        per_token=tokens is not None,
-    )
-    writer = StoreWriter(path, manifest, overwrite=overwrite)
-    if not writer.complete:
-        writer.begin_shard(0, range(n))
-        lengths = np.zeros(n, np.int64) if tokens is None else np.array([len(t) for t in tokens])
-        padded = None if tokens is None else pad_token_rows(tokens, nq)
-        writer.write(np.arange(n), scores.astype(np.float32), lengths, np.zeros(n, np.float32), padded)
-        writer.end_shard(0)
-        writer.finalize(1)
-    return load_gradients(path)

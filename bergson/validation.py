@@ -113,8 +113,8 @@ class Retrainer:
     """Retrain a recipe with documents removed and measure every query's final loss (cached)."""
 
     def __init__(self, recipe: MagicConfig, cache_dir: str | Path, device: str | None = None):
-        from .indexing import tokens_fingerprint
         from .methods.magic import Replay, prepare
+        from .runs.documents import tokens_fingerprint
 
         if device is not None:
             recipe = replace(recipe, device=device)

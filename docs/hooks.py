@@ -164,7 +164,6 @@ def _option_row(opt: Option) -> str:
 def cli_reference() -> str:
     """The markdown of the CLI reference page."""
     from bergson.cli import COMMANDS
-    from bergson.distributed import DISTRIBUTED_COMMANDS
 
     lines = [
         "# CLI reference",
@@ -182,8 +181,8 @@ def cli_reference() -> str:
         "| Command | What it does |",
         "| --- | --- |",
     ]
-    lines += [f"| [`{name}`](#{name}) | {_escape(summary)} |" for name, (_, summary) in COMMANDS.items()]
-    for name, (_, summary) in COMMANDS.items():
+    lines += [f"| [`{name}`](#{name}) | {_escape(summary)} |" for name, (_, summary, *_) in COMMANDS.items()]
+    for name, (_, summary, *_) in COMMANDS.items():
         cls, options = command_options(name)
         positional = [o.flags[0] for o in options if not o.flags[0].startswith("-")]
         usage = " ".join(["bergson", name, *positional, "[OPTIONS]"])
@@ -199,7 +198,7 @@ def cli_reference() -> str:
             + (
                 "Runs on several workers with `--nproc_per_node` or torchrun "
                 "(see [Scaling out](../scaling-out.md))."
-                if name in DISTRIBUTED_COMMANDS
+                if COMMANDS[name].workers
                 else "Runs in one process."
             ),
             "",

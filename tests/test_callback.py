@@ -18,8 +18,8 @@ import torch
 from bergson import BergsonError, GradientCollectorCallback, prepare_for_gradient_collection
 from bergson.config import IndexConfig, ScoreConfig
 from bergson.data import TokenizedDocs
-from bergson.indexing import write_store
 from bergson.models import find_tracked_modules
+from bergson.runs.shared_store import write_store
 from bergson.scoring import score
 from bergson.search.attributor import Attributor
 from bergson.store import load_gradients

@@ -95,7 +95,7 @@ def _is_positional(tp: Any) -> bool:
 def test_cli_reference_documents_every_command_and_field(reference: str) -> None:
     sections = _sections(reference)
     assert list(sections) == list(COMMANDS)
-    for command, (module, summary) in COMMANDS.items():
+    for command, (module, summary, *_) in COMMANDS.items():
         section = sections[command]
         text = _unescape(section)
         assert summary in text, command

@@ -16,8 +16,8 @@ from bergson.config import DataConfig, MagicConfig
 from bergson.distributed import decoder_layers, is_sharded, shard_model
 from bergson.models import quantization_config
 from tests.helpers.assets import tiny_neox
+from tests.helpers.distributed import assert_same_store, cli, one_cfg, options
 
-from .test_distributed import assert_same_store, cli, one_cfg, options
 from .test_distributed_ekfac import assert_close, ekfac_cli, ekfac_one
 
 

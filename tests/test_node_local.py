@@ -23,14 +23,14 @@ from bergson.distributed import LAUNCH_MARKER, SPAWNED, free_port
 from bergson.scoring import score
 from bergson.store.manifest import read_manifest
 
-from .test_distributed import assert_same_store, one_cfg, options
-from .test_distributed import reference as reference  # the one-process store (a fixture)
+from .helpers.distributed import assert_same_store, one_cfg, options
+from .helpers.distributed import reference as reference  # the one-process store (a fixture)
 from .test_store import make_cfg
 
 RUN = "runs/index"
 TIMEOUT = 300.0
 REPO = Path(bergson.__file__).resolve().parents[1]
-SMALL_CHUNKS = "import bergson.distributed\n\nbergson.distributed.CHUNK_BYTES = 256\n"
+SMALL_CHUNKS = "import bergson.distributed.transfer\n\nbergson.distributed.transfer.CHUNK_BYTES = 256\n"
 
 
 def two_machines(tmp_path: Path, command: str, args: list[str], check: bool = True) -> list[str]:

@@ -11,8 +11,8 @@ import torch
 from bergson import BergsonError, build, trackstar
 from bergson.config import DataConfig, IndexConfig, TrackstarConfig
 from bergson.data import TokenizedDocs
-from bergson.indexing import subsample
 from bergson.methods.trackstar import _Pipeline
+from bergson.runs.documents import subsample
 from bergson.store import load_gradients
 from bergson.transforms.preconditioners import is_complete, load_preconditioner
 from tests.helpers.assets import ASSETS

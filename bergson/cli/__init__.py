@@ -1,7 +1,8 @@
 """The ``bergson`` command line: one small module per subcommand.
 
-Configs are parsed with tyro from the dataclasses in :mod:`bergson.config` (field
-docstrings become ``--help`` text). ``--config FILE.yaml`` loads the same dataclass from
+The commands are the one table :data:`COMMANDS` (:mod:`bergson.core.commands`, which the
+launcher reads too). Configs are parsed with tyro from the dataclasses in :mod:`bergson.config`
+(field docstrings become ``--help`` text). ``--config FILE.yaml`` loads the same dataclass from
 YAML; flags given after it override the file. Options of a command's ``data`` group
 may be written without the ``data.`` prefix (``--dataset`` == ``--data.dataset``).
 """
@@ -17,53 +18,14 @@ import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from ..core.commands import COMMANDS
 from ..errors import BergsonError
-
-# name -> (module with `CONFIG` and `run(cfg)`, one-line summary)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "build": ("bergson.cli.build", "Collect per-document gradients of a dataset into a gradient store."),
-    "query": ("bergson.cli.query", "Find the training rows whose gradients explain a query text."),
-    "reduce": ("bergson.cli.reduce", "Aggregate a dataset's gradients (or a store) into one query vector."),
-    "score": ("bergson.cli.score", "Score every document of a dataset against query gradients in one pass."),
-    "preconditioner": (
-        "bergson.cli.preconditioner",
-        "Fit per-module gradient second moments on a dataset or store (or mix two, TrackStar-style).",
-    ),
-    "ekfac": (
-        "bergson.cli.ekfac",
-        "EK-FAC influence functions: factors, eigenvalue correction, preconditioned queries, scores.",
-    ),
-    "trackstar": (
-        "bergson.cli.trackstar",
-        "TrackStar end to end: statistics, mixed preconditioner, query store and scores, resumable.",
-    ),
-    "magic": (
-        "bergson.cli.magic",
-        "MAGIC: train once with checkpoints, then differentiate the query loss through training.",
-    ),
-    "validate": (
-        "bergson.cli.validate",
-        "Check scores stores against real retraining without random subsets (leave-k-out, LDS).",
-    ),
-    "report": (
-        "bergson.cli.report",
-        "Write one self-contained HTML page of the documents behind a scores store or query results.",
-    ),
-    "serve": (
-        "bergson.cli.serve",
-        "Serve a local page that explains typed queries live from a gradient store (read-only).",
-    ),
-    "test_model_configuration": (
-        "bergson.cli.test_model_configuration",
-        "Check that batched gradients equal one-by-one ones; suggest --force_math_sdp / --precision if not.",
-    ),
-}
 
 
 def _usage() -> str:
     lines = ["usage: bergson COMMAND [OPTIONS]   (bergson COMMAND --help for its options)", "", "commands:"]
     width = max(map(len, COMMANDS))
-    lines += [f"  {name:<{width}} {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += [f"  {name:<{width}} {command.summary}" for name, command in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -108,8 +70,7 @@ def parse(command: str, args: Sequence[str]) -> Any:
 
     from ..config import load_yaml
 
-    module = importlib.import_module(COMMANDS[command][0])
-    cls = module.CONFIG
+    cls = importlib.import_module(COMMANDS[command].module).CONFIG
     path, rest = _split_config(list(args))
     if path is None and rest and rest[0].endswith((".yaml", ".yml")) and not rest[0].startswith("-"):
         path = rest.pop(0)  # `bergson magic config.yaml`: a leading YAML file is the config
@@ -120,7 +81,7 @@ def parse(command: str, args: Sequence[str]) -> Any:
         args=rest,
         default=default,
         prog=f"bergson {command}",
-        description=COMMANDS[command][1] + " Pass --config FILE.yaml to read options from YAML.",
+        description=COMMANDS[command].summary + " Pass --config FILE.yaml to read options from YAML.",
         use_underscores=True,
     )
 
@@ -148,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         cfg = parse(command, args[1:])
         distributed.check_command(command, cfg)
-        importlib.import_module(COMMANDS[command][0]).run(cfg)
+        importlib.import_module(COMMANDS[command].module).run(cfg)
     except BergsonError as e:
         print(f"bergson {command}{where}: error: {e}", file=sys.stderr)
         code = distributed.PEER_EXIT if isinstance(e, distributed.PeerError) else 1
@@ -185,7 +146,7 @@ def _leave_worker(code: int) -> NoReturn:
 
 def print_top_rows(store: Any, k: int, label: str = "column") -> None:
     """The ``k`` highest-scoring rows of each column of a scores store, one block per column."""
-    from ..scoring import top_rows
+    from ..store.scores import top_rows
 
     for col, hits in enumerate(top_rows(store, k)):
         print(f"{label} {col}:")

@@ -11,7 +11,7 @@ CONFIG = IndexConfig
 
 
 def run(cfg: IndexConfig) -> None:
-    from ..indexing import build
+    from ..methods.build import build
 
     started, start = time.time(), time.perf_counter()
     store = build(cfg)

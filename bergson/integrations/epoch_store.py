@@ -1,4 +1,5 @@
-"""One epoch's gradient store, filled in training order and written in dataset order."""
+"""One epoch's gradient store, filled in training order and written in dataset order, and the
+output directory that holds the epoch stores ``epoch_{k}``."""
 
 from __future__ import annotations
 
@@ -16,15 +17,34 @@ import pyarrow.parquet as pq
 from .. import distributed
 from ..core.files import atomic_write_bytes
 from ..data import plan_shards
-from ..errors import BergsonError
 from ..store import Manifest, StoreWriter
+from ..store.manifest import MANIFEST
 from ..transforms.normalizers import NORMALIZERS_FILE, Normalizer, save_normalizers
+from .checks import callback_error
 
 logger = logging.getLogger(__name__)
 
 ORDER_FILE = "order.parquet"
 """Per epoch store: the rows in the order they were trained on, with their step."""
 _BUFFER_FILE = ".collecting.npy"
+
+
+def prepare_directory(root: Path, overwrite: bool) -> None:
+    """Create the output directory; with ``overwrite`` remove the epoch stores already in it,
+    without it refuse to write over them."""
+    if root.exists() and not root.is_dir():
+        raise callback_error(f"path {root} is a file; choose a directory")
+    existing = sorted(p for p in root.glob("epoch_*") if p.is_dir()) if root.is_dir() else []
+    if existing and not overwrite:
+        raise callback_error(
+            f"{root} already holds {existing[0].name}; pass overwrite=True to replace its epoch stores, or "
+            "choose another path"
+        )
+    for p in existing:
+        if not (p / MANIFEST).is_file() and any(p.iterdir()):
+            raise callback_error(f"{p} is not a bergson store; not replacing it (choose another path)")
+        shutil.rmtree(p)
+    root.mkdir(parents=True, exist_ok=True)
 
 
 class EpochStore:
@@ -76,23 +96,21 @@ class EpochStore:
     ) -> None:
         bad = rows[(rows < 0) | (rows >= len(self.seen))]
         if len(bad):
-            raise BergsonError(
-                f"GradientCollectorCallback: the sampler gave row {int(bad[0])}, outside the train_dataset's "
-                f"{len(self.seen)} rows"
+            raise callback_error(
+                f"the sampler gave row {int(bad[0])}, outside the train_dataset's {len(self.seen)} rows"
             )
         unique, counts = np.unique(rows, return_counts=True)
         twice = np.concatenate([unique[counts > 1], rows[self.seen[rows]]])
         if len(twice):
-            raise BergsonError(
-                f"GradientCollectorCallback: dataset row {int(twice[0])} was trained on twice in epoch "
+            raise callback_error(
+                f"dataset row {int(twice[0])} was trained on twice in epoch "
                 f"{self.epoch}; a store holds one vector per row, so every row may be used at most once per "
                 "epoch (samplers that repeat rows are not supported)"
             )
         cast_vectors = vectors.astype(np.float32)
         if not np.isfinite(cast_vectors).all():
-            raise BergsonError(
-                f"GradientCollectorCallback: gradient values of dataset rows {rows[:5].tolist()} exceed the "
-                "float32 range"
+            raise callback_error(
+                f"gradient values of dataset rows {rows[:5].tolist()} exceed the float32 range"
             )
         if cast_vectors.size:
             self.largest = max(self.largest, float(np.abs(cast_vectors).max()))
@@ -152,6 +170,31 @@ class EpochStore:
         self.unnormalized = {step for _, step, _, z in self.order if not z}
         self.approximate = sum(n for _, n in summary)
 
+    def plan(self, normalize: bool, normalizer_form: str, track_order: bool) -> dict[str, Any]:
+        """The manifest's ``plan``: how the epoch's vectors were made (after :meth:`merge_ranks`)."""
+        seen = int(self.seen.sum())
+        return {
+            "source": "transformers.Trainer (bergson GradientCollectorCallback)",
+            "epoch": self.epoch,
+            "steps": sorted(self.steps),
+            "rows_trained": seen,
+            "rows_not_trained": len(self.seen) - seen,
+            "normalize": normalize,
+            "normalizer_form": normalizer_form if normalize else None,
+            "row_normalizers": (
+                "each row: the optimizer state before its step's update; normalizers.safetensors: the state "
+                "at the end of the epoch"
+                if normalize
+                else None
+            ),
+            "unnormalized_steps": sorted(self.unnormalized) if normalize else [],
+            "order_file": ORDER_FILE if track_order else None,
+            "approximate_loss_tokens": self.approximate,
+            "shard_size": self.shard_size,
+            "ranks": distributed.world_size(),
+            "repeated_rows": self.repeated_rows(),
+        }
+
     def repeated_rows(self) -> int:
         """How many rows were trained on more than once (by several ranks)."""
         return int((self.counts > 1).sum())
@@ -166,8 +209,8 @@ class EpochStore:
                 if row not in first:
                     first[row] = step
                 elif step != last:
-                    raise BergsonError(
-                        f"GradientCollectorCallback: dataset row {row} was trained on in steps {first[row]} and "
+                    raise callback_error(
+                        f"dataset row {row} was trained on in steps {first[row]} and "
                         f"{step} of epoch {self.epoch}; a store holds one vector per row, so every row may be used "
                         "at most once per epoch (samplers that repeat rows are not supported)"
                     )
@@ -190,8 +233,8 @@ class EpochStore:
         manifest = self.writer.manifest
         if manifest.dtype == "float16" and self.largest > float(np.finfo(np.float16).max):
             if not self.auto_dtype:
-                raise BergsonError(
-                    f"GradientCollectorCallback: epoch {self.epoch} has gradient values up to {self.largest:.3g}, "
+                raise callback_error(
+                    f"epoch {self.epoch} has gradient values up to {self.largest:.3g}, "
                     "beyond the float16 range; pass save_dtype='float32' (or 'auto')"
                 )
             logger.warning(

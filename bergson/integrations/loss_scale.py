@@ -5,10 +5,12 @@ over the accumulated batch's tokens, divided by the accumulation steps, scaled b
 scaler, ...). For S, dS/dz = softmax(z) - onehot(y) at label positions, so the gradient G that
 actually reaches the logits z gives c = <G, dS/dz> / |dS/dz|^2 per row, here taken at a few
 label positions of each row, which also check that G is a multiple of dS/dz at all.
+:meth:`MicroBatch.unscaled` divides the hooked vectors by c.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ..data.batching import IGNORE
-from ..errors import BergsonError
+from .checks import callback_error
+
+logger = logging.getLogger(__name__)
 
 PROBES = 3
 """Label positions per row at which the loss scale c is measured and checked."""
@@ -89,8 +93,8 @@ class MicroBatch:
     def probe_forward(self, logits: torch.Tensor) -> None:
         """dS/dz at a few label positions per row, and what the losses need from the logits."""
         if logits.ndim != 3 or tuple(logits.shape[:2]) != tuple(self.targets.shape):
-            raise BergsonError(
-                f"GradientCollectorCallback: the model's logits have shape {tuple(logits.shape)} but its labels "
+            raise callback_error(
+                f"the model's logits have shape {tuple(logits.shape)} but its labels "
                 f"{tuple(self.targets.shape)}; it needs one label per input position (a causal LM)"
             )
         with torch.no_grad():
@@ -160,3 +164,63 @@ class MicroBatch:
                 self.approximate = int((keep & (rest > 0.5) & ~precise).sum())
                 self.loss = torch.where(keep, nll, torch.zeros_like(nll)).view(batch, length).sum(1)
                 self.other = self.logit_gap = None
+
+    def unscaled(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows' vectors divided by c (float64) and their summed cross-entropies (float32).
+
+        Rows without labels, without weight in the trainer's loss or with non-finite gradients
+        (a loss-scaler overflow, a step the trainer skips) get a zero vector and loss 0. Raises
+        when the gradient reaching the logits is not a multiple of dS/dz."""
+        if not self.forward_done or self.has_targets is None:
+            raise callback_error(
+                "the model's output layer did not run in the forward pass, so the loss scale cannot be "
+                "measured; get_output_embeddings() must return the layer that computes the logits"
+            )
+        if self.scale is None or self.residual is None:
+            if bool(self.has_targets.any()):
+                raise callback_error(
+                    "no gradient reached the model's logits in this micro-batch (the loss does not come from "
+                    "the logits, or backward did not run)"
+                )
+            scale = torch.zeros(len(self.rows), dtype=torch.float64, device=self.buffer.device)
+            residual = torch.zeros_like(scale)
+        else:
+            scale, residual = self.scale, self.residual
+        tol = 1e-3 if self.grad_dtype in (None, torch.float32, torch.float64) else 3e-2
+        worst = int(residual.argmax())
+        if float(residual[worst]) > tol:
+            raise callback_error(
+                f"the gradient reaching the logits of dataset row {int(self.rows[worst])} is not a multiple of "
+                f"its summed next-token cross-entropy (relative difference {float(residual[worst]):.2g}): the "
+                "trainer's loss has other terms (label smoothing, a z-loss, per-token weights, a custom "
+                "compute_loss) or the model rescales its output layer's logits; only the plain causal-LM loss "
+                "of the labels is supported"
+            )
+        finite = torch.isfinite(scale) & torch.isfinite(self.buffer).all(1)
+        usable = self.has_targets & (scale != 0) & finite
+        if bool((self.has_targets & ~finite).any()):
+            logger.warning(
+                "step %d: non-finite gradients (a loss-scaler overflow; the trainer skips this step); rows %s "
+                "get zero vectors",
+                self.step,
+                self.rows[(self.has_targets & ~finite).cpu().numpy()].tolist(),
+            )
+        elif bool((self.has_targets & (scale == 0)).any()):
+            logger.warning(
+                "step %d: some rows have labels but no weight in the trainer's loss; zero vectors", self.step
+            )
+        safe = torch.where(usable, scale, torch.ones_like(scale))
+        vectors = torch.where(
+            usable[:, None], self.buffer.double() / safe[:, None], torch.zeros((), dtype=torch.float64)
+        )
+        loss = torch.zeros_like(scale) if self.loss is None else self.loss.to(scale.device)
+        loss = torch.where(usable, loss, torch.zeros_like(loss))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "step %d micro-batch %d: rows %s, loss scale %s",
+                self.step,
+                self.index,
+                self.rows.tolist(),
+                scale.tolist(),
+            )
+        return vectors.cpu().numpy(), loss.float().cpu().numpy()

@@ -32,7 +32,7 @@ from torch import nn
 from ..collect.generic import ExampleGradients, LossFn, tap_batches
 from ..errors import BergsonError
 from ..models import find_tracked_modules
-from ..scoring import unit_rows
+from ..store.scores import unit_rows
 from ..transforms.ekfac import Factors, add_corrections, add_covariances, eigendecompose
 from ..transforms.preconditioners import (
     Preconditioner,

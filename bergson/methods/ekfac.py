@@ -488,11 +488,12 @@ def ekfac(cfg: Any) -> Any:
     training documents are split among the ranks and rank 0 writes the stages."""
     from dataclasses import replace
 
-    from ..indexing import load_docs, make_manifest, token_budget, validate_index_config
     from ..models import find_tracked_modules, load_model
+    from ..runs.documents import load_docs, token_budget, validate_index_config
+    from ..runs.manifests import make_manifest
     from ..runs.rundir import RunDir
-    from ..scoring import save_score_matrix
     from ..store import load_gradients
+    from ..store.scores import save_score_matrix
 
     validate_index_config(cfg)
     if not cfg.query.dataset:

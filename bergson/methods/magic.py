@@ -808,8 +808,8 @@ def check_options(cfg: MagicConfig) -> None:
 
 def prepare(cfg: MagicConfig) -> tuple[nn.Module, Any, TokenizedDocs, TokenizedDocs]:
     """Load the model (fp32 unless told otherwise) and tokenize the training and query sets."""
-    from ..indexing import context_size, load_docs
     from ..models import load_model
+    from ..runs.documents import context_size, load_docs
 
     check_options(cfg)
     model, tokenizer = load_model(replace(cfg, precision="fp32") if cfg.precision == "auto" else cfg)
@@ -830,10 +830,10 @@ def magic(cfg: MagicConfig) -> Any:
     On several ranks (``--nproc_per_node`` or torchrun) the run is data parallel: each rank
     takes every other document of each micro-batch, in training and in the reverse passes,
     and the ranks sum their gradients (one all-reduce per step); rank 0 writes the files."""
-    from ..indexing import make_manifest
+    from ..runs.manifests import make_manifest
     from ..runs.rundir import RunDir
-    from ..scoring import save_score_matrix
     from ..store import load_gradients
+    from ..store.scores import save_score_matrix
 
     check_options(cfg)
     run_dir = RunDir(

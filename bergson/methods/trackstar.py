@@ -30,19 +30,15 @@ from ..config import DataConfig, IndexConfig, ScoreConfig, TrackstarConfig, to_d
 from ..core.files import atomic_write_bytes
 from ..data import TokenizedDocs, load_data
 from ..errors import BergsonError
-from ..indexing import (
-    load_docs,
-    resolve_normalizers,
-    subsample,
-    token_budget,
-    validate_index_config,
-    write_store,
-)
 from ..models import find_tracked_modules, honours_numerics, load_model
 from ..preconditioning import fit_on_documents
+from ..runs.documents import load_docs, subsample, token_budget, validate_index_config
+from ..runs.manifests import resolve_normalizers
 from ..runs.rundir import RunDir
-from ..scoring import score_documents, top_rows
+from ..runs.shared_store import write_store
+from ..scoring import score_documents
 from ..store import GradientStore, load_gradients
+from ..store.scores import top_rows
 from ..transforms.normalizers import Normalizer
 from ..transforms.preconditioners import (
     Preconditioner,

@@ -131,8 +131,9 @@ def prepare_queries(
         bad = np.flatnonzero(~np.isfinite(q).all(axis=1))
         raise BergsonError(f"queries {bad[:5].tolist()} contain NaN or inf; check the query gradients")
     if unit_norm:
-        norms = np.linalg.norm(q, axis=1, keepdims=True)
-        q = np.divide(q, norms, out=np.zeros_like(q), where=norms > 0)
+        from ..store.scores import unit_rows_np  # here: the store imports torch
+
+        q = unit_rows_np(q)
     if reverse:
         q = -q
     return np.ascontiguousarray(q, dtype=np.float32)

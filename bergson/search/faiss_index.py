@@ -86,8 +86,9 @@ def as_float32_rows(rows: np.ndarray, unit_norm: bool) -> np.ndarray:
     """Rows as contiguous float32, unit-normalized if asked (all-zero rows stay zero)."""
     x = np.ascontiguousarray(rows, dtype=np.float32)
     if unit_norm:
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+        from ..store.scores import unit_rows_np  # here: the store imports torch
+
+        x = unit_rows_np(x)
     return x
 
 

@@ -137,7 +137,7 @@ def test_report_from_the_command_line(report_stores, tmp_path, capsys):
 def test_score_matrix_store_with_a_query_dataset(report_stores, tmp_path):
     """A store written like EK-FAC's or MAGIC's (a score matrix, queries named by dataset, no token
     rows): the lists follow the matrix, the texts come from the query dataset."""
-    from bergson.scoring import save_score_matrix
+    from bergson.store.scores import save_score_matrix
 
     store = report_stores["store"]
     rng = np.random.default_rng(0)

@@ -1,202 +1,33 @@
-"""``bergson build``: the collection loop with a store writer as its sink."""
+"""The store a run writes, and the collection pass that fills it, on one process or on the
+ranks of a launch: rank 0 creates the store, every rank takes its share of the shards still to
+do, ranks that do not see rank 0's directory write node-local copies whose shards are sent to
+rank 0 at the end, and rank 0 marks the store complete. :func:`write_store` is that whole pass
+with the store writer as its sink (``bergson build``, and TrackStar's stores)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import __version__, distributed
-from .collect.loop import Sink, collect_gradients
-from .config import DataConfig, IndexConfig, save_yaml, to_dict
-from .config.options import validate_options
-from .core.layout import column_layouts
-from .data import TokenizedDocs, assign_shards, load_data, plan_shards, tokenize_documents
-from .errors import BergsonError
-from .models import find_tracked_modules, load_model, numerics
-from .store import GradientStore, Manifest, StoreWriter, load_gradients
-from .store.writer import TOKENS, shard_name
-from .transforms.normalizers import NORMALIZERS_FILE, AdafactorNormalizer, Normalizer, save_normalizers
-from .transforms.preconditioners import STORE_DIR as PRECONDITIONER_DIR
-from .transforms.preconditioners import resolve_preconditioner
+from .. import distributed
+from ..collect.loop import Sink, collect_gradients
+from ..config import IndexConfig, save_yaml
+from ..data import TokenizedDocs, assign_shards, plan_shards
+from ..errors import BergsonError
+from ..models import find_tracked_modules
+from ..store import GradientStore, Manifest, StoreWriter, load_gradients
+from ..store.writer import TOKENS, shard_name
+from ..transforms.normalizers import NORMALIZERS_FILE, Normalizer, save_normalizers
+from ..transforms.preconditioners import STORE_DIR as PRECONDITIONER_DIR
+from ..transforms.preconditioners import resolve_preconditioner
+from .manifests import make_manifest, resolve_normalizers
 
 logger = logging.getLogger(__name__)
-
-
-def validate_index_config(cfg: Any) -> None:
-    """Refuse a config without a run path or with values its option groups do not accept."""
-    if not cfg.run_path:
-        raise BergsonError("run_path is required: the output directory of the store")
-    validate_options(cfg)
-
-
-def context_size(model: torch.nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def tokens_fingerprint(docs: TokenizedDocs) -> str:
-    h = hashlib.sha256()
-    for i, (seq, start) in enumerate(zip(docs.input_ids, docs.loss_start)):
-        h.update(np.int64(len(seq)).tobytes())
-        h.update(np.int64(start).tobytes())
-        h.update(seq.tobytes())
-        if docs.loss_mask is not None:
-            h.update(docs.targets(i).tobytes())
-    if docs.weights is not None:
-        h.update(np.asarray(docs.weights, np.float64).tobytes())
-    return h.hexdigest()
-
-
-def loss_kind(data: DataConfig) -> str:
-    """The manifest's name for the loss the data options select."""
-    if data.conversation_column:
-        return "chat"
-    if data.reward_column:
-        return "grpo"
-    return "completion" if data.completion_column else "causal_lm"
-
-
-def _normalizer_info(normalizers: Mapping[str, Normalizer] | None) -> dict[str, Any] | None:
-    if not normalizers:
-        return None
-    h = hashlib.sha256()
-    kinds = set()
-    for name in sorted(normalizers):
-        n = normalizers[name]
-        kinds.add("adafactor" if isinstance(n, AdafactorNormalizer) else "adam")
-        h.update(name.encode())
-        for t in vars(n).values():
-            if isinstance(t, torch.Tensor):
-                h.update(t.detach().cpu().double().numpy().tobytes())
-    return {"kind": "+".join(sorted(kinds)), "modules": len(normalizers), "sha256": h.hexdigest()}
-
-
-def make_manifest(
-    cfg: IndexConfig,
-    model: torch.nn.Module,
-    modules: Mapping[str, torch.nn.Module],
-    docs: TokenizedDocs,
-    max_tokens: int,
-    normalizers: Mapping[str, Normalizer] | None = None,
-) -> Manifest:
-    # a command without an option group (ekfac has no store options, magic no heads) writes what
-    # it does: unsplit modules, summed losses, one row per document, in the default dtype
-    heads, reduction = getattr(cfg, "attention_heads", None), getattr(cfg, "loss_reduction", "sum")
-    aggregation, save_dtype = getattr(cfg, "aggregation", "none"), getattr(cfg, "save_dtype", "auto")
-    layouts = column_layouts(modules, cfg.projection_dim, cfg.include_bias, heads)
-    dtype = save_dtype if save_dtype != "auto" else ("float16" if cfg.projection_dim > 0 else "float32")
-    config = getattr(model, "config", None)
-    return Manifest(
-        kind="aggregate" if aggregation != "none" else "gradients",
-        status="in_progress",
-        model={
-            "name": cfg.model,
-            "revision": cfg.revision,
-            "commit": getattr(config, "_commit_hash", None),
-            "class": distributed.model_class(model).__name__,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        },
-        modules=layouts,
-        projection={
-            "kind": "gaussian_two_sided" if cfg.projection_dim > 0 else "none",
-            "dim": cfg.projection_dim,
-            "seed": cfg.projection_seed,
-            "include_bias": cfg.include_bias,
-        },
-        normalizer=_normalizer_info(normalizers),
-        preconditioner=None,
-        loss={
-            "kind": loss_kind(cfg.data),
-            "reduction": reduction,
-        },
-        dtype=dtype,
-        num_rows=len(docs),
-        data={
-            **to_dict(cfg.data),
-            "max_tokens": max_tokens,
-            "num_documents": len(docs),
-            "tokens_sha256": tokens_fingerprint(docs),
-        },
-        plan={"shard_size": getattr(cfg, "shard_size", None), "token_batch_size": cfg.token_batch_size},
-        aggregation=aggregation,
-        unit_normalize=getattr(cfg, "unit_normalize", False),
-        per_token=getattr(cfg, "per_token", False),
-        producer={"bergson": __version__, "world_size": distributed.world_size()},
-    )
-
-
-def token_budget(cfg: IndexConfig, model: torch.nn.Module) -> int:
-    """The batch token budget, capped at the model's context size."""
-    ctx = context_size(model)
-    return min(cfg.token_batch_size, ctx) if ctx else cfg.token_batch_size
-
-
-def load_docs(data: DataConfig, tokenizer: Any, max_tokens: int, option: str = "--dataset") -> TokenizedDocs:
-    """Load and tokenize a dataset; an empty one is an error naming ``option``."""
-    ds = load_data(data, option=option)
-    docs = tokenize_documents(ds, tokenizer, data, max_tokens)
-    if len(docs) == 0:
-        raise BergsonError(f"{option} {data.dataset} (split {data.split!r}) has no rows")
-    return docs
-
-
-def prepare_inputs(cfg: IndexConfig) -> tuple[torch.nn.Module, Any, TokenizedDocs, int]:
-    """Validate the options, load the model and tokenize the dataset: (model, tokenizer, docs, max_tokens)."""
-    validate_index_config(cfg)
-    model, tokenizer = load_model(cfg)
-    max_tokens = token_budget(cfg, model)
-    return model, tokenizer, load_docs(cfg.data, tokenizer, max_tokens), max_tokens
-
-
-def resolve_normalizers(
-    cfg: IndexConfig,
-    model: torch.nn.Module,
-    modules: Mapping[str, torch.nn.Module],
-    given: Mapping[str, Normalizer] | None = None,
-) -> Mapping[str, Normalizer] | None:
-    """Normalizers passed in Python, or read from ``--optimizer_state`` (not both)."""
-    if given is not None and cfg.optimizer_state:
-        raise BergsonError("pass normalizers or --optimizer_state, not both")
-    if given is not None or not cfg.optimizer_state:
-        return given
-    from .transforms.optimizer_state import normalizers_from_optimizer_state
-
-    return normalizers_from_optimizer_state(
-        cfg.optimizer_state, model, modules, form=cfg.normalizer_form, include_bias=cfg.include_bias
-    )
-
-
-def subsample(docs: TokenizedDocs, max_documents: int | None, seed: int) -> tuple[TokenizedDocs, np.ndarray]:
-    """A seeded random sample of documents (all of them when max_documents is None or 0), in order."""
-    if not max_documents or max_documents >= len(docs):
-        return docs, np.arange(len(docs))
-    if max_documents < 0:
-        raise BergsonError(f"sample size {max_documents}: must be positive")
-    idx = np.sort(np.random.default_rng(seed).choice(len(docs), max_documents, replace=False))
-    return docs.select(idx), idx
-
-
-@distributed.entry(lambda cfg: load_gradients(cfg.run_path))
-def build(cfg: IndexConfig, normalizers: Mapping[str, Normalizer] | None = None) -> GradientStore:
-    """Collect per-document gradients of ``cfg.data`` under ``cfg.model`` into a store
-    (on ``cfg.nproc_per_node`` workers, or on the ranks of a torchrun launch).
-
-    On a rank of a several-machine launch that does not see rank 0's ``run_path`` (no shared
-    filesystem) it returns None: the store is on rank 0's machine."""
-    with numerics(cfg):
-        model, tokenizer, docs, max_tokens = prepare_inputs(cfg)
-        store = write_store(cfg, model, docs, max_tokens, tokenizer.pad_token_id, normalizers)
-        return cast(GradientStore, store)  # None only on such a node-local rank
 
 
 def collect_with(

@@ -1,0 +1,79 @@
+"""The documents of a run: the batch token budget (capped at the model's context size), loading
+and tokenizing a dataset, seeded subsamples, the fingerprint of the tokens a store records, and
+:func:`prepare_inputs` (options checked, model loaded, dataset tokenized) that opens most commands."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import BatchOptions, DataConfig
+from ..config.options import validate_options
+from ..data import TokenizedDocs, load_data, tokenize_documents
+from ..errors import BergsonError
+from ..models import load_model
+
+
+def validate_index_config(cfg: Any) -> None:
+    """Refuse a config without a run path or with values its option groups do not accept."""
+    if not cfg.run_path:
+        raise BergsonError("run_path is required: the output directory of the store")
+    validate_options(cfg)
+
+
+def context_size(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def token_budget(cfg: BatchOptions, model: torch.nn.Module) -> int:
+    """The batch token budget, capped at the model's context size."""
+    ctx = context_size(model)
+    return min(cfg.token_batch_size, ctx) if ctx else cfg.token_batch_size
+
+
+def tokens_fingerprint(docs: TokenizedDocs) -> str:
+    h = hashlib.sha256()
+    for i, (seq, start) in enumerate(zip(docs.input_ids, docs.loss_start)):
+        h.update(np.int64(len(seq)).tobytes())
+        h.update(np.int64(start).tobytes())
+        h.update(seq.tobytes())
+        if docs.loss_mask is not None:
+            h.update(docs.targets(i).tobytes())
+    if docs.weights is not None:
+        h.update(np.asarray(docs.weights, np.float64).tobytes())
+    return h.hexdigest()
+
+
+def load_docs(data: DataConfig, tokenizer: Any, max_tokens: int, option: str = "--dataset") -> TokenizedDocs:
+    """Load and tokenize a dataset; an empty one is an error naming ``option``."""
+    ds = load_data(data, option=option)
+    docs = tokenize_documents(ds, tokenizer, data, max_tokens)
+    if len(docs) == 0:
+        raise BergsonError(f"{option} {data.dataset} (split {data.split!r}) has no rows")
+    return docs
+
+
+def prepare_inputs(cfg: Any) -> tuple[torch.nn.Module, Any, TokenizedDocs, int]:
+    """Validate the options (a config with the model, data and batch groups), load the model and tokenize the dataset: (model, tokenizer, docs, max_tokens)."""
+    validate_index_config(cfg)
+    model, tokenizer = load_model(cfg)
+    max_tokens = token_budget(cfg, model)
+    return model, tokenizer, load_docs(cfg.data, tokenizer, max_tokens), max_tokens
+
+
+def subsample(docs: TokenizedDocs, max_documents: int | None, seed: int) -> tuple[TokenizedDocs, np.ndarray]:
+    """A seeded random sample of documents (all of them when max_documents is None or 0), in order."""
+    if not max_documents or max_documents >= len(docs):
+        return docs, np.arange(len(docs))
+    if max_documents < 0:
+        raise BergsonError(f"sample size {max_documents}: must be positive")
+    idx = np.sort(np.random.default_rng(seed).choice(len(docs), max_documents, replace=False))
+    return docs.select(idx), idx

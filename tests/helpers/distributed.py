@@ -1,0 +1,72 @@
+"""Shared by the tests of several workers: the command line in a subprocess, the options of a
+small build, and the one-process store a launch must equal."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bergson import GradientStore, build
+
+from ..test_store import make_cfg
+
+SHARD_SIZE = 5  # 24 documents: 5 shards, so that each of two ranks gets several
+
+
+def cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def options(model_dir: Path, corpus_file: Path, *extra: str) -> list[str]:
+    """The command-line twin of ``make_cfg(..., save_dtype='float32', shard_size=SHARD_SIZE)``."""
+    return [
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(corpus_file),
+        "--truncation",
+        "--token_batch_size",
+        "256",
+        "--projection_dim",
+        "4",
+        "--save_dtype",
+        "float32",
+        "--shard_size",
+        str(SHARD_SIZE),
+        *extra,
+    ]
+
+
+def one_cfg(tmp_path: Path, model_dir: Path, corpus_file: Path, name: str, **kw):
+    return make_cfg(
+        tmp_path, model_dir, corpus_file, name=name, save_dtype="float32", shard_size=SHARD_SIZE, **kw
+    )
+
+
+def manifest_json(store: GradientStore) -> dict:
+    m = json.loads((store.root / "manifest.json").read_text())
+    m.pop("producer")  # bergson version and number of workers
+    return m
+
+
+def assert_same_store(one: GradientStore, two: GradientStore) -> None:
+    assert manifest_json(two) == manifest_json(one)
+    np.testing.assert_array_equal(two.rows["row_id"], one.rows["row_id"])
+    np.testing.assert_array_equal(two.rows["num_tokens"], one.rows["num_tokens"])
+    np.testing.assert_allclose(two.rows["loss"], one.rows["loss"], rtol=1e-5)
+    a, b = np.asarray(one.all, np.float64), np.asarray(two.all, np.float64)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, model_dir, corpus_file) -> GradientStore:
+    """The store one process builds (in this process, through the Python API)."""
+    return build(one_cfg(tmp_path_factory.mktemp("one"), model_dir, corpus_file, "index"))
