@@ -128,8 +128,9 @@ def load_model(opts: ModelOptions) -> tuple[nn.Module, Any]:
         kwargs["local_files_only"] = True
         kwargs.pop("revision")
     quantized = opts.precision in QUANTIZED
+    fsdp = getattr(opts, "fsdp", False)  # only the commands that can shard offer --fsdp
     if quantized:
-        if opts.fsdp:
+        if fsdp:
             raise BergsonError(
                 f"--precision {opts.precision} with --fsdp: FSDP cannot shard quantized layers; drop one"
             )
@@ -151,7 +152,7 @@ def load_model(opts: ModelOptions) -> tuple[nn.Module, Any]:
     if not quantized:  # bitsandbytes placed the quantized model on its device already
         model.to(device)  # type: ignore[arg-type]
     model.eval()
-    if opts.fsdp:
+    if fsdp:
         from .distributed import shard_model
 
         shard_model(model, device)

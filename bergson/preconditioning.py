@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from . import distributed
-from .config import IndexConfig, PreconditionerConfig, save_yaml, to_dict
+from .config import PreconditionerConfig, save_yaml, to_dict
+from .config.options import COMPUTING, ModelOptions, is_default, unused_with, validate_options
 from .core.devices import resolve_device
 from .data import TokenizedDocs
 from .errors import BergsonError
@@ -38,7 +39,7 @@ CONFIG_FILE = "config.yaml"
 
 
 def fit_on_documents(
-    cfg: IndexConfig,
+    cfg: Any,
     model: torch.nn.Module,
     modules: Mapping[str, torch.nn.Module],
     docs: TokenizedDocs,
@@ -63,7 +64,7 @@ def fit_on_documents(
 def _existing(cfg: PreconditionerConfig) -> Preconditioner | None:
     """A complete earlier fit with the same options (None when there is none, or --overwrite)."""
     root = Path(cfg.run_path)
-    if not is_complete(root) or cfg.overwrite:
+    if cfg.overwrite or not is_complete(root):
         return None
     check_saved_config(cfg, root / CONFIG_FILE, "a preconditioner")
     return load_preconditioner(root)
@@ -83,9 +84,11 @@ def fit_preconditioner(
     """Fit a preconditioner on a dataset or a store (or mix two) and save it at ``cfg.run_path``."""
     if not cfg.run_path:
         raise BergsonError("run_path is required: the output directory of the preconditioner")
-    if cfg.preconditioner_path:
+    validate_options(cfg)
+    if not (cfg.mix_train or cfg.mix_query) and not is_default(cfg, "downweight_components"):
         raise BergsonError(
-            "--preconditioner_path: a preconditioner is fitted on plain vectors; drop the option"
+            f"--downweight_components {cfg.downweight_components}: it sets how two preconditioners are "
+            "mixed, and none are (--mix_train/--mix_query); drop the option"
         )
     # rank 0 decides and every rank gets its fit: a rank on another machine may not see rank 0's
     # run_path (no shared filesystem), and all ranks must agree to skip the collection pass
@@ -110,6 +113,8 @@ def fit_preconditioner(
         if cfg.data.dataset:
             raise BergsonError("give either --index or --dataset, not both")
         store = load_gradients(cfg.index)
+        unused = tuple(g for g in COMPUTING if g is not ModelOptions)  # --device still places the fit
+        unused_with(cfg, "--index", unused, "the second moments are those of the store's vectors")
         if store.manifest.kind != "gradients" or store.manifest.preconditioner:
             raise BergsonError(
                 f"--index {cfg.index}: needs a per-row gradient store without a preconditioner "

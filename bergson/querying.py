@@ -55,7 +55,7 @@ class QueryEngine:
         faiss_cfg = cfg.faiss if cfg.search == "faiss" else None
         self.attr = Attributor(
             cfg.index,
-            unit_norm=cfg.unit_norm,
+            unit_norm=cfg.unit_normalize,
             faiss_cfg=faiss_cfg,
             modules=cfg.modules or None,
             preconditioner_path=cfg.preconditioner_path,
@@ -248,7 +248,7 @@ def query(cfg: QueryConfig) -> list[dict[str, Any]]:
         raise BergsonError("--query is empty: give a text to explain")
     engine = QueryEngine(cfg)
     print(
-        f"scores: positive = training on the row lowers the query's loss{' (cosine)' if cfg.unit_norm else ''}"
+        f"scores: positive = training on the row lowers the query's loss{' (cosine)' if cfg.unit_normalize else ''}"
     )
     if cfg.query is None and not cfg.query_dataset:
         return interactive(engine)

@@ -10,6 +10,7 @@ import torch
 
 from . import distributed
 from .config import ReduceConfig, save_yaml
+from .config.options import COMPUTING, unused_with
 from .errors import BergsonError
 from .methods.build import build
 from .models import honours_numerics
@@ -35,6 +36,7 @@ def reduce(cfg: ReduceConfig) -> GradientStore:
     if not cfg.run_path:
         raise BergsonError("run_path is required: the output directory of the reduced store")
     source = load_gradients(cfg.index)
+    unused_with(cfg, "--index", COMPUTING, "the vectors of the store are reduced as they are")
     if source.manifest.kind != "gradients":
         raise BergsonError(
             f"--index {cfg.index}: expected a per-row gradient store, found a {source.manifest.kind} store"

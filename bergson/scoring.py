@@ -18,6 +18,7 @@ import torch
 
 from . import distributed
 from .config import DataConfig, ScoreConfig, save_yaml
+from .config.options import COMPUTING, unused_with
 from .core.devices import resolve_device
 from .core.layout import ModuleLayout
 from .data import TokenizedDocs, load_data, plan_shards
@@ -256,6 +257,7 @@ def score(cfg: ScoreConfig) -> GradientStore:
     if cfg.index:
         if not cfg.run_path:
             raise BergsonError("run_path is required: the output directory of the scores")
+        unused_with(cfg, "--index", COMPUTING, "the vectors of the store are scored as they are")
         _from_existing_index(cfg, query)
         return load_gradients(cfg.run_path)
 

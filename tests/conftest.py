@@ -6,58 +6,17 @@ import gzip
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+
+from tests.helpers.assets import ASSETS, HOSTILE, HOSTILE_ROW
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
-
-ASSETS = Path(__file__).resolve().parents[1] / "bergson" / "assets"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def tiny_neox(vocab: int = 48, hidden: int = 16, layers: int = 2, dtype=torch.float64, seed: int = 0):
-    """A random GPT-NeoX (nn.Linear layers, biases on) small enough for exact checks."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = GPTNeoXConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=128,
-        rotary_pct=0.5,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
-    )
-    return GPTNeoXForCausalLM(cfg).to(dtype).eval()
-
-
-def tiny_gpt2(vocab: int = 48, hidden: int = 16, layers: int = 2, dtype=torch.float64, seed: int = 0):
-    """A random GPT-2 (its Conv1D layers store weights as in x out)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=vocab,
-        n_embd=hidden,
-        n_layer=layers,
-        n_head=2,
-        n_positions=128,
-        attn_implementation="eager",
-        resid_pdrop=0.0,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(cfg).to(dtype).eval()
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +36,61 @@ def model_dir(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("model")
     return random_neox_dir(out, hidden=32, layers=2, heads=2, intermediate=64, max_positions=512)
+
+
+# Stores for the report, serve and option tests: a per-token gradient store over a slice of the
+# shipped corpus (one document carries HTML that must stay text), a query store and the scores of
+# the one against the other.
+@pytest.fixture(scope="session")
+def report_stores(tmp_path_factory, model_dir, corpus_file) -> dict[str, Any]:
+    from bergson import IndexConfig, ScoreConfig, build, score
+    from bergson.config import DataConfig
+
+    root = tmp_path_factory.mktemp("report")
+    rows = [json.loads(line) for line in Path(corpus_file).read_text().splitlines()]
+    rows[HOSTILE_ROW]["text"] = HOSTILE + " " + rows[HOSTILE_ROW]["text"]
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common: dict[str, Any] = dict(
+        model=str(model_dir), precision="fp32", device="cpu", projection_dim=4, save_dtype="float32"
+    )
+    data = dict(dataset=str(corpus), truncation=True, max_length=40)
+    store = build(IndexConfig(run_path=str(root / "docs"), data=DataConfig(**data), per_token=True, **common))
+    query = build(IndexConfig(run_path=str(root / "q"), data=DataConfig(**data, split="train[:3]"), **common))
+    scores = score(
+        ScoreConfig(
+            run_path=str(root / "scores"),
+            index=str(store.root),
+            query_path=str(query.root),
+            per_token=True,
+            **common,
+        )
+    )
+    texts = [r["text"] for r in rows]
+    return {"root": root, "store": store, "query": query, "scores": scores, "texts": texts, "common": common}
+
+
+@pytest.fixture(scope="session")
+def query_hits(report_stores) -> tuple[str, list[dict[str, Any]]]:
+    """A query text and its hits (5 proponents, 3 opponents) with per-token splits."""
+    from bergson import QueryConfig
+    from bergson.querying import query
+
+    store = report_stores["store"]
+    text = "The river flows through the old town"
+    common = {k: v for k, v in report_stores["common"].items() if k in ("model", "precision", "device")}
+    hits = query(QueryConfig(index=str(store.root), query=text, top_k=5, per_token=True, **common))
+    hits += query(
+        QueryConfig(index=str(store.root), query=text, top_k=3, per_token=True, reverse=True, **common)
+    )
+    return text, hits
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    """Where screenshots go: $BERGSON_TEST_ARTIFACTS, or tests/artifacts (ignored by git)."""
+    import os
+
+    out = Path(os.environ.get("BERGSON_TEST_ARTIFACTS") or Path(__file__).resolve().parents[1] / "artifacts")
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -25,8 +25,7 @@ from bergson.search.attributor import Attributor
 from bergson.store import load_gradients
 from bergson.transforms.normalizers import NORMALIZERS_FILE, load_normalizers
 from bergson.transforms.optimizer_state import normalizers_from_optimizer_state
-
-from .conftest import ASSETS
+from tests.helpers.assets import ASSETS
 
 MODEL = str(ASSETS / "tiny-pythia")
 ROWS, TOKENS, BATCH, ACCUM, EPOCHS = 16, 32, 4, 2, 2

@@ -12,8 +12,7 @@ from bergson.core.layout import module_shape
 from bergson.data import TokenizedDocs
 from bergson.models import find_tracked_modules
 from bergson.transforms.projection import projection_matrix
-
-from .conftest import tiny_gpt2, tiny_neox
+from tests.helpers.assets import tiny_gpt2, tiny_neox
 
 MODELS = {"neox": tiny_neox, "gpt2": tiny_gpt2}
 

@@ -15,8 +15,7 @@ import bergson.diagnostics as diagnostics
 from bergson import BergsonError, ModelConfigTestConfig, load_model
 from bergson.config import ModelOptions
 from bergson.models import numerics
-
-from .conftest import ASSETS
+from tests.helpers.assets import ASSETS
 
 MODEL = str(ASSETS / "tiny-pythia")
 

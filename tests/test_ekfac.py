@@ -17,8 +17,8 @@ from bergson.methods.ekfac import (
 )
 from bergson.models import find_tracked_modules
 from bergson.transforms.ekfac import dense_fisher, eigendecompose, kfac_eigenvalues
+from tests.helpers.assets import tiny_neox
 
-from .conftest import tiny_neox
 from .test_collect import naive_gradients, random_docs
 
 

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from bergson import BergsonError, build, load_gradients
+from bergson.cli import parse
 from bergson.config import DataConfig, MagicConfig
 from bergson.distributed import decoder_layers, is_sharded, shard_model
 from bergson.models import quantization_config
+from tests.helpers.assets import tiny_neox
+from tests.helpers.distributed import assert_same_store, cli, one_cfg, options
 
-from .conftest import tiny_neox
-from .helpers.distributed import assert_same_store, cli, one_cfg, options
 from .test_distributed_ekfac import assert_close, ekfac_cli, ekfac_one
 
 
@@ -87,7 +88,9 @@ def test_magic_refuses_fsdp_and_quantized_models(tmp_path, model_dir, corpus_fil
 
     data = DataConfig(dataset=str(corpus_file), truncation=True)
     base = MagicConfig(run_path=str(tmp_path / "m"), model=str(model_dir), data=data, query=data)
-    with pytest.raises(BergsonError, match="bergson magic --fsdp"):
-        magic(replace(base, fsdp=True))
+    # MAGIC trains the whole model in each process: it offers no --fsdp at all
+    assert "fsdp" not in MagicConfig.__dataclass_fields__
+    with pytest.raises(SystemExit):
+        parse("magic", ["--run_path", str(tmp_path / "m"), "--fsdp"])
     with pytest.raises(BergsonError, match="bergson magic --precision int8"):
         magic(replace(base, precision="int8"))

@@ -14,8 +14,8 @@ from bergson.core.layout import AttentionConfig
 from bergson.errors import BergsonError
 from bergson.models import find_tracked_modules
 from bergson.transforms.projection import projection_matrix
+from tests.helpers.assets import tiny_gpt2, tiny_neox
 
-from .conftest import tiny_gpt2, tiny_neox
 from .test_cli import run
 from .test_collect import dense_second_moments, naive_gradients, random_docs
 

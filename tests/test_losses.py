@@ -15,8 +15,8 @@ from bergson.data import tokenize_documents
 from bergson.data.batching import IGNORE, pad_batch
 from bergson.data.tokenize import grpo_advantages, tokenize_conversations
 from bergson.errors import BergsonError
+from tests.helpers.assets import ASSETS
 
-from .conftest import ASSETS
 from .test_cli import run
 
 TEMPLATE = (
@@ -123,8 +123,7 @@ def test_grpo_advantages_on_a_hand_made_table():
 def test_grpo_loss_gradient_is_advantage_times_log_likelihood_gradient(tokenizer, caplog):
     """Stored full gradients (p = 0) against autograd of -A log p(completion | prompt)."""
     from bergson.models import find_tracked_modules
-
-    from .conftest import tiny_neox
+    from tests.helpers.assets import tiny_neox
 
     model = tiny_neox(vocab=len(tokenizer), hidden=16)
     ds = datasets.Dataset.from_dict(

@@ -20,8 +20,8 @@ from bergson.methods.magic import (
     query_losses,
 )
 from bergson.validation import correlations, draw_subsets, rank
+from tests.helpers.assets import tiny_gpt2
 
-from .conftest import tiny_gpt2
 from .test_collect import random_docs
 
 # GPT-2's eager attention keeps float64 throughout (GPT-NeoX's upcasts its softmax to float32,

@@ -13,8 +13,8 @@ from bergson import BergsonError, build
 from bergson.collect.loop import collect_gradients
 from bergson.data import TokenizedDocs
 from bergson.models import find_tracked_modules, resolve_dtype
+from tests.helpers.assets import tiny_neox
 
-from .conftest import tiny_neox
 from .test_store import make_cfg
 
 

@@ -15,8 +15,7 @@ from bergson.errors import BergsonError
 from bergson.models import find_tracked_modules
 from bergson.transforms.normalizers import AdafactorNormalizer, AdamNormalizer
 from bergson.transforms.optimizer_state import normalizers_from_optimizer_state
-
-from .conftest import tiny_gpt2, tiny_neox
+from tests.helpers.assets import tiny_gpt2, tiny_neox
 
 VOCAB = 64
 

@@ -13,8 +13,8 @@ from bergson.data.batching import pad_batch
 from bergson.errors import BergsonError
 from bergson.models import find_tracked_modules
 from bergson.transforms.projection import projection_matrix
+from tests.helpers.assets import tiny_neox
 
-from .conftest import tiny_neox
 from .test_collect import dense_second_moments, random_docs
 
 MODULES = ["gpt_neox.layers.0.attention.query_key_value", "gpt_neox.layers.1.mlp.dense_4h_to_h"]
@@ -164,7 +164,7 @@ def test_query_splits_each_hit_over_training_and_query_tokens(token_store, unit_
     out = tmp_path / "hits.csv"
     cfg = QueryConfig(
         index=str(store.root), model=common["model"], precision="fp32", device="cpu",
-        query="The river flows through the old town", top_k=3, unit_norm=unit_norm, per_token=True,
+        query="The river flows through the old town", top_k=3, unit_normalize=unit_norm, per_token=True,
         output=str(out),
     )  # fmt: skip
     hits = query(cfg)

@@ -97,7 +97,7 @@ def test_query_dataset_and_csv(tmp_path, index, corpus_file):
             query_dataset=str(corpus_file),
             query_split="train[:2]",
             top_k=2,
-            unit_norm=True,
+            unit_normalize=True,
             output=str(out),
         )
     )

@@ -15,8 +15,8 @@ from bergson.methods.trackstar import _Pipeline
 from bergson.runs.documents import subsample
 from bergson.store import load_gradients
 from bergson.transforms.preconditioners import is_complete, load_preconditioner
+from tests.helpers.assets import ASSETS
 
-from .conftest import ASSETS
 from .test_cli import run
 from .test_preconditioners import explicit_moments, unit
 

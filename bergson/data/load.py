@@ -58,13 +58,17 @@ def load_data(cfg: DataConfig, option: str = "--dataset") -> Any:
     if not name:
         raise BergsonError(f"{option} is required: a hub id, a local file or a save_to_disk directory")
     path = Path(os.path.expanduser(name))
+    saved = path.is_dir() and any(
+        (path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")
+    )
+    if cfg.subset is not None and (saved or path.is_file()):
+        raise BergsonError(
+            f"{option.replace('dataset', 'subset')} {cfg.subset}: it names a configuration of a hub dataset "
+            f"that has several, and {name} is a single {'saved dataset' if saved else 'file'}; drop the option"
+        )
     try:
         if path.is_dir():
-            if (
-                (path / "dataset_info.json").is_file()
-                or (path / "dataset_dict.json").is_file()
-                or (path / "state.json").is_file()
-            ):
+            if saved:
                 return _slice_split(datasets.load_from_disk(str(path)), cfg.split, "--split")
             return datasets.load_dataset(str(path), cfg.subset, split=cfg.split)
         if path.is_file():

@@ -54,6 +54,7 @@ from ..config import MagicConfig, TrainingConfig
 from ..data import TokenizedDocs
 from ..data.batching import IGNORE, pad_batch
 from ..errors import BergsonError
+from ..models import honours_numerics
 
 logger = logging.getLogger(__name__)
 
@@ -785,8 +786,10 @@ OUTPUTS = ("states", "reverse", "model", "scores")
 
 def check_options(cfg: MagicConfig) -> None:
     """Refuse what MAGIC cannot do, before anything is written."""
+    from ..config.options import validate_options
     from ..models import QUANTIZED
 
+    validate_options(cfg)
     if not cfg.data.dataset:
         raise BergsonError("--dataset is required: the training documents")
     if not cfg.query.dataset:
@@ -796,10 +799,9 @@ def check_options(cfg: MagicConfig) -> None:
             "--reward_column: MAGIC replays a supervised fine-tune; advantage-weighted (GRPO) losses "
             "are not supported by bergson magic"
         )
-    if cfg.fsdp or cfg.precision in QUANTIZED:
-        option = "--fsdp" if cfg.fsdp else f"--precision {cfg.precision}"
+    if cfg.precision in QUANTIZED:
         raise BergsonError(
-            f"bergson magic {option}: MAGIC trains the model and differentiates through training, "
+            f"bergson magic --precision {cfg.precision}: MAGIC trains the model and differentiates through training, "
             "which needs the whole model in full precision in each process; drop the option"
         )
 
@@ -820,6 +822,7 @@ def prepare(cfg: MagicConfig) -> tuple[nn.Module, Any, TokenizedDocs, TokenizedD
 
 
 @distributed.entry(lambda cfg: _load_scores(cfg))
+@honours_numerics
 def magic(cfg: MagicConfig) -> Any:
     """Train once with checkpoints, then one reverse pass per score column; returns the scores
     store (rows = training documents). Every stage resumes where a killed run stopped.

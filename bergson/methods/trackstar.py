@@ -56,7 +56,7 @@ CONFIG_FILE = "trackstar.yaml"
 
 
 def _index_options(cfg: TrackstarConfig, **changes: Any) -> dict[str, Any]:
-    base = {f.name: getattr(cfg, f.name) for f in fields(IndexConfig)}
+    base = {f.name: getattr(cfg, f.name) for f in fields(IndexConfig) if f.name in cfg.__dataclass_fields__}
     return {**base, "optimizer_state": None, "preconditioner_path": None, "overwrite": False, **changes}
 
 
@@ -211,8 +211,6 @@ def trackstar(cfg: TrackstarConfig, normalizers: Mapping[str, Normalizer] | None
     (``--nproc_per_node`` or torchrun) the statistics, query and scores passes split their
     shards over the ranks; rank 0 fits and mixes the preconditioners and writes the summary."""
     validate_index_config(cfg)
-    if cfg.preconditioner_path:
-        raise BergsonError("--preconditioner_path: trackstar fits its own preconditioner; drop the option")
     if cfg.downweight_components < 0:
         raise BergsonError(f"--downweight_components {cfg.downweight_components}: must be >= 0")
     if not cfg.query.dataset:

@@ -53,7 +53,7 @@ class LiveQueries:
             **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelOptions)},
             index=cfg.index,
             top_k=cfg.top_k,
-            unit_norm=cfg.unit_norm,
+            unit_normalize=cfg.unit_normalize,
             per_token=cfg.per_token,
             preconditioner_path=cfg.preconditioner_path,
             snippet_chars=1 << 30,  # the page shows whole documents (collapsed when long)

@@ -10,26 +10,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import DataConfig, IndexConfig
+from ..config import BatchOptions, DataConfig
+from ..config.options import validate_options
 from ..data import TokenizedDocs, load_data, tokenize_documents
 from ..errors import BergsonError
 from ..models import load_model
 
 
-def validate_index_config(cfg: IndexConfig) -> None:
+def validate_index_config(cfg: Any) -> None:
+    """Refuse a config without a run path or with values its option groups do not accept."""
     if not cfg.run_path:
         raise BergsonError("run_path is required: the output directory of the store")
-    if cfg.projection_dim < 0:
-        raise BergsonError(f"--projection_dim {cfg.projection_dim}: must be 0 (full gradients) or positive")
-    if cfg.token_batch_size < 2:
-        raise BergsonError(f"--token_batch_size {cfg.token_batch_size}: must be at least 2")
-    if cfg.shard_size < 1:
-        raise BergsonError(f"--shard_size {cfg.shard_size}: must be at least 1")
-    if cfg.per_token and cfg.aggregation != "none":
-        raise BergsonError(
-            f"--per_token with --aggregation {cfg.aggregation}: an aggregated vector has no tokens to "
-            "break down; drop one of the two"
-        )
+    validate_options(cfg)
 
 
 def context_size(model: torch.nn.Module) -> int | None:
@@ -41,7 +33,7 @@ def context_size(model: torch.nn.Module) -> int | None:
     return None
 
 
-def token_budget(cfg: IndexConfig, model: torch.nn.Module) -> int:
+def token_budget(cfg: BatchOptions, model: torch.nn.Module) -> int:
     """The batch token budget, capped at the model's context size."""
     ctx = context_size(model)
     return min(cfg.token_batch_size, ctx) if ctx else cfg.token_batch_size
@@ -69,8 +61,8 @@ def load_docs(data: DataConfig, tokenizer: Any, max_tokens: int, option: str = "
     return docs
 
 
-def prepare_inputs(cfg: IndexConfig) -> tuple[torch.nn.Module, Any, TokenizedDocs, int]:
-    """Validate the options, load the model and tokenize the dataset: (model, tokenizer, docs, max_tokens)."""
+def prepare_inputs(cfg: Any) -> tuple[torch.nn.Module, Any, TokenizedDocs, int]:
+    """Validate the options (a config with the model, data and batch groups), load the model and tokenize the dataset: (model, tokenizer, docs, max_tokens)."""
     validate_index_config(cfg)
     model, tokenizer = load_model(cfg)
     max_tokens = token_budget(cfg, model)

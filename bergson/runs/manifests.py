@@ -51,13 +51,15 @@ def make_manifest(
     max_tokens: int,
     normalizers: Mapping[str, Normalizer] | None = None,
 ) -> Manifest:
-    layouts = column_layouts(modules, cfg.projection_dim, cfg.include_bias, cfg.attention_heads)
-    dtype = (
-        cfg.save_dtype if cfg.save_dtype != "auto" else ("float16" if cfg.projection_dim > 0 else "float32")
-    )
+    # a command without an option group (ekfac has no store options, magic no heads) writes what
+    # it does: unsplit modules, summed losses, one row per document, in the default dtype
+    heads, reduction = getattr(cfg, "attention_heads", None), getattr(cfg, "loss_reduction", "sum")
+    aggregation, save_dtype = getattr(cfg, "aggregation", "none"), getattr(cfg, "save_dtype", "auto")
+    layouts = column_layouts(modules, cfg.projection_dim, cfg.include_bias, heads)
+    dtype = save_dtype if save_dtype != "auto" else ("float16" if cfg.projection_dim > 0 else "float32")
     config = getattr(model, "config", None)
     return Manifest(
-        kind="aggregate" if cfg.aggregation != "none" else "gradients",
+        kind="aggregate" if aggregation != "none" else "gradients",
         status="in_progress",
         model={
             "name": cfg.model,
@@ -77,7 +79,7 @@ def make_manifest(
         preconditioner=None,
         loss={
             "kind": loss_kind(cfg.data),
-            "reduction": cfg.loss_reduction,
+            "reduction": reduction,
         },
         dtype=dtype,
         num_rows=len(docs),
@@ -87,16 +89,16 @@ def make_manifest(
             "num_documents": len(docs),
             "tokens_sha256": tokens_fingerprint(docs),
         },
-        plan={"shard_size": cfg.shard_size, "token_batch_size": cfg.token_batch_size},
-        aggregation=cfg.aggregation,
-        unit_normalize=cfg.unit_normalize,
-        per_token=cfg.per_token,
+        plan={"shard_size": getattr(cfg, "shard_size", None), "token_batch_size": cfg.token_batch_size},
+        aggregation=aggregation,
+        unit_normalize=getattr(cfg, "unit_normalize", False),
+        per_token=getattr(cfg, "per_token", False),
         producer={"bergson": __version__, "world_size": distributed.world_size()},
     )
 
 
 def resolve_normalizers(
-    cfg: IndexConfig,
+    cfg: Any,
     model: torch.nn.Module,
     modules: Mapping[str, torch.nn.Module],
     given: Mapping[str, Normalizer] | None = None,

@@ -16,8 +16,7 @@ from bergson import ServeConfig
 from bergson.reports.build import build_page
 from bergson.reports.render import render
 from bergson.reports.serve import make_server
-
-from .conftest import HOSTILE
+from tests.helpers.assets import HOSTILE
 
 ARGS = [
     "--headless",

@@ -11,9 +11,9 @@ from bergson import BergsonError, ReportConfig, report
 from bergson.querying import write_hits
 from bergson.reports.build import build_page
 from bergson.reports.render import DATA_MARK, render, template
+from tests.helpers.assets import HOSTILE
 
 from ..test_cli import run
-from .conftest import HOSTILE
 
 
 def embedded(html: str) -> dict:

@@ -93,11 +93,6 @@ def ekfac(cfg: Any) -> Any:
     validate_index_config(cfg)
     if not cfg.query.dataset:
         raise BergsonError("--query.dataset is required: the queries whose influences are wanted")
-    if cfg.attention_heads:
-        raise BergsonError(
-            "--attention_heads: EK-FAC's Kronecker factors are fitted per module; per-head blocks are "
-            "available in build, score and query, not in bergson ekfac"
-        )
     if cfg.data.reward_column or cfg.query.reward_column:
         raise BergsonError(
             "--reward_column: EK-FAC scores use the plain next-token loss; advantage-weighted (GRPO) "

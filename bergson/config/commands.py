@@ -1,0 +1,433 @@
+"""The config of every command, composed of the option groups it reads.
+
+Bases are listed from the last group shown in ``--help`` to the first (a dataclass lists the
+fields of its bases in reverse order of inheritance), so ``run_path`` and the model come first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+import tyro
+
+from .options import (
+    BatchOptions,
+    DampingOptions,
+    DataConfig,
+    DataOptions,
+    FaissConfig,
+    FsdpOptions,
+    GradientOptions,
+    HeadOptions,
+    LossOptions,
+    ModelOptions,
+    NormalizerOptions,
+    PreconditionerOptions,
+    QueryDataOptions,
+    RunOptions,
+    ShardOptions,
+    StoreOptions,
+    TrainingConfig,
+    WorkerOptions,
+)
+
+
+@dataclass
+class IndexConfig(
+    PreconditionerOptions,
+    NormalizerOptions,
+    StoreOptions,
+    ShardOptions,
+    LossOptions,
+    HeadOptions,
+    GradientOptions,
+    BatchOptions,
+    DataOptions,
+    WorkerOptions,
+    FsdpOptions,
+    ModelOptions,
+    RunOptions,
+):
+    """Options of ``bergson build``: collect per-document gradients into a store."""
+
+
+@dataclass
+class ReduceConfig(IndexConfig):
+    """Options of ``bergson reduce``: one aggregated vector for a dataset (a query index)."""
+
+    aggregation: Literal["none", "mean", "sum"] = "mean"
+    """How rows are combined: mean or sum (after --unit_normalize, if given)."""
+
+    index: str | None = None
+    """Reduce this existing gradient store instead of computing gradients of --dataset."""
+
+
+@dataclass
+class ScoreConfig(IndexConfig):
+    """Options of ``bergson score``: score every document against query gradients in one pass."""
+
+    query_path: str = ""
+    """Query store (from ``bergson build`` or ``bergson reduce``) whose rows score the dataset."""
+
+    score: Literal["individual", "mean", "max"] = "individual"
+    """individual: a column per query row; mean or max over query rows (max: LESS-style)."""
+
+    query_group_column: str | None = None
+    """With --score max: a column of the query dataset; mean within each group, then max over groups."""
+
+    index: str | None = None
+    """Score this existing gradient store instead of computing gradients of --dataset."""
+
+    top_k: int = 5
+    """How many top-scoring rows to print per score column."""
+
+
+@dataclass
+class QueryConfig(ModelOptions):
+    """Options of ``bergson query``: the training rows behind a query text."""
+
+    index: str = ""
+    """Gradient store to search (from ``bergson build``)."""
+
+    query: str | None = None
+    """A query text; without --query and --query_dataset an interactive prompt opens."""
+
+    query_dataset: str | None = None
+    """Queries from a dataset: hub id, local file or save_to_disk directory."""
+
+    query_split: str = "train"
+    """Split of --query_dataset (slice syntax allowed)."""
+
+    query_column: str = "text"
+    """Column of --query_dataset holding the query text (or prompt)."""
+
+    query_completion_column: str | None = None
+    """Optional completion column of --query_dataset: the query loss is on the completion only."""
+
+    top_k: int = 10
+    """How many training rows to return per query."""
+
+    unit_normalize: Annotated[bool, tyro.conf.arg(aliases=("--unit_norm",))] = False
+    """Score by cosine similarity instead of the raw gradient inner product."""
+
+    reverse: bool = False
+    """Return the most negative scores (opponents) instead of the most positive."""
+
+    modules: list[str] = field(default_factory=list)
+    """Search only these modules of the store (default: all)."""
+
+    output: str | None = None
+    """Write the hits to a .jsonl, .csv or .parquet file."""
+
+    search: Literal["exact", "faiss"] = "exact"
+    """exact: stream the whole store; faiss: an approximate index built beside the store."""
+
+    faiss: FaissConfig = field(default_factory=FaissConfig)
+    """FAISS index options (with --search faiss)."""
+
+    preconditioner_path: str | None = None
+    """Preconditioner directory: queries get H^-1 (with --unit_normalize, H^-1/2; the index must then carry
+    H^-1/2, i.e. be built with the same --preconditioner_path). A preconditioner the index carries is
+    used without this option."""
+
+    snippet_chars: int = 160
+    """Characters of each training document shown and written."""
+
+    per_token: bool = False
+    """Split each hit's score over tokens: the query's, and the training document's when the store
+    was built with --per_token (printed: the top few; written: all)."""
+
+
+@dataclass
+class PreconditionerConfig(
+    DampingOptions,
+    NormalizerOptions,
+    ShardOptions,
+    LossOptions,
+    HeadOptions,
+    GradientOptions,
+    BatchOptions,
+    DataOptions,
+    WorkerOptions,
+    FsdpOptions,
+    ModelOptions,
+    RunOptions,
+):
+    """Options of ``bergson preconditioner``: fit (or mix) per-module gradient second moments."""
+
+    index: str | None = None
+    """Fit on the vectors of this existing gradient store instead of computing gradients of --dataset."""
+
+    max_documents: int | None = None
+    """Fit on a random sample of this many documents of --dataset (default: all)."""
+
+    sample_seed: int = 0
+    """Seed of the --max_documents sample."""
+
+    mix_train: str | None = None
+    """With --mix_query: mix two fitted preconditioners (TrackStar) instead of fitting one."""
+
+    mix_query: str | None = None
+    """Preconditioner fitted on the query set, mixed with --mix_train."""
+
+    downweight_components: int = 10
+    """Mixing: the query weight is set so that this many top query components outweigh every
+    training direction (clipped to the query moment's rank)."""
+
+
+@dataclass
+class TrackstarConfig(
+    DampingOptions,
+    QueryDataOptions,
+    NormalizerOptions,
+    StoreOptions,
+    ShardOptions,
+    LossOptions,
+    HeadOptions,
+    GradientOptions,
+    BatchOptions,
+    DataOptions,
+    WorkerOptions,
+    FsdpOptions,
+    ModelOptions,
+    RunOptions,
+):
+    """Options of ``bergson trackstar``: normalizer, mixed preconditioner and cosine scores in one run."""
+
+    query: DataConfig = field(default_factory=DataConfig)
+    """The query set (prompt/completion columns allowed)."""
+
+    unit_normalize: bool = True
+    """Score by cosine of the preconditioned vectors (TrackStar); --no_unit_normalize for dot products."""
+
+    stats_documents: int | None = 1000
+    """Training documents sampled for the training-set second moment (None or 0: all)."""
+
+    sample_seed: int = 0
+    """Seed of the --stats_documents sample."""
+
+    downweight_components: int = 10
+    """How many top query components the mixed preconditioner down-weights (0: no mixing, use
+    the training-set preconditioner alone)."""
+
+    top_k: int = 10
+    """Training documents listed per query in the summary."""
+
+
+@dataclass
+class EkfacConfig(
+    DampingOptions,
+    QueryDataOptions,
+    GradientOptions,
+    BatchOptions,
+    DataOptions,
+    WorkerOptions,
+    FsdpOptions,
+    ModelOptions,
+    RunOptions,
+):
+    """Options of ``bergson ekfac``: EK-FAC influence of every training document on each query."""
+
+    per_token: bool = False
+    """Also write each training token's score (the scores store's token rows; they sum to the
+    document's score)."""
+
+    method: Literal["ekfac", "kfac"] = "ekfac"
+    """ekfac: refit eigenvalues in the Kronecker eigenbasis (one more pass); kfac: the plain product."""
+
+    fisher: Literal["true", "empirical"] = "true"
+    """true: labels sampled from the model (seeded per document); empirical: the dataset's tokens."""
+
+    fisher_seed: int = 0
+    """Seed of the sampled Fisher labels (the same seed gives identical factors and scores)."""
+
+    factor_dtype: Literal["float32", "float64"] = "float32"
+    """Accumulation dtype of the covariances and scores (eigendecompositions are always float64)."""
+
+    per_module_scores: bool = False
+    """Also write each module's share of the scores (per_module.npz; they sum to the total)."""
+
+    query_rank: int = 0
+    """0: keep each preconditioned query gradient in full; r > 0: its best rank-r approximation
+    per module (truncated SVD; the relative error is recorded in queries/factors.json), so that
+    many queries share one cheap pass over the training data."""
+
+    projected_queries: bool = False
+    """Also write query_store/: the preconditioned queries projected with --projection_dim and
+    --projection_seed like `bergson build`, for `bergson score --query_path` against a projected
+    store (no preconditioner is applied again)."""
+
+    top_k: int = 10
+    """Training documents printed per query."""
+
+
+@dataclass
+class MagicConfig(WorkerOptions, ModelOptions):
+    """Options of ``bergson magic``: exact metagradients of a query loss through a fine-tuning run."""
+
+    run_path: str = ""
+    """Output directory: checkpoints, the fine-tuned model, scores and timings."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """The training documents (each data option may also be written without the 'data.' prefix)."""
+
+    query: DataConfig = field(default_factory=DataConfig)
+    """The query documents whose loss after training is attributed."""
+
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """The fine-tuning recipe."""
+
+    query_mode: Literal["aggregate", "individual"] = "aggregate"
+    """aggregate: one score column for the mean query loss (one reverse pass); individual: a
+    column per query (one reverse pass each)."""
+
+    per_token: bool = False
+    """Also keep each training token's score as the scores store's token rows (they sum to the
+    document's score; GradientStore.token_rows)."""
+
+    checkpoints: Literal["every", "sqrt", "log"] = "sqrt"
+    """Which training states the forward pass saves: every step; every ~sqrt(T) steps (the reverse
+    pass replays each segment once); or a logarithmic set (0, T/2, 3T/4, ...; the reverse pass
+    bisects each segment, replaying O(T log T) steps with O(log T) states in memory)."""
+
+    memory_budget_gb: float = 2.0
+    """Replayed states are kept in memory up to this size and spill to disk beyond it."""
+
+    force_low_precision: bool = False
+    """Allow bf16/fp16 weights (metagradients in half precision are mostly rounding noise)."""
+
+    overwrite: bool = False
+    """Start over instead of resuming a run found at run_path."""
+
+    top_k: int = 10
+    """Training documents printed per score column."""
+
+
+@dataclass
+class ModelConfigTestConfig(ModelOptions):
+    """Options of ``bergson test_model_configuration``: are batched gradients equal to one-by-one ones?"""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Documents to test (default: 8 built-in English sentences), cut to --data.max_length (default 256) tokens."""
+
+    num_documents: int = 8
+    """How many documents to test (at least 2; they are batched together)."""
+
+    projection_dim: int = 16
+    """Random projection size p of the compared gradient vectors (0: full gradients)."""
+
+    tolerance: float = 1e-3
+    """Largest accepted relative error ||v_batched - v_alone|| / ||v_alone|| of any document's vector."""
+
+    modules: list[str] = field(default_factory=list)
+    """Glob patterns of module names to track (default: every supported layer)."""
+
+    output: str | None = None
+    """Also write the report as JSON to this file."""
+
+
+@dataclass
+class ValidateConfig:
+    """Options of ``bergson validate``: check scores against real retraining without subsets."""
+
+    run_path: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_PATH")] = ""
+    """Output directory of the report (validation.json)."""
+
+    recipe: str = ""
+    """The training run to replay: a `bergson magic` config YAML or run directory."""
+
+    scores: list[str] = field(default_factory=list)
+    """Scores stores to check (rows = training documents, one column per query or one in total)."""
+
+    protocol: Literal["leave_k_out", "lds"] = "leave_k_out"
+    """leave_k_out: remove a random --fraction of the documents, same order and seed otherwise;
+    lds: keep a random half (the classical linear datamodeling score)."""
+
+    fraction: float = 0.05
+    """Share of the training documents removed in each leave_k_out subset."""
+
+    num_subsets: int = 20
+    """Number of subsets (one retraining each; cached and reused across methods)."""
+
+    seed: int = 0
+    """Seed of the subsets."""
+
+    cache_dir: str = ""
+    """Where retrains are cached (default: RECIPE_RUN/retrains, or RUN_PATH/retrains)."""
+
+    device: str = "auto"
+    """Device to retrain on."""
+
+
+@dataclass
+class ReportConfig:
+    """Options of ``bergson report``: one self-contained HTML page of the most influential documents."""
+
+    source: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="SOURCE")] = ""
+    """A scores store (from score, ekfac, trackstar, magic) or query results (.jsonl/.csv/.parquet
+    written by ``bergson query --output``)."""
+
+    output: str = "report.html"
+    """The HTML file to write."""
+
+    top_k: int = 10
+    """Proponents and opponents shown per query (a scores store; query results show what they hold)."""
+
+    index: str | None = None
+    """With query results: the gradient store they were searched in (for its manifest and the full
+    training texts)."""
+
+    queries: str | None = None
+    """With query results: the query texts (a dataset whose rows are the queries, in order)."""
+
+    query_column: str = "text"
+    """Column of --queries holding the query text."""
+
+    max_queries: int | None = None
+    """Report only the first N queries (score columns)."""
+
+    collapse_chars: int = 600
+    """Documents longer than this many characters are shown collapsed."""
+
+    bins: int = 30
+    """Bins of each query's score histogram."""
+
+    title: str = "bergson report"
+    """The page title."""
+
+
+@dataclass
+class ServeConfig(ModelOptions):
+    """Options of ``bergson serve``: a local page that answers typed queries from a gradient store."""
+
+    index: str = ""
+    """Gradient store to search (from ``bergson build``); opened read-only."""
+
+    host: str = "127.0.0.1"
+    """Address to bind (the default serves this machine only)."""
+
+    port: int = 8000
+    """Port to listen on (0 picks a free one)."""
+
+    top_k: int = 10
+    """Proponents and opponents shown per query."""
+
+    unit_normalize: Annotated[bool, tyro.conf.arg(aliases=("--unit_norm",))] = False
+    """Score by cosine similarity instead of the raw gradient inner product."""
+
+    per_token: bool = False
+    """Split each hit's score over the query's tokens (and the training document's, when the store
+    was built with --per_token)."""
+
+    preconditioner_path: str | None = None
+    """Preconditioner directory, as for ``bergson query``."""
+
+    max_query_chars: int = 2000
+    """Longer queries are refused with a message in the page."""
+
+    max_waiting: int = 16
+    """Requests that may wait for the model at once; more are answered 'busy, retry'."""
+
+    collapse_chars: int = 600
+    """Documents longer than this many characters are shown collapsed."""

@@ -1,0 +1,295 @@
+"""Every command offers exactly the options it reads.
+
+For each command: ``--help`` lists every field of its config (and nothing else), and a few
+runs on tiny local assets — one or two with many options set, the others combinations the
+command refuses with a clear error — read every one of its options (recorded by
+:mod:`tests.helpers.option_reads`). An option that no run reads would be accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import re
+import threading
+import typing
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bergson import config as C
+from bergson.cli import COMMANDS, main, parse
+from tests.helpers.option_reads import recording
+
+NESTED = (C.DataConfig, C.FaissConfig, C.TrainingConfig)
+Runs = list[tuple[list[str], str | None]]
+
+
+def config_class(command: str) -> type:
+    return importlib.import_module(COMMANDS[command][0]).CONFIG
+
+
+def option_names(cls: type) -> set[tuple[str, str]]:
+    """``(class, field)`` of a config's options and of its nested groups', as recorded."""
+    out = set()
+    for f in dataclasses.fields(cls):
+        out.add((cls.__name__, f.name))
+        inner = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if isinstance(inner, type) and dataclasses.is_dataclass(inner):
+            out |= option_names(inner)
+    return out
+
+
+def flags(cls: type, prefix: str = "") -> set[str]:
+    """The command-line flags of a config's fields (nested groups as ``group.field``)."""
+    out = set()
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        inner = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if isinstance(inner, type) and dataclasses.is_dataclass(inner):
+            out |= flags(inner, f"{prefix}{f.name}.")
+        elif not any("Positional" in repr(m) for m in getattr(hints[f.name], "__metadata__", ())):
+            out.add(f"{prefix}{f.name}")
+    return out
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_help_lists_exactly_the_options(command, capfd):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    lines = [ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("│ -")]
+    shown = {flag for ln in lines for flag in re.findall(r"--([a-z0-9_.]+)", ln)} - {"help"}
+    shown = {s for s in shown if not (s.startswith("no_") or ".no_" in s)}
+    aliases = {"unit_norm"}
+    assert shown - aliases == flags(config_class(command))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, model_dir, corpus_file, report_stores, query_hits) -> dict[str, str]:
+    """A small corpus with group, prompt/completion and reward columns, and the stores the
+    commands that read earlier results start from (built here, outside the recording)."""
+    from bergson import IndexConfig, build
+    from bergson.querying import write_hits
+
+    tmp = tmp_path_factory.mktemp("options")
+    texts = [json.loads(line)["text"] for line in Path(corpus_file).read_text().splitlines()[:8]]
+    rows = [
+        {"text": t, "prompt": t[:40], "completion": t[40:120], "group": "ab"[i % 2], "reward": float(i)}
+        for i, t in enumerate(texts)
+    ]
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = C.DataConfig(dataset=str(corpus), truncation=True, max_length=24)
+    common: dict[str, Any] = dict(model=str(model_dir), device="cpu", precision="fp32", projection_dim=4)
+    index = build(IndexConfig(run_path=str(tmp / "index"), per_token=True, data=data, **common))
+    query = build(IndexConfig(run_path=str(tmp / "query"), data=data, **common))
+    text, hits = query_hits
+    write_hits(str(tmp / "hits.jsonl"), hits)
+    (tmp / "queries.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    store = report_stores["store"]
+    return {
+        "tmp": str(tmp), "model": str(model_dir), "corpus": str(corpus), "index": str(index.root),
+        "query": str(query.root), "store": str(store.root), "module": store.manifest.modules[0].name,
+        "scores": str(report_stores["scores"].root), "hits": str(tmp / "hits.jsonl"),
+        "hits_queries": str(tmp / "queries.jsonl"),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def magic_run(assets) -> str:
+    """A tiny MAGIC run (three SGD steps) whose recipe and scores ``bergson validate`` checks."""
+    from bergson import MagicConfig, magic
+
+    data = C.DataConfig(dataset=assets["corpus"], split="train[:6]", truncation=True, max_length=16)
+    query = C.DataConfig(dataset=assets["corpus"], split="train[6:7]", truncation=True, max_length=16)
+    cfg = MagicConfig(
+        run_path=str(Path(assets["tmp"]) / "magic"), model=assets["model"], device="cpu", precision="fp32",
+        data=data, query=query, training=C.TrainingConfig(optimizer="sgd", lr=0.01, batch_size=2),
+    )  # fmt: skip
+    magic(cfg)
+    return cfg.run_path
+
+
+def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
+    """Per command: (arguments, None for a run that must succeed or a text its error must
+    contain). Refused runs read the options they refuse; each run has a run path of its own."""
+    m = ["--model", a["model"], "--device", "cpu", "--precision", "fp32"]
+    loading = ["--revision", "main", "--force_math_sdp", "--use_tf32_matmuls", "--no_trust_remote_code"]
+    d = ["--dataset", a["corpus"], "--split", "train[:6]", "--truncation", "--max_length", "24"]
+    qd = ["--query.dataset", a["corpus"], "--query.split", "train[6:8]", "--query.truncation",
+          "--query.max_length", "24"]  # fmt: skip
+    heads = "gpt_neox.layers.0.attention.query_key_value=2:48:out"
+    grads = [
+        "--projection_dim",
+        "4",
+        "--projection_seed",
+        "0",
+        "--include_bias",
+        "--modules",
+        "gpt_neox.layers.*",
+    ]
+    extra = [*loading, "--token_batch_size", "64", "--fsdp", "--nproc_per_node", "1", "--overwrite"]
+    collect = [*grads, *extra, "--loss_reduction", "mean", "--shard_size", "4"]
+    count = iter(range(1000))
+    new = lambda: str(tmp / f"run{next(count)}")  # noqa: E731
+    missing = str(tmp / "missing")
+
+    def refused(*options: str, base: tuple[str, ...] = ()) -> Runs:
+        """Refusals of the option groups a command shares (each group checks its own), with the
+        options ``base`` the command needs besides."""
+        cases = {
+            "workers": (["--dist_timeout", "5"], "--dist_timeout 5.0: it is how long"),
+            "data": (["--data.subset", "en"], "--subset en: it names a configuration"),
+            "completion": (["--completion_column", "nope"], "nope"),
+            "chat": (["--conversation_column", "nope"], "nope"),
+            "reward": (["--reward_column", "nope"], "--reward_column"),
+            "form": (["--normalizer_form", "adam"], "--normalizer_form adam: it says how"),
+            "state": (["--optimizer_state", missing + ".pt"], "missing.pt: no such file"),
+            "pre": (["--preconditioner_path", missing], "missing"),
+        }
+        run = ["--run_path"] if base[:1] == ("--run_path",) else []
+        return [([*run, new(), *m, *d, *base[len(run) :], *cases[o][0]], cases[o][1]) for o in options]
+
+    everything = ("workers", "data", "completion", "chat", "reward")
+    score_base = ("--query_path", a["query"], "--projection_dim", "4")
+    # fmt: off
+    return {
+        "build": [
+            ([new(), *m, *d, *collect, "--attention_heads", heads, "--per_token", "--save_dtype", "float32",
+              "--unit_normalize"], None),
+            ([new(), *m, *d, "--aggregation", "mean", "--prompt_column", "text"], None),
+            *refused(*everything, "form", "state", "pre"),
+        ],
+        "reduce": [
+            ([new(), *m, *d, *collect, "--attention_heads", heads, "--aggregation", "sum", "--unit_normalize",
+              "--save_dtype", "float32"], None),
+            ([new(), "--index", a["index"]], None),
+            ([new(), *m, *d, "--per_token"], "--per_token"),
+            *refused(*everything, "form", "state", "pre"),
+        ],
+        "score": [
+            ([new(), *m, *d, *score_base, "--token_batch_size", "64", "--score", "max", "--query_group_column",
+              "group", "--top_k", "2", "--unit_normalize", "--per_token", "--save_dtype", "float32"], None),
+            ([new(), "--index", a["index"], "--query_path", a["query"], "--aggregation", "mean"], None),
+            *refused(*everything, "form", "state", "pre", base=score_base),
+        ],
+        "preconditioner": [
+            ([new(), *m, *d, *collect, "--attention_heads", heads, "--max_documents", "4", "--sample_seed", "1",
+              "--damping", "0.2", "--damping_mode", "absolute"], None),
+            ([new(), "--index", a["index"]], None),
+            ([new(), "--mix_train", missing, "--mix_query", missing, "--downweight_components", "2"], "missing"),
+            ([new(), *m, *d, "--downweight_components", "2"], "--downweight_components 2: it sets how"),
+            *refused(*everything, "form", "state"),
+        ],
+        "trackstar": [
+            ([new(), *m, *d, *qd, *collect, "--attention_heads", heads, "--stats_documents", "4",
+              "--sample_seed", "1", "--damping", "0.2", "--damping_mode", "absolute", "--downweight_components",
+              "1", "--top_k", "2", "--no_unit_normalize", "--aggregation", "none", "--per_token", "--save_dtype",
+              "float32"], None),
+            *refused(*everything, "form", "state", base=tuple(qd)),
+        ],
+        "ekfac": [
+            ([new(), *m, *d, *qd, *grads, *extra, "--method", "kfac", "--fisher", "empirical", "--fisher_seed", "1",
+              "--damping", "0.2", "--damping_mode", "absolute", "--factor_dtype", "float64",
+              "--per_module_scores", "--query_rank", "1", "--projected_queries", "--top_k", "2", "--per_token"],
+             None),
+            *refused(*everything, base=tuple(qd)),
+        ],
+        "magic": [
+            ([*m, *loading, "--run_path", new(), *d, *qd, "--training.optimizer", "sgd", "--training.lr", "0.01",
+              "--training.beta1", "0.9", "--training.beta2", "0.99", "--training.eps", "1e-8",
+              "--training.momentum", "0.5", "--training.weight_decay", "0.01", "--training.schedule", "linear",
+              "--training.warmup_steps", "1", "--training.max_grad_norm", "1.0", "--training.batch_size", "3",
+              "--training.grad_accumulation", "1", "--training.epochs", "1", "--training.seed", "1",
+              "--training.freeze", "gpt_neox.embed_in.*", "--query_mode", "individual", "--per_token",
+              "--checkpoints", "log", "--memory_budget_gb", "0.5", "--no_force_low_precision", "--overwrite",
+              "--top_k", "2", "--nproc_per_node", "1"], None),
+            *refused("workers", base=("--run_path", *qd)),
+        ],
+        "query": [
+            (["--index", a["store"], *m, *loading, "--query", "The river flows", "--top_k", "2", "--unit_norm",
+              "--reverse", "--modules", a["module"], "--output", str(tmp / "hits.jsonl"), "--search", "exact",
+              "--snippet_chars", "20", "--per_token"], None),
+            (["--index", a["store"], *m, "--query_dataset", a["corpus"], "--query_split", "train[:2]",
+              "--query_column", "prompt", "--query_completion_column", "completion", "--search", "faiss",
+              "--faiss.index_factory", "IVF1,Flat", "--faiss.mmap_index", "--faiss.nprobe", "1",
+              "--faiss.num_shards", "1", "--faiss.max_train_examples", "16"], None),
+            (["--index", a["store"], *m, "--query", "x", "--preconditioner_path", missing], "missing"),
+        ],
+        "test_model_configuration": [
+            ([*m, *loading, *d, "--num_documents", "2", "--projection_dim", "4", "--tolerance", "0.01",
+              "--modules", "gpt_neox.layers.0.*", "--output", str(tmp / "tmc.json")], None),
+        ],
+        "validate": [
+            ([new(), "--recipe", a.get("magic", ""), "--scores", a.get("magic", "") + "/scores", "--protocol",
+              "lds", "--num_subsets", "2", "--seed", "1", "--cache_dir", str(tmp / "cache"), "--device", "cpu"],
+             None),
+            ([new(), "--recipe", a.get("magic", ""), "--scores", a.get("magic", "") + "/scores", "--fraction",
+              "0.0"], "--fraction"),
+        ],
+        "report": [
+            ([a["scores"], "--output", str(tmp / "r.html"), "--top_k", "2", "--max_queries", "1",
+              "--collapse_chars", "50", "--bins", "5", "--title", "t"], None),
+            ([a["hits"], "--output", str(tmp / "q.html"), "--index", a["store"], "--queries", a["hits_queries"],
+              "--query_column", "text"], None),
+        ],
+        "serve": [
+            (["--index", a["store"], *m, *loading, "--host", "127.0.0.1", "--port", "0", "--top_k", "2",
+              "--unit_norm", "--per_token", "--max_query_chars", "100", "--max_waiting", "2",
+              "--collapse_chars", "50"], None),
+            (["--index", a["store"], *m, "--preconditioner_path", missing], "missing"),
+        ],
+    }
+    # fmt: on
+
+
+def serve_once(args: list[str]) -> None:
+    """``bergson serve`` answering one query and the page, then stopping."""
+    from bergson.reports.serve import make_server
+
+    server = make_server(parse("serve", args))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        body = json.dumps({"text": "The river flows"}).encode()
+        headers = {"Content-Type": "application/json"}
+        request = urllib.request.Request(server.url + "api/query", data=body, headers=headers)
+        with urllib.request.urlopen(request, timeout=120) as r:
+            assert r.status == 200
+        with urllib.request.urlopen(server.url, timeout=60) as r:
+            assert r.status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_option_is_read(command, assets, request, tmp_path, capfd):
+    if command == "validate":
+        assets = {**assets, "magic": request.getfixturevalue("magic_run")}
+    cls = config_class(command)
+    read: set[tuple[str, str]] = set()
+    failures = []
+    for args, refusal in runs(assets, tmp_path)[command]:
+        with recording([cls, *NESTED]) as reads:
+            try:
+                if command == "serve" and refusal is None:
+                    serve_once(args)
+                else:
+                    main([command, *args])
+                code = 0
+            except SystemExit as e:
+                code = e.code
+        err = capfd.readouterr().err
+        if refusal is None and code != 0:
+            failures.append(f"{args[-4:]} failed: {err[-300:]}")
+        elif refusal is not None and (code == 0 or refusal not in err or "Traceback" in err):
+            failures.append(f"{args[-4:]} was not refused with {refusal!r} (exit {code}): {err[-300:]}")
+        read |= reads
+    assert not failures, "\n".join(failures)
+    unread = sorted(option_names(cls) - read)
+    assert not unread, f"bergson {command} accepts options it never reads: {unread}"
