@@ -21,6 +21,7 @@ from .config import DataConfig, ScoreConfig, save_yaml
 from .config.options import COMPUTING, unused_with
 from .core.devices import resolve_device
 from .core.layout import ModuleLayout
+from .core.sinks import Sink
 from .data import TokenizedDocs, load_data, plan_shards
 from .errors import BergsonError
 from .models import find_tracked_modules, numerics
@@ -77,7 +78,7 @@ def score_columns(cfg: ScoreConfig, num_queries: int) -> int:
     return num_queries if cfg.score == "individual" else 1
 
 
-class ScoreSink:
+class ScoreSink(Sink):
     """Turns per-row gradient vectors into scores against in-memory queries, then writes them."""
 
     def __init__(
@@ -143,14 +144,7 @@ class ScoreSink:
                 st = st.gather(2, best[:, None].expand(-1, st.shape[1], 1))
         return s, st
 
-    def write(
-        self,
-        row_ids: np.ndarray,
-        vectors: np.ndarray,
-        num_tokens: np.ndarray,
-        losses: np.ndarray,
-        tokens: np.ndarray | None = None,
-    ) -> None:
+    def write(self, row_ids, vectors, num_tokens, losses, tokens=None) -> None:  # types: Sink.write
         s, st = self.scores(vectors, tokens)
         self.writer.write(
             row_ids, s.cpu().numpy(), num_tokens, losses, None if st is None else st.cpu().numpy()

@@ -144,6 +144,21 @@ def _leave_worker(code: int) -> NoReturn:
     os._exit(code)
 
 
+def report_store(store: Any, scores: str | None = None, top_k: int = 0, label: str = "column") -> bool:
+    """Print what a command wrote (on the process that reports: the launcher or rank 0): the store,
+    how its scores are oriented and the ``top_k`` rows of each column. False on other ranks."""
+    from ..distributed import reports
+
+    if not reports():  # a worker of a launch: the launching process (or rank 0) prints
+        return False
+    print(f"wrote {store!r}")
+    if scores is not None:
+        print(f"scores: {scores}")
+    if top_k:
+        print_top_rows(store, top_k, label)
+    return True
+
+
 def print_top_rows(store: Any, k: int, label: str = "column") -> None:
     """The ``k`` highest-scoring rows of each column of a scores store, one block per column."""
     from ..store.scores import top_rows

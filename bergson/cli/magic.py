@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from ..config import MagicConfig
-from ..distributed import reports
-from . import print_top_rows
+from . import report_store
 
 CONFIG = MagicConfig
 
@@ -12,9 +11,5 @@ CONFIG = MagicConfig
 def run(cfg: MagicConfig) -> None:
     from ..methods.magic import magic
 
-    store = magic(cfg)
-    if not reports():
-        return
-    print(f"wrote {store!r}")
-    print("scores: positive = up-weighting the document lowers the query loss after training (MAGIC)")
-    print_top_rows(store, cfg.top_k)
+    orientation = "positive = up-weighting the document lowers the query loss after training (MAGIC)"
+    report_store(magic(cfg), orientation, cfg.top_k)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import ReduceConfig
-from ..distributed import reports
+from . import report_store
 
 CONFIG = ReduceConfig
 
@@ -11,7 +11,4 @@ CONFIG = ReduceConfig
 def run(cfg: ReduceConfig) -> None:
     from ..reduction import reduce
 
-    store = reduce(cfg)
-    if not reports():
-        return
-    print(f"wrote {store!r}")
+    report_store(reduce(cfg))

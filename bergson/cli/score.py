@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from ..config import ScoreConfig
-from ..distributed import reports
-from . import print_top_rows
+from . import report_store
 
 CONFIG = ScoreConfig
 
@@ -13,8 +12,4 @@ def run(cfg: ScoreConfig) -> None:
     from ..scoring import score
 
     store = score(cfg)
-    if not reports():
-        return
-    print(f"wrote {store!r}")
-    print(f"scores: {store.manifest.score['orientation'] if store.manifest.score else ''}")
-    print_top_rows(store, cfg.top_k)
+    report_store(store, store.manifest.score["orientation"] if store.manifest.score else "", cfg.top_k)

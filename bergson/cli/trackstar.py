@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import TrackstarConfig
-from ..distributed import reports
+from . import report_store
 
 CONFIG = TrackstarConfig
 
@@ -11,8 +11,5 @@ CONFIG = TrackstarConfig
 def run(cfg: TrackstarConfig) -> None:
     from ..methods.trackstar import trackstar
 
-    store = trackstar(cfg)
-    if not reports():
-        return
-    print(f"wrote {store!r}")
-    print(f"top {cfg.top_k} per query: {cfg.run_path}/summary.md (and top_k.jsonl)")
+    if report_store(trackstar(cfg)):
+        print(f"top {cfg.top_k} per query: {cfg.run_path}/summary.md (and top_k.jsonl)")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..core.layout import AttentionConfig
+from ..core.sinks import Sink
 from ..data.batching import plan_batches, plan_shards
 from ..data.tokenize import TokenizedDocs
 from ..transforms.normalizers import Normalizer
@@ -19,33 +19,6 @@ from .hooks import GradientCollector
 from .losses import DocumentBatch, document_batches, idle_loss, lm_loss
 
 logger = logging.getLogger(__name__)
-
-
-class Sink(Protocol):
-    """Where the loop sends per-row vectors, one shard (range of dataset rows) at a time.
-
-    ``num_tokens`` are the rows' lengths; with per-token collection ``tokens`` [B, S, dim]
-    holds each position's vector (row b's first ``num_tokens[b]`` positions are its own).
-    A sink that subclasses this class inherits the no-op ``done`` (no shard is complete),
-    ``begin_shard`` and ``end_shard``, and writes only ``write``."""
-
-    def done(self, index: int) -> bool:
-        return False
-
-    def begin_shard(self, index: int, rows: range) -> None:
-        return None
-
-    def write(
-        self,
-        row_ids: np.ndarray,
-        vectors: np.ndarray,
-        num_tokens: np.ndarray,
-        losses: np.ndarray,
-        tokens: np.ndarray | None = None,
-    ) -> None: ...
-
-    def end_shard(self, index: int) -> None:
-        return None
 
 
 class InMemorySink(Sink):

@@ -1,7 +1,7 @@
 """Configuration dataclasses shared by the command line, YAML files and the Python API.
 
 Every command's config (:mod:`.commands`) is composed of option groups (:mod:`.options`), so a
-command offers exactly the options it reads. Each field's docstring is its ``--help`` text.
+command offers exactly the options it reads (the groups themselves are in :mod:`.options`). Each field's docstring is its ``--help`` text.
 Nothing here imports torch, so that ``bergson --help`` answers quickly.
 """
 
@@ -20,63 +20,28 @@ from .commands import (
     ValidateConfig,
 )
 from .io import ALIASES, from_dict, load_yaml, save_yaml, to_dict
-from .options import (
-    BatchOptions,
-    DampingMode,
-    DampingOptions,
-    DataConfig,
-    DataOptions,
-    FaissConfig,
-    FsdpOptions,
-    GradientOptions,
-    HeadOptions,
-    LossOptions,
-    ModelOptions,
-    NormalizerOptions,
-    Precision,
-    PreconditionerOptions,
-    QueryDataOptions,
-    RunOptions,
-    ShardOptions,
-    StoreOptions,
-    TrainingConfig,
-    WorkerOptions,
-)
+from .options import DampingMode, DataConfig, FaissConfig, ModelOptions, Precision, TrainingConfig
 
 __all__ = [
     "ALIASES",
-    "BatchOptions",
     "DampingMode",
-    "DampingOptions",
     "DataConfig",
-    "DataOptions",
     "EkfacConfig",
     "FaissConfig",
-    "FsdpOptions",
-    "GradientOptions",
-    "HeadOptions",
     "IndexConfig",
-    "LossOptions",
     "MagicConfig",
     "ModelConfigTestConfig",
     "ModelOptions",
-    "NormalizerOptions",
     "Precision",
     "PreconditionerConfig",
-    "PreconditionerOptions",
     "QueryConfig",
-    "QueryDataOptions",
     "ReduceConfig",
     "ReportConfig",
-    "RunOptions",
     "ScoreConfig",
     "ServeConfig",
-    "ShardOptions",
-    "StoreOptions",
     "TrackstarConfig",
     "TrainingConfig",
     "ValidateConfig",
-    "WorkerOptions",
     "from_dict",
     "load_yaml",
     "save_yaml",

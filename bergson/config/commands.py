@@ -12,21 +12,15 @@ from typing import Annotated, Literal
 import tyro
 
 from .options import (
-    BatchOptions,
+    CollectOptions,
     DampingOptions,
     DataConfig,
-    DataOptions,
     FaissConfig,
-    FsdpOptions,
-    GradientOptions,
-    HeadOptions,
-    LossOptions,
     ModelOptions,
     NormalizerOptions,
+    PassOptions,
     PreconditionerOptions,
     QueryDataOptions,
-    RunOptions,
-    ShardOptions,
     StoreOptions,
     TrainingConfig,
     WorkerOptions,
@@ -38,16 +32,7 @@ class IndexConfig(
     PreconditionerOptions,
     NormalizerOptions,
     StoreOptions,
-    ShardOptions,
-    LossOptions,
-    HeadOptions,
-    GradientOptions,
-    BatchOptions,
-    DataOptions,
-    WorkerOptions,
-    FsdpOptions,
-    ModelOptions,
-    RunOptions,
+    PassOptions,
 ):
     """Options of ``bergson build``: collect per-document gradients into a store."""
 
@@ -143,16 +128,7 @@ class QueryConfig(ModelOptions):
 class PreconditionerConfig(
     DampingOptions,
     NormalizerOptions,
-    ShardOptions,
-    LossOptions,
-    HeadOptions,
-    GradientOptions,
-    BatchOptions,
-    DataOptions,
-    WorkerOptions,
-    FsdpOptions,
-    ModelOptions,
-    RunOptions,
+    PassOptions,
 ):
     """Options of ``bergson preconditioner``: fit (or mix) per-module gradient second moments."""
 
@@ -182,16 +158,7 @@ class TrackstarConfig(
     QueryDataOptions,
     NormalizerOptions,
     StoreOptions,
-    ShardOptions,
-    LossOptions,
-    HeadOptions,
-    GradientOptions,
-    BatchOptions,
-    DataOptions,
-    WorkerOptions,
-    FsdpOptions,
-    ModelOptions,
-    RunOptions,
+    PassOptions,
 ):
     """Options of ``bergson trackstar``: normalizer, mixed preconditioner and cosine scores in one run."""
 
@@ -216,17 +183,7 @@ class TrackstarConfig(
 
 
 @dataclass
-class EkfacConfig(
-    DampingOptions,
-    QueryDataOptions,
-    GradientOptions,
-    BatchOptions,
-    DataOptions,
-    WorkerOptions,
-    FsdpOptions,
-    ModelOptions,
-    RunOptions,
-):
+class EkfacConfig(DampingOptions, QueryDataOptions, CollectOptions):
     """Options of ``bergson ekfac``: EK-FAC influence of every training document on each query."""
 
     per_token: bool = False

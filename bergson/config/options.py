@@ -352,6 +352,27 @@ class DampingOptions:
     """relative: damping times the mean eigenvalue of each module (scale-free); absolute: as given."""
 
 
+@dataclass
+class CollectOptions(
+    GradientOptions,
+    BatchOptions,
+    DataOptions,
+    WorkerOptions,
+    FsdpOptions,
+    ModelOptions,
+    RunOptions,
+):
+    """What every command that computes the gradients of a dataset into a run reads (build,
+    reduce, score, preconditioner, trackstar, ekfac)."""
+
+
+@dataclass
+class PassOptions(ShardOptions, LossOptions, HeadOptions, CollectOptions):
+    """The collection options of the commands whose pass runs shard by shard into a sink (build,
+    reduce, score, preconditioner, trackstar): all of :class:`CollectOptions` and the shard size,
+    the loss reduction and per-head blocks."""
+
+
 def validate_options(cfg: Any) -> None:
     """Refuse values no option group of ``cfg`` accepts, and options given where they would be
     ignored (each group checks its own fields)."""

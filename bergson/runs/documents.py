@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import BatchOptions, DataConfig
-from ..config.options import validate_options
+from ..config import DataConfig
+from ..config.options import BatchOptions, validate_options
 from ..data import TokenizedDocs, load_data, tokenize_documents
 from ..errors import BergsonError
 from ..models import load_model

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..collect.loop import Sink, collect_gradients
+from ..collect.loop import collect_gradients
 from ..config import IndexConfig, save_yaml
+from ..core.sinks import Sink
 from ..data import TokenizedDocs, assign_shards, plan_shards
 from ..errors import BergsonError
 from ..models import find_tracked_modules

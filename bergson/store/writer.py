@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core.files import atomic_write_bytes, describe_difference
+from ..core.sinks import Sink
 from ..errors import BergsonError
 from .manifest import (
     MANIFEST,
@@ -69,7 +70,7 @@ def _parquet_bytes(row_id: np.ndarray, num_tokens: np.ndarray, loss: np.ndarray)
     return buf.getvalue()
 
 
-class StoreWriter:
+class StoreWriter(Sink):
     """A sink that writes per-row vectors (or their aggregate) into a store directory.
 
     With ``create=False`` it opens a store that another process (rank 0 of several workers)
@@ -213,14 +214,7 @@ class StoreWriter:
         self._filled = np.zeros(n, bool)
         self._token_rows = {}
 
-    def write(
-        self,
-        row_ids: np.ndarray,
-        vectors: np.ndarray,
-        num_tokens: np.ndarray,
-        losses: np.ndarray,
-        tokens: np.ndarray | None = None,
-    ) -> None:
+    def write(self, row_ids, vectors, num_tokens, losses, tokens=None) -> None:  # types: Sink.write
         """Store float32/float64 ``vectors`` [B, D] for dataset rows ``row_ids`` of the current shard
         (and, in a per-token store, ``tokens`` [B, S, D]: row b's first ``num_tokens[b]`` positions;
         None means zeros)."""

@@ -41,6 +41,7 @@ import torch
 
 from ..core.files import atomic_write_bytes
 from ..core.layout import ModuleLayout, check_layouts
+from ..core.sinks import Sink
 from ..errors import BergsonError
 
 TENSORS_FILE = "preconditioner.safetensors"
@@ -48,7 +49,7 @@ META_FILE = "preconditioner.json"
 DAMPING_MODES = ("relative", "absolute")
 
 
-class StatisticsSink:
+class StatisticsSink(Sink):
     """A collection-loop sink that accumulates each module's second moment sum_n v vᵀ.
 
     Sums are kept in float32 (on ``device``) and turned into means once, at the end
@@ -62,23 +63,7 @@ class StatisticsSink:
         self.sums = {n: torch.zeros(d, d, dtype=torch.float32, device=self.device) for n, d in dims.items()}
         self.count = 0
 
-    def done(self, index: int) -> bool:
-        return False
-
-    def begin_shard(self, index: int, rows: range) -> None:
-        pass
-
-    def end_shard(self, index: int) -> None:
-        pass
-
-    def write(
-        self,
-        row_ids: np.ndarray,
-        vectors: np.ndarray,
-        num_tokens: np.ndarray,
-        losses: np.ndarray,
-        tokens: np.ndarray | None = None,
-    ) -> None:
+    def write(self, row_ids, vectors, num_tokens, losses, tokens=None) -> None:  # types: Sink.write
         v = torch.from_numpy(np.array(vectors, np.float32)).to(self.device)
         v = v[v.abs().amax(1) > 0]
         self.count += len(v)
