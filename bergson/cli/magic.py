@@ -10,7 +10,7 @@ CONFIG = MagicConfig
 
 
 def run(cfg: MagicConfig) -> None:
-    from ..methods.magic import magic
+    from ..methods.magic.command import magic
 
     store = magic(cfg)
     if not reports():
