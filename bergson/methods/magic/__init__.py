@@ -30,67 +30,29 @@ The package, one idea a module:
 * :mod:`.command`: ``bergson magic`` (options, run directory, scores store).
 """
 
-from .command import (
-    CONFIG_FILE,
-    OUTPUTS,
-    check_options,
-    check_precision,
-    load_recipe,
-    magic,
-    prepare,
-    query_columns,
-)
-from .recipe import (
-    State,
-    Tensors,
-    check_recipe,
-    clip,
-    learning_rate,
-    optimizer_update,
-    plan_steps,
-    zero_slots_state,
-)
-from .replay import (
-    MicroBatch,
-    Replay,
-    TokenWeights,
-    math_attention,
-    query_gradient,
-    query_losses,
-    sum_gradients_over_ranks,
-    token_losses,
-    use_double_backward_attention,
-)
-from .reverse import MagicRun, ReverseResult, StateCache, checkpoint_steps
+from .command import CONFIG_FILE, check_options, check_precision, load_recipe, magic, prepare, query_columns
+from .recipe import State, learning_rate, optimizer_update, plan_steps
+from .replay import Replay, TokenWeights, query_gradient, query_losses, use_double_backward_attention
+from .reverse import MagicRun, ReverseResult, checkpoint_steps
 
 __all__ = [
     "CONFIG_FILE",
-    "OUTPUTS",
     "MagicRun",
-    "MicroBatch",
     "Replay",
     "ReverseResult",
     "State",
-    "StateCache",
-    "Tensors",
     "TokenWeights",
     "check_options",
     "check_precision",
-    "check_recipe",
     "checkpoint_steps",
-    "clip",
     "learning_rate",
     "load_recipe",
     "magic",
-    "math_attention",
     "optimizer_update",
     "plan_steps",
     "prepare",
     "query_columns",
     "query_gradient",
     "query_losses",
-    "sum_gradients_over_ranks",
-    "token_losses",
     "use_double_backward_attention",
-    "zero_slots_state",
 ]

@@ -41,6 +41,22 @@ def check_recipe(recipe: TrainingConfig) -> None:
         raise BergsonError(f"--training.schedule {recipe.schedule!r}: choose constant, linear or cosine")
 
 
+def trained_names(trainable: Sequence[str], freeze: Sequence[str]) -> list[str]:
+    """The parameters the recipe trains: the ``trainable`` ones that no ``--training.freeze``
+    pattern (fnmatch) matches. A pattern that matches nothing is an error, as is freezing all."""
+    from fnmatch import fnmatch
+
+    names = [n for n in trainable if not any(fnmatch(n, pat) for pat in freeze)]
+    unused = [pat for pat in freeze if not any(fnmatch(n, pat) for n in trainable)]
+    if unused:
+        raise BergsonError(
+            f"--training.freeze {unused[0]!r} matches no parameter; names look like {trainable[0]!r}"
+        )
+    if not names:
+        raise BergsonError("the model has no trainable parameters (check --training.freeze)")
+    return names
+
+
 def plan_steps(num_docs: int, recipe: TrainingConfig) -> list[list[np.ndarray]]:
     """Document indices of every micro-batch of every optimizer step, in training order.
 

@@ -35,6 +35,7 @@ from .recipe import (
     learning_rate,
     optimizer_update,
     plan_steps,
+    trained_names,
     zero_slots_state,
 )
 
@@ -153,17 +154,7 @@ class Replay:
         self.pad_token_id = pad_token_id
         self.progress = progress
         self.device = next(model.parameters()).device
-        from fnmatch import fnmatch
-
-        named = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.names = [n for n in named if not any(fnmatch(n, pat) for pat in recipe.freeze)]
-        unused = [pat for pat in recipe.freeze if not any(fnmatch(n, pat) for n in named)]
-        if unused:
-            raise BergsonError(
-                f"--training.freeze {unused[0]!r} matches no parameter; names look like {named[0]!r}"
-            )
-        if not self.names:
-            raise BergsonError("the model has no trainable parameters (check --training.freeze)")
+        self.names = trained_names([n for n, p in model.named_parameters() if p.requires_grad], recipe.freeze)
         check_recipe(recipe)
         self.plan = plan_steps(len(docs), recipe)
         self.layout = TokenWeights(docs)
