@@ -59,7 +59,8 @@ def train_only(plain: bool, epochs: int) -> None:
     import torch
 
     from bergson.cli import parse
-    from bergson.methods.magic import Replay, prepare
+    from bergson.methods.magic.command import prepare
+    from bergson.methods.magic.replay import Replay
 
     cfg = parse("magic", [str(CONFIG), *overrides(epochs)])
     model, tokenizer, docs, _ = prepare(cfg)

@@ -113,7 +113,8 @@ class Retrainer:
     """Retrain a recipe with documents removed and measure every query's final loss (cached)."""
 
     def __init__(self, recipe: MagicConfig, cache_dir: str | Path, device: str | None = None):
-        from .methods.magic import Replay, prepare
+        from .methods.magic.command import prepare
+        from .methods.magic.replay import Replay
         from .runs.documents import tokens_fingerprint
 
         if device is not None:
@@ -139,7 +140,7 @@ class Retrainer:
         """Each query's mean loss after training without the ``removed`` documents."""
         import torch
 
-        from .methods.magic import query_losses
+        from .methods.magic.replay import query_losses
 
         ids = np.sort(np.asarray(removed, np.int64))
         name = hashlib.sha256(ids.tobytes()).hexdigest()[:16]
@@ -180,7 +181,7 @@ def check_store(store: Any, name: str, num_docs: int, num_queries: int) -> np.nd
 def validate(cfg: ValidateConfig) -> dict[str, Any]:
     """Retrain without each subset (cached) and correlate the loss changes with every store's
     predictions; writes validation.json at ``cfg.run_path`` and returns the report."""
-    from .methods.magic import load_recipe
+    from .methods.magic.command import load_recipe
     from .store import load_gradients
 
     if not cfg.run_path:

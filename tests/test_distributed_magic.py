@@ -9,7 +9,7 @@ import yaml
 
 from bergson import load_gradients
 from bergson.config import DataConfig, MagicConfig, TrainingConfig
-from bergson.methods.magic import magic
+from bergson.methods.magic.command import magic
 
 from .test_distributed import cli
 from .test_distributed_ekfac import assert_close

@@ -10,15 +10,10 @@ import torch
 
 from bergson import BergsonError
 from bergson.config import TrainingConfig
-from bergson.methods.magic import (
-    MagicRun,
-    Replay,
-    check_precision,
-    checkpoint_steps,
-    learning_rate,
-    plan_steps,
-    query_losses,
-)
+from bergson.methods.magic.command import check_precision
+from bergson.methods.magic.recipe import learning_rate, plan_steps
+from bergson.methods.magic.replay import Replay, query_losses
+from bergson.methods.magic.reverse import MagicRun, checkpoint_steps
 from bergson.validation import correlations, draw_subsets, rank
 from tests.helpers.assets import tiny_gpt2
 
@@ -225,7 +220,7 @@ def test_half_precision_is_refused_unless_forced():
 
 
 def test_attention_without_double_backward_is_replaced():
-    from bergson.methods.magic import use_double_backward_attention
+    from bergson.methods.magic.replay import use_double_backward_attention
 
     model = tiny_gpt2(dtype=torch.float32)
     model.config._attn_implementation = "flash_attention_2"  # as loaded for a CUDA run

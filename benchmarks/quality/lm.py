@@ -161,7 +161,8 @@ def train_checkpoint(recipe_path: Path, out: Path) -> dict[str, Any]:
     as a torch optimizer state dict (``optimizer.pt``, parameters named), for the gradient methods."""
     import torch
 
-    from bergson.methods.magic import Replay, load_recipe, prepare
+    from bergson.methods.magic.command import load_recipe, prepare
+    from bergson.methods.magic.replay import Replay
 
     recipe = load_recipe(str(recipe_path))
     if recipe.training.optimizer != "adamw":

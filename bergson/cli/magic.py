@@ -9,7 +9,7 @@ CONFIG = MagicConfig
 
 
 def run(cfg: MagicConfig) -> None:
-    from ..methods.magic import magic
+    from ..methods.magic.command import magic
 
     orientation = "positive = up-weighting the document lowers the query loss after training (MAGIC)"
     report_store(magic(cfg), orientation, cfg.top_k)

@@ -1,0 +1,228 @@
+"""``bergson magic``: the command around the replay and the reverse pass. It checks the
+options, loads the model and documents, keeps the run directory (training checkpoints,
+finished reverse passes, the fine-tuned model) and writes the scores store, one column per
+query group, oriented like every bergson score."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ... import distributed
+from ...config import MagicConfig
+from ...core.files import atomic_write_bytes
+from ...data import TokenizedDocs
+from ...errors import BergsonError
+from ...models import honours_numerics
+from .recipe import Tensors
+from .replay import Replay, query_gradient, use_double_backward_attention
+from .reverse import MagicRun
+
+CONFIG_FILE = "magic.yaml"
+OUTPUTS = ("states", "reverse", "model", "scores")
+
+
+def check_options(cfg: MagicConfig) -> None:
+    """Refuse what MAGIC cannot do, before anything is written."""
+    from ...config.options import validate_options
+    from ...models import QUANTIZED
+
+    validate_options(cfg)
+    if not cfg.data.dataset:
+        raise BergsonError("--dataset is required: the training documents")
+    if not cfg.query.dataset:
+        raise BergsonError("--query.dataset is required: the documents whose loss is attributed")
+    if cfg.data.reward_column or cfg.query.reward_column:
+        raise BergsonError(
+            "--reward_column: MAGIC replays a supervised fine-tune; advantage-weighted (GRPO) losses "
+            "are not supported by bergson magic"
+        )
+    if cfg.precision in QUANTIZED:
+        raise BergsonError(
+            f"bergson magic --precision {cfg.precision}: MAGIC trains the model and differentiates through training, "
+            "which needs the whole model in full precision in each process; drop the option"
+        )
+
+
+def check_precision(model: nn.Module, force: bool) -> None:
+    """Refuse half-precision weights unless forced: a metagradient sums T steps of second-order
+    terms, and bf16's 8-bit mantissa (fp16's 11) leaves mostly rounding noise."""
+    dtype = next(model.parameters()).dtype
+    if dtype in (torch.float16, torch.bfloat16) and not force:
+        raise BergsonError(
+            f"the model's weights are {str(dtype).removeprefix('torch.')}: metagradients in half precision "
+            "are mostly rounding noise. Use --precision fp32 (or pass --force_low_precision to go on anyway)"
+        )
+
+
+def prepare(cfg: MagicConfig) -> tuple[nn.Module, Any, TokenizedDocs, TokenizedDocs]:
+    """Load the model (fp32 unless told otherwise) and tokenize the training and query sets."""
+    from ...models import load_model
+    from ...runs.documents import context_size, load_docs
+
+    check_options(cfg)
+    model, tokenizer = load_model(replace(cfg, precision="fp32") if cfg.precision == "auto" else cfg)
+    check_precision(model, cfg.force_low_precision)
+    use_double_backward_attention(model)
+    max_tokens = cfg.data.max_length or context_size(model) or 2048
+    docs = load_docs(cfg.data, tokenizer, max_tokens)
+    qdocs = load_docs(cfg.query, tokenizer, cfg.query.max_length or max_tokens, option="--query.dataset")
+    return model, tokenizer, docs, qdocs
+
+
+def query_columns(cfg: MagicConfig, num_queries: int) -> list[np.ndarray]:
+    """The query rows averaged into each score column."""
+    if cfg.query_mode == "aggregate":
+        return [np.arange(num_queries)]
+    if cfg.query_mode == "individual":
+        return [np.array([j]) for j in range(num_queries)]
+    raise BergsonError(f"--query_mode {cfg.query_mode!r}: choose aggregate or individual")
+
+
+def load_recipe(path: str) -> MagicConfig:
+    """A MAGIC config from a YAML file or from a `bergson magic` run directory."""
+    from ...config import load_yaml
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / CONFIG_FILE
+    if not p.is_file():
+        raise BergsonError(
+            f"--recipe {path}: neither a magic config YAML nor a run directory holding {CONFIG_FILE}"
+        )
+    cfg = load_yaml(MagicConfig, p)
+    if not cfg.run_path and p.name == CONFIG_FILE:
+        cfg = replace(cfg, run_path=str(p.parent))
+    return cfg
+
+
+@distributed.entry(lambda cfg: _load_scores(Path(cfg.run_path)))
+@honours_numerics
+def magic(cfg: MagicConfig) -> Any:
+    """Train once with checkpoints, then one reverse pass per score column; returns the scores
+    store (rows = training documents). Every stage resumes where a killed run stopped.
+
+    On several ranks (``--nproc_per_node`` or torchrun) the run is data parallel: each rank
+    takes every other document of each micro-batch, in training and in the reverse passes,
+    and the ranks sum their gradients (one all-reduce per step); rank 0 writes the files."""
+    from ...runs.rundir import RunDir
+
+    check_options(cfg)
+    run_dir = RunDir(
+        cfg,
+        command="magic",
+        what="a MAGIC run",
+        config_file=CONFIG_FILE,
+        outputs=OUTPUTS,
+        ignore=("top_k", "device", "memory_budget_gb"),
+        shared="rank 0 alone saves the training checkpoints and finished reverse passes there, and every "
+        "rank decides from them where a run resumes, in step with the others",
+    ).prepare()
+    root = run_dir.root
+    try:
+        return _load_scores(root)
+    except BergsonError:
+        pass
+    model, tokenizer, docs, qdocs = prepare(cfg)
+    pad = tokenizer.pad_token_id or 0
+    replay = Replay(model, docs, cfg.training, pad)
+    run = MagicRun(replay, root, cfg.checkpoints, int(cfg.memory_budget_gb * 2**30))
+    timings = run_dir.timings
+    start = time.perf_counter()
+    final, losses = run.train()
+    if run.writes and "train_s" not in timings:
+        timings.record("train_s", start, steps=run.total, first_loss=losses[0], last_loss=losses[-1])
+    if run.writes and not (root / "model" / "config.json").is_file():
+        _save_model(model, tokenizer, final.params, root / "model")
+    reverse_dir = root / "reverse"
+    reverse_dir.mkdir(exist_ok=True)
+    grads = []
+    for j, rows in enumerate(query_columns(cfg, len(qdocs))):
+        done = reverse_dir / f"column_{j}.done.npy"
+        if done.is_file():
+            grads.append(np.load(done))
+            continue
+        start = time.perf_counter()
+        cot = query_gradient(model, final.params, qdocs.select(rows), pad)
+        result = run.reverse(cot, reverse_dir / f"column_{j}.progress.safetensors")
+        grads.append(result.token_grads)
+        if not run.writes:
+            continue
+        buf = io.BytesIO()
+        np.save(buf, result.token_grads)
+        atomic_write_bytes(done, buf.getvalue())
+        timings.record(
+            f"reverse_{j}_s",
+            start,
+            replayed_steps=result.replayed_steps,
+            peak_states_in_memory=result.peak_states_in_memory,
+        )
+    token_scores = -np.stack(grads, 1)  # positive: up-weighting the token lowers the query loss
+    distributed.on_rank_zero(
+        lambda: _save_scores(cfg, root / "scores", model, replay, token_scores, run.total),
+        f"writing the scores at {root / 'scores'}",
+    )
+    distributed.barrier("the end of the run")
+    return _load_scores(root)
+
+
+def _save_scores(
+    cfg: MagicConfig, path: Path, model: nn.Module, replay: Replay, token_scores: np.ndarray, steps: int
+) -> None:
+    """The scores store: one row per training document (its tokens' scores summed), and the
+    tokens' own scores with ``--per_token``."""
+    from ...config import IndexConfig
+    from ...runs.manifests import make_manifest
+    from ...store.scores import save_score_matrix
+
+    layout = replay.layout
+    tokens = np.split(token_scores, layout.offsets[1:-1]) if cfg.per_token else None
+    base = make_manifest(
+        IndexConfig(model=cfg.model, revision=cfg.revision, data=cfg.data, projection_dim=0),
+        model,
+        {},
+        replay.docs,
+        int(layout.lengths.max()),
+    )
+    info = {
+        "kind": "magic",
+        "mode": cfg.query_mode,
+        "query_dataset": cfg.query.dataset,
+        "checkpoints": cfg.checkpoints,
+        "training": {"steps": steps, **dict(vars(cfg.training))},
+        "unit_normalize": False,
+        "meaning": "-d(mean query loss after training)/d(document weight)",
+    }
+    scores = layout.per_document(token_scores)
+    save_score_matrix(path, scores, base, info, overwrite=True, tokens=tokens)
+
+
+def _load_scores(root: Path) -> Any:
+    from ...store import load_gradients
+
+    return load_gradients(root / "scores")
+
+
+def _save_model(model: nn.Module, tokenizer: Any, params: Tensors, path: Path) -> None:
+    """The fine-tuned model as a Hugging Face directory (for other methods and for validate)."""
+    named = dict(model.named_parameters())
+    backup = {k: named[k].detach().clone() for k in params}
+    with torch.no_grad():
+        for k, v in params.items():
+            named[k].copy_(v)
+        tmp = path.with_name(f".{path.name}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)  # type: ignore[operator]
+        tokenizer.save_pretrained(tmp)
+        tmp.replace(path)
+        for k, v in backup.items():
+            named[k].copy_(v)
