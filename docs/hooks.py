@@ -136,7 +136,14 @@ def command_options(command: str) -> tuple[type, list[Option]]:
             continue
         annotation, default = _field_info(cls, action.dest)
         flags = list(action.option_strings) or [str(action.metavar)]
-        aliases = []
+        # a field's own flags first; other names of it (e.g. --unit_norm) are listed as aliases
+        own = [
+            f
+            for f in flags
+            if f.lstrip("-").replace("no_", "", 1).split(".")[-1] == action.dest.split(".")[-1]
+        ]
+        aliases = [f for f in flags if own and f not in own and not f.startswith("--no_")]
+        flags = own or flags
         for flag in action.option_strings if "." in action.dest else ():
             short = "--" + flag.rsplit(".", 1)[1]  # --data.no_truncation -> --no_truncation
             if _expand_group_aliases(cls, [short]) == [flag]:

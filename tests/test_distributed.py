@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bergson import BergsonError, build, load_gradients
-from bergson.config import DataConfig, EkfacConfig, PreconditionerConfig, ScoreConfig
+from bergson.config import DataConfig, EkfacConfig, PreconditionerConfig, ScoreConfig, options_of
 from bergson.core.commands import COMMANDS, distributed_commands
 from bergson.data import assign_shards
 from bergson.distributed import check_command, command_of
@@ -99,9 +99,9 @@ def test_preconditioner_on_two_workers_equals_one(tmp_path, model_dir, corpus_fi
     """Each rank sums its shards' second moments, then one all-reduce (through the Python API,
     which starts the workers itself)."""
     base = one_cfg(tmp_path, model_dir, corpus_file, "one")
-    one = fit_preconditioner(PreconditionerConfig(**vars(base)))
+    one = fit_preconditioner(options_of(PreconditionerConfig, base))
     two = fit_preconditioner(
-        PreconditionerConfig(**{**vars(base), "run_path": str(tmp_path / "two"), "nproc_per_node": 2})
+        options_of(PreconditionerConfig, base, run_path=str(tmp_path / "two"), nproc_per_node=2)
     )
     assert two.num_rows == one.num_rows == 24 and two.modules == one.modules
     for name in one.modules:
@@ -176,8 +176,10 @@ def test_trackstar_on_two_workers_equals_one(tmp_path, model_dir, corpus_file):
 
     query = DataConfig(dataset=str(corpus_file), split="train[20:23]", truncation=True)
     base = one_cfg(tmp_path, model_dir, corpus_file, "one")
-    options_ = {k: v for k, v in vars(base).items() if k != "unit_normalize"}  # TrackStar's default: on
-    cfg = TrackstarConfig(**options_, query=query, stats_documents=12, downweight_components=2)
+    # TrackStar's default: unit-normalized
+    cfg = options_of(
+        TrackstarConfig, base, unit_normalize=True, query=query, stats_documents=12, downweight_components=2
+    )
     one = trackstar(cfg)
     out = tmp_path / "two"
     extra = ("--query.dataset", str(corpus_file), "--query.split", "train[20:23]", "--query.truncation",

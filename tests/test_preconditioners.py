@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bergson import Attributor, BergsonError, build
-from bergson.config import DataConfig, PreconditionerConfig, ReduceConfig, ScoreConfig
+from bergson.config import DataConfig, PreconditionerConfig, ReduceConfig, ScoreConfig, options_of
 from bergson.preconditioning import fit_preconditioner
 from bergson.reduction import reduce
 from bergson.scoring import score
@@ -93,13 +93,13 @@ def test_second_moment_equals_explicit_one(setup):
 def test_fit_on_data_equals_fit_on_store_and_samples_reproducibly(setup, model_dir, corpus_file):
     tmp = setup["tmp"]
     base = make_cfg(tmp, model_dir, corpus_file, name="pre_data")
-    live = fit_preconditioner(PreconditionerConfig(**vars(base)))
+    live = fit_preconditioner(options_of(PreconditionerConfig, base))
     for name, m in setup["moments"].items():
         np.testing.assert_allclose(
             live.second_moments[name].numpy(), m, rtol=1e-4, atol=1e-6 * np.abs(m).max()
         )
     sampled = fit_preconditioner(
-        PreconditionerConfig(**{**vars(base), "run_path": str(tmp / "pre_sample"), "max_documents": 10})
+        options_of(PreconditionerConfig, base, run_path=str(tmp / "pre_sample"), max_documents=10)
     )
     rows = np.sort(np.random.default_rng(0).choice(24, 10, replace=False))
     v = np.asarray(setup["train"].all, np.float64)[rows]

@@ -19,7 +19,7 @@ from .commands import (
     TrackstarConfig,
     ValidateConfig,
 )
-from .io import ALIASES, from_dict, load_yaml, save_yaml, to_dict
+from .io import ALIASES, from_dict, load_yaml, options_of, save_yaml, to_dict
 from .options import DampingMode, DataConfig, FaissConfig, ModelOptions, Precision, TrainingConfig
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "ValidateConfig",
     "from_dict",
     "load_yaml",
+    "options_of",
     "save_yaml",
     "to_dict",
 ]

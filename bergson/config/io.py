@@ -69,3 +69,11 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
     import yaml
 
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def options_of(cls: type[_T], cfg: Any, **changes: Any) -> _T:
+    """A ``cls`` config with the options of ``cfg`` that ``cls`` also has (and ``changes``):
+    how one command's config becomes another's (e.g. TrackStar's passes run as builds)."""
+    assert is_dataclass(cls)
+    known = {f.name for f in fields(cls)}
+    return cls(**{**{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in known}, **changes})

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed
-from ..config import DataConfig, IndexConfig, ScoreConfig, TrackstarConfig, to_dict
+from ..config import DataConfig, IndexConfig, ScoreConfig, TrackstarConfig, options_of, to_dict
 from ..core.files import atomic_write_bytes
 from ..data import TokenizedDocs, load_data
 from ..errors import BergsonError
@@ -55,9 +55,9 @@ STEPS = ("train_stats", "query", "query_stats", "mixed", "scores", "summary")
 CONFIG_FILE = "trackstar.yaml"
 
 
-def _index_options(cfg: TrackstarConfig, **changes: Any) -> dict[str, Any]:
-    base = {f.name: getattr(cfg, f.name) for f in fields(IndexConfig) if f.name in cfg.__dataclass_fields__}
-    return {**base, "optimizer_state": None, "preconditioner_path": None, "overwrite": False, **changes}
+def _index_options(cfg: TrackstarConfig, **changes: Any) -> IndexConfig:
+    """One of TrackStar's passes as a build: no normalizer file or preconditioner of its own."""
+    return options_of(IndexConfig, cfg, **{"optimizer_state": None, "overwrite": False, **changes})
 
 
 def _texts(data: DataConfig, option: str) -> list[str]:
@@ -102,7 +102,7 @@ class _Pipeline:
     def fit(self, docs: TokenizedDocs, source: dict[str, Any]) -> Preconditioner:
         cfg = self.cfg
         return fit_on_documents(
-            IndexConfig(**_index_options(cfg)),
+            _index_options(cfg),
             self.model,
             self.modules,
             docs,
@@ -121,7 +121,7 @@ class _Pipeline:
         distributed.on_rank_zero(lambda: pre.save(self.root / "train_stats"), "saving train_stats")
 
     def query(self) -> None:
-        qcfg = IndexConfig(**_index_options(self.cfg, run_path=str(self.root / "query"), data=self.cfg.query))
+        qcfg = _index_options(self.cfg, run_path=str(self.root / "query"), data=self.cfg.query)
         qcfg = replace(qcfg, aggregation="none", unit_normalize=False)
         qdocs = load_docs(self.cfg.query, self.tokenizer, self.max_tokens, option="--query.dataset")
         write_store(qcfg, self.model, qdocs, self.max_tokens, self.pad, self.normalizers)
@@ -154,15 +154,15 @@ class _Pipeline:
         return self.root / ("mixed" if self.cfg.downweight_components > 0 else "train_stats")
 
     def scores(self) -> None:
-        scfg = ScoreConfig(
-            **_index_options(
-                self.cfg,
-                run_path=str(self.root / "scores"),
-                preconditioner_path=str(self.preconditioner_dir),
-            ),
+        scfg = options_of(
+            ScoreConfig,
+            self.cfg,
+            run_path=str(self.root / "scores"),
+            optimizer_state=None,
+            overwrite=False,
+            preconditioner_path=str(self.preconditioner_dir),
             query_path=str(self.root / "query"),
             score="individual",
-            top_k=self.cfg.top_k,
         )
         score_documents(
             scfg, self.model, self.docs, self.max_tokens, load_gradients(self.root / "query"), self.pad
