@@ -4,10 +4,12 @@ environment a torchrun-style launcher sets): the bottom floor, importing nothing
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import BergsonError
+
+if TYPE_CHECKING:
+    import torch
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 """The environment a torchrun-style launcher gives every worker."""
@@ -26,6 +28,8 @@ def local_rank() -> int:
 def resolve_device(device: str) -> torch.device:
     """'auto' picks CUDA when present, else the CPU. Under a torchrun-style launch, 'auto' and
     'cuda' mean this worker's own GPU, cuda:LOCAL_RANK."""
+    import torch
+
     if device in ("auto", "cuda") and launched() and torch.cuda.is_available():
         index = local_rank()
         if index >= torch.cuda.device_count():
