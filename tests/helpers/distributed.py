@@ -45,6 +45,15 @@ def options(model_dir: Path, corpus_file: Path, *extra: str) -> list[str]:
     ]
 
 
+def without(args: list[str], *flags: str) -> list[str]:
+    """``args`` less each of ``flags`` and its value (for a command that does not offer them)."""
+    out = list(args)
+    for flag in flags:
+        i = out.index(flag)
+        del out[i : i + 2]
+    return out
+
+
 def one_cfg(tmp_path: Path, model_dir: Path, corpus_file: Path, name: str, **kw):
     return make_cfg(
         tmp_path, model_dir, corpus_file, name=name, save_dtype="float32", shard_size=SHARD_SIZE, **kw
