@@ -91,6 +91,6 @@ def artifacts() -> Path:
     """Where screenshots go: $BERGSON_TEST_ARTIFACTS, or tests/artifacts (ignored by git)."""
     import os
 
-    out = Path(os.environ.get("BERGSON_TEST_ARTIFACTS") or Path(__file__).resolve().parents[1] / "artifacts")
+    out = Path(os.environ.get("BERGSON_TEST_ARTIFACTS") or Path(__file__).resolve().parent / "artifacts")
     out.mkdir(parents=True, exist_ok=True)
     return out

@@ -14,8 +14,7 @@ from bergson.collect.loop import collect_gradients
 from bergson.data import TokenizedDocs
 from bergson.models import find_tracked_modules, resolve_dtype
 from tests.helpers.assets import tiny_neox
-
-from .test_store import make_cfg
+from tests.helpers.stores import make_cfg
 
 
 def test_patterns_and_unsupported_layer_warning(caplog):

@@ -11,5 +11,6 @@ CONFIG = ScoreConfig
 def run(cfg: ScoreConfig) -> None:
     from ..scoring import score
 
-    store = score(cfg)
-    report_store(store, store.manifest.score["orientation"] if store.manifest.score else "", cfg.top_k)
+    store = score(cfg)  # None on a rank that wrote a node-local copy (report_store prints nothing there)
+    orientation = store.manifest.score["orientation"] if store is not None and store.manifest.score else ""
+    report_store(store, orientation, cfg.top_k)

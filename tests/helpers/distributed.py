@@ -1,5 +1,5 @@
 """Shared by the tests of several workers: the command line in a subprocess, the options of a
-small build, and the one-process store a launch must equal."""
+small build, the one-process store a launch must equal, and the EK-FAC run on one and on two."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bergson import GradientStore, build
-
-from ..test_store import make_cfg
+from bergson import EkfacConfig, GradientStore, build, ekfac
+from bergson.config import DataConfig
+from tests.helpers.stores import make_cfg
 
 SHARD_SIZE = 5  # 24 documents: 5 shards, so that each of two ranks gets several
 
@@ -79,3 +79,39 @@ def assert_same_store(one: GradientStore, two: GradientStore) -> None:
 def reference(tmp_path_factory, model_dir, corpus_file) -> GradientStore:
     """The store one process builds (in this process, through the Python API)."""
     return build(one_cfg(tmp_path_factory.mktemp("one"), model_dir, corpus_file, "index"))
+
+
+def assert_close(b: np.ndarray, a: np.ndarray) -> None:
+    """Equal up to the float rounding of sums taken in another order."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * max(np.abs(a).max(), 1e-30))
+
+
+def ekfac_cli(
+    out: Path, model_dir: Path, corpus_file: Path, split: str, token_batch_size: str, *extra: str
+) -> tuple[str, ...]:
+    """``bergson ekfac OUT`` on the documents ``split`` (and queries 20-22) of the test corpus,
+    cut to 32 tokens, tracking the transformer layers."""
+    return (
+        "bergson", "ekfac", str(out), "--model", str(model_dir), "--dataset", str(corpus_file), "--split",
+        split, "--truncation", "--max_length", "32", "--token_batch_size", token_batch_size,
+        "--query.dataset", str(corpus_file), "--query.split", "train[20:23]", "--query.truncation",
+        "--query.max_length", "32", "--modules", "gpt_neox.layers.*", *extra,
+    )  # fmt: skip
+
+
+def ekfac_one(out: Path, model_dir: Path, corpus_file: Path, split: str, token_batch_size: int, **options):
+    """The one-process run (in this process) that :func:`ekfac_cli` ``out ... split token_batch_size``
+    describes, with further ``EkfacConfig`` options."""
+    data = DataConfig(dataset=str(corpus_file), split=split, truncation=True, max_length=32)
+    query = DataConfig(dataset=str(corpus_file), split="train[20:23]", truncation=True, max_length=32)
+    cfg = EkfacConfig(
+        run_path=str(out),
+        model=str(model_dir),
+        data=data,
+        query=query,
+        token_batch_size=token_batch_size,
+        modules=["gpt_neox.layers.*"],
+        **options,
+    )
+    return ekfac(cfg)

@@ -12,8 +12,7 @@ from bergson.querying import write_hits
 from bergson.reports.build import build_page
 from bergson.reports.render import DATA_MARK, render, template
 from tests.helpers.assets import HOSTILE
-
-from ..test_cli import run
+from tests.helpers.cli import run
 
 
 def embedded(html: str) -> dict:

@@ -1,0 +1,146 @@
+"""The command line end to end, in a subprocess, offline."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from bergson import load_gradients
+from tests.helpers.cli import run
+
+
+def test_help_lists_commands():
+    out = run("--help").stdout
+    assert "build" in out
+    assert "--token_batch_size" in run("build", "--help").stdout
+
+
+def test_build_and_aliases(tmp_path, model_dir, corpus_file):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = [
+        "--model",
+        str(model_dir),
+        "--token_batch_size",
+        "256",
+        "--projection_dim",
+        "4",
+        "--precision",
+        "fp32",
+    ]
+    run("build", str(a), "--dataset", str(corpus_file), "--split", "train[:6]", "--truncation", *common)
+    run(
+        "build",
+        str(b),
+        "--data.dataset",
+        str(corpus_file),
+        "--data.split",
+        "train[:6]",
+        "--data.truncation",
+        *common,
+    )
+    ga, gb = load_gradients(a), load_gradients(b)
+    assert len(ga) == 6
+    np.testing.assert_array_equal(np.asarray(ga.all), np.asarray(gb.all))
+    assert (a / "config.yaml").read_text() == (b / "config.yaml").read_text().replace(str(b), str(a))
+
+
+def test_yaml_config(tmp_path, model_dir, corpus_file):
+    cfg = tmp_path / "build.yaml"
+    cfg.write_text(
+        f"model: {model_dir}\nprojection_dim: 2\ntoken_batch_size: 256\n"
+        f"data:\n  dataset: {corpus_file}\n  split: 'train[:4]'\n  truncation: true\n"
+    )
+    out = tmp_path / "y"
+    run("build", str(out), "--config", str(cfg), "--projection_dim", "3")
+    store = load_gradients(out)
+    assert len(store) == 4 and store.manifest.projection["dim"] == 3  # the flag overrides the file
+
+
+def test_errors_have_no_traceback(tmp_path, model_dir, corpus_file):
+    base = ("build", str(tmp_path / "x"), "--model", str(model_dir), "--dataset")
+    cases = [
+        (*base, str(tmp_path / "missing.jsonl")),
+        (*base, str(corpus_file), "--prompt_column", "nope"),
+        (*base, str(corpus_file), "--token_batch_size", "8"),
+        (*base, str(corpus_file), "--no_such_option", "1"),
+        ("frobnicate",),
+    ]
+    for args in cases:
+        proc = run(*args, check=False)
+        assert proc.returncode != 0, args
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip(), args
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("projection_dimm: 3\n")
+    proc = run("build", str(tmp_path / "x"), "--config", str(bad), check=False)
+    assert proc.returncode == 1 and "projection_dimm" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_readme_example_runs(tmp_path):
+    """The README's first command, on a small slice of the shipped corpus."""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(root / "examples" / "quickstart.py"),
+            "--run_dir",
+            str(tmp_path),
+            "--num_docs",
+            "40",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "score" in proc.stdout.lower()
+
+
+def test_reduce_score_query_chain(tmp_path, model_dir, corpus_file):
+    """The query-side commands from the shell: reduce -> score --index -> query --search faiss."""
+    common = ["--model", str(model_dir), "--truncation", "--token_batch_size", "256", "--projection_dim", "4"]
+    run("build", str(tmp_path / "idx"), "--dataset", str(corpus_file), *common)
+    run(
+        "reduce",
+        str(tmp_path / "q"),
+        "--dataset",
+        str(corpus_file),
+        "--split",
+        "train[:3]",
+        "--unit_normalize",
+        *common,
+    )
+    out = run(
+        "score",
+        str(tmp_path / "s"),
+        "--index",
+        str(tmp_path / "idx"),
+        "--query_path",
+        str(tmp_path / "q"),
+        "--top_k",
+        "2",
+    )
+    assert "column 0:" in out.stdout and "lowers the query's loss" in out.stdout
+    assert load_gradients(tmp_path / "s")["scores"].shape == (24, 1)
+    hits = tmp_path / "hits.jsonl"
+    run(
+        "query",
+        "--index",
+        str(tmp_path / "idx"),
+        "--query",
+        "The LORD is my shepherd",
+        "--top_k",
+        "2",
+        "--search",
+        "faiss",
+        "--faiss.index_factory",
+        "Flat",
+        "--output",
+        str(hits),
+    )
+    assert len(hits.read_text().splitlines()) == 2
+    assert (tmp_path / "idx" / "faiss").is_dir()
