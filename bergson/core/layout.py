@@ -79,7 +79,10 @@ def module_shape(module: nn.Module) -> tuple[int, int]:
         return int(weight.shape[1]), int(weight.shape[0])
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
-    raise TypeError(f"unsupported layer type {type(module).__name__}")
+    raise BergsonError(
+        f"cannot track a {type(module).__name__}: gradients are collected for nn.Linear and GPT-2's "
+        "Conv1D layers; choose those with --modules"
+    )
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..errors import BergsonError
 from .tokenize import TokenizedDocs
 
 IGNORE = -100
@@ -25,7 +26,7 @@ IGNORE = -100
 def plan_shards(num_rows: int, shard_size: int) -> list[range]:
     """Consecutive row ranges of at most ``shard_size`` rows."""
     if shard_size < 1:
-        raise ValueError("shard_size must be >= 1")
+        raise BergsonError(f"--shard_size {shard_size}: must be at least 1")
     return [range(s, min(s + shard_size, num_rows)) for s in range(0, num_rows, shard_size)]
 
 
@@ -35,7 +36,7 @@ def assign_shards(costs: Sequence[int], num_ranks: int) -> list[list[int]]:
     lower shard index, the lower rank). Deterministic, so every rank computes the same split;
     each rank's shards are returned in increasing order."""
     if num_ranks < 1:
-        raise ValueError("num_ranks must be >= 1")
+        raise BergsonError(f"--nproc_per_node {num_ranks}: must be at least 1")
     loads = [(0, r) for r in range(num_ranks)]
     heapq.heapify(loads)
     share: list[list[int]] = [[] for _ in range(num_ranks)]
@@ -58,7 +59,10 @@ def plan_batches(lengths: np.ndarray, token_budget: int, min_length: int = 2) ->
         if n < min_length:
             continue
         if n > token_budget:
-            raise ValueError(f"document {i} has {n} tokens, more than the budget {token_budget}")
+            raise BergsonError(
+                f"document {i} has {n} tokens, more than the --token_batch_size budget {token_budget}; "
+                "raise the budget or pass --truncation"
+            )
         if current and longest * (len(current) + 1) > token_budget:
             batches.append(np.asarray(current, dtype=np.int64))
             current = []

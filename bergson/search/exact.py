@@ -85,7 +85,7 @@ def column_segments(
     for name in modules:
         try:
             m = manifest.module(name)
-        except KeyError:
+        except BergsonError:
             raise BergsonError(
                 f"modules=: no module {name!r} in the store {store.root}; "
                 f"its modules are {[m.name for m in manifest.modules]}"

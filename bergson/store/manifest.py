@@ -53,7 +53,9 @@ class Manifest:
         for m in self.modules:
             if m.name == name:
                 return m
-        raise KeyError(f"no module {name!r} in this store; modules are {[m.name for m in self.modules]}")
+        raise BergsonError(
+            f"no module {name!r} in this store; its modules are {[m.name for m in self.modules]}"
+        )
 
     def identity(self) -> dict[str, Any]:
         """The fields that must agree for two runs to write the same vectors."""
