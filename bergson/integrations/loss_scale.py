@@ -26,13 +26,6 @@ PROBES = 3
 """Label positions per row at which the loss scale c is measured and checked."""
 
 
-def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
-    """Next-token targets aligned with the logits: position t predicts labels[t + 1]."""
-    out = torch.full_like(labels, IGNORE)
-    out[:, :-1] = labels[:, 1:]
-    return out
-
-
 def _probe_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..collect.losses import next_tokens
 from .checks import callback_error, check_batch, output_layer
-from .loss_scale import MicroBatch, next_token_targets
+from .loss_scale import MicroBatch
 
 
 class Stopwatch:
@@ -202,7 +203,7 @@ class BatchRecorder:
             index=self._micro,
             normalized=self._normalized,
             buffer=torch.zeros(len(rows), self.width, dtype=dtype, device=labels.device),
-            targets=next_token_targets(labels.detach()),
+            targets=next_tokens(labels.detach()),
             num_tokens=num_tokens,
             inputs=input_ids.detach() if isinstance(input_ids, torch.Tensor) else None,
         )

@@ -110,7 +110,8 @@ def test_loss_scale_probe_recovers_row_weights():
     and per-row losses are recovered from that gradient without a pass over the vocabulary."""
     import torch.nn.functional as F
 
-    from bergson.integrations.loss_scale import MicroBatch, next_token_targets
+    from bergson.collect.losses import next_tokens
+    from bergson.integrations.loss_scale import MicroBatch
 
     torch.manual_seed(0)
     batch, length, vocab = 4, 24, 512
@@ -120,7 +121,7 @@ def test_loss_scale_probe_recovers_row_weights():
     labels[1, :10] = -100
     labels[3] = -100  # a row without labels
     weights = torch.tensor([1 / 50, 1 / 7, 3.0, 1.0], dtype=torch.float64)
-    targets = next_token_targets(labels)
+    targets = next_tokens(labels)
     mask = targets != -100
     dz = F.softmax(logits.double(), -1)
     dz[torch.arange(batch)[:, None], torch.arange(length)[None, :], targets.clamp(min=0)] -= 1

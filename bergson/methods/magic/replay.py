@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ... import distributed
+from ...collect.losses import next_tokens
+from ...collect.losses import token_losses as position_losses
 from ...config import TrainingConfig
 from ...data import TokenizedDocs
 from ...data.batching import IGNORE, pad_batch
@@ -42,25 +43,12 @@ from .recipe import (
 logger = logging.getLogger(__name__)
 
 
-def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
-    """The target of position t is token t + 1 of the labels (IGNORE at the last position)."""
-    target = torch.full_like(labels, IGNORE)
-    target[:, :-1] = labels[:, 1:]
-    return target
-
-
 def token_losses(model: nn.Module, params: Tensors, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of every position's next-token prediction under ``params``, [B, T] (0 where
     the target is IGNORE); half-precision logits are upcast."""
     from torch.func import functional_call
 
-    logits = functional_call(model, params, (ids,), {"use_cache": False}).logits
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    ce = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="none"
-    )
-    return ce.view(target.shape)
+    return position_losses(functional_call(model, params, (ids,), {"use_cache": False}).logits, target)
 
 
 @dataclass
@@ -173,7 +161,7 @@ class Replay:
         out = []
         for idx in self.plan[step]:
             ids, labels = pad_batch(self.docs, idx, self.pad_token_id)
-            target = next_token_targets(labels)
+            target = next_tokens(labels)
             mask = target != IGNORE
             # the prediction at position t is scored on token t + 1: its weight lives there
             pos = torch.arange(1, ids.shape[1] + 1)[None].expand_as(ids)
@@ -288,7 +276,7 @@ def query_losses(
         idx = np.arange(i, min(i + batch_size, len(queries)))
         ids, labels = pad_batch(queries, idx, pad_token_id)
         ids, labels = ids.to(device), labels.to(device)
-        target = next_token_targets(labels)
+        target = next_tokens(labels)
         ce = token_losses(model, params, ids, target)
         n = (target != IGNORE).sum(1)
         if bool((n == 0).any()):
