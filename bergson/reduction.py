@@ -11,11 +11,11 @@ import torch
 from . import distributed
 from .config import ReduceConfig, save_yaml
 from .config.options import COMPUTING, unused_with
+from .core.rows import unit_rows
 from .errors import BergsonError
 from .methods.build import build
 from .models import honours_numerics
 from .store import GradientStore, StoreWriter, load_gradients
-from .store.scores import unit_rows
 from .transforms.normalizers import NORMALIZERS_FILE
 from .transforms.preconditioners import STORE_DIR as PRECONDITIONER_DIR
 from .transforms.preconditioners import carried, fixed_preconditioner, resolve_preconditioner

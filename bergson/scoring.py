@@ -21,6 +21,7 @@ from .config import DataConfig, ScoreConfig, save_yaml
 from .config.options import COMPUTING, unused_with
 from .core.devices import resolve_device
 from .core.layout import ModuleLayout
+from .core.rows import row_norms, unit_rows
 from .core.sinks import Sink
 from .data import TokenizedDocs, load_data, plan_shards
 from .errors import BergsonError
@@ -30,7 +31,7 @@ from .runs.manifests import make_manifest, resolve_normalizers
 from .runs.shared_store import collect_with, finish_shared_store, open_shared_store, store_here
 from .store import GradientStore, Manifest, StoreWriter, load_gradients
 from .store.manifest import SCORE_ORIENTATION, check_compatible
-from .store.scores import pad_token_rows, row_norms, unit_rows
+from .store.scores import pad_token_rows
 from .transforms.normalizers import NORMALIZERS_FILE, load_normalizers
 from .transforms.preconditioners import carried, fixed_preconditioner, plan_powers, resolve_preconditioner
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..core.layout import AttentionConfig
+from ..core.rows import row_norms
 from ..core.sinks import Sink
 from ..data.batching import plan_batches, plan_shards
 from ..data.tokenize import TokenizedDocs
@@ -66,7 +67,7 @@ def finish_rows(
     else:
         vectors = out if transform is None else transform(out)
     if unit_normalize:
-        norm = vectors.norm(dim=1, keepdim=True).clamp(min=torch.finfo(vectors.dtype).tiny)
+        norm = row_norms(vectors)
         vectors = vectors / norm
         tokens = None if tokens is None else tokens / norm[:, None]
     return vectors, tokens

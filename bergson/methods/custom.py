@@ -32,8 +32,8 @@ from torch import nn
 from ..collect.engine import LossFn
 from ..collect.generic import ExampleGradients
 from ..collect.hooks import resolve_modules
+from ..core.rows import unit_rows
 from ..errors import BergsonError
-from ..store.scores import unit_rows
 from ..transforms.ekfac import Factors, eigendecompose
 from ..transforms.preconditioners import (
     Preconditioner,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
+from ..core.rows import unit_rows_np
 from ..errors import BergsonError
 
 if TYPE_CHECKING:
@@ -131,8 +132,6 @@ def prepare_queries(
         bad = np.flatnonzero(~np.isfinite(q).all(axis=1))
         raise BergsonError(f"queries {bad[:5].tolist()} contain NaN or inf; check the query gradients")
     if unit_norm:
-        from ..store.scores import unit_rows_np  # here: the store imports torch
-
         q = unit_rows_np(q)
     if reverse:
         q = -q

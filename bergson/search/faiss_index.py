@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..config import FaissConfig
+from ..core.rows import unit_rows_np
 from ..errors import BergsonError
 from .exact import check_k, prepare_queries
 
@@ -86,8 +87,6 @@ def as_float32_rows(rows: np.ndarray, unit_norm: bool) -> np.ndarray:
     """Rows as contiguous float32, unit-normalized if asked (all-zero rows stay zero)."""
     x = np.ascontiguousarray(rows, dtype=np.float32)
     if unit_norm:
-        from ..store.scores import unit_rows_np  # here: the store imports torch
-
         x = unit_rows_np(x)
     return x
 

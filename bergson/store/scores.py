@@ -1,6 +1,6 @@
 """Scores stores and the rows they rank: a score matrix computed elsewhere (EK-FAC, MAGIC) written
 as an ordinary scores store, the top rows of each score column, token rows padded into one
-array, and unit-normalized rows (scores are cosines with ``unit_normalize``)."""
+array."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..core.layout import ModuleLayout
 from .manifest import SCORE_ORIENTATION, Manifest
@@ -23,23 +22,6 @@ def pad_token_rows(parts: list[np.ndarray], dim: int) -> np.ndarray:
     for i, p in enumerate(parts):
         out[i, : len(p)] = p
     return out
-
-
-def row_norms(x: torch.Tensor) -> torch.Tensor:
-    """The norms [rows, 1] of the rows of ``x``, clamped away from zero (so that dividing by them
-    leaves all-zero rows zero)."""
-    return x.norm(dim=1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
-
-
-def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit norm; all-zero rows stay zero."""
-    return x / row_norms(x)
-
-
-def unit_rows_np(x: np.ndarray) -> np.ndarray:
-    """:func:`unit_rows` for a numpy array (of its own dtype); all-zero rows stay zero."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 
 def top_rows(store: GradientStore, k: int) -> list[list[tuple[int, float]]]:
