@@ -114,7 +114,7 @@ def fit_preconditioner(
             raise BergsonError("give either --index or --dataset, not both")
         store = load_gradients(cfg.index)
         unused = tuple(g for g in COMPUTING if g is not ModelOptions)  # --device still places the fit
-        unused_with(cfg, "--index", unused, "the second moments are those of the store's vectors")
+        ignored = unused_with(cfg, "--index", unused, "the second moments are those of the store's vectors")
         if store.manifest.kind != "gradients" or store.manifest.preconditioner:
             raise BergsonError(
                 f"--index {cfg.index}: needs a per-row gradient store without a preconditioner "
@@ -129,7 +129,7 @@ def fit_preconditioner(
             layout=layout_of(store.manifest),
             damping=cfg.damping,
             damping_mode=cfg.damping_mode,
-            source={"index": str(store.root), "rows": len(store)},
+            source={"index": str(store.root), "rows": len(store), "unused_options": ignored},
         )
     else:
         model, tokenizer, docs, max_tokens = prepare_inputs(cfg)

@@ -36,7 +36,7 @@ def reduce(cfg: ReduceConfig) -> GradientStore:
     if not cfg.run_path:
         raise BergsonError("run_path is required: the output directory of the reduced store")
     source = load_gradients(cfg.index)
-    unused_with(cfg, "--index", COMPUTING, "the vectors of the store are reduced as they are")
+    unused = unused_with(cfg, "--index", COMPUTING, "the vectors of the store are reduced as they are")
     if source.manifest.kind != "gradients":
         raise BergsonError(
             f"--index {cfg.index}: expected a per-row gradient store, found a {source.manifest.kind} store"
@@ -57,6 +57,7 @@ def reduce(cfg: ReduceConfig) -> GradientStore:
         shards=[],
         plan={"source": str(source.root)},
         per_token=False,
+        producer={**source.manifest.producer, "unused_options": unused},
     )
     writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite)
     if writer.complete:

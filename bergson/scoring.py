@@ -197,7 +197,7 @@ def preconditioning(
     return t, q, info
 
 
-def _from_existing_index(cfg: ScoreConfig, query: GradientStore) -> None:
+def _from_existing_index(cfg: ScoreConfig, query: GradientStore, unused: list[str]) -> None:
     index = load_gradients(cfg.index or "")
     check_compatible(index.manifest, query.manifest, f"--index {cfg.index}", f"--query_path {cfg.query_path}")
     if index.manifest.kind != "gradients":
@@ -214,6 +214,7 @@ def _from_existing_index(cfg: ScoreConfig, query: GradientStore) -> None:
     manifest = scores_manifest(index.manifest, cfg, query, score_columns(cfg, len(q)))
     manifest.per_token = cfg.per_token
     manifest.plan = {"source": "index", "shard_size": len(index)}
+    manifest.producer = {**manifest.producer, "unused_options": unused}
     manifest.preconditioner = info
     writer = StoreWriter(cfg.run_path, manifest, overwrite=cfg.overwrite)
     if writer.complete:
@@ -252,8 +253,8 @@ def score(cfg: ScoreConfig) -> GradientStore:
     if cfg.index:
         if not cfg.run_path:
             raise BergsonError("run_path is required: the output directory of the scores")
-        unused_with(cfg, "--index", COMPUTING, "the vectors of the store are scored as they are")
-        _from_existing_index(cfg, query)
+        unused = unused_with(cfg, "--index", COMPUTING, "the vectors of the store are scored as they are")
+        _from_existing_index(cfg, query, unused)
         return load_gradients(cfg.run_path)
 
     with numerics(cfg):

@@ -405,12 +405,14 @@ def given(cfg: Any, *groups: type) -> list[str]:
     return out
 
 
-def unused_with(cfg: Any, when: str, groups: tuple[type, ...], why: str) -> None:
-    """Announce the options of ``groups`` that ``cfg`` sets although ``when`` makes them unused."""
+def unused_with(cfg: Any, when: str, groups: tuple[type, ...], why: str) -> list[str]:
+    """Announce the options of ``groups`` that ``cfg`` sets although ``when`` makes them unused;
+    returns them, for the run's manifest."""
     flags = given(cfg, *groups)
     if flags:
         logger.warning("%s with %s: %s, so %s not used", ", ".join(flags), when, why,
                        "it is" if len(flags) == 1 else "they are")  # fmt: skip
+    return flags
 
 
 COMPUTING = (

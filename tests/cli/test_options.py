@@ -293,3 +293,19 @@ def test_every_option_is_read(command, assets, request, tmp_path, capfd):
     assert not failures, "\n".join(failures)
     unread = sorted(option_names(cls) - read)
     assert not unread, f"bergson {command} accepts options it never reads: {unread}"
+
+
+def test_options_an_index_run_does_not_use_are_announced_and_recorded(assets, tmp_path, caplog):
+    """With --index, reduce and score work on the store's vectors: the gradient options given
+    anyway are named in a warning and in the written store's manifest."""
+    from bergson import load_gradients
+
+    given = ["--model", assets["model"], "--projection_dim", "4", "--data.truncation"]
+    for command, extra in [("reduce", []), ("score", ["--query_path", assets["query"]])]:
+        out = tmp_path / command
+        caplog.clear()
+        main([command, str(out), "--index", assets["index"], *extra, *given])
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any("--model, --data.truncation, --projection_dim with --index" in w for w in warned), warned
+        unused = load_gradients(out).manifest.producer["unused_options"]
+        assert unused == ["--model", "--data.truncation", "--projection_dim"]
