@@ -268,21 +268,32 @@ def query(cfg: QueryConfig) -> list[dict[str, Any]]:
     return hits
 
 
+QUIT = ("exit", "quit")
+"""Words that end the interactive prompt (as an empty line or end of input do)."""
+
+
 def interactive(engine: QueryEngine) -> list[dict[str, Any]]:
-    """A prompt loop: type a text, see the top-k training rows; an empty line or EOF quits."""
+    """A prompt loop: type a text, see the top-k training rows and the bottom k (the other end of
+    the ranking); an empty line, ``exit``, ``quit`` or EOF ends it. Returns the top hits."""
+    from datasets import Dataset
+
     all_hits: list[dict[str, Any]] = []
     while True:
         try:
             text = input("query> ")
         except EOFError:
             break
-        if not text.strip():
+        if not text.strip() or text.strip().lower() in QUIT:
             break
         try:
-            hits = engine.run([text])
+            found = engine.vectors(Dataset.from_dict({"text": [text]}), "text", None)
+            top = engine.hits(*found, reverse=engine.cfg.reverse)
+            bottom = engine.hits(*found, reverse=not engine.cfg.reverse)
         except BergsonError as e:
             print(f"error: {e}")
             continue
-        print_hits(hits, [text])
-        all_hits += hits
+        print_hits(top, [text])
+        print("  ... and the other end of the ranking:")
+        print_hits(bottom)
+        all_hits += top
     return all_hits

@@ -111,6 +111,18 @@ class GradientCollectorCallback(TrainerCallback):
         self._epoch: EpochStore | None = None
         self._epochs_started = 0
 
+    @classmethod
+    def of(cls, trainer: Any) -> GradientCollectorCallback:
+        """The trainer's callback (the one :func:`prepare_for_gradient_collection` checked)."""
+        handler = getattr(trainer, "callback_handler", None)
+        found = [cb for cb in getattr(handler, "callbacks", []) if isinstance(cb, cls)]
+        if len(found) != 1:
+            raise BergsonError(
+                f"GradientCollectorCallback.of: the trainer has {len(found)} GradientCollectorCallbacks; "
+                "give it exactly one (callbacks=[GradientCollectorCallback(path)])"
+            )
+        return found[0]
+
     @property
     def _seconds(self) -> float:
         return self._watch.seconds
@@ -352,15 +364,15 @@ class GradientCollectorCallback(TrainerCallback):
             self._epoch = None
 
 
-def prepare_for_gradient_collection(
-    trainer: Any, callback: GradientCollectorCallback | None = None
-) -> GradientCollectorCallback:
+def prepare_for_gradient_collection(trainer: Any, callback: GradientCollectorCallback | None = None) -> Any:
     """Attach the trainer's :class:`GradientCollectorCallback` to the trainer and check its set-up.
 
     ``trainer`` is a ``transformers.Trainer`` (or a subclass such as TRL's ``SFTTrainer``) that
     already has the callback among its callbacks, or that gets ``callback`` added. Raises a
     :class:`~bergson.errors.BergsonError` naming the cause for set-ups the callback cannot
-    support (see :mod:`bergson.integrations`). Returns the callback.
+    support (see :mod:`bergson.integrations`). Returns the trainer, as the original package's
+    ``trainer = prepare_for_gradient_collection(trainer)`` expects (the callback is
+    ``GradientCollectorCallback.of(trainer)``).
     """
     handler = getattr(trainer, "callback_handler", None)
     if handler is None or not hasattr(trainer, "args"):
@@ -384,4 +396,4 @@ def prepare_for_gradient_collection(
         )
     check_trainer(trainer)
     found[0]._trainer = trainer
-    return found[0]
+    return trainer

@@ -41,7 +41,9 @@ def run(tmp_path_factory):
     capture = _Capture({0, 1, 3}, ids)
     callback = GradientCollectorCallback(tmp / "grads", save_dtype="float32")
     trainer = _trainer(tmp, [callback, capture.callback])
-    assert prepare_for_gradient_collection(trainer) is callback
+    # the original package's README: trainer = prepare_for_gradient_collection(trainer); trainer.train()
+    assert prepare_for_gradient_collection(trainer) is trainer
+    assert GradientCollectorCallback.of(trainer) is callback
     trainer.train()
     return {"tmp": tmp, "ids": ids, "capture": capture, "callback": callback, "trainer": trainer}
 

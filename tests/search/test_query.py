@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -127,3 +128,18 @@ def test_interactive_query(index):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("query>") == 3
     assert "1. score" in proc.stdout and "error:" in proc.stdout  # the one-token query is refused
+
+
+def test_interactive_prompt_shows_both_ends_and_ends_on_quit(index, monkeypatch, capsys):
+    """As in the original package: `exit` or `quit` ends the prompt, and each answer lists the
+    bottom of the ranking after its top."""
+    answers = iter(["Let there be light", "quit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    hits = query(QueryConfig(index=str(index.root), top_k=2))
+    out = capsys.readouterr().out
+    assert next(answers) == "never read"  # the prompt stopped at `quit`
+    assert len(hits) == 2 and hits[0]["score"] >= hits[1]["score"]
+    top, _, bottom = out.partition("the other end of the ranking")
+    assert top.count(". score") == 2 and bottom.count(". score") == 2
+    lowest = [float(s) for s in re.findall(r"score ([-+][0-9.e+-]+)", bottom)]
+    assert max(lowest) < hits[-1]["score"]
