@@ -16,7 +16,7 @@ import tyro
 from ..core.devices import launched
 from ..errors import BergsonError
 
-logger = logging.getLogger("bergson")
+logger = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int4", "int8"]
 DampingMode = Literal["relative", "absolute"]

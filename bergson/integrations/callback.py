@@ -114,8 +114,7 @@ class GradientCollectorCallback(TrainerCallback):
     @classmethod
     def of(cls, trainer: Any) -> GradientCollectorCallback:
         """The trainer's callback (the one :func:`prepare_for_gradient_collection` checked)."""
-        handler = getattr(trainer, "callback_handler", None)
-        found = [cb for cb in getattr(handler, "callbacks", []) if isinstance(cb, cls)]
+        found = _attached(trainer)
         if len(found) != 1:
             raise BergsonError(
                 f"GradientCollectorCallback.of: the trainer has {len(found)} GradientCollectorCallbacks; "
@@ -364,6 +363,12 @@ class GradientCollectorCallback(TrainerCallback):
             self._epoch = None
 
 
+def _attached(trainer: Any) -> list[GradientCollectorCallback]:
+    """The trainer's GradientCollectorCallbacks, in the order of its callbacks."""
+    handler = getattr(trainer, "callback_handler", None)
+    return [cb for cb in getattr(handler, "callbacks", []) if isinstance(cb, GradientCollectorCallback)]
+
+
 def prepare_for_gradient_collection(trainer: Any, callback: GradientCollectorCallback | None = None) -> Any:
     """Attach the trainer's :class:`GradientCollectorCallback` to the trainer and check its set-up.
 
@@ -380,7 +385,7 @@ def prepare_for_gradient_collection(trainer: Any, callback: GradientCollectorCal
             f"prepare_for_gradient_collection: expected a transformers.Trainer, got {type(trainer).__name__}; "
             "pass the Trainer (or a subclass such as TRL's SFTTrainer) that trains the model"
         )
-    found = [cb for cb in handler.callbacks if isinstance(cb, GradientCollectorCallback)]
+    found = _attached(trainer)
     if callback is not None and callback not in found:
         trainer.add_callback(callback)
         found.append(callback)
