@@ -43,17 +43,18 @@ def _save_model(model: torch.nn.Module, out: Path) -> None:
             shutil.copy(ASSETS / "tiny-pythia" / name, out / name)
 
 
-def make_standins(root: Path, docs: int = 48) -> Path:
-    """Write the stand-ins under ``root`` (idempotent); returns ``root``."""
+def make_standins(root: Path, docs: int = 24, chars: int = 600) -> Path:
+    """Write the stand-ins under ``root`` (idempotent); returns ``root``. The corpus stand-ins hold
+    ``docs`` documents of the shipped corpus, each cut to ``chars`` characters."""
     from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCausalLM
 
     root = Path(root)
     if (root / ".standins-ready").is_file():
         return root
     shutil.copytree(ASSETS / "tiny-pythia", root / PYTHIA, dirs_exist_ok=True)
-    texts = corpus_texts(docs)
+    texts = [t[:chars] for t in corpus_texts(docs)]
     _write_jsonl(root / PILE / "train.jsonl", [{"text": t, "meta": {"i": i}} for i, t in enumerate(texts)])
-    wiki = corpus_texts(24, start=docs)
+    wiki = [t[:chars] for t in corpus_texts(24, start=docs)]
     _write_jsonl(root / WIKITEXT / "train.jsonl", [{"text": t} for t in wiki[:20]])
     _write_jsonl(root / WIKITEXT / "test.jsonl", [{"text": t} for t in wiki[20:]])
     vocab = json.loads((ASSETS / "tiny-pythia" / "config.json").read_text())["vocab_size"]
