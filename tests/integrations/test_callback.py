@@ -281,6 +281,16 @@ def test_loss_with_other_terms_is_refused(tmp_path):
         trainer.train()
 
 
+def test_tracked_module_without_gradient_is_an_error(tmp_path):
+    """A tracked layer whose forward never runs would keep zero columns: refused by name."""
+    callback = GradientCollectorCallback(tmp_path / "grads", modules=["gpt_neox.layers.0.mlp.*", "spare"])
+    trainer = _trainer(tmp_path, [callback], max_steps=1)
+    trainer.model.add_module("spare", torch.nn.Linear(4, 4))  # never called by forward
+    prepare_for_gradient_collection(trainer)
+    with pytest.raises(BergsonError, match=r"no gradient reached the tracked module\(s\) spare"):
+        trainer.train()
+
+
 def test_existing_stores_need_overwrite(run):
     callback = GradientCollectorCallback(run["callback"].path)
     trainer = _trainer(run["tmp"] / "again", [callback], max_steps=1)
