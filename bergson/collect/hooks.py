@@ -10,6 +10,15 @@ order of ``weight.grad.flatten()``), the bias gradient last when included.
 Weight gradients are never needed: a forward hook marks each tracked layer's output as
 requiring grad, so autograd only propagates through activations, starting at the first
 tracked layer.
+
+Each forward call's layer input is bound to the hook on that call's output tensor, so the
+backward hook that fires always meets the input of the forward that made its output. This is
+what makes activation (gradient) checkpointing work: the non-reentrant
+``torch.utils.checkpoint`` (the transformers default) reruns layers during backward only to
+refill saved tensors, and the gradient flows through the original outputs, so the recomputed
+outputs' hooks never fire; the reentrant form runs the first forward without grad (no hook is
+registered) and backpropagates through the recomputed outputs. A forward that runs inside a
+backward pass (a recomputation) keeps the bare input and projects it only if its hook fires.
 """
 
 from __future__ import annotations
@@ -39,6 +48,12 @@ from ..transforms.projection import projection_matrix
 Closure = Callable[[str, torch.Tensor], None]
 
 
+def in_backward() -> bool:
+    """Whether autograd is running a backward pass now (a forward here is a checkpoint's
+    recomputation)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def resolve_modules(
     model: nn.Module, modules: Mapping[str, nn.Module] | Sequence[str] | None
 ) -> dict[str, nn.Module]:
@@ -59,13 +74,13 @@ def resolve_modules(
 
 class _LayerHooks:
     """Forward hooks on every tracked layer while the context is open; subclasses define
-    ``_forward_hook(name, module, inputs, output)`` and keep layer inputs in ``_inputs``."""
+    ``_forward_hook(name, module, inputs, output)``, which binds what it keeps of the layer
+    input to a hook on the output tensor."""
 
     modules: dict[str, nn.Module]
 
     def __init__(self) -> None:
         self._handles: list[Any] = []
-        self._inputs: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     def _forward_hook(self, name: str, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         raise NotImplementedError
@@ -79,7 +94,6 @@ class _LayerHooks:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._inputs.clear()
 
 
 class GradientCollector(_LayerHooks):
@@ -178,15 +192,16 @@ class GradientCollector(_LayerHooks):
             # Start autograd here instead of at the embeddings: no weight gradients needed.
             output.requires_grad_(True)
         x = inputs[0].detach()
-        # On the projected path only R x is kept, so the layer input can be freed early.
-        if self._cheap_path(name):
-            self._inputs[name].append([self.project_inputs(b, x) for b in self.blocks[name]])  # type: ignore[arg-type]
-        else:
-            self._inputs[name].append(x)
-        output.register_hook(partial(self._backward_hook, name))
+        # On the projected path only R x is kept, so the layer input can be freed early. A
+        # checkpoint's recomputation keeps x itself: its hook fires only in the reentrant form.
+        saved: Any = x
+        if self._cheap_path(name) and not in_backward():
+            saved = [self.project_inputs(b, x) for b in self.blocks[name]]
+        output.register_hook(partial(self._backward_hook, name, saved))
 
-    def _backward_hook(self, name: str, grad: torch.Tensor) -> None:
-        saved: Any = self._inputs[name].pop()
+    def _backward_hook(self, name: str, saved: Any, grad: torch.Tensor) -> None:
+        if self._cheap_path(name) and isinstance(saved, torch.Tensor):
+            saved = [self.project_inputs(b, saved) for b in self.blocks[name]]
         batch = grad.shape[0]
         if self.per_token:
             # each position is an "example" of one token: its term g_t x_t^T
@@ -356,9 +371,7 @@ class LayerTap(_LayerHooks):
         x = inputs[0].detach().reshape(inputs[0].shape[0], -1, n_in)
         if self.include_bias and getattr(module, "bias", None) is not None:
             x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
-        self._inputs[name].append(x)
-        output.register_hook(partial(self._backward, name, out))
+        output.register_hook(partial(self._backward, name, out, x))
 
-    def _backward(self, name: str, out: int, grad: torch.Tensor) -> None:
-        x = self._inputs[name].pop()
+    def _backward(self, name: str, out: int, x: torch.Tensor, grad: torch.Tensor) -> None:
         self.fn(name, x, grad.reshape(grad.shape[0], -1, out))

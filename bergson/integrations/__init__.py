@@ -6,7 +6,7 @@
 
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator,
                       callbacks=[GradientCollectorCallback("runs/grads")])
-    prepare_for_gradient_collection(trainer)
+    trainer = prepare_for_gradient_collection(trainer)
     trainer.train()
 
 While the trainer trains, :class:`~bergson.collect.hooks.GradientCollector` hooks on the
@@ -55,10 +55,16 @@ twice; they keep the vector of their first step, both steps are in ``order.parqu
 manifest's ``plan.repeated_rows`` counts them (``accelerator_config={"even_batches": False}``
 avoids the repeats). Only rank 0 needs to see the output directory.
 
+Gradient checkpointing (either form of ``torch.utils.checkpoint``) is supported: see
+:mod:`bergson.collect.hooks`. So is TRL's ``SFTTrainer``, whose fused LM head returns the
+labels' log-probabilities instead of logits and never calls the output layer: c is then
+measured from the gradient of those log-probabilities, and tracking the output layer is an
+error (its hook never fires).
+
 Not supported (a :class:`~bergson.errors.BergsonError` says so): DeepSpeed, FSDP and
 DataParallel (several GPUs in one process), packed or padding-free batches, label smoothing,
 a custom ``compute_loss_func``, losses with terms other than the labels' cross-entropy, labels
-that are not per position, encoder-decoder models, gradient checkpointing, ``torch_compile``,
+that are not per position, encoder-decoder models, ``torch_compile``,
 iterable datasets, and resuming from a checkpoint. The
 vectors equal ``bergson build``'s only when the model has no active dropout (the trainer's
 forward pass drops units; a warning says so).

@@ -215,7 +215,7 @@ class GradientCollectorCallback(TrainerCallback):
                 "the trainer did not pass its train dataloader to the callback's on_train_begin; use a "
                 "transformers.Trainer whose train() does"
             )
-        self._recorder.attach(model, dataloader, columns)
+        self._recorder.attach(model, dataloader, columns, self._tracked)
         dropout = dropout_modules(model)
         if dropout:
             logger.warning(

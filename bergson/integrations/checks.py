@@ -25,10 +25,6 @@ _REFUSED_ARGUMENTS = {
         "label smoothing adds a term to the loss, so the trainer's gradients are not those of the "
         "labels' cross-entropy that a gradient store holds; set label_smoothing_factor=0"
     ),
-    "gradient_checkpointing": (
-        "gradient checkpointing reruns layers during backward, which the gradient hooks do not support; "
-        "set gradient_checkpointing=False"
-    ),
     "torch_compile": "torch_compile is not supported; set torch_compile=False",
 }
 """Trainer arguments the callback refuses when they are set, with the reason and the fix."""
@@ -105,6 +101,18 @@ def check_trainer(trainer: Any) -> None:
         raise callback_error(
             "packed (or padding-free) batches put several dataset rows in one sequence, so per-row gradients "
             "cannot be separated; train with packing=False and padding_free=False"
+        )
+    loss_type = getattr(args, "loss_type", None)
+    if loss_type not in (None, "nll", "chunked_nll"):
+        raise callback_error(
+            f"loss_type={loss_type!r}: the loss must be the labels' summed next-token cross-entropy up to one "
+            "factor per row, which TRL's other losses (DFT weighs each token by its probability) are not; set "
+            "loss_type='nll'"
+        )
+    if getattr(trainer, "aux_loss_enabled", False):
+        raise callback_error(
+            "the trainer adds a mixture-of-experts router loss (router_aux_loss_coef), whose gradients are not "
+            "those of the labels' cross-entropy; set router_aux_loss_coef=0"
         )
     if getattr(trainer, "compute_loss_func", None) is not None:
         raise callback_error(

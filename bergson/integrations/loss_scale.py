@@ -6,12 +6,18 @@ scaler, ...). For S, dS/dz = softmax(z) - onehot(y) at label positions, so the g
 actually reaches the logits z gives c = <G, dS/dz> / |dS/dz|^2 per row, here taken at a few
 label positions of each row, which also check that G is a multiple of dS/dz at all.
 :meth:`MicroBatch.unscaled` divides the hooked vectors by c.
+
+A model that returns per-token log-probabilities of its labels instead of logits (TRL's fused
+LM head, which never calls the output layer and computes them from its weight in chunks)
+gives c more directly: S = -sum_t log p_t, so the gradient reaching each label's
+log-probability is -c (:meth:`MicroBatch.fused_forward`, :meth:`MicroBatch.fused_backward`);
+that it is the same at every label position of a row is the check.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -80,6 +86,8 @@ class MicroBatch:
     residual: torch.Tensor | None = None
     grad_dtype: torch.dtype | None = None
     forward_done: bool = False
+    filled: set[str] = field(default_factory=set)
+    """Column blocks whose vectors the collector's closure has written."""
     approximate: int = 0
     """Loss tokens whose cross-entropy could only be approximated (c p_v underflowed)."""
 
@@ -116,6 +124,37 @@ class MicroBatch:
                 gap = flat.gather(1, self.other[:, None]).double() - flat.gather(1, safe[:, None]).double()
                 self.logit_gap = gap.squeeze(1)
             self.forward_done = True
+
+    def fused_forward(self, log_probs: torch.Tensor, label_mask: torch.Tensor) -> None:
+        """The rows' losses from a fused LM head's [B, T-1] label log-probabilities, which must
+        score exactly the labels the batch carries (``label_mask``)."""
+        targets = self.targets[:, :-1].to(label_mask.device)
+        if tuple(log_probs.shape) != tuple(targets.shape) or not torch.equal(label_mask, targets != IGNORE):
+            raise callback_error(
+                f"the model's fused LM head scored labels of shape {tuple(log_probs.shape)} that are not the "
+                f"batch's next-token labels {tuple(targets.shape)}; pass per-position labels (no shift_labels)"
+            )
+        with torch.no_grad():
+            mask = label_mask.to(torch.float64)
+            self.has_targets = label_mask.any(1)
+            self.loss = -(log_probs.detach().double() * mask).sum(1)
+            self.forward_done = True
+
+    def fused_backward(self, label_mask: torch.Tensor, grad: torch.Tensor) -> None:
+        """c per row from the gradient reaching the label log-probabilities (-c at each one)."""
+        assert self.has_targets is not None
+        with torch.no_grad():
+            mask = label_mask.to(torch.float64)
+            g = grad.double() * mask
+            count = mask.sum(1)
+            scale = torch.where(self.has_targets, -g.sum(1) / count.clamp(min=1), torch.zeros_like(count))
+            spread = ((g + scale[:, None]) * mask).abs().amax(1)
+            valid = self.has_targets & (scale != 0)
+            self.scale = scale
+            self.residual = torch.where(
+                valid, spread / scale.abs().clamp(min=1e-300), torch.zeros_like(spread)
+            )
+            self.grad_dtype = grad.dtype
 
     def probe_backward(self, grad: torch.Tensor) -> None:
         """c per row from the gradient reaching the logits, how far the gradient is from a multiple
@@ -166,13 +205,14 @@ class MicroBatch:
         when the gradient reaching the logits is not a multiple of dS/dz."""
         if not self.forward_done or self.has_targets is None:
             raise callback_error(
-                "the model's output layer did not run in the forward pass, so the loss scale cannot be "
-                "measured; get_output_embeddings() must return the layer that computes the logits"
+                "the model's output layer did not run in the forward pass and the model returned no per-token "
+                "log-probabilities of its labels (a fused LM head), so the loss scale cannot be measured; "
+                "get_output_embeddings() must return the layer that computes the logits"
             )
         if self.scale is None or self.residual is None:
             if bool(self.has_targets.any()):
                 raise callback_error(
-                    "no gradient reached the model's logits in this micro-batch (the loss does not come from "
+                    "no gradient reached the model's logits (or label log-probabilities) in this micro-batch (the loss does not come from "
                     "the logits, or backward did not run)"
                 )
             scale = torch.zeros(len(self.rows), dtype=torch.float64, device=self.buffer.device)
@@ -185,7 +225,7 @@ class MicroBatch:
             raise callback_error(
                 f"the gradient reaching the logits of dataset row {int(self.rows[worst])} is not a multiple of "
                 f"its summed next-token cross-entropy (relative difference {float(residual[worst]):.2g}): the "
-                "trainer's loss has other terms (label smoothing, a z-loss, per-token weights, a custom "
+                "trainer's loss has other terms (label smoothing, a z-loss, per-token weights such as TRL's DFT loss, a custom "
                 "compute_loss) or the model rescales its output layer's logits; only the plain causal-LM loss "
                 "of the labels is supported"
             )

@@ -4,7 +4,8 @@ rows' hooked vectors and loss scale.
 The train dataloader's batch sampler is made to report every batch of row indices it hands
 out (:func:`record_batches`); a :class:`BatchRecorder` hooks the model so that each training
 forward pass opens a :class:`~bergson.integrations.loss_scale.MicroBatch` for the next
-reported batch, the output layer's logits measure its loss scale, and the gradient
+reported batch, the output layer's logits (or, from a fused LM head such as TRL's
+``SFTTrainer`` adds, the labels' log-probabilities) measure its loss scale, and the gradient
 collector's closure fills its vectors.
 """
 
@@ -109,15 +110,27 @@ class BatchRecorder:
         self._step = 0
         self._micro = 0
         self._normalized = False
+        self._tracked_head: list[str] = []
+        self._body = "model"
 
-    def attach(self, model: nn.Module, dataloader: Any, columns: dict[str, tuple[int, int]]) -> None:
-        """Start recording the batches of ``dataloader`` and hooking ``model``'s passes."""
+    def attach(
+        self,
+        model: nn.Module,
+        dataloader: Any,
+        columns: dict[str, tuple[int, int]],
+        tracked: dict[str, nn.Module] | None = None,
+    ) -> None:
+        """Start recording the batches of ``dataloader`` and hooking ``model``'s passes
+        (``tracked``: the collector's modules, named when a forward pass bypasses them)."""
         self.columns = columns
         self.width = sum(b - a for a, b in columns.values())
         self._sampler = record_batches(dataloader, self.batches)
         head = output_layer(model)
+        self._tracked_head = [n for n, m in (tracked or {}).items() if m is head]
+        self._body = getattr(model, "base_model_prefix", "") or "model"
         self._handles = [
             model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True),
+            model.register_forward_hook(self._on_model_output),
             head.register_forward_hook(self._on_logits),
         ]
 
@@ -145,8 +158,18 @@ class BatchRecorder:
         self._open = False
 
     def take(self) -> MicroBatch | None:
-        """The micro-batch whose passes ran since the last call, if any."""
+        """The micro-batch whose passes ran since the last call, if any. Raises when a tracked
+        module got no gradient in a micro-batch with labels (its forward never ran, or its output
+        does not reach the loss): its columns would silently stay zero."""
         mb, self.pending = self.pending, None
+        if mb is not None and mb.has_targets is not None and bool(mb.has_targets.any()):
+            missing = [name for name in self.columns if name not in mb.filled]
+            if missing:
+                raise callback_error(
+                    f"no gradient reached the tracked module(s) {', '.join(missing)} in the trainer's backward "
+                    "pass (their forward never ran, or their output does not reach the loss), so their columns "
+                    "would stay zero; leave them out of the callback's modules="
+                )
         return mb
 
     def closure(self, name: str, vec: torch.Tensor) -> None:
@@ -159,6 +182,7 @@ class BatchRecorder:
             )
         a, b = self.columns[name]
         mb.buffer[:, a:b] = vec
+        mb.filled.add(name)
 
     def _on_model_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not self._open or not torch.is_grad_enabled() or not module.training:
@@ -222,6 +246,32 @@ class BatchRecorder:
             if not output.requires_grad:
                 output.requires_grad_(True)
             output.register_hook(partial(self._on_logits_grad, mb))
+
+    def _on_model_output(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        """A fused LM head's output (per-token ``log_probs`` and ``label_mask`` instead of logits,
+        the output layer never called): measure the loss scale from the log-probabilities."""
+        mb = self.pending
+        log_probs = getattr(output, "log_probs", None)
+        label_mask = getattr(output, "label_mask", None)
+        if mb is None or mb.forward_done or not isinstance(log_probs, torch.Tensor):
+            return
+        if not isinstance(label_mask, torch.Tensor) or not log_probs.requires_grad:
+            return
+        with self.watch:
+            if self._tracked_head:
+                raise callback_error(
+                    f"the model computed its loss through a fused LM head (TRL's SFTTrainer does: it multiplies "
+                    f"the hidden states by the output layer's weight in chunks and never calls the layer), so the "
+                    f"tracked output layer {self._tracked_head[0]!r} gets no per-example gradient; leave it out "
+                    f"of the callback's modules= (modules=['{self._body}.*'] tracks the layers of the transformer "
+                    "body)"
+                )
+            mb.fused_forward(log_probs, label_mask)
+            log_probs.register_hook(partial(self._on_log_probs_grad, mb, label_mask))
+
+    def _on_log_probs_grad(self, mb: MicroBatch, label_mask: torch.Tensor, grad: torch.Tensor) -> None:
+        with self.watch:
+            mb.fused_backward(label_mask, grad)
 
     def _on_logits_grad(self, mb: MicroBatch, grad: torch.Tensor) -> None:
         with self.watch:

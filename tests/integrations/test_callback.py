@@ -86,6 +86,25 @@ def test_step_vectors_equal_build(run, step):
     assert store.manifest.plan["unnormalized_steps"] == ([0] if epoch == 0 else [])
 
 
+def test_gradient_checkpointing_gives_the_same_stores(run, tmp_path):
+    """The same training run with (reentrant) gradient checkpointing: layers rerun during
+    backward, and the stores equal those of the run without it. TRL's test covers the
+    non-reentrant form, the transformers default."""
+    callback = GradientCollectorCallback(tmp_path / "grads", save_dtype="float32")
+    trainer = _trainer(
+        tmp_path,
+        [callback],
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": True},
+    )
+    prepare_for_gradient_collection(trainer).train()
+    assert trainer.model.is_gradient_checkpointing
+    for ours, theirs in zip(callback.stores, run["callback"].stores, strict=True):
+        a, b = load_gradients(ours), load_gradients(theirs)
+        _close(np.asarray(a.all[:]), np.asarray(b.all[:]), rtol=1e-5)
+        np.testing.assert_allclose(a.rows["loss"], b.rows["loss"], rtol=1e-6)
+
+
 def test_adam_form_with_per_batch_mean_loss(tmp_path):
     """The elementwise normalizer, and a trainer that scales its loss another way (the mean over
     each micro-batch's tokens, divided by the accumulation steps): c is measured, not assumed."""
@@ -259,6 +278,16 @@ def test_loss_with_other_terms_is_refused(tmp_path):
     trainer = _trainer(tmp_path, [callback], trainer_cls=ZLossTrainer, max_steps=1)
     prepare_for_gradient_collection(trainer)
     with pytest.raises(BergsonError, match="not a multiple"):
+        trainer.train()
+
+
+def test_tracked_module_without_gradient_is_an_error(tmp_path):
+    """A tracked layer whose forward never runs would keep zero columns: refused by name."""
+    callback = GradientCollectorCallback(tmp_path / "grads", modules=["gpt_neox.layers.0.mlp.*", "spare"])
+    trainer = _trainer(tmp_path, [callback], max_steps=1)
+    trainer.model.add_module("spare", torch.nn.Linear(4, 4))  # never called by forward
+    prepare_for_gradient_collection(trainer)
+    with pytest.raises(BergsonError, match=r"no gradient reached the tracked module\(s\) spare"):
         trainer.train()
 
 
