@@ -5,6 +5,12 @@ launcher reads too). Configs are parsed with tyro from the dataclasses in :mod:`
 (field docstrings become ``--help`` text). ``--config FILE.yaml`` loads the same dataclass from
 YAML; flags given after it override the file. Options of a command's ``data`` group
 may be written without the ``data.`` prefix (``--dataset`` == ``--data.dataset``).
+
+``bergson FILE.yaml`` runs a pipeline: a top-level ``steps:`` list of one-key mappings
+``{command: {options}}``, in order, stopping at the first step that fails. The original
+bergson package's spellings of options (``--index_cfg.precision``, ``--distributed.nproc_per_node``,
+MAGIC's ``batch_size``/``num_epochs``/``lr_schedule``, query's ``--faiss``) are read through the one
+table :data:`bergson.config.io.ALIASES`; ``--debug`` logs at DEBUG level and prints tracebacks.
 """
 
 from __future__ import annotations
@@ -24,7 +30,12 @@ from ..errors import BergsonError
 
 
 def _usage() -> str:
-    lines = ["usage: bergson COMMAND [OPTIONS]   (bergson COMMAND --help for its options)", "", "commands:"]
+    lines = [
+        "usage: bergson COMMAND [OPTIONS]   (bergson COMMAND --help for its options)",
+        "       bergson FILE.yaml           (a pipeline: a `steps:` list of `- COMMAND: {OPTIONS}`)",
+        "",
+        "commands:",
+    ]
     width = max(map(len, COMMANDS))
     lines += [f"  {name:<{width}} {command.summary}" for name, command in COMMANDS.items()]
     return "\n".join(lines)
@@ -102,8 +113,12 @@ def original_flags(cls: type, args: list[str]) -> tuple[list[str], dict[str, Any
             rest.append(f"--{alias.to}{eq}{value}")  # a plain rename: tyro reads the value
             continue
         if not eq:
-            if i < len(args) and not args[i].startswith("--"):
-                value, i = args[i], i + 1
+            switch = name == "debug" or (
+                alias is not None and alias.values is not None and True in alias.values
+            )
+            nxt = args[i] if i < len(args) and not args[i].startswith("--") else None
+            if nxt is not None and (not switch or isinstance(yaml.safe_load(nxt), bool)):
+                value, i = nxt, i + 1  # a switch takes only true/false, not the positional after it
             else:
                 value = "true"
         taken[name] = yaml.safe_load(value)
@@ -117,7 +132,7 @@ def parse_with_notes(
     dataclass; also returns what was announced about other spellings and whether --debug was given."""
     import tyro
 
-    from ..config.io import _flatten, from_dict, read_steps, read_yaml, translate
+    from ..config.io import flatten, from_dict, read_steps, read_yaml, translate
 
     cls = importlib.import_module(COMMANDS[command].module).CONFIG
     path, rest = _split_config(list(args))
@@ -138,7 +153,7 @@ def parse_with_notes(
     rest, taken = original_flags(cls, rest)
     rest = _expand_group_aliases(cls, rest)
     notes: list[str] = []
-    merged = {**_flatten(raw), **taken}
+    merged = {**flatten(raw), **taken}
     debug = translate(cls, merged, where or "flags").debug
     default = from_dict(cls, merged, where=where or "flags", notes=notes) if merged else None
     cfg = tyro.cli(
@@ -160,15 +175,21 @@ def parse(command: str, args: Sequence[str]) -> Any:
 
 
 def _record(cfg: Any, command: str, notes: list[str], where: str) -> None:
-    """Keep what was announced about a run's options in its run directory (other_spellings.json)."""
+    """Keep what was announced about a run's options in its run directory (other_spellings.json;
+    a stale one from an earlier run is removed)."""
     import json
 
     root = getattr(cfg, "run_path", "")
-    if notes and root and os.path.isdir(root):
+    if not root or not os.path.isdir(root):
+        return
+    path = Path(root) / OTHER_SPELLINGS
+    if notes:
         from ..core.files import atomic_write_bytes
 
         record = {"command": command, "source": where, "announced": notes}
-        atomic_write_bytes(Path(root) / OTHER_SPELLINGS, json.dumps(record, indent=2).encode())
+        atomic_write_bytes(path, json.dumps(record, indent=2).encode())
+    elif path.is_file():
+        path.unlink()
 
 
 OTHER_SPELLINGS = "other_spellings.json"
@@ -183,7 +204,7 @@ def _run(command: str, args: Sequence[str], values: dict[str, Any] | None = None
     cfg, notes, debug = parse_with_notes(command, args, values, where)
     if debug and not _DEBUG:
         _DEBUG = True
-        logging.getLogger().setLevel(logging.DEBUG)
+        logging.getLogger("bergson").setLevel(logging.DEBUG)
     distributed.check_command(command, cfg)
     importlib.import_module(COMMANDS[command].module).run(cfg)
     if distributed.env_rank() == 0:
@@ -248,7 +269,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     where = f" (rank {distributed.env_rank()})" if distributed.env_world_size() > 1 else ""
     global _DEBUG
     debug = _DEBUG = _debug_asked(args)
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=f"bergson{where}: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"bergson{where}: %(message)s")
+    if debug:
+        logging.getLogger("bergson").setLevel(logging.DEBUG)
     code = 0
     label = command
     try:

@@ -136,11 +136,12 @@ def leaf_options(cls: type, prefix: str = "") -> set[str]:
     return out
 
 
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``values`` with nested mappings as dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
     out: dict[str, Any] = {}
     for k, v in values.items():
         if isinstance(v, Mapping) and v:
-            out |= _flatten(v, f"{prefix}{k}.")
+            out |= flatten(v, f"{prefix}{k}.")
         else:
             out[prefix + str(k)] = v
     return out
@@ -180,7 +181,7 @@ def translate(cls: type, values: Mapping[str, Any], where: str = "config") -> Tr
     out: dict[str, Any] = {}
     notes: list[str] = []
     debug, recipe, step_batch, own_training = False, False, None, False
-    for raw, value in _flatten(values).items():
+    for raw, value in flatten(values).items():
         key = strip_prefixes(raw, ours)
         if key in ours or (
             key.split(".")[0] in tops and key.split(".")[0] not in ours and key not in ALIASES

@@ -174,7 +174,7 @@ def test_a_pipeline_runs_its_steps_in_order_and_stops_at_the_first_failure(
                 "index": str(tmp_path / "idx"),
                 "query_path": str(tmp_path / "missing"),
             }
-        },  # fmt: skip
+        },
         {"build": {"index_cfg": {**index, "run_path": str(tmp_path / "never")}}},
     ]
     pipeline = tmp_path / "pipeline.yaml"
