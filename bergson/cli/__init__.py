@@ -193,11 +193,13 @@ def _record(cfg: Any, command: str, notes: list[str], where: str) -> None:
 
 
 OTHER_SPELLINGS = "other_spellings.json"
+PIPELINE_FILE = "pipeline.yaml"
+"""Where a pipeline with a top-level run_path writes its resolved steps (bergson's spelling)."""
 _DEBUG = False
 """Whether --debug (or a step's ``debug: true``) was given: DEBUG logging and full tracebacks."""
 
 
-def _run(command: str, args: Sequence[str], values: dict[str, Any] | None = None, where: str = "") -> None:
+def _run(command: str, args: Sequence[str], values: dict[str, Any] | None = None, where: str = "") -> Any:
     from .. import distributed
 
     global _DEBUG
@@ -209,6 +211,7 @@ def _run(command: str, args: Sequence[str], values: dict[str, Any] | None = None
     importlib.import_module(COMMANDS[command].module).run(cfg)
     if distributed.env_rank() == 0:
         _record(cfg, command, notes, where or "flags")
+    return cfg
 
 
 def _pipeline(args: list[str]) -> tuple[str, list[tuple[str, dict[str, Any]]]] | None:
@@ -279,12 +282,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         if pipeline is None:
             _run(command, args[1:])
         else:
+            from ..config.io import pipeline_run_path, save_pipeline
+
             path, steps = pipeline
+            done = []
             for i, (name, values) in enumerate(steps, 1):
                 label = f"{path} step {i}/{len(steps)} ({name})"
                 if len(steps) > 1:
                     print(f"bergson: {label}")
-                _run(name, [], values, f"{path} (step {i}, {name})")
+                done.append((name, _run(name, [], values, f"{path} (step {i}, {name})")))
+            root = pipeline_run_path(path)
+            if root and distributed.env_rank() == 0:
+                save_pipeline(Path(root) / PIPELINE_FILE, done)
+                print(f"wrote the resolved steps to {Path(root) / PIPELINE_FILE}")
     except BergsonError as e:
         if _DEBUG:
             traceback.print_exc()

@@ -55,8 +55,9 @@ ALIASES: dict[str, Alias] = {
     "distributed.node_rank": Alias(accepted=(None, 0), why="bergson starts workers on one machine"),
     "wandb_project": Alias(ignored="bergson logs to the console and the run directory, not to Weights & Biases"),
     "attribute_tokens": Alias("per_token"),
-    "data.chunk_length": Alias(accepted=(0,), why="TODO(C1): --chunk_length is not in this branch yet"),
-    "query.chunk_length": Alias(accepted=(0,), why="TODO(C1): --chunk_length is not in this branch yet"),
+    # TODO(merge with C1): once DataConfig has chunk_length, these two entries are unused (the key is ours)
+    "data.chunk_length": Alias(accepted=(0,), why="bergson does not pack documents into chunks"),
+    "query.chunk_length": Alias(accepted=(0,), why="bergson does not pack documents into chunks"),
     # query
     "faiss": Alias("search", values={True: "faiss", False: "exact"}),
     "faiss_cfg.": Alias("faiss."),
@@ -314,7 +315,10 @@ def read_steps(path: str | Path, commands: Mapping[str, Any]) -> list[tuple[str,
         return None
     extra = sorted(set(values) - {"steps", "run_path", "metadata"})
     if extra:
-        raise BergsonError(f"{path}: a pipeline holds steps (and run_path, metadata); unknown key(s) {extra}")
+        raise BergsonError(
+            f"{path}: a pipeline holds steps, and optionally run_path (where the resolved steps are written) "
+            f"and metadata (not read); unknown key(s) {extra}"
+        )
     steps = values["steps"]
     if not isinstance(steps, list) or not steps:
         raise BergsonError(f"{path}: steps must be a non-empty list of `- command: {{options}}` entries")
@@ -335,6 +339,22 @@ def read_steps(path: str | Path, commands: Mapping[str, Any]) -> list[tuple[str,
             raise BergsonError(f"{path}: step {i}: matrix steps are not supported; write one step per cell")
         out.append((command, options))
     return out
+
+
+def pipeline_run_path(path: str | Path) -> str | None:
+    """The top-level ``run_path`` of a pipeline file (where its resolved steps are written)."""
+    value = read_yaml(path).get("run_path")
+    return str(value) if value else None
+
+
+def save_pipeline(path: str | Path, steps: list[tuple[str, Any]]) -> None:
+    """Write the resolved configs of a pipeline's steps, in bergson's spelling, as a pipeline file
+    (``bergson PATH`` runs it again)."""
+    import yaml
+
+    doc = {"steps": [{name: to_dict(cfg)} for name, cfg in steps]}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
 def load_yaml(cls: type[_T], path: str | Path, notes: list[str] | None = None) -> _T:

@@ -194,3 +194,41 @@ def test_a_pipeline_runs_its_steps_in_order_and_stops_at_the_first_failure(
     with pytest.raises(SystemExit):
         main(["magic", str(pipeline)])
     assert f"run it as `bergson {pipeline}`" in capsys.readouterr().err
+
+
+def test_a_pipeline_in_the_original_spelling_builds_then_queries_with_faiss_and_record(
+    tmp_path, model_dir, corpus_file
+):
+    """build (index_cfg nesting) then query (faiss: true, record), with a top-level run_path: the
+    FAISS index is built beside the store, the recorded top hits are the exact search's (a Flat
+    index is exact), and the resolved pipeline written to run_path runs again."""
+    import csv
+
+    import yaml
+
+    from bergson import QueryConfig
+    from bergson.querying import query
+
+    text = "The river flows through the old town"
+    data = {"dataset": str(corpus_file), "split": "train[:8]", "truncation": True, "max_length": 24}
+    model = {"model": str(model_dir), "precision": "fp32", "device": "cpu"}
+    store, record = tmp_path / "idx", tmp_path / "hits.csv"
+    steps = [
+        {"build": {"index_cfg": {"run_path": str(store), **model, "projection_dim": 4, "data": data}}},
+        {"query": {"index": str(store), **model, "query": text, "top_k": 3, "faiss": True,
+                   "faiss_cfg": {"index_factory": "Flat"}, "record": str(record), "unit_norm": True}},
+    ]  # fmt: skip
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"run_path": str(tmp_path / "pipe"), "steps": steps}))
+    main([str(pipeline)])
+    assert list((store / "faiss").glob("Flat-unit*"))
+    exact = query(QueryConfig(index=str(store), query=text, top_k=3, unit_normalize=True, **model))
+    rows = list(csv.DictReader(record.open()))
+    top = [(int(r["result_index"]), float(r["score"])) for r in rows if r["direction"] == "Top"]
+    assert [t[0] for t in top] == [h["row_id"] for h in exact]
+    np.testing.assert_allclose([t[1] for t in top], [h["score"] for h in exact], rtol=1e-4)
+    resolved = yaml.safe_load((tmp_path / "pipe" / "pipeline.yaml").read_text())
+    assert [next(iter(s)) for s in resolved["steps"]] == ["build", "query"]
+    assert resolved["steps"][1]["query"]["search"] == "faiss"
+    main([str(tmp_path / "pipe" / "pipeline.yaml")])  # in bergson's spelling: the store is reused
+    assert len(list(csv.DictReader(record.open()))) == 2 * len(rows)
