@@ -75,6 +75,10 @@ class QueryEngine:
     # ------------------------------------------------------------------ texts
     def training_text(self, row_id: int) -> str:
         """A snippet of the training document (from the dataset recorded in the manifest)."""
+        return " ".join(self.document_text(row_id).split())[: self.cfg.snippet_chars]
+
+    def document_text(self, row_id: int) -> str:
+        """The whole training document ("" when the store's dataset cannot be read)."""
         if self._texts is None:
             try:
                 dcfg, ds = self.training_data()
@@ -82,9 +86,7 @@ class QueryEngine:
             except (BergsonError, KeyError) as e:
                 logger.warning("training texts unavailable (%s); hits show row ids only", e)
                 self._texts = []
-        if 0 <= row_id < len(self._texts):
-            return " ".join(self._texts[row_id].split())[: self.cfg.snippet_chars]
-        return ""
+        return self._texts[row_id] if 0 <= row_id < len(self._texts) else ""
 
     # ------------------------------------------------------------------ queries
     def vectors(
@@ -218,6 +220,28 @@ def print_hits(hits: Iterable[dict[str, Any]], queries: list[str] | None = None,
                 print(f"         {label}: {shown}", file=out)
 
 
+RECORD_COLUMNS = ("query", "direction", "result", "result_index", "score")
+
+
+def record_hits(
+    path: str, text: str, top: list[dict[str, Any]], bottom: list[dict[str, Any]], document: Any
+) -> None:
+    """Append one query's hits (with the whole ``document(row_id)`` texts) to the --record CSV (a header first when the file is new), flushed
+    at once so that an interrupted session keeps every answered query."""
+    import csv
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    new = not p.is_file() or p.stat().st_size == 0
+    with p.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(RECORD_COLUMNS)
+        for direction, hits in (("Top", top), ("Bottom", bottom)):
+            for h in hits:
+                writer.writerow([text, direction, document(h["row_id"]), h["row_id"], h["score"]])
+
+
 def write_hits(path: str, hits: list[dict[str, Any]]) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -253,14 +277,23 @@ def query(cfg: QueryConfig) -> list[dict[str, Any]]:
     if cfg.query is None and not cfg.query_dataset:
         return interactive(engine)
     if cfg.query is not None:
-        texts = [cfg.query]
-        hits = engine.run(texts)
+        from datasets import Dataset
+
+        ds, column, completion = Dataset.from_dict({"text": [cfg.query]}), "text", None
     else:
         ds = load_data(
             DataConfig(dataset=cfg.query_dataset or "", split=cfg.query_split), option="--query_dataset"
         )
-        texts = [str(t) for t in ds[cfg.query_column]] if cfg.query_column in ds.column_names else None
-        hits = engine.run_dataset(ds, cfg.query_column, cfg.query_completion_column)
+        column, completion = cfg.query_column, cfg.query_completion_column
+    texts = [str(t) for t in ds[column]] if column in ds.column_names else None
+    found = engine.vectors(ds, column, completion)
+    hits = engine.hits(*found, reverse=cfg.reverse)
+    if cfg.record:
+        bottom = engine.hits(*found, reverse=not cfg.reverse)
+        for q in range(len(found[0])):
+            top, low = ([h for h in hs if h["query"] == q] for hs in (hits, bottom))
+            record_hits(cfg.record, texts[q] if texts else str(q), top, low, engine.document_text)
+        print(f"appended the top and bottom {cfg.top_k} hits of each query to {cfg.record}")
     print_hits(hits, texts)
     if cfg.output:
         write_hits(cfg.output, hits)
@@ -295,5 +328,7 @@ def interactive(engine: QueryEngine) -> list[dict[str, Any]]:
         print_hits(top, [text])
         print("  ... and the other end of the ranking:")
         print_hits(bottom)
+        if engine.cfg.record:
+            record_hits(engine.cfg.record, text, top, bottom, engine.document_text)
         all_hits += top
     return all_hits

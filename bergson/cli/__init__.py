@@ -5,6 +5,12 @@ launcher reads too). Configs are parsed with tyro from the dataclasses in :mod:`
 (field docstrings become ``--help`` text). ``--config FILE.yaml`` loads the same dataclass from
 YAML; flags given after it override the file. Options of a command's ``data`` group
 may be written without the ``data.`` prefix (``--dataset`` == ``--data.dataset``).
+
+``bergson FILE.yaml`` runs a pipeline: a top-level ``steps:`` list of one-key mappings
+``{command: {options}}``, in order, stopping at the first step that fails. The original
+bergson package's spellings of options (``--index_cfg.precision``, ``--distributed.nproc_per_node``,
+MAGIC's ``batch_size``/``num_epochs``/``lr_schedule``, query's ``--faiss``) are read through the one
+table :data:`bergson.config.io.ALIASES`; ``--debug`` logs at DEBUG level and prints tracebacks.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from ..core.commands import COMMANDS
@@ -23,7 +30,12 @@ from ..errors import BergsonError
 
 
 def _usage() -> str:
-    lines = ["usage: bergson COMMAND [OPTIONS]   (bergson COMMAND --help for its options)", "", "commands:"]
+    lines = [
+        "usage: bergson COMMAND [OPTIONS]   (bergson COMMAND --help for its options)",
+        "       bergson FILE.yaml           (a pipeline: a `steps:` list of `- COMMAND: {OPTIONS}`)",
+        "",
+        "commands:",
+    ]
     width = max(map(len, COMMANDS))
     lines += [f"  {name:<{width}} {command.summary}" for name, command in COMMANDS.items()]
     return "\n".join(lines)
@@ -64,26 +76,180 @@ def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
     return path, rest
 
 
-def parse(command: str, args: Sequence[str]) -> Any:
-    """Parse a subcommand's arguments into its config dataclass."""
+def _is_yaml(arg: str) -> bool:
+    return arg.endswith((".yaml", ".yml")) and not arg.startswith("-")
+
+
+def original_flags(cls: type, args: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Read the flags spelled as in the original package (the table :data:`bergson.config.io.ALIASES`):
+    a group prefix (``--index_cfg.precision``) or a plain rename (``--distributed.nproc_per_node``)
+    becomes our flag; the others (``--faiss``, ``--batch_size``, ``--debug``, ...) are taken out,
+    with their values, for :func:`bergson.config.io.translate`."""
+    import yaml
+
+    from ..config.io import ALIASES, leaf_options, strip_prefixes
+
+    ours = leaf_options(cls)
+    rest: list[str] = []
+    taken: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if not arg.startswith("--") or arg == "--":
+            rest.append(arg)
+            continue
+        flag, eq, value = arg[2:].partition("=")
+        name = strip_prefixes(flag.replace("-", "_"), ours)
+        base = name.removeprefix("no_")
+        if base in ours or base == "help":
+            rest.append(f"--{name}{eq}{value}")
+            continue
+        alias = ALIASES.get(name)
+        if alias is None and name != "debug":
+            rest.append(f"--{name}{eq}{value}")  # a data option without its prefix, or unrecognized
+            continue
+        if alias is not None and alias.to in ours and alias.values is None and not alias.recipe:
+            rest.append(f"--{alias.to}{eq}{value}")  # a plain rename: tyro reads the value
+            continue
+        if not eq:
+            switch = name == "debug" or (
+                alias is not None and alias.values is not None and True in alias.values
+            )
+            nxt = args[i] if i < len(args) and not args[i].startswith("--") else None
+            if nxt is not None and (not switch or isinstance(yaml.safe_load(nxt), bool)):
+                value, i = nxt, i + 1  # a switch takes only true/false, not the positional after it
+            else:
+                value = "true"
+        taken[name] = yaml.safe_load(value)
+    return rest, taken
+
+
+def parse_with_notes(
+    command: str, args: Sequence[str], values: dict[str, Any] | None = None, where: str = ""
+) -> tuple[Any, list[str], bool]:
+    """Parse a subcommand's arguments (over ``values``, a pipeline step's options) into its config
+    dataclass; also returns what was announced about other spellings and whether --debug was given."""
     import tyro
 
-    from ..config import load_yaml
+    from ..config.io import flatten, from_dict, read_steps, read_yaml, translate
 
     cls = importlib.import_module(COMMANDS[command].module).CONFIG
     path, rest = _split_config(list(args))
-    if path is None and rest and rest[0].endswith((".yaml", ".yml")) and not rest[0].startswith("-"):
+    if path is None and rest and _is_yaml(rest[0]):
         path = rest.pop(0)  # `bergson magic config.yaml`: a leading YAML file is the config
-    default = load_yaml(cls, path) if path else None
+    raw: dict[str, Any] = {}
+    if path:
+        steps = read_steps(path, COMMANDS)
+        if steps is None:
+            raw, where = read_yaml(path), path
+        elif len(steps) == 1 and steps[0][0] == command:
+            raw, where = steps[0][1], f"{path} (step 1, {command})"
+        else:
+            names = ", ".join(name for name, _ in steps)
+            raise BergsonError(f"{path} is a pipeline ({names}); run it as `bergson {path}`")
+    if values is not None:
+        raw = values
+    rest, taken = original_flags(cls, rest)
     rest = _expand_group_aliases(cls, rest)
-    return tyro.cli(
+    notes: list[str] = []
+    merged = {**flatten(raw), **taken}
+    debug = translate(cls, merged, where or "flags").debug
+    default = from_dict(cls, merged, where=where or "flags", notes=notes) if merged else None
+    cfg = tyro.cli(
         cls,
         args=rest,
         default=default,
         prog=f"bergson {command}",
-        description=COMMANDS[command].summary + " Pass --config FILE.yaml to read options from YAML.",
+        description=COMMANDS[command].summary + " Pass --config FILE.yaml to read options from YAML. "
+        "The original bergson package's spellings (--index_cfg.X, --distributed.nproc_per_node, --debug, "
+        "query's --faiss, MAGIC's batch_size / num_epochs / lr_schedule.*) are accepted too.",
         use_underscores=True,
     )
+    return cfg, notes, debug
+
+
+def parse(command: str, args: Sequence[str]) -> Any:
+    """Parse a subcommand's arguments into its config dataclass."""
+    return parse_with_notes(command, args)[0]
+
+
+def _record(cfg: Any, command: str, notes: list[str], where: str) -> None:
+    """Keep what was announced about a run's options in its run directory (other_spellings.json;
+    a stale one from an earlier run is removed)."""
+    import json
+
+    root = getattr(cfg, "run_path", "")
+    if not root or not os.path.isdir(root):
+        return
+    path = Path(root) / OTHER_SPELLINGS
+    if notes:
+        from ..core.files import atomic_write_bytes
+
+        record = {"command": command, "source": where, "announced": notes}
+        atomic_write_bytes(path, json.dumps(record, indent=2).encode())
+    elif path.is_file():
+        path.unlink()
+
+
+OTHER_SPELLINGS = "other_spellings.json"
+PIPELINE_FILE = "pipeline.yaml"
+"""Where a pipeline with a top-level run_path writes its resolved steps (bergson's spelling)."""
+_DEBUG = False
+"""Whether --debug (or a step's ``debug: true``) was given: DEBUG logging and full tracebacks."""
+
+
+def _run(command: str, args: Sequence[str], values: dict[str, Any] | None = None, where: str = "") -> Any:
+    from .. import distributed
+
+    global _DEBUG
+    cfg, notes, debug = parse_with_notes(command, args, values, where)
+    if debug and not _DEBUG:
+        _DEBUG = True
+        logging.getLogger("bergson").setLevel(logging.DEBUG)
+    distributed.check_command(command, cfg)
+    importlib.import_module(COMMANDS[command].module).run(cfg)
+    if distributed.env_rank() == 0:
+        _record(cfg, command, notes, where or "flags")
+    return cfg
+
+
+def _pipeline(args: list[str]) -> tuple[str, list[tuple[str, dict[str, Any]]]] | None:
+    """``bergson FILE.yaml``, ``bergson COMMAND FILE.yaml`` or ``bergson COMMAND --config FILE.yaml``
+    naming a file with ``steps:``: the file and its steps."""
+    from ..config.io import read_steps
+
+    if args and _is_yaml(args[0]):
+        path, rest = args[0], args[1:]
+    elif len(args) > 1 and args[0] in COMMANDS:
+        path, rest = _split_config(args[1:])
+        if path is None and rest and _is_yaml(rest[0]):
+            path, rest = rest[0], rest[1:]
+        if path is None:
+            return None
+    else:
+        return None
+    steps = read_steps(path, COMMANDS)
+    if steps is None:
+        if args[0] == path:
+            raise BergsonError(
+                f"{path} holds one command's options; run it as `bergson COMMAND --config {path}`"
+            )
+        return None
+    if args[0] in COMMANDS and len(steps) == 1 and steps[0][0] == args[0]:
+        return None  # one step of this command: flags after the file override its options
+    if args[0] in COMMANDS and any(name != args[0] for name, _ in steps):
+        names = ", ".join(name for name, _ in steps)
+        raise BergsonError(f"{path} is a pipeline ({names}); run it as `bergson {path}`")
+    if rest:
+        raise BergsonError(
+            f"{path} is a pipeline: flags after it ({' '.join(rest)}) are not applied; put them in its steps"
+        )
+    return path, steps
+
+
+def _debug_asked(args: list[str]) -> bool:
+    return "--debug" in args or "--debug=true" in args or "--debug=True" in args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -97,30 +263,51 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"bergson {__version__}")
         return
     command = args[0]
-    if command not in COMMANDS:
+    if command not in COMMANDS and not _is_yaml(command):
         print(f"bergson: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
     from .. import distributed
 
     # each worker of a launch logs with its rank; errors name it (the launcher stops the others)
     where = f" (rank {distributed.env_rank()})" if distributed.env_world_size() > 1 else ""
+    global _DEBUG
+    debug = _DEBUG = _debug_asked(args)
     logging.basicConfig(level=logging.INFO, format=f"bergson{where}: %(message)s")
+    if debug:
+        logging.getLogger("bergson").setLevel(logging.DEBUG)
     code = 0
+    label = command
     try:
-        cfg = parse(command, args[1:])
-        distributed.check_command(command, cfg)
-        importlib.import_module(COMMANDS[command].module).run(cfg)
+        pipeline = _pipeline(args)
+        if pipeline is None:
+            _run(command, args[1:])
+        else:
+            from ..config.io import pipeline_run_path, save_pipeline
+
+            path, steps = pipeline
+            done = []
+            for i, (name, values) in enumerate(steps, 1):
+                label = f"{path} step {i}/{len(steps)} ({name})"
+                if len(steps) > 1:
+                    print(f"bergson: {label}")
+                done.append((name, _run(name, [], values, f"{path} (step {i}, {name})")))
+            root = pipeline_run_path(path)
+            if root and distributed.env_rank() == 0:
+                save_pipeline(Path(root) / PIPELINE_FILE, done)
+                print(f"wrote the resolved steps to {Path(root) / PIPELINE_FILE}")
     except BergsonError as e:
-        print(f"bergson {command}{where}: error: {e}", file=sys.stderr)
+        if _DEBUG:
+            traceback.print_exc()
+        print(f"bergson {label}{where}: error: {e}", file=sys.stderr)
         code = distributed.PEER_EXIT if isinstance(e, distributed.PeerError) else 1
     except KeyboardInterrupt:
-        print(f"bergson {command}{where}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"bergson {label}{where}: interrupted; rerun the same command to resume", file=sys.stderr)
         code = 130
     except Exception as e:
-        if not where:
+        if not where and label == command and not _DEBUG:
             raise
         traceback.print_exc()
-        print(f"bergson {command}{where}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"bergson {label}{where}: failed: {type(e).__name__}: {e}", file=sys.stderr)
         code = 1
     if code == 0:
         distributed.shutdown()

@@ -105,6 +105,10 @@ class QueryConfig(ModelOptions):
     output: str | None = None
     """Write the hits to a .jsonl, .csv or .parquet file."""
 
+    record: str | None = None
+    """A CSV file each query appends its top and bottom hits to, as it is answered (columns query,
+    direction, result, result_index, score: the original package's --record)."""
+
     search: Literal["exact", "faiss"] = "exact"
     """exact: stream the whole store; faiss: an approximate index built beside the store."""
 

@@ -104,17 +104,31 @@ class TrainingConfig:
     eps: float = 1e-8
     """AdamW's epsilon."""
 
+    eps_root: float = 0.0
+    """AdamW's epsilon inside the square root: the update divides by sqrt(v_hat + eps_root) + eps."""
+
     momentum: float = 0.9
     """SGD momentum (0: plain SGD)."""
 
     weight_decay: float = 0.0
     """Weight decay (decoupled for AdamW, added to the gradient for SGD)."""
 
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
-    """Learning-rate schedule after warmup (linear and cosine decay to 0 at the last step)."""
+    schedule: Literal["constant", "linear", "cosine", "polynomial"] = "constant"
+    """Learning-rate schedule after warmup (linear and cosine decay to 0 at the last step;
+    polynomial decays to --lr_end as (1 - progress) ** --power)."""
 
-    warmup_steps: int = 0
-    """Steps of linear warmup from 0."""
+    warmup_steps: float = 0
+    """Steps of linear warmup from --lr_start to --lr; a value in (0, 1) is a fraction of the
+    total steps (rounded up)."""
+
+    lr_start: float = 0.0
+    """Learning rate at the first warmup step."""
+
+    lr_end: float = 0.0
+    """With --schedule polynomial: the learning rate the decay ends at."""
+
+    power: float = 1.0
+    """With --schedule polynomial: the exponent of the decay (1: linear)."""
 
     max_grad_norm: float = 0.0
     """Clip the step's gradient to this global norm (0: no clipping)."""

@@ -144,3 +144,45 @@ def test_reduce_score_query_chain(tmp_path, model_dir, corpus_file):
     )
     assert len(hits.read_text().splitlines()) == 2
     assert (tmp_path / "idx" / "faiss").is_dir()
+
+
+def test_debug_shows_tracebacks_and_debug_logs(tmp_path, model_dir, corpus_file):
+    """--debug (the original's flag): a refused option still exits 1 with its message, now with the
+    traceback; without it, no traceback."""
+    args = ("build", str(tmp_path / "x"), "--model", str(model_dir), "--dataset", str(corpus_file))
+    bad = (*args, "--token_batch_size", "1")
+    plain, debug = run(*bad, check=False), run(*bad, "--debug", check=False)
+    assert plain.returncode == debug.returncode == 1
+    assert "--token_batch_size 1" in plain.stderr and "Traceback" not in plain.stderr
+    assert "--token_batch_size 1" in debug.stderr and "Traceback" in debug.stderr
+    # a switch does not swallow the positional after it
+    proc = run("build", "--debug", str(tmp_path / "y"), "--model", str(model_dir), "--token_batch_size", "1",
+               check=False)  # fmt: skip
+    assert proc.returncode == 1 and "--token_batch_size 1" in proc.stderr
+
+
+def test_query_record_appends_top_and_bottom_hits(tmp_path, report_stores, query_hits):
+    """--record (the original's CSV): each query appends its top and bottom hits, the same rows and
+    scores `bergson query` finds, and a header once."""
+    import csv
+
+    from bergson.cli import main
+
+    store = report_stores["store"]
+    text, hits = query_hits  # 5 proponents, then 3 opponents, of `text`
+    common = report_stores["common"]
+    record = tmp_path / "rec" / "hits.csv"
+    args = ["query", "--index", str(store.root), "--query", text, "--top_k", "3", "--record", str(record)]
+    args += ["--model", common["model"], "--precision", "fp32", "--device", "cpu"]
+    main(args)
+    main(args)
+    rows = list(csv.DictReader(record.open()))
+    assert list(rows[0]) == ["query", "direction", "result", "result_index", "score"]
+    assert len(rows) == 12 and [r["direction"] for r in rows[:6]] == ["Top"] * 3 + ["Bottom"] * 3
+    top = [(h["row_id"], h["score"]) for h in hits[:3]]
+    bottom = [(h["row_id"], h["score"]) for h in hits[5:]]
+    got = [(int(r["result_index"]), float(r["score"])) for r in rows[:6]]
+    assert [g[0] for g in got] == [h[0] for h in top + bottom]
+    np.testing.assert_allclose([g[1] for g in got], [h[1] for h in top + bottom], rtol=1e-5)
+    assert rows[0]["query"] == text and rows[0]["result"] == report_stores["texts"][top[0][0]]
+    assert rows[6:] == rows[:6]

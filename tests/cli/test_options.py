@@ -213,7 +213,7 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
         "query": [
             (["--index", a["store"], *m, *loading, "--query", "The river flows", "--top_k", "2", "--unit_norm",
               "--reverse", "--modules", a["module"], "--output", str(tmp / "hits.jsonl"), "--search", "exact",
-              "--snippet_chars", "20", "--per_token"], None),
+              "--snippet_chars", "20", "--per_token", "--record", str(tmp / "record.csv")], None),
             (["--index", a["store"], *m, "--query_dataset", a["corpus"], "--query_split", "train[:2]",
               "--query_column", "prompt", "--query_completion_column", "completion", "--search", "faiss",
               "--faiss.index_factory", "IVF1,Flat", "--faiss.mmap_index", "--faiss.nprobe", "1",
@@ -309,3 +309,23 @@ def test_options_an_index_run_does_not_use_are_announced_and_recorded(assets, tm
         assert any("--model, --data.truncation, --projection_dim with --index" in w for w in warned), warned
         unused = load_gradients(out).manifest.producer["unused_options"]
         assert unused == ["--model", "--data.truncation", "--projection_dim"]
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_original_spellings_set_the_options_they_name(command):
+    """Each plain rename of the alias table (and the original's index_cfg. prefix) parses to the
+    same config as our own flag, for every command that has the option."""
+    from bergson.config.io import ALIASES, leaf_options
+
+    cls = config_class(command)
+    ours = leaf_options(cls)
+    hints = {f: typing.get_type_hints(cls).get(f) for f in ours}
+    values = {bool: [], int: ["2"], float: ["2.5"]}
+    cases = [(key, alias.to) for key, alias in ALIASES.items() if alias.to in ours and alias.values is None]
+    cases += [(f"index_cfg.{f}", f) for f in sorted(ours) if hints.get(f) is bool][:2]
+    assert cases or command in ("report", "validate")
+    for theirs, mine in cases:
+        if hints.get(mine) not in values:
+            continue
+        value = values[hints[mine]]  # type: ignore[index]
+        assert parse(command, [f"--{theirs}", *value]) == parse(command, [f"--{mine}", *value]), theirs

@@ -27,6 +27,10 @@ def check_recipe(recipe: TrainingConfig) -> None:
         ("beta1", 0 <= recipe.beta1 < 1, "must be in [0, 1)"),
         ("beta2", 0 <= recipe.beta2 < 1, "must be in [0, 1)"),
         ("eps", recipe.eps > 0, "must be > 0"),
+        ("eps_root", recipe.eps_root >= 0, "must be >= 0"),
+        ("lr_start", recipe.lr_start >= 0, "must be >= 0"),
+        ("lr_end", recipe.lr_end >= 0, "must be >= 0"),
+        ("power", recipe.power > 0, "must be > 0"),
         ("momentum", 0 <= recipe.momentum < 1, "must be in [0, 1)"),
         ("weight_decay", recipe.weight_decay >= 0, "must be >= 0"),
         ("warmup_steps", recipe.warmup_steps >= 0, "must be >= 0"),
@@ -37,8 +41,16 @@ def check_recipe(recipe: TrainingConfig) -> None:
             raise BergsonError(f"--training.{name} {getattr(recipe, name)}: {why}")
     if recipe.optimizer not in ("adamw", "sgd"):
         raise BergsonError(f"--training.optimizer {recipe.optimizer!r}: choose adamw or sgd")
-    if recipe.schedule not in ("constant", "linear", "cosine"):
-        raise BergsonError(f"--training.schedule {recipe.schedule!r}: choose constant, linear or cosine")
+    if recipe.schedule not in ("constant", "linear", "cosine", "polynomial"):
+        raise BergsonError(
+            f"--training.schedule {recipe.schedule!r}: choose constant, linear, cosine or polynomial"
+        )
+    for name, default in (("lr_end", 0.0), ("power", 1.0)):
+        if recipe.schedule != "polynomial" and getattr(recipe, name) != default:
+            raise BergsonError(
+                f"--training.{name} {getattr(recipe, name)}: it shapes the polynomial decay, and the schedule "
+                f"is {recipe.schedule}; pass --training.schedule polynomial or drop it"
+            )
 
 
 def trained_names(trainable: Sequence[str], freeze: Sequence[str]) -> list[str]:
@@ -79,16 +91,32 @@ def plan_steps(num_docs: int, recipe: TrainingConfig) -> list[list[np.ndarray]]:
     return steps
 
 
+def warmup_steps(recipe: TrainingConfig, total: int) -> int:
+    """The warmup length in steps: ``warmup_steps`` itself, or a fraction in (0, 1) of ``total``
+    rounded up."""
+    w = recipe.warmup_steps
+    if 0 < w < 1:
+        return math.ceil(total * w)
+    if w != int(w):
+        raise BergsonError(
+            f"--training.warmup_steps {w}: a number of steps (whole) or a fraction of the total in (0, 1)"
+        )
+    return int(w)
+
+
 def learning_rate(recipe: TrainingConfig, step: int, total: int) -> float:
-    """transformers' get_{constant,linear,cosine}_schedule_with_warmup at ``step`` (0-based)."""
-    warm = recipe.warmup_steps
+    """transformers' get_{constant,linear,cosine,polynomial_decay}_schedule_with_warmup at ``step``
+    (0-based), the warmup rising linearly from ``lr_start`` (0 in transformers) to ``lr``."""
+    warm = warmup_steps(recipe, total)
     if step < warm:
-        return recipe.lr * step / max(1, warm)
+        return recipe.lr_start + (recipe.lr - recipe.lr_start) * step / max(1, warm)
     if recipe.schedule == "constant":
         return recipe.lr
-    progress = (step - warm) / max(1, total - warm)
+    progress = min(1.0, (step - warm) / max(1, total - warm))
     if recipe.schedule == "linear":
         return recipe.lr * max(0.0, 1.0 - progress)
+    if recipe.schedule == "polynomial":
+        return recipe.lr_end + (recipe.lr - recipe.lr_end) * (1.0 - progress) ** recipe.power
     return recipe.lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
@@ -162,7 +190,10 @@ def optimizer_update(recipe: TrainingConfig, state: State, grads: Tensors, step:
             g = grads[k]
             m = b1 * state.slots["m"][k] + (1 - b1) * g
             v = b2 * state.slots["v"][k] + (1 - b2) * g * g
-            denom = _safe_sqrt(v) / math.sqrt(bc2) + recipe.eps
+            if recipe.eps_root:  # sqrt(v_hat + eps_root): differentiable everywhere
+                denom = torch.sqrt(v / bc2 + recipe.eps_root) + recipe.eps
+            else:
+                denom = _safe_sqrt(v) / math.sqrt(bc2) + recipe.eps
             new_params[k] = p * (1 - lr * recipe.weight_decay) - (lr / bc1) * m / denom
             m_new[k], v_new[k] = m, v
         return State(new_params, {"m": m_new, "v": v_new})
