@@ -255,7 +255,7 @@ def test_callback_snippet_store_equals_build(workdir):
         workdir,
     )
     callback = ns["callback"]
-    (store_path,) = callback.stores
+    (store_path,) = [workdir / s for s in callback.stores]  # relative to where the snippet ran
     store = load_gradients(store_path)
     assert len(store) == 8
     import pyarrow.parquet as pq
