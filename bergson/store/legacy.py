@@ -237,7 +237,7 @@ def legacy_manifest(root: Path, part: Path, info: dict[str, Any], num_rows: int)
         modules=layouts,
         projection=projection,
         normalizer={"kind": "original"} if _has_normalizers(part) else None,
-        preconditioner=None,
+        preconditioner=_carried_hessian(run),
         loss={"kind": "causal_lm", "reduction": _find(run, "loss_reduction") or "sum"},
         dtype=info["scalar_dtype"],
         num_rows=num_rows,
@@ -265,3 +265,12 @@ def _has_normalizers(part: Path) -> bool:
         return bool(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:  # an unreadable file is reported, not guessed at
         raise BergsonError(f"{path}: unreadable ({e}); remove it if the store has no normalizers") from e
+
+
+def _carried_hessian(run: Any) -> dict[str, Any] | None:
+    """The preconditioner the original applied while building (its ``hessian_path``): H^-1/2 with
+    unit normalization, H^-1 without, as its builder did."""
+    path = _find(run, "hessian_path")
+    if not path:
+        return None
+    return {"kind": "original", "path": str(path), "power": -0.5 if _find(run, "unit_normalize") else -1.0}

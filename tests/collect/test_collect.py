@@ -279,6 +279,18 @@ def test_original_form_refuses_what_it_cannot_honour(tmp_path):
         collect_gradients(
             model=model, data=data, processor=GradientProcessor(projection_dim=4), path="c", projection_dim=8
         )
+    # module names relative to base_model, as the original wrote them; other IndexConfig fields pass
+    out = collect_gradients(
+        model=model,
+        data=data,
+        path=str(tmp_path / "e"),
+        target_modules={"layers.0.attention.dense"},
+        projection_dim=2,
+    )
+    assert out.info is not None and len(out[0]["gradients"]) == 4
+    from bergson import load_gradients
+
+    assert load_gradients(tmp_path / "e").modules == ["gpt_neox.layers.0.attention.dense"]
     with pytest.raises(BergsonError, match="unknown options"):
         collect_gradients(model=model, data=data, path=str(tmp_path / "d"), not_an_option=1)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from bergson import Attributor, BergsonError, build, exact_topk, load_gradients
 from bergson.cli import main
@@ -52,6 +53,15 @@ def test_read_in_place_rows_metadata_and_dataset_view(two_parts):
     np.testing.assert_array_equal(
         np.asarray(view.with_format("numpy")["gradients"]), grads.astype(np.float32)
     )
+    assert store.manifest.preconditioner is None
+    # built with the original's hessian_path and unit normalization: the vectors carry H^-1/2
+    config = root / "part-0" / "config.yaml"
+    run = yaml.safe_load(config.read_text())
+    run["steps"][0]["build"]["preprocess_cfg"] = {"unit_normalize": True, "hessian_path": "h"}
+    config.write_text(yaml.safe_dump(run))
+    carried = load_gradients(root).manifest
+    assert carried.preconditioner == {"kind": "original", "path": "h", "power": -0.5}
+    assert carried.unit_normalize
 
 
 def test_search_score_reduce_and_report_in_place(two_parts, tmp_path, capsys):
