@@ -1,4 +1,4 @@
-"""Reading a store without loading it into memory."""
+"""Reading a store without loading it into memory (ours, or one of the original package)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,10 @@ class GradientStore:
 
     ``store.modules`` lists module names; ``store[name]`` is that module's [rows, dim]
     array (memory-mapped); ``store.rows`` holds per-row metadata (``row_id``, the dataset
-    row; ``num_tokens``; ``loss``); ``store.manifest`` says how the vectors were made.
+    row; ``num_tokens``; ``loss``); ``store.manifest`` says how the vectors were made;
+    ``store.to_dataset()`` is the store as a ``datasets.Dataset`` (no copy). A store written by
+    the original package (``info.json``, ``gradients.bin``) is read in place the same way
+    (:mod:`bergson.store.legacy`; ``store.is_legacy``).
     """
 
     def __init__(self, root: str | Path):
