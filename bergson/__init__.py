@@ -17,7 +17,9 @@ _EXPORTS = {
     "IndexConfig": "bergson.config",
     "AttentionConfig": "bergson.core.layout",
     "GradientCollector": "bergson.collect.hooks",
-    "collect_gradients": "bergson.collect.loop",
+    "collect_gradients": "bergson.methods.compat",
+    "GradientProcessor": "bergson.methods.compat",
+    "load_gradient_dataset": "bergson.store.reader",
     "per_example_gradients": "bergson.collect.generic",
     "ExampleGradients": "bergson.collect.generic",
     "gradient_scores": "bergson.methods.custom",
@@ -81,6 +83,8 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "IndexConfig",
     "GradientCollector",
     "collect_gradients",
+    "GradientProcessor",
+    "load_gradient_dataset",
     "per_example_gradients",
     "ExampleGradients",
     "gradient_scores",
@@ -148,7 +152,7 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:
     from .collect.generic import ExampleGradients, per_example_gradients
     from .collect.hooks import GradientCollector
-    from .collect.loop import InMemorySink, collect_gradients
+    from .collect.loop import InMemorySink
     from .collect.losses import per_document_loss
     from .config import (
         DataConfig,
@@ -174,6 +178,7 @@ if TYPE_CHECKING:
     from .errors import BergsonError
     from .integrations import GradientCollectorCallback, prepare_for_gradient_collection
     from .methods.build import build
+    from .methods.compat import GradientProcessor, collect_gradients
     from .methods.custom import (
         EkfacFactors,
         ekfac_scores,
@@ -193,7 +198,7 @@ if TYPE_CHECKING:
     from .scoring import score
     from .search.attributor import Attributor
     from .search.exact import exact_topk
-    from .store.reader import GradientStore, load_gradients
+    from .store.reader import GradientStore, load_gradient_dataset, load_gradients
     from .transforms.normalizers import AdafactorNormalizer, AdamNormalizer
     from .transforms.optimizer_state import normalizers_from_optimizer_state
     from .transforms.preconditioners import (

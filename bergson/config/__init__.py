@@ -6,6 +6,7 @@ Nothing here imports torch, so that ``bergson --help`` answers quickly.
 """
 
 from .commands import (
+    ConvertConfig,
     EkfacConfig,
     IndexConfig,
     MagicConfig,
@@ -24,6 +25,7 @@ from .options import DampingMode, DataConfig, FaissConfig, ModelOptions, Precisi
 
 __all__ = [
     "ALIASES",
+    "ConvertConfig",
     "DampingMode",
     "DataConfig",
     "EkfacConfig",

@@ -392,3 +392,21 @@ class ServeConfig(ModelOptions):
 
     collapse_chars: int = 600
     """Documents longer than this many characters are shown collapsed."""
+
+
+@dataclass
+class ConvertConfig:
+    """Options of ``bergson convert``: rewrite a store of the original package as one of ours."""
+
+    source: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="SOURCE")] = ""
+    """A store written by the original bergson package (info.json, gradients.bin, data.hf)."""
+
+    run_path: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_PATH")] = ""
+    """Where to write the converted store."""
+
+    model: str | None = None
+    """Model whose module names and shapes the store gets (default: the one its config.yaml names;
+    only its configuration is read)."""
+
+    overwrite: bool = False
+    """Replace an existing store at RUN_PATH."""

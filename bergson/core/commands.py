@@ -87,6 +87,11 @@ COMMANDS: dict[str, Command] = {
         "Serve a local page that explains typed queries live from a gradient store (read-only).",
         "ServeConfig",
     ),
+    "convert": Command(
+        "bergson.cli.convert",
+        "Rewrite a store written by the original bergson package (info.json, gradients.bin) as one of ours.",
+        "ConvertConfig",
+    ),
     "test_model_configuration": Command(
         "bergson.cli.test_model_configuration",
         "Check that batched gradients equal one-by-one ones; suggest --force_math_sdp / --precision if not.",

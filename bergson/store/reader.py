@@ -1,4 +1,4 @@
-"""Reading a store without loading it into memory."""
+"""Reading a store without loading it into memory (ours, or one of the original package)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..errors import BergsonError
-from .manifest import Manifest, read_manifest
+from .legacy import is_legacy_store, open_legacy
+from .manifest import MANIFEST, Manifest, read_manifest
 from .writer import TOKENS
 
 ROW_DTYPE = np.dtype([("row_id", np.int64), ("num_tokens", np.int64), ("loss", np.float32)])
@@ -57,11 +58,21 @@ class GradientStore:
 
     ``store.modules`` lists module names; ``store[name]`` is that module's [rows, dim]
     array (memory-mapped); ``store.rows`` holds per-row metadata (``row_id``, the dataset
-    row; ``num_tokens``; ``loss``); ``store.manifest`` says how the vectors were made.
+    row; ``num_tokens``; ``loss``); ``store.manifest`` says how the vectors were made;
+    ``store.to_dataset()`` is the store as a ``datasets.Dataset`` (no copy). A store written by
+    the original package (``info.json``, ``gradients.bin``) is read in place the same way
+    (:mod:`bergson.store.legacy`; ``store.is_legacy``).
     """
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._token_parts: list[np.ndarray] | None = None
+        self._legacy = not (self.root / MANIFEST).is_file() and is_legacy_store(self.root)
+        if self._legacy:
+            # a store of the original package: its gradients.bin mapped in place
+            self.manifest, self._parts, self.rows = open_legacy(self.root)
+            self._shard_starts = np.cumsum([0] + [p.shape[0] for p in self._parts])
+            return
         self.manifest: Manifest = read_manifest(self.root)
         if self.manifest.status != "complete":
             raise BergsonError(
@@ -83,7 +94,6 @@ class GradientStore:
             for col in ROW_DTYPE.names or ():
                 self.rows[col][start : start + m.num_rows] = m[col].to_numpy()
             start += m.num_rows
-        self._token_parts: list[np.ndarray] | None = None
         self._shard_starts = np.cumsum([0] + [p.shape[0] for p in self._parts])
 
     @property
@@ -112,6 +122,26 @@ class GradientStore:
         counts = self.rows["num_tokens"][first : index + 1]
         stop = int(counts.sum())
         return self._token_parts[s][stop - int(counts[-1]) : stop]
+
+    @property
+    def is_legacy(self) -> bool:
+        """Whether this is a store of the original package, read in place (``bergson convert``
+        rewrites it as one of ours)."""
+        return self._legacy
+
+    def to_dataset(self, data: Any = None) -> Any:
+        """This store as a ``datasets.Dataset``: one row per store row with its ``row_id``,
+        ``num_tokens`` and ``loss`` and a ``gradients`` column (every module's columns side by
+        side, in the store's dtype). The gradients are the memory-mapped shard files themselves,
+        not a copy (see :func:`dataset_view`).
+
+        ``data`` (a ``datasets.Dataset`` of the documents the store was built from) adds its
+        columns, row ``row_id`` of ``data`` beside each store row. Without ``data``, the rows saved
+        beside the store (``data.hf``: stores of the original package, and those written by
+        ``collect_gradients(data=...)``) are added when they are there."""
+        from .dataset_view import dataset_view
+
+        return dataset_view(self, data)
 
     @property
     def modules(self) -> list[str]:
@@ -153,5 +183,12 @@ class GradientStore:
 
 
 def load_gradients(root: str | Path) -> GradientStore:
-    """Open a complete gradient store read-only (memory-mapped)."""
+    """Open a complete gradient store read-only (memory-mapped): one of ours, or one written by
+    the original package (``info.json``, ``gradients.bin``, ``data.hf``), read in place."""
     return GradientStore(root)
+
+
+def load_gradient_dataset(root: str | Path, data: Any = None) -> Any:
+    """A store as a ``datasets.Dataset`` with a memory-mapped ``gradients`` column (the original
+    package's name for it): ``load_gradients(root).to_dataset(data)``."""
+    return GradientStore(root).to_dataset(data)

@@ -22,6 +22,7 @@ import pytest
 
 from bergson import config as C
 from bergson.cli import COMMANDS, main, parse
+from tests.helpers.legacy_store import legacy_store_of_model
 from tests.helpers.option_reads import recording
 
 NESTED = (C.DataConfig, C.FaissConfig, C.TrainingConfig)
@@ -95,7 +96,7 @@ def assets(tmp_path_factory, model_dir, corpus_file, report_stores, query_hits) 
         "tmp": str(tmp), "model": str(model_dir), "corpus": str(corpus), "index": str(index.root),
         "query": str(query.root), "store": str(store.root), "module": store.manifest.modules[0].name,
         "scores": str(report_stores["scores"].root), "hits": str(tmp / "hits.jsonl"),
-        "hits_queries": str(tmp / "queries.jsonl"),
+        "hits_queries": str(tmp / "queries.jsonl"), "legacy": str(legacy_store_of_model(tmp / "legacy", model_dir)[0]),
     }  # fmt: skip
 
 
@@ -219,6 +220,10 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
               "--faiss.index_factory", "IVF1,Flat", "--faiss.mmap_index", "--faiss.nprobe", "1",
               "--faiss.num_shards", "1", "--faiss.max_train_examples", "16"], None),
             (["--index", a["store"], *m, "--query", "x", "--preconditioner_path", missing], "missing"),
+        ],
+        "convert": [
+            ([a["legacy"], new(), "--model", a["model"], "--overwrite"], None),
+            ([missing, new()], "no info.json and gradients.bin"),
         ],
         "test_model_configuration": [
             ([*m, *loading, *d, "--num_documents", "2", "--projection_dim", "4", "--tolerance", "0.01",

@@ -184,3 +184,162 @@ def test_the_pass_engine_restores_flags_and_counts_examples():
     assert count == 5 and seen == [0, 1, 2, 3, 4] and engine.batch is None
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
+
+
+# ------------------------------------------------------------------ the original package's form
+def _tokenized(docs: TokenizedDocs, masked_row: int, masked: int, advantage: list[float]):
+    from datasets import Dataset
+
+    labels = [seq.tolist() for seq in docs.input_ids]
+    labels[masked_row][:masked] = [-100] * masked
+    return Dataset.from_dict(
+        {
+            "text": [f"doc {i}" for i in range(len(docs))],
+            "input_ids": [seq.tolist() for seq in docs.input_ids],
+            "labels": labels,
+            "advantage": advantage,
+        }
+    )
+
+
+def test_original_form_writes_a_store_and_returns_its_dataset(tmp_path, caplog):
+    """collect_gradients(model=, data=, processor=, path=) gives the vectors of our form for the
+    same documents (labels -100 mask the loss, advantage weights it), as a Dataset view of the
+    store it wrote, and accepts the 2.5.1 positional form with a config."""
+    from bergson import GradientProcessor, IndexConfig, load_gradient_dataset, load_gradients
+
+    model = tiny_neox()
+    docs = random_docs(5, model.config.vocab_size, seed=1, lo=6)
+    weights = [1.0, 2.0, 0.5, 1.0, -1.0]
+    data = _tokenized(docs, 2, 3, weights)
+    processor = GradientProcessor(projection_dim=4, projection_seed=3, projection_type="rademacher")
+    out = collect_gradients(model=model, data=data, processor=processor, path=str(tmp_path / "run"))
+    ref = collect_gradients(
+        model,
+        TokenizedDocs(docs.input_ids, np.array([0, 0, 3, 0, 0]), None, np.array(weights)),
+        projection_dim=4,
+        seed=3,
+        progress=False,
+    )
+    assert out.column_names == [
+        "text",
+        "input_ids",
+        "labels",
+        "advantage",
+        "row_id",
+        "num_tokens",
+        "loss",
+        "gradients",
+    ]
+    got = np.asarray(out.with_format("numpy")["gradients"], np.float64)
+    np.testing.assert_allclose(got, ref.vectors, rtol=1e-5, atol=1e-6 * np.abs(ref.vectors).max())
+    np.testing.assert_allclose(out["loss"], ref.loss, rtol=1e-6)
+    assert out["text"] == data["text"]
+    store = load_gradients(tmp_path / "run")
+    assert store.manifest.projection == {
+        "kind": "gaussian_two_sided",
+        "dim": 4,
+        "seed": 3,
+        "include_bias": False,
+    }
+    assert store.manifest.producer["substitutions"] == [
+        "projection_type='rademacher': Gaussian (normal) matrices are used"
+    ]
+    assert "rademacher" in caplog.text
+    # reopened from disk: the saved rows (data.hf) come back beside the gradients
+    again = load_gradient_dataset(tmp_path / "run")
+    assert again["text"] == data["text"] and again["gradients"] == out["gradients"]
+    # the 2.5.1 form: (model, data, processor, cfg)
+    cfg = IndexConfig(run_path=str(tmp_path / "run2"), token_batch_size=64)
+    positional = collect_gradients(model, data, processor, cfg)
+    assert positional["gradients"] == out["gradients"]
+
+
+def test_original_form_refuses_what_it_cannot_honour(tmp_path):
+    from datasets import Dataset
+
+    from bergson import BergsonError, GradientProcessor
+
+    model = tiny_neox()
+    data = _tokenized(random_docs(2, model.config.vocab_size, lo=6), 0, 1, [1.0, 1.0])
+    with pytest.raises(BergsonError, match="preconditioner_path"):
+        collect_gradients(
+            model=model, data=data, processor=GradientProcessor(hessians={"x": 1}), path=str(tmp_path)
+        )
+    with pytest.raises(BergsonError, match="per_module"):
+        collect_gradients(
+            model=model, data=data, processor=GradientProcessor(projection_target="global"), path="x"
+        )
+    with pytest.raises(BergsonError, match="input_ids"):
+        collect_gradients(model=model, data=Dataset.from_dict({"text": ["a"]}), path=str(tmp_path / "a"))
+    bad = data.map(lambda r: {"labels": [5] * len(r["input_ids"])})
+    with pytest.raises(BergsonError, match="labels"):
+        collect_gradients(model=model, data=bad, path=str(tmp_path / "b"))
+    with pytest.raises(BergsonError, match="pass each once"):
+        collect_gradients(
+            model=model, data=data, processor=GradientProcessor(projection_dim=4), path="c", projection_dim=8
+        )
+    # module names relative to base_model, as the original wrote them; other IndexConfig fields pass
+    out = collect_gradients(
+        model=model,
+        data=data,
+        path=str(tmp_path / "e"),
+        target_modules={"layers.0.attention.dense"},
+        projection_dim=2,
+    )
+    assert out.info is not None and len(out[0]["gradients"]) == 4
+    from bergson import load_gradients
+
+    assert load_gradients(tmp_path / "e").modules == ["gpt_neox.layers.0.attention.dense"]
+    with pytest.raises(BergsonError, match="unknown options"):
+        collect_gradients(model=model, data=data, path=str(tmp_path / "d"), not_an_option=1)
+
+
+def test_readme_attention_head_snippet(tmp_path, monkeypatch):
+    """The original README's snippet, verbatim after its imports: module names relative to
+    base_model, head_dim=2 (the output features); each head's block is its rows of the module's
+    full gradient."""
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+
+    from bergson import GradientProcessor, load_gradients
+    from tests.helpers.standins import make_standins
+
+    make_standins(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    from bergson import AttentionConfig, DataConfig, IndexConfig  # noqa: F401  (the README's imports)
+
+    model = AutoModelForCausalLM.from_pretrained(
+        "RonenEldan/TinyStories-1M", trust_remote_code=True, use_safetensors=True
+    )
+    tok = AutoTokenizer.from_pretrained("RonenEldan/TinyStories-1M")
+    data = load_dataset("NeelNanda/pile-10k", split="train[:2]").map(
+        lambda r: tok(r["text"], truncation=True, max_length=10)
+    )
+    processor = GradientProcessor()  # the original's default: full gradients
+
+    collect_gradients(
+        model=model,
+        data=data,
+        processor=processor,
+        path="runs/split_attention",
+        attention_cfgs={
+            # Head configuration for the TinyStories-1M transformer
+            "h.0.attn.attention.out_proj": AttentionConfig(num_heads=16, head_size=4, head_dim=2),
+        },
+    )
+    store = load_gradients("runs/split_attention")
+    name = "transformer.h.0.attn.attention.out_proj"
+    heads = [m for m in store.manifest.modules if m.name.startswith(name + ".head")]
+    assert [m.shape for m in heads] == [[4, 64]] * 16
+    docs = TokenizedDocs([np.asarray(x) for x in data["input_ids"]], np.zeros(2, np.int64))
+    whole = collect_gradients(model, docs, modules=[name], projection_dim=0, progress=False).vectors.reshape(
+        2, 64, 64
+    )
+    for h, m in enumerate(heads):
+        block = np.asarray(store[m.name], np.float64).reshape(2, 4, 64)
+        np.testing.assert_allclose(
+            block, whole[:, 4 * h : 4 * h + 4], rtol=1e-4, atol=1e-6 * np.abs(whole).max()
+        )
