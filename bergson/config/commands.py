@@ -24,6 +24,7 @@ from .options import (
     StoreOptions,
     TrainingConfig,
     WorkerOptions,
+    share_tokenizer,
 )
 
 
@@ -260,6 +261,11 @@ class MagicConfig(WorkerOptions, ModelOptions):
     top_k: int = 10
     """Training documents printed per score column."""
 
+    def _check(self) -> None:
+        self.data._check()
+        self.query._check("--query.")
+        share_tokenizer(self.data, self.query)
+
 
 @dataclass
 class ModelConfigTestConfig(ModelOptions):
@@ -388,3 +394,22 @@ class ServeConfig(ModelOptions):
 
     collapse_chars: int = 600
     """Documents longer than this many characters are shown collapsed."""
+
+
+COMMAND_OF_CONFIG: dict[type, str] = {
+    IndexConfig: "build",
+    ReduceConfig: "reduce",
+    ScoreConfig: "score",
+    PreconditionerConfig: "preconditioner",
+    TrackstarConfig: "trackstar",
+    EkfacConfig: "ekfac",
+    MagicConfig: "magic",
+    QueryConfig: "query",
+    ModelConfigTestConfig: "test_model_configuration",
+}
+"""The command whose options a config class holds (exact class, not subclasses)."""
+
+
+def command_of(cfg: object) -> str:
+    """The command a config belongs to ('' for a config no command uses as it is)."""
+    return COMMAND_OF_CONFIG.get(type(cfg), "")
