@@ -121,7 +121,7 @@ class DataConfig:
 
     drop_columns: ValueBool = True
     """Keep only each row's own metadata (row id, tokens, loss); False: the dataset's other columns
-    come with the rows too when a store is read as a dataset (bergson.store_rows)."""
+    come with the rows too when a store is read as a dataset (bergson.runs.documents.store_rows)."""
 
     truncation: bool = False
     """Truncate documents longer than the token budget (or --max_length) instead of failing."""
