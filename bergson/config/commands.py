@@ -24,6 +24,7 @@ from .options import (
     StoreOptions,
     TrainingConfig,
     WorkerOptions,
+    share_tokenizer,
 )
 
 
@@ -264,6 +265,11 @@ class MagicConfig(WorkerOptions, ModelOptions):
     top_k: int = 10
     """Training documents printed per score column."""
 
+    def _check(self) -> None:
+        self.data._check()
+        self.query._check("--query.")
+        share_tokenizer(self.data, self.query)
+
 
 @dataclass
 class ModelConfigTestConfig(ModelOptions):
@@ -410,3 +416,22 @@ class ConvertConfig:
 
     overwrite: bool = False
     """Replace an existing store at RUN_PATH."""
+
+
+COMMAND_OF_CONFIG: dict[type, str] = {
+    IndexConfig: "build",
+    ReduceConfig: "reduce",
+    ScoreConfig: "score",
+    PreconditionerConfig: "preconditioner",
+    TrackstarConfig: "trackstar",
+    EkfacConfig: "ekfac",
+    MagicConfig: "magic",
+    QueryConfig: "query",
+    ModelConfigTestConfig: "test_model_configuration",
+}
+"""The command whose options a config class holds (exact class, not subclasses)."""
+
+
+def command_of(cfg: object) -> str:
+    """The command a config belongs to ('' for a config no command uses as it is)."""
+    return COMMAND_OF_CONFIG.get(type(cfg), "")

@@ -15,52 +15,16 @@ import tyro
 
 from ..core.devices import launched
 from ..errors import BergsonError
+from .data import ChatTemplate, DataConfig, ValueBool, check_dataset, parse_kwargs, share_tokenizer
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["ChatTemplate", "DataConfig", "ValueBool", "check_dataset", "parse_kwargs", "share_tokenizer"]
 
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int4", "int8"]
 DampingMode = Literal["relative", "absolute"]
 DIST_TIMEOUT = 7200.0
 """Seconds workers wait for each other by default (long: ranks finish at different times)."""
-
-
-@dataclass
-class DataConfig:
-    """Which documents to read and how to turn them into token sequences."""
-
-    dataset: str = ""
-    """Hub id, local .json/.jsonl/.csv/.parquet file (optionally .gz), or save_to_disk directory."""
-
-    split: str = "train"
-    """Split to read, with optional slice syntax such as 'train[:1000]' or 'train[10%:20%]'."""
-
-    subset: str | None = None
-    """Configuration name of a hub dataset that has several."""
-
-    prompt_column: str = "text"
-    """Column holding the text (or, with --completion_column, the prompt)."""
-
-    completion_column: str | None = None
-    """Optional column holding a completion; the loss is then taken on the completion only."""
-
-    conversation_column: str | None = None
-    """Column holding chat conversations (lists of {role, content} messages), rendered with the
-    tokenizer's chat template; the loss is taken on the assistant turns only."""
-
-    reward_column: str | None = None
-    """Column of rewards (with --completion_column): each row's loss is multiplied by its Dr. GRPO
-    advantage, the reward minus the mean reward of the rows with the same prompt (no std scaling)."""
-
-    truncation: bool = False
-    """Truncate documents longer than the token budget (or --max_length) instead of failing."""
-
-    max_length: int | None = None
-    """Truncation length in tokens; defaults to the token budget and the model's context size."""
-
-    @classmethod
-    def from_manifest(cls, data: dict[str, Any]) -> DataConfig:
-        """The data options recorded in a store's manifest (its other data fields left out)."""
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -227,6 +191,12 @@ class DataOptions:
     data: DataConfig = field(default_factory=DataConfig)
     """Data options (each may also be written without the 'data.' prefix)."""
 
+    def _check(self) -> None:
+        # with --index the vectors come from a store; with --mix_train two fits are mixed
+        if not any(getattr(self, name, None) for name in ("index", "mix_train", "mix_query")):
+            check_dataset(self.data)
+        self.data._check()
+
 
 @dataclass
 class QueryDataOptions:
@@ -234,6 +204,13 @@ class QueryDataOptions:
 
     query: DataConfig = field(default_factory=DataConfig)
     """The query set (prompt/completion columns allowed); one score column per query."""
+
+    def _check(self) -> None:
+        check_dataset(self.query, "--query.dataset")
+        self.query._check("--query.")
+        data = getattr(self, "data", None)
+        if isinstance(data, DataConfig):
+            share_tokenizer(data, self.query)
 
 
 @dataclass

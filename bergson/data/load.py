@@ -5,12 +5,19 @@ A local path never reaches out to the hub.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..config import DataConfig
+from ..config.data import parse_kwargs
 from ..errors import BergsonError
+
+logger = logging.getLogger(__name__)
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".zstd"}
@@ -50,11 +57,47 @@ def _slice_split(ds: Any, split: str, option: str) -> Any:
     return ds.select(range(instr.from_, instr.to))
 
 
-def load_data(cfg: DataConfig, option: str = "--dataset") -> Any:
-    """Load ``cfg.dataset`` (one split, sliced) as a ``datasets.Dataset``."""
+def load_data(cfg: DataConfig, option: str = "--dataset", report: dict[str, Any] | None = None) -> Any:
+    """Load ``cfg.dataset`` (one split, sliced) as a ``datasets.Dataset``; with
+    ``cfg.skip_nan_rewards`` the rows without a reward are left out (announced, and counted in
+    ``report``), so that every reader of the same options sees the same rows."""
+    ds, left_out = drop_missing_rewards(_load(cfg, option), cfg)
+    if report is not None and cfg.skip_nan_rewards:
+        report["rows_without_reward_left_out"] = left_out
+    return ds
+
+
+def missing_rewards(ds: Any, column: str) -> np.ndarray:
+    """Which rows of ``ds`` have no reward in ``column`` (None or NaN)."""
+    if column not in ds.column_names:
+        raise BergsonError(
+            f"--reward_column {column!r}: no such column in the dataset; columns are {', '.join(ds.column_names)}"
+        )
+    return np.array([v is None or (isinstance(v, float) and math.isnan(v)) for v in ds[column]], dtype=bool)
+
+
+def drop_missing_rewards(ds: Any, cfg: DataConfig) -> tuple[Any, int]:
+    """With ``cfg.skip_nan_rewards``: ``ds`` without its rows that have no reward, and how many
+    were left out (announced)."""
+    if not (cfg.skip_nan_rewards and cfg.reward_column):
+        return ds, 0
+    missing = missing_rewards(ds, cfg.reward_column)
+    if not missing.any():
+        return ds, 0
+    logger.warning(
+        "--skip_nan_rewards: leaving out %d of %d rows without a reward in --reward_column %r "
+        "(the rows that remain are numbered 0..%d)",
+        int(missing.sum()), len(missing), cfg.reward_column, int((~missing).sum()) - 1,
+    )  # fmt: skip
+    return ds.select([int(i) for i in np.flatnonzero(~missing)]), int(missing.sum())
+
+
+def _load(cfg: DataConfig, option: str) -> Any:
     import datasets
 
     name = cfg.dataset
+    args_option = option.replace("dataset", "data_args")
+    kwargs = parse_kwargs(cfg.data_args, args_option)
     if not name:
         raise BergsonError(f"{option} is required: a hub id, a local file or a save_to_disk directory")
     path = Path(os.path.expanduser(name))
@@ -69,8 +112,13 @@ def load_data(cfg: DataConfig, option: str = "--dataset") -> Any:
     try:
         if path.is_dir():
             if saved:
+                if kwargs:
+                    raise BergsonError(
+                        f"{args_option} {cfg.data_args!r}: {name} is a save_to_disk directory, read as it "
+                        "is saved (load_dataset's arguments do not apply); drop the option"
+                    )
                 return _slice_split(datasets.load_from_disk(str(path)), cfg.split, "--split")
-            return datasets.load_dataset(str(path), cfg.subset, split=cfg.split)
+            return datasets.load_dataset(str(path), cfg.subset, split=cfg.split, **kwargs)
         if path.is_file():
             builder = _builder_for(path)
             if builder is None:
@@ -81,11 +129,15 @@ def load_data(cfg: DataConfig, option: str = "--dataset") -> Any:
                 raise BergsonError(
                     f"--split {cfg.split}: a single local file has only the 'train' split (e.g. 'train[:100]')"
                 )
-            return datasets.load_dataset(builder, data_files=str(path), split=cfg.split)
+            return datasets.load_dataset(builder, data_files=str(path), split=cfg.split, **kwargs)
         if _looks_like_path(name):
             raise BergsonError(f"{option} {name}: no such file or directory")
-        return datasets.load_dataset(name, cfg.subset, split=cfg.split)
+        return datasets.load_dataset(name, cfg.subset, split=cfg.split, **kwargs)
     except BergsonError:
         raise
+    except TypeError as e:
+        if not kwargs:
+            raise
+        raise BergsonError(f"{args_option} {cfg.data_args!r}: datasets.load_dataset refused it ({e})") from e
     except (FileNotFoundError, ValueError) as e:
         raise BergsonError(f"{option} {name} (split {cfg.split!r}): {e}") from e

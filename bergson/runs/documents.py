@@ -11,17 +11,22 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
+from ..config.commands import command_of
 from ..config.options import BatchOptions, validate_options
+from ..config.original import announce_differing_defaults
 from ..data import TokenizedDocs, load_data, tokenize_documents
 from ..errors import BergsonError
 from ..models import load_model
 
 
 def validate_index_config(cfg: Any) -> None:
-    """Refuse a config without a run path or with values its option groups do not accept."""
+    """Refuse a config without a run path or with values its option groups do not accept; a run
+    that computes gradients says which of our defaults it uses differ from the original bergson's."""
     if not cfg.run_path:
         raise BergsonError("run_path is required: the output directory of the store")
     validate_options(cfg)
+    if not getattr(cfg, "index", None):
+        announce_differing_defaults(cfg, command_of(cfg))
 
 
 def context_size(model: torch.nn.Module) -> int | None:
@@ -54,8 +59,10 @@ def tokens_fingerprint(docs: TokenizedDocs) -> str:
 
 def load_docs(data: DataConfig, tokenizer: Any, max_tokens: int, option: str = "--dataset") -> TokenizedDocs:
     """Load and tokenize a dataset; an empty one is an error naming ``option``."""
-    ds = load_data(data, option=option)
+    report: dict[str, Any] = {}
+    ds = load_data(data, option=option, report=report)
     docs = tokenize_documents(ds, tokenizer, data, max_tokens)
+    docs.info.update(report)
     if len(docs) == 0:
         raise BergsonError(f"{option} {data.dataset} (split {data.split!r}) has no rows")
     return docs
@@ -77,3 +84,32 @@ def subsample(docs: TokenizedDocs, max_documents: int | None, seed: int) -> tupl
         raise BergsonError(f"sample size {max_documents}: must be positive")
     idx = np.sort(np.random.default_rng(seed).choice(len(docs), max_documents, replace=False))
     return docs.select(idx), idx
+
+
+def store_rows(store: Any) -> Any:
+    """A store's rows as a ``datasets.Dataset``: ``row_id``, ``num_tokens`` and ``loss`` of each
+    row, and, for a store built with ``--drop_columns False``, the dataset's own columns of the
+    row (read again from the dataset its manifest records, with the same options)."""
+    import datasets
+
+    from ..store import load_gradients
+
+    if not hasattr(store, "rows"):
+        store = load_gradients(store)
+    rows = store.rows
+    out = {name: np.asarray(rows[name]) for name in ("row_id", "num_tokens", "loss")}
+    data = store.manifest.data
+    columns = data.get("columns") if data.get("drop_columns") is False else None
+    if columns:
+        ds = load_data(DataConfig.from_manifest(data), option="the store's dataset")
+        missing = [c for c in columns if c not in ds.column_names]
+        if missing or len(ds) != data.get("num_documents", len(ds)):
+            raise BergsonError(
+                f"the dataset {data.get('dataset')} no longer has the rows the store at {store.root} was built "
+                f"from (columns {missing} missing, or {len(ds)} rows instead of {data.get('num_documents')})"
+            )
+        picked = ds.select([int(r) for r in out["row_id"]])
+        for c in columns:
+            if c not in out:
+                out[c] = picked[c]
+    return datasets.Dataset.from_dict(out)

@@ -11,6 +11,8 @@ import torch
 
 from .. import __version__, distributed
 from ..config import DataConfig, IndexConfig, to_dict
+from ..config.commands import command_of
+from ..config.original import differing_defaults
 from ..core.layout import column_layouts
 from ..data import TokenizedDocs
 from ..errors import BergsonError
@@ -80,6 +82,7 @@ def make_manifest(
         loss={
             "kind": loss_kind(cfg.data),
             "reduction": reduction,
+            **({"pair_format": docs.info["pair_format"]} if "pair_format" in docs.info else {}),
         },
         dtype=dtype,
         num_rows=len(docs),
@@ -88,12 +91,17 @@ def make_manifest(
             "max_tokens": max_tokens,
             "num_documents": len(docs),
             "tokens_sha256": tokens_fingerprint(docs),
+            **docs.info,
         },
         plan={"shard_size": getattr(cfg, "shard_size", None), "token_batch_size": cfg.token_batch_size},
         aggregation=aggregation,
         unit_normalize=getattr(cfg, "unit_normalize", False),
         per_token=getattr(cfg, "per_token", False),
-        producer={"bergson": __version__, "world_size": distributed.world_size()},
+        producer={
+            "bergson": __version__,
+            "world_size": distributed.world_size(),
+            "defaults_differing_from_original": differing_defaults(cfg, command_of(cfg)),
+        },
     )
 
 

@@ -148,6 +148,9 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
             "completion": (["--completion_column", "nope"], "nope"),
             "chat": (["--conversation_column", "nope"], "nope"),
             "reward": (["--reward_column", "nope"], "--reward_column"),
+            "chunk": (["--chunk_length", "4"], "--chunk_length 4 with --max_length, --truncation"),
+            "nan": (["--skip_nan_rewards"], "--skip_nan_rewards: it leaves out rows without a reward"),
+            "template": (["--chat_template", "never"], "--chat_template never: it says how"),
             "form": (["--normalizer_form", "adam"], "--normalizer_form adam: it says how"),
             "state": (["--optimizer_state", missing + ".pt"], "missing.pt: no such file"),
             "pre": (["--preconditioner_path", missing], "missing"),
@@ -155,7 +158,13 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
         run = ["--run_path"] if base[:1] == ("--run_path",) else []
         return [([*run, new(), *m, *d, *base[len(run) :], *cases[o][0]], cases[o][1]) for o in options]
 
-    everything = ("workers", "data", "completion", "chat", "reward")
+    everything = ("workers", "data", "completion", "chat", "reward", "chunk", "nan", "template")
+    # the original bergson's data options: packing into chunks, load_dataset arguments, another
+    # tokenizer; rewards with NaN rows left out, raw prompt/completion text, the dataset's columns kept
+    chunked = ["--dataset", a["corpus"], "--chunk_length", "16", "--data_args", "keep_in_memory=true",
+               "--tokenizer", a["model"]]  # fmt: skip
+    rewarded = [*d, "--prompt_column", "prompt", "--completion_column", "completion", "--chat_template", "never",
+                "--reward_column", "reward", "--skip_nan_rewards", "--drop_columns", "False"]  # fmt: skip
     score_base = ("--query_path", a["query"], "--projection_dim", "4")
     # fmt: off
     return {
@@ -163,6 +172,8 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
             ([new(), *m, *d, *collect, "--attention_heads", heads, "--per_token", "--save_dtype", "float32",
               "--unit_normalize"], None),
             ([new(), *m, *d, "--aggregation", "mean", "--prompt_column", "text"], None),
+            ([new(), *m, *chunked], None),
+            ([new(), *m, *rewarded], None),
             *refused(*everything, "form", "state", "pre"),
         ],
         "reduce": [

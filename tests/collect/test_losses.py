@@ -53,7 +53,7 @@ def test_completion_mask_selects_the_completion(tokenizer):
     ds = datasets.Dataset.from_dict(
         {"text": ["The capital of France is", "Two plus two"], "c": [" Paris.", " is four."]}
     )
-    docs = tokenize_documents(ds, tokenizer, DataConfig(completion_column="c"), 64)
+    docs = tokenize_documents(ds, tokenizer, DataConfig(completion_column="c", chat_template="never"), 64)
     for i, comp in enumerate(ds["c"]):
         assert tokenizer.decode(target_tokens(docs, i)) == comp
     assert docs.num_loss_tokens().tolist() == [len(tokenizer(c)["input_ids"]) for c in ds["c"]]
@@ -133,7 +133,9 @@ def test_grpo_loss_gradient_is_advantage_times_log_likelihood_gradient(tokenizer
         }
     )
     with caplog.at_level("WARNING"):
-        docs = tokenize_documents(ds, tokenizer, DataConfig(completion_column="c", reward_column="r"), 64)
+        docs = tokenize_documents(
+            ds, tokenizer, DataConfig(completion_column="c", reward_column="r", chat_template="never"), 64
+        )
     assert "1 of 5 rows have no reward" in caplog.text
     np.testing.assert_allclose(docs.weights, [0.5, -0.5, -0.5, 0.0, 0.5])
     assert docs.num_loss_tokens()[3] == 0
@@ -165,9 +167,10 @@ def test_cli_losses(tmp_path, model_dir):
         "--completion_column", "answer", "--reward_column", "reward", *common)  # fmt: skip
     manifest = json.loads((tmp_path / "grpo" / "manifest.json").read_text())
     assert manifest["loss"]["kind"] == "grpo"
+    # without a completion column the whole text is the completion (tests/data/test_compat_data.py)
     proc = run("build", str(tmp_path / "bad"), "--dataset", str(data), "--prompt_column", "prompt",
-               "--reward_column", "reward", *common, check=False)  # fmt: skip
-    assert proc.returncode != 0 and "--reward_column needs --completion_column" in proc.stderr
+               "--reward_column", "reward", "--skip_nan_rewards", "--chunk_length", "4", *common, check=False)  # fmt: skip
+    assert proc.returncode != 0 and "--chunk_length 4 with --reward_column" in proc.stderr
     assert "Traceback" not in proc.stderr
     chat = tmp_path / "chat.jsonl"
     chat.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
