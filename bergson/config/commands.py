@@ -418,20 +418,9 @@ class ConvertConfig:
     """Replace an existing store at RUN_PATH."""
 
 
-COMMAND_OF_CONFIG: dict[type, str] = {
-    IndexConfig: "build",
-    ReduceConfig: "reduce",
-    ScoreConfig: "score",
-    PreconditionerConfig: "preconditioner",
-    TrackstarConfig: "trackstar",
-    EkfacConfig: "ekfac",
-    MagicConfig: "magic",
-    QueryConfig: "query",
-    ModelConfigTestConfig: "test_model_configuration",
-}
-"""The command whose options a config class holds (exact class, not subclasses)."""
-
-
 def command_of(cfg: object) -> str:
-    """The command a config belongs to ('' for a config no command uses as it is)."""
-    return COMMAND_OF_CONFIG.get(type(cfg), "")
+    """The command whose config ``cfg`` is, by exact class, from the one command table ('' for a
+    config no command takes as it is)."""
+    from ..core.commands import COMMANDS
+
+    return next((name for name, c in COMMANDS.items() if c.config == type(cfg).__name__), "")

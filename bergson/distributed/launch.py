@@ -52,12 +52,10 @@ def reports() -> bool:
 
 def command_of(cfg: Any) -> str | None:
     """The command whose workers run ``cfg`` (a config of a command that splits its work), if any."""
-    from .. import config
+    from ..config.commands import command_of as any_command_of
 
-    for name, command in COMMANDS.items():
-        if command.workers and getattr(config, command.config, None) is type(cfg):
-            return name
-    return None
+    name = any_command_of(cfg)
+    return name if name and COMMANDS[name].workers else None
 
 
 def requested(cfg: Any) -> int:
