@@ -55,9 +55,9 @@ ALIASES: dict[str, Alias] = {
     "distributed.node_rank": Alias(accepted=(None, 0), why="bergson starts workers on one machine"),
     "wandb_project": Alias(ignored="bergson logs to the console and the run directory, not to Weights & Biases"),
     "attribute_tokens": Alias("per_token"),
-    # TODO(merge with C1): once DataConfig has chunk_length, these two entries are unused (the key is ours)
-    "data.chunk_length": Alias(accepted=(0,), why="bergson does not pack documents into chunks"),
-    "query.chunk_length": Alias(accepted=(0,), why="bergson does not pack documents into chunks"),
+    "data_kwargs": Alias("data.data_args"),  # the original's name of --data_args (2.5)
+    "data.data_kwargs": Alias("data.data_args"),
+    "query.data_kwargs": Alias("query.data_args"),
     # query
     "faiss": Alias("search", values={True: "faiss", False: "exact"}),
     "faiss_cfg.": Alias("faiss."),
