@@ -14,6 +14,7 @@ import numpy as np
 from .collect.loop import collect_gradients
 from .config import DataConfig, QueryConfig
 from .data import load_data, tokenize_documents
+from .data.tokenize import document_tokenizer
 from .errors import BergsonError
 from .models import honours_numerics, load_model
 from .search.attributor import Attributor
@@ -65,6 +66,9 @@ class QueryEngine:
         revision = cfg.revision or (manifest.model.get("revision") if not cfg.model else None)
         opts = QueryConfig(**{**vars(cfg), "model": model_name, "revision": revision})
         self.model, self.tokenizer = load_model(opts)
+        # queries are tokenized and rendered as the store's documents were (--tokenizer, --chat_template)
+        self.stored = DataConfig.from_manifest(manifest.data)
+        self.tokenizer = document_tokenizer(self.stored, self.tokenizer)
         self.max_tokens = int(manifest.data.get("max_tokens") or 2048)
         self.loss_reduction = manifest.loss.get("reduction", "sum")
         self._texts: list[str] | None = None
@@ -94,7 +98,12 @@ class QueryEngine:
     ) -> tuple[np.ndarray, list[str], Any, list[Any]]:
         """Query vectors made like the store's rows, the store modules they cover, the tokenized
         queries and (with --per_token) each query's token vectors."""
-        dcfg = DataConfig(prompt_column=column, completion_column=completion, truncation=True)
+        dcfg = DataConfig(
+            prompt_column=column,
+            completion_column=completion,
+            truncation=True,
+            chat_template=self.stored.chat_template,
+        )
         docs = tokenize_documents(ds, self.tokenizer, dcfg, self.max_tokens)
         empty = np.flatnonzero(docs.num_loss_tokens() == 0)
         if len(empty):

@@ -236,6 +236,17 @@ def test_tokenizer_option_replaces_the_models_tokenizer(tmp_path, plain, model_d
     store = load_gradients(out)
     assert store.manifest.data["tokenizer"] == str(other)
     assert int(store.rows["num_tokens"][0]) == len(plain("hello world again")["input_ids"]) + 1
+    # a query of the store is tokenized with the store's --tokenizer: the document's own text gives
+    # its stored vector back
+    from bergson.config import QueryConfig
+    from bergson.querying import QueryEngine
+
+    engine = QueryEngine(QueryConfig(index=str(out), precision="fp32", device="cpu"))
+    vecs, _, qdocs, _ = engine.vectors(
+        datasets.Dataset.from_dict({"text": ["hello world again"]}), "text", None
+    )
+    assert qdocs.input_ids[0].tolist() == [plain.bos_token_id, *plain("hello world again")["input_ids"]]
+    np.testing.assert_allclose(vecs[0], np.asarray(store.all[0], np.float64), rtol=1e-3, atol=1e-6)
 
 
 # ---------------------------------------------------------------- item 8: --drop_columns
