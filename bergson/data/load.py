@@ -139,5 +139,5 @@ def _load(cfg: DataConfig, option: str) -> Any:
         if not kwargs:
             raise
         raise BergsonError(f"{args_option} {cfg.data_args!r}: datasets.load_dataset refused it ({e})") from e
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # OSError: missing files, and the hub out of reach (ConnectionError)
         raise BergsonError(f"{option} {name} (split {cfg.split!r}): {e}") from e
