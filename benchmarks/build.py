@@ -7,10 +7,14 @@ Runs alternate (train, build, train, build, ...) so that load on a shared machin
 both alike; the best repeat of each is reported. Prints one JSON object.
 
     python -m benchmarks.build [--num_docs 1000] [--projection_dim 16] [--repeats 3] [--per_token]
-        [--shape 14m|70m|160m] [--precision fp32|bf16] [--device cpu|cuda]
+        [--shape 14m|70m|160m | --model DIR] [--precision fp32|bf16] [--device cpu|cuda]
+        [--include_output_head]
 
 ``--per_token`` adds a third leg to each round: the same build keeping one row per token
-(its store holds tokens x dims numbers, so keep --num_docs modest).
+(its store holds tokens x dims numbers, so keep --num_docs modest). ``--include_output_head``
+adds a leg that also tracks the output head (which the default build leaves out), to measure
+what the head costs; ``--model bergson/assets/tiny-pythia`` runs the shipped example model
+instead of a randomly initialised Pythia-shaped one.
 """
 
 from __future__ import annotations
@@ -70,13 +74,19 @@ def main() -> None:
     parser.add_argument(
         "--shape", choices=sorted(SHAPES), default="14m", help="Pythia size whose layer shapes to use"
     )
+    parser.add_argument("--model", default=None, help="a model directory to use instead of --shape")
+    parser.add_argument(
+        "--include_output_head", action="store_true", help="also time a build that tracks the output head"
+    )
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bergson-bench-"))
-    model_dir = pythia_shaped_dir(work / f"pythia{args.shape}", args.shape)
+    model_dir = (
+        Path(args.model) if args.model else pythia_shaped_dir(work / f"pythia{args.shape}", args.shape)
+    )
     data = corpus_slice(work / f"corpus{args.num_docs}.jsonl", args.num_docs)
     cfg = IndexConfig(
         run_path=str(work / "index"),
@@ -101,8 +111,14 @@ def main() -> None:
     scfg = ScoreConfig(**{**vars(cfg), "run_path": str(work / "scores"), "query_path": qcfg.run_path})
 
     tcfg = replace(cfg, run_path=str(work / "tokens"), per_token=True)
-    train_times, build_times, score_times, token_times = [], [], [], []
+    hcfg = replace(cfg, run_path=str(work / "with_head"), include_output_head=True)
+    train_times, build_times, score_times, token_times, head_times = [], [], [], [], []
     for _ in range(args.repeats):
+        if args.include_output_head:
+            shutil.rmtree(hcfg.run_path, ignore_errors=True)
+            start = time.perf_counter()
+            write_store(hcfg, model, docs, args.token_batch_size, tok.pad_token_id)
+            head_times.append(time.perf_counter() - start)
         if args.per_token:
             shutil.rmtree(tcfg.run_path, ignore_errors=True)
             start = time.perf_counter()
@@ -122,6 +138,19 @@ def main() -> None:
         score_times.append(time.perf_counter() - start)
 
     best_train, best_build, best_score = min(train_times), min(build_times), min(score_times)
+    with_head = {}
+    if head_times:
+        default, head = load_gradients(cfg.run_path).manifest, load_gradients(hcfg.run_path).manifest
+        with_head = {
+            "output_head": head.model["output_head"]["modules"],
+            "modules_default": len(default.modules),
+            "modules_with_head": len(head.modules),
+            "row_dim_default": default.total_dim,
+            "row_dim_with_head": head.total_dim,
+            "build_with_head_tokens_per_s": round(tokens / min(head_times), 1),
+            "build_with_head_over_build_time_ratio": round(min(head_times) / best_build, 3),
+            "build_with_head_times_s": [round(t, 2) for t in head_times],
+        }
     per_token = {}
     if token_times:
         per_token = {
@@ -133,7 +162,9 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "build_vs_train_step",
-                "model": f"pythia-{args.shape}-shaped {SHAPES[args.shape]}, vocab {len(tok)}",
+                "model": str(args.model)
+                if args.model
+                else f"pythia-{args.shape}-shaped {SHAPES[args.shape]}, vocab {len(tok)}",
                 "precision": args.precision,
                 "device": str(next(model.parameters()).device),
                 "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -153,6 +184,7 @@ def main() -> None:
                 "build_times_s": [round(t, 2) for t in build_times],
                 "score_times_s": [round(t, 2) for t in score_times],
                 **per_token,
+                **with_head,
                 "note": "build = collection loop + writing the store, on the loaded model and tokenized docs",
             },
             indent=2,

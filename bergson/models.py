@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,6 +15,7 @@ from torch import nn
 
 from .config import ModelOptions
 from .core.devices import resolve_device
+from .core.layout import base_model_prefix, in_base_model, match_names
 from .errors import BergsonError
 
 logger = logging.getLogger(__name__)
@@ -179,26 +179,45 @@ def is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def find_tracked_modules(model: nn.Module, patterns: Sequence[str] = ()) -> dict[str, nn.Module]:
+def output_head_modules(model: nn.Module) -> list[str]:
+    """The supported layers outside ``model.base_model`` (the output head: ``lm_head``,
+    ``embed_out``), which are not tracked by default. None for a PEFT model (its adapter layers
+    are tracked wherever they sit) or a model without a ``base_model``."""
+    prefix = base_model_prefix(model)
+    if not prefix or is_peft_model(model):
+        return []
+    supported = _supported_types()
+    return [n for n, m in model.named_modules() if isinstance(m, supported) and not in_base_model(n, prefix)]
+
+
+def find_tracked_modules(
+    model: nn.Module, patterns: Sequence[str] = (), *, include_output_head: bool = False
+) -> dict[str, nn.Module]:
     """The layers whose per-example gradients are collected.
 
     Supported layer types: ``torch.nn.Linear`` (and subclasses such as quantized linears)
     and the GPT-2 style ``transformers.pytorch_utils.Conv1D``. Embedding tables and norms
-    are not tracked. With a PEFT model only the adapter layers are tracked. ``patterns``
-    are glob patterns over module names; an empty list means every supported layer.
-    Layers with weight matrices of other types are skipped with a warning that lists them.
+    are not tracked. By default the layers inside ``model.base_model`` (the transformer body)
+    are tracked and the output head outside it (``lm_head``, ``embed_out``) is not, as in the
+    original bergson package; ``include_output_head`` adds it. With a PEFT model only the
+    adapter layers are tracked (all of them); a model without a ``base_model`` has no head and
+    every supported layer is tracked.
+
+    ``patterns`` are exact names or glob patterns, spelled from the whole model
+    (``gpt_neox.layers.*.mlp.*``) or from its base model (``layers.*.mlp.*``), that choose
+    among all supported layers, the head included when a pattern names it; each pattern must
+    name at least one. Layers with weight matrices of other types are skipped with a warning
+    that lists them.
     """
     supported = _supported_types()
     peft = is_peft_model(model)
-    tracked: dict[str, nn.Module] = {}
+    prefix = base_model_prefix(model)
+    candidates: dict[str, nn.Module] = {}
     skipped: set[str] = set()
     for name, module in model.named_modules():
         if isinstance(module, supported):
-            if peft and "lora_" not in name:
-                continue
-            if patterns and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
-                continue
-            tracked[name] = module
+            if not (peft and "lora_" not in name):
+                candidates[name] = module
         elif not isinstance(module, (nn.Embedding, nn.LayerNorm)) and any(
             p.ndim >= 2 for p in module.parameters(recurse=False)
         ):
@@ -208,7 +227,51 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str] = ()) -> dict
             "layers of unsupported types are not tracked: %s (supported: Linear, Conv1D)",
             ", ".join(sorted(skipped)),
         )
-    if not tracked:
-        hint = f" matching {list(patterns)}" if patterns else ""
-        raise BergsonError(f"--modules: the model has no supported layers{hint}")
+    if not candidates:
+        raise BergsonError("--modules: the model has no supported layers (Linear or Conv1D) to track")
+    head = set(output_head_modules(model))
+    if include_output_head and not head:
+        why = "a PEFT model's adapter layers are all tracked" if peft else "it has no base_model"
+        raise BergsonError(
+            f"--include_output_head: the model has no output head outside its base model ({why}); drop the option"
+        )
+    if patterns:
+        chosen = {
+            n
+            for hits in match_names(
+                patterns,
+                list(candidates),
+                prefix,
+                "--modules",
+                "supported layer (Linear, Conv1D) of the model",
+            ).values()
+            for n in hits
+        }
+    else:
+        chosen = {n for n in candidates if n not in head}
+    if include_output_head:
+        chosen |= head
+    tracked = {n: m for n, m in candidates.items() if n in chosen}
+    if not tracked:  # only the head was supported, and it is left out by default
+        raise BergsonError(
+            f"--modules: the model's only supported layers are its output head {sorted(head)}; "
+            "track it with --include_output_head"
+        )
+    untracked = sorted(head - chosen)
+    if untracked:
+        logger.info(
+            "tracking %d layers of %s; the output head %s is not tracked (as in the original package; "
+            "--include_output_head or a --modules pattern naming it tracks it)",
+            len(tracked), prefix, ", ".join(untracked),
+        )  # fmt: skip
     return tracked
+
+
+def tracking_record(model: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, Any]:
+    """What a manifest records about the tracked set: where the base model sits (module names are
+    spelled from the whole model) and the output head's layers, and whether they are tracked."""
+    head = output_head_modules(model)
+    return {
+        "base_model": base_model_prefix(model),
+        "output_head": {"modules": head, "tracked": [n for n in head if n in modules]},
+    }

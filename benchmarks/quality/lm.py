@@ -98,6 +98,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--modules", nargs="+", default=["gpt_neox.layers.*"], help="tracked modules (all methods)"
     )
+    p.add_argument(
+        "--save_dtype",
+        choices=["auto", "float16", "float32"],
+        default="auto",
+        help="storage dtype of the build and TrackStar stores (float32 when optimizer-normalized gradients of the "
+        "output head outgrow float16)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the removed subsets")
     p.add_argument(
         "--quick", action="store_true", help="a small slice: 16 documents, 1 epoch, 2 queries, 3 subsets"
@@ -220,6 +227,8 @@ def commands(args: argparse.Namespace, work: Path, recipe: Path) -> dict[str, li
     query_group += ["--query.completion_column", "completion", "--query.truncation"]
     query_group += ["--query.max_length", str(args.max_length)]
     proj = ["--projection_dim", str(args.projection_dim)]
+    if args.save_dtype != "auto":
+        proj += ["--save_dtype", args.save_dtype]
 
     def score(name: str, index: str, queries: str, *extra: str) -> list[str]:
         return ["score", str(work / name), "--index", str(work / index), "--query_path", str(work / queries),

@@ -74,10 +74,11 @@ def per_example_gradients(
 ) -> ExampleGradients:
     """The per-example gradient of ``loss_fn`` at every example of ``batches``, one row each.
 
-    ``modules`` are the tracked layers (names or a name → module mapping; default: every
-    ``nn.Linear``). ``projection_dim`` p > 0 stores vec(L G Rᵀ) (p² numbers per module, with
-    the library's seeded matrices, so vectors of separate calls are comparable); p = 0 stores
-    the exact gradient in the weight's own layout (bias last with ``include_bias``).
+    ``modules`` are the tracked layers (names or a name → module mapping; default: those
+    :func:`bergson.models.find_tracked_modules` finds: every ``nn.Linear`` of a model without a
+    ``base_model``, the body's of a Hugging Face model). ``projection_dim`` p > 0 stores
+    vec(L G Rᵀ) (p² numbers per module, with the library's seeded matrices, so vectors of
+    separate calls are comparable); p = 0 stores the exact gradient in the weight's own layout (bias last with ``include_bias``).
     ``normalizers`` (per module) divide by an optimizer's second moment first, as in
     :class:`~bergson.collect.hooks.GradientCollector`. ``transform`` maps each batch's
     [B, D] vectors (e.g. a preconditioner's :meth:`~bergson.Preconditioner.transform`),

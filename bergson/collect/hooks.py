@@ -35,11 +35,13 @@ from ..core.layout import (
     AttentionConfig,
     Block,
     ModuleLayout,
+    base_model_prefix,
     column_layouts,
     is_conv1d,
     module_blocks,
     module_shape,
     resolve_heads,
+    some_names,
 )
 from ..errors import BergsonError
 from ..transforms.normalizers import AdafactorNormalizer, AdamNormalizer, Normalizer
@@ -66,10 +68,17 @@ def resolve_modules(
     if isinstance(modules, Mapping):
         return dict(modules)
     named = dict(model.named_modules())
-    missing = [m for m in modules if m not in named]
-    if missing:
-        raise BergsonError(f"modules: no module named {missing[0]!r} in the model")
-    return {m: named[m] for m in modules}
+    prefix = base_model_prefix(model)
+    out: dict[str, nn.Module] = {}
+    for m in modules:  # exact names, spelled from the model or from its base model
+        full = m if m in named else f"{prefix}.{m}" if prefix and f"{prefix}.{m}" in named else None
+        if full is None:
+            raise BergsonError(
+                f"modules: no module named {m!r} in the model; its layers are "
+                f"{some_names([n for n, x in named.items() if isinstance(x, nn.Linear) or is_conv1d(x)], prefix)}"
+            )
+        out[full] = named[full]
+    return out
 
 
 class _LayerHooks:
@@ -148,7 +157,7 @@ class GradientCollector(_LayerHooks):
                 f"normalizers given for untracked modules: {sorted(unknown)}; track them with modules= "
                 "or leave their normalizers out"
             )
-        self.heads = resolve_heads(self.modules, heads)
+        self.heads = resolve_heads(self.modules, heads, base_model_prefix(model))
         self.blocks: dict[str, list[Block]] = {
             n: module_blocks(n, m, include_bias, self.heads.get(n)) for n, m in self.modules.items()
         }

@@ -288,7 +288,7 @@ class ModelConfigTestConfig(ModelOptions):
     """Largest accepted relative error ||v_batched - v_alone|| / ||v_alone|| of any document's vector."""
 
     modules: list[str] = field(default_factory=list)
-    """Glob patterns of module names to track (default: every supported layer)."""
+    """Glob patterns of module names to track (default: every supported layer of the body, not the output head)."""
 
     output: str | None = None
     """Also write the report as JSON to this file."""

@@ -239,7 +239,12 @@ class GradientOptions:
     """Include bias gradients (as an extra input column) in each module's vector."""
 
     modules: list[str] = field(default_factory=list)
-    """Glob patterns of module names to track (default: every supported layer)."""
+    """Glob patterns of module names to track, spelled from the whole model ('gpt_neox.layers.*.mlp.*') or from
+    its base model ('layers.*.mlp.*'); they may name the output head (default: every supported layer of the body)."""
+
+    include_output_head: bool = False
+    """Also track the output head (the layers outside the model's base_model: lm_head, embed_out). By default
+    only the transformer body is tracked; the original bergson package did not track the head either."""
 
     def _check(self) -> None:
         if self.projection_dim < 0:

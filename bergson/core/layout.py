@@ -20,6 +20,11 @@ from torch import nn
 from ..errors import BergsonError
 from .files import describe_difference
 
+HEAD_AXES = {"out": 0, "0": 0, "2": 0, "in": 1, "1": 1}
+"""Accepted spellings of the axis attention heads lie on: out (0) and in (1) of the (out x in)
+weight, and 2, the original package's number for the output axis (the feature axis of a
+[batch, seq, out] output gradient)."""
+
 
 @dataclass(frozen=True)
 class AttentionConfig:
@@ -29,6 +34,9 @@ class AttentionConfig:
     ``head_dim=0`` splits the output axis (rows): query, key and value projections, and fused qkv
     layers whose rows are grouped per head (GPT-NeoX). ``head_dim=1`` splits the input axis
     (columns): the attention output projection, whose inputs are the concatenated heads.
+    ``head_dim=2`` is the original package's spelling of the output axis (it counted the axes of
+    the [batch, seq, out] output gradient) and is stored as 0, so
+    ``AttentionConfig(16, 4, head_dim=2) == AttentionConfig(16, 4, head_dim=0)``.
     ``num_heads * head_size`` must equal the size of that axis.
     """
 
@@ -36,19 +44,42 @@ class AttentionConfig:
     head_size: int
     head_dim: int = 0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.head_dim, bool) or self.head_dim not in (0, 1, 2):
+            raise BergsonError(
+                f"AttentionConfig head_dim={self.head_dim!r}: accepted values are 0 (heads on the output rows "
+                "of the (out x in) weight: q/k/v, fused qkv), 1 (heads on the input columns: the attention "
+                "output projection) and 2, the original package's number for the output axis (same as 0)"
+            )
+        object.__setattr__(self, "head_dim", HEAD_AXES[str(self.head_dim)])  # 2 -> 0
+        if self.num_heads < 1 or self.head_size < 1:
+            raise BergsonError(
+                f"AttentionConfig(num_heads={self.num_heads}, head_size={self.head_size}): both must be at least 1"
+            )
+
+    @property
+    def axis(self) -> str:
+        """'out' or 'in': the axis of the (out x in) weight the heads split."""
+        return "out" if self.head_dim == 0 else "in"
+
     @classmethod
     def parse(cls, spec: str) -> tuple[str, AttentionConfig]:
-        """``'PATTERN=NUM_HEADS:HEAD_SIZE:AXIS'`` (AXIS: out, in, 0 or 1) -> (pattern, config)."""
+        """``'PATTERN=NUM_HEADS:HEAD_SIZE:AXIS'`` (AXIS: out, in, 0, 1, or 2 = out) -> (pattern, config)."""
         pattern, _, rest = spec.partition("=")
         parts = rest.split(":")
-        axes = {"out": 0, "0": 0, "in": 1, "1": 1}
-        if not pattern or len(parts) != 3 or parts[2] not in axes or not all(p.isdigit() for p in parts[:2]):
+        if (
+            not pattern
+            or len(parts) != 3
+            or parts[2] not in HEAD_AXES
+            or not all(p.isdigit() and int(p) > 0 for p in parts[:2])
+        ):
             raise BergsonError(
                 f"--attention_heads {spec!r}: expected MODULE_PATTERN=NUM_HEADS:HEAD_SIZE:AXIS with AXIS "
-                "out (heads on the output rows: q/k/v, fused qkv) or in (heads on the input columns: "
-                "the attention output projection), e.g. 'gpt_neox.layers.*.attention.dense=4:16:in'"
+                "out (or 0, or the original package's 2: heads on the output rows: q/k/v, fused qkv) or in "
+                "(or 1: heads on the input columns: the attention output projection), "
+                "e.g. 'gpt_neox.layers.*.attention.dense=4:16:in'"
             )
-        return pattern, cls(int(parts[0]), int(parts[1]), axes[parts[2]])
+        return pattern, cls(int(parts[0]), int(parts[1]), HEAD_AXES[parts[2]])
 
 
 @dataclass
@@ -118,13 +149,14 @@ def module_blocks(
     has_bias = include_bias and getattr(module, "bias", None) is not None
     if heads is None:
         return [Block(name, name, slice(0, out), slice(0, n_in), has_bias)]
-    axis = "out" if heads.head_dim == 0 else "in"
+    axis = heads.axis
     size = out if heads.head_dim == 0 else n_in
-    if heads.head_dim not in (0, 1) or heads.num_heads < 1 or heads.num_heads * heads.head_size != size:
+    if heads.num_heads * heads.head_size != size:
         raise BergsonError(
-            f"attention heads of {name}: {heads.num_heads} heads x {heads.head_size} features on axis "
-            f"{heads.head_dim} do not cover it: the layer is {out} (out) x {n_in} (in), so the heads of "
-            f"its {axis} axis must multiply to {size}"
+            f"attention heads of {name}: {heads.num_heads} heads x {heads.head_size} features = "
+            f"{heads.num_heads * heads.head_size}, but the layer is {out} (out) x {n_in} (in), so its {axis} "
+            f"axis (head_dim={heads.head_dim}) has {size} features; give num_heads x head_size = {size}, "
+            "or split the other axis"
         )
     if has_bias and heads.head_dim == 1:
         raise BergsonError(
@@ -141,22 +173,112 @@ def module_blocks(
     return blocks
 
 
+# ------------------------------------------------------------------ module names
+# A module is named from the whole model (``gpt_neox.layers.0.attention.dense``), as bergson writes
+# it, or from the model's ``base_model`` (``layers.0.attention.dense``), as the original package
+# did. Every option and argument that takes a module name or pattern accepts both spellings,
+# through the functions below.
+
+
+def base_model_prefix(model: nn.Module) -> str:
+    """The dotted name of ``model.base_model`` inside ``model`` (``'gpt_neox'``, ``'transformer'``;
+    ``'base_model'`` for a PEFT model): '' when the model has no ``base_model`` or is its own."""
+    base = getattr(model, "base_model", None)
+    if not isinstance(base, nn.Module) or base is model:
+        return ""
+    for name, module in model.named_modules():
+        if module is base:
+            return name
+    return ""
+
+
+def in_base_model(name: str, prefix: str) -> bool:
+    """Whether module ``name`` (spelled from the whole model) lies inside the base model at ``prefix``."""
+    return not prefix or name.startswith(prefix + ".")
+
+
+def names_module(name: str, pattern: str, prefix: str) -> bool:
+    """Whether ``pattern`` (an exact name or a glob, spelled from the whole model or from its base
+    model at ``prefix``) names the module ``name`` (spelled from the whole model)."""
+    if fnmatch.fnmatchcase(name, pattern):
+        return True
+    return bool(prefix) and fnmatch.fnmatchcase(name, f"{prefix}.{pattern}")
+
+
+def some_names(names: Sequence[str], prefix: str) -> str:
+    """A few of ``names`` for an error message, and how they are spelled from the base model."""
+    names = list(names)
+    shown = names[:3] + (names[-1:] if len(names) > 3 else [])
+    text = ", ".join(repr(n) for n in shown) + (f" (of {len(names)})" if len(names) > len(shown) else "")
+    inside = [n for n in shown if prefix and in_base_model(n, prefix)]
+    if inside:
+        text += f"; from the base model {prefix!r} also spelled {inside[0][len(prefix) + 1 :]!r}"
+    return text or "(none)"
+
+
+def match_names(
+    patterns: Sequence[str], names: Sequence[str], prefix: str, option: str, what: str = "module"
+) -> dict[str, list[str]]:
+    """The names (in ``names`` order) each pattern names (:func:`names_module`); a pattern that
+    names none of them is an error naming ``option`` and a few valid names."""
+    out: dict[str, list[str]] = {}
+    for pattern in patterns:
+        hits = [n for n in names if names_module(n, pattern, prefix)]
+        if not hits:
+            raise BergsonError(f"{option} {pattern!r} names no {what}; they are {some_names(names, prefix)}")
+        out[pattern] = hits
+    return out
+
+
+def match_store_names(
+    store_names: Sequence[str], store_prefix: str | None, names: Sequence[str], prefix: str
+) -> dict[str, str]:
+    """Map the module names of a store to the names of a model (or part of one): ``names`` are the
+    part's module names and ``prefix`` its base model's (:func:`base_model_prefix`); the store's
+    names are spelled from the model it was built from, whose base model sat at ``store_prefix``
+    (None: not recorded). Tracing the model or its ``base_model`` finds the same modules, whichever
+    way the store spells them. Store names with no counterpart are left out."""
+    available = set(names)
+    relative = {n[len(prefix) + 1 :]: n for n in names if prefix and in_base_model(n, prefix)}
+    out: dict[str, str] = {}
+    for s in store_names:
+        rel = s[len(store_prefix) + 1 :] if store_prefix and in_base_model(s, store_prefix) else s
+        for candidate in (s, rel):
+            hit = candidate if candidate in available else relative.get(candidate)
+            if hit is not None:
+                out[s] = hit
+                break
+        else:
+            if store_prefix is None:  # a store that does not record its base model: longest suffix
+                hits = [n for n in names if n and s.endswith("." + n)]
+                if hits:
+                    out[s] = max(hits, key=len)
+    return out
+
+
 def resolve_heads(
-    modules: Mapping[str, nn.Module], heads: Mapping[str, AttentionConfig] | Sequence[str] | None
+    modules: Mapping[str, nn.Module],
+    heads: Mapping[str, AttentionConfig] | Sequence[str] | None,
+    prefix: str = "",
 ) -> dict[str, AttentionConfig]:
     """Map tracked module names to their head split, from exact names or glob patterns (or
-    'PATTERN=NUM_HEADS:HEAD_SIZE:AXIS' strings); every pattern must match a tracked module."""
+    'PATTERN=NUM_HEADS:HEAD_SIZE:AXIS' strings), spelled from the whole model or from its base
+    model at ``prefix``; every pattern must match a tracked module."""
     if not heads:
         return {}
     if not isinstance(heads, Mapping):
         heads = dict(AttentionConfig.parse(s) for s in heads)
     out: dict[str, AttentionConfig] = {}
     for pattern, cfg in heads.items():
-        matched = [n for n in modules if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+        if not isinstance(cfg, AttentionConfig):
+            raise BergsonError(
+                f"attention heads {pattern!r}: expected an AttentionConfig, got {type(cfg).__name__}"
+            )
+        matched = [n for n in modules if names_module(n, pattern, prefix)]
         if not matched:
             raise BergsonError(
-                f"attention heads {pattern!r} match no tracked module; tracked modules look like "
-                f"{next(iter(modules), '(none)')!r}"
+                f"attention heads {pattern!r} match no tracked module; tracked modules are "
+                f"{some_names(list(modules), prefix)}"
             )
         for n in matched:
             if n in out and out[n] != cfg:
@@ -191,12 +313,14 @@ def column_layouts(
     projection_dim: int,
     include_bias: bool,
     heads: Mapping[str, AttentionConfig] | Sequence[str] | None = None,
+    prefix: str = "",
 ) -> list[ModuleLayout]:
     """The column block of every tracked module (or of each of its attention heads), in tracking
     order, with its offset in the row: the one layout every store, result and loop uses. A head's
-    ``shape`` is the head's own (rows x columns of the module it covers)."""
+    ``shape`` is the head's own (rows x columns of the module it covers). ``prefix``: where the
+    model's base model sits, for head patterns spelled from it (:func:`names_module`)."""
     layouts, offset = [], 0
-    split = resolve_heads(modules, heads)
+    split = resolve_heads(modules, heads, prefix)
     for name, m in modules.items():
         for block in module_blocks(name, m, include_bias, split.get(name)):
             dim = block.dim(projection_dim)

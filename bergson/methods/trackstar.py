@@ -76,7 +76,9 @@ class _Pipeline:
         self.model, self.tokenizer = load_model(cfg)
         self.max_tokens = token_budget(cfg, self.model)
         self.pad = self.tokenizer.pad_token_id
-        self.modules = find_tracked_modules(self.model, cfg.modules)
+        self.modules = find_tracked_modules(
+            self.model, cfg.modules, include_output_head=cfg.include_output_head
+        )
         self.normalizers = resolve_normalizers(cfg, self.model, self.modules, normalizers)
         self._docs: TokenizedDocs | None = None
 

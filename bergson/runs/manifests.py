@@ -13,9 +13,10 @@ from .. import __version__, distributed
 from ..config import DataConfig, IndexConfig, to_dict
 from ..config.commands import command_of
 from ..config.original import differing_defaults
-from ..core.layout import column_layouts
+from ..core.layout import base_model_prefix, column_layouts
 from ..data import TokenizedDocs
 from ..errors import BergsonError
+from ..models import tracking_record
 from ..store import Manifest
 from ..transforms.normalizers import AdafactorNormalizer, Normalizer
 from .documents import tokens_fingerprint
@@ -57,7 +58,7 @@ def make_manifest(
     # it does: unsplit modules, summed losses, one row per document, in the default dtype
     heads, reduction = getattr(cfg, "attention_heads", None), getattr(cfg, "loss_reduction", "sum")
     aggregation, save_dtype = getattr(cfg, "aggregation", "none"), getattr(cfg, "save_dtype", "auto")
-    layouts = column_layouts(modules, cfg.projection_dim, cfg.include_bias, heads)
+    layouts = column_layouts(modules, cfg.projection_dim, cfg.include_bias, heads, base_model_prefix(model))
     dtype = save_dtype if save_dtype != "auto" else ("float16" if cfg.projection_dim > 0 else "float32")
     config = getattr(model, "config", None)
     return Manifest(
@@ -69,6 +70,7 @@ def make_manifest(
             "commit": getattr(config, "_commit_hash", None),
             "class": distributed.model_class(model).__name__,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            **tracking_record(model, modules),
         },
         modules=layouts,
         projection={

@@ -14,12 +14,19 @@ import torch
 from torch import nn
 
 from ..collect.hooks import GradientCollector
-from ..core.layout import ModuleLayout, heads_of, layout_module, module_blocks
+from ..core.layout import (
+    ModuleLayout,
+    base_model_prefix,
+    heads_of,
+    layout_module,
+    match_store_names,
+    module_blocks,
+)
 from ..errors import BergsonError
 from ..store import GradientStore, load_gradients
 from ..transforms.normalizers import NORMALIZERS_FILE, Normalizer, load_normalizers
 from ..transforms.preconditioners import carried, plan_powers, resolve_preconditioner
-from .exact import column_segments, exact_topk
+from .exact import column_segments, exact_topk, select_store_modules, store_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -39,23 +46,16 @@ class TraceResult:
     query_vectors: torch.Tensor | None = None
 
 
-def match_modules(store_names: Sequence[str], module: nn.Module) -> dict[str, nn.Module]:
-    """Map the store's module names to submodules of ``module``.
-
-    The store names come from the full model (``gpt_neox.layers.0.mlp.dense_4h_to_h``);
-    ``module`` may be the model or a part of it (``model.base_model``), whose names are
-    suffixes of the store's.
-    """
+def match_modules(
+    store_names: Sequence[str], module: nn.Module, prefix: str | None = None
+) -> dict[str, nn.Module]:
+    """Map the store's module names to submodules of ``module``: the model the store was built
+    from, or a part of it (``model.base_model``); ``prefix`` is where the store's model had its
+    base model (:func:`bergson.core.layout.match_store_names`). Store names with no counterpart
+    in ``module`` are left out."""
     named = dict(module.named_modules())
-    out: dict[str, nn.Module] = {}
-    for name in store_names:
-        if name in named:
-            out[name] = named[name]
-            continue
-        hits = [n for n in named if n and name.endswith("." + n)]
-        if hits:
-            out[name] = named[max(hits, key=len)]
-    return out
+    found = match_store_names(store_names, prefix, [n for n in named if n], base_model_prefix(module))
+    return {s: named[n] for s, n in found.items()}
 
 
 class Attributor:
@@ -67,8 +67,14 @@ class Attributor:
     modules and normalizers. Query vectors are given without preconditioning: with
     ``preconditioner_path`` (or a preconditioner the store carries) the Attributor applies
     H^-1 to them itself (H^-1/2 with ``unit_norm``). ``unit_norm`` scores by cosine; ``reverse`` returns the most
-    negative scores (opponents); ``modules`` restricts the search to some modules.
+    negative scores (opponents); ``modules`` restricts the search to some modules (names or globs,
+    spelled from the whole model or from its base model, as the original package did).
     With ``faiss_cfg`` the search goes through a FAISS index built beside the store.
+
+    ``trace(model.base_model, k)`` and ``trace(model, k)`` find the same modules; the traced
+    module must hold every module the search covers, or the trace is an error naming those it
+    lacks (a store built with ``--include_output_head`` holds the output head, which
+    ``model.base_model`` does not).
     """
 
     def __init__(
@@ -89,12 +95,7 @@ class Attributor:
         self.dtype = dtype
         self.unit_norm = unit_norm
         self.faiss_cfg = faiss_cfg
-        self.modules = list(modules) if modules else list(self.store.modules)
-        unknown = sorted(set(self.modules) - set(self.store.modules))
-        if unknown:
-            raise BergsonError(
-                f"modules {unknown} are not in the store {index_path}; it has {self.store.modules}"
-            )
+        self.modules = select_store_modules(self.store, modules) if modules else list(self.store.modules)
         norm_path = Path(index_path) / NORMALIZERS_FILE
         self.normalizers: dict[str, Normalizer] = load_normalizers(norm_path) if norm_path.is_file() else {}
         if manifest.normalizer and not self.normalizers:
@@ -129,7 +130,7 @@ class Attributor:
         modules: Sequence[str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k (scores, store row indices) for query vectors [Q, dim] or {module: [Q, dim]}."""
-        mods = list(modules) if modules else self.modules
+        mods = select_store_modules(self.store, modules) if modules else self.modules
         q = self.prepare(queries, mods)
         if self.faiss_cfg is not None:
             scores, idx = self._faiss_search(q.numpy(), k, reverse, mods)
@@ -179,7 +180,7 @@ class Attributor:
         scores [T_q] when ``query_tokens`` [T_q, dim] are given); each sums to the score the
         search reports for the pair (the cosine, with ``unit_norm``).
         """
-        mods = list(modules) if modules else self.modules
+        mods = select_store_modules(self.store, modules) if modules else self.modules
         segments, _ = column_segments(self.store, mods)
         q = self.prepare(torch.as_tensor(query).reshape(1, -1), mods)[0].double().numpy()
         doc = np.concatenate([np.asarray(self.store.all[int(index)], np.float64)[a:b] for a, b in segments])
@@ -212,18 +213,18 @@ class Attributor:
 
     # ------------------------------------------------------------------ trace
     def collector_for(self, module: nn.Module) -> GradientCollector:
-        """A GradientCollector that makes vectors the way the store's rows were made."""
+        """A GradientCollector that makes vectors the way the store's rows were made. The traced
+        module must hold every module the search covers; a part of the model that lacks some
+        (``model.base_model`` against a store built with ``--include_output_head``) is an error,
+        never a search over fewer modules."""
         layouts = {layout.name: layout for layout in self.manifest.modules}
         owner = {n: layout_module(layouts[n]) for n in self.modules}  # column block -> its module
-        found = match_modules(list(dict.fromkeys(owner.values())), module)
-        missing = [m for m in self.modules if owner[m] not in found]
+        found = match_modules(list(dict.fromkeys(owner.values())), module, store_prefix(self.manifest))
+        missing = list(dict.fromkeys(owner[m] for m in self.modules if owner[m] not in found))
+        if missing:
+            raise BergsonError(self._uncovered(module, missing, len(set(owner.values()))))
         heads = {m: c for m, c in heads_of(self.manifest.modules).items() if m in found}
         include_bias = bool(self.manifest.projection["include_bias"])
-        if not found:
-            raise BergsonError(
-                f"none of the store's modules ({self.modules[:3]}...) are inside the traced module; "
-                "pass the model (or model.base_model) the store was built from"
-            )
         for name, sub in found.items():
             blocks = module_blocks(name, sub, include_bias, heads.get(name))
             for block in blocks:
@@ -233,13 +234,6 @@ class Attributor:
                         f"module {name}: block {block.name} of shape {list(block.shape)} in the traced "
                         f"model, {expected} in the store"
                     )
-        if missing:
-            logger.info(
-                "searching %d of %d store modules (%s not in the traced module)",
-                len(found),
-                len(self.modules),
-                missing,
-            )
         proj = self.manifest.projection
         return GradientCollector(
             module,
@@ -249,6 +243,22 @@ class Attributor:
             include_bias=include_bias,
             normalizers={n: v for n, v in self.normalizers.items() if n in found},
             heads=heads,
+        )
+
+    def _uncovered(self, module: nn.Module, missing: list[str], total: int) -> str:
+        head = self.manifest.model.get("output_head") or {}
+        in_head = [m for m in missing if m in (head.get("tracked") or [])]
+        listed = f"{missing[:4]}{' ...' if len(missing) > 4 else ''}"
+        if in_head:
+            what = f"{listed}: the output head, outside base_model, which the store tracks (built with --include_output_head)"
+            fix = "trace the whole model (attr.trace(model, k)), or rebuild the store without --include_output_head"
+        else:
+            what = listed
+            fix = "trace the model the store was built from (attr.trace(model, k), not a part of it)"
+        return (
+            f"the traced {type(module).__name__} does not hold {len(missing)} of the {total} store modules "
+            f"the search covers, so its scores would leave them out: {what}. Fix: {fix}; or search only the "
+            "modules it holds with Attributor(..., modules=[...]) (exact search)"
         )
 
     @contextmanager

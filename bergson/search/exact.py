@@ -83,16 +83,43 @@ def column_segments(
     if len(set(modules)) != len(modules):
         raise BergsonError(f"modules= lists a module twice: {list(modules)}; list each module once")
     segments = []
-    for name in modules:
-        try:
-            m = manifest.module(name)
-        except BergsonError:
-            raise BergsonError(
-                f"modules=: no module {name!r} in the store {store.root}; "
-                f"its modules are {[m.name for m in manifest.modules]}"
-            ) from None
+    for name in select_store_modules(store, modules):
+        m = manifest.module(name)
         segments.append((m.offset, m.offset + m.dim))
     return segments, total
+
+
+def store_prefix(manifest: Any) -> str | None:
+    """Where the base model sat in the model a store was built from (the store spells module names
+    from that model); None for a store that does not record it."""
+    return manifest.model.get("base_model") if isinstance(manifest.model, dict) else None
+
+
+def select_store_modules(store: GradientStore, modules: Sequence[str], option: str = "modules=") -> list[str]:
+    """The store's column blocks named by ``modules``: exact names or globs, spelled from the whole
+    model (``gpt_neox.layers.0.mlp.dense_4h_to_h``) or from its base model (``layers.0.mlp.*``);
+    a module split into attention heads is named by its own name or its blocks'
+    (``...dense.head0``). Blocks come in the order of the patterns given, each once; a pattern
+    naming no block is an error listing some of the store's names."""
+    from ..core.layout import layout_module, names_module, some_names
+
+    manifest = store.manifest
+    prefix = store_prefix(manifest) or ""
+    out: list[str] = []
+    for pattern in [modules] if isinstance(modules, str) else modules:
+        hits = [
+            m.name
+            for m in manifest.modules
+            if names_module(m.name, pattern, prefix) or names_module(layout_module(m), pattern, prefix)
+        ]
+        if not hits:
+            raise BergsonError(
+                f"{option}: no module {pattern!r} in the store {store.root} (spelled from the model or its "
+                f"base model, exact or a glob); its modules are "
+                f"{some_names([m.name for m in manifest.modules], prefix)}"
+            )
+        out += [h for h in hits if h not in out]
+    return out
 
 
 def prepare_queries(

@@ -17,6 +17,7 @@ from bergson.transforms.projection import projection_matrix
 from tests.helpers.assets import tiny_gpt2, tiny_neox
 from tests.helpers.cli import run
 from tests.helpers.gradients import dense_second_moments, naive_gradients, random_docs
+from tests.helpers.standins import TINYSTORIES, make_standins
 
 QKV, DENSE = "gpt_neox.layers.1.attention.query_key_value", "gpt_neox.layers.1.attention.dense"
 # tiny_neox: hidden 16, 2 heads of 8; the fused qkv (48 x 16) groups its rows per head (3 x 8)
@@ -97,7 +98,9 @@ def test_output_axis_heads_carry_their_bias_and_concatenate_to_the_module():
 def test_head_errors():
     model = tiny_neox()
     modules = find_tracked_modules(model)
-    with pytest.raises(BergsonError, match="do not cover it"):
+    with pytest.raises(
+        BergsonError, match=r"5 heads x 8 features = 40, but .* its out axis \(head_dim=0\) has 48"
+    ):
         GradientCollector(model, modules, heads={QKV: AttentionConfig(5, 8, 0)})
     with pytest.raises(BergsonError, match="bias belongs to no head"):
         GradientCollector(model, modules, include_bias=True, heads={DENSE: AttentionConfig(2, 8, 1)})
@@ -107,15 +110,43 @@ def test_head_errors():
         with pytest.raises(BergsonError, match="--attention_heads"):
             AttentionConfig.parse(bad)
     assert AttentionConfig.parse("*.dense=2:8:in") == ("*.dense", AttentionConfig(2, 8, 1))
+    assert AttentionConfig.parse("*.qkv=2:24:2") == (
+        "*.qkv",
+        AttentionConfig(2, 24, 0),
+    )  # the original's axis
+    for bad_axis in (3, -1, True):
+        with pytest.raises(BergsonError, match=r"accepted values are 0 .*1 .*and 2, the original package's"):
+            AttentionConfig(16, 4, bad_axis)
 
 
 def test_cli_build_and_query_with_heads(tmp_path, model_dir, corpus_file):
     """Per-head stores through the CLI; the Attributor rebuilds the head split from the manifest."""
     store = tmp_path / "heads"
     # model_dir: hidden 32, 2 heads of 16
-    run("build", str(store), "--model", str(model_dir), "--dataset", str(corpus_file), "--precision", "fp32",
-        "--device", "cpu", "--projection_dim", "4", "--save_dtype", "float32", "--truncation", "--max_length", "48",
-        "--modules", "*.attention.*", "--attention_heads", "*.query_key_value=2:48:out", "*.dense=2:16:in")  # fmt: skip
+    run(
+        "build",
+        str(store),
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(corpus_file),
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--projection_dim",
+        "4",
+        "--save_dtype",
+        "float32",
+        "--truncation",
+        "--max_length",
+        "48",
+        "--modules",
+        "layers.*.attention.*",
+        "--attention_heads",
+        "*.query_key_value=2:48:out",
+        "layers.*.attention.dense=2:16:in",
+    )  # fmt: skip  (patterns spelled from the base model, as the original)
     manifest = json.loads((store / "manifest.json").read_text())
     names = [m["name"] for m in manifest["modules"]]
     assert names[:4] == [
@@ -130,4 +161,67 @@ def test_cli_build_and_query_with_heads(tmp_path, model_dir, corpus_file):
     assert "row" in out
     proc = run("build", str(tmp_path / "bad"), "--model", str(model_dir), "--dataset", str(corpus_file),
                "--device", "cpu", "--attention_heads", "*.dense=3:16:in", check=False)  # fmt: skip
-    assert proc.returncode != 0 and "do not cover it" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        proc.returncode != 0
+        and "3 heads x 16 features = 48" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
+
+
+# The original README's per-head snippet, on the GPT-Neo stand-in of RonenEldan/TinyStories-1M (16 heads of 4)
+README_KEY, NEO_OUT = "h.0.attn.attention.out_proj", "transformer.h.0.attn.attention.out_proj"
+
+
+@pytest.fixture(scope="module")
+def tinystories(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    root = make_standins(tmp_path_factory.mktemp("standins"))
+    return (
+        AutoModelForCausalLM.from_pretrained(root / TINYSTORIES, attn_implementation="eager").double().eval()
+    )
+
+
+@pytest.mark.parametrize("p", [0, 4])
+def test_readme_attention_config_splits_the_output_axis(tinystories, p):
+    """AttentionConfig(num_heads=16, head_size=4, head_dim=2) keyed by the base-model name: the
+    original's 2 is the output-feature axis; the blocks equal our spelling's and naive autograd's."""
+    model = tinystories
+    assert AttentionConfig(num_heads=16, head_size=4, head_dim=2) == AttentionConfig(16, 4, 0)
+    docs = random_docs(3, model.config.vocab_size, seed=4)
+    kw = dict(projection_dim=p, seed=3, progress=False, token_batch_size=32)
+    readme = collect_gradients(
+        model, docs, modules=[README_KEY], heads={README_KEY: AttentionConfig(num_heads=16, head_size=4, head_dim=2)}, **kw
+    )  # fmt: skip
+    ours = collect_gradients(model, docs, modules=[NEO_OUT], heads={NEO_OUT: AttentionConfig(16, 4, 0)}, **kw)
+    got = readme.by_module()
+    assert list(got) == [f"{NEO_OUT}.head{h}" for h in range(16)] == list(ours.by_module())
+    np.testing.assert_array_equal(readme.vectors, ours.vectors)
+    naive = naive_gradients(model, docs, {NEO_OUT: model.get_submodule(NEO_OUT)}, include_bias=False)[NEO_OUT]
+    for n, (w, _) in enumerate(naive):
+        assert w.shape == (64, 64)
+        for h in range(16):
+            block = w[4 * h : 4 * h + 4, :]  # rows: output features 4h .. 4h+3
+            vec = torch.from_numpy(np.ascontiguousarray(got[f"{NEO_OUT}.head{h}"][n]))
+            if p:
+                left = projection_matrix(3, f"{NEO_OUT}.head{h}", "left", p, 4, dtype=torch.float64)
+                right = projection_matrix(3, f"{NEO_OUT}.head{h}", "right", p, 64, dtype=torch.float64)
+                block = left @ block @ right.T
+            torch.testing.assert_close(vec, block.flatten(), rtol=1e-7, atol=1e-12)
+
+
+def test_readme_attention_config_errors(tinystories):
+    model = tinystories
+    # heads that do not tile the axis: the message gives the product and the axis' size
+    with pytest.raises(
+        BergsonError, match=r"8 heads x 4 features = 32, but the layer is 64 \(out\) x 64 \(in\)"
+    ):
+        GradientCollector(model, None, heads={README_KEY: AttentionConfig(8, 4, head_dim=2)})
+    # a key naming no tracked module lists tracked ones, in both spellings
+    with pytest.raises(
+        BergsonError, match=r"'h\.9\.attn\.attention\.out_proj' match no tracked module.*also spelled 'h\.0\."
+    ):
+        GradientCollector(model, None, heads={"h.9.attn.attention.out_proj": AttentionConfig(16, 4, 2)})
+    # the output head is not tracked by default, so heads cannot be asked of it
+    with pytest.raises(BergsonError, match="'lm_head' match no tracked module"):
+        GradientCollector(model, None, heads={"lm_head": AttentionConfig(2, 4096, 0)})

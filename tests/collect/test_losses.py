@@ -139,7 +139,7 @@ def test_grpo_loss_gradient_is_advantage_times_log_likelihood_gradient(tokenizer
     assert "1 of 5 rows have no reward" in caplog.text
     np.testing.assert_allclose(docs.weights, [0.5, -0.5, -0.5, 0.0, 0.5])
     assert docs.num_loss_tokens()[3] == 0
-    modules = find_tracked_modules(model, ["gpt_neox.layers.1.mlp.*", "embed_out"])
+    modules = find_tracked_modules(model, ["gpt_neox.layers.1.mlp.*", "lm_head"])
     sink = collect_gradients(model, docs, modules=modules, projection_dim=0, progress=False)
     for i in range(len(docs)):
         model.zero_grad()

@@ -180,7 +180,7 @@ def test_order_with_workers_and_dropped_rows(tmp_path):
     """Worker processes prefetch batches; drop_last leaves rows untrained (zero, num_tokens 0)."""
     ids = _token_ids(18)
     capture = _Capture(set(), ids)
-    callback = GradientCollectorCallback(tmp_path / "grads")
+    callback = GradientCollectorCallback(tmp_path / "grads", modules=["*"])  # the output head too
     trainer = _trainer(
         tmp_path,
         [callback, capture.callback],
@@ -195,8 +195,8 @@ def test_order_with_workers_and_dropped_rows(tmp_path):
     order = _order(callback)
     assert order.row.tolist() == [r for batch in capture.fed for r in batch]
     store = load_gradients(callback.stores[0])
-    # save_dtype "auto": normalized by the first step's tiny second moments, some values exceed
-    # float16's range, so the store falls back to float32 instead of failing the run
+    # save_dtype "auto": normalized by the first step's tiny second moments, some values of the
+    # output head exceed float16's range, so the store falls back to float32 instead of failing the run
     assert len(store) == 18 and store.manifest.dtype == "float32"
     dropped = sorted(set(range(18)) - set(order.row))
     assert len(dropped) == 2 and store.manifest.plan["rows_not_trained"] == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -55,14 +56,123 @@ def test_trace_equals_one_document_store(tmp_path, model_dir, corpus_file, index
     brute = np.asarray(index.all) @ np.asarray(qstore.all)[0]
     np.testing.assert_array_equal(ref_idx[0].numpy(), np.argsort(-brute, kind="stable")[:5])
 
-    # tracing only part of the model searches only the modules it contains
-    with attr.trace(model.base_model, 3) as partial:
+    # the default store holds the transformer body only, so the README's trace(model.base_model)
+    # covers every store module and gives the whole model's scores
+    assert index.manifest.model["output_head"] == {"modules": ["lm_head"], "tracked": []}
+    assert index.manifest.model["base_model"] == "gpt_neox" and "lm_head" not in index.modules
+    with attr.trace(model.base_model, 5) as body:
         per_document_loss(model(ids).logits, ids).sum().backward()
-    mods = [m for m in index.modules if m.startswith("gpt_neox.")]  # not the output head
-    s, _ = exact_topk(
-        index, result.query_vectors[:, : sum(index.dims[m] for m in mods)].numpy(), 3, modules=mods
+    torch.testing.assert_close(body.scores, result.scores, rtol=1e-6, atol=1e-9)
+    assert torch.equal(body.indices, result.indices)
+
+
+def _query_loss(model, tok, text="And God said, Let there be light: and there was light."):
+    ids = torch.tensor([tok(text)["input_ids"]])
+    return lambda: per_document_loss(model(ids).logits, ids).sum().backward()
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory, model_dir, corpus_file):
+    return load_model(make_cfg(tmp_path_factory.mktemp("m"), model_dir, corpus_file, precision="fp32"))
+
+
+def test_readme_faiss_trace_of_base_model(index, loaded):
+    """The README's FAISS snippet, verbatim, against a default build: it searches every module."""
+    model, tok = loaded
+    backward = _query_loss(model, tok)
+    exact = Attributor(index.root)
+    with exact.trace(model, 3) as ref:
+        backward()
+    attr = Attributor(index.root, faiss_cfg=FaissConfig("IVF1,SQfp16", mmap_index=True))
+    with attr.trace(model.base_model, 3) as result:
+        backward()
+        model.zero_grad()
+    # IVF1 visits every row; SQfp16 rounds the stored vectors to float16 (as the store already is)
+    assert torch.equal(result.indices, ref.indices)
+    torch.testing.assert_close(result.scores, ref.scores, rtol=1e-3, atol=1e-3)
+
+
+def test_trace_of_a_part_that_misses_store_modules_is_an_error(
+    tmp_path, model_dir, corpus_file, index, loaded
+):
+    """A store built with --include_output_head holds lm_head, which model.base_model lacks: tracing it is
+    an error naming the head and the fix, for exact and FAISS search alike, never a partial score."""
+    model, tok = loaded
+    backward = _query_loss(model, tok)
+    store = build(
+        make_cfg(
+            tmp_path, model_dir, corpus_file, name="head", save_dtype="float32", include_output_head=True
+        )
     )
-    np.testing.assert_allclose(partial.scores.numpy(), s, rtol=1e-4)
+    assert store.modules == [*index.modules, "lm_head"]
+    assert store.manifest.model["output_head"] == {"modules": ["lm_head"], "tracked": ["lm_head"]}
+    np.testing.assert_array_equal(np.asarray(store.all)[:, : index.manifest.total_dim], np.asarray(index.all))
+    for faiss_cfg in (None, FaissConfig("IVF1,SQfp16", mmap_index=True)):
+        attr = Attributor(store.root, faiss_cfg=faiss_cfg)
+        with (
+            pytest.raises(
+                BergsonError,
+                match=r"\['lm_head'\]: the output head.*trace the whole model.*--include_output_head",
+            ),
+            attr.trace(model.base_model, 3),
+        ):
+            backward()
+        with attr.trace(model, 3) as whole:
+            backward()
+        assert whole.scores.shape == (1, 3)
+    # restricted to the body's modules (spelled from the base model), the part may be traced
+    attr = Attributor(store.root, modules=["layers.*"])
+    with attr.trace(model.base_model, 3) as body:
+        backward()
+    with Attributor(index.root).trace(model, 3) as ref:
+        backward()
+    assert torch.equal(body.indices, ref.indices)
+    torch.testing.assert_close(body.scores, ref.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_store_module_names_in_either_spelling(tmp_path, model_dir, corpus_file, index, loaded):
+    """modules= of the Attributor and exact_topk take names spelled from the model or its base model,
+    and a store whose manifest spells its modules from the base model (as the original package did)
+    is traced through the model or model.base_model alike."""
+    mlp = [m for m in index.modules if ".mlp." in m]
+    q = np.random.default_rng(0).standard_normal((2, sum(index.dims[m] for m in mlp)))
+    full = Attributor(index.root, modules=mlp).search(q, 3)
+    rel = Attributor(index.root, modules=["layers.*.mlp.*"]).search(q, 3)
+    assert torch.equal(full[1], rel[1]) and torch.equal(full[0], rel[0])
+    one = q[:, : index.dims[mlp[0]]]
+    a = exact_topk(index, one, 2, modules=[mlp[0]])
+    b = exact_topk(index, one, 2, modules=[mlp[0].removeprefix("gpt_neox.")])
+    np.testing.assert_array_equal(a[1], b[1])
+    brute = np.asarray(index[mlp[0]], np.float64) @ one.T
+    np.testing.assert_array_equal(a[1], np.argsort(-brute, axis=0, kind="stable")[:2].T)
+    with pytest.raises(BergsonError, match=r"no module 'layers\.9\.\*' in the store.*'gpt_neox\.layers\.0"):
+        Attributor(index.root, modules=["layers.9.*"])
+
+    # a store whose manifest spells its modules from the base model; full gradients (p = 0), as the
+    # projection of a projected store depends on the names it was built under
+    full_store = build(
+        make_cfg(tmp_path, model_dir, corpus_file, name="full", projection_dim=0, modules=["layers.1.mlp.*"])
+    )
+    assert full_store.modules == [
+        "gpt_neox.layers.1.mlp.dense_h_to_4h",
+        "gpt_neox.layers.1.mlp.dense_4h_to_h",
+    ]
+    rel_root = tmp_path / "relative"
+    shutil.copytree(full_store.root, rel_root)
+    manifest = json.loads((rel_root / "manifest.json").read_text())
+    for m in manifest["modules"]:
+        m["name"] = m["name"].removeprefix("gpt_neox.")
+    del manifest["model"]["base_model"], manifest["model"]["output_head"]
+    (rel_root / "manifest.json").write_text(json.dumps(manifest))
+    model, tok = loaded
+    backward = _query_loss(model, tok)
+    with Attributor(full_store.root).trace(model, 4) as ref:
+        backward()
+    for part in (model, model.base_model):
+        with Attributor(rel_root).trace(part, 4) as got:
+            backward()
+        assert torch.equal(got.indices, ref.indices)
+        torch.testing.assert_close(got.scores, ref.scores, rtol=1e-6, atol=1e-9)
 
 
 def test_faiss_flat_equals_exact(index):

@@ -394,7 +394,7 @@ def test_tied_lm_head_maps_to_the_shared_parameter(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     _train(model, opt)
     path = _save(opt, tmp_path)
-    modules = find_tracked_modules(model)
+    modules = find_tracked_modules(model, include_output_head=True)  # the head is not tracked by default
     norms = normalizers_from_optimizer_state(path, model, modules)
     head = norms["lm_head"]
     assert isinstance(head, AdamNormalizer)

@@ -111,7 +111,7 @@ def ekfac(cfg: Any) -> Any:
 
     model, tokenizer = load_model(cfg)
     max_tokens = token_budget(cfg, model)
-    modules = find_tracked_modules(model, cfg.modules)
+    modules = find_tracked_modules(model, cfg.modules, include_output_head=cfg.include_output_head)
     for name, module in modules.items():
         big = max(module_shape(module))
         if big > 4096 and lead:
