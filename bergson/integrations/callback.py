@@ -49,8 +49,10 @@ class GradientCollectorCallback(TrainerCallback):
         projection_dim: as ``bergson build --projection_dim`` (0: full gradients).
         projection_seed: as ``bergson build --projection_seed``.
         include_bias: as ``bergson build --include_bias``.
-        modules: as ``bergson build --modules`` (glob patterns of module names; default every
-            supported layer).
+        modules: as ``bergson build --modules`` (glob patterns of module names; default the
+            supported layers inside ``model.base_model``).
+        include_output_head: as ``bergson build --include_output_head`` (also track the output
+            head; not possible with TRL's fused LM-head loss, which never calls it).
         normalize: divide by the optimizer's second moments at each step (see the module notes).
         normalizer_form: ``"rank_one"`` (default: Adafactor-style fit, cheap projected path),
             ``"adam"`` (elementwise; forms full per-row gradients) or ``"auto"`` (the
@@ -76,6 +78,7 @@ class GradientCollectorCallback(TrainerCallback):
         projection_seed: int = 0,
         include_bias: bool = False,
         modules: Sequence[str] | None = None,
+        include_output_head: bool = False,
         normalize: bool = True,
         normalizer_form: str = "rank_one",
         save_dtype: str = "auto",
@@ -90,6 +93,7 @@ class GradientCollectorCallback(TrainerCallback):
         self.projection_seed = projection_seed
         self.include_bias = include_bias
         self.modules = list(modules) if modules else []
+        self.include_output_head = include_output_head
         self.normalize = normalize
         self.normalizer_form = normalizer_form
         self.save_dtype = save_dtype
@@ -140,6 +144,7 @@ class GradientCollectorCallback(TrainerCallback):
             projection_seed=self.projection_seed,
             include_bias=self.include_bias,
             modules=list(self.modules),
+            include_output_head=self.include_output_head,
             loss_reduction="sum",
             save_dtype=cast(Any, self.save_dtype),
             shard_size=self.shard_size,
@@ -200,7 +205,9 @@ class GradientCollectorCallback(TrainerCallback):
             )
         self._teardown()
         model: nn.Module = trainer.model
-        self._tracked = find_tracked_modules(model, self.modules)
+        self._tracked = find_tracked_modules(
+            model, self.modules, include_output_head=self.include_output_head
+        )
         self._cfg = self._index_config(model)
         self._num_rows = len(trainer.train_dataset)
         self._max_tokens = context_size(model) or 2048

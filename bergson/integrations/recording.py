@@ -263,8 +263,8 @@ class BatchRecorder:
                     f"the model computed its loss through a fused LM head (TRL's SFTTrainer does: it multiplies "
                     f"the hidden states by the output layer's weight in chunks and never calls the layer), so the "
                     f"tracked output layer {self._tracked_head[0]!r} gets no per-example gradient; leave it out "
-                    f"of the callback's modules= (modules=['{self._body}.*'] tracks the layers of the transformer "
-                    "body)"
+                    f"(drop include_output_head=True and the head from modules=; the default, like "
+                    f"modules=['{self._body}.*'], tracks the layers of the transformer body)"
                 )
             mb.fused_forward(log_probs, label_mask)
             log_probs.register_hook(partial(self._on_log_probs_grad, mb, label_mask))

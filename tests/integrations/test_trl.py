@@ -74,7 +74,7 @@ def _sft(tmp: Path, callback: GradientCollectorCallback, **overrides: Any):
 
 def _train(tmp: Path, **overrides: Any) -> dict[str, Any]:
     callback = GradientCollectorCallback(
-        tmp / "grads", modules=BODY, projection_dim=0, normalize=False, save_dtype="float32"
+        tmp / "grads", projection_dim=0, normalize=False, save_dtype="float32"
     )
     trainer = _sft(tmp, callback, **overrides)
     capture = _Capture({0, 1}, [list(r) for r in trainer.train_dataset["input_ids"]])
@@ -154,10 +154,15 @@ def test_checkpointing_changes_nothing(runs):
 def test_tracked_output_layer_under_fused_head_is_an_error(tmp_path):
     """Tracking the output layer, which TRL's fused LM head never calls, fails on the first
     micro-batch instead of storing zero columns for it."""
-    callback = GradientCollectorCallback(tmp_path / "grads", modules=["gpt_neox.layers.0.*", "lm_head"])
-    trainer = prepare_for_gradient_collection(_sft(tmp_path, callback, max_steps=1))
-    with pytest.raises(BergsonError, match=r"fused LM head.*'lm_head'.*modules=\['gpt_neox\.\*'\]"):
-        trainer.train()
+    for callback in (
+        GradientCollectorCallback(tmp_path / "grads", modules=["gpt_neox.layers.0.*", "lm_head"]),
+        GradientCollectorCallback(tmp_path / "grads2", include_output_head=True),
+    ):
+        trainer = prepare_for_gradient_collection(_sft(tmp_path, callback, max_steps=1))
+        with pytest.raises(
+            BergsonError, match=r"fused LM head.*'lm_head'.*include_output_head.*modules=\['gpt_neox\.\*'\]"
+        ):
+            trainer.train()
 
 
 def test_losses_other_than_nll_are_refused(tmp_path):
