@@ -63,7 +63,9 @@ def main() -> None:
             text=True,
         )
         worked += proc.returncode == 0
-        printed = _last_line(proc.stderr) if proc.returncode else _last_line(proc.stdout) or _last_line(proc.stderr)
+        printed = (
+            _last_line(proc.stderr) if proc.returncode else _last_line(proc.stdout) or _last_line(proc.stderr)
+        )
         if case.stdin:  # the interactive query: its first hit
             hits = [ln.strip() for ln in proc.stdout.splitlines() if ln.strip().startswith("1.")]
             printed = hits[0][:160] if hits else printed

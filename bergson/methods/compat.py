@@ -25,7 +25,14 @@ from torch import nn
 from ..collect.loop import collect_gradients as collect_rows
 from ..config import DataConfig, IndexConfig, save_yaml
 from ..config.options import validate_options
-from ..core.layout import AttentionConfig, ModuleLayout, column_layouts, heads_of, module_shape
+from ..core.layout import (
+    AttentionConfig,
+    ModuleLayout,
+    base_model_prefix,
+    column_layouts,
+    heads_of,
+    module_shape,
+)
 from ..core.sinks import Sink
 from ..data import TokenizedDocs, plan_shards
 from ..errors import BergsonError
@@ -421,6 +428,9 @@ def convert_store(
     manifest = legacy_manifest(root, parts[0], infos[0], sum(i["num_grads"] for i in infos))
     skeleton = _model_skeleton(model or manifest.model.get("name"), given=bool(model))
     manifest.modules = _our_layouts(manifest.modules, skeleton, int(manifest.projection["dim"]))
+    # names are now full: record where the base model sits, as our builds do (traces name-match by it)
+    if skeleton is not None:
+        manifest.model = {**manifest.model, "base_model": base_model_prefix(skeleton)}
     if model:
         manifest.model = {**manifest.model, "name": model}
     stored = infos[0]["scalar_dtype"]

@@ -217,6 +217,18 @@ class Attributor:
         module must hold every module the search covers; a part of the model that lacks some
         (``model.base_model`` against a store built with ``--include_output_head``) is an error,
         never a search over fewer modules."""
+        kind = self.manifest.projection.get("kind")
+        if kind not in ("none", "gaussian_two_sided"):
+            raise BergsonError(
+                f"{self.store.root}: its rows were projected with another library's matrices ({kind}), "
+                "which a query cannot reproduce; search it with vectors made the same way (Attributor.search), "
+                "or rebuild it with bergson build"
+            )
+        if self.store.is_legacy and not all(lay.shape for lay in self.manifest.modules):
+            raise BergsonError(
+                f"{self.store.root}: a store of the original bergson package records no module shapes; "
+                "convert it once with `bergson convert OLD NEW --model MODEL`, then trace against NEW"
+            )
         layouts = {layout.name: layout for layout in self.manifest.modules}
         owner = {n: layout_module(layouts[n]) for n in self.modules}  # column block -> its module
         found = match_modules(list(dict.fromkeys(owner.values())), module, store_prefix(self.manifest))

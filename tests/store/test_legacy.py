@@ -139,10 +139,25 @@ def test_converted_store_is_searched_by_traced_queries(tmp_path, model_dir, corp
         dtype="float32",
         model=str(model_dir),
     )
-    with pytest.raises(BergsonError, match="shape"):  # in place: the original recorded no shapes
+    with pytest.raises(BergsonError, match=r"no module shapes.*bergson convert"):  # in place
         Attributor(tmp_path / "legacy").collector_for(load_model(cfg)[0].base_model)
+    # a projected store of the original: its matrices cannot be regenerated for a query
+    projected = write_legacy_part(
+        tmp_path / "projected",
+        np.ones((1, 16 * len(sizes)), np.float32),
+        dict.fromkeys(sizes, 16),
+        ["t"],
+        dtype="float32",
+        projection_dim=4,
+        model=str(model_dir),
+    )
+    with pytest.raises(BergsonError, match="another library's matrices"):
+        Attributor(convert_store(projected, tmp_path / "projected-conv").root).collector_for(
+            load_model(cfg)[0].base_model
+        )
     conv = convert_store(tmp_path / "legacy", tmp_path / "conv")
     assert conv.modules == ours.modules
+    assert conv.manifest.model["base_model"] == ours.manifest.model["base_model"] == "gpt_neox"
     assert [m.shape for m in conv.manifest.modules] == [m.shape for m in ours.manifest.modules]
     model, tok = load_model(cfg)
     text = json.loads(Path(corpus_file).read_text().splitlines()[5])["text"]
