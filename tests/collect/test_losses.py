@@ -12,16 +12,12 @@ import torch
 from bergson import collect_gradients
 from bergson.config import DataConfig
 from bergson.data import tokenize_documents
-from bergson.data.batching import IGNORE, pad_batch
 from bergson.data.tokenize import grpo_advantages, tokenize_conversations
 from bergson.errors import BergsonError
-from tests.helpers.assets import ASSETS
+from tests.helpers.assets import ASSETS, CHAT_TEMPLATE, shipped_tokenizer, target_tokens
 from tests.helpers.cli import run
 
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
+TEMPLATE = CHAT_TEMPLATE
 CONVERSATIONS = [
     [
         {"role": "system", "content": "Be brief."},
@@ -36,17 +32,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(ASSETS / "tiny-pythia")
-    tok.chat_template = TEMPLATE
-    return tok
-
-
-def target_tokens(docs, i: int) -> np.ndarray:
-    """The token ids that the padded labels of the collection loop mark as targets."""
-    _, labels = pad_batch(docs, np.array([i]), 0)
-    return labels[0][labels[0] != IGNORE].numpy()
+    return shipped_tokenizer(TEMPLATE)
 
 
 def test_completion_mask_selects_the_completion(tokenizer):

@@ -18,9 +18,8 @@ from bergson.cli import main
 from bergson.config import DataConfig, IndexConfig
 from bergson.config.original import ORIGINAL_DEFAULTS, differing_defaults
 from bergson.data import load_data, tokenize_documents
-from bergson.data.batching import IGNORE, pad_batch
 from bergson.errors import BergsonError
-from tests.helpers.assets import ASSETS
+from tests.helpers.assets import ASSETS, CHAT_TEMPLATE, shipped_tokenizer, target_tokens
 
 
 def run(*args: str, check: bool = True) -> int:
@@ -34,31 +33,17 @@ def run(*args: str, check: bool = True) -> int:
     return code
 
 
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
+TEMPLATE = CHAT_TEMPLATE
 
 
 @pytest.fixture(scope="module")
 def plain():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(ASSETS / "tiny-pythia")
+    return shipped_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def chat():
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(ASSETS / "tiny-pythia")
-    tok.chat_template = TEMPLATE
-    return tok
-
-
-def targets(docs, i: int) -> np.ndarray:
-    _, labels = pad_batch(docs, np.array([i]), 0)
-    return labels[0][labels[0] != IGNORE].numpy()
+    return shipped_tokenizer(TEMPLATE)
 
 
 # ---------------------------------------------------------------- item 6: rewards on plain text
@@ -80,7 +65,7 @@ def test_reward_on_plain_text_weights_the_whole_text_by_its_advantage(plain, cap
     )
     for i, text in enumerate(ds["text"]):
         ids = plain(text)["input_ids"]
-        assert docs.input_ids[i].tolist() == ids and targets(docs, i).tolist() == ids[1:]
+        assert docs.input_ids[i].tolist() == ids and target_tokens(docs, i).tolist() == ids[1:]
     model = tiny_neox(vocab=len(plain), hidden=16)
     plain_docs = tokenize_documents(ds, plain, DataConfig(), 64)
     weighted = collect_gradients(model, docs, projection_dim=0, progress=False).vectors
@@ -156,10 +141,10 @@ def test_pairs_are_rendered_with_the_chat_template_when_the_tokenizer_has_one(ch
         text = f"{eos}<|user|>\n{p}{eos}\n<|assistant|>\n{c}{eos}\n"  # the template, by hand
         assert docs.input_ids[i].tolist() == chat(text, add_special_tokens=False)["input_ids"]
         # the loss covers the assistant turn (its text and end-of-turn marker) and nothing else
-        assert chat.decode(targets(docs, i)) == f"{c}{eos}\n"
+        assert chat.decode(target_tokens(docs, i)) == f"{c}{eos}\n"
     never = tokenize_documents(ds, chat, DataConfig(completion_column="c", chat_template="never"), 64)
     assert never.info["pair_format"] == "plain"
-    assert [chat.decode(targets(never, i)) for i in range(2)] == ds["c"]
+    assert [chat.decode(target_tokens(never, i)) for i in range(2)] == ds["c"]
     assert (
         never.input_ids[0].tolist()
         == chat("The capital of France is")["input_ids"] + chat(" Paris.")["input_ids"]

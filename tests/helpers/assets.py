@@ -54,3 +54,30 @@ def tiny_gpt2(vocab: int = 48, hidden: int = 16, layers: int = 2, dtype=torch.fl
 # A document carrying HTML that the report and the served page must keep as text.
 HOSTILE = '</script><script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"> & <b>bold</b>'
 HOSTILE_ROW = 5
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+"""A small jinja chat template (role markers, one end-of-text per turn) for the shipped tokenizer."""
+
+
+def shipped_tokenizer(chat_template: str | None = None):
+    """The shipped tiny-pythia tokenizer, optionally given a chat template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ASSETS / "tiny-pythia")
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    return tok
+
+
+def target_tokens(docs, i: int):
+    """The token ids that the padded labels of the collection loop mark as targets in document ``i``."""
+    import numpy as np
+
+    from bergson.data.batching import IGNORE, pad_batch
+
+    _, labels = pad_batch(docs, np.array([i]), 0)
+    return labels[0][labels[0] != IGNORE].numpy()
