@@ -146,7 +146,13 @@ def load_model(opts: ModelOptions) -> tuple[nn.Module, Any]:
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
             tok_path = path
-        tokenizer = AutoTokenizer.from_pretrained(tok_path, **kwargs)
+        data = getattr(opts, "data", None)
+        if getattr(data, "tokenizer", None):  # --tokenizer: the documents' tokenizer, not the model's
+            from .data.tokenize import document_tokenizer
+
+            tokenizer = document_tokenizer(data, None)  # type: ignore[arg-type]
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(tok_path, **kwargs)
     except (OSError, ValueError) as e:
         raise BergsonError(f"--model {opts.model}: could not load it ({e})") from e
     if not quantized:  # bitsandbytes placed the quantized model on its device already

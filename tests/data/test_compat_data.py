@@ -232,6 +232,16 @@ def test_tokenizer_option_replaces_the_models_tokenizer(tmp_path, plain, model_d
     )
     assert qdocs.input_ids[0].tolist() == [plain.bos_token_id, *plain("hello world again")["input_ids"]]
     np.testing.assert_allclose(vecs[0], np.asarray(store.all[0], np.float64), rtol=1e-3, atol=1e-6)
+    # a checkpoint directory without tokenizer files builds with --tokenizer
+    import shutil
+
+    bare = tmp_path / "bare-model"
+    shutil.copytree(model_dir, bare)
+    for f in bare.glob("*token*"):
+        f.unlink()
+    run("build", str(tmp_path / "bare"), "--model", str(bare), "--dataset", str(data), "--tokenizer", str(other),
+        "--precision", "fp32", "--device", "cpu", "--projection_dim", "4")  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(load_gradients(tmp_path / "bare").all), np.asarray(store.all))
 
 
 # ---------------------------------------------------------------- item 8: --drop_columns
