@@ -156,8 +156,8 @@ def test_debug_shows_tracebacks_and_debug_logs(tmp_path, model_dir, corpus_file)
     assert "--token_batch_size 1" in plain.stderr and "Traceback" not in plain.stderr
     assert "--token_batch_size 1" in debug.stderr and "Traceback" in debug.stderr
     # a switch does not swallow the positional after it
-    proc = run("build", "--debug", str(tmp_path / "y"), "--model", str(model_dir), "--token_batch_size", "1",
-               check=False)  # fmt: skip
+    proc = run("build", "--debug", str(tmp_path / "y"), "--model", str(model_dir), "--dataset", str(corpus_file),
+               "--token_batch_size", "1", check=False)  # fmt: skip
     assert proc.returncode == 1 and "--token_batch_size 1" in proc.stderr
 
 
