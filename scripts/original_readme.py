@@ -20,8 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.helpers.original_readme import CLI_CASES, QUERY_ROW  # noqa: E402
-from tests.helpers.standins import PILE, make_standins  # noqa: E402
+from tests.helpers.original_readme import CLI_CASES, QUERY_ROW, make_workdir, texts_of  # noqa: E402
 
 
 def _last_line(text: str) -> str:
@@ -32,18 +31,8 @@ def _last_line(text: str) -> str:
 
 def main() -> None:
     root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="original_readme_"))
-    make_standins(root)
-    (root / "examples" / "magic").mkdir(parents=True, exist_ok=True)
-    example = REPO / "examples" / "magic" / "gpt2_wikitext_tiny.yaml"
-    if example.is_file():
-        (root / "examples" / "magic" / example.name).write_text(example.read_text())
-    texts = [json.loads(x)["text"] for x in (root / PILE / "train.jsonl").read_text().splitlines()]
-    (root / "pairs.jsonl").write_text(
-        "".join(json.dumps({"prompt": t[:80], "completion": t[80:200]}) + "\n" for t in texts[:8])
-    )
-    (root / "rewards.jsonl").write_text(
-        "".join(json.dumps({"text": t[:200], "reward": float(i % 3)}) + "\n" for i, t in enumerate(texts[:8]))
-    )
+    make_workdir(root, REPO)
+    texts = texts_of(root)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     worked = 0
     for case in CLI_CASES:

@@ -25,31 +25,22 @@ from tests.helpers.original_readme import (
     CALLBACK,
     CLI_CASES,
     QUERY_ROW,
+    make_workdir,
     on_cpu,
+    texts_of,
 )
-from tests.helpers.standins import PILE, PYTHIA, TINYSTORIES, make_standins
+from tests.helpers.standins import PYTHIA, TINYSTORIES
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _texts(root: Path) -> list[str]:
-    return [json.loads(line)["text"] for line in (root / PILE / "train.jsonl").read_text().splitlines()]
+_texts = texts_of
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """The stand-ins, the README's example YAML and two small data files, as a user's directory."""
-    root = make_standins(tmp_path_factory.mktemp("original_readme"))
-    (root / "examples" / "magic").mkdir(parents=True)
-    (root / "examples" / "magic" / "gpt2_wikitext_tiny.yaml").write_text(
-        (REPO / "examples" / "magic" / "gpt2_wikitext_tiny.yaml").read_text()
-    )
-    texts = _texts(root)
-    pairs = [{"prompt": t[:80], "completion": t[80:200]} for t in texts[:8]]
-    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    rewards = [{"text": t[:200], "reward": float(i % 3)} for i, t in enumerate(texts[:8])]
-    (root / "rewards.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rewards))
-    return root
+    return make_workdir(tmp_path_factory.mktemp("original_readme"), REPO)
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +133,14 @@ def test_prompt_completion_and_rewards(cli, workdir):
     _ok(cli["prompt and completion columns"])
     assert len(_store(workdir / "runs/pairs")) == 8
     _ok(cli["GRPO rewards"])
+    # each text sampled twice with rewards 1 and 0: advantages +1/2 and -1/2 of the same gradient
     grpo = _store(workdir / "runs/grpo")
     assert len(grpo) == 8
+    by_row = dict(zip(grpo.rows["row_id"].tolist(), np.asarray(grpo.all, np.float64), strict=True))
+    for i in range(4):
+        up, down = by_row[2 * i], by_row[2 * i + 1]
+        assert np.abs(up).max() > 0
+        np.testing.assert_allclose(up, -down, rtol=2e-3, atol=2e-3 * np.abs(up).max())
 
 
 def test_on_the_fly_reduce_and_score(cli, workdir):

@@ -8,9 +8,11 @@ Shared by ``tests/compat/test_original_readme.py`` (which asserts each case's re
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import NamedTuple
 
-from .standins import GPT2, PILE, PYTHIA
+from .standins import GPT2, PILE, PYTHIA, make_standins
 
 
 class CliCase(NamedTuple):
@@ -32,6 +34,29 @@ def _fill(command: str) -> tuple[str, ...]:
 
 # The query's source document: its own row must come first.
 QUERY_ROW = 3
+
+
+def texts_of(root: Path) -> list[str]:
+    """The documents of the corpus stand-in."""
+    return [json.loads(line)["text"] for line in (Path(root) / PILE / "train.jsonl").read_text().splitlines()]
+
+
+def make_workdir(root: Path, repo: Path) -> Path:
+    """A user's directory for the README's commands: the stand-ins, the README's example YAML
+    (as this repository ships it), prompt/completion pairs, and GRPO rows: four texts sampled
+    twice each, with rewards 1 and 0 (a group per text, as the original groups them)."""
+    root = make_standins(Path(root))
+    example = Path(repo) / "examples" / "magic" / "gpt2_wikitext_tiny.yaml"
+    (root / "examples" / "magic").mkdir(parents=True, exist_ok=True)
+    if example.is_file():
+        (root / "examples" / "magic" / example.name).write_text(example.read_text())
+    texts = texts_of(root)
+    pairs = [{"prompt": t[:80], "completion": t[80:200]} for t in texts[:8]]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    rewards = [{"text": t[:200], "reward": r} for t in texts[:4] for r in (1.0, 0.0)]
+    (root / "rewards.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rewards))
+    return root
+
 
 CLI_CASES = [
     CliCase(
@@ -182,4 +207,14 @@ def on_cpu(snippet: str) -> str:
     return snippet.replace('"cuda:0"', '"cpu"').replace('"cuda"', '"cpu"')
 
 
-__all__ = ["ATTENTION_HEADS", "ATTRIBUTOR", "ATTRIBUTOR_FAISS", "CALLBACK", "CLI_CASES", "GPT2", "QUERY_ROW"]
+__all__ = [
+    "ATTENTION_HEADS",
+    "ATTRIBUTOR",
+    "ATTRIBUTOR_FAISS",
+    "CALLBACK",
+    "CLI_CASES",
+    "GPT2",
+    "QUERY_ROW",
+    "make_workdir",
+    "texts_of",
+]
