@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Mapping, Sized
 from contextlib import AbstractContextManager
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
@@ -47,6 +47,18 @@ OnBatch = Callable[[Any, torch.Tensor], None]
 """``on_batch(batch, losses)``, called after each batch's reverse pass with its detached losses."""
 
 
+def token_shape(batch: Any) -> tuple[int, int] | None:
+    """The ``(batch, seq)`` of a batch's token ids (a :class:`~bergson.collect.losses.DocumentBatch`'s
+    ``ids``, or a mapping's ``input_ids``), None when the batch has no 2-D ids. The hooks use it
+    to map the rows of layers called on flattened tokens back to documents."""
+    ids = getattr(batch, "ids", None)
+    if ids is None and isinstance(batch, Mapping):
+        ids = batch.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.ndim == 2:
+        return int(ids.shape[0]), int(ids.shape[1])
+    return None
+
+
 def check_losses(losses: Any) -> torch.Tensor:
     """``losses`` if it is one loss per example (a 1-D tensor); a :class:`BergsonError` otherwise."""
     if not isinstance(losses, torch.Tensor) or losses.ndim != 1:
@@ -65,7 +77,9 @@ class PassEngine:
 
     ``size(batch)`` is what a batch adds to the progress bar (in ``unit``; default one per
     batch), whose rate is the throughput. ``idle_loss`` (see the module docstring) makes a
-    sharded model's ranks run in lockstep.
+    sharded model's ranks run in lockstep. ``shape(batch)`` is the batch's ``(batch, seq)``
+    (default :func:`token_shape`), handed to hooks that have a ``batch_shape`` attribute (the
+    gradient hooks) before each forward, so that layers called on flattened tokens stay exact.
 
     While a batch is in flight, :attr:`batch` is that batch (None during an idle step) and
     :attr:`seen` the number of examples of the pass before it.
@@ -76,6 +90,7 @@ class PassEngine:
     _: KW_ONLY
     idle_loss: Callable[[nn.Module], torch.Tensor] | None = None
     size: Callable[[Any], int] | None = None
+    shape: Callable[[Any], tuple[int, int] | None] = token_shape
     unit: str = "batch"
     desc: str = "pass"
     progress: bool = True
@@ -90,6 +105,11 @@ class PassEngine:
                 raise TypeError("a pass in lockstep needs its number of steps (steps=) up front")
             steps = len(batches)
         return distributed.lockstep(self.model, steps) - steps
+
+    @staticmethod
+    def _tell_shape(hooks: Any, shape: tuple[int, int] | None) -> None:
+        if hasattr(hooks, "batch_shape"):
+            hooks.batch_shape = shape
 
     def run(
         self,
@@ -121,6 +141,7 @@ class PassEngine:
             with hooks if hooks is not None else contextlib.nullcontext(), torch.enable_grad():
                 for batch in batches:
                     self.batch = batch
+                    self._tell_shape(hooks, self.shape(batch))
                     losses = check_losses(self.loss_fn(model, batch))
                     losses.sum().backward()
                     if on_batch is not None:
@@ -128,6 +149,7 @@ class PassEngine:
                     self.seen += losses.shape[0]
                     bar.update(1 if self.size is None else self.size(batch))
                 self.batch = None
+                self._tell_shape(hooks, None)
                 if idle:
                     assert self.idle_loss is not None
                     logger.debug("%d idle steps to keep the ranks of a sharded model in step", idle)
@@ -135,6 +157,7 @@ class PassEngine:
                     self.idle_loss(model).backward()  # type: ignore[misc]
         finally:
             self.batch = None
+            self._tell_shape(hooks, None)
             bar.close()
             for p, flag in saved.items():
                 p.requires_grad_(flag)

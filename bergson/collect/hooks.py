@@ -81,15 +81,64 @@ def resolve_modules(
     return out
 
 
+def token_rows(
+    name: str, x: torch.Tensor, n_in: int, batch_shape: tuple[int, int] | None
+) -> tuple[int, int] | None:
+    """How a layer's input ``x`` (last axis ``n_in``) maps to the batch's documents.
+
+    Layers are called on ``(batch, seq, in)`` or on the flattened tokens ``(batch·seq, in)``
+    (shared experts, some MLP blocks). With the batch's ``(batch, seq)`` known, returns None when
+    the leading axis is the batch (x already has one entry per document) and ``(batch, seq)``
+    when x holds every token of the batch once in row-major order; any other row count (a
+    gathered subset of tokens, as routed experts see) is a :class:`BergsonError`, since its rows
+    cannot be mapped back to documents. Without a known batch shape the leading axis is taken as
+    the batch."""
+    if batch_shape is None or x.shape[0] == batch_shape[0]:
+        return None
+    batch, seq = batch_shape
+    if x.ndim >= 2 and x.numel() == batch * seq * n_in and x.shape[0] == batch * seq:
+        return batch, seq
+    raise BergsonError(
+        f"module {name!r} was called on {x.shape[0]} rows, neither the batch ({batch} documents) nor "
+        f"its {batch * seq} tokens (batch x sequence): its rows cannot be mapped back to documents. "
+        "Layers that see a gathered subset of tokens (MoE routed experts) are not supported yet; "
+        "leave this module out of the tracked modules (--modules, or modules= in Python)"
+    )
+
+
 class _LayerHooks:
     """Forward hooks on every tracked layer while the context is open; subclasses define
     ``_forward_hook(name, module, inputs, output)``, which binds what it keeps of the layer
-    input to a hook on the output tensor."""
+    input to a hook on the output tensor.
+
+    ``batch_shape`` is the ``(batch, seq)`` of the batch in flight (the pass engine sets it; None
+    when unknown): with it, a layer called on the flattened tokens ``(batch·seq, in)`` has its
+    input and output gradient viewed as ``(batch, seq, ·)`` (:func:`token_rows`). Outside the
+    engine (a trainer's own steps, a traced forward), a ``root`` module's calls tell it: the
+    shape of their ``input_ids`` (or ``inputs_embeds``, or a first argument of token ids)."""
 
     modules: dict[str, nn.Module]
 
-    def __init__(self) -> None:
+    def __init__(self, root: nn.Module | None = None) -> None:
         self._handles: list[Any] = []
+        self.batch_shape: tuple[int, int] | None = None
+        self._root = root
+        self._seen: tuple[int, int] | None = None  # from the root's last call
+
+    def _current_shape(self) -> tuple[int, int] | None:
+        return self.batch_shape if self.batch_shape is not None else self._seen
+
+    def _root_call(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            ids = args[0]
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        self._seen = (
+            (int(ids.shape[0]), int(ids.shape[1]))
+            if isinstance(ids, torch.Tensor) and ids.ndim >= 2
+            else None
+        )
 
     def _forward_hook(self, name: str, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         raise NotImplementedError
@@ -97,12 +146,15 @@ class _LayerHooks:
     def __enter__(self) -> Any:
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(partial(self._forward_hook, name)))
+        if self._root is not None:
+            self._handles.append(self._root.register_forward_pre_hook(self._root_call, with_kwargs=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._seen = None
 
 
 class GradientCollector(_LayerHooks):
@@ -163,7 +215,7 @@ class GradientCollector(_LayerHooks):
         }
         self.closure = closure
         self.per_token = per_token
-        super().__init__()
+        super().__init__(model)
         self._grads: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._proj: dict[tuple[str, str, torch.dtype, torch.device], torch.Tensor] = {}
         self._scaled: dict[tuple[str, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -201,14 +253,19 @@ class GradientCollector(_LayerHooks):
             # Start autograd here instead of at the embeddings: no weight gradients needed.
             output.requires_grad_(True)
         x = inputs[0].detach()
+        rows = token_rows(name, x, module_shape(module)[1], self._current_shape())
+        if rows is not None:
+            x = x.reshape(*rows, x.shape[-1])
         # On the projected path only R x is kept, so the layer input can be freed early. A
         # checkpoint's recomputation keeps x itself: its hook fires only in the reentrant form.
         saved: Any = x
         if self._cheap_path(name) and not in_backward():
             saved = [self.project_inputs(b, x) for b in self.blocks[name]]
-        output.register_hook(partial(self._backward_hook, name, saved))
+        output.register_hook(partial(self._backward_hook, name, saved, rows))
 
-    def _backward_hook(self, name: str, saved: Any, grad: torch.Tensor) -> None:
+    def _backward_hook(self, name: str, saved: Any, rows: tuple[int, int] | None, grad: torch.Tensor) -> None:
+        if rows is not None:  # the layer ran on the flattened tokens: back to (batch, seq, out)
+            grad = grad.reshape(*rows, grad.shape[-1])
         if self._cheap_path(name) and isinstance(saved, torch.Tensor):
             saved = [self.project_inputs(b, saved) for b in self.blocks[name]]
         batch = grad.shape[0]
@@ -377,10 +434,13 @@ class LayerTap(_LayerHooks):
         if not output.requires_grad:
             output.requires_grad_(True)
         out, n_in = module_shape(module)
-        x = inputs[0].detach().reshape(inputs[0].shape[0], -1, n_in)
+        x = inputs[0].detach()
+        rows = token_rows(name, x, n_in, self._current_shape())
+        batch = x.shape[0] if rows is None else rows[0]
+        x = x.reshape(batch, -1, n_in)
         if self.include_bias and getattr(module, "bias", None) is not None:
             x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
         output.register_hook(partial(self._backward, name, out, x))
 
     def _backward(self, name: str, out: int, x: torch.Tensor, grad: torch.Tensor) -> None:
-        self.fn(name, x, grad.reshape(grad.shape[0], -1, out))
+        self.fn(name, x, grad.reshape(x.shape[0], -1, out))
