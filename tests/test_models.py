@@ -293,3 +293,31 @@ def test_trainer_callback_announces_and_records_coverage(tmp_path, caplog):
     assert (
         f"tracking {100 * mlp / body:.1f}% of the model's matrix weights ({mlp:,} of {body:,}" in caplog.text
     )
+
+
+def test_mixtral_fused_experts_and_router_are_counted_as_skipped(caplog):
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from bergson.models import announce_coverage, tracking_record
+
+    h, i, e, layers, v = 16, 32, 4, 2, 64
+    cfg = MixtralConfig(
+        vocab_size=v, hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=e, num_experts_per_tok=2, eos_token_id=None, bos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    attention = layers * (h * h + 2 * (h // 2) * h + h * h)  # q, k and v (one kv head of 8), o
+    router, experts = layers * e * h, layers * e * 3 * i * h
+    record = tracking_record(model, find_tracked_modules(model))
+    cov = record["coverage"]
+    assert (cov["matrix_params"], cov["tracked_params"]) == (attention + router + experts, attention)
+    assert cov["embedding_params"] == v * h and cov["head_params"] == v * h and cov["low"]
+    assert [(s["class"], s["reason"], s["params"]) for s in cov["skipped"]] == [
+        ("MixtralExperts", "fused_experts", experts),
+        ("MixtralTopKRouter", "unsupported_type", router),
+    ]
+    with caplog.at_level(logging.WARNING, logger="bergson.models"):
+        announce_coverage(record)
+    assert "MixtralExperts" in caplog.text and "not supported yet" in caplog.text
+    assert "--include_output_head" in caplog.text  # the head's option, named in the loud warning too
