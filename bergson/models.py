@@ -273,11 +273,123 @@ def find_tracked_modules(
     return tracked
 
 
-def tracking_record(model: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, Any]:
+COVERAGE_THRESHOLD = 0.5
+"""Below this share of the model's matrix weights tracked, a run without --modules warns loudly."""
+
+_COUNTED = (
+    "parameters with ndim >= 2 (weight matrices, fused expert tensors); embedding tables "
+    "(nn.Embedding weights), PEFT base weights and the output head are not counted in the share "
+    "(the head is reported as head_params and under output_head)"
+)
+_FIXES = {
+    "fused_experts": "fused expert weights (3-D parameters): tracking them is not supported yet, "
+    "no option tracks them",
+    "unsupported_type": "unsupported layer type (supported: Linear, Conv1D): no option tracks it yet",
+    "not_matched": "not matched by --modules: a --modules pattern naming them tracks them",
+    "peft_base": "frozen base weights of a PEFT model (only its adapter layers are tracked); "
+    "not counted in the share",
+}
+
+
+def _matrices(module: nn.Module, seen: set[int]) -> list[torch.Tensor]:
+    """``module``'s own parameters with ndim >= 2 not met before (tied tensors count once)."""
+    out = []
+    for p in module.parameters(recurse=False):
+        if p.ndim >= 2 and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def tracking_record(
+    model: nn.Module, modules: Mapping[str, nn.Module], *, modules_option: bool = False
+) -> dict[str, Any]:
     """What a manifest records about the tracked set: where the base model sits (module names are
-    spelled from the whole model) and the output head's layers, and whether they are tracked."""
+    spelled from the whole model), the output head's layers and whether they are tracked, and the
+    coverage: which share of the model's matrix weights (by parameter count) ``modules`` track,
+    and which layers are skipped and why. ``modules_option`` says the set was chosen by --modules
+    (which silences the low-coverage warning, not the record)."""
     head = output_head_modules(model)
+    supported, peft = _supported_types(), is_peft_model(model)
+    tracked_ids = {id(m) for m in modules.values()}
+    seen: set[int] = set()
+    embedding = sum(
+        p.numel() for m in model.modules() if isinstance(m, nn.Embedding) for p in _matrices(m, seen)
+    )
+    head_params = tied = 0
+    for name in head:
+        mats = [p for p in model.get_submodule(name).parameters(recurse=False) if p.ndim >= 2]
+        tied += sum(p.numel() for p in mats if id(p) in seen)
+        head_params += sum(p.numel() for p in _matrices(model.get_submodule(name), seen))
+    total = tracked = 0
+    skipped: dict[tuple[str, str], list[int]] = {}
+    for name, module in model.named_modules():
+        n = sum(p.numel() for p in _matrices(module, seen))
+        if not n:
+            continue
+        if id(module) in tracked_ids:
+            total, tracked = total + n, tracked + n
+            continue
+        if isinstance(module, supported):
+            reason = "peft_base" if peft and "lora_" not in name else "not_matched"
+        elif any(p.ndim >= 3 for p in module.parameters(recurse=False)):
+            reason = "fused_experts"
+        else:
+            reason = "unsupported_type"
+        total += 0 if reason == "peft_base" else n
+        entry = skipped.setdefault((type(module).__name__, reason), [0, 0])
+        entry[0], entry[1] = entry[0] + 1, entry[1] + n
+    share = tracked / total if total else 1.0
     return {
         "base_model": base_model_prefix(model),
         "output_head": {"modules": head, "tracked": [n for n in head if n in modules]},
+        "coverage": {
+            "counted": _COUNTED,
+            "peft": peft,
+            "head_params": head_params + tied,
+            "head_tied_to_embedding": bool(tied),
+            "matrix_params": total,
+            "tracked_params": tracked,
+            "share": round(share, 6),
+            "embedding_params": embedding,
+            "skipped": [
+                {"class": cls, "reason": why, "modules": k, "params": n, "note": _FIXES[why]}
+                for (cls, why), (k, n) in sorted(skipped.items(), key=lambda kv: -kv[1][1])
+            ],
+            "modules_option": modules_option,
+            "threshold": COVERAGE_THRESHOLD,
+            "low": share < COVERAGE_THRESHOLD and not modules_option,
+        },
     }
+
+
+def announce_coverage(record: Mapping[str, Any]) -> None:
+    """Print on the console what :func:`tracking_record` records: the tracked share, the head
+    choice, the skipped layers; a loud warning when the share is low and --modules was not given."""
+    cov, head = record["coverage"], record["output_head"]
+    if head["modules"]:
+        state = "tracked" if head["tracked"] else "not tracked (--include_output_head tracks it)"
+        tie = ", tied to the embedding" if cov["head_tied_to_embedding"] else ""
+        head_line = (
+            f"output head {', '.join(head['modules'])} ({cov['head_params']:,} parameters{tie}): {state}"
+        )
+    elif cov["peft"]:
+        head_line = "a PEFT model: its adapter layers are tracked wherever they sit, the head's included"
+    else:
+        head_line = "no output head outside the base model"
+    skipped = "; ".join(
+        f"{s['class']} x{s['modules']} ({s['params']:,} parameters): {s['note']}" for s in cov["skipped"]
+    )
+    logger.info(
+        "tracking %.1f%% of the model's matrix weights (%s of %s parameters; embeddings and the output "
+        "head not counted); %s%s",
+        100 * cov["share"], f"{cov['tracked_params']:,}", f"{cov['matrix_params']:,}", head_line,
+        f"; skipped: {skipped}" if skipped else "",
+    )  # fmt: skip
+    if cov["low"]:
+        logger.warning(
+            "ONLY %.1f%% OF THE MODEL'S MATRIX WEIGHTS ARE TRACKED (below %.0f%%): attributions reflect "
+            "the tracked layers only. Not tracked: %s; %s. Pass --modules to choose the layers explicitly "
+            "(this silences the warning).",
+            100 * cov["share"], 100 * cov["threshold"], skipped, head_line,
+        )  # fmt: skip

@@ -26,7 +26,7 @@ from ..collect.hooks import Closure, GradientCollector
 from ..config import IndexConfig
 from ..data import TokenizedDocs
 from ..errors import BergsonError
-from ..models import find_tracked_modules
+from ..models import announce_coverage, find_tracked_modules
 from ..runs.documents import context_size
 from ..runs.manifests import make_manifest
 from ..store import Manifest
@@ -234,6 +234,7 @@ class GradientCollectorCallback(TrainerCallback):
         self.stores = []
         self._watch.seconds = self._epoch_watch.seconds = 0.0
         if distributed.rank() == 0:
+            announce_coverage(self._manifest(model).model)
             logger.info(
                 "collecting gradients of %d modules (%d columns per row) for %d rows into %s%s",
                 len(self._tracked),

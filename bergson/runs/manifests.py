@@ -70,7 +70,7 @@ def make_manifest(
             "commit": getattr(config, "_commit_hash", None),
             "class": distributed.model_class(model).__name__,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            **tracking_record(model, modules),
+            **tracking_record(model, modules, modules_option=bool(getattr(cfg, "modules", None))),
         },
         modules=layouts,
         projection={

@@ -20,7 +20,7 @@ from ..config import IndexConfig, save_yaml
 from ..core.sinks import Sink
 from ..data import TokenizedDocs, assign_shards, plan_shards
 from ..errors import BergsonError
-from ..models import find_tracked_modules
+from ..models import announce_coverage, find_tracked_modules
 from ..store import GradientStore, Manifest, StoreWriter, load_gradients
 from ..store.writer import TOKENS, shard_name
 from ..transforms.normalizers import NORMALIZERS_FILE, Normalizer, save_normalizers
@@ -257,6 +257,8 @@ def write_store(
     modules = find_tracked_modules(model, cfg.modules, include_output_head=cfg.include_output_head)
     normalizers = resolve_normalizers(cfg, model, modules, normalizers)
     manifest = make_manifest(cfg, model, modules, docs, max_tokens, normalizers)
+    if distributed.rank() == 0:
+        announce_coverage(manifest.model)
     pre = resolve_preconditioner(cfg.preconditioner_path, [])
     transform = None
     if pre is not None:
