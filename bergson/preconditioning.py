@@ -16,7 +16,7 @@ from .config.options import COMPUTING, ModelOptions, is_default, unused_with, va
 from .core.devices import resolve_device
 from .data import TokenizedDocs
 from .errors import BergsonError
-from .models import find_tracked_modules, honours_numerics
+from .models import announce_coverage, find_tracked_modules, honours_numerics
 from .runs.documents import prepare_inputs, subsample
 from .runs.manifests import make_manifest, resolve_normalizers
 from .runs.rundir import check_saved_config
@@ -54,6 +54,8 @@ def fit_on_documents(
     """Second moments of the documents' (normalized, projected) gradients, eigendecomposed (with
     several ranks: each collects its shards' moments, then one sum over ranks)."""
     layout = make_manifest(cfg, model, modules, docs, max_tokens, normalizers)
+    if distributed.rank() == 0:
+        announce_coverage(layout.model)
     dims = {m.name: m.dim for m in layout.modules}
     sink = StatisticsSink(dims, resolve_device(cfg.device))
     collect_with(cfg, model, docs, modules, sink, normalizers, pad_token_id)

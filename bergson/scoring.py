@@ -25,7 +25,7 @@ from .core.rows import row_norms, unit_rows
 from .core.sinks import Sink
 from .data import TokenizedDocs, load_data, plan_shards
 from .errors import BergsonError
-from .models import find_tracked_modules, numerics
+from .models import announce_coverage, find_tracked_modules, numerics
 from .runs.documents import prepare_inputs
 from .runs.manifests import make_manifest, resolve_normalizers
 from .runs.shared_store import collect_with, finish_shared_store, open_shared_store, store_here
@@ -281,6 +281,8 @@ def score_documents(
     base = make_manifest(
         replace(cfg, aggregation="none", unit_normalize=False), model, modules, docs, max_tokens, normalizers
     )
+    if distributed.rank() == 0:
+        announce_coverage(base.model)
     check_compatible(base, query.manifest, "the scored model", f"--query_path {cfg.query_path}")
     t, qt, info = preconditioning(cfg, query, None, base)
     q, groups = query_matrix(cfg, query, qt)

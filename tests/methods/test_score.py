@@ -32,9 +32,12 @@ def cos(a: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("unit", [False, True])
-def test_individual_scores_are_inner_products(tmp_path, model_dir, corpus_file, stores, unit):
+def test_individual_scores_are_inner_products(tmp_path, model_dir, corpus_file, stores, unit, caplog):
     train, query = stores
-    s = score(_score_cfg(tmp_path, model_dir, corpus_file, query.root, unit_normalize=unit))
+    with caplog.at_level("INFO", logger="bergson"):
+        s = score(_score_cfg(tmp_path, model_dir, corpus_file, query.root, unit_normalize=unit))
+    # the run says how much of the model it tracks, as a build does
+    assert "tracking 100.0% of the model's matrix weights" in caplog.text
     t, q = np.asarray(train.all, np.float64), np.asarray(query.all, np.float64)
     expected = cos(t) @ cos(q).T if unit else t @ q.T
     got = np.asarray(s["scores"])

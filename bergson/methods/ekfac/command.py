@@ -43,7 +43,7 @@ import torch
 from ... import distributed
 from ...core.layout import module_shape
 from ...errors import BergsonError
-from ...models import honours_numerics
+from ...models import announce_coverage, honours_numerics
 from ...transforms.ekfac import Factors, eigendecompose
 from .passes import EkfacOptions, fit_corrected_eigenvalues, fit_covariances, query_gradients, rank_documents
 from .scoring import precondition_queries, save_query_store, score_documents
@@ -221,6 +221,8 @@ def ekfac(cfg: Any) -> Any:
             arrays: dict[str, Any] = dict(result.per_module)
             np.savez(str(root / "per_module.npz"), **arrays)
         base = make_manifest(replace(cfg, projection_dim=0), model, modules, docs, max_tokens)
+        if distributed.rank() == 0:
+            announce_coverage(base.model)
         score_info = {
             **info,
             "mode": "individual",
