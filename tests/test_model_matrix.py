@@ -18,8 +18,8 @@ from torch import nn
 import bergson.diagnostics as diagnostics
 from bergson import ModelConfigTestConfig
 from bergson.collect.loop import collect_gradients
-from bergson.core.layout import module_shape
-from bergson.models import find_tracked_modules
+from bergson.core.layout import column_layouts, module_shape
+from bergson.models import config_attention_heads, find_tracked_modules
 from bergson.transforms.projection import projection_matrix
 from tests.helpers.assets import ASSETS
 from tests.helpers.families import FAMILIES, VOCAB, make_family
@@ -131,3 +131,99 @@ def test_model_configuration_reports(family):
     assert len(set(report["lengths"])) > 1  # the padded batch mixes lengths
     assert first["padded_max_rel_error"] < 1e-4 and first["equal_length_max_rel_error"] < 1e-4
     assert report["consistent_as_configured"], diagnostics.format_report(report)
+
+
+def test_config_attention_heads_split_the_gradient(family, docs, truth):
+    """``--attention_heads auto``'s splits, derived from the config (GQA and fused qkv included):
+    every head's full block (p = 0) is the naive gradient's rows (q/k/v) or columns (output
+    projection) of that head, in the layer's weight layout."""
+    family_name, model = family
+    modules = find_tracked_modules(model)
+    heads = config_attention_heads(model, modules)
+    if family_name == "llama_lora":
+        assert heads == {}  # adapter layers are not split
+        return
+    assert len(heads) == (4 if family_name in ("gpt2", "gpt_neox", "phi3", "falcon") else 8)
+    sink = collect_gradients(model, docs, projection_dim=0, token_batch_size=64, progress=False, heads=heads)
+    blocks = sink.by_module()
+    layouts = [m for m in column_layouts(modules, 0, False, heads) if m.head]
+    assert len(layouts) == sum(h.num_heads for h in heads.values())
+    rtol = RTOL.get(family_name, 1e-9)
+    for m in layouts:
+        h = m.head
+        assert h is not None
+        span = slice(h["start"], h["stop"])
+        conv1d = type(modules[h["module"]]).__name__ == "Conv1D"
+        rows = []
+        for w, _ in truth[h["module"]]:
+            part = w[span] if h["axis"] == "out" else w[:, span]
+            rows.append((part.T if conv1d else part).flatten().numpy())
+        np.testing.assert_allclose(
+            blocks[m.name], np.stack(rows), rtol=rtol, atol=1e-3 * rtol, err_msg=m.name
+        )
+
+
+def _changed_heads(model, layer: str, out_heads, out_name: str, perturb) -> set[int]:
+    """Which heads of the output projection's input change when ``perturb`` edits the model."""
+    proj = model.get_submodule(out_name)
+    seen = []
+    handle = proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    ids = torch.arange(1, 9)[None]
+    try:
+        with torch.no_grad():
+            model(ids)
+            saved = perturb()
+            model(ids)
+            saved()
+    finally:
+        handle.remove()
+    diff = (seen[1] - seen[0]).abs().amax(dim=(0, 1))
+    size = out_heads.head_size
+    return {i for i in range(out_heads.num_heads) if diff[i * size : (i + 1) * size].max() > 1e-9}
+
+
+def test_config_attention_heads_are_the_model_heads(family):
+    """Semantics of the derived splits: perturbing the rows of one q/k/v (or fused qkv) block
+    changes exactly the attention heads that block feeds, as seen at the output projection's input
+    (a key/value head feeds its group of query heads). OLMo-2 normalizes q and k across all heads,
+    so there only v is checked."""
+    family_name, model = family
+    if family_name == "llama_lora":
+        return
+    modules = find_tracked_modules(model)
+    heads = config_attention_heads(model, modules)
+    layer0 = {n: h for n, h in heads.items() if ".0." in n}
+    (out_name,) = [n for n, h in layer0.items() if h.axis == "in"]
+    n = layer0[out_name].num_heads
+    cfg = model.config
+    kv = 1 if family_name == "falcon" else getattr(cfg, "num_key_value_heads", None) or n
+    group = n // kv
+    checked = 0
+    for name, split in layer0.items():
+        if split.axis == "in" or (family_name == "olmo2" and name.rsplit(".", 1)[-1] in ("q_proj", "k_proj")):
+            continue
+        module = modules[name]
+        conv1d = type(module).__name__ == "Conv1D"
+        leaf = name.rsplit(".", 1)[-1]
+        for i in range(split.num_heads):
+            span = slice(i * split.head_size, (i + 1) * split.head_size)
+
+            def perturb(module=module, span=span, conv1d=conv1d):
+                w = module.weight
+                old = w.detach().clone()
+                noise = torch.randn_like(w[:, span] if conv1d else w[span])
+                if conv1d:
+                    w[:, span] += noise
+                else:
+                    w[span] += noise
+                return lambda: w.copy_(old)
+
+            if leaf == "q_proj" or (split.num_heads == n and leaf != "v_proj" and leaf != "k_proj"):
+                want = {i}  # a query head, or one head's q, k and v together (NeoX-style fused)
+            elif leaf in ("k_proj", "v_proj"):
+                want = set(range(i * group, (i + 1) * group))
+            else:  # a [q; k; v] stack of n + 2 kv heads
+                want = {i} if i < n else set(range(((i - n) % kv) * group, ((i - n) % kv + 1) * group))
+            assert _changed_heads(model, name, layer0[out_name], out_name, perturb) == want, (name, i)
+            checked += 1
+    assert checked >= 2
