@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import ModelOptions
 from .core.devices import resolve_device
-from .core.layout import base_model_prefix, in_base_model, match_names
+from .core.layout import AttentionConfig, base_model_prefix, in_base_model, match_names, module_shape
 from .errors import BergsonError
 
 logger = logging.getLogger(__name__)
@@ -393,3 +393,74 @@ def announce_coverage(record: Mapping[str, Any]) -> None:
             "(this silences the warning).",
             100 * cov["share"], 100 * cov["threshold"], skipped, head_line,
         )  # fmt: skip
+
+
+_ATTENTION_PARENTS = ("attn", "attention", "self_attn", "self_attention")
+
+
+def _head_counts(config: Any) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head size) from a transformers config."""
+    n = next(
+        (
+            getattr(config, k)
+            for k in ("num_attention_heads", "n_head", "num_heads")
+            if getattr(config, k, None)
+        ),
+        None,
+    )
+    hidden = next((getattr(config, k) for k in ("hidden_size", "n_embd") if getattr(config, k, None)), None)
+    if not n or not hidden:
+        raise BergsonError(
+            "--attention_heads auto: the model's config names no number of attention heads or hidden size; "
+            "give NUM_HEADS:HEAD_SIZE:AXIS per module instead"
+        )
+    kv = getattr(config, "num_key_value_heads", None) or n
+    if getattr(config, "model_type", "") == "falcon":
+        if getattr(config, "new_decoder_architecture", False):
+            kv = config.num_kv_heads
+        elif getattr(config, "multi_query", False):
+            kv = 1
+    return n, kv, getattr(config, "head_dim", None) or hidden // n
+
+
+def config_attention_heads(model: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, AttentionConfig]:
+    """The attention-head split of every tracked attention projection, derived from the model's config
+    (``--attention_heads auto``): q/k/v rows and the output projection's columns per head, grouped-query
+    key/value heads included, and fused qkv layers as consecutive row blocks of one head each
+    ([q; k; v] stacks: GPT-2, Phi-3, Falcon) or of one head's q, k and v together (GPT-NeoX, Falcon
+    without multi-query). LoRA adapter layers are not split."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise BergsonError(
+            "--attention_heads auto: the model has no transformers config; give the splits per module"
+        )
+    n, kv, hd = _head_counts(config)
+    grouped_fused = getattr(config, "model_type", "") == "gpt_neox" or (
+        getattr(config, "model_type", "") == "falcon"
+        and not getattr(config, "new_decoder_architecture", False)
+        and not getattr(config, "multi_query", False)
+    )
+    out: dict[str, AttentionConfig] = {}
+    for name, module in modules.items():
+        parts = name.split(".")
+        if len(parts) < 2 or parts[-2] not in _ATTENTION_PARENTS or "lora_" in name:
+            continue
+        leaf, (rows, cols) = parts[-1], module_shape(module)
+        if leaf == "q_proj":
+            split = AttentionConfig(n, hd, 0)
+        elif leaf in ("k_proj", "v_proj"):
+            split = AttentionConfig(kv, hd, 0)
+        elif leaf in ("o_proj", "out_proj", "dense", "c_proj"):
+            split = AttentionConfig(n, hd, 1)
+        elif leaf in ("query_key_value", "qkv_proj", "c_attn"):
+            split = AttentionConfig(n, 3 * hd, 0) if grouped_fused else AttentionConfig(n + 2 * kv, hd, 0)
+        else:
+            continue
+        size = rows if split.head_dim == 0 else cols
+        if split.num_heads * split.head_size != size:
+            raise BergsonError(
+                f"--attention_heads auto: {name} has {size} {split.axis}puts, not the config's "
+                f"{split.num_heads} heads of {split.head_size}; give its split as NAME=NUM_HEADS:HEAD_SIZE:AXIS"
+            )
+        out[name] = split
+    return out
