@@ -464,3 +464,24 @@ def config_attention_heads(model: nn.Module, modules: Mapping[str, nn.Module]) -
             )
         out[name] = split
     return out
+
+
+def head_splits(
+    model: nn.Module, modules: Mapping[str, nn.Module], specs: Sequence[str] | None
+) -> Sequence[str] | dict[str, AttentionConfig] | None:
+    """``--attention_heads`` as a run uses it: ``auto`` becomes the splits the model's config gives
+    (:func:`config_attention_heads`); other specs pass through to the layout."""
+    if not specs or "auto" not in specs:
+        return specs
+    if len(specs) != 1:
+        raise BergsonError(
+            "--attention_heads auto: give it alone (it splits every attention projection the config "
+            "describes), or give every split as PATTERN=NUM_HEADS:HEAD_SIZE:AXIS"
+        )
+    splits = config_attention_heads(model, modules)
+    if not splits:
+        raise BergsonError(
+            "--attention_heads auto: none of the tracked layers is an attention projection this model's "
+            "config describes; give the splits as PATTERN=NUM_HEADS:HEAD_SIZE:AXIS"
+        )
+    return splits

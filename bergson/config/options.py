@@ -260,7 +260,9 @@ class HeadOptions:
     attention_heads: list[str] = field(default_factory=list)
     """Split modules into one block per attention head, each with its own projection:
     'PATTERN=NUM_HEADS:HEAD_SIZE:AXIS', AXIS out (q/k/v or fused qkv rows) or in (output projection
-    columns); e.g. 'gpt_neox.layers.*.attention.query_key_value=4:48:out'."""
+    columns); e.g. 'gpt_neox.layers.*.attention.query_key_value=4:48:out'. 'auto' derives every
+    attention projection's split from the model's config (q/k/v, output projection, fused qkv,
+    grouped-query key/value heads)."""
 
 
 @dataclass

@@ -16,7 +16,7 @@ from ..config.original import differing_defaults
 from ..core.layout import base_model_prefix, column_layouts
 from ..data import TokenizedDocs
 from ..errors import BergsonError
-from ..models import tracking_record
+from ..models import head_splits, tracking_record
 from ..store import Manifest
 from ..transforms.normalizers import AdafactorNormalizer, Normalizer
 from .documents import tokens_fingerprint
@@ -56,7 +56,8 @@ def make_manifest(
 ) -> Manifest:
     # a command without an option group (ekfac has no store options, magic no heads) writes what
     # it does: unsplit modules, summed losses, one row per document, in the default dtype
-    heads, reduction = getattr(cfg, "attention_heads", None), getattr(cfg, "loss_reduction", "sum")
+    heads = head_splits(model, modules, getattr(cfg, "attention_heads", None))
+    reduction = getattr(cfg, "loss_reduction", "sum")
     aggregation, save_dtype = getattr(cfg, "aggregation", "none"), getattr(cfg, "save_dtype", "auto")
     layouts = column_layouts(modules, cfg.projection_dim, cfg.include_bias, heads, base_model_prefix(model))
     dtype = save_dtype if save_dtype != "auto" else ("float16" if cfg.projection_dim > 0 else "float32")

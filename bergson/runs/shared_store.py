@@ -20,7 +20,7 @@ from ..config import IndexConfig, save_yaml
 from ..core.sinks import Sink
 from ..data import TokenizedDocs, assign_shards, plan_shards
 from ..errors import BergsonError
-from ..models import announce_coverage, find_tracked_modules
+from ..models import announce_coverage, find_tracked_modules, head_splits
 from ..store import GradientStore, Manifest, StoreWriter, load_gradients
 from ..store.writer import TOKENS, shard_name
 from ..transforms.normalizers import NORMALIZERS_FILE, Normalizer, save_normalizers
@@ -61,7 +61,7 @@ def collect_with(
         shard_size=cfg.shard_size,
         pad_token_id=pad_token_id or 0,
         transform=transform,
-        heads=cfg.attention_heads,
+        heads=head_splits(model, modules, cfg.attention_heads),
         per_token=per_token,
         only_shards=rank_shards(cfg, docs, sink),
         progress=distributed.rank() == 0,

@@ -159,6 +159,29 @@ def test_cli_build_and_query_with_heads(tmp_path, model_dir, corpus_file):
     out = run("query", "--index", str(store), "--model", str(model_dir), "--precision", "fp32", "--device", "cpu",
               "--query", "The history of the city", "--top_k", "3").stdout  # fmt: skip
     assert "row" in out
+    # --attention_heads auto derives the same splits from the model's config: the same store
+    common = ["--model", str(model_dir), "--dataset", str(corpus_file), "--precision", "fp32", "--device", "cpu",
+              "--projection_dim", "4", "--save_dtype", "float32", "--truncation", "--max_length", "48",
+              "--modules", "layers.*.attention.*"]  # fmt: skip
+    run("build", str(tmp_path / "auto"), *common, "--attention_heads", "auto")
+    auto = json.loads((tmp_path / "auto" / "manifest.json").read_text())
+    assert [m["name"] for m in auto["modules"]] == names
+    assert [m["head"] for m in auto["modules"]] == [m["head"] for m in manifest["modules"]]
+    from bergson import load_gradients
+
+    np.testing.assert_array_equal(
+        np.asarray(load_gradients(tmp_path / "auto").all), np.asarray(load_gradients(store).all)
+    )
+    bad = run(
+        "build",
+        str(tmp_path / "bad-auto"),
+        *common,
+        "--attention_heads",
+        "auto",
+        "*.dense=2:16:in",
+        check=False,
+    )
+    assert bad.returncode != 0 and "give it alone" in bad.stderr
     proc = run("build", str(tmp_path / "bad"), "--model", str(model_dir), "--dataset", str(corpus_file),
                "--device", "cpu", "--attention_heads", "*.dense=3:16:in", check=False)  # fmt: skip
     assert (
