@@ -13,6 +13,14 @@ ASSETS = Path(__file__).resolve().parents[1] / "bergson" / "assets"
 CORPUS = ASSETS / "corpus.jsonl.gz"
 
 
+def copy_shipped_tokenizer(out: Path) -> None:
+    """Put the shipped 8k tokenizer's files in ``out`` (created if missing)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in (ASSETS / "tiny-pythia").iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, out / f.name)
+
+
 def random_neox_dir(
     out: Path,
     *,
@@ -29,10 +37,7 @@ def random_neox_dir(
 
     if (out / "config.json").is_file():
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    for f in (ASSETS / "tiny-pythia").iterdir():
-        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
-            shutil.copy(f, out / f.name)
+    copy_shipped_tokenizer(out)
     tok = AutoTokenizer.from_pretrained(out)
     torch.manual_seed(seed)
     cfg = GPTNeoXConfig(

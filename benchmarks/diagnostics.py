@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from bergson import IndexConfig, ModelConfigTestConfig
 from bergson.diagnostics import SENTENCES, test_model_configuration
 from bergson.methods.build import build
 
-from .common import ASSETS
+from .common import copy_shipped_tokenizer
 
 
 def smollm_dir(out: Path, layers: int, seed: int = 0) -> Path:
@@ -33,10 +32,7 @@ def smollm_dir(out: Path, layers: int, seed: int = 0) -> Path:
 
     if (out / "config.json").is_file():
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    for f in (ASSETS / "tiny-pythia").iterdir():
-        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
-            shutil.copy(f, out / f.name)
+    copy_shipped_tokenizer(out)
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=49152,
