@@ -16,11 +16,9 @@ from tests.helpers.assets import tiny_gpt2, tiny_neox
 
 VOCAB = 8192  # the tokenizer of bergson/assets/tiny-pythia
 
-COMMON = dict(
+SHARED = dict(
     vocab_size=VOCAB,
     hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=2,
     max_position_embeddings=64,
     tie_word_embeddings=False,
     pad_token_id=0,
@@ -28,6 +26,8 @@ COMMON = dict(
     eos_token_id=0,
     attn_implementation="eager",
 )
+"""Settings every family's config spells the same way."""
+COMMON = dict(SHARED, intermediate_size=32, num_hidden_layers=2)
 GQA = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=4)
 
 
@@ -42,22 +42,15 @@ def gpt_neo() -> nn.Module:
     import transformers
 
     cfg = transformers.GPTNeoConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
         num_layers=2,
         num_heads=2,
         intermediate_size=32,
         attention_types=[[["global", "local"], 1]],
         window_size=4,  # shorter than the documents: the local layer's mask matters
-        max_position_embeddings=64,
         embed_dropout=0.0,
         attention_dropout=0.0,
         resid_dropout=0.0,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="eager",
+        **SHARED,
     )
     return transformers.GPTNeoForCausalLM(cfg)
 
@@ -114,19 +107,12 @@ def falcon() -> nn.Module:  # fused query_key_value, multi-query attention
     import transformers
 
     cfg = transformers.FalconConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
         num_hidden_layers=2,
         num_attention_heads=4,
         multi_query=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="eager",
+        **SHARED,
     )
     return transformers.FalconForCausalLM(cfg)
 

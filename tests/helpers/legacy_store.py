@@ -17,6 +17,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+LEGACY_MODEL = "./original-run/model"
+LEGACY_DATASET = "./original-run/corpus.jsonl"
+"""What a store's recorded run names by default: local paths that do not exist (never a hub id), so
+readers fall back as for a model or dataset that is out of reach."""
+
 
 def bfloat16_bits(values: np.ndarray) -> np.ndarray:
     """float32 values rounded (toward zero) to bfloat16, as the raw uint16 bits."""
@@ -34,7 +39,7 @@ def write_legacy_part(
     lengths: Sequence[int] | None = None,
     projection_dim: int | None = None,
     structured: bool = False,
-    model: str = "EleutherAI/pythia-14m",
+    model: str = LEGACY_MODEL,
 ) -> Path:
     """One directory of the original's format holding ``grads`` [rows, sum(grad_sizes)]."""
     from datasets import Dataset
@@ -74,7 +79,7 @@ def write_legacy_part(
             "projection_seed": None, "projection_version": 2}  # fmt: skip
     (root / "processor_config.yaml").write_text(yaml.safe_dump(proc, sort_keys=False))
     run = {"steps": [{"build": {"index_cfg": {"run_path": str(root), "model": model, "loss_reduction": "sum",
-                                               "data": {"dataset": "NeelNanda/pile-10k", "split": "train"}},
+                                               "data": {"dataset": LEGACY_DATASET, "split": "train"}},
                                  "preprocess_cfg": {"unit_normalize": False}}}]}  # fmt: skip
     (root / "config.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
     return root

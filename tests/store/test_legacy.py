@@ -16,7 +16,7 @@ from bergson.cli import main
 from bergson.config import DataConfig
 from bergson.methods.compat import convert_store
 from bergson.models import load_model
-from tests.helpers.legacy_store import legacy_store_of_model, write_legacy_part
+from tests.helpers.legacy_store import LEGACY_MODEL, legacy_store_of_model, write_legacy_part
 from tests.helpers.stores import make_cfg
 
 SIZES = {"layers.0.attention.dense": 3, "layers.0.mlp.dense_4h_to_h": 4}
@@ -40,7 +40,7 @@ def test_read_in_place_rows_metadata_and_dataset_view(two_parts):
     root, grads = two_parts
     store = load_gradients(root)
     assert store.is_legacy and len(store) == 7 and store.modules == list(SIZES)
-    assert store.manifest.model["name"] == "EleutherAI/pythia-14m" and store.manifest.dtype == "float16"
+    assert store.manifest.model["name"] == LEGACY_MODEL and store.manifest.dtype == "float16"
     assert isinstance(store._parts[0], np.memmap)  # mapped, not read
     np.testing.assert_array_equal(np.asarray(store.all), grads)
     np.testing.assert_array_equal(np.asarray(store["layers.0.mlp.dense_4h_to_h"]), grads[:, 3:])
