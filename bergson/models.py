@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import ModelOptions
 from .core.devices import resolve_device
+from .core.experts import ExpertLinear, expert_views, is_fused_experts, is_router, unsupported_reason
 from .core.layout import AttentionConfig, base_model_prefix, in_base_model, match_names, module_shape
 from .errors import BergsonError
 
@@ -197,7 +198,11 @@ def output_head_modules(model: nn.Module) -> list[str]:
 
 
 def find_tracked_modules(
-    model: nn.Module, patterns: Sequence[str] = (), *, include_output_head: bool = False
+    model: nn.Module,
+    patterns: Sequence[str] = (),
+    *,
+    include_output_head: bool = False,
+    track_experts: bool = False,
 ) -> dict[str, nn.Module]:
     """The layers whose per-example gradients are collected.
 
@@ -220,18 +225,32 @@ def find_tracked_modules(
     prefix = base_model_prefix(model)
     candidates: dict[str, nn.Module] = {}
     skipped: set[str] = set()
+    views: dict[str, ExpertLinear] = {}
+    by_owner: dict[int, dict[str, ExpertLinear]] = {}
+    for n, owner, v in [] if peft else expert_views(model):
+        views[n] = by_owner.setdefault(id(owner), {})[n] = v
     for name, module in model.named_modules():
         if isinstance(module, supported):
             if not (peft and "lora_" not in name):
                 candidates[name] = module
+        elif id(module) in by_owner:
+            candidates.update(by_owner[id(module)])  # in model order
         elif not isinstance(module, (nn.Embedding, nn.LayerNorm)) and any(
             p.ndim >= 2 for p in module.parameters(recurse=False)
         ):
             skipped.add(type(module).__name__)
     if skipped:
         logger.warning(
-            "layers of unsupported types are not tracked: %s (supported: Linear, Conv1D)",
+            "layers of unsupported types are not tracked: %s (supported: Linear, Conv1D, fused MoE experts "
+            "and routers)",
             ", ".join(sorted(skipped)),
+        )
+    if views and not track_experts and not patterns:
+        kinds = sorted({type(v.owner).__name__ for v in views.values()})
+        logger.warning(
+            "the model's mixture-of-experts layers (%s) are not tracked: --track_experts tracks every "
+            "expert (one block each) and router",
+            ", ".join(kinds),
         )
     if not candidates:
         raise BergsonError("--modules: the model has no supported layers (Linear or Conv1D) to track")
@@ -249,12 +268,19 @@ def find_tracked_modules(
                 list(candidates),
                 prefix,
                 "--modules",
-                "supported layer (Linear, Conv1D) of the model",
+                "supported layer (Linear, Conv1D, expert or router) of the model",
             ).values()
             for n in hits
         }
     else:
-        chosen = {n for n in candidates if n not in head}
+        chosen = {n for n in candidates if n not in head and (track_experts or n not in views)}
+    if track_experts and patterns:
+        chosen |= set(views)
+    if track_experts and not views:
+        raise BergsonError(
+            "--track_experts: the model has no fused mixture-of-experts layers or routers bergson can "
+            "track; drop the option"
+        )
     if include_output_head:
         chosen |= head
     tracked = {n: m for n, m in candidates.items() if n in chosen}
@@ -282,8 +308,9 @@ _COUNTED = (
     "(the head is reported as head_params and under output_head)"
 )
 _FIXES = {
-    "fused_experts": "fused expert weights (3-D parameters): tracking them is not supported yet, "
-    "no option tracks them",
+    "fused_experts": "fused mixture-of-experts weights: --track_experts tracks them, one block per expert",
+    "router": "mixture-of-experts router weights: --track_experts tracks them",
+    "experts_unsupported": "fused expert weights in a form bergson cannot run per expert: no option tracks them",
     "unsupported_type": "unsupported layer type (supported: Linear, Conv1D): no option tracks it yet",
     "not_matched": "not matched by --modules: a --modules pattern naming them tracks them",
     "peft_base": "frozen base weights of a PEFT model (only its adapter layers are tracked); "
@@ -311,7 +338,11 @@ def tracking_record(
     (which silences the low-coverage warning, not the record)."""
     head = output_head_modules(model)
     supported, peft = _supported_types(), is_peft_model(model)
-    tracked_ids = {id(m) for m in modules.values()}
+    tracked_ids = {id(m) for m in modules.values() if not isinstance(m, ExpertLinear)}
+    viewed: dict[int, int] = {}  # parameter id -> elements its tracked expert / router views cover
+    for m in modules.values():
+        if isinstance(m, ExpertLinear):
+            viewed[id(m.source)] = viewed.get(id(m.source), 0) + m.weight.numel()
     seen: set[int] = set()
     embedding = sum(
         p.numel() for m in model.modules() if isinstance(m, nn.Embedding) for p in _matrices(m, seen)
@@ -324,16 +355,28 @@ def tracking_record(
     total = tracked = 0
     skipped: dict[tuple[str, str], list[int]] = {}
     for name, module in model.named_modules():
-        n = sum(p.numel() for p in _matrices(module, seen))
+        mats = _matrices(module, seen)
+        n = sum(p.numel() for p in mats)
         if not n:
             continue
         if id(module) in tracked_ids:
             total, tracked = total + n, tracked + n
             continue
+        part = sum(min(viewed.get(id(p), 0), p.numel()) for p in mats)
+        total, tracked, n = total + part, tracked + part, n - part
+        if not n:
+            continue
         if isinstance(module, supported):
             reason = "peft_base" if peft and "lora_" not in name else "not_matched"
-        elif any(p.ndim >= 3 for p in module.parameters(recurse=False)):
-            reason = "fused_experts"
+        elif is_router(module):
+            reason = "not_matched" if part or modules_option else "router"
+        elif is_fused_experts(module):
+            ok = unsupported_reason(module) is None
+            reason = (
+                ("not_matched" if part or modules_option else "fused_experts")
+                if ok
+                else "experts_unsupported"
+            )
         else:
             reason = "unsupported_type"
         total += 0 if reason == "peft_base" else n

@@ -273,7 +273,9 @@ def score_documents(
 ) -> GradientStore | None:
     """One collection pass over tokenized documents, scoring each against the query store; returns
     the scores store (None on a rank that wrote a node-local copy: it is on rank 0's machine)."""
-    modules = find_tracked_modules(model, cfg.modules, include_output_head=cfg.include_output_head)
+    modules = find_tracked_modules(
+        model, cfg.modules, include_output_head=cfg.include_output_head, track_experts=cfg.track_experts
+    )
     norm_path = query.root / NORMALIZERS_FILE
     carried_norms = load_normalizers(norm_path) if norm_path.is_file() else None
     # an explicit --optimizer_state must agree with the query's normalizers (checked below)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.experts import ExpertLinear, installed, named_trackables
 from ..core.layout import (
     AttentionConfig,
     Block,
@@ -67,7 +68,7 @@ def resolve_modules(
         return find_tracked_modules(model)
     if isinstance(modules, Mapping):
         return dict(modules)
-    named = dict(model.named_modules())
+    named = named_trackables(model)
     prefix = base_model_prefix(model)
     out: dict[str, nn.Module] = {}
     for m in modules:  # exact names, spelled from the model or from its base model
@@ -79,6 +80,33 @@ def resolve_modules(
             )
         out[full] = named[full]
     return out
+
+
+Routed = tuple[torch.Tensor, int, int]
+"""A routed expert view's call: the rows of the flattened batch its input rows come from, and the
+batch's (batch, seq)."""
+
+
+def routed_rows(name: str, module: nn.Module, shape: tuple[int, int] | None) -> Routed | None:
+    """For an expert view (:class:`bergson.core.experts.ExpertLinear`) called on the tokens routed to
+    it: where its rows sit in the batch; None for any other layer (and a router, which sees them all)."""
+    index = module.routed if isinstance(module, ExpertLinear) else None
+    if index is None:
+        return None
+    if shape is None:
+        raise BergsonError(
+            f"expert {name!r} ran outside a pass whose batch shape is known; run the model on input_ids "
+            "(or through bergson's pass engine) so its routed tokens can be mapped back to documents"
+        )
+    return index, shape[0], shape[1]
+
+
+def scatter_rows(t: torch.Tensor, routed: Routed) -> torch.Tensor:
+    """A routed call's per-row tensor (rows, ·) laid out on the batch's grid (batch, seq, ·), zero at
+    the tokens the expert did not see."""
+    index, batch, seq = routed
+    t = t.reshape(-1, t.shape[-1])
+    return t.new_zeros(batch * seq, t.shape[-1]).index_copy_(0, index, t).reshape(batch, seq, -1)
 
 
 def token_rows(
@@ -101,8 +129,9 @@ def token_rows(
     raise BergsonError(
         f"module {name!r} was called on {x.shape[0]} rows, neither the batch ({batch} documents) nor "
         f"its {batch * seq} tokens (batch x sequence): its rows cannot be mapped back to documents. "
-        "Layers that see a gathered subset of tokens (MoE routed experts) are not supported yet; "
-        "leave this module out of the tracked modules (--modules, or modules= in Python)"
+        "Routed experts are tracked through bergson's per-expert views (--track_experts); another layer "
+        "that sees a gathered subset of tokens cannot be: leave it out of the tracked modules (--modules, "
+        "or modules= in Python)"
     )
 
 
@@ -144,6 +173,8 @@ class _LayerHooks:
         raise NotImplementedError
 
     def __enter__(self) -> Any:
+        self._views = installed(self.modules.values())  # experts and routers run through their views
+        self._views.__enter__()
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(partial(self._forward_hook, name)))
         if self._root is not None:
@@ -155,6 +186,7 @@ class _LayerHooks:
             h.remove()
         self._handles.clear()
         self._seen = None
+        self._views.__exit__(None, None, None)
 
 
 class GradientCollector(_LayerHooks):
@@ -253,21 +285,37 @@ class GradientCollector(_LayerHooks):
             # Start autograd here instead of at the embeddings: no weight gradients needed.
             output.requires_grad_(True)
         x = inputs[0].detach()
-        rows = token_rows(name, x, module_shape(module)[1], self._current_shape())
+        routed = routed_rows(name, module, self._current_shape())
+        rows = (
+            None
+            if routed is not None
+            else token_rows(name, x, module_shape(module)[1], self._current_shape())
+        )
         if rows is not None:
             x = x.reshape(*rows, x.shape[-1])
+        elif routed is not None:  # a routed expert's tokens: one pseudo-document until the backward
+            x = x[None]
         # On the projected path only R x is kept, so the layer input can be freed early. A
         # checkpoint's recomputation keeps x itself: its hook fires only in the reentrant form.
         saved: Any = x
         if self._cheap_path(name) and not in_backward():
             saved = [self.project_inputs(b, x) for b in self.blocks[name]]
-        output.register_hook(partial(self._backward_hook, name, saved, rows))
+        output.register_hook(partial(self._backward_hook, name, saved, rows, routed))
 
-    def _backward_hook(self, name: str, saved: Any, rows: tuple[int, int] | None, grad: torch.Tensor) -> None:
+    def _backward_hook(
+        self, name: str, saved: Any, rows: tuple[int, int] | None, routed: Routed | None, grad: torch.Tensor
+    ) -> None:
         if rows is not None:  # the layer ran on the flattened tokens: back to (batch, seq, out)
             grad = grad.reshape(*rows, grad.shape[-1])
         if self._cheap_path(name) and isinstance(saved, torch.Tensor):
             saved = [self.project_inputs(b, saved) for b in self.blocks[name]]
+        if routed is not None:  # a routed expert: its rows back on the batch's grid, zero elsewhere
+            grad = scatter_rows(grad, routed)
+            saved = (
+                scatter_rows(saved, routed)
+                if isinstance(saved, torch.Tensor)
+                else [scatter_rows(s, routed) for s in saved]
+            )
         batch = grad.shape[0]
         if self.per_token:
             # each position is an "example" of one token: its term g_t x_t^T
@@ -435,12 +483,17 @@ class LayerTap(_LayerHooks):
             output.requires_grad_(True)
         out, n_in = module_shape(module)
         x = inputs[0].detach()
-        rows = token_rows(name, x, n_in, self._current_shape())
-        batch = x.shape[0] if rows is None else rows[0]
-        x = x.reshape(batch, -1, n_in)
+        routed = routed_rows(name, module, self._current_shape())
+        if routed is None:
+            rows = token_rows(name, x, n_in, self._current_shape())
+            x = x.reshape(x.shape[0] if rows is None else rows[0], -1, n_in)
         if self.include_bias and getattr(module, "bias", None) is not None:
             x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
-        output.register_hook(partial(self._backward, name, out, x))
+        output.register_hook(partial(self._backward, name, out, x, routed))
 
-    def _backward(self, name: str, out: int, x: torch.Tensor, grad: torch.Tensor) -> None:
+    def _backward(
+        self, name: str, out: int, x: torch.Tensor, routed: Routed | None, grad: torch.Tensor
+    ) -> None:
+        if routed is not None:  # a routed expert: its tokens back on the batch's grid, zero elsewhere
+            x, grad = scatter_rows(x, routed), scatter_rows(grad, routed)
         self.fn(name, x, grad.reshape(x.shape[0], -1, out))

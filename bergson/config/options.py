@@ -246,6 +246,11 @@ class GradientOptions:
     """Also track the output head (the layers outside the model's base_model: lm_head, embed_out). By default
     only the transformer body is tracked; the original bergson package did not track the head either."""
 
+    track_experts: bool = False
+    """Also track mixture-of-experts layers in transformers' fused form: every routed expert's projections,
+    one block per expert ('...mlp.experts.expert3.down_proj'), and every router. Off by default (the original
+    package skipped fused experts too); the coverage report says how much of the model it leaves out."""
+
     def _check(self) -> None:
         if self.projection_dim < 0:
             raise BergsonError(

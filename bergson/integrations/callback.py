@@ -53,6 +53,8 @@ class GradientCollectorCallback(TrainerCallback):
             supported layers inside ``model.base_model``).
         include_output_head: as ``bergson build --include_output_head`` (also track the output
             head; not possible with TRL's fused LM-head loss, which never calls it).
+        track_experts: as ``bergson build --track_experts`` (also track fused MoE experts, one
+            block per expert, and routers).
         normalize: divide by the optimizer's second moments at each step (see the module notes).
         normalizer_form: ``"rank_one"`` (default: Adafactor-style fit, cheap projected path),
             ``"adam"`` (elementwise; forms full per-row gradients) or ``"auto"`` (the
@@ -79,6 +81,7 @@ class GradientCollectorCallback(TrainerCallback):
         include_bias: bool = False,
         modules: Sequence[str] | None = None,
         include_output_head: bool = False,
+        track_experts: bool = False,
         normalize: bool = True,
         normalizer_form: str = "rank_one",
         save_dtype: str = "auto",
@@ -94,6 +97,7 @@ class GradientCollectorCallback(TrainerCallback):
         self.include_bias = include_bias
         self.modules = list(modules) if modules else []
         self.include_output_head = include_output_head
+        self.track_experts = track_experts
         self.normalize = normalize
         self.normalizer_form = normalizer_form
         self.save_dtype = save_dtype
@@ -145,6 +149,7 @@ class GradientCollectorCallback(TrainerCallback):
             include_bias=self.include_bias,
             modules=list(self.modules),
             include_output_head=self.include_output_head,
+            track_experts=self.track_experts,
             loss_reduction="sum",
             save_dtype=cast(Any, self.save_dtype),
             shard_size=self.shard_size,
@@ -206,7 +211,10 @@ class GradientCollectorCallback(TrainerCallback):
         self._teardown()
         model: nn.Module = trainer.model
         self._tracked = find_tracked_modules(
-            model, self.modules, include_output_head=self.include_output_head
+            model,
+            self.modules,
+            include_output_head=self.include_output_head,
+            track_experts=self.track_experts,
         )
         self._cfg = self._index_config(model)
         self._num_rows = len(trainer.train_dataset)

@@ -77,7 +77,10 @@ class _Pipeline:
         self.max_tokens = token_budget(cfg, self.model)
         self.pad = self.tokenizer.pad_token_id
         self.modules = find_tracked_modules(
-            self.model, cfg.modules, include_output_head=cfg.include_output_head
+            self.model,
+            cfg.modules,
+            include_output_head=cfg.include_output_head,
+            track_experts=cfg.track_experts,
         )
         self.normalizers = resolve_normalizers(cfg, self.model, self.modules, normalizers)
         self._docs: TokenizedDocs | None = None

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..collect.hooks import GradientCollector
+from ..core.experts import named_trackables
 from ..core.layout import (
     ModuleLayout,
     base_model_prefix,
@@ -53,7 +54,7 @@ def match_modules(
     from, or a part of it (``model.base_model``); ``prefix`` is where the store's model had its
     base model (:func:`bergson.core.layout.match_store_names`). Store names with no counterpart
     in ``module`` are left out."""
-    named = dict(module.named_modules())
+    named = named_trackables(module)
     found = match_store_names(store_names, prefix, [n for n in named if n], base_model_prefix(module))
     return {s: named[n] for s, n in found.items()}
 

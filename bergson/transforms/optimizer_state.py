@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.experts import parameter_of
 from ..core.layout import is_conv1d
 from ..errors import BergsonError
 from .normalizers import AdafactorNormalizer, AdamNormalizer, Normalizer
@@ -81,6 +82,11 @@ class _Entry:
     index: int
     state: Mapping[str, Any]
     group: Mapping[str, Any]
+
+
+def _part(entry: _Entry, part: Callable[[Any], Any]) -> _Entry:
+    """The state of a module's part of its parameter (an expert's slice of a fused one)."""
+    return _Entry(entry.index, {k: part(v) for k, v in entry.state.items()}, entry.group)
 
 
 def normalizers_from_optimizer_state(
@@ -147,7 +153,7 @@ def normalizers_from_optimizer_state(
     param_names = {id(p): n for n, p in model.named_parameters()}
 
     def lookup(module_name: str, param: str) -> tuple[_Entry, torch.Tensor]:
-        tensor = getattr(modules[module_name], param, None)
+        tensor, part = parameter_of(modules[module_name], param)
         if not isinstance(tensor, torch.Tensor):
             raise BergsonError(f"module {module_name!r} has no {param} parameter to read optimizer state for")
         name = param_names.get(id(tensor))
@@ -163,7 +169,7 @@ def normalizers_from_optimizer_state(
                 "frozen or unused during training, or the state belongs to another model; "
                 "track only the trained modules (--modules)"
             )
-        return entry, tensor
+        return _part(entry, part), tensor
 
     out: dict[str, Normalizer] = {}
     for module_name, module in modules.items():
@@ -203,7 +209,7 @@ def normalizers_from_optimizer(
             where[id(param)] = (len(where), group)
 
     def lookup(module_name: str, param: str) -> tuple[torch.Tensor, _Entry | None]:
-        tensor = getattr(modules[module_name], param, None)
+        tensor, part = parameter_of(modules[module_name], param)
         if not isinstance(tensor, torch.Tensor) or id(tensor) not in where:
             raise BergsonError(
                 f"{source}: the {param} of module {module_name!r} is not among the optimized parameters "
@@ -211,7 +217,7 @@ def normalizers_from_optimizer(
             )
         index, group = where[id(tensor)]
         state = opt.state.get(tensor)
-        return tensor, _Entry(index, state, group) if state else None
+        return tensor, _part(_Entry(index, state, group), part) if state else None
 
     weights = {name: lookup(name, "weight") for name in modules}
     if all(entry is None for _, entry in weights.values()):

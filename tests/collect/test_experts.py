@@ -1,24 +1,36 @@
-"""Per-expert gradients of fused MoE experts equal per-document autograd (float64)."""
+"""Mixture-of-experts layers in transformers' fused form, tracked per expert and per router.
+
+Ground truth is one backward pass per document through the unmodified model (float64): the
+gradient of expert e is the slice [e] of the fused parameter's gradient, the router's is its
+weight's. Four families (OLMoE, Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE), documents of
+different lengths packed into padded batches.
+"""
 
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 import pytest
 import torch
 import transformers
 from torch import nn
 
-from bergson.collect.experts import (
-    ExpertCapture,
-    RouterCapture,
-    is_fused_experts,
-    is_topk_router,
-    per_document,
-)
-from bergson.errors import BergsonError
+from bergson import BergsonError
+from bergson.collect.engine import PassEngine
+from bergson.collect.hooks import GradientCollector, LayerTap
+from bergson.collect.loop import collect_gradients
+from bergson.collect.losses import document_batches, lm_loss
+from bergson.core.experts import ExpertLinear, installed, is_fused_experts, is_router
+from bergson.core.layout import module_shape
+from bergson.models import find_tracked_modules, tracking_record
+from bergson.transforms.projection import projection_matrix
+from tests.helpers.gradients import naive_gradients, random_docs
 
+VOCAB = 40
 FAMILIES = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4}),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {"num_experts": 4}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4}),
     "qwen2_moe": (
         "Qwen2MoeConfig",
         "Qwen2MoeForCausalLM",
@@ -31,102 +43,202 @@ FAMILIES = {
 def tiny(family: str) -> nn.Module:
     cfg_name, model_name, extra = FAMILIES[family]
     cfg = getattr(transformers, cfg_name)(
-        vocab_size=32,
+        vocab_size=VOCAB,
         hidden_size=16,
         intermediate_size=8,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,
         num_experts_per_tok=2,
-        max_position_embeddings=32,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="eager",
+        experts_implementation="eager",  # grouped_mm has no float64
         **extra,
     )
-    cfg._experts_implementation = "eager"
     torch.manual_seed(0)
     model = getattr(transformers, model_name)(cfg).double().eval()
-    for p in model.parameters():
-        nn.init.normal_(p, std=0.3)
+    with torch.no_grad():  # routers start at zero: give the routing something to choose
+        for p in model.parameters():
+            nn.init.normal_(p, std=0.3)
     return model
 
 
-def doc_losses(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    ce = nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
-    return ce.sum(1)
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    model = tiny(request.param)
+    modules = find_tracked_modules(model, track_experts=True)
+    return request.param, model, modules
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_per_expert_blocks_equal_autograd(family: str):
-    model = tiny(family)
+@pytest.fixture(scope="module")
+def docs():
+    return random_docs(5, VOCAB, seed=3, lo=3, hi=11)
+
+
+def test_views_leave_the_model_and_its_output_unchanged(family):
+    """The views add nothing to the model; while installed, the per-expert forward gives the
+    model's own output; afterwards the model's forward is its own again."""
+    _, model, modules = family
+    keys, names = list(model.state_dict()), [n for n, _ in model.named_modules()]
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    want = model(ids).logits
+    with installed(modules.values()):
+        got = model(ids).logits
+        owners = {id(m.owner) for m in modules.values() if isinstance(m, ExpertLinear)}
+        assert all("forward" in m.__dict__ for m in model.modules() if id(m) in owners)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert list(model.state_dict()) == keys and [n for n, _ in model.named_modules()] == names
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_tracked_set_and_coverage(family, caplog):
+    """With track_experts every expert of every layer (both projections) and every router is a
+    block and the coverage is all the matrix weights; by default they are left out, loudly."""
+    _, model, modules = family
     experts = [m for m in model.modules() if is_fused_experts(m)]
-    assert len(experts) == 2
-    torch.manual_seed(1)
-    ids = torch.randint(0, 32, (3, 6))
-    mask = torch.ones_like(ids)
-    mask[1, 4:] = 0  # right padding, still routed through the experts
-    mask[2, :2] = 0  # left padding
-
-    caps = [ExpertCapture(m) for m in experts]
-    doc_losses(model, ids, mask).sum().backward()
-    for c in caps:
-        c.remove()
-    doc_of_token = torch.arange(3).repeat_interleave(6)
-    torch.manual_seed(2)
-    left, right = torch.randn(3, 16, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
-
-    for n in range(3):
-        model.zero_grad()
-        doc_losses(model, ids, mask)[n].backward()
-        for m, c in zip(experts, caps):
-            (rows,) = c.rows
-            for e in range(4):
-                for pname in ("gate_up_proj", "down_proj"):
-                    want = getattr(m, pname).grad[e]
-                    key = f"expert{e}.{pname}"
-                    if key not in rows:
-                        assert torch.count_nonzero(want) == 0
-                        continue
-                    got = per_document(rows[key], doc_of_token, 3)[n]
-                    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
-                    if pname == "gate_up_proj":  # projected block: L G R^T
-                        got_p = per_document(rows[key], doc_of_token, 3, left, right)[n]
-                        torch.testing.assert_close(got_p, left @ want @ right.T, rtol=1e-9, atol=1e-12)
-    # the check is not vacuous: every expert of every layer met some token
-    assert all(len(c.rows[0]) == 8 for c in caps)
+    routers = [m for m in model.modules() if is_router(m)]
+    assert len(experts) == len(routers) == 2
+    views = [n for n, m in modules.items() if isinstance(m, ExpertLinear)]
+    assert len(views) == 2 * (4 * 2 + 1)
+    assert any(n.endswith(".experts.expert3.down_proj") for n in views)
+    record = tracking_record(model, modules)["coverage"]
+    assert record["share"] == 1.0 and record["skipped"] == []
+    with caplog.at_level(logging.WARNING):
+        default = find_tracked_modules(model)
+    assert "--track_experts" in caplog.text
+    assert not any(isinstance(m, ExpertLinear) for m in default.values())
+    low = tracking_record(model, default)["coverage"]
+    assert low["share"] < 1.0
+    assert {s["reason"] for s in low["skipped"]} == {"fused_experts", "router"}
+    assert all("--track_experts" in s["note"] for s in low["skipped"])
+    # a pattern can name a single expert without the option
+    one = find_tracked_modules(model, ["*.layers.1.mlp.experts.expert2.*"])
+    assert [n.rsplit(".", 2)[-2:] for n in one] == [["expert2", "gate_up_proj"], ["expert2", "down_proj"]]
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_router_blocks_equal_autograd(family: str):
-    model = tiny(family)
-    routers = [m for m in model.modules() if is_topk_router(m)]
-    assert len(routers) == 2
-    ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[0, 3:] = 0
-    caps = [RouterCapture(m) for m in routers]
-    doc_losses(model, ids, mask).sum().backward()
-    for c in caps:
-        c.remove()
-    doc_of_token = torch.arange(2).repeat_interleave(5)
-    for n in range(2):
-        model.zero_grad()
-        doc_losses(model, ids, mask)[n].backward()
-        for m, c in zip(routers, caps):
-            (rows,) = c.rows
-            want = m.weight.grad
-            assert torch.count_nonzero(want) > 0
-            torch.testing.assert_close(per_document(rows, doc_of_token, 2)[n], want, rtol=1e-9, atol=1e-12)
+@pytest.mark.parametrize("p,per_token", [(0, False), (4, False), (4, True)])
+def test_gradients_equal_naive_autograd(family, docs, p, per_token):
+    """Every expert's and router's block (full, and projected L G Rᵀ) equals its slice of the
+    fused parameter's gradient of each document alone; per-token vectors sum to the rows."""
+    _, model, modules = family
+    truth = naive_gradients(model, docs, modules, include_bias=False)
+    sink = collect_gradients(
+        model, docs, modules=modules, projection_dim=p, token_batch_size=40, progress=False, per_token=per_token
+    )
+    for name, rows in sink.by_module().items():
+        grads = [w for w, _ in truth[name]]
+        if p:
+            out, n_in = module_shape(modules[name])
+            left = projection_matrix(0, name, "left", p, out, dtype=torch.float64)
+            right = projection_matrix(0, name, "right", p, n_in, dtype=torch.float64)
+            grads = [left @ w @ right.T for w in grads]
+        want = np.stack([w.flatten().numpy() for w in grads])
+        np.testing.assert_allclose(rows, want, rtol=1e-9, atol=1e-12, err_msg=name)
+    experts = [n for n, m in modules.items() if isinstance(m, ExpertLinear) and m.index is not None]
+    hit = sum(np.abs(sink.by_module()[n]).max() > 0 for n in experts)
+    assert hit == len(experts)  # the check is not vacuous: every expert met some document's tokens
+    if per_token:
+        for row in range(len(docs)):
+            toks = sink.tokens[row]
+            assert toks is not None and toks.shape[0] == docs.lengths[row]
+            np.testing.assert_allclose(toks.sum(0), sink.vectors[row], rtol=1e-9, atol=1e-12)
 
 
-def test_refuses_other_activation():
+def test_batch_composition_does_not_change_rows(family, docs):
+    _, model, modules = family
+    one, many = (
+        collect_gradients(model, docs, modules=modules, projection_dim=4, token_batch_size=b, progress=False)
+        for b in (10, 64)
+    )
+    np.testing.assert_allclose(one.vectors, many.vectors, rtol=1e-9, atol=1e-12)
+
+
+def test_layer_tap_gives_the_documents_factors(family, docs):
+    """The statistics hooks (K-FAC, EK-FAC, per-token scores) get x [B, T, in] and g [B, T, out] of
+    an expert on the batch's grid, so Σ_t g_t x_tᵀ per document is the expert's gradient."""
+    _, model, modules = family
+    names = [n for n in modules if n.endswith("layers.0.mlp.experts.expert1.down_proj") or n.endswith("layers.1.mlp.gate")]
+    assert len(names) == 2
+    seen: dict[str, torch.Tensor] = {}
+
+    def fn(name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        assert x.ndim == 3 and x.shape[:2] == g.shape[:2]
+        seen[name] = torch.einsum("bto,bti->boi", g, x)
+
+    batches = list(document_batches(docs, [np.arange(len(docs))], 0, torch.device("cpu")))
+    PassEngine(model, lm_loss(docs, "sum"), progress=False).run(
+        batches, hooks=LayerTap({n: modules[n] for n in names}, fn)
+    )
+    truth = naive_gradients(model, docs, {n: modules[n] for n in names}, False)
+    for name in names:
+        for n, (w, _) in enumerate(truth[name]):
+            torch.testing.assert_close(seen[name][n], w, rtol=1e-9, atol=1e-12)
+
+
+def test_ekfac_on_experts_matches_dense_algebra(docs):
+    """EK-FAC's corrected eigenvalues of an expert block are diag(Qᵀ F Q) of the exact empirical
+    Fisher of its per-document gradients, in the eigenbasis EK-FAC fitted."""
+    from bergson.methods.custom import fit_ekfac
+
+    model = tiny("olmoe")
+    names = ["model.layers.0.mlp.experts.expert2.gate_up_proj", "model.layers.1.mlp.gate"]
+    modules = {n: m for n, m in find_tracked_modules(model, track_experts=True).items() if n in names}
+    batches = list(document_batches(docs, [np.arange(3), np.arange(3, 5)], 0, torch.device("cpu")))
+    factors = fit_ekfac(model, batches, lm_loss(docs, "sum"), modules=modules, progress=False)
+    truth = naive_gradients(model, docs, modules, False)
+    for name in names:
+        g = torch.stack([w for w, _ in truth[name]]).reshape(len(docs), -1)
+        fisher = g.T @ g / len(docs)
+        d = factors.eigen.tensors[name]
+        q = torch.kron(d["S_eigenvectors"], d["A_eigenvectors"])
+        got = factors.corrected.tensors[name]["eigenvalues"].reshape(-1)
+        torch.testing.assert_close(got, torch.diag(q.T @ fisher @ q), rtol=1e-7, atol=1e-12)
+
+
+def test_normalizers_read_the_experts_slice_of_the_optimizer_state():
+    """An Adam state of a fused (experts x out x in) parameter gives expert e the slice [e]."""
+    from bergson.transforms.normalizers import AdamNormalizer
+    from bergson.transforms.optimizer_state import normalizers_from_optimizer
+
     model = tiny("mixtral")
-    m = next(m for m in model.modules() if is_fused_experts(m))
-    m.act_fn = nn.GELU()
-    cap = ExpertCapture(m)
-    ids = torch.randint(0, 32, (1, 4))
-    with pytest.raises(BergsonError, match="SiLU"):
-        doc_losses(model, ids, torch.ones_like(ids)).sum().backward()
-    cap.remove()
-    with pytest.raises(BergsonError, match="not a fused experts"):
-        ExpertCapture(nn.Linear(2, 2))
+    modules = find_tracked_modules(model, track_experts=True)
+    opt = torch.optim.Adam(model.parameters())
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    norms = normalizers_from_optimizer(opt, modules, form="adam")
+    assert norms is not None
+    name = "model.layers.1.mlp.experts.expert3.down_proj"
+    view = modules[name]
+    assert isinstance(view, ExpertLinear)
+    norm = norms[name]
+    assert isinstance(norm, AdamNormalizer)
+    debias = 1 - 0.999  # one step of Adam's default beta2: the normalizer holds the bias-corrected moment
+    assert torch.count_nonzero(norm.weight) > 0
+    torch.testing.assert_close(norm.weight, opt.state[view.source]["exp_avg_sq"][3] / debias)
+    router = norms["model.layers.0.mlp.gate"]
+    assert isinstance(router, AdamNormalizer)
+    gate = modules["model.layers.0.mlp.gate"]
+    assert isinstance(gate, ExpertLinear)
+    torch.testing.assert_close(router.weight, opt.state[gate.source]["exp_avg_sq"] / debias)
+
+
+def test_expert_outside_a_known_batch_shape_is_refused():
+    """Routed rows can only be mapped back to documents when the batch's shape is known: a forward
+    on embeddings of unknown shape is refused by name instead of giving wrong rows."""
+    model = tiny("olmoe")
+    name = "model.layers.0.mlp.experts.expert0.down_proj"
+    collector = GradientCollector(model, [name], projection_dim=2)
+    with collector, pytest.raises(BergsonError, match="expert0.down_proj.*batch shape"):
+        model.model.layers[0].mlp(torch.randn(1, 3, 16, dtype=torch.float64))
+
+
+def test_track_experts_on_a_dense_model_is_refused():
+    from tests.helpers.families import make_family
+
+    with pytest.raises(BergsonError, match="--track_experts.*no fused mixture-of-experts"):
+        find_tracked_modules(make_family("llama"), track_experts=True)

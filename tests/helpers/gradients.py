@@ -8,6 +8,7 @@ import torch
 
 from bergson import AdafactorNormalizer, AdamNormalizer
 from bergson.collect.losses import per_document_loss
+from bergson.core.experts import ExpertLinear
 from bergson.core.layout import module_shape
 from bergson.data import TokenizedDocs
 
@@ -28,6 +29,16 @@ def naive_gradients(model, docs: TokenizedDocs, modules: dict, include_bias: boo
         labels[:, :start] = -100
         per_document_loss(model(ids).logits, labels).sum().backward()
         for name, m in modules.items():
+            if isinstance(m, ExpertLinear):  # one expert's (or a router's) slice of a fused parameter
+                grad = m.source.grad
+                w = (
+                    torch.zeros(m.weight.shape, dtype=m.weight.dtype)
+                    if grad is None
+                    else m.grad_of(grad).clone()
+                )
+                assert not (include_bias and m.bias is not None), "expert biases: not in this reference"
+                out[name].append((w, None))
+                continue
             w = m.weight.grad.detach().clone()
             if type(m).__name__ == "Conv1D":
                 w = w.T

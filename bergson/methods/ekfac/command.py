@@ -111,7 +111,9 @@ def ekfac(cfg: Any) -> Any:
 
     model, tokenizer = load_model(cfg)
     max_tokens = token_budget(cfg, model)
-    modules = find_tracked_modules(model, cfg.modules, include_output_head=cfg.include_output_head)
+    modules = find_tracked_modules(
+        model, cfg.modules, include_output_head=cfg.include_output_head, track_experts=cfg.track_experts
+    )
     for name, module in modules.items():
         big = max(module_shape(module))
         if big > 4096 and lead:
