@@ -310,7 +310,8 @@ _COUNTED = (
 _FIXES = {
     "fused_experts": "fused mixture-of-experts weights: --track_experts tracks them, one block per expert",
     "router": "mixture-of-experts router weights: --track_experts tracks them",
-    "experts_unsupported": "fused expert weights in a form bergson cannot run per expert: no option tracks them",
+    "experts_unsupported": "mixture-of-experts weights in a form bergson cannot run per expert (FSDP-sharded, "
+    "expert-parallel): no option tracks them",
     "unsupported_type": "unsupported layer type (supported: Linear, Conv1D): no option tracks it yet",
     "not_matched": "not matched by --modules: a --modules pattern naming them tracks them",
     "peft_base": "frozen base weights of a PEFT model (only its adapter layers are tracked); "
@@ -368,15 +369,10 @@ def tracking_record(
             continue
         if isinstance(module, supported):
             reason = "peft_base" if peft and "lora_" not in name else "not_matched"
-        elif is_router(module):
-            reason = "not_matched" if part or modules_option else "router"
-        elif is_fused_experts(module):
+        elif is_router(module) or is_fused_experts(module):
+            kind = "router" if is_router(module) else "fused_experts"
             ok = unsupported_reason(module) is None
-            reason = (
-                ("not_matched" if part or modules_option else "fused_experts")
-                if ok
-                else "experts_unsupported"
-            )
+            reason = ("not_matched" if part or modules_option else kind) if ok else "experts_unsupported"
         else:
             reason = "unsupported_type"
         total += 0 if reason == "peft_base" else n

@@ -124,7 +124,9 @@ def is_router(module: nn.Module) -> bool:
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
-    """Why a fused experts module cannot be viewed per expert (None when it can)."""
+    """Why a fused experts module or a router cannot be viewed (None when it can)."""
+    if any(type(p).__name__ == "DTensor" for p in module.parameters(recurse=False)):
+        return "its weights are sharded (FSDP); track the experts without --fsdp"
     if getattr(module, "has_post_expert_norm", False) and not isinstance(
         getattr(module, "post_expert_norm", None), nn.Module
     ):
@@ -143,12 +145,12 @@ def views_of(module: nn.Module) -> dict[str, ExpertLinear]:
     cached = _VIEWS.get(module)
     if cached is not None:
         return cached
+    why = unsupported_reason(module)
+    if why:
+        raise BergsonError(f"cannot track {type(module).__name__}: {why}")
     if is_router(module):
         views = {"": ExpertLinear(module, "weight", None)}
     elif is_fused_experts(module):
-        why = unsupported_reason(module)
-        if why:
-            raise BergsonError(f"cannot track the experts of {type(module).__name__}: {why}")
         transposed = bool(getattr(module, "is_transposed", False))
         up = _UP[0] if getattr(module, "has_gate", True) else _UP[1]
         views = {
@@ -165,7 +167,7 @@ def views_of(module: nn.Module) -> dict[str, ExpertLinear]:
 def expert_views(model: nn.Module) -> Iterator[tuple[str, nn.Module, ExpertLinear]]:
     """Every view of the model's fused experts and routers, in module order, as (name, owner, view)."""
     for name, module in model.named_modules():
-        if is_router(module) or (is_fused_experts(module) and unsupported_reason(module) is None):
+        if (is_router(module) or is_fused_experts(module)) and unsupported_reason(module) is None:
             for suffix, view in views_of(module).items():
                 yield (f"{name}.{suffix}" if suffix else name), module, view
 

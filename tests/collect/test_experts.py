@@ -127,7 +127,13 @@ def test_gradients_equal_naive_autograd(family, docs, p, per_token):
     _, model, modules = family
     truth = naive_gradients(model, docs, modules, include_bias=False)
     sink = collect_gradients(
-        model, docs, modules=modules, projection_dim=p, token_batch_size=40, progress=False, per_token=per_token
+        model,
+        docs,
+        modules=modules,
+        projection_dim=p,
+        token_batch_size=40,
+        progress=False,
+        per_token=per_token,
     )
     for name, rows in sink.by_module().items():
         grads = [w for w, _ in truth[name]]
@@ -161,7 +167,11 @@ def test_layer_tap_gives_the_documents_factors(family, docs):
     """The statistics hooks (K-FAC, EK-FAC, per-token scores) get x [B, T, in] and g [B, T, out] of
     an expert on the batch's grid, so Σ_t g_t x_tᵀ per document is the expert's gradient."""
     _, model, modules = family
-    names = [n for n in modules if n.endswith("layers.0.mlp.experts.expert1.down_proj") or n.endswith("layers.1.mlp.gate")]
+    names = [
+        n
+        for n in modules
+        if n.endswith("layers.0.mlp.experts.expert1.down_proj") or n.endswith("layers.1.mlp.gate")
+    ]
     assert len(names) == 2
     seen: dict[str, torch.Tensor] = {}
 
@@ -233,12 +243,54 @@ def test_expert_outside_a_known_batch_shape_is_refused():
     model = tiny("olmoe")
     name = "model.layers.0.mlp.experts.expert0.down_proj"
     collector = GradientCollector(model, [name], projection_dim=2)
-    with collector, pytest.raises(BergsonError, match="expert0.down_proj.*batch shape"):
+    with collector, pytest.raises(BergsonError, match=r"expert0\.down_proj.*batch shape"):
         model.model.layers[0].mlp(torch.randn(1, 3, 16, dtype=torch.float64))
 
 
 def test_track_experts_on_a_dense_model_is_refused():
     from tests.helpers.families import make_family
 
-    with pytest.raises(BergsonError, match="--track_experts.*no fused mixture-of-experts"):
+    with pytest.raises(BergsonError, match=r"--track_experts.*no fused mixture-of-experts"):
         find_tracked_modules(make_family("llama"), track_experts=True)
+
+
+def test_cli_build_and_trace_with_track_experts(tmp_path, corpus_file):
+    """``bergson build --track_experts`` on a saved OLMoE: the manifest records every expert and
+    router block and full coverage; rows do not depend on the batch they were built in; tracing a
+    query through the Attributor (the model run by hand, outside the pass engine) finds its own
+    document first."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from bergson import Attributor, load_gradients
+    from bergson.cli import main
+    from bergson.collect.losses import per_document_loss
+    from tests.helpers.assets import ASSETS
+
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tiny-pythia")
+    model = tiny("olmoe").float()
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    args = ["build", "--model", str(tmp_path / "moe"), "--dataset", str(corpus_file), "--track_experts"]
+    args += ["--data.truncation", "--data.max_length", "16", "--projection_dim", "4", "--precision", "fp32"]
+    args += ["--save_dtype", "float32"]
+    stores = {}
+    for budget in (128, 16):  # 8 documents of 16 tokens a batch, then one a batch
+        main([args[0], str(tmp_path / f"run{budget}"), *args[1:], "--token_batch_size", str(budget)])
+        stores[budget] = load_gradients(tmp_path / f"run{budget}")
+    store = stores[128]
+    experts = [n for n in store.modules if ".mlp.experts.expert" in n]
+    assert len(experts) == 2 * 4 * 2 and "model.layers.1.mlp.gate" in store.modules
+    assert store.manifest.model["coverage"]["share"] == 1.0
+    batched, alone = (np.asarray(stores[b].all, np.float64) for b in (128, 16))
+    np.testing.assert_allclose(batched, alone, rtol=1e-4, atol=1e-4 * np.abs(alone).max())
+
+    text = json.loads(corpus_file.read_text().splitlines()[5])["text"]
+    ids = torch.tensor([tokenizer(text, truncation=True, max_length=16)["input_ids"]])
+    traced = load_gradients(tmp_path / "run128")
+    with Attributor(traced.root, unit_norm=True).trace(model, 1) as result:
+        per_document_loss(model(ids).logits, ids).sum().backward()
+    assert int(result.indices[0, 0]) == 5
+    assert float(result.scores[0, 0]) == pytest.approx(1.0, abs=1e-4)
