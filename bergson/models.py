@@ -202,7 +202,7 @@ def find_tracked_modules(
     patterns: Sequence[str] = (),
     *,
     include_output_head: bool = False,
-    track_experts: bool = False,
+    track_experts: bool | Sequence[str] = False,
 ) -> dict[str, nn.Module]:
     """The layers whose per-example gradients are collected.
 
@@ -219,6 +219,12 @@ def find_tracked_modules(
     among all supported layers, the head included when a pattern names it; each pattern must
     name at least one. Layers with weight matrices of other types are skipped with a warning
     that lists them.
+
+    Mixture-of-experts layers in transformers' fused form are tracked through views
+    (:mod:`bergson.core.experts`). With ``track_experts=True`` every expert's projections, one block
+    per expert (``{experts}.expert{e}.gate_up_proj`` / ``.down_proj``), and every router (under its
+    own name) join the tracked set; with patterns instead (the original package's ``moe_experts``),
+    the experts of the fused experts modules they name join it. ``patterns`` can also name views.
     """
     supported = _supported_types()
     peft = is_peft_model(model)
@@ -273,14 +279,21 @@ def find_tracked_modules(
             for n in hits
         }
     else:
-        chosen = {n for n in candidates if n not in head and (track_experts or n not in views)}
-    if track_experts and patterns:
-        chosen |= set(views)
+        chosen = {n for n in candidates if n not in head and n not in views}
     if track_experts and not views:
         raise BergsonError(
             "--track_experts: the model has no fused mixture-of-experts layers or routers bergson can "
             "track; drop the option"
         )
+    if track_experts is True:
+        chosen |= set(views)
+    elif track_experts:  # patterns naming experts modules
+        owner_names = {n.rsplit(".expert", 1)[0] for n, v in views.items() if v.index is not None}
+        hits = match_names(
+            list(track_experts), sorted(owner_names), prefix, "--moe_experts", "fused experts module"
+        )
+        named = {n for names in hits.values() for n in names}
+        chosen |= {n for n in views if n.rsplit(".expert", 1)[0] in named and views[n].index is not None}
     if include_output_head:
         chosen |= head
     tracked = {n: m for n, m in candidates.items() if n in chosen}

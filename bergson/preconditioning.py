@@ -137,7 +137,10 @@ def fit_preconditioner(
         model, tokenizer, docs, max_tokens = prepare_inputs(cfg)
         docs, _ = subsample(docs, cfg.max_documents, cfg.sample_seed)
         modules = find_tracked_modules(
-            model, cfg.modules, include_output_head=cfg.include_output_head, track_experts=cfg.track_experts
+            model,
+            cfg.modules,
+            include_output_head=cfg.include_output_head,
+            track_experts=cfg.tracked_experts(),
         )
         norms = resolve_normalizers(cfg, model, modules, normalizers)
         source = {**to_dict(cfg.data), "documents": len(docs), "sample_seed": cfg.sample_seed}

@@ -274,7 +274,7 @@ def score_documents(
     """One collection pass over tokenized documents, scoring each against the query store; returns
     the scores store (None on a rank that wrote a node-local copy: it is on rank 0's machine)."""
     modules = find_tracked_modules(
-        model, cfg.modules, include_output_head=cfg.include_output_head, track_experts=cfg.track_experts
+        model, cfg.modules, include_output_head=cfg.include_output_head, track_experts=cfg.tracked_experts()
     )
     norm_path = query.root / NORMALIZERS_FILE
     carried_norms = load_normalizers(norm_path) if norm_path.is_file() else None

@@ -251,6 +251,22 @@ class GradientOptions:
     one block per expert ('...mlp.experts.expert3.down_proj'), and every router. Off by default (the original
     package skipped fused experts too); the coverage report says how much of the model it leaves out."""
 
+    moe_experts: str = ""
+    """The original package's spelling: comma-separated glob patterns naming fused experts modules
+    ('model.layers.*.mlp.experts') whose experts are tracked, one block per expert (routers are not);
+    --track_experts tracks every expert and router."""
+
+    def tracked_experts(self) -> bool | list[str]:
+        """What find_tracked_modules tracks of the mixture-of-experts layers: all (True), the experts
+        modules the --moe_experts patterns name, or none (False)."""
+        if self.track_experts and self.moe_experts:
+            raise BergsonError(
+                "--track_experts and --moe_experts: give one (--track_experts tracks every expert and "
+                "router; --moe_experts only the experts modules its patterns name)"
+            )
+        patterns = [p.strip() for p in self.moe_experts.split(",") if p.strip()]
+        return patterns or self.track_experts
+
     def _check(self) -> None:
         if self.projection_dim < 0:
             raise BergsonError(

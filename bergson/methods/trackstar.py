@@ -80,7 +80,7 @@ class _Pipeline:
             self.model,
             cfg.modules,
             include_output_head=cfg.include_output_head,
-            track_experts=cfg.track_experts,
+            track_experts=cfg.tracked_experts(),
         )
         self.normalizers = resolve_normalizers(cfg, self.model, self.modules, normalizers)
         self._docs: TokenizedDocs | None = None

@@ -255,7 +255,7 @@ def write_store(
     """Run the collection loop over tokenized documents into the store at ``cfg.run_path``; returns
     it (None on a rank that wrote a node-local copy: the store is on rank 0's machine)."""
     modules = find_tracked_modules(
-        model, cfg.modules, include_output_head=cfg.include_output_head, track_experts=cfg.track_experts
+        model, cfg.modules, include_output_head=cfg.include_output_head, track_experts=cfg.tracked_experts()
     )
     normalizers = resolve_normalizers(cfg, model, modules, normalizers)
     manifest = make_manifest(cfg, model, modules, docs, max_tokens, normalizers)

@@ -294,3 +294,20 @@ def test_cli_build_and_trace_with_track_experts(tmp_path, corpus_file):
         per_document_loss(model(ids).logits, ids).sum().backward()
     assert int(result.indices[0, 0]) == 5
     assert float(result.scores[0, 0]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_original_moe_experts_patterns():
+    """The original package's ``--moe_experts`` (globs naming fused experts modules) tracks the
+    experts of the modules named, and only those; it and --track_experts are not combined."""
+    from bergson import IndexConfig
+
+    model = tiny("qwen3_moe")
+    cfg = IndexConfig(moe_experts="layers.1.mlp.experts")  # spelled from the base model, as the original did
+    tracked = find_tracked_modules(model, track_experts=cfg.tracked_experts())
+    views = [n for n, m in tracked.items() if isinstance(m, ExpertLinear)]
+    assert len(views) == 8 and all(n.startswith("model.layers.1.mlp.experts.expert") for n in views)
+    assert len(tracked) - len(views) == len(find_tracked_modules(model))
+    with pytest.raises(BergsonError, match=r"--moe_experts 'layers\.9\.mlp\.experts' names no fused experts"):
+        find_tracked_modules(model, track_experts=["layers.9.mlp.experts"])
+    with pytest.raises(BergsonError, match="--track_experts and --moe_experts: give one"):
+        IndexConfig(track_experts=True, moe_experts="*.experts").tracked_experts()

@@ -112,7 +112,7 @@ def ekfac(cfg: Any) -> Any:
     model, tokenizer = load_model(cfg)
     max_tokens = token_budget(cfg, model)
     modules = find_tracked_modules(
-        model, cfg.modules, include_output_head=cfg.include_output_head, track_experts=cfg.track_experts
+        model, cfg.modules, include_output_head=cfg.include_output_head, track_experts=cfg.tracked_experts()
     )
     for name, module in modules.items():
         big = max(module_shape(module))
