@@ -125,6 +125,7 @@ class QueryEngine:
             progress=False,
             heads=coll.heads,
             per_token=self.cfg.per_token,
+            aggregate_experts=coll.aggregate_experts,
         )
         return sink.vectors, list(coll.dims), docs, sink.tokens  # type: ignore[attr-defined]
 

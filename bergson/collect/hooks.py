@@ -153,11 +153,13 @@ class _LayerHooks:
         self.batch_shape: tuple[int, int] | None = None
         self._root = root
         self._seen: tuple[int, int] | None = None  # from the root's last call
+        self._passes = 0  # calls of the root so far
 
     def _current_shape(self) -> tuple[int, int] | None:
         return self.batch_shape if self.batch_shape is not None else self._seen
 
     def _root_call(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._passes += 1
         ids = kwargs.get("input_ids")
         if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
             ids = args[0]
@@ -209,6 +211,11 @@ class GradientCollector(_LayerHooks):
     or glob pattern): each head becomes its own block ``'{module}.head{h}'`` with its own
     projection; the blocks of a module concatenate to the module's gradient.
 
+    With ``aggregate_experts`` the expert views of each fused parameter add into one block named
+    after it (``'{experts}.gate_up_proj'``): expert e contributes L_e G_e Rᵀ with its own left and
+    the parameter's shared right projection, so the block is the projection of the stacked
+    (experts·out x in) gradient (``projection_dim`` > 0 only).
+
     With ``per_token`` every position keeps its own term g_t x_tᵀ of the sum G = Σ_t g_t x_tᵀ
     (normalized and projected like a whole example): vectors are [batch, positions, dim] and
     sum over positions to the per-example vectors. Padding positions get zero vectors.
@@ -226,6 +233,7 @@ class GradientCollector(_LayerHooks):
         closure: Closure | None = None,
         heads: Mapping[str, AttentionConfig] | Sequence[str] | None = None,
         per_token: bool = False,
+        aggregate_experts: bool = False,
     ):
         if projection_dim < 0:
             raise BergsonError(f"projection_dim {projection_dim}: must be >= 0 (0 keeps the full gradients)")
@@ -242,13 +250,17 @@ class GradientCollector(_LayerHooks):
                 "or leave their normalizers out"
             )
         self.heads = resolve_heads(self.modules, heads, base_model_prefix(model))
+        self.aggregate_experts = aggregate_experts
         self.blocks: dict[str, list[Block]] = {
-            n: module_blocks(n, m, include_bias, self.heads.get(n)) for n, m in self.modules.items()
+            n: module_blocks(n, m, include_bias, self.heads.get(n), aggregate_experts)
+            for n, m in self.modules.items()
         }
+        self._layouts = self.layouts  # checks the blocks (an aggregated block needs p > 0)
         self.closure = closure
         self.per_token = per_token
         super().__init__(model)
         self._grads: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._filled: dict[str, int] = {}  # aggregated column -> the forward pass it was last filled in
         self._proj: dict[tuple[str, str, torch.dtype, torch.device], torch.Tensor] = {}
         self._scaled: dict[tuple[str, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -257,12 +269,14 @@ class GradientCollector(_LayerHooks):
     def layouts(self) -> list[ModuleLayout]:
         """The column block of every block (a module, or one of its heads), with its offset in
         the row (:func:`bergson.core.layout.column_layouts`)."""
-        return column_layouts(self.modules, self.projection_dim, self.include_bias, self.heads)
+        return column_layouts(
+            self.modules, self.projection_dim, self.include_bias, self.heads, aggregate=self.aggregate_experts
+        )
 
     @property
     def dims(self) -> dict[str, int]:
         """Vector length per column block (a module, or one of its heads), in tracking order."""
-        return {b.name: b.dim(self.projection_dim) for blocks in self.blocks.values() for b in blocks}
+        return {b.col: b.dim(self.projection_dim) for blocks in self.blocks.values() for b in blocks}
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> GradientCollector:
@@ -332,9 +346,14 @@ class GradientCollector(_LayerHooks):
             if self.per_token:
                 vec = vec.reshape(batch, -1, vec.shape[-1])
             if self.closure is not None:
-                self.closure(block.name, vec)
+                self.closure(block.col, vec)
+            elif block.column is not None and self._filled.get(block.column) == self._passes:
+                self._grads[block.column][-1] = (
+                    self._grads[block.column][-1] + vec
+                )  # another expert, same pass
             else:
-                self._grads[block.name].append(vec)
+                self._grads[block.col].append(vec)
+                self._filled[block.col] = self._passes
 
     # ------------------------------------------------------------------ math
     def _cheap_path(self, name: str) -> bool:
@@ -374,7 +393,7 @@ class GradientCollector(_LayerHooks):
             return cached
         out, n_in = block.shape
         left = self._matrix(block.name, "left", out, dtype, device)
-        right = self._matrix(block.name, "right", n_in + int(block.bias), dtype, device)
+        right = self._matrix(block.col, "right", n_in + int(block.bias), dtype, device)
         scales = self._adafactor_scales(block)
         if scales is not None:
             left = left * scales[0].to(device, dtype)
@@ -435,7 +454,7 @@ class GradientCollector(_LayerHooks):
             if grad_b is not None:
                 full = torch.cat([full, grad_b.unsqueeze(-1)], dim=-1)
             left = self._matrix(block.name, "left", full.shape[1], cdt, g.device)
-            right = self._matrix(block.name, "right", full.shape[-1], cdt, g.device)
+            right = self._matrix(block.col, "right", full.shape[-1], cdt, g.device)
             return (left @ full @ right.T).reshape(batch, p * p)
         if is_conv1d(module):
             full = full.mT  # Conv1D stores its weight as (in, out)

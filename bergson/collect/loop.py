@@ -93,6 +93,7 @@ def collect_gradients(
     heads: Mapping[str, AttentionConfig] | Sequence[str] | None = None,
     per_token: bool = False,
     only_shards: Collection[int] | None = None,
+    aggregate_experts: bool = False,
 ) -> Sink:
     """Compute every document's per-example gradient vector and hand it to ``sink``.
 
@@ -105,6 +106,7 @@ def collect_gradients(
     ``per_token`` also hands the sink every position's vector (summing to the row's vector;
     transforms apply to each, and unit normalization divides them by the row's norm).
     ``only_shards`` restricts the pass to those shard indices (one rank's share; None: all).
+    ``aggregate_experts`` sums each fused parameter's expert blocks into one (see :class:`GradientCollector`).
     """
     collector = GradientCollector(
         model,
@@ -115,6 +117,7 @@ def collect_gradients(
         normalizers=normalizers,
         heads=heads,
         per_token=per_token,
+        aggregate_experts=aggregate_experts,
     )
     layouts = collector.layouts
     col = {m.name: (m.offset, m.offset + m.dim) for m in layouts}
@@ -143,7 +146,7 @@ def collect_gradients(
         if buf is None:
             buf = torch.zeros((*vec.shape[:-1], total_dim), dtype=cdt, device=vec.device)
         a, b = col[name]
-        buf[..., a:b] = vec
+        buf[..., a:b] += vec  # aggregated expert blocks: one call per expert
 
     collector.closure = closure
 

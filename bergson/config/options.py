@@ -256,6 +256,11 @@ class GradientOptions:
     ('model.layers.*.mlp.experts') whose experts are tracked, one block per expert (routers are not);
     --track_experts tracks every expert and router."""
 
+    aggregate_experts: bool = False
+    """With --track_experts (or --moe_experts): one block per fused expert parameter
+    ('...mlp.experts.down_proj', the projection of the stacked experts x out x in gradient) instead of one
+    per expert, so a row is as wide as a dense model's; needs --projection_dim > 0."""
+
     def tracked_experts(self) -> bool | list[str]:
         """What find_tracked_modules tracks of the mixture-of-experts layers: all (True), the experts
         modules the --moe_experts patterns name, or none (False)."""
@@ -265,6 +270,11 @@ class GradientOptions:
                 "router; --moe_experts only the experts modules its patterns name)"
             )
         patterns = [p.strip() for p in self.moe_experts.split(",") if p.strip()]
+        if self.aggregate_experts and not (patterns or self.track_experts):
+            raise BergsonError(
+                "--aggregate_experts without --track_experts (or --moe_experts): no expert is tracked, so "
+                "there is nothing to aggregate; add --track_experts or drop the option"
+            )
         return patterns or self.track_experts
 
     def _check(self) -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import BergsonError
+from .experts import ExpertLinear
 from .files import describe_difference
 
 HEAD_AXES = {"out": 0, "0": 0, "2": 0, "in": 1, "1": 1}
@@ -96,6 +97,9 @@ class ModuleLayout:
     head: dict[str, Any] | None = None
     """For one attention head's block: the module, head index, axis ('out' or 'in') and the
     [start, stop) range of that axis it covers."""
+    experts: list[str] | None = None
+    """For a fused experts parameter aggregated into one block (``--aggregate_experts``): the expert
+    views whose projected gradients sum into it, in order (their rows stack to ``shape``)."""
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -127,6 +131,15 @@ class Block:
     cols: slice
     bias: bool
     head: dict[str, Any] | None = None
+    column: str | None = None
+    """The column block this block's projected vector adds into, when it is not its own: the
+    aggregated block of a fused experts parameter (its right projection is the column's, shared by
+    every expert, and its left one its own, so the sum is L [G_0; G_1; ...] Rᵀ)."""
+
+    @property
+    def col(self) -> str:
+        """The name of the column block the block's vector is written to."""
+        return self.column or self.name
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -140,15 +153,31 @@ class Block:
         return out * n_in + (out if self.bias else 0)
 
 
+def aggregated_column(name: str, module: nn.Module) -> str | None:
+    """The aggregated column of an expert view ``{experts}.expert{e}.{param}``: ``{experts}.{param}``
+    (None for any other module)."""
+    if not isinstance(module, ExpertLinear) or module.index is None:
+        return None
+    return f"{name.rsplit('.expert', 1)[0]}.{module.param}"
+
+
 def module_blocks(
-    name: str, module: nn.Module, include_bias: bool, heads: AttentionConfig | None = None
+    name: str,
+    module: nn.Module,
+    include_bias: bool,
+    heads: AttentionConfig | None = None,
+    aggregate: bool = False,
 ) -> list[Block]:
     """The column blocks of a tracked module: itself, or one block per attention head named
-    ``'{name}.head{h}'``. Heads must tile their axis exactly."""
+    ``'{name}.head{h}'``. Heads must tile their axis exactly. With ``aggregate`` an expert view's
+    block adds into its fused parameter's column (:func:`aggregated_column`)."""
     out, n_in = module_shape(module)
     has_bias = include_bias and getattr(module, "bias", None) is not None
+    column = aggregated_column(name, module) if aggregate else None
+    if column is not None and heads is not None:
+        raise BergsonError(f"{name}: an aggregated expert block cannot also be split into attention heads")
     if heads is None:
-        return [Block(name, name, slice(0, out), slice(0, n_in), has_bias)]
+        return [Block(name, name, slice(0, out), slice(0, n_in), has_bias, column=column)]
     axis = heads.axis
     size = out if heads.head_dim == 0 else n_in
     if heads.num_heads * heads.head_size != size:
@@ -288,8 +317,15 @@ def resolve_heads(
 
 
 def layout_module(layout: Any) -> str:
-    """The model module a store's column block (a ModuleLayout) belongs to."""
+    """The model module a store's column block (a ModuleLayout) belongs to: for an aggregated
+    experts block, the fused parameter's name (its views are :func:`layout_modules`)."""
     return layout.head["module"] if layout.head else layout.name
+
+
+def layout_modules(layout: Any) -> list[str]:
+    """The modules whose gradients make a store's column block: the module (or the head's module),
+    or every expert view summed into an aggregated experts block."""
+    return list(getattr(layout, "experts", None) or [layout_module(layout)])
 
 
 def heads_of(layouts: Sequence[Any]) -> dict[str, AttentionConfig]:
@@ -314,21 +350,37 @@ def column_layouts(
     include_bias: bool,
     heads: Mapping[str, AttentionConfig] | Sequence[str] | None = None,
     prefix: str = "",
+    aggregate: bool = False,
 ) -> list[ModuleLayout]:
     """The column block of every tracked module (or of each of its attention heads), in tracking
     order, with its offset in the row: the one layout every store, result and loop uses. A head's
     ``shape`` is the head's own (rows x columns of the module it covers). ``prefix``: where the
-    model's base model sits, for head patterns spelled from it (:func:`names_module`)."""
-    layouts, offset = [], 0
+    model's base model sits, for head patterns spelled from it (:func:`names_module`). ``aggregate``:
+    every expert view of a fused parameter adds into one block of that parameter (p > 0 only)."""
+    layouts: list[ModuleLayout] = []
+    offset = 0
     split = resolve_heads(modules, heads, prefix)
+    merged: dict[str, ModuleLayout] = {}  # aggregated expert columns
     for name, m in modules.items():
-        for block in module_blocks(name, m, include_bias, split.get(name)):
-            dim = block.dim(projection_dim)
-            layouts.append(
-                ModuleLayout(
-                    block.name, type(m).__name__, list(block.shape), block.bias, offset, dim, block.head
+        for block in module_blocks(name, m, include_bias, split.get(name), aggregate):
+            if block.column is not None and projection_dim == 0:
+                raise BergsonError(
+                    "--aggregate_experts needs --projection_dim > 0 (with full gradients the per-expert "
+                    "blocks already lay out each fused parameter's gradient)"
                 )
+            if block.column in merged:
+                into = merged[block.column]
+                into.shape[0] += block.shape[0]
+                into.experts = [*(into.experts or []), name]
+                continue
+            dim = block.dim(projection_dim)
+            layout = ModuleLayout(
+                block.col, type(m).__name__, list(block.shape), block.bias, offset, dim, block.head
             )
+            if block.column is not None:
+                layout.experts = [name]
+                merged[block.column] = layout
+            layouts.append(layout)
             offset += dim
     return layouts
 

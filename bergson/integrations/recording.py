@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..collect.losses import next_tokens
+from ..core.experts import ExpertLinear
 from .checks import callback_error, check_batch, output_layer
 from .loss_scale import MicroBatch
 
@@ -112,6 +113,7 @@ class BatchRecorder:
         self._normalized = False
         self._tracked_head: list[str] = []
         self._body = "model"
+        self._routed: set[str] = set()
 
     def attach(
         self,
@@ -124,6 +126,10 @@ class BatchRecorder:
         (``tracked``: the collector's modules, named when a forward pass bypasses them)."""
         self.columns = columns
         self.width = sum(b - a for a, b in columns.values())
+        # a routed expert may get no token of a micro-batch: its zero columns are right, not a fault
+        self._routed = {
+            n for n, m in (tracked or {}).items() if isinstance(m, ExpertLinear) and m.index is not None
+        }
         self._sampler = record_batches(dataloader, self.batches)
         head = output_layer(model)
         self._tracked_head = [n for n, m in (tracked or {}).items() if m is head]
@@ -163,7 +169,7 @@ class BatchRecorder:
         does not reach the loss): its columns would silently stay zero."""
         mb, self.pending = self.pending, None
         if mb is not None and mb.has_targets is not None and bool(mb.has_targets.any()):
-            missing = [name for name in self.columns if name not in mb.filled]
+            missing = [name for name in self.columns if name not in mb.filled and name not in self._routed]
             if missing:
                 raise callback_error(
                     f"no gradient reached the tracked module(s) {', '.join(missing)} in the trainer's backward "
@@ -181,7 +187,7 @@ class BatchRecorder:
                 "trainer.train()"
             )
         a, b = self.columns[name]
-        mb.buffer[:, a:b] = vec
+        mb.buffer[:, a:b] += vec
         mb.filled.add(name)
 
     def _on_model_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

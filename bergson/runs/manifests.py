@@ -59,7 +59,10 @@ def make_manifest(
     heads = head_splits(model, modules, getattr(cfg, "attention_heads", None))
     reduction = getattr(cfg, "loss_reduction", "sum")
     aggregation, save_dtype = getattr(cfg, "aggregation", "none"), getattr(cfg, "save_dtype", "auto")
-    layouts = column_layouts(modules, cfg.projection_dim, cfg.include_bias, heads, base_model_prefix(model))
+    aggregate = getattr(cfg, "aggregate_experts", False)
+    layouts = column_layouts(
+        modules, cfg.projection_dim, cfg.include_bias, heads, base_model_prefix(model), aggregate
+    )
     dtype = save_dtype if save_dtype != "auto" else ("float16" if cfg.projection_dim > 0 else "float32")
     config = getattr(model, "config", None)
     return Manifest(

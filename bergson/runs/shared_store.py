@@ -63,6 +63,7 @@ def collect_with(
         transform=transform,
         heads=head_splits(model, modules, cfg.attention_heads),
         per_token=per_token,
+        aggregate_experts=cfg.aggregate_experts,
         only_shards=rank_shards(cfg, docs, sink),
         progress=distributed.rank() == 0,
     )

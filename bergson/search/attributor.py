@@ -19,7 +19,7 @@ from ..core.layout import (
     ModuleLayout,
     base_model_prefix,
     heads_of,
-    layout_module,
+    layout_modules,
     match_store_names,
     module_blocks,
 )
@@ -231,18 +231,23 @@ class Attributor:
                 "convert it once with `bergson convert OLD NEW --model MODEL`, then trace against NEW"
             )
         layouts = {layout.name: layout for layout in self.manifest.modules}
-        owner = {n: layout_module(layouts[n]) for n in self.modules}  # column block -> its module
-        found = match_modules(list(dict.fromkeys(owner.values())), module, store_prefix(self.manifest))
-        missing = list(dict.fromkeys(owner[m] for m in self.modules if owner[m] not in found))
+        # column block -> its modules (an aggregated experts block: every expert's view)
+        wanted = list(dict.fromkeys(m for n in self.modules for m in layout_modules(layouts[n])))
+        found = match_modules(wanted, module, store_prefix(self.manifest))
+        missing = [m for m in wanted if m not in found]
         if missing:
-            raise BergsonError(self._uncovered(module, missing, len(set(owner.values()))))
+            raise BergsonError(self._uncovered(module, missing, len(wanted)))
         heads = {m: c for m, c in heads_of(self.manifest.modules).items() if m in found}
         include_bias = bool(self.manifest.projection["include_bias"])
+        aggregate = any(layout.experts for layout in self.manifest.modules)
         for name, sub in found.items():
-            blocks = module_blocks(name, sub, include_bias, heads.get(name))
+            blocks = module_blocks(name, sub, include_bias, heads.get(name), aggregate)
             for block in blocks:
-                expected = layouts[block.name].shape if block.name in layouts else None
-                if expected is None or list(block.shape) != list(expected):
+                expected = layouts[block.col].shape if block.col in layouts else None
+                shape = list(block.shape)
+                if block.column is not None and expected:  # one expert's rows of the stacked block
+                    shape[0] = expected[0]
+                if expected is None or shape != list(expected):
                     raise BergsonError(
                         f"module {name}: block {block.name} of shape {list(block.shape)} in the traced "
                         f"model, {expected} in the store"
@@ -256,6 +261,7 @@ class Attributor:
             include_bias=include_bias,
             normalizers={n: v for n, v in self.normalizers.items() if n in found},
             heads=heads,
+            aggregate_experts=aggregate,
         )
 
     def _uncovered(self, module: nn.Module, missing: list[str], total: int) -> str:

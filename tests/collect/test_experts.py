@@ -295,6 +295,20 @@ def test_cli_build_and_trace_with_track_experts(tmp_path, corpus_file):
     assert int(result.indices[0, 0]) == 5
     assert float(result.scores[0, 0]) == pytest.approx(1.0, abs=1e-4)
 
+    # aggregated: two blocks per MoE layer instead of eight, traced the same way
+    main([args[0], str(tmp_path / "agg"), *args[1:], "--aggregate_experts"])
+    agg = load_gradients(tmp_path / "agg")
+    blocks = [m for m in agg.manifest.modules if m.experts]
+    assert [m.name for m in blocks][:2] == [
+        "model.layers.0.mlp.experts.gate_up_proj",
+        "model.layers.0.mlp.experts.down_proj",
+    ]
+    assert len(blocks) == 4 and agg.manifest.total_dim == store.manifest.total_dim - 2 * 6 * 16
+    with Attributor(agg.root, unit_norm=True).trace(model, 1) as result:
+        per_document_loss(model(ids).logits, ids).sum().backward()
+    assert int(result.indices[0, 0]) == 5
+    assert float(result.scores[0, 0]) == pytest.approx(1.0, abs=1e-4)
+
 
 def test_original_moe_experts_patterns():
     """The original package's ``--moe_experts`` (globs naming fused experts modules) tracks the
@@ -311,3 +325,47 @@ def test_original_moe_experts_patterns():
         find_tracked_modules(model, track_experts=["layers.9.mlp.experts"])
     with pytest.raises(BergsonError, match="--track_experts and --moe_experts: give one"):
         IndexConfig(track_experts=True, moe_experts="*.experts").tracked_experts()
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_aggregated_blocks_project_the_stacked_gradient(docs, per_token):
+    """--aggregate_experts: one block per fused parameter, L [G_0; ...; G_3] Rᵀ with each expert's own
+    left matrix (the columns of one left matrix of the stacked rows) and the parameter's right one."""
+    p = 4
+    model = tiny("olmoe")
+    modules = find_tracked_modules(model, track_experts=True)
+    truth = naive_gradients(model, docs, modules, include_bias=False)
+    sink = collect_gradients(
+        model, docs, modules=modules, projection_dim=p, token_batch_size=40, progress=False,
+        per_token=per_token, aggregate_experts=True,
+    )  # fmt: skip
+    layouts = GradientCollector(model, modules, projection_dim=p, aggregate_experts=True).layouts
+    by_name = {m.name: m for m in layouts}
+    agg = by_name["model.layers.1.mlp.experts.down_proj"]
+    assert agg.shape == [4 * 16, 8] and agg.dim == p * p
+    assert agg.experts == [f"model.layers.1.mlp.experts.expert{e}.down_proj" for e in range(4)]
+    assert len(layouts) == 2 * (4 + 1 + 2)  # q, k, v, o, the router and two expert blocks per layer
+    got = sink.by_module()
+    assert set(got) == set(by_name)
+    for name, layout in by_name.items():
+        views = layout.experts or [name]
+        right = projection_matrix(0, name, "right", p, layout.shape[1], dtype=torch.float64)
+        want = np.zeros((len(docs), p * p))
+        for v in views:
+            left = projection_matrix(0, v, "left", p, module_shape(modules[v])[0], dtype=torch.float64)
+            want += np.stack([(left @ w @ right.T).flatten().numpy() for w, _ in truth[v]])
+        np.testing.assert_allclose(got[name], want, rtol=1e-9, atol=1e-12, err_msg=name)
+    if per_token:
+        for row in range(len(docs)):
+            np.testing.assert_allclose(sink.tokens[row].sum(0), sink.vectors[row], rtol=1e-9, atol=1e-12)
+
+
+def test_aggregation_refusals():
+    from bergson import IndexConfig
+
+    model = tiny("olmoe")
+    modules = find_tracked_modules(model, track_experts=True)
+    with pytest.raises(BergsonError, match=r"--aggregate_experts needs --projection_dim > 0"):
+        GradientCollector(model, modules, projection_dim=0, aggregate_experts=True)
+    with pytest.raises(BergsonError, match=r"--aggregate_experts without --track_experts"):
+        IndexConfig(aggregate_experts=True).tracked_experts()

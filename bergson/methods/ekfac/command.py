@@ -93,6 +93,11 @@ def ekfac(cfg: Any) -> Any:
     validate_index_config(cfg)
     if not cfg.query.dataset:
         raise BergsonError("--query.dataset is required: the queries whose influences are wanted")
+    if cfg.aggregate_experts:
+        raise BergsonError(
+            "--aggregate_experts: EK-FAC fits one pair of Kronecker factors per expert, which an aggregated "
+            "block has not; drop the option (bergson ekfac tracks experts one block each)"
+        )
     if cfg.data.reward_column or cfg.query.reward_column:
         raise BergsonError(
             "--reward_column: EK-FAC scores use the plain next-token loss; advantage-weighted (GRPO) "
