@@ -369,3 +369,32 @@ def test_aggregation_refusals():
         GradientCollector(model, modules, projection_dim=0, aggregate_experts=True)
     with pytest.raises(BergsonError, match=r"--aggregate_experts without --track_experts"):
         IndexConfig(aggregate_experts=True).tracked_experts()
+
+
+def test_trainer_callback_tracks_experts(tmp_path):
+    """The Trainer callback with ``track_experts=True`` on an OLMoE: with a zero learning rate every
+    step sees the same weights, so each stored row is the row collect_gradients gives (the experts run
+    through their views for the whole training run, numerically as the model's own forward)."""
+    from bergson import GradientCollectorCallback, load_gradients, prepare_for_gradient_collection
+    from bergson.collect.loop import collect_gradients
+    from bergson.data import TokenizedDocs
+    from tests.helpers.trainer import _token_ids, _trainer
+
+    model = tiny("olmoe").float()
+    model.resize_token_embeddings(8192)  # the shipped tokenizer's vocabulary
+    ids = _token_ids(8)
+    callback = GradientCollectorCallback(
+        tmp_path / "grads", save_dtype="float32", track_experts=True, normalize=False
+    )
+    trainer = _trainer(
+        tmp_path, [callback], num_rows=8, model=model, num_train_epochs=1, learning_rate=0.0, weight_decay=0.0
+    )
+    prepare_for_gradient_collection(trainer).train()
+    store = load_gradients(callback.stores[0])
+    assert sum(".experts.expert" in n for n in store.modules) == 16
+    model.eval()
+    docs = TokenizedDocs([np.asarray(i) for i in ids], np.zeros(len(ids), np.int64))
+    modules = find_tracked_modules(model, track_experts=True)
+    want = collect_gradients(model, docs, modules=modules, projection_dim=16, progress=False).vectors
+    got = np.asarray(store.all, np.float64)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())

@@ -61,7 +61,7 @@ def _trainer(
         **overrides,
     }
     collator = options.pop("data_collator", None) or DataCollatorForLanguageModeling(tok, mlm=False)
-    model = AutoModelForCausalLM.from_pretrained(MODEL)
+    model = options.pop("model", None) or AutoModelForCausalLM.from_pretrained(MODEL)
     dataset = Dataset.from_dict({"input_ids": _token_ids(num_rows)})
     cls = trainer_cls or Trainer
     return cls(
