@@ -25,6 +25,7 @@ from bergson.core.experts import ExpertLinear, installed, is_fused_experts, is_r
 from bergson.core.layout import module_shape
 from bergson.models import find_tracked_modules, tracking_record
 from bergson.transforms.projection import projection_matrix
+from tests.helpers.families import SHARED
 from tests.helpers.gradients import naive_gradients, random_docs
 
 VOCAB = 40
@@ -43,19 +44,12 @@ FAMILIES = {
 def tiny(family: str) -> nn.Module:
     cfg_name, model_name, extra = FAMILIES[family]
     cfg = getattr(transformers, cfg_name)(
-        vocab_size=VOCAB,
-        hidden_size=16,
+        **{**SHARED, "vocab_size": VOCAB},
         intermediate_size=8,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,
         num_experts_per_tok=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="eager",
         experts_implementation="eager",  # grouped_mm has no float64
         **extra,
     )
