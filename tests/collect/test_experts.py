@@ -392,3 +392,33 @@ def test_trainer_callback_tracks_experts(tmp_path):
     want = collect_gradients(model, docs, modules=modules, projection_dim=16, progress=False).vectors
     got = np.asarray(store.all, np.float64)
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("checkpointing", ["non_reentrant", "reentrant"])
+def test_gradient_checkpointing(docs, checkpointing):
+    """Layers rerun during backward (the experts' per-expert loop included) still give every
+    document its own experts' gradients, under both checkpoint forms."""
+    from bergson.collect.losses import per_document_loss
+
+    p = 4
+    reference = tiny("olmoe")
+    modules = find_tracked_modules(reference, track_experts=True)
+    truth = naive_gradients(reference, docs, modules, include_bias=False)
+    model = tiny("olmoe").train()  # checkpointing is active in training mode only; OLMoE has no dropout
+    model.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+    tracked = find_tracked_modules(model, track_experts=True)
+    length = max(len(s) for s in docs.input_ids)
+    ids = torch.zeros(len(docs), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, seq in enumerate(docs.input_ids):
+        ids[i, : len(seq)], mask[i, : len(seq)] = torch.as_tensor(seq), 1
+    with GradientCollector(model, tracked, projection_dim=p) as collector:
+        out = model(input_ids=ids, attention_mask=mask)
+        per_document_loss(out.logits, ids.masked_fill(mask == 0, -100)).sum().backward()
+    got = collector.gradients
+    for name in [n for n in tracked if ".experts." in n or n.endswith(".mlp.gate")]:
+        out_dim, n_in = module_shape(tracked[name])
+        left = projection_matrix(0, name, "left", p, out_dim, dtype=torch.float64)
+        right = projection_matrix(0, name, "right", p, n_in, dtype=torch.float64)
+        want = np.stack([(left @ w @ right.T).flatten().numpy() for w, _ in truth[name]])
+        np.testing.assert_allclose(got[name].numpy(), want, rtol=1e-8, atol=1e-12, err_msg=name)
