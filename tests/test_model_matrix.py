@@ -3,7 +3,8 @@
 Per family: the default tracked layers; per-example gradients (full, p = 0, and projected, p > 0)
 equal to one backward pass per document with documents of different lengths padded into one batch;
 the same vectors whether a document is batched with others or alone; and
-``test_model_configuration`` reporting on the model. The MoE families are covered elsewhere.
+``test_model_configuration`` reporting on the model. The MoE families (OLMoE, Mixtral, Qwen2-MoE,
+Qwen3-MoE) are in tests/collect/test_experts.py.
 """
 
 from __future__ import annotations
