@@ -27,8 +27,8 @@ does not mix between families:
 Each MoE family also runs a dense reference of the same active parameter count (the attention of
 the MoE, an MLP of width top-k × expert width, plus the shared expert's width where there is one;
 ``active_params`` of both are printed), and the summary gives the MoE build's tokens/s ÷ the dense
-reference's. MoE families report the default tracking; ``--track_experts`` passes
-``track_experts=True`` to ``find_tracked_modules`` (refused when this bergson has no such keyword).
+reference's. MoE families report the default tracking; ``--track_experts`` tracks their experts
+and routers too (``find_tracked_modules(track_experts=True)``; the dense references are unchanged).
 
 Prints one JSON object per line: one per family as it finishes, then the summary (the goals of
 issue 19: every family 100% tracked, build ÷ plain ≥ 1 on the dense families, MoE build no
@@ -46,7 +46,6 @@ on 2 CPU cores. A family that fails is reported with its error and the others st
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import resource
@@ -227,20 +226,13 @@ def active_params(model: torch.nn.Module, moe: dict | None) -> int:
 
 
 def tracked_modules(model: torch.nn.Module, track_experts: bool) -> dict[str, torch.nn.Module]:
+    """The default tracked set, with every expert and router of an MoE model when ``track_experts``
+    (a dense model has none to add)."""
+    from bergson.core.experts import expert_views
     from bergson.models import find_tracked_modules
 
-    return find_tracked_modules(model, track_experts=True) if track_experts else find_tracked_modules(model)  # type: ignore[call-arg]
-
-
-def check_track_experts() -> None:
-    """Refuse ``--track_experts`` when ``find_tracked_modules`` has no ``track_experts`` keyword."""
-    from bergson.models import find_tracked_modules
-
-    if "track_experts" not in inspect.signature(find_tracked_modules).parameters:
-        raise SystemExit(
-            "--track_experts: this bergson's find_tracked_modules has no track_experts keyword "
-            "(expert tracking has not landed in this checkout); run without --track_experts"
-        )
+    moe = any(True for _ in expert_views(model))
+    return find_tracked_modules(model, track_experts=track_experts and moe)
 
 
 def _peak_rss_mib() -> float:
@@ -447,8 +439,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse(argv)
-    if args.track_experts:
-        check_track_experts()
     if args.list:
         for name, s in FAMILIES.items():
             print(json.dumps({"family": name, "checkpoint": s["checkpoint"], "default": not s.get("large")}))

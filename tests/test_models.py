@@ -236,8 +236,9 @@ def test_coverage_of_a_dense_model_counted_from_shapes(caplog):
 
 
 def test_low_coverage_of_a_moe_model_warns_and_is_recorded(tmp_path, model_dir, corpus_file, caplog):
-    """Fused 3-D experts and routers are not tracked: the share is low, the warning names them, the
-    manifest records the numbers; an explicit --modules silences the warning but not the record."""
+    """Fused 3-D experts and routers are not tracked by default: the share is low, the warning names
+    them and --track_experts, the manifest records the numbers; an explicit --modules silences the
+    warning but not the record; --track_experts tracks everything."""
     olmoe, cfg = _tiny_olmoe_dir(tmp_path, model_dir)
     attention, router, experts = _olmoe_shares(cfg)
     share = attention / (attention + router + experts)
@@ -250,14 +251,14 @@ def test_low_coverage_of_a_moe_model_warns_and_is_recorded(tmp_path, model_dir, 
     assert cov["share"] == pytest.approx(share, abs=1e-6) and cov["low"] and not cov["modules_option"]
     assert [(s["class"], s["reason"], s["modules"], s["params"]) for s in cov["skipped"]] == [
         ("OlmoeExperts", "fused_experts", 2, experts),
-        ("OlmoeTopKRouter", "unsupported_type", 2, router),
+        ("OlmoeTopKRouter", "router", 2, router),
     ]
     loud = [
         r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "ONLY" in r.getMessage()
     ]
     assert len(loud) == 1
     assert f"{100 * share:.1f}%" in loud[0] and "OlmoeExperts" in loud[0] and "OlmoeTopKRouter" in loud[0]
-    assert "not supported yet" in loud[0] and "--modules" in loud[0]
+    assert "--track_experts tracks them" in loud[0] and "--modules" in loud[0]
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="bergson"):
@@ -268,6 +269,11 @@ def test_low_coverage_of_a_moe_model_warns_and_is_recorded(tmp_path, model_dir, 
     assert cov["modules_option"] and not cov["low"] and cov["tracked_params"] == attention
     assert cov["share"] == pytest.approx(share, abs=1e-6)
     assert "ONLY" not in caplog.text and f"{100 * share:.1f}% of the model's matrix weights" in caplog.text
+
+    full = build(make_cfg(tmp_path, olmoe, corpus_file, name="all", projection_dim=4, track_experts=True))
+    cov = full.manifest.model["coverage"]
+    assert cov["share"] == 1.0 and cov["skipped"] == [] and not cov["low"]
+    assert cov["tracked_params"] == attention + router + experts
 
 
 def test_trainer_callback_announces_and_records_coverage(tmp_path, caplog):

@@ -7,9 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from torch import nn
 
-import bergson.models
 from benchmarks import architectures as arch
 
 TINY_MOE: dict[str, Any] = dict(
@@ -54,10 +52,7 @@ def test_family_objects(results):
         assert 0 < r["rss_after_model_mib"] <= r["peak_rss_build_mib"] <= r["peak_rss_mib"]
     # the dense reference tracks everything; by default the MoE's experts and routers are skipped
     assert dense["tracked_share"] == 1.0 and not dense["skipped"]
-    assert moe["tracked_share"] < 1.0 and {s["reason"] for s in moe["skipped"]} <= {
-        "fused_experts",
-        "unsupported_type",
-    }
+    assert moe["tracked_share"] < 1.0 and {s["reason"] for s in moe["skipped"]} == {"fused_experts", "router"}
     # same active parameter count but for the routers (hidden x experts per layer)
     assert moe["active_params"] - dense["active_params"] == _router_params(2)
 
@@ -89,19 +84,15 @@ def test_summary(results):
     assert set(s["tracked_share"]) == {"tiny-moe"}  # dense references are not families of their own
 
 
-def test_track_experts_needs_the_keyword(monkeypatch):
-    def without(model: nn.Module, patterns=(), *, include_output_head=False):
-        return {}
+def test_track_experts_applies_to_moe_models_only():
+    from tests.collect.test_experts import tiny
+    from tests.helpers.families import make_family
 
-    def with_it(model: nn.Module, patterns=(), *, include_output_head=False, track_experts=False):
-        return {"called": track_experts}
-
-    monkeypatch.setattr(bergson.models, "find_tracked_modules", without)
-    with pytest.raises(SystemExit, match=r"--track_experts: .*no track_experts keyword"):
-        arch.main(["--track_experts", "--list"])
-    monkeypatch.setattr(bergson.models, "find_tracked_modules", with_it)
-    arch.check_track_experts()
-    assert arch.tracked_modules(nn.Linear(2, 2), track_experts=True) == {"called": True}
+    moe, dense = tiny("olmoe"), make_family("llama")
+    assert len(arch.tracked_modules(moe, track_experts=True)) > len(
+        arch.tracked_modules(moe, track_experts=False)
+    )
+    assert arch.tracked_modules(dense, track_experts=True).keys() == arch.tracked_modules(dense, False).keys()
 
 
 def test_unknown_family_is_refused():
