@@ -161,7 +161,7 @@ def fit_ekfac(
     if n == 0:
         raise BergsonError("batches is empty: the Fisher is undefined")
     eigen = eigendecompose(
-        Factors({k: {"A": d["A"] / positions[k], "S": d["S"] / n} for k, d in sums.items()})
+        Factors({k: {"A": d["A"] / max(positions[k], 1), "S": d["S"] / n} for k, d in sums.items()})
     )
     corrections = correction_sums(source, eigen, torch.float64)
     corrected = Factors({k: {"eigenvalues": s / n} for k, s in corrections.items()})

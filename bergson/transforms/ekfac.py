@@ -140,6 +140,10 @@ def ihvp(
     mode: str = "relative",
 ) -> torch.Tensor:
     """(F + δI)⁻¹ G for gradients [B, out, in] with F = Q diag(eigenvalues) Qᵀ (EK-FAC or K-FAC)."""
+    if not bool((eigenvalues > 0).any()) and (mode == "relative" or damping == 0):
+        # no curvature at all (an expert no training token reached, so every training gradient of it
+        # is zero too): its influence is zero, not a division by a zero damping
+        return torch.zeros_like(grads)
     d = eigen.tensors[name]
     qs = d["S_eigenvectors"].to(grads)
     qa = d["A_eigenvectors"].to(grads)

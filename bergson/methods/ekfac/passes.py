@@ -57,6 +57,7 @@ class Source(Protocol):
     """Where a pass's examples come from (see the module docstring)."""
 
     modules: Mapping[str, nn.Module]
+    include_bias: bool
     num_rows: int | None
     """The number of rows of a pass's results (None: the number of examples seen)."""
 
@@ -89,6 +90,7 @@ class DocumentSource:
     ):
         self.model, self.docs, self.opts, self.only = model, docs, opts, only
         self.modules = opts.modules
+        self.include_bias = opts.include_bias
         self.num_rows: int | None = len(docs)
 
     def run(self, desc: str, fn: Statistic, labels: str) -> int:
@@ -193,7 +195,21 @@ def covariance_sums(
         positions[name] = positions.get(name, 0) + x.shape[0]
 
     n = source.run("covariances", fn, labels)
+    for name, shape in _unseen(source, sums):  # a routed expert no token reached: no curvature
+        device = next((d["A"].device for d in sums.values()), None)
+        sums[name] = {k: torch.zeros(m, m, dtype=dtype, device=device) for k, m in zip("AS", shape[::-1])}
+        positions[name] = 0
     return sums, positions, n
+
+
+def _unseen(source: Source, seen: Mapping[str, Any]) -> list[tuple[str, tuple[int, int]]]:
+    """The tracked modules no example reached (experts no token was routed to), with their (out,
+    in) shape as the statistics see it (the bias column included); their statistics are zero."""
+    return [
+        (name, (module_shape(m)[0], input_dim(m, source.include_bias)))
+        for name, m in source.modules.items()
+        if name not in seen
+    ]
 
 
 def correction_sums(
@@ -210,6 +226,8 @@ def correction_sums(
         add_corrections(sums, name, bases[name], per_document_gradients(x.to(dtype), g))
 
     source.run("eigenvalue correction", fn, labels)
+    for name, shape in _unseen(source, sums):
+        sums[name] = torch.zeros(shape, dtype=dtype, device=next((s.device for s in sums.values()), None))
     return sums
 
 
@@ -228,6 +246,8 @@ def example_gradients(source: Source, desc: str = "query gradients") -> dict[str
         out[name] = torch.zeros(num, *pieces[0][1].shape[1:], dtype=torch.float64)
         for rows, grads in pieces:
             out[name][torch.as_tensor(rows)] = grads
+    for name, shape in _unseen(source, out):  # an expert none of these examples reached
+        out[name] = torch.zeros(num, *shape, dtype=torch.float64)
     return out
 
 
