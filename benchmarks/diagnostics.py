@@ -10,7 +10,11 @@ The first forward and backward pass of a process costs more than the later ones 
 page faults on the memory-mapped weights, kernel and allocator set-up); a command run from the
 shell pays it once, whichever command it is. Unless ``--no_warmup``, one untimed build runs
 first so that the diagnostic, timed first, does not pay it alone. On a shared machine the
-CPU seconds (``time.process_time``, every thread of the process) are the steadier figure.
+CPU seconds (``time.process_time``, every thread of the process) are the steadier figure, and
+the load average is printed: with other work running, two OpenMP threads that spin while they
+wait for each other slow the diagnostic's many small passes far more than the build's one
+large pass (a ratio of 5 to 9 at a load of 6 where 3 was measured at a load of 4), so compare
+figures taken under ``OMP_WAIT_POLICY=PASSIVE`` or ``--threads 1``.
 ``--model_dir`` keeps the config-built model between runs (it is rebuilt when missing).
 
     python -m benchmarks.diagnostics [--layers 4] [--repeats 2] [--threads 2] [--no_warmup]
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -106,6 +111,7 @@ def main() -> None:
                     "diagnostic_cpu_s": round(cpu[0], 3),
                     "build_cpu_s": round(cpu[1], 3),
                     "cpu_ratio": round(cpu[0] / cpu[1], 2),
+                    "load_average": [round(x, 2) for x in os.getloadavg()],
                 }
             )
         )
