@@ -200,6 +200,86 @@ def _rel_errors(alone: np.ndarray, batched: np.ndarray) -> np.ndarray:
     return np.where(den > 0, err, np.where(num > 0, np.inf, 0.0))
 
 
+@dataclasses.dataclass
+class DocumentVectors:
+    """Every document's gradient vector in the four situations the check compares (rows in
+    document order): ``alone`` (a batch of one), ``padded`` (the right-padded mixed-length batch),
+    ``equal_alone`` (cut to ``common_length`` tokens, a batch of one) and ``equal`` (cut, in the
+    batch of equal-length documents). ``dims`` is the column width of each tracked block."""
+
+    alone: np.ndarray
+    padded: np.ndarray
+    equal_alone: np.ndarray
+    equal: np.ndarray
+    common_length: int
+    dims: dict[str, int]
+
+
+def _concat(parts: Sequence[TokenizedDocs]) -> TokenizedDocs:
+    """The documents of ``parts`` one after the other (every per-document field follows)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(parts[0]):
+        vs = [getattr(d, f.name) for d in parts]
+        if all(v is None for v in vs):
+            values[f.name] = None
+        elif isinstance(vs[0], np.ndarray):
+            values[f.name] = np.concatenate(vs)
+        else:
+            values[f.name] = [x for v in vs for x in v]
+    return type(parts[0])(**values)
+
+
+def document_vectors(
+    model: nn.Module,
+    docs: TokenizedDocs,
+    *,
+    modules: Sequence[str] = (),
+    projection_dim: int = 16,
+    pad_token_id: int = 0,
+) -> DocumentVectors:
+    """Collect the vectors the check compares, in two passes of the collection loop.
+
+    The loop packs each shard of documents into batches on its own, so the two batches run as
+    the two shards of one pass (the documents, then the documents cut to the common length,
+    each shard within one batch's token budget), and the documents alone as shards of one
+    document in another. A document already at the common length is its own cut: its vector
+    alone is computed once and serves both comparisons. The batches are exactly those of a
+    ``collect_gradients`` call per situation, so the vectors are too.
+    """
+    tracked = find_tracked_modules(model, modules)
+    n = len(docs)
+    common = int(docs.lengths.min())
+    equal = _truncate(docs, common)
+    longer = [int(i) for i in np.flatnonzero(docs.lengths > common)]
+
+    def collect(d: TokenizedDocs, shard_size: int) -> InMemorySink:
+        sink = collect_gradients(
+            model,
+            d,
+            modules=tracked,
+            projection_dim=projection_dim,
+            token_batch_size=max(2, int(d.lengths.max()) * shard_size),  # a shard is one batch
+            shard_size=shard_size,
+            pad_token_id=pad_token_id,
+            progress=False,
+        )
+        assert isinstance(sink, InMemorySink)
+        return sink
+
+    batched = collect(_concat([docs, equal]), n)
+    alone = collect(_concat([docs, _select(equal, longer)]), 1).vectors
+    equal_alone = alone[:n].copy()
+    equal_alone[longer] = alone[n:]
+    return DocumentVectors(
+        alone=alone[:n],
+        padded=batched.vectors[:n],
+        equal_alone=equal_alone,
+        equal=batched.vectors[n:],
+        common_length=common,
+        dims=batched.dims,
+    )
+
+
 def measure(
     model: nn.Module,
     docs: TokenizedDocs,
@@ -214,40 +294,18 @@ def measure(
     of the equal-length batch ('equal_length'), their maxima, the common length and the
     module whose own vectors disagree the most.
     """
-    tracked = find_tracked_modules(model, modules)
-
-    def collect(d: TokenizedDocs) -> InMemorySink:
-        budget = max(2, int(d.lengths.max()) * len(d))  # every document in one batch
-        sink = collect_gradients(
-            model,
-            d,
-            modules=tracked,
-            projection_dim=projection_dim,
-            token_batch_size=budget,
-            pad_token_id=pad_token_id,
-            progress=False,
-        )
-        assert isinstance(sink, InMemorySink)
-        return sink
-
-    def one_by_one(d: TokenizedDocs) -> np.ndarray:
-        return np.concatenate([collect(_select(d, [i])).vectors for i in range(len(d))])
-
-    common = int(docs.lengths.min())
-    equal = _truncate(docs, common)
-    padded_sink, equal_sink = collect(docs), collect(equal)
-    pairs = {
-        "padded": (one_by_one(docs), padded_sink.vectors),
-        "equal_length": (one_by_one(equal), equal_sink.vectors),
-    }
-    out: dict[str, Any] = {"common_length": common}
+    v = document_vectors(
+        model, docs, modules=modules, projection_dim=projection_dim, pad_token_id=pad_token_id
+    )
+    pairs = {"padded": (v.alone, v.padded), "equal_length": (v.equal_alone, v.equal)}
+    out: dict[str, Any] = {"common_length": v.common_length}
     worst_module, worst = None, -1.0
     for key, (alone, batched) in pairs.items():
         err = _rel_errors(alone, batched)
         out[f"{key}_rel_errors"] = [float(e) for e in err]
         out[f"{key}_max_rel_error"] = float(err.max())
         start = 0
-        for name, dim in padded_sink.dims.items():
+        for name, dim in v.dims.items():
             e = float(_rel_errors(alone[:, start : start + dim], batched[:, start : start + dim]).max())
             if e > worst:
                 worst_module, worst = name, e

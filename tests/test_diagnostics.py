@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,6 +95,53 @@ def test_escalation_recommends_the_flag_that_fixes_it():
     assert report["message"] == "pass these flags to build and score: --force_math_sdp"
     text = diagnostics.format_report(report)
     assert "inconsistent" in text and text.endswith(report["message"])
+
+
+def test_document_vectors_are_those_of_one_collection_per_situation():
+    """The check's two passes give, bit for bit, the vectors of one collect_gradients call per
+    situation (each document alone, the padded batch, each cut document alone, the equal-length
+    batch), and run the model once per batch: a document already at the common length is not
+    run alone twice."""
+    from bergson.collect.loop import collect_gradients
+    from bergson.models import find_tracked_modules
+
+    cfg = config(num_documents=5)
+    model, tokenizer = load_model(cfg)
+    docs = diagnostics.load_test_documents(cfg, tokenizer, model)
+    common = int(docs.lengths.min())
+    # two documents at the common length, three longer ones of mixed lengths
+    docs = diagnostics._truncate(docs, [common, *[int(n) for n in docs.lengths[1:4]], common])
+    assert (docs.lengths == common).sum() == 2 and len(set(docs.lengths.tolist())) > 2
+    tracked = find_tracked_modules(model)
+
+    def one_batch(d):
+        budget = max(2, int(d.lengths.max()) * len(d))
+        return collect_gradients(
+            model, d, modules=tracked, projection_dim=4, token_batch_size=budget, progress=False
+        ).vectors
+
+    def each_alone(d):
+        return np.concatenate([one_batch(diagnostics._select(d, [i])) for i in range(len(d))])
+
+    equal = diagnostics._truncate(docs, common)
+    expected = {
+        "alone": each_alone(docs),
+        "padded": one_batch(docs),
+        "equal_alone": each_alone(equal),
+        "equal": one_batch(equal),
+    }
+
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        got = diagnostics.document_vectors(model, docs, projection_dim=4)
+    finally:
+        handle.remove()
+    assert got.common_length == common
+    for key, want in expected.items():
+        np.testing.assert_array_equal(getattr(got, key), want, err_msg=key)
+    assert np.abs(expected["padded"]).max() > 0
+    assert len(calls) == 2 + len(docs) + 3  # the two batches, 5 documents alone, 3 of them cut
 
 
 def test_flags_for_precision_and_tf32():
