@@ -236,6 +236,7 @@ def document_vectors(
     modules: Sequence[str] = (),
     projection_dim: int = 16,
     pad_token_id: int = 0,
+    track_experts: bool = False,
 ) -> DocumentVectors:
     """Collect the vectors the check compares, in two passes of the collection loop.
 
@@ -246,7 +247,7 @@ def document_vectors(
     alone is computed once and serves both comparisons. The batches are exactly those of a
     ``collect_gradients`` call per situation, so the vectors are too.
     """
-    tracked = find_tracked_modules(model, modules)
+    tracked = find_tracked_modules(model, modules, track_experts=track_experts)
     n = len(docs)
     common = int(docs.lengths.min())
     equal = _truncate(docs, common)
@@ -287,6 +288,7 @@ def measure(
     modules: Sequence[str] = (),
     projection_dim: int = 16,
     pad_token_id: int = 0,
+    track_experts: bool = False,
 ) -> dict[str, Any]:
     """Relative errors of batched against one-by-one gradient vectors, per document.
 
@@ -295,10 +297,15 @@ def measure(
     module whose own vectors disagree the most.
     """
     v = document_vectors(
-        model, docs, modules=modules, projection_dim=projection_dim, pad_token_id=pad_token_id
+        model,
+        docs,
+        modules=modules,
+        projection_dim=projection_dim,
+        pad_token_id=pad_token_id,
+        track_experts=track_experts,
     )
     pairs = {"padded": (v.alone, v.padded), "equal_length": (v.equal_alone, v.equal)}
-    out: dict[str, Any] = {"common_length": v.common_length}
+    out: dict[str, Any] = {"common_length": v.common_length, "blocks": len(v.dims)}
     worst_module, worst = None, -1.0
     for key, (alone, batched) in pairs.items():
         err = _rel_errors(alone, batched)
@@ -364,7 +371,12 @@ def check_model_configuration(cfg: ModelConfigTestConfig, loader: Loader = load_
         pad = getattr(tokenizer, "pad_token_id", None) or 0
         with numerics(opts):
             result = measure(
-                model, docs, modules=cfg.modules, projection_dim=cfg.projection_dim, pad_token_id=pad
+                model,
+                docs,
+                modules=cfg.modules,
+                projection_dim=cfg.projection_dim,
+                pad_token_id=pad,
+                track_experts=cfg.track_experts,
             )
         del model
         if device.type == "cuda":

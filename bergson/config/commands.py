@@ -290,6 +290,9 @@ class ModelConfigTestConfig(ModelOptions):
     modules: list[str] = field(default_factory=list)
     """Glob patterns of module names to track (default: every supported layer of the body, not the output head)."""
 
+    track_experts: bool = False
+    """Also test the routed experts (one block each) and routers of a mixture-of-experts model, as build does."""
+
     output: str | None = None
     """Also write the report as JSON to this file."""
 

@@ -422,3 +422,65 @@ def test_gradient_checkpointing(docs, checkpointing):
         right = projection_matrix(0, name, "right", p, n_in, dtype=torch.float64)
         want = np.stack([(left @ w @ right.T).flatten().numpy() for w, _ in truth[name]])
         np.testing.assert_allclose(got[name].numpy(), want, rtol=1e-8, atol=1e-12, err_msg=name)
+
+
+def test_model_configuration_reports_with_experts():
+    """``test_model_configuration --track_experts`` on an OLMoE compares the experts' blocks too and
+    reports the model consistent on the CPU in fp32."""
+    from bergson import ModelConfigTestConfig, load_model
+    from bergson.diagnostics import test_model_configuration
+    from tests.helpers.assets import ASSETS
+
+    def loader(opts):
+        _, tokenizer = load_model(opts)
+        model = tiny("olmoe").float()
+        model.resize_token_embeddings(len(tokenizer))
+        return model, tokenizer
+
+    cfg = ModelConfigTestConfig(
+        model=str(ASSETS / "tiny-pythia"), device="cpu", precision="fp32", num_documents=3, projection_dim=4,
+        track_experts=True,
+    )  # fmt: skip
+    report = test_model_configuration(cfg, loader=loader)
+    assert report["consistent_as_configured"] is True, report
+    first = report["settings"][0]
+    assert first["status"] == "tested" and first["padded_max_rel_error"] < 1e-4
+    assert first["blocks"] == 2 * (4 + 1 + 4 * 2)  # attention, the router and every expert's two blocks
+
+
+def test_ekfac_statistics_of_an_expert_no_token_reaches():
+    """An expert no example reaches has zero statistics of its own shape (not a missing entry), and
+    its preconditioned gradient is zero (no curvature, and every training gradient of it is zero)
+    rather than a division by a zero relative damping."""
+    from bergson.methods.ekfac.passes import correction_sums, covariance_sums, example_gradients
+    from bergson.transforms.ekfac import Factors, eigendecompose, ihvp
+
+    model = tiny("olmoe")
+    modules = {
+        n: m
+        for n, m in find_tracked_modules(model, track_experts=True).items()
+        if "layers.0.mlp.experts.expert1" in n
+    }
+
+    class Unreached:
+        include_bias, num_rows = False, 3
+
+        def __init__(self) -> None:
+            self.modules = modules
+
+        def run(self, desc, fn, labels) -> int:
+            return 3  # three examples, none of which reached these experts
+
+    sums, positions, n = covariance_sums(Unreached(), torch.float64)
+    name = "model.layers.0.mlp.experts.expert1.down_proj"
+    assert n == 3 and positions[name] == 0
+    assert sums[name]["A"].shape == (8, 8) and sums[name]["S"].shape == (16, 16)
+    assert not any(t.any() for d in sums.values() for t in d.values())
+    grads = example_gradients(Unreached())
+    assert grads[name].shape == (3, 16, 8) and not grads[name].any()
+    eigen = eigendecompose(Factors(sums))
+    corrections = correction_sums(Unreached(), eigen, torch.float64)
+    assert corrections[name].shape == (16, 8)
+    query = torch.randn(2, 16, 8, dtype=torch.float64)
+    out = ihvp(eigen, corrections[name], name, query, damping=0.1, mode="relative")
+    assert torch.equal(out, torch.zeros_like(query))
