@@ -281,9 +281,16 @@ def find_tracked_modules(
     else:
         chosen = {n for n in candidates if n not in head and n not in views}
     if track_experts and not views:
+        why = sorted(
+            {
+                f"{type(m).__name__}: {unsupported_reason(m)}"
+                for m in model.modules()
+                if (is_fused_experts(m) or is_router(m)) and unsupported_reason(m)
+            }
+        )
         raise BergsonError(
             "--track_experts: the model has no fused mixture-of-experts layers or routers bergson can "
-            "track; drop the option"
+            + (f"track ({'; '.join(why)})" if why else "track; drop the option")
         )
     if track_experts is True:
         chosen |= set(views)

@@ -484,3 +484,18 @@ def test_ekfac_statistics_of_an_expert_no_token_reaches():
     query = torch.randn(2, 16, 8, dtype=torch.float64)
     out = ihvp(eigen, corrections[name], name, query, damping=0.1, mode="relative")
     assert torch.equal(out, torch.zeros_like(query))
+
+
+def test_experts_in_an_unsupported_form_are_refused_with_the_reason():
+    """Expert-parallel (or FSDP-sharded) experts cannot run per expert here: --track_experts names why,
+    and the coverage record counts them as skipped for that reason."""
+    model = tiny("mixtral")
+    for m in model.modules():
+        if is_fused_experts(m) or is_router(m):
+            m._is_expert_parallel = True  # what transformers sets under expert parallelism
+    with pytest.raises(
+        BergsonError, match=r"--track_experts: .*MixtralExperts: its experts are split across ranks"
+    ):
+        find_tracked_modules(model, track_experts=True)
+    skipped = tracking_record(model, find_tracked_modules(model))["coverage"]["skipped"]
+    assert {s["reason"] for s in skipped} == {"experts_unsupported"}
