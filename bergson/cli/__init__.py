@@ -133,6 +133,7 @@ def parse_with_notes(
     import tyro
 
     from ..config.io import flatten, from_dict, read_steps, read_yaml, translate
+    from ..config.limits import check_limits
 
     cls = importlib.import_module(COMMANDS[command].module).CONFIG
     path, rest = _split_config(list(args))
@@ -166,6 +167,7 @@ def parse_with_notes(
         "query's --faiss, MAGIC's batch_size / num_epochs / lr_schedule.*) are accepted too.",
         use_underscores=True,
     )
+    check_limits(cfg)  # numeric options out of range fail here, before anything is loaded
     return cfg, notes, debug
 
 
