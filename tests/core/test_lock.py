@@ -152,3 +152,30 @@ def test_a_launch_on_a_locked_run_path_is_refused_before_it_starts_workers(
     finally:
         holder.communicate("\n", timeout=30)
     assert not root.exists()
+
+
+def test_without_flock_the_pid_decides(tmp_path, monkeypatch, caplog):
+    import bergson.core.lock as lock_module
+
+    monkeypatch.setattr(lock_module, "fcntl", None)  # a filesystem without flock
+    root = tmp_path / "run"
+    path = lock_path(root)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = socket.gethostname()
+    for holder, refused in [
+        ({"host": here, "pid": dead.pid, "command": "build"}, False),  # its process is gone: stale
+        ({"host": here, "pid": os.getppid(), "command": "score"}, True),  # alive on this host
+        ({"host": "elsewhere", "pid": 1, "command": "ekfac"}, True),  # another host: cannot tell
+    ]:
+        path.write_text(json.dumps(holder))
+        if refused:
+            with pytest.raises(
+                BergsonError, match=f"bergson {holder['command']} \\(pid {holder['pid']} on host"
+            ):
+                RunLock(root, "build").acquire()
+            assert json.loads(path.read_text()) == holder  # left as it was
+        else:
+            with caplog.at_level("WARNING"), run_lock(root, "build"):
+                assert json.loads(path.read_text())["pid"] == os.getpid()
+            assert "its process is gone" in caplog.text and not path.exists()
