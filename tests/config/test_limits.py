@@ -85,7 +85,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("args", "message"), BAD, ids=[" ".join(a[2:] if a[1] == "r" else a[1:]) for a, _ in BAD])
+@pytest.mark.parametrize(
+    ("args", "message"), BAD, ids=[" ".join(a[2:] if a[1] == "r" else a[1:]) for a, _ in BAD]
+)
 def test_out_of_range_is_refused_at_parse_time(args, message, capsys):
     # nothing else is given (no model, no dataset): the range check comes before anything is read
     with pytest.raises(SystemExit) as exit_:
