@@ -214,5 +214,5 @@ def test_cli_consistent():
 def test_cli_bad_input():
     proc = cli("--model", MODEL, "--device", "cpu", "--num_documents", "0")
     assert proc.returncode == 1
-    assert "--num_documents 0: must be at least 2" in proc.stderr
+    assert "--num_documents 0: must be >= 2" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -16,9 +16,11 @@ table :data:`bergson.config.io.ALIASES`; ``--debug`` logs at DEBUG level and pri
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -133,6 +135,7 @@ def parse_with_notes(
     import tyro
 
     from ..config.io import flatten, from_dict, read_steps, read_yaml, translate
+    from ..config.limits import check_limits
 
     cls = importlib.import_module(COMMANDS[command].module).CONFIG
     path, rest = _split_config(list(args))
@@ -166,6 +169,7 @@ def parse_with_notes(
         "query's --faiss, MAGIC's batch_size / num_epochs / lr_schedule.*) are accepted too.",
         use_underscores=True,
     )
+    check_limits(cfg)  # numeric options out of range fail here, before anything is loaded
     return cfg, notes, debug
 
 
@@ -208,10 +212,60 @@ def _run(command: str, args: Sequence[str], values: dict[str, Any] | None = None
         _DEBUG = True
         logging.getLogger("bergson").setLevel(logging.DEBUG)
     distributed.check_command(command, cfg)
-    importlib.import_module(COMMANDS[command].module).run(cfg)
+    from ..distributed.launch import hold_run_path
+
+    try:
+        with hold_run_path(cfg, command):
+            importlib.import_module(COMMANDS[command].module).run(cfg)
+    except OSError as e:
+        error = disk_error(e, getattr(cfg, "run_path", "") or None)
+        if error is None:
+            raise
+        raise error from e
     if distributed.env_rank() == 0:
         _record(cfg, command, notes, where or "flags")
     return cfg
+
+
+_DISK_ERRORS = {
+    errno.ENOSPC: (
+        "the disk is full",
+        "free space there (or choose a run_path on another disk) and rerun the same command: the "
+        "completed shards and stages are kept, and the run resumes from them",
+    ),
+    errno.EDQUOT: (
+        "the disk quota is used up",
+        "free space within the quota (or choose a run_path on another disk) and rerun the same "
+        "command: the completed shards and stages are kept, and the run resumes from them",
+    ),
+    errno.EROFS: (
+        "the filesystem is read-only",
+        "choose a run_path on a writable disk (or remount it writable) and rerun",
+    ),
+    errno.EACCES: (
+        "permission denied",
+        "make it readable if it is an input, or choose a run_path you may write to (or fix the "
+        "directory's permissions) and rerun",
+    ),
+}
+
+
+def disk_error(e: OSError, run_path: str | None) -> BergsonError | None:
+    """A clean error for an ``OSError`` of writing output (a full disk, a read-only or forbidden
+    directory), naming the file and the fix; None for other errors."""
+    if e.errno not in _DISK_ERRORS:
+        return None
+    what, fix = _DISK_ERRORS[e.errno]
+    where = e.filename or run_path
+    if e.filename and re.fullmatch(r"\..+\.\d+\.[0-9a-f]+\.tmp", Path(str(e.filename)).name):
+        where = str(Path(str(e.filename)).parent)  # an atomic write's temporary file: name its directory
+    if where is None:
+        return None
+    verb = "cannot access" if e.errno == errno.EACCES else "cannot write"
+    target = (
+        f" (run_path {run_path})" if run_path and e.filename and str(run_path) not in str(e.filename) else ""
+    )
+    return BergsonError(f"{verb} {where}{target}: {what} ([Errno {e.errno}]); {fix}")
 
 
 def _pipeline(args: list[str]) -> tuple[str, list[tuple[str, dict[str, Any]]]] | None:

@@ -11,6 +11,7 @@ import tyro
 from tyro.constructors import PrimitiveConstructorSpec
 
 from ..errors import BergsonError
+from .limits import check_limits
 from .original import ORIGINAL_DEFAULTS
 
 logger = logging.getLogger(__name__)
@@ -131,10 +132,7 @@ class DataConfig:
 
     def _check(self, option: str = "--") -> None:
         """Refuse data options that contradict each other (``option``: the flags' prefix)."""
-        if self.chunk_length < 0 or self.chunk_length == 1:
-            raise BergsonError(
-                f"{option}chunk_length {self.chunk_length}: must be 0 (off) or at least 2 tokens"
-            )
+        check_limits(self, option)
         if self.chunk_length:
             names = ("completion_column", "conversation_column", "reward_column", "max_length", "truncation")
             clash = [f"{option}{name}" for name in names if getattr(self, name)]

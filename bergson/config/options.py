@@ -16,6 +16,7 @@ import tyro
 from ..core.devices import launched
 from ..errors import BergsonError
 from .data import ChatTemplate, DataConfig, ValueBool, check_dataset, parse_kwargs, share_tokenizer
+from .limits import check_limits
 
 logger = logging.getLogger(__name__)
 
@@ -162,10 +163,6 @@ class WorkerOptions:
     """Seconds a worker waits for the others at a barrier or reduction before failing (long: ranks finish at different times)."""
 
     def _check(self) -> None:
-        if self.nproc_per_node < 1:
-            raise BergsonError(f"--nproc_per_node {self.nproc_per_node}: must be at least 1")
-        if self.dist_timeout <= 0:
-            raise BergsonError(f"--dist_timeout {self.dist_timeout}: must be a positive number of seconds")
         if self.dist_timeout != DIST_TIMEOUT and self.nproc_per_node == 1 and not launched():
             raise BergsonError(
                 f"--dist_timeout {self.dist_timeout}: it is how long workers wait for each other, and this is "
@@ -220,10 +217,6 @@ class BatchOptions:
     token_batch_size: int = 2048
     """Token budget of a batch: documents are length-sorted and packed under it."""
 
-    def _check(self) -> None:
-        if self.token_batch_size < 2:
-            raise BergsonError(f"--token_batch_size {self.token_batch_size}: must be at least 2")
-
 
 @dataclass
 class GradientOptions:
@@ -277,12 +270,6 @@ class GradientOptions:
             )
         return patterns or self.track_experts
 
-    def _check(self) -> None:
-        if self.projection_dim < 0:
-            raise BergsonError(
-                f"--projection_dim {self.projection_dim}: must be 0 (full gradients) or positive"
-            )
-
 
 @dataclass
 class HeadOptions:
@@ -335,10 +322,6 @@ class ShardOptions:
 
     shard_size: int = 4096
     """Rows per completed shard file; a killed build resumes from the last completed shard."""
-
-    def _check(self) -> None:
-        if self.shard_size < 1:
-            raise BergsonError(f"--shard_size {self.shard_size}: must be at least 1")
 
 
 @dataclass
@@ -403,8 +386,10 @@ class PassOptions(ShardOptions, LossOptions, HeadOptions, CollectOptions):
 
 
 def validate_options(cfg: Any) -> None:
-    """Refuse values no option group of ``cfg`` accepts, and options given where they would be
-    ignored (each group checks its own fields)."""
+    """Refuse numeric values outside their ranges (the one table :data:`bergson.config.limits.LIMITS`),
+    values no option group of ``cfg`` accepts, and options given where they would be ignored
+    (each group checks its own fields)."""
+    check_limits(cfg)
     for group in reversed(type(cfg).__mro__):
         check = group.__dict__.get("_check")
         if check is not None:

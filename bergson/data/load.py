@@ -61,7 +61,10 @@ def load_data(cfg: DataConfig, option: str = "--dataset", report: dict[str, Any]
     """Load ``cfg.dataset`` (one split, sliced) as a ``datasets.Dataset``; with
     ``cfg.skip_nan_rewards`` the rows without a reward are left out (announced, and counted in
     ``report``), so that every reader of the same options sees the same rows."""
-    ds, left_out = drop_missing_rewards(_load(cfg, option), cfg)
+    ds = _load(cfg, option)
+    if len(ds) == 0:
+        raise _no_rows(cfg, option)
+    ds, left_out = drop_missing_rewards(ds, cfg)
     if report is not None and cfg.skip_nan_rewards:
         report["rows_without_reward_left_out"] = left_out
     return ds
@@ -129,15 +132,99 @@ def _load(cfg: DataConfig, option: str) -> Any:
                 raise BergsonError(
                     f"--split {cfg.split}: a single local file has only the 'train' split (e.g. 'train[:100]')"
                 )
+            if path.stat().st_size == 0:
+                raise _unreadable(path, option, "it is empty (no rows)")
             return datasets.load_dataset(builder, data_files=str(path), split=cfg.split, **kwargs)
         if _looks_like_path(name):
             raise BergsonError(f"{option} {name}: no such file or directory")
         return datasets.load_dataset(name, cfg.subset, split=cfg.split, **kwargs)
     except BergsonError:
         raise
+    except StopIteration as e:  # the json builder reads the first rows to infer the columns
+        raise _unreadable(path, option, "no rows could be read from it (is it empty?)") from e
     except TypeError as e:
         if not kwargs:
             raise
         raise BergsonError(f"{args_option} {cfg.data_args!r}: datasets.load_dataset refused it ({e})") from e
     except (OSError, ValueError) as e:  # OSError: missing files, and the hub out of reach (ConnectionError)
+        if "corresponds to no data" in str(e):
+            raise _no_rows(cfg, option) from e
         raise BergsonError(f"{option} {name} (split {cfg.split!r}): {e}") from e
+    except Exception as e:
+        from datasets.exceptions import DatasetGenerationError
+
+        if not isinstance(e, DatasetGenerationError):
+            raise
+        cause = e.__cause__ or e.__context__ or e
+        raise _unreadable(path, option, f"{type(cause).__name__}: {cause}") from e
+
+
+def _no_rows(cfg: DataConfig, option: str) -> BergsonError:
+    return BergsonError(
+        f"{option} {cfg.dataset} (split {cfg.split!r}) holds no rows; give a dataset "
+        "(or a --split slice) with at least one row"
+    )
+
+
+def _unreadable(path: Path, option: str, why: str) -> BergsonError:
+    """The error for a local file (or directory) that ``datasets`` could not read: the first
+    malformed line of a JSON-lines file, or ``why``."""
+    where = _first_bad_json_line(path) if path.is_file() and _builder_for(path) == "json" else None
+    if where is not None:
+        why = where
+    return BergsonError(
+        f"{option} {path}: cannot read it as a dataset: {why}; fix or replace the file{_FORMAT.get(_builder_for(path) or '', '')}"
+    )
+
+
+_FORMAT = {
+    "json": " (a .jsonl file holds one JSON object per line; a .json file a JSON list of objects, or JSON lines)",
+    "csv": " (a .csv file holds a header line of column names, then one row per line)",
+    "parquet": " (write it again with pyarrow or pandas' to_parquet)",
+}
+
+
+def _open_text(path: Path) -> Any:
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    if suffix == ".bz2":
+        import bz2
+
+        return bz2.open(path, "rt", encoding="utf-8", errors="replace")
+    if suffix == ".xz":
+        import lzma
+
+        return lzma.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """Where a JSON-lines file goes wrong: 'line N: <the parser's message>', 'it is empty', or
+    None when every line parses (or the file is one JSON document, or cannot be opened)."""
+    import json
+
+    try:
+        with _open_text(path) as f:
+            head = f.read(1)
+            if not head:
+                return "it is empty (no rows)"
+            f.seek(0)
+            count = 0
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                count += 1
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    if n == 1 and line.lstrip().startswith("["):
+                        return None  # one JSON list over several lines
+                    return f"line {n} is not valid JSON ({e.msg}, column {e.colno})"
+                if not isinstance(row, dict):
+                    return f"line {n} holds a JSON {type(row).__name__}, not an object of columns"
+            return None if count else "it holds only blank lines (no rows)"
+    except (OSError, EOFError, ValueError):
+        return None

@@ -17,6 +17,7 @@ same command resumes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -188,6 +189,18 @@ def launch(cfg: Any) -> None:
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+def hold_run_path(cfg: Any, command: str | None = None) -> contextlib.AbstractContextManager[Any]:
+    """The exclusive lock of ``cfg.run_path`` (:mod:`bergson.core.lock`), taken once per launch: by
+    this process when it is alone or starts the workers, by rank 0 under torchrun, and not by the
+    workers :func:`launch` started (the launching process holds it)."""
+    run_path = getattr(cfg, "run_path", "")
+    if not run_path or (launched() and (env_rank() != 0 or SPAWNED in os.environ)):
+        return contextlib.nullcontext()
+    from ..core.lock import run_lock
+
+    return run_lock(run_path, command or command_of(cfg) or type(cfg).__name__)
+
+
 def entry(
     result: Callable[[Any], Any], alone: Callable[[Any], str | None] | None = None
 ) -> Callable[[_F], _F]:
@@ -212,13 +225,15 @@ def entry(
                         "--nproc_per_node: objects passed in Python (such as normalizers) cannot reach "
                         "the workers; use --optimizer_state, or start your script with torchrun"
                     )
-                launch(cfg)
+                with hold_run_path(cfg):  # for the whole launch: the workers do not take it
+                    launch(cfg)
                 return result(cfg)
             local = int(os.environ.get("LOCAL_WORLD_SIZE", env_world_size()))
             if n > 1 and n != local:
                 logger.warning("--nproc_per_node %d ignored: the launcher started %d ranks here", n, local)
-            init_from(cfg)
-            return fn(cfg, *args, **kwargs)
+            with hold_run_path(cfg):
+                init_from(cfg)
+                return fn(cfg, *args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
 

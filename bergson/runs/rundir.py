@@ -5,6 +5,11 @@ does with its ``run_path`` before and after its passes.
 ``--overwrite``, refuse a directory that holds a run made with other options, and save the
 resolved config; a command whose later stages are read by every rank then checks that every
 rank sees rank 0's directory. :class:`Timings` keeps the seconds each stage took.
+
+The directory is locked for the whole command before any of this (:mod:`bergson.core.lock`,
+taken by the command's entry point, :func:`bergson.distributed.launch.entry`, once per launch):
+:meth:`RunDir.prepare` takes it too (re-entrant: a no-op under an entry point), so a second
+writer never reaches the ``--overwrite`` removal.
 """
 
 from __future__ import annotations
@@ -97,6 +102,12 @@ class RunDir:
         """Fail if the directory holds a run made with other options."""
         check_saved_config(self.cfg, self.root / self.config_file, self.what, self.ignore)
 
+    def _locked_prepare(self) -> None:
+        # re-entrant: the entry point already holds it (and a launch's spawned workers are not rank 0
+        # of a launch that holds none); a RunDir used outside an entry point takes it for its prepare
+        with distributed.hold_run_path(self.cfg, self.command):
+            self._prepare()
+
     def _prepare(self) -> None:
         if self.cfg.overwrite and self.root.exists():
             remove_outputs(self.root, self.outputs)
@@ -106,7 +117,7 @@ class RunDir:
 
     def prepare(self) -> RunDir:
         """Rank 0 prepares the directory while the others wait (collective); returns self."""
-        distributed.on_rank_zero(self._prepare, f"preparing the run directory {self.root}")
+        distributed.on_rank_zero(self._locked_prepare, f"preparing the run directory {self.root}")
         if self.shared is not None:
             distributed.require_shared_directory(self.root, self.command, self.shared)
         return self
