@@ -35,6 +35,8 @@ _EXPORTS = {
     "projection_matrix": "bergson.transforms.projection",
     "GradientStore": "bergson.store.reader",
     "load_gradients": "bergson.store.reader",
+    "verify_store": "bergson.store.verify",
+    "VerifyReport": "bergson.store.verify",
     "build": "bergson.methods.build",
     "load_data": "bergson.data.load",
     "tokenize_documents": "bergson.data.tokenize",
@@ -100,6 +102,8 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "projection_matrix",
     "GradientStore",
     "load_gradients",
+    "verify_store",
+    "VerifyReport",
     "build",
     "load_data",
     "tokenize_documents",
@@ -199,6 +203,7 @@ if TYPE_CHECKING:
     from .search.attributor import Attributor
     from .search.exact import exact_topk
     from .store.reader import GradientStore, load_gradient_dataset, load_gradients
+    from .store.verify import VerifyReport, verify_store
     from .transforms.normalizers import AdafactorNormalizer, AdamNormalizer
     from .transforms.optimizer_state import normalizers_from_optimizer_state
     from .transforms.preconditioners import (

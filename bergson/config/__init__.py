@@ -19,6 +19,7 @@ from .commands import (
     ServeConfig,
     TrackstarConfig,
     ValidateConfig,
+    VerifyConfig,
 )
 from .io import ALIASES, from_dict, load_yaml, options_of, save_yaml, to_dict
 from .options import DampingMode, DataConfig, FaissConfig, ModelOptions, Precision, TrainingConfig
@@ -44,6 +45,7 @@ __all__ = [
     "TrackstarConfig",
     "TrainingConfig",
     "ValidateConfig",
+    "VerifyConfig",
     "from_dict",
     "load_yaml",
     "options_of",

@@ -421,6 +421,15 @@ class ConvertConfig:
     """Replace an existing store at RUN_PATH."""
 
 
+@dataclass
+class VerifyConfig:
+    """Options of ``bergson verify``: check every file of a store."""
+
+    store: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="STORE")] = ""
+    """The store to check (a directory written by build, score, reduce or a method, or a store of
+    the original package)."""
+
+
 def command_of(cfg: object) -> str:
     """The command whose config ``cfg`` is, by exact class, from the one command table ('' for a
     config no command takes as it is)."""

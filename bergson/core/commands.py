@@ -92,6 +92,11 @@ COMMANDS: dict[str, Command] = {
         "Rewrite a store written by the original bergson package (info.json, gradients.bin) as one of ours.",
         "ConvertConfig",
     ),
+    "verify": Command(
+        "bergson.cli.verify",
+        "Check every file of a store (sizes, row counts, checksums, finite values) and name each damaged one.",
+        "VerifyConfig",
+    ),
     "test_model_configuration": Command(
         "bergson.cli.test_model_configuration",
         "Check that batched gradients equal one-by-one ones; suggest --force_math_sdp / --precision if not.",

@@ -13,6 +13,7 @@ once; a running top-k per query is merged after each block.
 
 from __future__ import annotations
 
+import logging
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
 StoreLike = Union["GradientStore", np.ndarray, str, Path]
 """A GradientStore, the path of one, or a 2-D array [rows, dim] of stored vectors."""
+
+logger = logging.getLogger(__name__)
 
 _SENTINEL = np.iinfo(np.int64).max
 _CHUNK_BYTES = 1 << 22
@@ -163,6 +166,21 @@ def prepare_queries(
     if reverse:
         q = -q
     return np.ascontiguousarray(q, dtype=np.float32)
+
+
+def warn_nonfinite_rows(store: Any, rows: list[int], action: str) -> None:
+    """Say which stored rows hold non-finite values (a store written before the writer zeroed and
+    recorded them) and what the search did with them."""
+    ids = store.rows["row_id"][np.asarray(rows[:10])].tolist() if hasattr(store, "rows") else rows[:10]
+    logger.warning(
+        "%s: %d stored rows hold non-finite values (NaN or inf): dataset rows %s%s; they were %s. "
+        "Run `bergson verify` on the store and rebuild it",
+        getattr(store, "root", "the store"),
+        len(rows),
+        ids,
+        ", ..." if len(rows) > 10 else "",
+        action,
+    )
 
 
 def check_k(k: int) -> None:
@@ -369,9 +387,10 @@ def exact_topk(
         gradient (cosine with ``unit_norm``): **positive means training on the row
         lowers the query's loss**. ``indices`` are store row positions (``store.rows``
         maps them to dataset rows). Equal scores are ordered by ascending row index.
-        Rows whose score is NaN (non-finite stored values, which the store writer
-        rejects) are never returned; if that leaves fewer than ``k``, the rest is
-        padded with index -1.
+        Rows whose score is not finite (stored NaN or inf values: the store writer
+        stores such rows as zeros, but an older store or an array may hold them) are
+        never returned, with a warning naming them; if that leaves fewer than ``k``,
+        the rest is padded with index -1.
 
     Raises:
         BergsonError: empty queries, a query dimension that does not match the store,
@@ -400,8 +419,18 @@ def exact_topk(
     with BlockScorer(
         q, segments, total, unit_norm=unit_norm, block_rows=block_rows, num_threads=num_threads
     ) as score:
+        bad: list[int] = []
         for first, block in iter_blocks(st, block_rows):
-            top.push(score(block), first)
-    # Only rows with NaN scores (non-finite stored values) are never selected.
+            scores = score(block)
+            if not np.isfinite(scores).all():
+                # a row with NaN or inf values (a store written before the writer zeroed them):
+                # never ranked (an inf would rank first), and said
+                cols = np.flatnonzero(~np.isfinite(scores).all(axis=0))
+                scores[:, cols] = np.nan
+                bad += (cols + first).tolist()
+            top.push(scores, first)
+    if bad:
+        warn_nonfinite_rows(st, bad, "left out of the ranking")
+    # Rows with NaN scores (non-finite stored values) are never selected.
     top.indices[top.indices == _SENTINEL] = -1
     return (-top.scores if reverse else top.scores), top.indices

@@ -35,7 +35,7 @@ import numpy as np
 from ..config import FaissConfig
 from ..core.rows import unit_rows_np
 from ..errors import BergsonError
-from .exact import check_k, prepare_queries
+from .exact import check_k, prepare_queries, warn_nonfinite_rows
 
 if TYPE_CHECKING:
     from ..store.reader import GradientStore
@@ -84,8 +84,12 @@ def shard_bounds(num_rows: int, num_shards: int) -> list[tuple[int, int]]:
 
 
 def as_float32_rows(rows: np.ndarray, unit_norm: bool) -> np.ndarray:
-    """Rows as contiguous float32, unit-normalized if asked (all-zero rows stay zero)."""
+    """Rows as contiguous float32, unit-normalized if asked (all-zero rows stay zero); rows
+    holding a non-finite value become zeros (:func:`_build_shard` says which)."""
     x = np.ascontiguousarray(rows, dtype=np.float32)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        x[bad] = 0.0
     if unit_norm:
         x = unit_rows_np(x)
     return x
@@ -305,10 +309,15 @@ def _build_shard(
                 "or fewer --num_shards"
             ) from None
         del train
+    bad: list[int] = []
     for first, block in store.blocks(block_rows):
         a, b = max(first, start), min(first + len(block), stop)
         if a < b:
-            work.add(as_float32_rows(block[a - first : b - first], unit_norm))
+            rows = block[a - first : b - first]
+            bad += (np.flatnonzero(~np.isfinite(rows).all(axis=1)) + a).tolist()
+            work.add(as_float32_rows(rows, unit_norm))
+    if bad:
+        warn_nonfinite_rows(store, bad, "indexed as zeros")
     return faiss.index_gpu_to_cpu(work) if work is not index else index
 
 

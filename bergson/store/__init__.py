@@ -2,6 +2,7 @@
 
 from .manifest import FORMAT_VERSION, Manifest, ModuleLayout, read_manifest
 from .reader import GradientStore, load_gradients
+from .verify import VerifyReport, verify_store
 from .writer import StoreWriter
 
 __all__ = [
@@ -10,6 +11,8 @@ __all__ = [
     "Manifest",
     "ModuleLayout",
     "StoreWriter",
+    "VerifyReport",
     "load_gradients",
     "read_manifest",
+    "verify_store",
 ]

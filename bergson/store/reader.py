@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from ..errors import BergsonError
+from .integrity import check_array, open_shard
 from .legacy import is_legacy_store, open_legacy
 from .manifest import MANIFEST, Manifest, read_manifest
 from .writer import TOKENS
+
+logger = logging.getLogger(__name__)
 
 ROW_DTYPE = np.dtype([("row_id", np.int64), ("num_tokens", np.int64), ("loss", np.float32)])
 
@@ -81,13 +84,11 @@ class GradientStore:
             )
         self._parts: list[np.ndarray] = []
         metas = []
+        dtype, width = self.manifest.dtype, self.manifest.total_dim
         for shard in self.manifest.shards:
-            path = self.root / f"{shard['file']}.npy"
-            meta = self.root / f"{shard['file']}.rows.parquet"
-            if not path.is_file() or not meta.is_file():
-                raise BergsonError(f"{self.root}: shard {shard['file']} is missing; rebuild the store")
-            self._parts.append(np.load(path, mmap_mode="r"))
-            metas.append(pq.read_table(meta))
+            part, meta = open_shard(self.root, shard["file"], shard["rows"], dtype, width)
+            self._parts.append(part)
+            metas.append(meta)
         self.rows = np.zeros(sum(m.num_rows for m in metas), ROW_DTYPE)
         start = 0
         for m in metas:
@@ -95,6 +96,9 @@ class GradientStore:
                 self.rows[col][start : start + m.num_rows] = m[col].to_numpy()
             start += m.num_rows
         self._shard_starts = np.cumsum([0] + [p.shape[0] for p in self._parts])
+        if self.manifest.per_token:
+            self._check_token_files()
+        warn_nonfinite(self)
 
     @property
     def has_tokens(self) -> bool:
@@ -107,21 +111,23 @@ class GradientStore:
         if not self.has_tokens:
             raise BergsonError(f"{self.root} has no token rows; rebuild it with --per_token")
         if self._token_parts is None:
-            parts = []
-            for shard in self.manifest.shards:
-                path = self.root / f"{shard['file']}{TOKENS}"
-                if not path.is_file():
-                    raise BergsonError(
-                        f"{self.root}: token rows of shard {shard['file']} are missing; rebuild"
-                    )
-                parts.append(np.load(path, mmap_mode="r"))
-            self._token_parts = parts
+            self._token_parts = [
+                np.load(self.root / f"{shard['file']}{TOKENS}", mmap_mode="r", allow_pickle=False)
+                for shard in self.manifest.shards
+            ]
         index = int(index)
         s = int(np.searchsorted(self._shard_starts, index, side="right")) - 1
         first = int(self._shard_starts[s])
         counts = self.rows["num_tokens"][first : index + 1]
         stop = int(counts.sum())
         return self._token_parts[s][stop - int(counts[-1]) : stop]
+
+    def _check_token_files(self) -> None:
+        """Each shard's token rows: as many as its rows' tokens, of the store's width and dtype."""
+        for shard, start, stop in zip(self.manifest.shards, self._shard_starts, self._shard_starts[1:]):
+            count = int(self.rows["num_tokens"][start:stop].sum())
+            path = self.root / f"{shard['file']}{TOKENS}"
+            check_array(path, self.manifest.dtype, self.manifest.total_dim, count)
 
     @property
     def is_legacy(self) -> bool:
@@ -180,6 +186,33 @@ class GradientStore:
             for s in range(0, part.shape[0], block_rows):
                 yield start + s, np.asarray(part[s : s + block_rows])
             start += part.shape[0]
+
+
+_WARNED: set[tuple[str, int]] = set()
+
+
+def warn_nonfinite(store: GradientStore) -> None:
+    """Say (once per store and process) that a store holds rows whose vectors were not finite when
+    written and are stored as zeros."""
+    record = store.manifest.nonfinite
+    if not record or not record.get("count"):
+        return
+    key = (str(store.root.resolve()), int(record["count"]))
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    ids = record.get("row_ids", [])
+    more = ", ..." if record["count"] > len(ids[:10]) else ""
+    logger.warning(
+        "%s: %d rows had non-finite gradients (NaN or inf) when written and are stored as zeros "
+        "(dataset rows %s%s): they score 0 against every query; rebuild with --precision fp32 to "
+        "recompute them, and see `bergson verify %s`",
+        store.root,
+        record["count"],
+        ", ".join(map(str, ids[:10])),
+        more,
+        store.root,
+    )
 
 
 def load_gradients(root: str | Path) -> GradientStore:

@@ -8,12 +8,15 @@ both through a temporary name, fsync and rename; a shard is complete exactly whe
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
 import os
 import shutil
 from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +25,8 @@ import pyarrow.parquet as pq
 from ..core.files import atomic_write_bytes, describe_difference
 from ..core.sinks import Sink
 from ..errors import BergsonError
+from .health import health_records, log_health
+from .integrity import SHARD_META, npy_header, read_rows_table, sha256_file, shard_record
 from .manifest import (
     MANIFEST,
     Manifest,
@@ -57,14 +62,22 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _parquet_bytes(row_id: np.ndarray, num_tokens: np.ndarray, loss: np.ndarray) -> bytes:
+def _parquet_bytes(
+    row_id: np.ndarray,
+    num_tokens: np.ndarray,
+    loss: np.ndarray,
+    norm: np.ndarray,
+    record: dict[str, Any],
+) -> bytes:
+    """The rows' metadata, with the shard's record (checksums, non-finite rows) in the schema."""
     table = pa.table(
         {
             "row_id": pa.array(row_id, pa.int64()),
             "num_tokens": pa.array(num_tokens, pa.int64()),
             "loss": pa.array(loss, pa.float32()),
+            "norm": pa.array(norm, pa.float32()),
         }
-    )
+    ).replace_schema_metadata({SHARD_META: json.dumps(record).encode()})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
@@ -117,6 +130,8 @@ class StoreWriter(Sink):
         self._tokens: np.ndarray | None = None
         self._loss: np.ndarray | None = None
         self._filled: np.ndarray | None = None
+        self._norm: np.ndarray | None = None
+        self._nonfinite: list[int] = []
         self._token_rows: dict[int, np.ndarray] = {}
 
     @classmethod
@@ -212,6 +227,8 @@ class StoreWriter(Sink):
         self._tokens = np.zeros(n, np.int64)
         self._loss = np.zeros(n, np.float32)
         self._filled = np.zeros(n, bool)
+        self._norm = np.zeros(n, np.float32)
+        self._nonfinite = []
         self._token_rows = {}
 
     def write(self, row_ids, vectors, num_tokens, losses, tokens=None) -> None:  # types: Sink.write
@@ -220,15 +237,21 @@ class StoreWriter(Sink):
         None means zeros)."""
         assert self._rows is not None and self._buf is not None
         assert self._tokens is not None and self._loss is not None and self._filled is not None
+        assert self._norm is not None
         local = np.asarray(row_ids) - self._rows.start
-        if not np.isfinite(vectors).all():
-            bad = np.asarray(row_ids)[~np.isfinite(vectors).all(axis=1)]
-            raise BergsonError(
-                f"non-finite gradients for dataset rows {bad[:5].tolist()}; the model's loss overflowed "
-                "(try --precision fp32)"
+        vectors = np.asarray(vectors)
+        bad: np.ndarray = np.asarray(~np.isfinite(vectors).all(axis=1), bool)
+        if self.manifest.per_token and tokens is not None:
+            bad |= np.array(
+                [not np.isfinite(tokens[b, : int(num_tokens[b])]).all() for b in range(len(local))], bool
             )
+        if bad.any():
+            # never a NaN in the store: the row is stored as zeros and listed (finalize warns)
+            self._nonfinite += np.asarray(row_ids)[bad].tolist()
+            vectors = np.where(bad[:, None], 0.0, vectors)
         if self.aggregate:
             self._buf[0] += vectors.astype(np.float64).sum(axis=0)
+            self._norm[local] = np.linalg.norm(vectors.astype(np.float64), axis=1)
         else:
             cast = vectors.astype(self._buf.dtype)
             if not np.isfinite(cast).all():
@@ -236,10 +259,14 @@ class StoreWriter(Sink):
                     f"gradient values exceed the {self._buf.dtype} range; pass --save_dtype float32"
                 )
             self._buf[local] = cast
+            self._norm[local] = np.linalg.norm(cast.astype(np.float64), axis=1)
         if self.manifest.per_token and not self.aggregate:
             for b, i in enumerate(local):
                 n = int(num_tokens[b])
-                rows = np.zeros((n, self._buf.shape[1])) if tokens is None else tokens[b, :n]
+                if tokens is not None and not bad[b]:
+                    rows = tokens[b, :n]
+                else:  # no token rows given, or a non-finite row: zeros
+                    rows = np.zeros((n, self._buf.shape[1]))
                 cast = rows.astype(self._buf.dtype)
                 if not np.isfinite(cast).all():
                     raise BergsonError(
@@ -257,17 +284,33 @@ class StoreWriter(Sink):
         if not self._filled.all():
             missing = np.flatnonzero(~self._filled)[:5] + self._rows.start
             raise RuntimeError(f"shard {index} is missing rows {missing.tolist()}")
+        assert self._norm is not None
         base = self.root / shard_name(index)
         row_ids = np.arange(self._rows.start, self._rows.stop)
+        vectors = _npy_bytes(self._buf)
+        record: dict[str, Any] = {
+            "sha256": {"npy": hashlib.sha256(vectors).hexdigest()},
+            "nonfinite_rows": sorted(self._nonfinite),
+        }
         if self.manifest.per_token and not self.aggregate:
             parts = [self._token_rows[i] for i in range(len(row_ids))]
             empty = np.zeros((0, self._buf.shape[1]), self._buf.dtype)
-            atomic_write_bytes(base.with_suffix(TOKENS), _npy_bytes(np.concatenate([empty, *parts])))
+            token_bytes = _npy_bytes(np.concatenate([empty, *parts]))
+            record["sha256"]["tokens.npy"] = hashlib.sha256(token_bytes).hexdigest()
+            atomic_write_bytes(base.with_suffix(TOKENS), token_bytes)
             self._token_rows = {}
+        if self._nonfinite:
+            logger.warning(
+                "shard %d: %d rows had non-finite values (NaN or inf) and are stored as zeros: dataset rows %s",
+                index,
+                len(self._nonfinite),
+                self._nonfinite[:10],
+            )
         atomic_write_bytes(
-            base.with_suffix(".rows.parquet"), _parquet_bytes(row_ids, self._tokens, self._loss)
+            base.with_suffix(".rows.parquet"),
+            _parquet_bytes(row_ids, self._tokens, self._loss, self._norm, record),
         )
-        atomic_write_bytes(base.with_suffix(".npy"), _npy_bytes(self._buf))
+        atomic_write_bytes(base.with_suffix(".npy"), vectors)
         self._rows = self._buf = None
 
     # ---------------------------------------------------------------- finish
@@ -283,35 +326,54 @@ class StoreWriter(Sink):
                 f"{self.root}: {len(missing)} of {num_shards} shards are missing ({shown}); "
                 "rerunning the same command resumes: it computes only the missing shards"
             )
+        tables = [read_rows_table(self.root / f"{s}.rows.parquet") for s in shards]
+        self.manifest.nonfinite, self.manifest.norms = health_records(
+            self.root, shards, tables, self.manifest.kind
+        )
         if self.aggregate:
-            total = np.zeros(self.manifest.total_dim, np.float64)
-            tokens, losses, count = 0, [], 0
-            for s in shards:
-                total += np.load(self.root / f"{s}.npy")[0]
-                meta = pq.read_table(self.root / f"{s}.rows.parquet")
-                tokens += int(meta["num_tokens"].to_numpy().sum())
-                losses.append(meta["loss"].to_numpy())
-                count += meta.num_rows
-            if self.manifest.aggregation == "mean" and count:
-                total /= count
-            vec = total.astype(self.manifest.dtype)[None]
-            loss = float(np.concatenate(losses).mean()) if count else 0.0
-            atomic_write_bytes(
-                self.root / "aggregate.rows.parquet",
-                _parquet_bytes(np.array([-1]), np.array([tokens]), np.array([loss], np.float32)),
-            )
-            atomic_write_bytes(self.root / AGGREGATE, _npy_bytes(vec))
-            self.manifest.shards = [{"file": "aggregate", "rows": 1, "source_rows": count}]
-            self.manifest.num_rows = 1
+            self._write_aggregate(shards, tables)
         else:
-            self.manifest.shards = [
-                {"file": s, "rows": int(np.load(self.root / f"{s}.npy", mmap_mode="r").shape[0])}
-                for s in shards
-            ]
+            self.manifest.shards = [self._shard_entry(s, t) for s, t in zip(shards, tables)]
+        log_health(self.root, self.manifest)
         self.manifest.status = "complete"
         write_manifest(self.root, self.manifest)
         self.complete = True
         return self.manifest
+
+    def _shard_entry(self, name: str, table: Any) -> dict[str, Any]:
+        """A completed shard's manifest entry: its rows and the checksums of its files (none for a
+        shard written before checksums were recorded)."""
+        shape, _, _ = npy_header(self.root / f"{name}.npy")
+        entry: dict[str, Any] = {"file": name, "rows": int(shape[0])}
+        sums = shard_record(table).get("sha256")
+        if sums:
+            entry["sha256"] = {**sums, "rows.parquet": sha256_file(self.root / f"{name}.rows.parquet")}
+        return entry
+
+    def _write_aggregate(self, shards: list[str], tables: list[Any]) -> None:
+        """Combine the shards' sums into ``aggregate.npy`` (a mean over the rows for ``mean``)."""
+        total = np.zeros(self.manifest.total_dim, np.float64)
+        tokens, losses, count = 0, [], 0
+        for s, meta in zip(shards, tables):
+            total += np.load(self.root / f"{s}.npy", allow_pickle=False)[0]
+            tokens += int(meta["num_tokens"].to_numpy().sum())
+            losses.append(meta["loss"].to_numpy())
+            count += meta.num_rows
+        if self.manifest.aggregation == "mean" and count:
+            total /= count
+        vec = total.astype(self.manifest.dtype)[None]
+        loss = float(np.concatenate(losses).mean()) if count else 0.0
+        vec_bytes = _npy_bytes(vec)
+        norm = np.linalg.norm(vec.astype(np.float64), axis=1)
+        record = {"sha256": {"npy": hashlib.sha256(vec_bytes).hexdigest()}, "nonfinite_rows": []}
+        rows_bytes = _parquet_bytes(
+            np.array([-1]), np.array([tokens]), np.array([loss], np.float32), norm, record
+        )
+        atomic_write_bytes(self.root / "aggregate.rows.parquet", rows_bytes)
+        atomic_write_bytes(self.root / AGGREGATE, vec_bytes)
+        sums = {**record["sha256"], "rows.parquet": hashlib.sha256(rows_bytes).hexdigest()}
+        self.manifest.shards = [{"file": "aggregate", "rows": 1, "source_rows": count, "sha256": sums}]
+        self.manifest.num_rows = 1
 
 
 @contextlib.contextmanager

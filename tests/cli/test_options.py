@@ -236,6 +236,10 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
             ([a["legacy"], new(), "--model", a["model"], "--overwrite"], None),
             ([missing, new()], "no info.json and gradients.bin"),
         ],
+        "verify": [
+            ([a["store"]], None),
+            ([missing], "not a bergson store"),
+        ],
         "test_model_configuration": [
             ([*m, *loading, *d, "--num_documents", "2", "--projection_dim", "4", "--tolerance", "0.01",
               "--modules", "gpt_neox.layers.0.*", "--output", str(tmp / "tmc.json")], None),
@@ -339,7 +343,7 @@ def test_original_spellings_set_the_options_they_name(command):
     values = {bool: [], int: ["2"], float: ["2.5"]}
     cases = [(key, alias.to) for key, alias in ALIASES.items() if alias.to in ours and alias.values is None]
     cases += [(f"index_cfg.{f}", f) for f in sorted(ours) if hints.get(f) is bool][:2]
-    assert cases or command in ("report", "validate")
+    assert cases or command in ("report", "validate", "verify")  # verify has only a positional
     for theirs, mine in cases:
         if hints.get(mine) not in values:
             continue
