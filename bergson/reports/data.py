@@ -85,8 +85,23 @@ def manifest_summary(manifest: Manifest, store: str) -> dict[str, Any]:
         "unit_normalize": manifest.unit_normalize or bool(score.get("unit_normalize")),
         "per_token": manifest.per_token,
         "orientation": score.get("orientation", SCORE_ORIENTATION),
+        "non-finite rows": _rows_note(manifest.nonfinite, "stored as zeros"),
+        "norm outliers": _rows_note(
+            (manifest.norms or {}).get("outliers"),
+            f"norm above {(manifest.norms or {}).get('outlier_factor')}x the median "
+            f"{(manifest.norms or {}).get('median', 0):.4g}",
+        ),
     }
     return {k: v for k, v in summary.items() if v is not None}
+
+
+def _rows_note(record: dict[str, Any] | None, what: str) -> str | None:
+    """'N rows (what): dataset rows i, j, ...' for a manifest's list of flagged rows (None when none)."""
+    if not record or not record.get("count"):
+        return None
+    ids = list(record.get("row_ids") or [])
+    shown = ", ".join(map(str, ids[:10])) + (", ..." if record["count"] > len(ids[:10]) else "")
+    return f"{record['count']} rows ({what}): dataset rows {shown}"
 
 
 def manifest_entry(manifest: Manifest, store: str) -> dict[str, Any]:

@@ -189,6 +189,12 @@ def test_nonfinite_rows_are_stored_as_zeros_listed_and_said(tmp_path, caplog, mo
     np.testing.assert_array_equal(values[keep], array[keep].astype(np.float32))
     report = verify_store(tmp_path / "s")
     assert report.ok and any("2 rows had non-finite values when written" in n for n in report.notes)
+    from bergson.reports.data import manifest_summary
+
+    assert (
+        manifest_summary(store.manifest, "s")["non-finite rows"]
+        == "2 rows (stored as zeros): dataset rows 5, 20"
+    )
 
 
 def test_a_nonfinite_row_of_an_older_store_is_never_ranked_and_is_named(stores, tmp_path, caplog):
@@ -234,6 +240,12 @@ def test_norm_outliers_are_recorded_against_the_median(tmp_path, caplog):
         np.concatenate([np.load(tmp_path / f"s/shards/{i:05d}.npy").astype(np.float64) for i in range(3)]),
         np.asarray(store.all),
     )
+    # the report's summary of the store says so too
+    from bergson.reports.data import manifest_summary
+
+    note = manifest_summary(store.manifest, "s")["norm outliers"]
+    assert note.startswith("1 rows (norm above 10") and note.endswith("dataset rows 11")
+    assert "non-finite rows" not in manifest_summary(store.manifest, "s")
 
 
 def test_per_token_stores_zero_nonfinite_token_rows_and_check_their_file(stores, tmp_path):
