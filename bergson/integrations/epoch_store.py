@@ -108,12 +108,15 @@ class EpochStore:
                 "epoch (samplers that repeat rows are not supported)"
             )
         cast_vectors = vectors.astype(np.float32)
-        if not np.isfinite(cast_vectors).all():
+        finite = np.isfinite(vectors).all(
+            1
+        )  # the others: a skipped overflow step, zeroed and listed by the writer
+        if not np.isfinite(cast_vectors[finite]).all():
             raise callback_error(
-                f"gradient values of dataset rows {rows[:5].tolist()} exceed the float32 range"
+                f"gradient values of dataset rows {rows[finite][:5].tolist()} exceed the float32 range"
             )
-        if cast_vectors.size:
-            self.largest = max(self.largest, float(np.abs(cast_vectors).max()))
+        if finite.any():
+            self.largest = max(self.largest, float(np.abs(cast_vectors[finite]).max(initial=0.0)))
         self.vectors[rows] = cast_vectors
         self.num_tokens[rows] = num_tokens
         self.loss[rows] = loss
@@ -163,7 +166,8 @@ class EpochStore:
                 vectors = distributed.recv_array(src)
                 part = keep[a : a + chunk]
                 self.vectors[rows[a : a + chunk][part]] = vectors[part]
-                self.largest = max(self.largest, float(np.abs(vectors[part]).max(initial=0.0)))
+                sent = np.abs(vectors[part])
+                self.largest = max(self.largest, float(sent[np.isfinite(sent)].max(initial=0.0)))
         self.seen = self.counts > 0
         self.order = [(rows, step, micro, z) for step, micro, _, rows, z in entries]
         self.steps = {step for _, step, _, _ in self.order}

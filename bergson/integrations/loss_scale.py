@@ -200,8 +200,9 @@ class MicroBatch:
     def unscaled(self) -> tuple[np.ndarray, np.ndarray]:
         """The rows' vectors divided by c (float64) and their summed cross-entropies (float32).
 
-        Rows without labels, without weight in the trainer's loss or with non-finite gradients
-        (a loss-scaler overflow, a step the trainer skips) get a zero vector and loss 0. Raises
+        Rows without labels or without weight in the trainer's loss get a zero vector and loss 0;
+        rows with non-finite gradients (a loss-scaler overflow, a step the trainer skips) get a NaN
+        vector, which the store writer stores as zeros and lists in the manifest. Raises
         when the gradient reaching the logits is not a multiple of dS/dz."""
         if not self.forward_done or self.has_targets is None:
             raise callback_error(
@@ -234,7 +235,7 @@ class MicroBatch:
         if bool((self.has_targets & ~finite).any()):
             logger.warning(
                 "step %d: non-finite gradients (a loss-scaler overflow; the trainer skips this step); rows %s "
-                "get zero vectors",
+                "are stored as zeros and listed in the epoch store's manifest (nonfinite)",
                 self.step,
                 self.rows[(self.has_targets & ~finite).cpu().numpy()].tolist(),
             )
@@ -246,6 +247,7 @@ class MicroBatch:
         vectors = torch.where(
             usable[:, None], self.buffer.double() / safe[:, None], torch.zeros((), dtype=torch.float64)
         )
+        vectors[self.has_targets & ~finite] = float("nan")  # the writer zeroes and records them
         loss = torch.zeros_like(scale) if self.loss is None else self.loss.to(scale.device)
         loss = torch.where(usable, loss, torch.zeros_like(loss))
         if logger.isEnabledFor(logging.DEBUG):

@@ -297,3 +297,25 @@ def test_existing_stores_need_overwrite(run):
     prepare_for_gradient_collection(trainer)
     with pytest.raises(BergsonError, match="overwrite=True"):
         trainer.train()
+
+
+def test_a_skipped_overflow_step_is_stored_as_zeros_and_listed(tmp_path):
+    """Rows whose gradients were not finite (a half-precision loss-scaler overflow: the trainer skips
+    that step) reach the epoch store as NaN and are written as zeros, listed in the manifest."""
+    from dataclasses import replace
+
+    from bergson.integrations.epoch_store import EpochStore
+    from tests.helpers.stores import synthetic_store
+
+    base = synthetic_store(tmp_path / "base", np.ones((4, 3)), dtype="float32").manifest
+    manifest = replace(base, status="in_progress", shards=[], nonfinite=None, norms=None)
+    epoch = EpochStore(tmp_path / "epoch", manifest, num_rows=4, epoch=0, shard_size=4, auto_dtype=True)
+    vectors = np.arange(12, dtype=np.float64).reshape(4, 3) + 1
+    vectors[2] = np.nan
+    epoch.add(np.arange(4), vectors, np.full(4, 5), np.ones(4, np.float32), 0, 0, False)
+    epoch.close({}, None, None, write_order=False)
+    store = load_gradients(tmp_path / "epoch")
+    assert store.manifest.nonfinite is not None and store.manifest.nonfinite["row_ids"] == [2]
+    got = np.asarray(store.all)
+    np.testing.assert_array_equal(got[2], 0.0)
+    np.testing.assert_array_equal(got[[0, 1, 3]], vectors[[0, 1, 3]])
