@@ -124,18 +124,19 @@ class _Pipeline:
 
     def remove(self, names: tuple[str, ...], why: str) -> None:
         """Delete steps' outputs that no later step reads (rank 0), saying so and recording the
-        bytes freed (``deleted_bytes`` in timings.json)."""
+        bytes freed (``deleted_<step>_bytes`` in timings.json)."""
 
         def remove() -> None:
             start = time.perf_counter()
-            deleted = dict(self.run_dir.timings.get("deleted_bytes") or {})
+            deleted = {}
             for name in names:
                 path = self.root / name
                 if path.exists():
-                    deleted[name] = disk_bytes(path)
+                    deleted[f"deleted_{name}_bytes"] = size = disk_bytes(path)
                     shutil.rmtree(path)
-                    logger.info("trackstar: deleted %s/ (%s): %s", name, megabytes(deleted[name]), why)
-            self.run_dir.record("cleanup", start, deleted_bytes=deleted)
+                    logger.info("trackstar: deleted %s/ (%s): %s", name, megabytes(size), why)
+            if deleted:
+                self.run_dir.record("cleanup", start, **deleted)
 
         distributed.on_rank_zero(remove, "deleting statistics no later step reads")
 
@@ -237,8 +238,9 @@ def write_summary(cfg: TrackstarConfig, scores: GradientStore, timings: Mapping[
         "Disk use: "
         + ", ".join(f"{k}/ {megabytes(timings[f'{k}_bytes'])}" for k in STEPS if f"{k}_bytes" in timings)
         + "".join(
-            f"; deleted {k}/ ({megabytes(v)}) once mixed/ was complete"
-            for k, v in (timings.get("deleted_bytes") or {}).items()
+            f"; deleted {k}/ ({megabytes(timings[f'deleted_{k}_bytes'])}) once mixed/ was complete"
+            for k in STEPS
+            if f"deleted_{k}_bytes" in timings
         ),
         "",
     ]

@@ -169,7 +169,7 @@ def magic(cfg: MagicConfig) -> Any:
         if done.is_file():
             grads.append(np.load(done))
             if run.writes:
-                _delete(progress, timings, "column done")  # a run killed before it deleted it
+                _delete(progress, f"reverse_{j}_progress", timings, "column done")  # killed before
             continue
         start = time.perf_counter()
         cot = query_gradient(model, final.params, qdocs.select(rows), pad)
@@ -187,14 +187,14 @@ def magic(cfg: MagicConfig) -> Any:
             peak_states_in_memory=result.peak_states_in_memory,
             **{f"reverse_{j}_bytes": done.stat().st_size},
         )
-        _delete(progress, timings, f"column {j} is done")
+        _delete(progress, f"reverse_{j}_progress", timings, f"column {j} is done")
     token_scores = -np.stack(grads, 1)  # positive: up-weighting the token lowers the query loss
 
     def finish() -> None:
+        start = time.perf_counter()
         _save_scores(cfg, root / "scores", model, replay, token_scores, run.total)
         for name in SCRATCH:
-            _delete(root / name, timings, "the scores store is written: no resume reads it")
-        start = time.perf_counter()
+            _delete(root / name, name, timings, "the scores store is written: no resume reads it")
         timings.record(
             "scores_s", start, scores_bytes=disk_bytes(root / "scores"), run_bytes=disk_bytes(root)
         )
@@ -208,20 +208,19 @@ def magic(cfg: MagicConfig) -> Any:
     return _load_scores(root)
 
 
-def _delete(path: Path, timings: Any, why: str) -> None:
-    """Delete a file or directory a resume no longer reads, saying so and adding its bytes to
-    ``deleted_bytes`` in timings.json."""
+def _delete(path: Path, label: str, timings: Any, why: str) -> None:
+    """Delete a file or directory a resume no longer reads, saying so and recording its bytes
+    as ``deleted_<label>_bytes`` in timings.json."""
     if not path.exists():
         return
+    start = time.perf_counter()
     size = disk_bytes(path)
     if path.is_dir():
         shutil.rmtree(path)
     else:
         path.unlink()
     logger.info("magic: deleted %s (%s): %s", path.name, megabytes(size), why)
-    deleted = dict(timings.get("deleted_bytes") or {})
-    deleted[path.name] = size
-    timings.record("cleanup_s", time.perf_counter(), deleted_bytes=deleted)
+    timings.record("cleanup_s", start, **{f"deleted_{label}_bytes": size})  # the last deletion's seconds
 
 
 def _save_scores(
