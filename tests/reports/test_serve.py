@@ -368,3 +368,35 @@ def test_fifty_concurrent_queries_are_queued_or_told_to_retry(server, max_waitin
             assert headers["retry-after"].isdigit() and "busy" in json.loads(body)["error"]
         else:
             assert json.loads(body)["query"]["text"] == TEXT
+
+
+def test_host_names_a_wildcard_server_accepts():
+    """Bound to every address, the server is reached by any of its IP addresses or its name; a
+    domain name that is not the machine's is still refused (DNS rebinding needs a name)."""
+    from types import SimpleNamespace
+
+    from bergson.reports.serve import LiveServer, split_host
+
+    assert split_host("LocalHost.:80") == ("localhost", 80)
+    assert split_host("[::1]:8000") == ("::1", 8000)
+    for bad in ("[::1", "[::1]x", "a:b", "host:123456", "user@host", "a/b"):
+        with pytest.raises(ValueError):
+            split_host(bad)
+    wildcard = SimpleNamespace(
+        host_names={"localhost", "127.0.0.1", "::1", "0.0.0.0", "mybox"},
+        any_address=True,
+        server_address=("0.0.0.0", 8000),
+    )
+    loopback = SimpleNamespace(
+        host_names={"localhost", "127.0.0.1", "::1"}, any_address=False, server_address=("127.0.0.1", 8000)
+    )
+    for name, port, on_wildcard, on_loopback in [
+        ("10.1.2.3", 8000, True, False),
+        ("::ffff:10.1.2.3", None, True, False),
+        ("mybox", 8000, True, False),
+        ("localhost", 8000, True, True),
+        ("attacker.example", 8000, False, False),
+        ("10.1.2.3", 9000, False, False),
+    ]:
+        assert LiveServer.allows_host(wildcard, name, port) is on_wildcard, name  # type: ignore[arg-type]
+        assert LiveServer.allows_host(loopback, name, port) is on_loopback, name  # type: ignore[arg-type]
