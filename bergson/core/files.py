@@ -38,3 +38,15 @@ def describe_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = 
             else:
                 diffs.append(f"{name}: {a!r} != {b!r}")
     return diffs
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (or of the file itself; 0 when it does not exist)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def megabytes(n: int) -> str:
+    """``n`` bytes for a reader: '12.34 MB', or '532 B' below 10 kB."""
+    return f"{n / 1e6:.2f} MB" if n >= 10_000 else f"{n} B"

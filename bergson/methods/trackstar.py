@@ -5,29 +5,39 @@ optimizer-normalized, projected gradients, both multiplied by H^{-1/2}, where H 
 the second moments of the query set and of the training set so that only the top few
 query components are down-weighted (see :mod:`bergson.transforms.preconditioners`).
 
-Steps (each skipped when its output is complete, so a killed run resumes where it stopped):
+Steps (each skipped when its output is complete, or when every step that reads it is, so a
+killed run resumes where it stopped):
 
     train_stats/   second moment of a sample of the training set's gradient vectors
     query/         gradient store of the query set (normalized, projected)
-    query_stats/   second moment of the query vectors
+    query_stats/   second moment of the query vectors (skipped with --downweight_components 0)
     mixed/         the task-specific mixture of the two (skipped with --downweight_components 0)
     scores/        a scores store: one column per query, one row per training document
     summary.md     the top-k training documents of every query, readable; top_k.jsonl the same as data
+
+The statistics are d x d per module (d = projection_dim squared), so they, not the scores,
+fill the disk: they are stored in float32 (the maths stays float64), and train_stats/ and
+query_stats/ are deleted once mixed/ is complete (only the mix reads them; mixed/ records
+their sha256 and mixing weights). mixed/ stays: it is the preconditioner the scores used.
+Every step's disk use is logged and recorded in timings.json and summary.md.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import distributed
 from ..config import DataConfig, IndexConfig, ScoreConfig, TrackstarConfig, options_of, to_dict
-from ..core.files import atomic_write_bytes
+from ..core.files import atomic_write_bytes, disk_bytes, megabytes
 from ..data import TokenizedDocs, load_data
 from ..errors import BergsonError
 from ..models import find_tracked_modules, honours_numerics, load_model
@@ -53,6 +63,9 @@ logger = logging.getLogger(__name__)
 
 STEPS = ("train_stats", "query", "query_stats", "mixed", "scores", "summary")
 CONFIG_FILE = "trackstar.yaml"
+STATS_DTYPE = torch.float32
+"""How the statistics are stored: float64 changes scores by ~1e-7 (tests/methods/test_trackstar.py)."""
+STEP_OUTPUTS = {"summary": ("summary.md", "top_k.jsonl")}
 
 
 def _index_options(cfg: TrackstarConfig, **changes: Any) -> IndexConfig:
@@ -93,7 +106,8 @@ class _Pipeline:
 
     def step(self, name: str, done: bool, fn: Callable[[], None]) -> None:
         """Run a step unless rank 0 finds it complete; every rank runs it (the collection passes
-        split their work over the ranks; the rest happens on rank 0 while the others wait)."""
+        split their work over the ranks; the rest happens on rank 0 while the others wait).
+        Logs and records (``<step>_bytes`` in timings.json) the disk use of its output."""
         if distributed.broadcast(done):
             logger.info("trackstar: %s is complete; skipping", name)
             return
@@ -101,7 +115,30 @@ class _Pipeline:
         start = time.perf_counter()
         fn()
         distributed.barrier(f"the end of trackstar's {name} step")
-        self.run_dir.record(name, start)
+        size = sum(disk_bytes(self.root / out) for out in STEP_OUTPUTS.get(name, (name,)))
+        self.run_dir.record(name, start, **{f"{name}_bytes": size})
+        logger.info(
+            "trackstar: %s done in %.1f s; %s on disk (the run directory: %s)",
+            name, self.run_dir.timings.get(name, 0.0), megabytes(size), megabytes(disk_bytes(self.root)),
+        )  # fmt: skip
+
+    def remove(self, names: tuple[str, ...], why: str) -> None:
+        """Delete steps' outputs that no later step reads (rank 0), saying so and recording the
+        bytes freed (``deleted_<step>_bytes`` in timings.json)."""
+
+        def remove() -> None:
+            start = time.perf_counter()
+            deleted = {}
+            for name in names:
+                path = self.root / name
+                if path.exists():
+                    deleted[f"deleted_{name}_bytes"] = size = disk_bytes(path)
+                    shutil.rmtree(path)
+                    logger.info("trackstar: deleted %s/ (%s): %s", name, megabytes(size), why)
+            if deleted:
+                self.run_dir.record("cleanup", start, **deleted)
+
+        distributed.on_rank_zero(remove, "deleting statistics no later step reads")
 
     # ------------------------------------------------------------------ steps
     def fit(self, docs: TokenizedDocs, source: dict[str, Any]) -> Preconditioner:
@@ -123,7 +160,9 @@ class _Pipeline:
         sample, _ = subsample(self.docs, self.cfg.stats_documents, self.cfg.sample_seed)
         source = {**to_dict(self.cfg.data), "documents": len(sample), "sample_seed": self.cfg.sample_seed}
         pre = self.fit(sample, source)  # summed over the ranks
-        distributed.on_rank_zero(lambda: pre.save(self.root / "train_stats"), "saving train_stats")
+        distributed.on_rank_zero(
+            lambda: pre.save(self.root / "train_stats", STATS_DTYPE), "saving train_stats"
+        )
 
     def query(self) -> None:
         qcfg = _index_options(self.cfg, run_path=str(self.root / "query"), data=self.cfg.query)
@@ -144,13 +183,14 @@ class _Pipeline:
             damping=self.cfg.damping,
             damping_mode=self.cfg.damping_mode,
             source={"index": str(store.root), "rows": len(store)},
-        ).save(self.root / "query_stats")
+        ).save(self.root / "query_stats", STATS_DTYPE)
 
     def mixed(self) -> None:
         def mix() -> None:
             train = load_preconditioner(self.root / "train_stats")
             query = load_preconditioner(self.root / "query_stats")
-            mix_preconditioners(train, query, self.cfg.downweight_components).save(self.root / "mixed")
+            mixed = mix_preconditioners(train, query, self.cfg.downweight_components)
+            mixed.save(self.root / "mixed", STATS_DTYPE)
 
         distributed.on_rank_zero(mix, "mixing the preconditioners")
 
@@ -180,7 +220,7 @@ class _Pipeline:
         )
 
 
-def write_summary(cfg: TrackstarConfig, scores: GradientStore, timings: Mapping[str, float]) -> None:
+def write_summary(cfg: TrackstarConfig, scores: GradientStore, timings: Mapping[str, Any]) -> None:
     """``summary.md`` (readable) and ``top_k.jsonl`` (one line per query and rank)."""
     root = Path(cfg.run_path)
     train_texts = _texts(cfg.data, "--dataset")
@@ -193,7 +233,15 @@ def write_summary(cfg: TrackstarConfig, scores: GradientStore, timings: Mapping[
         f"Scores are the {kind} of preconditioned, normalized gradients; positive means training on the "
         "document lowers the query's loss.",
         "",
-        "Step wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
+        "Step wall times (s): " + ", ".join(f"{k} {timings[k]:.1f}" for k in STEPS if k in timings),
+        "",
+        "Disk use: "
+        + ", ".join(f"{k}/ {megabytes(timings[f'{k}_bytes'])}" for k in STEPS if f"{k}_bytes" in timings)
+        + "".join(
+            f"; deleted {k}/ ({megabytes(timings[f'deleted_{k}_bytes'])}) once mixed/ was complete"
+            for k in STEPS
+            if f"deleted_{k}_bytes" in timings
+        ),
         "",
     ]
     records = []
@@ -215,6 +263,7 @@ def trackstar(cfg: TrackstarConfig, normalizers: Mapping[str, Normalizer] | None
     """Run (or resume) the TrackStar pipeline; returns the scores store. On several workers
     (``--nproc_per_node`` or torchrun) the statistics, query and scores passes split their
     shards over the ranks; rank 0 fits and mixes the preconditioners and writes the summary."""
+    started = time.perf_counter()
     validate_index_config(cfg)
     if cfg.downweight_components < 0:
         raise BergsonError(f"--downweight_components {cfg.downweight_components}: must be >= 0")
@@ -232,13 +281,26 @@ def trackstar(cfg: TrackstarConfig, normalizers: Mapping[str, Normalizer] | None
     root = run_dir.root
 
     run = _Pipeline(cfg, normalizers, run_dir)
-    run.step("train_stats", is_complete(root / "train_stats"), run.train_stats)
+    # a step is done when its output is complete or every step that reads it is done (the
+    # statistics that only the mix reads are deleted once mixed/ is complete)
+    mixing = cfg.downweight_components > 0
+    scores_done = _store_complete(root / "scores")
+    mixed_done = mixing and (scores_done or is_complete(root / "mixed"))
+    run.step("train_stats", is_complete(root / "train_stats") or mixed_done or scores_done, run.train_stats)
     run.step("query", _store_complete(root / "query"), run.query)
-    run.step("query_stats", is_complete(root / "query_stats"), run.query_stats)
-    if cfg.downweight_components > 0:
-        run.step("mixed", is_complete(root / "mixed"), run.mixed)
-    run.step("scores", _store_complete(root / "scores"), run.scores)
+    if mixing:
+        run.step("query_stats", is_complete(root / "query_stats") or mixed_done, run.query_stats)
+        run.step("mixed", mixed_done, run.mixed)
+        run.remove(("train_stats", "query_stats"), "only the mix reads it, and mixed/ is complete")
+    else:
+        logger.info(
+            "trackstar: no query_stats or mixed step: --downweight_components 0 uses train_stats alone"
+        )
+    run.step("scores", scores_done, run.scores)
     run.step("summary", False, run.summary)
+    total = disk_bytes(root)
+    run_dir.record("total", started, run_bytes=total)  # this invocation's seconds, the directory's bytes
+    logger.info("trackstar: the run directory %s holds %s", root, megabytes(total))
     return load_gradients(root / "scores")
 
 

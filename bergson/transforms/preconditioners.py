@@ -227,17 +227,24 @@ class Preconditioner:
         }
 
     # ------------------------------------------------------------------ disk
-    def save(self, path: str | Path) -> Path:
-        """Write the directory (tensors first, then the JSON that marks it complete)."""
+    def save(self, path: str | Path, dtype: torch.dtype = torch.float64) -> Path:
+        """Write the directory (tensors first, then the JSON that marks it complete). With a
+        ``dtype`` narrower than float64 the statistics are rounded to it, here and on disk, so
+        this object and the one loaded back apply the same matrices (and share one sha256)."""
         from safetensors.torch import save_file
 
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         for name in self.second_moments:
-            tensors[f"{name}/second_moment"] = self.second_moments[name].double().contiguous()
-            tensors[f"{name}/eigenvalues"] = self.eigenvalues[name].contiguous()
-            tensors[f"{name}/eigenvectors"] = self.eigenvectors[name].contiguous()
+            for kind, values in (
+                ("second_moment", self.second_moments),
+                ("eigenvalues", self.eigenvalues),
+                ("eigenvectors", self.eigenvectors),
+            ):
+                stored = values[name].to(dtype).contiguous()
+                tensors[f"{name}/{kind}"] = stored
+                values[name] = stored.double()
         tmp = root / f".{TENSORS_FILE}.tmp"
         save_file(tensors, str(tmp))
         tmp.replace(root / TENSORS_FILE)
@@ -275,7 +282,8 @@ def load_preconditioner(path: str | Path, option: str = "--preconditioner_path")
     except json.JSONDecodeError as e:
         raise BergsonError(f"{option} {path}: {META_FILE} is corrupt ({e}); fit it again") from e
     with safe_open(str(root / TENSORS_FILE), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+        # stored float64 or float32; the maths is float64 either way
+        tensors = {k: f.get_tensor(k).double() for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     names = meta["modules"]
     return Preconditioner(
         second_moments={n: tensors[f"{n}/second_moment"] for n in names},

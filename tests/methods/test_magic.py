@@ -302,3 +302,73 @@ def test_magic_and_validate_from_the_shell(tmp_path, model_dir, corpus_file):
         check=False,
     )
     assert bad.returncode != 0 and "nowhere" in bad.stderr
+
+
+def test_magic_deletes_what_a_resume_no_longer_needs(tmp_path, model_dir, corpus_file, monkeypatch):
+    """A column's progress file (a state-sized cotangent) goes once the column is done; states/
+    and reverse/ go once the scores are written. A run killed in its second column resumes to
+    the scores of an uninterrupted run, and a finished one trains nothing again."""
+    from bergson import magic
+    from bergson.config import DataConfig, MagicConfig
+    from bergson.core.files import disk_bytes
+    from bergson.methods.magic import reverse
+
+    monkeypatch.setattr(reverse, "SAVE_EVERY_S", 0.0)  # save progress after every segment
+
+    def cfg(name):
+        return MagicConfig(
+            run_path=str(tmp_path / name),
+            model=str(model_dir),
+            precision="fp32",
+            data=DataConfig(dataset=str(corpus_file), split="train[:8]", truncation=True, max_length=12),
+            query=DataConfig(dataset=str(corpus_file), split="train[20:22]", truncation=True, max_length=12),
+            training=TrainingConfig(lr=0.01, batch_size=4, epochs=1, schedule="linear", warmup_steps=1),
+            query_mode="individual",
+            checkpoints="every",  # 2 steps: segments [1, 2] then [0, 1], progress saved between
+        )
+
+    reference = magic(cfg("reference"))
+    root = tmp_path / "killed"
+    calls = {"n": 0}
+    original = MagicRun._vjp
+
+    def dies(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:  # column 1, after its first segment's progress was saved
+            raise KeyboardInterrupt
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(MagicRun, "_vjp", dies)
+    with pytest.raises(KeyboardInterrupt):
+        magic(cfg("killed"))
+    monkeypatch.setattr(MagicRun, "_vjp", original)
+    reverse_dir = root / "reverse"
+    assert (reverse_dir / "column_0.done.npy").is_file()
+    assert not (reverse_dir / "column_0.progress.safetensors").exists()
+    progress = reverse_dir / "column_1.progress.safetensors"
+    assert progress.is_file()
+    timings = json.loads((root / "timings.json").read_text())
+    state_bytes = timings["states_bytes"] / len(list((root / "states").glob("step_*.safetensors")))
+    # the deleted progress file held a cotangent of the whole state (params and Adam's slots)
+    assert timings["deleted_reverse_0_progress_bytes"] > 0.9 * state_bytes
+    assert timings["states_bytes"] == disk_bytes(root / "states") > 0
+
+    scores = magic(cfg("killed"))
+    np.testing.assert_allclose(scores["scores"], reference["scores"], rtol=1e-5, atol=1e-8)
+    assert sorted(p.name for p in root.iterdir()) == ["magic.yaml", "model", "scores", "timings.json"]
+    timings = json.loads((root / "timings.json").read_text())
+    assert {k for k in timings if k.startswith("deleted_")} == {
+        "deleted_reverse_0_progress_bytes", "deleted_reverse_1_progress_bytes", "deleted_states_bytes",
+        "deleted_reverse_bytes",
+    }  # fmt: skip
+    assert timings["deleted_states_bytes"] == timings["states_bytes"]
+    assert all(isinstance(v, (int, float)) for v in timings.values())  # flat, as benchmarks read it
+    assert timings["scores_bytes"] == disk_bytes(root / "scores") > 0
+    assert timings["model_bytes"] == disk_bytes(root / "model") > 0
+    assert 0 <= disk_bytes(root) - timings["run_bytes"] < 200  # timings.json grew by the record
+
+    def trains(*a, **kw):
+        raise AssertionError("a finished run trained again")
+
+    monkeypatch.setattr(Replay, "step", trains)
+    np.testing.assert_array_equal(magic(cfg("killed"))["scores"], scores["scores"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 from bergson import BergsonError, build, trackstar
 from bergson.config import DataConfig, IndexConfig, TrackstarConfig
+from bergson.core.files import disk_bytes
 from bergson.data import TokenizedDocs
 from bergson.methods.trackstar import _Pipeline
 from bergson.runs.documents import subsample
@@ -20,6 +22,7 @@ from tests.helpers.cli import run
 from tests.helpers.gradients import explicit_moments, unit
 
 MODEL = ASSETS / "tiny-pythia"
+trackstar_module = importlib.import_module("bergson.methods.trackstar")
 QUERIES = DataConfig(
     dataset=str(ASSETS / "queries.jsonl"),
     prompt_column="prompt",
@@ -29,6 +32,7 @@ QUERIES = DataConfig(
 
 
 def _cfg(tmp_path, corpus_file, **kw) -> TrackstarConfig:
+    defaults = dict(projection_dim=4, stats_documents=12, downweight_components=3)
     return TrackstarConfig(
         run_path=str(tmp_path / "ts"),
         model=str(MODEL),
@@ -36,10 +40,7 @@ def _cfg(tmp_path, corpus_file, **kw) -> TrackstarConfig:
         data=DataConfig(dataset=str(corpus_file), truncation=True, max_length=64),
         query=QUERIES,
         token_batch_size=512,
-        projection_dim=4,
-        stats_documents=12,
-        downweight_components=3,
-        **kw,
+        **{**defaults, **kw},
     )
 
 
@@ -62,13 +63,42 @@ def test_trackstar_matches_its_definition_and_resumes(tmp_path, corpus_file, mon
     with pytest.raises(KeyboardInterrupt):
         trackstar(cfg)
     assert is_complete(root / "mixed") and not (root / "summary.md").exists()
-    stamps = {
-        p: (root / p).stat().st_mtime_ns for p in ("train_stats/preconditioner.json", "query/manifest.json")
+    # only the mix reads the two moments: deleted once mixed/ is complete, their bytes recorded
+    timings = json.loads((root / "timings.json").read_text())
+    assert not (root / "train_stats").exists() and not (root / "query_stats").exists()
+    assert {k for k in timings if k.startswith("deleted_")} == {
+        "deleted_train_stats_bytes",
+        "deleted_query_stats_bytes",
     }
+    assert timings["deleted_train_stats_bytes"] == timings["train_stats_bytes"] > 0
+    assert timings["deleted_query_stats_bytes"] == timings["query_stats_bytes"] > 0
+    stamps = {p: (root / p).stat().st_mtime_ns for p in ("mixed/preconditioner.json", "query/manifest.json")}
     monkeypatch.undo()
+    for step in ("train_stats", "query", "query_stats", "mixed"):  # a resume must not redo them
+        monkeypatch.setattr(_Pipeline, step, killed)
     scores = trackstar(cfg)
+    monkeypatch.undo()
     assert {p: (root / p).stat().st_mtime_ns for p in stamps} == stamps  # earlier steps were not redone
-    assert set(json.loads((root / "timings.json").read_text())) >= {"train_stats", "query", "mixed", "scores"}
+    assert not (root / "train_stats").exists() and not (root / "query_stats").exists()
+    timings = json.loads((root / "timings.json").read_text())
+    assert set(timings) >= {"train_stats", "query", "mixed", "scores"}
+    assert all(isinstance(v, (int, float)) for v in timings.values())  # flat: benchmarks print them
+    for step, path in [
+        ("mixed", "mixed"),
+        ("query", "query"),
+        ("scores", "scores"),
+        ("summary", "top_k.jsonl"),
+    ]:
+        if step == "summary":
+            assert timings["summary_bytes"] == disk_bytes(root / "summary.md") + disk_bytes(root / path)
+        else:
+            assert timings[f"{step}_bytes"] == sum(
+                f.stat().st_size for f in (root / path).rglob("*") if f.is_file()
+            )
+    on_disk = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    assert 0 <= on_disk - timings["run_bytes"] < 100  # timings.json grew by the record itself
+    assert "Disk use: train_stats/ " in (root / "summary.md").read_text()
+    assert "deleted query_stats/" in (root / "summary.md").read_text()
 
     # ground truth, step by step: training vectors of the same documents, their sampled second moment,
     # the query moment, TrackStar's mixture, and cosines of H^-1/2-preconditioned vectors
@@ -118,10 +148,54 @@ def test_trackstar_matches_its_definition_and_resumes(tmp_path, corpus_file, mon
     assert (root / "summary.md").read_text().count("## Query") == 5
 
     # a finished run is not redone; other options need --overwrite
+    for step in ("train_stats", "query", "query_stats", "mixed", "scores"):
+        monkeypatch.setattr(_Pipeline, step, killed)
     trackstar(cfg)
+    monkeypatch.undo()
     assert {p: (root / p).stat().st_mtime_ns for p in stamps} == stamps
     with pytest.raises(BergsonError, match="--overwrite"):
         trackstar(_cfg(tmp_path, corpus_file, damping=0.5))
+
+
+def test_float32_statistics_match_float64_and_unmixed_runs_keep_train_stats(
+    tmp_path, corpus_file, monkeypatch
+):
+    """The statistics are stored in float32: the scores differ from float64 storage by less than
+    1e-4 of the largest |score| (measured: ~1e-6 here), the top 5 per query are the same, and
+    mixed/ takes half the bytes. Without mixing, train_stats/ is the
+    preconditioner the scores use: it stays, and no query_stats/ is fitted."""
+    kw = dict(projection_dim=8, stats_documents=24)
+    narrow = trackstar(_cfg(tmp_path / "f32", corpus_file, **kw))
+    monkeypatch.setattr(trackstar_module, "STATS_DTYPE", torch.float64)
+    wide = trackstar(_cfg(tmp_path / "f64", corpus_file, **kw))
+    monkeypatch.undo()
+    a, b = np.asarray(narrow["scores"], np.float64), np.asarray(wide["scores"], np.float64)
+    assert a.shape == (24, 5) and np.abs(b).max() > 0.01
+    print(
+        "float32 vs float64 statistics: max |score difference|",
+        np.abs(a - b).max(),
+        "of max |score|",
+        np.abs(b).max(),
+    )
+    assert np.abs(a - b).max() < 1e-4 * np.abs(b).max()
+    assert (np.argsort(-a, 0, kind="stable")[:5] == np.argsort(-b, 0, kind="stable")[:5]).all()
+    f32 = load_preconditioner(tmp_path / "f32" / "ts" / "mixed")
+    f64 = load_preconditioner(tmp_path / "f64" / "ts" / "mixed")
+    assert (
+        0.45
+        < disk_bytes(tmp_path / "f32" / "ts" / "mixed") / disk_bytes(tmp_path / "f64" / "ts" / "mixed")
+        < 0.55
+    )
+    for name, m in f64.second_moments.items():  # the float64 maths on rounded statistics
+        assert f32.second_moments[name].dtype == torch.float64
+        np.testing.assert_allclose(f32.second_moments[name], m, rtol=1e-5, atol=1e-6 * float(m.abs().max()))
+    root = tmp_path / "plain" / "ts"
+    trackstar(_cfg(tmp_path / "plain", corpus_file, downweight_components=0, **kw))
+    assert is_complete(root / "train_stats") and not (root / "query_stats").exists()
+    assert not (root / "mixed").exists()
+    timings = json.loads((root / "timings.json").read_text())
+    assert "query_stats" not in timings and not [k for k in timings if k.startswith("deleted_")]
+    assert timings["train_stats_bytes"] == disk_bytes(root / "train_stats")
 
 
 def _optimizer_state(model_dir, path):

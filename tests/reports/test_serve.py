@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -194,3 +195,208 @@ def test_serve_errors(tmp_path, capsys):
             main(["serve", *args])
         err = capsys.readouterr().err
         assert e.value.code == 1 and message in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------- a hostile page or client
+def raw(srv, data: bytes, shut: bool = False, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes on a fresh connection; (status, headers, body) of the reply. The write side stays
+    open unless ``shut``, so a server that waits for more input times out here instead of answering."""
+    with socket.create_connection(srv.server_address[:2], timeout=timeout) as s:
+        s.sendall(data)
+        if shut:
+            s.shutdown(socket.SHUT_WR)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = s.recv(65536)
+            assert chunk, f"the server closed without an answer (got {buf!r})"
+            buf += chunk
+        head, _, body = buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        while len(body) < int(headers.get("content-length", 0)):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    status = lines[0].split(" ")
+    assert status[0] in ("HTTP/1.0", "HTTP/1.1"), lines[0]
+    return int(status[1]), headers, body
+
+
+def request(srv, method="POST", path="/api/query", body=b"", host=None, **headers: str) -> bytes:
+    host = host if host is not None else f"127.0.0.1:{srv.server_address[1]}"
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"] if host else [f"{method} {path} HTTP/1.1"]
+    if method == "POST" and "Content_Length" not in headers:
+        headers["Content_Length"] = str(len(body))
+    lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+QUERY = json.dumps({"text": TEXT}).encode()
+
+
+def test_foreign_host_is_refused(server):
+    """DNS rebinding: a page at attacker.example whose name now resolves to 127.0.0.1 sends
+    Host: attacker.example; it gets neither the page (which holds the store's documents) nor answers."""
+    srv, _ = server
+    port = srv.server_address[1]
+    before = srv.live.answered
+    for host in (
+        "attacker.example",
+        f"attacker.example:{port}",
+        "localhost.attacker.example",
+        f"127.0.0.1:{port + 1}",
+    ):
+        status, _, body = raw(srv, request(srv, "GET", "/", host=host))
+        assert status == 403 and "not this server" in json.loads(body)["error"], (host, body)
+        status, _, body = raw(srv, request(srv, body=QUERY, host=host, Content_Type="application/json"))
+        assert status == 403, (host, body)
+    for host in ("", "a b", "[::1", f"127.0.0.1:{port}x"):
+        assert raw(srv, request(srv, "GET", "/", host=host))[0] == 400, host
+    assert srv.live.answered == before  # no query ran
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}", "localhost", f"[::1]:{port}"):
+        status, headers, body = raw(srv, request(srv, "GET", "/", host=host))
+        assert (
+            status == 200 and b'id="bergson-data"' in body and headers["x-content-type-options"] == "nosniff"
+        )
+
+
+def test_cross_origin_queries_are_refused(server):
+    """CSRF: a foreign page's form or text/plain fetch must not run a query; the page's own
+    fetch (same Origin, JSON) and non-browser clients (no Origin) still do."""
+    srv, _ = server
+    ours = f"http://127.0.0.1:{srv.server_address[1]}"
+    before = srv.live.answered
+    for status, headers in [
+        (403, dict(Origin="http://attacker.example", Content_Type="text/plain")),
+        (403, dict(Origin="http://attacker.example", Content_Type="application/json")),
+        (403, dict(Origin="null", Content_Type="application/json")),
+        (403, dict(Referer="http://attacker.example/page.html", Content_Type="application/json")),
+        (403, dict(Origin=ours.replace("http:", "https:"), Content_Type="application/json")),
+        (403, dict(Sec_Fetch_Site="cross-site", Content_Type="application/json")),
+        (415, dict(Origin=ours, Content_Type="text/plain")),
+        (415, dict(Content_Type="application/x-www-form-urlencoded")),
+        (415, dict(Content_Type="multipart/form-data; boundary=x")),
+        (415, {}),
+    ]:
+        code, _, body = raw(srv, request(srv, body=QUERY, **headers))
+        assert code == status, (headers, code, body)
+        assert srv.live.answered == before, headers
+    for headers in [
+        dict(Origin=ours, Content_Type="application/json", Sec_Fetch_Site="same-origin"),
+        dict(Referer=ours + "/", Content_Type="application/json; charset=utf-8"),
+        dict(Content_Type="application/json"),
+    ]:
+        code, _, body = raw(srv, request(srv, body=QUERY, **headers))
+        assert code == 200 and json.loads(body)["query"]["text"] == TEXT, (headers, body)
+    assert srv.live.answered == before + 3
+
+
+def test_malformed_requests_get_a_4xx_at_once(server):
+    srv, _ = server
+    json_type = dict(Content_Type="application/json")
+    cases = [
+        (400, request(srv, Content_Length="-5", **json_type), "not a byte count"),
+        (400, request(srv, Content_Length="abc", **json_type), "not a byte count"),
+        (400, request(srv, Content_Length="+7", **json_type), "not a byte count"),
+        (413, request(srv, Content_Length=str(1 << 30), **json_type), "far too long"),
+        (411, request(srv, Transfer_Encoding="chunked", **json_type) + b"5\r\nhello\r\n0\r\n\r\n", "chunked"),
+        (400, request(srv, body=b'{"text": "\\ud800 lone"}', **json_type), "unpaired surrogate"),
+        (400, request(srv, body=b'{"text": "\xff\xfe"}', **json_type), "Send JSON"),
+        (400, b"\x00\x01\x02garbage\r\n\r\n", "Malformed request line"),
+        (400, b"hello world\r\n\r\n", "Malformed request line"),
+        (400, b"GET /\r\n\r\n", "Malformed request line"),  # HTTP/0.9 would answer without a status line
+        (400, b"GET / HTTP/2.0\r\n\r\n", "Malformed request line"),
+        (400, b"\r\n\r\n", "Malformed request line"),
+    ]
+    for status, data, message in cases:
+        start = time.perf_counter()
+        code, _, body = raw(srv, data, timeout=5)
+        assert code == status and message in json.loads(body)["error"], (data[:60], code, body)
+        assert time.perf_counter() - start < 2, data[:60]
+    # a body that ends early (the client closed its side) and a POST without a length
+    short = request(srv, Content_Length="100", **json_type) + b'{"text":'
+    assert raw(srv, short, shut=True)[0] == 400
+    no_length = f"POST /api/query HTTP/1.1\r\nHost: 127.0.0.1:{srv.server_address[1]}\r\n\r\n".encode()
+    assert raw(srv, no_length, shut=True)[0] == 411
+    assert raw(srv, request(srv, "GET", "/"))[0] == 200  # and the server is still up
+
+
+@pytest.mark.parametrize("max_waiting", [50, 16])
+def test_fifty_concurrent_queries_are_queued_or_told_to_retry(server, max_waiting):
+    """50 queries at once (the model slowed so that they overlap): each is answered, 200 or 503
+    with Retry-After beyond --max_waiting; none is reset or left without an answer."""
+    srv, _ = server
+    live = srv.live
+    compute = live._compute
+
+    def slow(text):
+        time.sleep(0.02)
+        return compute(text)
+
+    cfg = live.cfg
+    live.cfg = replace(cfg, max_waiting=max_waiting)
+    live._compute = slow
+    data = request(srv, body=QUERY, Content_Type="application/json")
+    results: list = [None] * 50
+    gate = threading.Barrier(50)
+
+    def worker(i):
+        gate.wait()
+        try:
+            results[i] = raw(srv, data, timeout=120)
+        except OSError as e:  # a reset or a timeout
+            results[i] = e
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(50)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+    finally:
+        live._compute = compute
+        live.cfg = cfg
+    assert all(isinstance(r, tuple) for r in results), [r for r in results if not isinstance(r, tuple)]
+    codes = [r[0] for r in results]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(200) >= min(max_waiting, 50)
+    if max_waiting >= 50:
+        assert codes.count(200) == 50
+    for code, headers, body in results:
+        if code == 503:
+            assert headers["retry-after"].isdigit() and "busy" in json.loads(body)["error"]
+        else:
+            assert json.loads(body)["query"]["text"] == TEXT
+
+
+def test_host_names_a_wildcard_server_accepts():
+    """Bound to every address, the server is reached by any of its IP addresses or its name; a
+    domain name that is not the machine's is still refused (DNS rebinding needs a name)."""
+    from types import SimpleNamespace
+
+    from bergson.reports.serve import LiveServer, split_host
+
+    assert split_host("LocalHost.:80") == ("localhost", 80)
+    assert split_host("[::1]:8000") == ("::1", 8000)
+    for bad in ("[::1", "[::1]x", "a:b", "host:123456", "user@host", "a/b"):
+        with pytest.raises(ValueError):
+            split_host(bad)
+    wildcard = SimpleNamespace(
+        host_names={"localhost", "127.0.0.1", "::1", "0.0.0.0", "mybox"},
+        any_address=True,
+        server_address=("0.0.0.0", 8000),
+    )
+    loopback = SimpleNamespace(
+        host_names={"localhost", "127.0.0.1", "::1"}, any_address=False, server_address=("127.0.0.1", 8000)
+    )
+    for name, port, on_wildcard, on_loopback in [
+        ("10.1.2.3", 8000, True, False),
+        ("::ffff:10.1.2.3", None, True, False),
+        ("mybox", 8000, True, False),
+        ("localhost", 8000, True, True),
+        ("attacker.example", 8000, False, False),
+        ("10.1.2.3", 9000, False, False),
+    ]:
+        assert LiveServer.allows_host(wildcard, name, port) is on_wildcard, name  # type: ignore[arg-type]
+        assert LiveServer.allows_host(loopback, name, port) is on_loopback, name  # type: ignore[arg-type]

@@ -1,11 +1,18 @@
 """``bergson magic``: the command around the replay and the reverse pass. It checks the
 options, loads the model and documents, keeps the run directory (training checkpoints,
 finished reverse passes, the fine-tuned model) and writes the scores store, one column per
-query group, oriented like every bergson score."""
+query group, oriented like every bergson score.
+
+What a resume no longer needs is deleted as soon as that is so: a column's reverse-pass
+progress file (a state-sized cotangent) once the column is done, and the training
+checkpoints (``states/``) and finished columns (``reverse/``) once the scores store is
+written. ``model/`` and ``scores/`` stay. Each stage's disk use is logged and recorded in
+``timings.json``."""
 
 from __future__ import annotations
 
 import io
+import logging
 import shutil
 import time
 from dataclasses import replace
@@ -18,7 +25,7 @@ from torch import nn
 
 from ... import distributed
 from ...config import MagicConfig
-from ...core.files import atomic_write_bytes
+from ...core.files import atomic_write_bytes, disk_bytes, megabytes
 from ...data import TokenizedDocs
 from ...errors import BergsonError
 from ...models import honours_numerics
@@ -26,8 +33,12 @@ from .recipe import Tensors
 from .replay import Replay, query_gradient, use_double_backward_attention
 from .reverse import MagicRun
 
+logger = logging.getLogger(__name__)
+
 CONFIG_FILE = "magic.yaml"
 OUTPUTS = ("states", "reverse", "model", "scores")
+SCRATCH = ("states", "reverse")
+"""What only a resume reads: deleted once the scores store is written."""
 
 
 def check_options(cfg: MagicConfig) -> None:
@@ -139,20 +150,30 @@ def magic(cfg: MagicConfig) -> Any:
     start = time.perf_counter()
     final, losses = run.train()
     if run.writes and "train_s" not in timings:
-        timings.record("train_s", start, steps=run.total, first_loss=losses[0], last_loss=losses[-1])
+        size = disk_bytes(root / "states")
+        timings.record(
+            "train_s", start, steps=run.total, first_loss=losses[0], last_loss=losses[-1], states_bytes=size
+        )
+        logger.info("magic: training done; its checkpoints (states/) take %s", megabytes(size))
     if run.writes and not (root / "model" / "config.json").is_file():
+        start = time.perf_counter()
         _save_model(model, tokenizer, final.params, root / "model")
+        timings.record("model_s", start, model_bytes=disk_bytes(root / "model"))
+        logger.info("magic: the fine-tuned model (model/) takes %s", megabytes(disk_bytes(root / "model")))
     reverse_dir = root / "reverse"
     reverse_dir.mkdir(exist_ok=True)
     grads = []
     for j, rows in enumerate(query_columns(cfg, len(qdocs))):
         done = reverse_dir / f"column_{j}.done.npy"
+        progress = reverse_dir / f"column_{j}.progress.safetensors"
         if done.is_file():
             grads.append(np.load(done))
+            if run.writes:
+                _delete(progress, f"reverse_{j}_progress", timings, "column done")  # killed before
             continue
         start = time.perf_counter()
         cot = query_gradient(model, final.params, qdocs.select(rows), pad)
-        result = run.reverse(cot, reverse_dir / f"column_{j}.progress.safetensors")
+        result = run.reverse(cot, progress)
         grads.append(result.token_grads)
         if not run.writes:
             continue
@@ -164,14 +185,42 @@ def magic(cfg: MagicConfig) -> Any:
             start,
             replayed_steps=result.replayed_steps,
             peak_states_in_memory=result.peak_states_in_memory,
+            **{f"reverse_{j}_bytes": done.stat().st_size},
         )
+        _delete(progress, f"reverse_{j}_progress", timings, f"column {j} is done")
     token_scores = -np.stack(grads, 1)  # positive: up-weighting the token lowers the query loss
-    distributed.on_rank_zero(
-        lambda: _save_scores(cfg, root / "scores", model, replay, token_scores, run.total),
-        f"writing the scores at {root / 'scores'}",
-    )
+
+    def finish() -> None:
+        start = time.perf_counter()
+        _save_scores(cfg, root / "scores", model, replay, token_scores, run.total)
+        for name in SCRATCH:
+            _delete(root / name, name, timings, "the scores store is written: no resume reads it")
+        timings.record(
+            "scores_s", start, scores_bytes=disk_bytes(root / "scores"), run_bytes=disk_bytes(root)
+        )
+        logger.info(
+            "magic: the scores (scores/) take %s; the run directory %s holds %s",
+            megabytes(timings["scores_bytes"]), root, megabytes(timings["run_bytes"]),
+        )  # fmt: skip
+
+    distributed.on_rank_zero(finish, f"writing the scores at {root / 'scores'}")
     distributed.barrier("the end of the run")
     return _load_scores(root)
+
+
+def _delete(path: Path, label: str, timings: Any, why: str) -> None:
+    """Delete a file or directory a resume no longer reads, saying so and recording its bytes
+    as ``deleted_<label>_bytes`` in timings.json."""
+    if not path.exists():
+        return
+    start = time.perf_counter()
+    size = disk_bytes(path)
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    logger.info("magic: deleted %s (%s): %s", path.name, megabytes(size), why)
+    timings.record("cleanup_s", start, **{f"deleted_{label}_bytes": size})  # the last deletion's seconds
 
 
 def _save_scores(

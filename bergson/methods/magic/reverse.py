@@ -97,6 +97,9 @@ class StateCache:
         return s
 
 
+SAVE_EVERY_S = 30.0
+"""Default seconds between saves of a reverse pass's progress file."""
+
 PROGRESS = "_progress"
 """Slot name of the accumulated weight gradients in a reverse pass's progress file."""
 
@@ -128,7 +131,7 @@ class MagicRun:
         self.states_dir = self.root / "states"
         self.template = replay.initial_state()
         self.weights = replay.ones()
-        self.save_every_s = 30.0
+        self.save_every_s = SAVE_EVERY_S
         """Seconds between saves of the reverse pass's progress (at segment ends)."""
         self.resume_steps = set(checkpoint_steps("sqrt", self.total))
         self.spill_dir = self.states_dir / (
