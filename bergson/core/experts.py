@@ -42,16 +42,24 @@ class ExpertLinear(nn.Linear):
     a call, the rows of the flattened batch the input's rows come from (None for a router, which
     sees every token)."""
 
-    owner: nn.Module
-
     def __init__(self, owner: nn.Module, param: str, index: int | None, transposed: bool = False):
         nn.Module.__init__(self)
-        self.__dict__["owner"] = owner  # not a submodule: the view adds nothing to the model
+        # not a submodule (the view adds nothing to the model), and a weak reference: the views are
+        # cached per owner, and a strong one would keep every model that ever had views alive
+        self.__dict__["_owner"] = weakref.ref(owner)
         self.param = param
         self.index = index
         self.transposed = transposed
         self.routed: torch.Tensor | None = None
         self.out_features, self.in_features = (int(s) for s in self.weight.shape)
+
+    @property
+    def owner(self) -> nn.Module:
+        """The fused experts module or router this view belongs to."""
+        owner = self.__dict__["_owner"]()
+        if owner is None:
+            raise BergsonError("the module this expert view belonged to no longer exists")
+        return owner
 
     @property
     def source(self) -> torch.Tensor:

@@ -499,3 +499,19 @@ def test_experts_in_an_unsupported_form_are_refused_with_the_reason():
         find_tracked_modules(model, track_experts=True)
     skipped = tracking_record(model, find_tracked_modules(model))["coverage"]["skipped"]
     assert {s["reason"] for s in skipped} == {"experts_unsupported"}
+
+
+def test_views_do_not_keep_their_model_alive():
+    """The views are cached per experts module; the cache must not keep a model alive once the user
+    drops it (real MoE models are gigabytes)."""
+    import gc
+    import weakref
+
+    model = tiny("olmoe")
+    modules = find_tracked_modules(model, track_experts=True)
+    with installed(modules.values()):
+        model(torch.randint(0, VOCAB, (1, 4)))
+    ref = weakref.ref(model)
+    del model, modules
+    gc.collect()
+    assert ref() is None
