@@ -18,6 +18,7 @@ from .commands import (
     ScoreConfig,
     ServeConfig,
     TrackstarConfig,
+    TrakConfig,
     ValidateConfig,
     VerifyConfig,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "ScoreConfig",
     "ServeConfig",
     "TrackstarConfig",
+    "TrakConfig",
     "TrainingConfig",
     "ValidateConfig",
     "VerifyConfig",
