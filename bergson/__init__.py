@@ -178,8 +178,8 @@ if TYPE_CHECKING:
         ScoreConfig,
         ServeConfig,
         TrackstarConfig,
-        TrakConfig,
         TrainingConfig,
+        TrakConfig,
         ValidateConfig,
     )
     from .core.layout import AttentionConfig

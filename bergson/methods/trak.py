@@ -45,7 +45,9 @@ from ..store.scores import save_score_matrix
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "trak.yaml"
-Q_FORM = "1 - exp(-mean token loss) per training document (TRAK's 1 - p, p the geometric mean token probability)"
+Q_FORM = (
+    "1 - exp(-mean token loss) per training document (TRAK's 1 - p, p the geometric mean token probability)"
+)
 
 
 def output_weights(losses: np.ndarray, loss_tokens: np.ndarray, reduction: str) -> np.ndarray:
@@ -112,7 +114,9 @@ def _check_store(store: GradientStore, expected: Any, path: str, model: str, row
     check_compatible(expected, m, f"model {model} with this run's options", f"--stores {path}")
     for key, what in (("unit_normalize", "unit-normalized rows"), ("preconditioner", "a preconditioner")):
         if getattr(m, key):
-            raise BergsonError(f"--stores {path}: built with {what}; TRAK needs the plain projected gradients")
+            raise BergsonError(
+                f"--stores {path}: built with {what}; TRAK needs the plain projected gradients"
+            )
     if m.loss != expected.loss:
         raise BergsonError(f"--stores {path}: its loss {m.loss} differs from this run's {expected.loss}")
     if len(store) != rows or m.data.get("dataset") != expected.data.get("dataset"):
@@ -133,7 +137,10 @@ def _model_scores(cfg: TrakConfig, index: int, name: str, root: Path, run_dir: R
     start = time.perf_counter()
     if cfg.stores:
         modules = find_tracked_modules(
-            model, cfg.modules, include_output_head=cfg.include_output_head, track_experts=cfg.tracked_experts()
+            model,
+            cfg.modules,
+            include_output_head=cfg.include_output_head,
+            track_experts=cfg.tracked_experts(),
         )
         expected = make_manifest(icfg, model, modules, docs, max_tokens)
         train_path = Path(cfg.stores[index])
@@ -143,7 +150,9 @@ def _model_scores(cfg: TrakConfig, index: int, name: str, root: Path, run_dir: R
         train_path = sub / "train"
         if not distributed.broadcast(_complete(train_path)):
             write_store(icfg, model, docs, max_tokens, pad)
-    qcfg = options_of(IndexConfig, cfg, model=name, run_path=str(sub / "query"), data=cfg.query, overwrite=False)
+    qcfg = options_of(
+        IndexConfig, cfg, model=name, run_path=str(sub / "query"), data=cfg.query, overwrite=False
+    )
     if not distributed.broadcast(_complete(sub / "query")):
         qdocs = load_docs(cfg.query, tokenizer, max_tokens, option="--query.dataset")
         write_store(qcfg, model, qdocs, max_tokens, pad)
@@ -182,7 +191,9 @@ def _info(cfg: TrakConfig, models: list[str], stores: list[str]) -> dict[str, An
 def ensemble(cfg: TrakConfig) -> list[str]:
     """The models of the ensemble (--models, or the one --model), refusing inconsistent options."""
     if cfg.models and cfg.model:
-        raise BergsonError("--model and --models: give the ensemble with --models (or one model with --model)")
+        raise BergsonError(
+            "--model and --models: give the ensemble with --models (or one model with --model)"
+        )
     models = list(cfg.models) or ([cfg.model] if cfg.model else [])
     if not models:
         raise BergsonError("--models (or --model) is required: the model(s) to attribute")
@@ -219,7 +230,9 @@ def trak(cfg: TrakConfig) -> GradientStore:
     def average() -> None:
         stores = [load_gradients(root / f"model_{i}" / "scores") for i in range(len(models))]
         mean = np.mean([np.asarray(s["scores"], np.float64) for s in stores], axis=0)
-        train_stores = [str(p) for p in cfg.stores] or [str(root / f"model_{i}" / "train") for i in range(len(models))]
+        train_stores = [str(p) for p in cfg.stores] or [
+            str(root / f"model_{i}" / "train") for i in range(len(models))
+        ]
         info = {**_info(cfg, models, train_stores), "ensemble_size": len(models)}
         save_score_matrix(root / "scores", mean, stores[0].manifest, info, overwrite=True)
 

@@ -13,7 +13,10 @@ from tests.helpers.assets import ASSETS
 from tests.helpers.cli import run
 
 QUERIES = DataConfig(
-    dataset=str(ASSETS / "queries.jsonl"), prompt_column="prompt", completion_column="completion", truncation=True
+    dataset=str(ASSETS / "queries.jsonl"),
+    prompt_column="prompt",
+    completion_column="completion",
+    truncation=True,
 )
 
 
@@ -66,7 +69,9 @@ def test_one_model_equals_numpy_formula(ensemble_run, corpus_file):
     from bergson.models import load_model
 
     cfg = _cfg(root, corpus_file, [])
-    _, tok = load_model(IndexConfig(model=str(load_gradients(root / "model_0" / "train").manifest.model["name"])))
+    _, tok = load_model(
+        IndexConfig(model=str(load_gradients(root / "model_0" / "train").manifest.model["name"]))
+    )
     docs = tokenize_documents(load_data(cfg.data), tok, cfg.data, 512)
     q = 1 - np.exp(-losses / docs.num_loss_tokens())
     k = phi.shape[1]
@@ -96,7 +101,7 @@ def test_ensemble_is_mean_of_models(ensemble_run):
 
 
 def test_reused_stores_give_same_scores(ensemble_run, tmp_path, model_dir, second_model, corpus_file):
-    root, scores = ensemble_run
+    _, scores = ensemble_run
     built = []
     for i, m in enumerate((model_dir, second_model)):
         path = tmp_path / f"built_{i}"
@@ -138,5 +143,14 @@ def test_cli(tmp_path, model_dir, second_model, corpus_file):
     s = load_gradients(tmp_path / "cli" / "scores")
     assert len(s) == 6 and s.manifest.score is not None
     assert s.manifest.score["method"] == "trak" and s.manifest.score["ensemble_size"] == 2
-    bad = run("trak", str(tmp_path / "bad"), "--model", str(model_dir), "--models", str(model_dir), *args, check=False)
+    bad = run(
+        "trak",
+        str(tmp_path / "bad"),
+        "--model",
+        str(model_dir),
+        "--models",
+        str(model_dir),
+        *args,
+        check=False,
+    )
     assert bad.returncode == 1 and "--model and --models" in bad.stderr and "Traceback" not in bad.stderr
