@@ -119,10 +119,11 @@ def _check_store(store: GradientStore, expected: Any, path: str, model: str, row
             )
     if m.loss != expected.loss:
         raise BergsonError(f"--stores {path}: its loss {m.loss} differs from this run's {expected.loss}")
-    if len(store) != rows or m.data.get("dataset") != expected.data.get("dataset"):
+    if len(store) != rows or m.data.get("tokens_sha256") != expected.data.get("tokens_sha256"):
         raise BergsonError(
-            f"--stores {path}: built on {m.data.get('dataset')!r} ({len(store)} rows), not on this run's "
-            f"--dataset {expected.data.get('dataset')!r} ({rows} rows)"
+            f"--stores {path}: built on other documents ({m.data.get('dataset')!r}, {len(store)} rows) than "
+            f"this run's --dataset {expected.data.get('dataset')!r} ({rows} rows) as tokenized here; build it "
+            "with the same data options (split, truncation, max_length, ...)"
         )
 
 

@@ -127,6 +127,10 @@ def test_reused_stores_give_same_scores(ensemble_run, tmp_path, model_dir, secon
         trak(_cfg(tmp_path / "swapped", corpus_file, [model_dir, second_model], stores=built[::-1]))
     with pytest.raises(BergsonError, match=r"--stores .*built_0.*projection"):
         trak(_cfg(tmp_path / "wide", corpus_file, [model_dir], stores=built[:1], projection_dim=3))
+    short = _cfg(tmp_path / "short", corpus_file, [model_dir], stores=built[:1])
+    short.data.max_length = 40  # the same rows, tokenized otherwise
+    with pytest.raises(BergsonError, match=r"--stores .*built_0: built on other documents"):
+        trak(short)
     with pytest.raises(BergsonError, match="1 stores for 2 models"):
         trak(_cfg(tmp_path / "few", corpus_file, [model_dir, second_model], stores=built[:1]))
 
