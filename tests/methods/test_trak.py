@@ -158,3 +158,16 @@ def test_cli(tmp_path, model_dir, second_model, corpus_file):
         check=False,
     )
     assert bad.returncode == 1 and "--model and --models" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_resume_after_a_lost_step(ensemble_run, corpus_file, model_dir, second_model):
+    import shutil
+
+    root, scores = ensemble_run
+    before = np.asarray(scores["scores"]).copy()
+    train_manifest = (root / "model_1" / "train" / "manifest.json").stat().st_mtime_ns
+    shutil.rmtree(root / "scores")
+    shutil.rmtree(root / "model_1" / "scores")
+    again = trak(_cfg(root, corpus_file, [model_dir, second_model]))
+    assert (root / "model_1" / "train" / "manifest.json").stat().st_mtime_ns == train_manifest  # not rebuilt
+    np.testing.assert_array_equal(np.asarray(again["scores"]), before)
