@@ -59,6 +59,9 @@ _EXPORTS = {
     "mix_preconditioners": "bergson.transforms.preconditioners",
     "fit_preconditioner": "bergson.preconditioning",
     "trackstar": "bergson.methods.trackstar",
+    "trak": "bergson.methods.trak",
+    "trak_scores": "bergson.methods.trak",
+    "TrakConfig": "bergson.config",
     "ekfac": "bergson.methods.ekfac",
     "EkfacConfig": "bergson.config",
     "normalizers_from_optimizer_state": "bergson.transforms.optimizer_state",
@@ -126,6 +129,9 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "mix_preconditioners",
     "fit_preconditioner",
     "trackstar",
+    "trak",
+    "trak_scores",
+    "TrakConfig",
     "ekfac",
     "EkfacConfig",
     "normalizers_from_optimizer_state",
@@ -173,6 +179,7 @@ if TYPE_CHECKING:
         ServeConfig,
         TrackstarConfig,
         TrainingConfig,
+        TrakConfig,
         ValidateConfig,
     )
     from .core.layout import AttentionConfig
@@ -194,6 +201,7 @@ if TYPE_CHECKING:
     from .methods.ekfac import ekfac
     from .methods.magic import magic
     from .methods.trackstar import trackstar
+    from .methods.trak import trak, trak_scores
     from .models import find_tracked_modules, load_model
     from .preconditioning import fit_preconditioner
     from .querying import query

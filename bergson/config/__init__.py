@@ -18,6 +18,7 @@ from .commands import (
     ScoreConfig,
     ServeConfig,
     TrackstarConfig,
+    TrakConfig,
     ValidateConfig,
     VerifyConfig,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "ServeConfig",
     "TrackstarConfig",
     "TrainingConfig",
+    "TrakConfig",
     "ValidateConfig",
     "VerifyConfig",
     "from_dict",

@@ -188,6 +188,23 @@ class TrackstarConfig(
 
 
 @dataclass
+class TrakConfig(DampingOptions, QueryDataOptions, PassOptions):
+    """Options of ``bergson trak``: TRAK scores (projected Gauss-Newton, output weights) averaged
+    over an ensemble of models."""
+
+    query: DataConfig = field(default_factory=DataConfig)
+    """The query set (prompt/completion columns allowed); one score column per query."""
+
+    models: list[str] = field(default_factory=list)
+    """The ensemble: several model directories or hub ids (independent seeds or checkpoints),
+    all tracked and projected alike; the scores are the mean of each model's. --model gives one."""
+
+    stores: list[str] = field(default_factory=list)
+    """Training-set gradient stores already built with `bergson build`, one per model in --models
+    order, used instead of computing them (each must match its model, modules and projection)."""
+
+
+@dataclass
 class EkfacConfig(DampingOptions, QueryDataOptions, CollectOptions):
     """Options of ``bergson ekfac``: EK-FAC influence of every training document on each query."""
 

@@ -66,6 +66,12 @@ COMMANDS: dict[str, Command] = {
         "TrackstarConfig",
         _SHARDS + " in each pass; rank 0 fits and mixes the preconditioners",
     ),
+    "trak": Command(
+        "bergson.cli.trak",
+        "TRAK: projected Gauss-Newton scores with output weights, averaged over an ensemble of models.",
+        "TrakConfig",
+        _SHARDS + " in each model's passes; rank 0 solves and averages",
+    ),
     "magic": Command(
         "bergson.cli.magic",
         "MAGIC: train once with checkpoints, then differentiate the query loss through training.",

@@ -204,6 +204,15 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
               "float32"], None),
             *refused(*everything, "form", "state", base=tuple(qd)),
         ],
+        "trak": [
+            ([new(), *m, *d, *qd, *collect, "--attention_heads", heads, "--damping", "0.2", "--damping_mode",
+              "absolute"], None),
+            ([new(), "--models", a["model"], a["model"], "--device", "cpu", "--precision", "fp32", "--dataset",
+              a["corpus"], "--truncation", "--max_length", "24", *qd, "--projection_dim", "4", "--stores",
+              a["query"], a["query"]], None),
+            ([new(), *m, *d, *qd, "--models", a["model"]], "--model and --models"),
+            *refused(*everything, base=tuple(qd)),
+        ],
         "ekfac": [
             ([new(), *m, *d, *qd, *grads, *extra, "--method", "kfac", "--fisher", "empirical", "--fisher_seed", "1",
               "--damping", "0.2", "--damping_mode", "absolute", "--factor_dtype", "float64",
