@@ -71,7 +71,7 @@ def _error(v, exact) -> float:
 
 
 def dense_solve(toy, damping):
-    model, docs, opts, eigen, corrected, grads, exact, fishers = toy
+    _model, _docs, _opts, _eigen, corrected, grads, _exact, fishers = toy
     out = {}
     for name, fisher in fishers.items():
         delta = damping_value(corrected.tensors[name]["eigenvalues"], damping, "relative")
@@ -84,21 +84,21 @@ def dense_solve(toy, damping):
 def errors_by_step(toy, method: str, steps: int, products=None, damping=DAMPING, **kw) -> list[float]:
     """The relative error against the dense solve after 1..steps iterations (exact products:
     formed densely unless ``products`` is given)."""
-    model, docs, opts, eigen, corrected, grads, _, fishers = toy
+    _model, _docs, _opts, eigen, corrected, grads, _, fishers = toy
     exact = dense_solve(toy, damping)
     products = products or dense_products(fishers)
     history: list[float] = []
 
-    def tracked(step, v):
-        history.append(_error(v, exact))  # the error of v_step, before it is refined
-        return products(step, v)
+    def seen(step, v):
+        history.append(_error(v, exact))
 
-    v, meta = solve(grads, eigen, corrected, damping, "relative", IhvpOptions(method, steps, **kw), tracked)
-    return [*history, _error(v, exact)]
+    opts_ = IhvpOptions(method, steps, **kw)
+    solve(grads, eigen, corrected, damping, "relative", opts_, products, observe=seen)
+    return history
 
 
 def test_astra_one_step_is_ekfac(toy):
-    model, docs, opts, eigen, corrected, grads, exact, fishers = toy
+    _model, _docs, _opts, eigen, corrected, grads, exact, _fishers = toy
 
     def never(step, v):
         raise AssertionError("one ASTRA step from zero needs no Fisher-vector product")
@@ -113,7 +113,7 @@ def test_astra_one_step_is_ekfac(toy):
 
 
 def test_document_products_are_the_exact_fisher_products(toy):
-    model, docs, opts, eigen, corrected, grads, exact, fishers = toy
+    model, docs, opts, _eigen, _corrected, grads, _exact, fishers = toy
     got = document_products(model, docs, opts, 0, 0, torch.float64)(1, grads)
     want = dense_products(fishers)(1, grads)
     for name in grads:
@@ -142,21 +142,24 @@ def test_astra_and_lissa_converge_to_the_dense_solve_astra_far_sooner(toy):
     assert astra[9] < 0.5 * astra[0]
 
 
-def test_minibatch_astra_improves_on_ekfac_and_is_seeded(toy):
+def test_minibatch_products_are_seeded_and_a_full_batch_is_exact(toy):
     model, docs, opts, *_ = toy
 
-    def run():
-        return errors_by_step(toy, "astra", 5, document_products(model, docs, opts, 40, 3, torch.float64))
+    def run(size, seed):
+        products = document_products(model, docs, opts, size, seed, torch.float64)
+        return errors_by_step(toy, "astra", 4, products, step_size=0.3)
 
-    a = run()
-    assert a == run()
-    assert a[-1] < a[0]
+    a = run(40, 3)
+    assert a == run(40, 3)
+    assert a[1:] != run(40, 4)[1:] and a[0] == run(40, 4)[0]  # step 1 (EK-FAC) draws nothing
+    # a batch as large as the corpus is the exact product
+    np.testing.assert_allclose(run(len(docs), 3), errors_by_step(toy, "astra", 4, step_size=0.3), rtol=1e-8)
 
 
 def test_bad_iteration_options_are_refused(toy):
     from bergson import BergsonError
 
-    model, docs, opts, eigen, corrected, grads, exact, fishers = toy
+    _model, _docs, _opts, eigen, corrected, grads, _exact, fishers = toy
     products = dense_products(fishers)
     for bad, match in [
         (IhvpOptions("astra", 0), "--ihvp_steps"),
@@ -169,22 +172,23 @@ def test_bad_iteration_options_are_refused(toy):
         with pytest.raises(BergsonError, match=match):
             solve(grads, eigen, corrected, DAMPING, "relative", bad, products)
     # a LiSSA step far above 2 / λ_max diverges: detected and refused, not NaN products
-    with pytest.raises(BergsonError, match="diverges.*--ihvp_step_size"):
+    with pytest.raises(BergsonError, match=r"diverges.*--ihvp_step_size"):
         solve(grads, eigen, corrected, DAMPING, "relative", IhvpOptions("lissa", 200, 0, 30.0), products)
 
 
 if __name__ == "__main__":
     state = _toy()
-    for damping, n in [(0.1, 5000), (1.0, 800)]:
-        astra, lissa = (
-            errors_by_step(state, "astra", n, damping=damping),
-            errors_by_step(state, "lissa", n, damping=damping),
-        )
-        print(f"relative error of v_k against the dense (G + {damping} mean(Λ) I)⁻¹ g, line-searched steps")
-        print("step  astra_rel_error  lissa_rel_error")
-        for k in [1, 2, 3, 5, 10, 20, 50, 100, 200, 300, 500, 800, 1000, 2000, 5000]:
+    for damping, n in [(0.1, 3000), (1.0, 600)]:
+        runs = {
+            (m, size): errors_by_step(state, m, n, damping=damping, step_size=size)
+            for m in ("astra", "lissa")
+            for size in (0.0, 0.5)
+        }
+        print(f"relative error of v_k against the dense (G + {damping} mean(Λ) I)⁻¹ g; step 0: line search")
+        print("step " + "".join(f"{m + ' step ' + str(size):>18}" for m, size in runs))
+        for k in [1, 2, 3, 5, 10, 20, 50, 100, 200, 300, 500, 1000, 2000, 3000]:
             if k <= n:
-                print(f"{k:4d}  {astra[k - 1]:15.3e}  {lissa[k - 1]:15.3e}")
+                print(f"{k:4d} " + "".join(f"{errs[k - 1]:18.3e}" for errs in runs.values()))
 
 
 def test_cli_astra_runs_end_to_end_records_itself_and_correlates_with_ekfac(tmp_path, model_dir, corpus_file):
@@ -244,3 +248,32 @@ def test_cli_astra_runs_end_to_end_records_itself_and_correlates_with_ekfac(tmp_
     with pytest.raises(BergsonError, match="diverges"):
         ekfac(cfg("bad3", ihvp="lissa", ihvp_steps=100, ihvp_step_size=40.0))
     assert not (tmp_path / "bad3" / "scores").exists()
+
+
+def test_custom_model_astra_from_python_converges_to_exact_influence():
+    from bergson.methods.custom import ekfac_scores, fit_ekfac
+    from tests.collect.test_generic import N, batched, data, loss_fn, mlp, naive
+
+    model, (x, y) = mlp(), data()
+    xq, yq = data(seed=9, n=3)
+    factors = fit_ekfac(model, batched(x, y, 4), loss_fn, progress=False)
+
+    def scores(**kw):
+        return ekfac_scores(
+            model, factors, batched(x, y, 5), [(xq, yq)], loss_fn, damping=1.0, progress=False, **kw
+        )
+
+    base = scores()
+    torch.testing.assert_close(scores(ihvp="astra", ihvp_steps=1), base, rtol=1e-12, atol=1e-14)
+    truth, query_truth = naive(model, x, y, bias=False), naive(model, xq, yq, bias=False)
+    want = torch.zeros(N, 3, dtype=torch.float64)
+    for name, g in truth.items():
+        lam = factors.corrected.tensors[name]["eigenvalues"]
+        fisher = g.reshape(N, -1).T @ g.reshape(N, -1) / N
+        eye = torch.eye(len(fisher), dtype=fisher.dtype)
+        want += g.reshape(N, -1) @ torch.linalg.solve(
+            fisher + lam.mean() * eye, query_truth[name].reshape(3, -1).T
+        )
+    got = scores(ihvp="astra", ihvp_steps=200)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    assert float((base - want).abs().max()) > 1e-3 * float(want.abs().max())  # EK-FAC alone is not exact

@@ -176,9 +176,11 @@ def solve(
     opts: IhvpOptions,
     products: Products,
     dtype: torch.dtype = torch.float64,
+    observe: Callable[[int, Mapping[str, torch.Tensor]], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(G + δI)⁻¹ g_q per module by ``opts.method`` (see the module docstring), and what to record:
-    the options and the relative residual ‖g - (G_B + δI) v_k‖ / ‖g‖ before each step k."""
+    the options and the relative residual ‖g - (G_B + δI) v_k‖ / ‖g‖ before each step k.
+    ``observe(k, v_{k+1})`` is called after each step (for convergence studies)."""
     opts.check()
     lams = {
         name: corrected.tensors[name]["eigenvalues"]
@@ -234,5 +236,7 @@ def solve(
             v[name] = v[name] + size * p[name]
             if ap is not None:
                 r[name] = r[name] - size * ap[name]
+        if observe is not None:
+            observe(step, v)
         logger.info("--ihvp %s step %d: relative residual %.3g", opts.method, step, rel)
     return v, {**opts.record(), "ihvp_residuals": residuals}
