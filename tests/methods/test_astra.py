@@ -137,7 +137,7 @@ def test_astra_and_lissa_converge_to_the_dense_solve_astra_far_sooner(toy):
 
     for tol in (1e-2, 1e-4, 1e-6):
         assert first(lissa, tol) > 3 * first(astra, tol)
-    assert first(astra, 1e-6) <= 200  # 151 measured
+    assert first(astra, 1e-6) <= 60  # about 45 measured; LiSSA about 200
     # the error falls: ten steps are well below one step's (EK-FAC's)
     assert astra[9] < 0.5 * astra[0]
 

@@ -16,7 +16,7 @@ itself, by stochastic Neumann (Richardson) iterations from v_0 = 0, r_k = g - (G
 
 Step lengths (``step_size``): 0 (the default) chooses each step's length by an exact line search
 on the quadratic ½ vᵀ(G_B + δI)v - gᵀv along the step's direction d (s = ⟨r, d⟩ / ⟨d, (G_B + δI) d⟩,
-per module and query: preconditioned steepest descent), which never increases the error on a
+per module and query: preconditioned steepest descent), which never increases the error in the (G_B + δI)-norm on a
 full batch. A fixed step is the textbook Neumann iteration: ASTRA s_k = ``step_size`` (after the
 first), LiSSA α = ``step_size`` / (λ_max + δ) per module with λ_max EK-FAC's (or K-FAC's) largest
 eigenvalue. A fixed iteration contracts only when the step is below 2 / λ_max of the operator
