@@ -232,6 +232,28 @@ class EkfacConfig(DampingOptions, QueryDataOptions, CollectOptions):
     per module (truncated SVD; the relative error is recorded in queries/factors.json), so that
     many queries share one cheap pass over the training data."""
 
+    ihvp: Literal["ekfac", "astra", "lissa"] = "ekfac"
+    """The inverse-Fisher-vector product of the queries: ekfac, EK-FAC's own; astra, iterations on the
+    Fisher preconditioned by EK-FAC (one step equals ekfac, more converge to the exact damped
+    inverse); lissa, the same iterations without the preconditioner (many more steps)."""
+
+    ihvp_steps: int = 10
+    """Iterations of --ihvp astra or lissa (each after the first is one pass over a batch of
+    training documents)."""
+
+    ihvp_batch_size: int = 0
+    """Training documents drawn (seeded by --ihvp_seed) for each iteration's Fisher-vector
+    product; 0: all of them (the exact product)."""
+
+    ihvp_step_size: float = 0.0
+    """0: each step's length by an exact line search on the batch's quadratic (never diverges on a
+    full batch); > 0, a fixed step: astra, the multiple of EK-FAC's step after the first (which is
+    EK-FAC's answer); lissa, a multiple of 1 / (largest EK-FAC eigenvalue + damping). A diverging
+    iteration is refused with a message."""
+
+    ihvp_seed: int = 0
+    """Seed of the documents drawn for each iteration with --ihvp_batch_size."""
+
     projected_queries: bool = False
     """Also write query_store/: the preconditioned queries projected with --projection_dim and
     --projection_seed like `bergson build`, for `bergson score --query_path` against a projected

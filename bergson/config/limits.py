@@ -86,6 +86,12 @@ LIMITS: dict[str, Limit] = {
     "sample_seed": _SEED,
     "fisher_seed": _SEED,
     "query_rank": _at_least(1, "the rank of each query's approximation", zero="full"),
+    "ihvp_steps": _at_least(1, "iterations of --ihvp astra or lissa"),
+    "ihvp_batch_size": _at_least(1, "training documents per iteration", zero="all of them"),
+    "ihvp_step_size": Limit(
+        low=0, open_low=True, unit="a multiple of the iteration's unit step", zero="line search"
+    ),
+    "ihvp_seed": _SEED,
     "top_k": _at_least(1, "rows shown per query", zero="none printed"),
     "QueryConfig.top_k": _at_least(1, "rows returned per query"),
     "ReportConfig.top_k": _at_least(1, "rows shown per query"),

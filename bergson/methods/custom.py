@@ -43,11 +43,14 @@ from ..transforms.preconditioners import (
 )
 from .ekfac import (
     BatchSource,
+    IhvpOptions,
+    batch_products,
     correction_sums,
     covariance_sums,
     example_gradients,
     precondition_queries,
     score_modules,
+    solve,
 )
 
 
@@ -137,6 +140,10 @@ class EkfacFactors:
     eigen: Factors
     corrected: Factors
     include_bias: bool = False
+    batches: list[Any] | None = None
+    """The batches the factors were fitted on, with ``loss_fn`` (which defines the Fisher): the
+    Fisher-vector products of ``ekfac_scores(ihvp="astra" | "lissa")`` run on them."""
+    loss_fn: LossFn | None = None
 
 
 def fit_ekfac(
@@ -156,7 +163,8 @@ def fit_ekfac(
     A = (1/T) Σ x xᵀ over the T positions (T = N for inputs without a sequence axis),
     S = (1/N) Σ g gᵀ, and Λ = (1/N) Σ_n (Q_Sᵀ G_n Q_A)²."""
     tracked = resolve_modules(model, modules)
-    source = BatchSource(model, list(batches), loss_fn, tracked, include_bias, progress)
+    batches = list(batches)
+    source = BatchSource(model, batches, loss_fn, tracked, include_bias, progress)
     sums, positions, n = covariance_sums(source, torch.float64)
     if n == 0:
         raise BergsonError("batches is empty: the Fisher is undefined")
@@ -165,7 +173,7 @@ def fit_ekfac(
     )
     corrections = correction_sums(source, eigen, torch.float64)
     corrected = Factors({k: {"eigenvalues": s / n} for k, s in corrections.items()})
-    return EkfacFactors(tracked, eigen, corrected, include_bias)
+    return EkfacFactors(tracked, eigen, corrected, include_bias, batches, loss_fn)
 
 
 def ekfac_scores(
@@ -178,15 +186,44 @@ def ekfac_scores(
     damping: float = 0.1,
     damping_mode: str = "relative",
     progress: bool = True,
+    ihvp: str = "ekfac",
+    ihvp_steps: int = 10,
+    ihvp_batch_size: int = 0,
+    ihvp_step_size: float = 0.0,
+    ihvp_seed: int = 0,
 ) -> torch.Tensor:
     """Influence scores [N, Q] = Σ_modules ⟨(F + δI)⁻¹ G_q, G_n⟩ of every training example n
     on every query q, both gradients of ``loss_fn`` (with the dataset's labels), scored as
-    ``bergson ekfac`` scores documents (:func:`bergson.methods.ekfac.score_modules`)."""
+    ``bergson ekfac`` scores documents (:func:`bergson.methods.ekfac.score_modules`).
+
+    ``ihvp``: "ekfac" (EK-FAC's own product), or "astra" / "lissa" (:mod:`bergson.methods.ekfac.ihvp`),
+    ``ihvp_steps`` iterations on the Fisher of the batches and loss the factors were fitted on,
+    ``ihvp_batch_size`` of those batches per iteration (0: all)."""
+    solver = IhvpOptions(ihvp, ihvp_steps, ihvp_batch_size, ihvp_step_size, ihvp_seed)
+    solver.check()
 
     def source(batches: Iterable[Any]) -> BatchSource:
         return BatchSource(model, list(batches), loss_fn, factors.modules, factors.include_bias, progress)
 
     grads = example_gradients(source(query_batches))
-    queries = precondition_queries(grads, factors.eigen, factors.corrected, damping, damping_mode)
+    solved = None
+    if solver.method != "ekfac":
+        if factors.batches is None or factors.loss_fn is None:
+            raise BergsonError(
+                f"ihvp={ihvp!r} needs the batches and loss the factors were fitted on; fit them with fit_ekfac"
+            )
+        products = batch_products(
+            model,
+            factors.batches,
+            factors.loss_fn,
+            factors.modules,
+            factors.include_bias,
+            ihvp_batch_size,
+            ihvp_seed,
+        )
+        solved = solve(grads, factors.eigen, factors.corrected, damping, damping_mode, solver, products)
+    queries = precondition_queries(
+        grads, factors.eigen, factors.corrected, damping, damping_mode, solved=solved
+    )
     per_module = score_modules(source(train_batches), queries, torch.float64)
     return torch.from_numpy(sum(per_module.values()))  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 
 from ...collect.losses import document_seed, targets
 from .command import STAGES, ekfac
+from .ihvp import IHVP_METHODS, IhvpOptions, batch_products, document_products, fisher_products, solve
 from .passes import (
     BatchSource,
     DocumentSource,
@@ -27,16 +28,21 @@ from .scoring import (
 )
 
 __all__ = [
+    "IHVP_METHODS",
     "STAGES",
     "BatchSource",
     "DocumentSource",
     "EkfacOptions",
+    "IhvpOptions",
     "Scores",
+    "batch_products",
     "correction_sums",
     "covariance_sums",
+    "document_products",
     "document_seed",
     "ekfac",
     "example_gradients",
+    "fisher_products",
     "fit_corrected_eigenvalues",
     "fit_covariances",
     "per_document_gradients",
@@ -47,6 +53,7 @@ __all__ = [
     "save_query_store",
     "score_documents",
     "score_modules",
+    "solve",
     "sum_over_ranks",
     "targets",
 ]

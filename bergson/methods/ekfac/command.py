@@ -6,7 +6,8 @@ Stages (each saved as safetensors + JSON under the run directory and skipped whe
     eigen/         their float64 eigendecompositions
     corrected/     EK-FAC eigenvalues: mean squared per-document gradient in the Kronecker eigenbasis
     queries/       inverse-Fisher-vector products of the query gradients, (F + δI)⁻¹ G_q
-                   (or their best rank-r approximations, with --query_rank r)
+                   (or their best rank-r approximations, with --query_rank r); with --ihvp astra
+                   or lissa, iterations on the Fisher itself (:mod:`.ihvp`), recorded in its metadata
     query_store/   with --projected_queries: those products projected like `bergson build`,
                    an ordinary store that `bergson score --query_path` scores against
     scores/        a scores store, one column per query: Σ_modules ⟨(F + δI)⁻¹ G_q, G_n⟩
@@ -45,6 +46,7 @@ from ...core.layout import module_shape
 from ...errors import BergsonError
 from ...models import announce_coverage, honours_numerics
 from ...transforms.ekfac import Factors, eigendecompose
+from .ihvp import IhvpOptions, document_products, solve
 from .passes import EkfacOptions, fit_corrected_eigenvalues, fit_covariances, query_gradients, rank_documents
 from .scoring import precondition_queries, save_query_store, score_documents
 
@@ -103,6 +105,8 @@ def ekfac(cfg: Any) -> Any:
             "--reward_column: EK-FAC scores use the plain next-token loss; advantage-weighted (GRPO) "
             "losses are available in build, score and query, not in bergson ekfac"
         )
+    solver = IhvpOptions(cfg.ihvp, cfg.ihvp_steps, cfg.ihvp_batch_size, cfg.ihvp_step_size, cfg.ihvp_seed)
+    solver.check()
     run = RunDir(
         cfg,
         command="ekfac",
@@ -147,6 +151,7 @@ def ekfac(cfg: Any) -> Any:
         "damping": cfg.damping,
         "damping_mode": cfg.damping_mode,
         "query_rank": cfg.query_rank,
+        **solver.record(),
         "run": str(root),
     }
     docs = load_docs(cfg.data, tokenizer, max_tokens)
@@ -193,11 +198,27 @@ def ekfac(cfg: Any) -> Any:
 
         # every rank takes part in a sharded model's forward and backward passes
         shared = query_gradients(model, qdocs, opts) if distributed.is_sharded(model) else None
+        if shared is not None and solver.method != "ekfac":
+            raise BergsonError(
+                f"--ihvp {solver.method}: its Fisher-vector products run on rank 0 alone, which a model "
+                "sharded over the ranks cannot do; use --ihvp ekfac or a model that fits on one device"
+            )
 
         def fit_queries(eigen: Factors, corrected: Factors | None) -> None:
             grads = shared if shared is not None else query_gradients(model, qdocs, opts)
+            solved = None
+            if solver.method != "ekfac":
+                products = document_products(model, docs, opts, solver.batch_size, solver.seed, opts.dtype)
+                solved = solve(grads, eigen, corrected, cfg.damping, cfg.damping_mode, solver, products)
+                if lead:
+                    logger.info(
+                        "--ihvp %s: %d steps, relative residual %.3g before the last",
+                        solver.method,
+                        solver.steps,
+                        solved[1]["ihvp_residuals"][-1],
+                    )
             precondition_queries(
-                grads, eigen, corrected, cfg.damping, cfg.damping_mode, cfg.query_rank, opts.dtype
+                grads, eigen, corrected, cfg.damping, cfg.damping_mode, cfg.query_rank, opts.dtype, solved
             ).save(root / "queries")
 
         distributed.on_rank_zero(partial(fit_queries, eigen, corrected), "preconditioning the queries")

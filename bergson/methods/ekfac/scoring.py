@@ -34,8 +34,12 @@ def precondition_queries(
     damping_mode: str,
     rank: int = 0,
     dtype: torch.dtype = torch.float64,
+    solved: tuple[Mapping[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> Factors:
     """(F + δI)⁻¹ G_q per module (EK-FAC eigenvalues, or K-FAC's when ``corrected`` is None).
+
+    ``solved``: products already computed by another iHVP (:func:`.ihvp.solve`: ASTRA or LiSSA)
+    and what to record of it in the metadata; they replace EK-FAC's own.
 
     With ``rank`` r > 0 each product P_q (out × in) is replaced by its best rank-r
     approximation U_r diag(s_r) V_rᵀ (truncated SVD), saved as ``left`` = U_r diag(s_r)
@@ -54,7 +58,11 @@ def precondition_queries(
         lam = (
             corrected.tensors[name]["eigenvalues"] if corrected is not None else kfac_eigenvalues(eigen, name)
         )
-        p = ihvp(eigen, lam, name, g.to(dtype), damping, damping_mode)
+        p = (
+            solved[0][name].to(dtype)
+            if solved
+            else ihvp(eigen, lam, name, g.to(dtype), damping, damping_mode)
+        )
         if rank == 0:
             out[name] = {"ihvp": p}
             continue
@@ -71,6 +79,7 @@ def precondition_queries(
         "damping": damping,
         "damping_mode": damping_mode,
         "rank": rank,
+        **(solved[1] if solved else {"ihvp": "ekfac"}),
     }
     if rank:
         meta["relative_error"] = errors
