@@ -321,9 +321,15 @@ def test_mixtral_fused_experts_and_router_are_counted_as_skipped(caplog):
     assert cov["embedding_params"] == v * h and cov["head_params"] == v * h and cov["low"]
     assert [(s["class"], s["reason"], s["params"]) for s in cov["skipped"]] == [
         ("MixtralExperts", "fused_experts", experts),
-        ("MixtralTopKRouter", "unsupported_type", router),
+        ("MixtralTopKRouter", "router", router),
     ]
     with caplog.at_level(logging.WARNING, logger="bergson.models"):
         announce_coverage(record)
-    assert "MixtralExperts" in caplog.text and "not supported yet" in caplog.text
+    assert "MixtralExperts" in caplog.text and "--track_experts tracks them" in caplog.text
     assert "--include_output_head" in caplog.text  # the head's option, named in the loud warning too
+    full = tracking_record(model, find_tracked_modules(model, track_experts=True))["coverage"]
+    assert (
+        full["tracked_params"] == attention + router + experts
+        and full["share"] == 1.0
+        and not full["skipped"]
+    )
