@@ -59,6 +59,15 @@ def post(url: str, body: object) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+def run_concurrently(worker, n: int) -> None:
+    """``worker(i)`` for i < n, each in its own thread, all started before any is awaited."""
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+
+
 def test_answer_matches_brute_force(server, report_stores, tmp_path):
     srv, _ = server
     assert srv.server_address[0] == "127.0.0.1"
@@ -117,12 +126,8 @@ def test_concurrent_requests_are_queued(server):
     def worker(i):
         results[i] = post(srv.url, {"text": texts[i]})
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(texts))]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(300)
+        run_concurrently(worker, len(texts))
     finally:
         live._compute = compute
     assert all(r is not None and r[0] == 200 for r in results), results
@@ -348,12 +353,8 @@ def test_fifty_concurrent_queries_are_queued_or_told_to_retry(server, max_waitin
         except OSError as e:  # a reset or a timeout
             results[i] = e
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(50)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(300)
+        run_concurrently(worker, 50)
     finally:
         live._compute = compute
         live.cfg = cfg
