@@ -38,6 +38,7 @@ def test_one_command_table_for_the_cli_and_the_launcher():
         "ekfac",
         "magic",
         "trackstar",
+        "trak",
     }
     for name, command in COMMANDS.items():
         cls = importlib.import_module(command.module).CONFIG
