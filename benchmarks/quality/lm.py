@@ -13,6 +13,9 @@ The recipe is trained once; its final weights and AdamW state (written as a torc
   of AdamW's bias-corrected second moments), scored with ``--unit_normalize``;
 * ``trackstar``: ``bergson trackstar`` (optimizer normalizer, mixed preconditioner, cosine);
 * ``ekfac``: ``bergson ekfac`` (EK-FAC influence, true Fisher);
+* ``astra``: ``bergson ekfac --ihvp astra --ihvp_steps 20`` (EK-FAC-preconditioned iterations
+  towards the exact inverse-Fisher product);
+* ``trak``: ``bergson trak`` with the one trained model (projected Gauss-Newton inverse);
 * ``magic``: ``bergson magic`` (trains the same recipe itself and differentiates through it).
 
 Then ``bergson validate`` retrains the recipe without random subsets of documents, once per
@@ -53,13 +56,15 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "examples" / "magic" / "tiny.yaml"
 ASSETS = REPO / "bergson" / "assets"
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("dot", "cosine", "cosine_opt", "trackstar", "ekfac", "magic")
+METHODS = ("dot", "cosine", "cosine_opt", "trackstar", "ekfac", "astra", "trak", "magic")
 LABELS = {
     "dot": "gradient dot",
     "cosine": "cosine",
     "cosine_opt": "cosine, optimizer-normalized",
     "trackstar": "TrackStar",
     "ekfac": "EK-FAC",
+    "astra": "ASTRA (20 steps)",
+    "trak": "TRAK (one model)",
     "magic": "MAGIC",
 }
 # the bergson commands each method needs (shared stores count for every method that uses them)
@@ -69,6 +74,8 @@ PIPELINES = {
     "cosine_opt": ("build_train_opt", "build_query_opt", "score_cosine_opt"),
     "trackstar": ("trackstar",),
     "ekfac": ("ekfac",),
+    "astra": ("astra",),
+    "trak": ("trak",),
     "magic": ("magic",),
 }
 STORES = {
@@ -77,6 +84,8 @@ STORES = {
     "cosine_opt": "scores_cosine_opt",
     "trackstar": "trackstar/scores",
     "ekfac": "ekfac/scores",
+    "astra": "astra/scores",
+    "trak": "trak/scores",
     "magic": "magic/scores",
 }
 
@@ -254,6 +263,18 @@ def commands(args: argparse.Namespace, work: Path, recipe: Path) -> dict[str, li
             str(args.docs),
         ],
         "ekfac": ["ekfac", str(work / "ekfac"), *model, *train, *query_group],
+        "astra": [
+            "ekfac",
+            str(work / "astra"),
+            *model,
+            *train,
+            *query_group,
+            "--ihvp",
+            "astra",
+            "--ihvp_steps",
+            "20",
+        ],
+        "trak": ["trak", str(work / "trak"), *model, *train, *query_group, *proj],
         "magic": ["magic", str(recipe), "--checkpoints", "sqrt"],
     }
 
