@@ -281,29 +281,15 @@ def document_vectors(
     )
 
 
-def measure(
-    model: nn.Module,
-    docs: TokenizedDocs,
-    *,
-    modules: Sequence[str] = (),
-    projection_dim: int = 16,
-    pad_token_id: int = 0,
-    track_experts: bool = False,
-) -> dict[str, Any]:
-    """Relative errors of batched against one-by-one gradient vectors, per document.
+def measure(model: nn.Module, docs: TokenizedDocs, **options: Any) -> dict[str, Any]:
+    """Relative errors of batched against one-by-one gradient vectors, per document, from the
+    vectors :func:`document_vectors` collects with ``options`` (its keyword arguments).
 
     Returns the per-document errors of the right-padded mixed-length batch ('padded') and
     of the equal-length batch ('equal_length'), their maxima, the common length and the
     module whose own vectors disagree the most.
     """
-    v = document_vectors(
-        model,
-        docs,
-        modules=modules,
-        projection_dim=projection_dim,
-        pad_token_id=pad_token_id,
-        track_experts=track_experts,
-    )
+    v = document_vectors(model, docs, **options)
     pairs = {"padded": (v.alone, v.padded), "equal_length": (v.equal_alone, v.equal)}
     out: dict[str, Any] = {"common_length": v.common_length, "blocks": len(v.dims)}
     worst_module, worst = None, -1.0

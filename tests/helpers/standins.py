@@ -50,7 +50,7 @@ def make_standins(root: Path, docs: int = 24, chars: int = 600) -> Path:
 
     root = Path(root)
     if (root / ".standins-ready").is_file():
-        return root
+        return _checked(root)
     shutil.copytree(ASSETS / "tiny-pythia", root / PYTHIA, dirs_exist_ok=True)
     texts = [t[:chars] for t in corpus_texts(docs)]
     _write_jsonl(root / PILE / "train.jsonl", [{"text": t, "meta": {"i": i}} for i, t in enumerate(texts)])
@@ -77,4 +77,12 @@ def make_standins(root: Path, docs: int = 24, chars: int = 600) -> Path:
     )
     _save_model(GPT2LMHeadModel(gpt2).eval(), root / GPT2)
     (root / ".standins-ready").write_text("")
+    return _checked(root)
+
+
+def _checked(root: Path) -> Path:
+    """``root``, once every hub id the tests name is a local directory there, so that loading it
+    (with the hub switched off in tests/conftest.py) can never fall through to a download."""
+    missing = [h for h in (PYTHIA, PILE, TINYSTORIES, GPT2, WIKITEXT) if not (root / h).is_dir()]
+    assert not missing, f"stand-ins missing under {root}: {missing}"
     return root
