@@ -44,6 +44,7 @@ import importlib
 import json
 import os
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -56,7 +57,8 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "examples" / "magic" / "tiny.yaml"
 ASSETS = REPO / "bergson" / "assets"
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("dot", "cosine", "cosine_opt", "trackstar", "ekfac", "astra", "trak", "magic")
+METHODS = ("dot", "cosine", "cosine_opt", "trackstar", "ekfac", "astra", "lissa", "trak", "trak4", "magic")
+ENSEMBLE_SEEDS = (1, 2, 3)  # data-order seeds of the extra models of TRAK's 4-model ensemble
 LABELS = {
     "dot": "gradient dot",
     "cosine": "cosine",
@@ -64,7 +66,9 @@ LABELS = {
     "trackstar": "TrackStar",
     "ekfac": "EK-FAC",
     "astra": "ASTRA (20 steps)",
+    "lissa": "LiSSA (20 steps)",
     "trak": "TRAK (one model)",
+    "trak4": "TRAK (4 models)",
     "magic": "MAGIC",
 }
 # the bergson commands each method needs (shared stores count for every method that uses them)
@@ -75,7 +79,9 @@ PIPELINES = {
     "trackstar": ("trackstar",),
     "ekfac": ("ekfac",),
     "astra": ("astra",),
+    "lissa": ("lissa",),
     "trak": ("trak",),
+    "trak4": (*(f"train_seed{s}" for s in ENSEMBLE_SEEDS), "trak4"),
     "magic": ("magic",),
 }
 STORES = {
@@ -85,7 +91,9 @@ STORES = {
     "trackstar": "trackstar/scores",
     "ekfac": "ekfac/scores",
     "astra": "astra/scores",
+    "lissa": "lissa/scores",
     "trak": "trak/scores",
+    "trak4": "trak4/scores",
     "magic": "magic/scores",
 }
 
@@ -145,8 +153,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------- the workload
 
 
-def make_recipe(args: argparse.Namespace, work: Path) -> Path:
-    """The example recipe on ``--docs`` documents and ``--epochs`` epochs, written to work/recipe.yaml."""
+def make_recipe(args: argparse.Namespace, work: Path, seed: int | None = None) -> Path:
+    """The example recipe on ``--docs`` documents and ``--epochs`` epochs, written to work/recipe.yaml
+    (with ``seed``, the same recipe with another data-order seed, work/recipe_seed<seed>.yaml)."""
     from bergson.config import MagicConfig, load_yaml, save_yaml
 
     cfg = load_yaml(MagicConfig, RECIPE)
@@ -163,11 +172,11 @@ def make_recipe(args: argparse.Namespace, work: Path) -> Path:
             split=f"train[:{args.queries}]",
             max_length=args.max_length,
         ),
-        training=replace(cfg.training, epochs=args.epochs),
+        training=replace(cfg.training, epochs=args.epochs, seed=cfg.training.seed if seed is None else seed),
         query_mode="individual",
         per_token=False,
     )
-    path = work / "recipe.yaml"
+    path = work / ("recipe.yaml" if seed is None else f"recipe_seed{seed}.yaml")
     save_yaml(cfg, path)
     return path
 
@@ -263,18 +272,32 @@ def commands(args: argparse.Namespace, work: Path, recipe: Path) -> dict[str, li
             str(args.docs),
         ],
         "ekfac": ["ekfac", str(work / "ekfac"), *model, *train, *query_group],
-        "astra": [
-            "ekfac",
-            str(work / "astra"),
-            *model,
+        **{
+            solver: [
+                "ekfac",
+                str(work / solver),
+                *model,
+                *train,
+                *query_group,
+                "--ihvp",
+                solver,
+                "--ihvp_steps",
+                "20",
+            ]
+            for solver in ("astra", "lissa")
+        },
+        "trak": ["trak", str(work / "trak"), *model, *train, *query_group, *proj],
+        "trak4": [
+            "trak",
+            str(work / "trak4"),
+            "--models",
+            ckpt,
+            *(str(work / f"checkpoint_seed{s}") for s in ENSEMBLE_SEEDS),
+            *model[2:],
             *train,
             *query_group,
-            "--ihvp",
-            "astra",
-            "--ihvp_steps",
-            "20",
+            *proj,
         ],
-        "trak": ["trak", str(work / "trak"), *model, *train, *query_group, *proj],
         "magic": ["magic", str(recipe), "--checkpoints", "sqrt"],
     }
 
@@ -361,12 +384,13 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
     save_json(out, "lm", result)
     protocols = [p["name"] for p in result["protocols"]]
     methods = result["methods"]
-    header = ["method", *(f"{p} Spearman" for p in protocols), "scoring wall s"]
+    header = ["method", *(f"{p} Spearman" for p in protocols), "scoring wall s", "cost (training runs)"]
     rows = [
         [
             LABELS[m],
             *(fmt_corr(e["quality"][p]["mean_spearman"], e["quality"][p]["std_spearman"]) for p in protocols),
             f"{e['scoring_wall_s']:.1f}",
+            f"{e['training_runs']:.2f}",
         ]
         for m, e in methods.items()
     ]
@@ -383,7 +407,9 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
         f"prompt/completion queries. {retrains}. Each cell is the Spearman correlation over retrains "
         "between the measured change of a query's loss and the sum of the removed documents' scores, "
         "mean ± std over the queries. Scoring wall time is each method's own bergson commands "
-        f"(training the shared checkpoint took {result['train_s']:.1f} s; MAGIC trains by itself).\n",
+        f"(training the shared checkpoint took {result['train_s']:.1f} s; MAGIC trains by itself; the "
+        "4-model TRAK ensemble includes training its 3 extra models). Cost divides it by one training "
+        f"run of the recipe, the median retrain ({result['training_run_s']:.1f} s).\n",
         markdown_table(header, rows),
         f"\nTracked modules `{' '.join(w['modules'])}`, projection p = {w['projection_dim']} for the "
         f"build stores. Measured from {mach['date_utc']} UTC on {mach['cpus']} CPU cores, 1-minute load "
@@ -429,6 +455,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     needed = list(dict.fromkeys(s for m in args.methods for s in PIPELINES[m]))
     for name in needed:
+        if name.startswith("train_seed"):  # another model of an ensemble: the recipe with another seed
+            seed = int(name.removeprefix("train_seed"))
+            path = make_recipe(args, work, seed)
+            out = work / f"checkpoint_seed{seed}"
+            steps.run(name, ["train", str(path)], lambda path=path, out=out: train_checkpoint(path, out))
+            continue
         steps.run(name, cmds[name], lambda name=name: bergson(cmds[name]))
     stores = {m: str(work / STORES[m]) for m in args.methods}
     protocols = [("lds", 0.5)] + [("leave_k_out", f) for f in args.fractions]
@@ -463,10 +495,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     now = machine()
     loads = [v["load_avg_1m"] for v in steps.done.values() if "load_avg_1m" in v] or [now["load_avg_1m"]]
     mach = {"cpus": os.cpu_count(), "date_utc": steps.done["train"].get("date_utc", now["date_utc"])}
+    # one training run: every retrain runs the recipe's steps (removed documents only weigh 0), so the
+    # median retrain is the cost of one plain training run of the recipe in this process
+    run_s = float(statistics.median(retrains.values()))
     methods = {
         m: {
             "label": LABELS[m],
             "scoring_wall_s": round(sum(steps.done[s]["seconds"] for s in PIPELINES[m]), 2),
+            "training_runs": round(sum(steps.done[s]["seconds"] for s in PIPELINES[m]) / run_s, 2),
             "steps": {s: steps.done[s]["seconds"] for s in PIPELINES[m]},
             "scores": shown_path(stores[m]),
             "quality": quality[m],
@@ -492,6 +528,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train_s": trained["seconds"],
         "retrain_s": round(sum(retrains.values()), 2),
         "retrains": len(retrains),
+        "training_run_s": round(run_s, 2),
         "compute_s": round(sum(v["seconds"] for v in steps.done.values()) + sum(retrains.values()), 2),
         "load_avg_1m_range": [min(loads), max(loads)],
         "defaults": args.defaults,
