@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -288,8 +289,12 @@ def method_scores(
     methods: tuple[str, ...],
     projection_dim: int = 0,
     seed: int = 0,
+    seconds: dict[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Scores [N, Q] of every method through bergson's Python API (and the two references)."""
+    """Scores [N, Q] of every method through bergson's Python API (and the two references);
+    ``seconds``, when given, receives each method's wall time (stores shared by two methods are
+    counted in full for each)."""
+    clock: dict[str, float] = {} if seconds is None else seconds
     train_b = batches(data.x_train, data.y_train)
     query_b = batches(data.x_test, data.y_test)
     common = {"projection_dim": projection_dim, "include_bias": True, "progress": False, "seed": seed}
@@ -300,39 +305,109 @@ def method_scores(
                 second_moments[f"{name}.weight"], second_moments[f"{name}.bias"], eps=recipe.eps
             )
     out: dict[str, np.ndarray] = {}
-    need_plain = {"dot", "cosine"} & set(methods)
-    need_norm = {"cosine_adam", "trackstar"} & set(methods)
-    if need_plain:
-        train = bergson.per_example_gradients(model, train_b, loss_fn, **common)
-        queries = bergson.per_example_gradients(model, query_b, loss_fn, **common)
+
+    def timed(name: str, fn: Callable[[], np.ndarray], shared: float = 0.0) -> None:
+        start = time.perf_counter()
+        out[name] = fn()
+        clock[name] = shared + time.perf_counter() - start
+
+    def gradients(**kw: Any) -> tuple[Any, Any, float]:
+        start = time.perf_counter()
+        train = bergson.per_example_gradients(model, train_b, loss_fn, **kw, **common)
+        queries = bergson.per_example_gradients(model, query_b, loss_fn, **kw, **common)
+        return train, queries, time.perf_counter() - start
+
+    if {"dot", "cosine"} & set(methods):
+        train, queries, spent = gradients()
         if "dot" in methods:
-            out["dot"] = bergson.gradient_scores(train, queries).numpy()
+            timed("dot", lambda: bergson.gradient_scores(train, queries).numpy(), spent)
         if "cosine" in methods:
-            out["cosine"] = bergson.gradient_scores(train, queries, unit_normalize=True).numpy()
-    if need_norm:
-        train = bergson.per_example_gradients(model, train_b, loss_fn, normalizers=normalizers, **common)
-        queries = bergson.per_example_gradients(model, query_b, loss_fn, normalizers=normalizers, **common)
+            timed(
+                "cosine", lambda: bergson.gradient_scores(train, queries, unit_normalize=True).numpy(), spent
+            )
+    if {"cosine_adam", "trackstar"} & set(methods):
+        train, queries, spent = gradients(normalizers=normalizers)
         if "cosine_adam" in methods:
-            out["cosine_adam"] = bergson.gradient_scores(train, queries, unit_normalize=True).numpy()
+            timed(
+                "cosine_adam",
+                lambda: bergson.gradient_scores(train, queries, unit_normalize=True).numpy(),
+                spent,
+            )
         if "trackstar" in methods:
-            out["trackstar"] = bergson.trackstar_scores(train, queries, components=10).numpy()
-    if "ekfac" in methods:
-        factors = bergson.fit_ekfac(model, train_b, sampled_loss_fn(seed), include_bias=True, progress=False)
-        out["ekfac"] = bergson.ekfac_scores(model, factors, train_b, query_b, loss_fn, progress=False).numpy()
+            timed("trackstar", lambda: bergson.trackstar_scores(train, queries, components=10).numpy(), spent)
+    for name, solver in (("ekfac", "ekfac"), ("astra", "astra"), ("lissa", "lissa")):
+        if name in methods:
+            timed(name, lambda solver=solver: ekfac_family(model, train_b, query_b, seed, solver))
+    if "trak" in methods:
+        timed("trak", lambda: trak_model_scores(model, data, projection_dim, seed))
+    if "trak4" in methods:
+
+        def ensemble() -> np.ndarray:
+            models = [model] + [trained(kind, data, recipe, seed + k)[0] for k in range(1, 4)]
+            return np.mean([trak_model_scores(m, data, projection_dim, seed) for m in models], axis=0)
+
+        timed("trak4", ensemble)
     if "magic" in methods:
-        out["magic"] = magic_scores(model, data, recipe, seed)
+        timed("magic", lambda: magic_scores(model, data, recipe, seed))
     if "exact_if" in methods:
-        out["exact_if"] = exact_influence(model, data, recipe)
+        timed("exact_if", lambda: exact_influence(model, data, recipe))
     return out
 
 
-METHODS = ("dot", "cosine", "cosine_adam", "trackstar", "ekfac", "magic", "exact_if")
+IHVP_STEPS = 20
+
+
+def ekfac_family(
+    model: nn.Module, train_b: list[Batch], query_b: list[Batch], seed: int, solver: str
+) -> np.ndarray:
+    """EK-FAC influence (true Fisher), its inverse-Fisher product by EK-FAC itself or by
+    ``IHVP_STEPS`` ASTRA or LiSSA iterations on the Fisher of the training batches."""
+    factors = bergson.fit_ekfac(model, train_b, sampled_loss_fn(seed), include_bias=True, progress=False)
+    return bergson.ekfac_scores(
+        model,
+        factors,
+        train_b,
+        query_b,
+        loss_fn,
+        progress=False,
+        ihvp=solver,
+        **({} if solver == "ekfac" else {"ihvp_steps": IHVP_STEPS}),
+    ).numpy()
+
+
+def trak_model_scores(model: nn.Module, data: Digits, projection_dim: int, seed: int) -> np.ndarray:
+    """TRAK for one trained model: projected per-example gradients Φ, Q = 1 − p(label) of each
+    training example, diag(Q) Φ (ΦᵀΦ + λI)⁻¹ Φ_qᵀ (:func:`bergson.trak_scores`, damping 0.1 relative)."""
+    common = {"projection_dim": projection_dim, "include_bias": True, "progress": False, "seed": seed}
+    train = bergson.per_example_gradients(model, batches(data.x_train, data.y_train), loss_fn, **common)
+    queries = bergson.per_example_gradients(model, batches(data.x_test, data.y_test), loss_fn, **common)
+    q = -np.expm1(-train.losses.double().numpy())  # 1 - p(label): the loss is -log p
+    return bergson.trak_scores(train.vectors.numpy(), queries.vectors.numpy(), q)
+
+
+METHODS = (
+    "dot",
+    "cosine",
+    "cosine_adam",
+    "trackstar",
+    "ekfac",
+    "astra",
+    "lissa",
+    "trak",
+    "trak4",
+    "magic",
+    "exact_if",
+)
 LABELS = {
     "dot": "gradient dot",
     "cosine": "gradient cosine",
     "cosine_adam": "cosine, Adam-normalized",
     "trackstar": "TrackStar",
     "ekfac": "EK-FAC",
+    "astra": "ASTRA (20 steps)",
+    "lissa": "LiSSA (20 steps)",
+    "trak": "TRAK (one model)",
+    "trak4": "TRAK (4 models)",
     "magic": "MAGIC",
     "exact_if": "exact IF (full Hessian)",
 }
