@@ -224,6 +224,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = save_json(Path(args.out_dir), "classifier", report)
     write_markdown(report, out / "classifier.md")
     write_plot(report, out / "classifier.png")
+    if out.resolve() == RESULTS:
+        from .choose import write_page
+
+        write_page()
     return report
 
 

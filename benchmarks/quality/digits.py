@@ -363,6 +363,7 @@ def ekfac_family(
     """EK-FAC influence (true Fisher), its inverse-Fisher product by EK-FAC itself or by
     ``IHVP_STEPS`` ASTRA or LiSSA iterations on the Fisher of the training batches."""
     factors = bergson.fit_ekfac(model, train_b, sampled_loss_fn(seed), include_bias=True, progress=False)
+    iterations: dict[str, Any] = {} if solver == "ekfac" else {"ihvp_steps": IHVP_STEPS}
     return bergson.ekfac_scores(
         model,
         factors,
@@ -371,7 +372,7 @@ def ekfac_family(
         loss_fn,
         progress=False,
         ihvp=solver,
-        **({} if solver == "ekfac" else {"ihvp_steps": IHVP_STEPS}),
+        **iterations,
     ).numpy()
 
 

@@ -536,6 +536,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "methods": methods,
     }
     write_outputs(result, args.out)
+    if args.out.resolve() == RESULTS:
+        from .choose import write_page
+
+        write_page()
     print(json.dumps(result, indent=2))
     return result
 

@@ -258,6 +258,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"\nReproduce:\n\n```bash\n{result['command']}\n```\n",
     ]
     (args.out / "two_stage.md").write_text("\n".join(text))
+    if args.out.resolve() == RESULTS:
+        from .choose import write_page
+
+        write_page()
     print(json.dumps(result, indent=2))
     return result
 
