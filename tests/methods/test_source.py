@@ -158,6 +158,16 @@ def test_trainer_directories_give_the_hand_computed_segments(tmp_path):
     assert stages[0]["logged_learning_rates"] == 3 and stages[1]["optimizer"] == "adamw_torch"
     _, lrs, notes = stage_schedule(second)
     assert notes["final_step"] == 3 and lrs == [0.01] * 3
+    # without an optimizer named in the state, the newest checkpoint's optimizer.pt tells
+    assert "optimizer" not in stages[0]
+    param = torch.nn.Parameter(torch.zeros(2))
+    for opt, expected in ((torch.optim.AdamW([param], lr=0.1), "adam (from optimizer.pt: betas (0.9, 0.999))"),
+                          (torch.optim.SGD([param], lr=0.1, momentum=0.9), "sgd (from optimizer.pt: momentum 0.9)"),
+                          (torch.optim.SGD([param], lr=0.1), "sgd (from optimizer.pt)")):  # fmt: skip
+        torch.save(opt.state_dict(), first / "checkpoint-4" / "optimizer.pt")
+        assert stage_schedule(first)[2]["optimizer"] == expected
+    (first / "checkpoint-4" / "optimizer.pt").write_bytes(b"not a torch file")
+    assert "optimizer" not in stage_schedule(first)[2]
 
 
 @pytest.mark.parametrize(
@@ -214,6 +224,8 @@ def lm(tmp_path_factory, model_dir, corpus_file):
         random_neox_dir(trainer / f"checkpoint-{step}", hidden=32, layers=2, heads=2, intermediate=64,
                         max_positions=512, seed=seed)  # fmt: skip
     (trainer / "trainer_state.json").write_text(_state({1: 0.1, 3: 0.05, 4: 0.02}, 4))
+    adam = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    torch.save(adam.state_dict(), trainer / "checkpoint-4" / "optimizer.pt")
     data = DataConfig(dataset=str(corpus_file), split="train[:6]", truncation=True, max_length=16)
     query = DataConfig(dataset=str(corpus_file), split="train[6:8]", truncation=True, max_length=16)
     common = dict(
@@ -240,7 +252,7 @@ def test_one_long_segment_equals_ekfac(lm, model_dir):
     assert ours.manifest.score["orientation"] == theirs.manifest.score["orientation"]
 
 
-def test_trainer_run_equals_the_explicit_call_resumes_and_sums_its_tokens(lm):
+def test_trainer_run_equals_the_explicit_call_resumes_and_sums_its_tokens(lm, caplog):
     from bergson.methods.source import source
 
     root, trainer, common = lm
@@ -261,6 +273,9 @@ def test_trainer_run_equals_the_explicit_call_resumes_and_sums_its_tokens(lm):
     score = cli.manifest.score
     assert [s["learning_rate_sum"] for s in score["segments"]] == pytest.approx([0.2, 0.02])
     assert score["unroll"] == "exp" and score["query_model"] == models[1]
+    # the run's optimizer (from checkpoint-4/optimizer.pt) was Adam: announced and recorded
+    assert "adam" in score["stages"][0]["optimizer"] and "adam" in score["optimizer_note"]
+    assert any("optimizer was adam" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     loss_tokens = np.asarray(cli.rows["num_tokens"]) - 1  # plain text: every token but the first
     assert score["curvature_scale"] == pytest.approx(len(loss_tokens) / loss_tokens.sum())
     # the segments differ, and both count

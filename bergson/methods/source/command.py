@@ -153,7 +153,14 @@ def source(cfg: Any) -> Any:
                     "source: %s stands for no optimizer step; its segment adds nothing", seg.checkpoint
                 )
         if adam:
-            logger.warning("source: the trainer state names the optimizer %s. %s", ", ".join(adam), SGD_NOTE)
+            logger.warning("source: the training run's optimizer was %s. %s", ", ".join(adam), SGD_NOTE)
+        momentum = [o for o in optimizers if "momentum" in o]
+        if momentum:
+            logger.warning(
+                "source: the training run used %s; SOURCE does not model momentum (the effective rate is "
+                "about η / (1 - momentum): give the rates explicitly with --models to account for it)",
+                ", ".join(momentum),
+            )
     query_model = cfg.query_model or segments[-1].checkpoint
     if not still_to_do(lambda: is_store(root / "scores")):
         return load_gradients(root / "scores")
@@ -169,7 +176,8 @@ def source(cfg: Any) -> Any:
         "query_model": query_model,
         "segments": [s.record() for s in segments],
         "stages": stages,
-        "optimizer_note": SGD_NOTE + (f" (the trainer state names {', '.join(adam)})" if adam else ""),
+        "optimizer_note": SGD_NOTE
+        + (f" (the run's optimizer: {', '.join(optimizers)})" if optimizers else ""),
         "run": str(root),
     }
 

@@ -8,7 +8,9 @@ entries with ``step`` and ``learning_rate`` give the rates; a step without an en
 takes the rate of the next logged step (the last logged one after it), piecewise constant. Each
 step goes to the checkpoint nearest the step's middle (ties to the earlier one): checkpoint i
 covers the steps from the midpoint with the previous checkpoint (or step 0) to the midpoint with
-the next (or the stage's final step). Several directories are successive stages (pretraining,
+the next (or the stage's final step). The optimizer is the one the trainer state names, else
+the one the newest checkpoint's ``optimizer.pt`` shows (Adam's betas, SGD's momentum), recorded
+since SOURCE models plain gradient descent. Several directories are successive stages (pretraining,
 then fine-tuning): their steps continue one after the other.
 """
 
@@ -126,7 +128,9 @@ def stage_schedule(root: Path) -> tuple[list[tuple[int, Path]], list[float], dic
         while j < len(marks) - 1 and marks[j] < step:
             j += 1
         lrs.append(logged[marks[j]])
-    optimizer = state.get("optimizer") or state.get("optim")
+    optimizer = (
+        state.get("optimizer") or state.get("optim") or optimizer_of(checkpoints[-1][1] / "optimizer.pt")
+    )
     notes: dict[str, Any] = {
         "trainer_state": str(path),
         "logged_learning_rates": len(logged),
@@ -135,6 +139,30 @@ def stage_schedule(root: Path) -> tuple[list[tuple[int, Path]], list[float], dic
     if optimizer:
         notes["optimizer"] = str(optimizer)
     return checkpoints, lrs, notes
+
+
+def optimizer_of(path: Path) -> str:
+    """What a Trainer checkpoint's ``optimizer.pt`` (a torch optimizer state dict) says the
+    optimizer was: "adam" (its parameter groups have betas), "sgd" (with its momentum, if any), or
+    "" when there is no such file or it cannot be read safely."""
+    if not path.is_file():
+        return ""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a file torch cannot read safely says nothing about the optimizer
+        return ""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not groups or not isinstance(groups[0], dict):
+        return ""
+    group = groups[0]
+    if "betas" in group:
+        return f"adam (from {path.name}: betas {tuple(group['betas'])})"
+    if "momentum" in group:
+        mu = float(group["momentum"] or 0)
+        return f"sgd (from {path.name}: momentum {mu})" if mu > 0 else f"sgd (from {path.name})"
+    return ""
 
 
 def trainer_segments(dirs: list[str]) -> tuple[list[Segment], list[dict[str, Any]]]:
