@@ -21,7 +21,7 @@ import itertools
 import logging
 import math
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +128,8 @@ def source(cfg: Any) -> Any:
         )
     if cfg.data.reward_column or cfg.query.reward_column:
         raise BergsonError("--reward_column: SOURCE scores use the plain next-token loss; drop the option")
-    if cfg.projection_dim != 16 or cfg.projection_seed != 0:
+    defaults = {f.name: f.default for f in fields(cfg)}
+    if cfg.projection_dim != defaults["projection_dim"] or cfg.projection_seed != defaults["projection_seed"]:
         raise BergsonError(
             "--projection_dim / --projection_seed: SOURCE scores full per-module gradients (no projection); "
             "leave them out"
