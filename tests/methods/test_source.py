@@ -117,6 +117,11 @@ def test_multi_step_segments_are_exact_when_curvature_and_gradients_are_constant
     products = unrolled_queries(query, segments, damping=0.0, damping_mode="absolute", unroll="discrete")
     ours = _scores(products, [c, c])[:, 0]
     torch.testing.assert_close(ours, truth, rtol=1e-10, atol=1e-12)
+    # the same with (eigen, eigenvalues, lrs) tuples and the eigenvalues as a corrected-stage Factors
+    curvatures = [_kronecker_identity(a[s], d_out) for s in range(2)]
+    tuples = [(e, Factors({"w": {"eigenvalues": v["w"]}}), lrs) for (e, v), lrs in zip(curvatures, schedule)]
+    again = unrolled_queries(query, tuples, damping=0.0, damping_mode="absolute", unroll="discrete")
+    torch.testing.assert_close(_scores(again, [c, c])[:, 0], ours, rtol=0, atol=0)
     # the exp form is not exact here ...
     approx = _scores(unrolled_queries(query, segments, 0.0, "absolute", "exp"), [c, c])[:, 0]
     assert (approx - truth).abs().max() > 1e-4
@@ -296,7 +301,7 @@ def test_trainer_run_equals_the_explicit_call_resumes_and_sums_its_tokens(lm, ca
     np.testing.assert_array_equal(_values(load_gradients(run / "scores")), before)
 
 
-def test_the_command_refuses_and_announces(lm, capfd):
+def test_the_command_refuses_bad_input_with_exit_1(lm, capfd):
     root, trainer, common = lm
     from bergson.methods.source import source
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -43,7 +44,8 @@ class Curvature:
     the learning rate of each of the segment's steps."""
 
     eigen: Factors
-    eigenvalues: Mapping[str, torch.Tensor] | None
+    eigenvalues: Mapping[str, torch.Tensor] | Factors | None
+    """Per module [out, in]; a :class:`Factors` of EK-FAC's ``corrected`` stage is read as such."""
     lrs: Sequence[float]
 
 
@@ -84,6 +86,8 @@ def step_functions(lam: torch.Tensor, lrs: Sequence[float], unroll: str) -> tupl
 
 
 def _eigenvalues(curvature: Curvature, name: str) -> torch.Tensor:
+    if isinstance(curvature.eigenvalues, Factors):
+        return curvature.eigenvalues.tensors[name]["eigenvalues"].double()
     if curvature.eigenvalues is not None:
         return curvature.eigenvalues[name].double()
     return kfac_eigenvalues(curvature.eigen, name).double()
@@ -91,16 +95,19 @@ def _eigenvalues(curvature: Curvature, name: str) -> torch.Tensor:
 
 def unroll_segment(
     queries: Mapping[str, torch.Tensor],
-    curvature: Curvature,
+    curvature: Curvature | tuple[Any, ...],
     damping: float = 0.1,
     damping_mode: str = "relative",
     unroll: str = "exp",
     scale: float = 1.0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One segment of :func:`unrolled_queries`: (R q, S q) per module for the queries q handed to
-    the segment (per module [nq, out, in]), in float64."""
+    the segment (per module [nq, out, in]), in float64. ``curvature`` is a :class:`Curvature` or
+    the tuple (eigen, eigenvalues, lrs)."""
     if not scale > 0:
         raise BergsonError(f"--curvature_scale {scale}: must be > 0")
+    if not isinstance(curvature, Curvature):
+        curvature = Curvature(*curvature)
     products: dict[str, torch.Tensor] = {}
     handed: dict[str, torch.Tensor] = {}
     for name, g in queries.items():
@@ -117,7 +124,7 @@ def unroll_segment(
 
 def unrolled_queries(
     query_grads: Mapping[str, torch.Tensor],
-    segments: Sequence[Curvature],
+    segments: Sequence[Curvature | tuple[Any, ...]],
     damping: float = 0.1,
     damping_mode: str = "relative",
     unroll: str = "exp",
