@@ -62,6 +62,9 @@ _EXPORTS = {
     "trak": "bergson.methods.trak",
     "trak_scores": "bergson.methods.trak",
     "TrakConfig": "bergson.config",
+    "source": "bergson.methods.source",
+    "unrolled_queries": "bergson.methods.source",
+    "SourceConfig": "bergson.config",
     "ekfac": "bergson.methods.ekfac",
     "EkfacConfig": "bergson.config",
     "normalizers_from_optimizer_state": "bergson.transforms.optimizer_state",
@@ -132,6 +135,9 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "trak",
     "trak_scores",
     "TrakConfig",
+    "source",
+    "unrolled_queries",
+    "SourceConfig",
     "ekfac",
     "EkfacConfig",
     "normalizers_from_optimizer_state",
@@ -177,6 +183,7 @@ if TYPE_CHECKING:
         ReportConfig,
         ScoreConfig,
         ServeConfig,
+        SourceConfig,
         TrackstarConfig,
         TrainingConfig,
         TrakConfig,
@@ -200,6 +207,7 @@ if TYPE_CHECKING:
     )
     from .methods.ekfac import ekfac
     from .methods.magic import magic
+    from .methods.source import source, unrolled_queries
     from .methods.trackstar import trackstar
     from .methods.trak import trak, trak_scores
     from .models import find_tracked_modules, load_model

@@ -475,3 +475,54 @@ def command_of(cfg: object) -> str:
     from ..core.commands import COMMANDS
 
     return next((name for name, c in COMMANDS.items() if c.config == type(cfg).__name__), "")
+
+
+@dataclass
+class SourceConfig(DampingOptions, QueryDataOptions, CollectOptions):
+    """Options of ``bergson source``: SOURCE (approximate unrolled differentiation) over the
+    checkpoints of a training run, one EK-FAC curvature per segment of training."""
+
+    models: list[str] = field(default_factory=list)
+    """The checkpoints, in training order, one per segment (with --segment_steps and
+    --segment_learning_rates); --model gives one. Not with --segments."""
+
+    segments: list[str] = field(default_factory=list)
+    """Hugging Face Trainer output directories (checkpoint-N/ and trainer_state.json), one per
+    training stage in order (e.g. pretraining then fine-tuning): the checkpoints, the steps and the
+    logged learning rates are read from them. Not with --models."""
+
+    segment_steps: list[int] = field(default_factory=list)
+    """With --models: the optimizer steps each checkpoint's segment stands for."""
+
+    segment_learning_rates: list[float] = field(default_factory=list)
+    """With --models: the learning rate of each segment's steps."""
+
+    query_model: str = ""
+    """The model whose query gradients are unrolled backwards (default: the last checkpoint)."""
+
+    unroll: Literal["exp", "discrete"] = "exp"
+    """How a segment's steps act on the curvature's eigenvalues λ: exp, exp(-λ Σ η) (the SOURCE
+    paper's); discrete, Π (1 - η λ) over the segment's steps (exact gradient descent on a quadratic)."""
+
+    curvature_scale: float = 0.0
+    """The factor from EK-FAC's eigenvalues (Fisher of each document's summed token loss) to the
+    Hessian of the objective the learning rates stepped on; 0: automatic, 1 / (mean loss tokens
+    per training document), the Hugging Face Trainer's mean token loss."""
+
+    per_token: bool = False
+    """Also write each training token's score (the token rows sum to the document's score)."""
+
+    method: Literal["ekfac", "kfac"] = "ekfac"
+    """ekfac: refit eigenvalues in each Kronecker eigenbasis (one more pass per segment); kfac: the plain product."""
+
+    fisher: Literal["true", "empirical"] = "true"
+    """true: labels sampled from the model (seeded per document); empirical: the dataset's tokens."""
+
+    fisher_seed: int = 0
+    """Seed of the sampled Fisher labels."""
+
+    factor_dtype: Literal["float32", "float64"] = "float32"
+    """Accumulation dtype of the covariances and scores (eigendecompositions are always float64)."""
+
+    top_k: int = 10
+    """Training documents printed per query."""

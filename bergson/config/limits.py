@@ -92,6 +92,9 @@ LIMITS: dict[str, Limit] = {
         low=0, open_low=True, unit="a multiple of the iteration's unit step", zero="line search"
     ),
     "ihvp_seed": _SEED,
+    "segment_steps": _at_least(0, "optimizer steps of a segment"),
+    "segment_learning_rates": _at_least(0, "a learning rate"),
+    "curvature_scale": Limit(low=0, open_low=True, unit="a factor on the eigenvalues", zero="automatic"),
     "top_k": _at_least(1, "rows shown per query", zero="none printed"),
     "QueryConfig.top_k": _at_least(1, "rows returned per query"),
     "ReportConfig.top_k": _at_least(1, "rows shown per query"),

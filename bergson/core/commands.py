@@ -72,6 +72,12 @@ COMMANDS: dict[str, Command] = {
         "TrakConfig",
         _SHARDS + " in each model's passes; rank 0 solves and averages",
     ),
+    "source": Command(
+        "bergson.cli.source",
+        "SOURCE: unrolled differentiation over a run's checkpoints, one EK-FAC curvature per segment.",
+        "SourceConfig",
+        "whole training documents, balanced by token count, in each segment's passes",
+    ),
     "magic": Command(
         "bergson.cli.magic",
         "MAGIC: train once with checkpoints, then differentiate the query loss through training.",

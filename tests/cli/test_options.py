@@ -220,6 +220,17 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
              None),
             *refused(*everything, base=tuple(qd)),
         ],
+        "source": [
+            ([new(), *m, *d, *qd, "--include_bias", "--modules", "gpt_neox.layers.*", *extra, "--segment_steps", "2",
+              "--segment_learning_rates", "0.1", "--query_model", a["model"], "--unroll", "discrete",
+              "--curvature_scale", "0.5", "--method", "kfac", "--fisher", "empirical", "--fisher_seed", "1",
+              "--damping", "0.2", "--damping_mode", "absolute", "--factor_dtype", "float64", "--per_token",
+              "--top_k", "2"], None),
+            ([new(), *m, *d, *qd, "--segments", missing], "--segments with --model"),
+            ([new(), *d, *qd, "--models", a["model"], "--segment_steps", "1", "--segment_learning_rates", "0.1",
+              "--projection_dim", "4", "--projection_seed", "1"], "--projection_dim / --projection_seed"),
+            *refused(*everything, base=(*qd, "--segment_steps", "1", "--segment_learning_rates", "0.1")),
+        ],
         "magic": [
             ([*m, *loading, "--run_path", new(), *d, *qd, "--training.optimizer", "sgd", "--training.lr", "0.01",
               "--training.beta1", "0.9", "--training.beta2", "0.99", "--training.eps", "1e-8",

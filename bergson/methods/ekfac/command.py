@@ -55,13 +55,13 @@ logger = logging.getLogger(__name__)
 STAGES = ("covariances", "eigen", "corrected", "queries", "query_store", "scores")
 
 
-def _still_to_do(done: Any) -> bool:
+def still_to_do(done: Any) -> bool:
     """Whether a stage is still to do, as rank 0 sees it (``done()`` runs there alone and every
     rank gets its answer, so that all ranks skip or run the same stages)."""
     return bool(distributed.broadcast(not done() if distributed.rank() == 0 else None))
 
 
-def _is_store(path: Path) -> bool:
+def is_store(path: Path) -> bool:
     from ...store import load_gradients
 
     try:
@@ -69,6 +69,39 @@ def _is_store(path: Path) -> bool:
     except BergsonError:
         return False
     return True
+
+
+def fit_curvature(
+    run: Any, root: Path, model: Any, docs: Any, opts: EkfacOptions, method: str = "ekfac", prefix: str = ""
+) -> tuple[Factors, Factors | None]:
+    """The curvature of ``model`` on ``docs`` as stages under ``root`` (each skipped when complete):
+    ``covariances/``, ``eigen/`` and, with ``method`` "ekfac", ``corrected/``. Returns the eigenbases
+    and the corrected eigenvalues (None for K-FAC), rank 0's, on every rank. ``run`` (a
+    :class:`~bergson.runs.rundir.RunDir`) records each stage's seconds as ``prefix + stage``;
+    ``bergson ekfac`` fits one curvature, ``bergson source`` one per checkpoint."""
+    if still_to_do(lambda: Factors.complete(root / "covariances")):
+        start = time.perf_counter()
+        covariances = fit_covariances(model, docs, opts)  # summed over the ranks
+        distributed.on_rank_zero(lambda: covariances.save(root / "covariances"), "saving the covariances")
+        del covariances
+        run.record(prefix + "covariances", start)
+    if still_to_do(lambda: Factors.complete(root / "eigen")):
+        start = time.perf_counter()
+        distributed.on_rank_zero(
+            lambda: eigendecompose(Factors.load(root / "covariances")).save(root / "eigen"),
+            "eigendecomposing the covariances",
+        )
+        run.record(prefix + "eigen", start)
+    eigen = Factors.load(root / "eigen")  # rank 0's, on every rank
+    if method != "ekfac":
+        return eigen, None
+    if still_to_do(lambda: Factors.complete(root / "corrected")):
+        start = time.perf_counter()
+        fitted = fit_corrected_eigenvalues(model, docs, eigen, opts)  # summed over the ranks
+        distributed.on_rank_zero(lambda: fitted.save(root / "corrected"), "saving the corrected eigenvalues")
+        del fitted
+        run.record(prefix + "corrected", start)
+    return eigen, Factors.load(root / "corrected")
 
 
 def _scores_of(cfg: Any) -> Any:
@@ -167,33 +200,9 @@ def ekfac(cfg: Any) -> Any:
             f"{int(active[share].sum()):,}",
             f"{int(active.sum()):,}",
         )
-    if _still_to_do(lambda: Factors.complete(root / "covariances")):
-        start = time.perf_counter()
-        covariances = fit_covariances(model, docs, opts)  # summed over the ranks
-        distributed.on_rank_zero(lambda: covariances.save(root / "covariances"), "saving the covariances")
-        del covariances
-        run.record("covariances", start)
-    if _still_to_do(lambda: Factors.complete(root / "eigen")):
-        start = time.perf_counter()
-        distributed.on_rank_zero(
-            lambda: eigendecompose(Factors.load(root / "covariances")).save(root / "eigen"),
-            "eigendecomposing the covariances",
-        )
-        run.record("eigen", start)
-    eigen = Factors.load(root / "eigen")  # rank 0's, on every rank
-    corrected = None
-    if cfg.method == "ekfac":
-        if _still_to_do(lambda: Factors.complete(root / "corrected")):
-            start = time.perf_counter()
-            fitted = fit_corrected_eigenvalues(model, docs, eigen, opts)  # summed over the ranks
-            distributed.on_rank_zero(
-                lambda: fitted.save(root / "corrected"), "saving the corrected eigenvalues"
-            )
-            del fitted
-            run.record("corrected", start)
-        corrected = Factors.load(root / "corrected")
+    eigen, corrected = fit_curvature(run, root, model, docs, opts, cfg.method)
     qdocs = load_docs(cfg.query, tokenizer, max_tokens, option="--query.dataset")
-    if _still_to_do(lambda: Factors.complete(root / "queries")):
+    if still_to_do(lambda: Factors.complete(root / "queries")):
         start = time.perf_counter()
 
         # every rank takes part in a sharded model's forward and backward passes
@@ -225,7 +234,7 @@ def ekfac(cfg: Any) -> Any:
         run.record("queries", start)
     del eigen, corrected
     queries = Factors.load(root / "queries")
-    if cfg.projected_queries and _still_to_do(lambda: _is_store(root / "query_store")):
+    if cfg.projected_queries and still_to_do(lambda: is_store(root / "query_store")):
         start = time.perf_counter()
 
         def write_query_store() -> None:
@@ -239,7 +248,7 @@ def ekfac(cfg: Any) -> Any:
         distributed.on_rank_zero(write_query_store, "writing the query store")
         run.record("query_store", start)
     scores_path = root / "scores"
-    if not _still_to_do(lambda: _is_store(scores_path)):
+    if not still_to_do(lambda: is_store(scores_path)):
         return load_gradients(scores_path)
     start = time.perf_counter()
     result = score_documents(model, docs, queries, opts, per_token=cfg.per_token)  # every row, every rank

@@ -1,0 +1,329 @@
+"""``bergson source``: SOURCE over the checkpoints of a training run, stage by stage.
+
+Stages under the run directory (each skipped when complete, so a killed run resumes):
+
+    query_gradients/        the query gradients at --query_model (default: the last checkpoint)
+    segment_<l>/covariances/, eigen/, corrected/
+                            checkpoint l's EK-FAC curvature (as ``bergson ekfac`` fits it)
+    segment_<l>/queries/    R_l q_l ("ihvp", what the training gradients are scored against) and
+                            S_l q_l ("passed", the query handed on to segment l - 1)
+    segment_<l>/scores/     Σ_modules ⟨R_l q_l, G_{n,l}⟩ for every training document at checkpoint l
+                            (a scores store; its float64 values in ``segment_<l>/scores.npz``)
+    scores/                 the sum over the segments (a scores store `bergson report` reads)
+
+The segments are processed from the last to the first, so each checkpoint is loaded once. The
+passes over the training documents split them among several workers like ``bergson ekfac``'s.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ... import distributed
+from ...data import TokenizedDocs
+from ...errors import BergsonError
+from ...models import announce_coverage, honours_numerics
+from ...transforms.ekfac import Factors
+from ..ekfac.command import fit_curvature, is_store, still_to_do
+from ..ekfac.passes import EkfacOptions, query_gradients
+from ..ekfac.scoring import score_documents
+from .maths import Curvature, unroll_segment
+from .segments import Segment, explicit_segments, trainer_segments
+
+logger = logging.getLogger(__name__)
+
+SGD_NOTE = (
+    "SOURCE models (stochastic) gradient descent: the learning rates are used as they are, without the "
+    "optimizer's preconditioning"
+)
+
+
+def plan(cfg: Any) -> tuple[list[Segment], list[dict[str, Any]]]:
+    """The segments of ``cfg`` (and the stages read from --segments), refusing inconsistent options."""
+    explicit = bool(cfg.models or cfg.model or cfg.segment_steps or cfg.segment_learning_rates)
+    if cfg.segments and explicit:
+        given = [o for o, v in (("--models", cfg.models), ("--model", cfg.model), ("--segment_steps",
+                 cfg.segment_steps), ("--segment_learning_rates", cfg.segment_learning_rates)) if v]  # fmt: skip
+        raise BergsonError(
+            f"--segments with {', '.join(given)}: give the run either as Trainer output directories "
+            "(--segments) or as checkpoints with their steps and learning rates (--models, --segment_steps, "
+            "--segment_learning_rates), not both"
+        )
+    if cfg.segments:
+        return trainer_segments(list(cfg.segments))
+    if cfg.models and cfg.model:
+        raise BergsonError("--model and --models: give the checkpoints with --models (or one with --model)")
+    return explicit_segments(list(cfg.models) or ([cfg.model] if cfg.model else []),
+                             list(cfg.segment_steps), list(cfg.segment_learning_rates)), []  # fmt: skip
+
+
+def curvature_scale(cfg: Any, docs: Any) -> tuple[float, str]:
+    """The factor from EK-FAC's eigenvalues to the training objective's Hessian, and how it was chosen.
+
+    EK-FAC's Fisher is the mean over documents of the outer products of each document's summed-loss
+    gradient: the curvature of (1/N) Σ_n L_n. The Hugging Face Trainer steps on the mean token loss
+    of a batch, Σ_n L_n / Σ_n T_n ≈ (1/N) Σ_n L_n / T̄ with T̄ the mean loss tokens per document, so
+    its Hessian is EK-FAC's divided by T̄."""
+    if cfg.curvature_scale:
+        return float(cfg.curvature_scale), "--curvature_scale"
+    counts = docs.num_loss_tokens()
+    active = counts[counts > 0]
+    if len(active) == 0:
+        raise BergsonError("--dataset: no training document has a loss token")
+    return float(len(active) / active.sum()), "automatic: 1 / mean loss tokens per training document"
+
+
+def _save_scores(path: Path, result: Any, base: Any, info: dict[str, Any], tokens: bool) -> None:
+    from ...store.scores import save_score_matrix
+
+    arrays = {"total": result.total}
+    if tokens:
+        arrays["tokens"] = np.concatenate(result.per_token) if result.per_token else np.zeros((0, 0))
+    np.savez(str(path.parent / "scores.npz"), **arrays)  # float64, beside the (float32) store
+    save_score_matrix(path, result.total, base, info, overwrite=True, tokens=result.per_token)
+
+
+def _load_scores(path: Path, lengths: np.ndarray) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    with np.load(str(path.parent / "scores.npz")) as f:
+        total = f["total"]
+        if "tokens" not in f:
+            return total, None
+        flat = f["tokens"]
+    bounds = np.cumsum([0, *lengths.tolist()])
+    return total, [flat[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def _scores_of(cfg: Any) -> Any:
+    from ...store import load_gradients
+
+    return load_gradients(Path(cfg.run_path) / "scores")
+
+
+@distributed.entry(_scores_of)
+@honours_numerics
+def source(cfg: Any) -> Any:
+    """Run (or resume) ``bergson source``; returns the scores store (rows x queries): for each
+    training document, the sum over the segments of ⟨R_l q_l, G_{n,l}⟩ (see :mod:`.maths`)."""
+    from ...models import find_tracked_modules, load_model
+    from ...runs.documents import load_docs, token_budget, validate_index_config
+    from ...runs.manifests import make_manifest
+    from ...runs.rundir import RunDir
+    from ...store import load_gradients
+
+    validate_index_config(cfg)
+    if not cfg.query.dataset:
+        raise BergsonError("--query.dataset is required: the queries whose influences are wanted")
+    if cfg.aggregate_experts:
+        raise BergsonError(
+            "--aggregate_experts: SOURCE fits one pair of Kronecker factors per expert; drop the option"
+        )
+    if cfg.data.reward_column or cfg.query.reward_column:
+        raise BergsonError("--reward_column: SOURCE scores use the plain next-token loss; drop the option")
+    defaults = {f.name: f.default for f in fields(cfg)}
+    if cfg.projection_dim != defaults["projection_dim"] or cfg.projection_seed != defaults["projection_seed"]:
+        raise BergsonError(
+            "--projection_dim / --projection_seed: SOURCE scores full per-module gradients (no projection); "
+            "leave them out"
+        )
+    segments, stages = plan(cfg)
+    num = len(segments)
+    run = RunDir(
+        cfg,
+        command="source",
+        what="a SOURCE run",
+        config_file="source.yaml",
+        outputs=("query_gradients", *(f"segment_{i}" for i in range(num)), "scores"),
+        shared="every rank loads the stages rank 0 writes there: the eigenbases, eigenvalues and queries",
+    ).prepare()
+    root, lead = run.root, run.lead
+    optimizers = sorted({str(s["optimizer"]) for s in stages if s.get("optimizer")})
+    adam = [o for o in optimizers if "adam" in o.lower()]
+    if lead:
+        for seg in segments:
+            if seg.steps == 0:
+                logger.warning(
+                    "source: %s stands for no optimizer step; its segment adds nothing", seg.checkpoint
+                )
+        if adam:
+            logger.warning("source: the training run's optimizer was %s. %s", ", ".join(adam), SGD_NOTE)
+        momentum = [o for o in optimizers if "momentum" in o]
+        if momentum:
+            logger.warning(
+                "source: the training run used %s; SOURCE does not model momentum (the effective rate is "
+                "about η / (1 - momentum): give the rates explicitly with --models to account for it)",
+                ", ".join(momentum),
+            )
+    query_model = cfg.query_model or segments[-1].checkpoint
+    if not still_to_do(lambda: is_store(root / "scores")):
+        return load_gradients(root / "scores")
+    dtype = torch.float64 if cfg.factor_dtype == "float64" else torch.float32
+    info: dict[str, Any] = {
+        "kind": "source",
+        "method": "source",
+        "curvature": cfg.method,
+        "fisher": cfg.fisher,
+        "damping": cfg.damping,
+        "damping_mode": cfg.damping_mode,
+        "unroll": cfg.unroll,
+        "query_model": query_model,
+        "segments": [s.record() for s in segments],
+        "stages": stages,
+        "optimizer_note": SGD_NOTE
+        + (f" (the run's optimizer: {', '.join(optimizers)})" if optimizers else ""),
+        "run": str(root),
+    }
+
+    def options(model: Any, tokenizer: Any) -> EkfacOptions:
+        modules = find_tracked_modules(
+            model,
+            cfg.modules,
+            include_output_head=cfg.include_output_head,
+            track_experts=cfg.tracked_experts(),
+        )
+        return EkfacOptions(
+            modules,
+            token_batch_size=cfg.token_batch_size,
+            pad_token_id=tokenizer.pad_token_id or 0,
+            include_bias=cfg.include_bias,
+            fisher=cfg.fisher,
+            seed=cfg.fisher_seed,
+            progress=lead,
+            dtype=dtype,
+        )
+
+    held: dict[str, Any] = {}  # the loaded checkpoint (one at a time) and the tokenized documents
+
+    def load(name: str) -> tuple[Any, Any, int, TokenizedDocs, TokenizedDocs]:
+        if held.get("name") != name:
+            held.pop("model", None)  # free the previous checkpoint first
+            held["model"], held["tokenizer"] = load_model(replace(cfg, model=name))
+            held["name"] = name
+        model, tokenizer = held["model"], held["tokenizer"]
+        max_tokens = token_budget(cfg, model)
+        if "docs" not in held:
+            held["docs"] = load_docs(cfg.data, tokenizer, max_tokens)
+            held["qdocs"] = load_docs(cfg.query, tokenizer, max_tokens, option="--query.dataset")
+        return model, tokenizer, max_tokens, held["docs"], held["qdocs"]
+
+    if still_to_do(lambda: Factors.complete(root / "query_gradients")):
+        start = time.perf_counter()
+        model, tokenizer, _, _, qdocs = load(query_model)
+        grads = query_gradients(model, qdocs, options(model, tokenizer))
+        distributed.on_rank_zero(
+            lambda: Factors(
+                {n: {"grads": g} for n, g in grads.items()},
+                {"stage": "query_gradients", "queries": len(qdocs), "model": query_model},
+            ).save(root / "query_gradients"),
+            "saving the query gradients",
+        )
+        run.record("query_gradients", start)
+    passed: dict[str, torch.Tensor] = {
+        n: d["grads"] for n, d in Factors.load(root / "query_gradients").tensors.items()
+    }
+    nq = len(next(iter(passed.values())))
+    scale_info: tuple[float, str] | None = None
+
+    def segment(index: int, passed: dict[str, torch.Tensor]) -> Factors:
+        """Segment ``index``'s curvature, queries and scores (each stage skipped when complete)."""
+        nonlocal scale_info
+        seg, sub = segments[index], root / f"segment_{index}"
+        done_queries = not still_to_do(lambda: Factors.complete(sub / "queries"))
+        if done_queries and "docs" in held and not still_to_do(lambda: is_store(sub / "scores")):
+            return Factors.load(sub / "queries")  # nothing to compute with this checkpoint
+        model, tokenizer, max_tokens, docs, _ = load(seg.checkpoint)
+        opts = options(model, tokenizer)
+        if scale_info is None:
+            scale_info = curvature_scale(cfg, docs)
+        if not done_queries:
+            eigen, corrected = fit_curvature(run, sub, model, docs, opts, cfg.method, f"segment_{index}/")
+            start = time.perf_counter()
+            values = (
+                None if corrected is None else {n: d["eigenvalues"] for n, d in corrected.tensors.items()}
+            )
+            product, handed = unroll_segment(
+                passed,
+                Curvature(eigen, values, seg.lrs),
+                cfg.damping,
+                cfg.damping_mode,
+                cfg.unroll,
+                scale_info[0],
+            )
+            tensors = {n: {"ihvp": product[n].to(dtype), "passed": handed[n]} for n in product}
+            meta = {"stage": "queries", "queries": nq, "segment": seg.record(), "scale": scale_info[0]}
+            distributed.on_rank_zero(
+                lambda: Factors(tensors, meta).save(sub / "queries"), "saving the queries"
+            )
+            run.record(f"segment_{index}/queries", start)
+        queries = Factors.load(sub / "queries")
+        if still_to_do(lambda: is_store(sub / "scores")):
+            start = time.perf_counter()
+            scoring = Factors({n: {"ihvp": d["ihvp"]} for n, d in queries.tensors.items()}, {"queries": nq})
+            result = score_documents(model, docs, scoring, opts, per_token=cfg.per_token)
+            base = make_manifest(
+                replace(cfg, model=seg.checkpoint, projection_dim=0), model, opts.modules, docs, max_tokens
+            )
+            seg_info = {
+                **info,
+                "mode": "individual",
+                "query_dataset": cfg.query.dataset,
+                "unit_normalize": False,
+                "segment": index,
+            }
+            distributed.on_rank_zero(
+                lambda: _save_scores(sub / "scores", result, base, seg_info, cfg.per_token),
+                f"writing segment {index}'s scores",
+            )
+            run.record(f"segment_{index}/scores", start)
+        return queries
+
+    totals: list[np.ndarray] = []
+    token_rows: list[list[np.ndarray] | None] = []
+    for index in reversed(range(num)):
+        queries = segment(index, passed)
+        passed = {n: d["passed"] for n, d in queries.tensors.items()}
+        lengths = np.asarray(held["docs"].lengths)
+        total, tokens = _load_scores(root / f"segment_{index}" / "scores", lengths)
+        totals.append(total)
+        token_rows.append(tokens)
+    docs, model, tokenizer = held["docs"], held["model"], held["tokenizer"]
+    scores_path = root / "scores"
+    start = time.perf_counter()
+    scale, how = scale_info if scale_info is not None else curvature_scale(cfg, docs)
+    total = np.sum(totals, axis=0)
+    per_token = None
+    if cfg.per_token:
+        per_token = [
+            np.sum([rows[i] for rows in token_rows if rows is not None], axis=0) for i in range(len(docs))
+        ]
+    modules = options(model, tokenizer).modules
+    base = make_manifest(
+        replace(cfg, model=query_model, projection_dim=0), model, modules, docs, token_budget(cfg, model)
+    )
+    info.update(
+        mode="individual",
+        query_dataset=cfg.query.dataset,
+        unit_normalize=False,
+        curvature_scale=scale,
+        curvature_scale_from=how,
+        learning_rate_sum=math.fsum(math.fsum(s.lrs) for s in segments),
+    )
+
+    def write() -> Any:
+        from ...store.scores import save_score_matrix
+
+        announce_coverage(base.model)
+        store = save_score_matrix(scores_path, total, base, info, overwrite=True, tokens=per_token)
+        run.record("scores", start)
+        return store
+
+    store = distributed.on_rank_zero(write, f"writing the scores at {scores_path}")
+    return store if store is not None else load_gradients(scores_path)

@@ -1,0 +1,147 @@
+"""SOURCE's maths: a query gradient unrolled backwards through segments of training.
+
+Training by gradient steps θ_{k+1} = θ_k - η_k ∇J(θ_k). Adding ε times document m's loss to the
+objective and linearising in ε, the response δ_k = dθ_k/dε follows
+
+    δ_{k+1} = (I - η_k H_k) δ_k - η_k g_m(θ_k).
+
+Within segment l (the steps a checkpoint stands for) take H_k = H_l and g_m(θ_k) = g_{m,l}, the
+checkpoint's curvature and the document's gradient there. Summing the segment's steps,
+
+    δ_end = S_l δ_start - R_l g_{m,l},   S_l = s_l(H_l),   R_l = r_l(H_l) = (I - S_l) H_l⁻¹,
+
+with s_l(λ) = Π_k (1 - η_k λ) ("discrete", exact for gradient descent on a quadratic) or
+exp(-λ Σ_k η_k) ("exp", the SOURCE paper's continuous-time form), and r_l(λ) = (1 - s_l(λ)) / λ,
+which tends to Σ_k η_k as λ → 0. Hence δ_T = -Σ_l S_L ⋯ S_{l+1} R_l g_{m,l}, and the score of
+document m for a query loss f (positive: training on m lowers f) is
+
+    -∇f(θ_T) · δ_T = Σ_l ⟨R_l q_l, g_{m,l}⟩,   q_L = ∇f(θ_T),   q_{l-1} = S_l q_l,
+
+since S_l and R_l are symmetric. Every H_l is an EK-FAC (or K-FAC) approximation Q diag(λ) Qᵀ with
+Q = Q_S ⊗ Q_A, so S_l and R_l act on a module's gradient G (out x in) as
+Q_S [(Q_Sᵀ G Q_A) ⊙ f(λ + δ)] Q_Aᵀ, the same rotation EK-FAC's inverse uses with 1 / (λ + δ).
+One segment with Σ η → ∞ gives r → 1 / (λ + δ): EK-FAC's damped influence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...errors import BergsonError
+from ...transforms.ekfac import Factors, damping_value, kfac_eigenvalues
+
+UNROLLS = ("exp", "discrete")
+
+
+@dataclass
+class Curvature:
+    """One segment's curvature and schedule: the eigenbases (``eigen``, EK-FAC's eigen stage), the
+    eigenvalues per module (out x in; EK-FAC's corrected ones, or None for K-FAC's products) and
+    the learning rate of each of the segment's steps."""
+
+    eigen: Factors
+    eigenvalues: Mapping[str, torch.Tensor] | Factors | None
+    """Per module [out, in]; a :class:`Factors` of EK-FAC's ``corrected`` stage is read as such."""
+    lrs: Sequence[float]
+
+
+def _lr_counts(lrs: Sequence[float], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct learning rates of a segment and how many steps use each."""
+    values, counts = torch.unique(torch.as_tensor(list(lrs), dtype=torch.float64), return_counts=True)
+    return values.to(like), counts.to(like)
+
+
+def step_functions(lam: torch.Tensor, lrs: Sequence[float], unroll: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s(λ), r(λ)) elementwise for eigenvalues ``lam`` (>= 0, damping included) over the steps of
+    one segment with learning rates ``lrs``: s the factor a segment applies to a perturbation,
+    r = (1 - s) / λ (Σ η where λ = 0) the weight it gives a gradient taken in the segment."""
+    if unroll not in UNROLLS:
+        raise BergsonError(f"--unroll {unroll!r}: choose exp or discrete")
+    if any(not eta >= 0 for eta in lrs):
+        raise BergsonError("--segment_learning_rates: learning rates must be >= 0")
+    total = float(sum(lrs))
+    if not lrs:
+        return torch.ones_like(lam), torch.zeros_like(lam)
+    if unroll == "exp":
+        exponent = -lam * total
+        s, one_minus_s = torch.exp(exponent), -torch.expm1(exponent)
+    else:
+        values, counts = _lr_counts(lrs, lam)
+        factors = 1 - values[:, None] * lam.reshape(1, -1)  # [distinct lrs, eigenvalues]
+        stable = bool((factors > 0).all())
+        if stable:  # log-space keeps 1 - s accurate when every η λ is small
+            exponent = (counts[:, None] * torch.log1p(-values[:, None] * lam.reshape(1, -1))).sum(0)
+            s, one_minus_s = torch.exp(exponent), -torch.expm1(exponent)
+        else:  # some η λ >= 1: the steps overshoot (and the sign of s can flip)
+            s = (factors ** counts[:, None]).prod(0)
+            one_minus_s = 1 - s
+        s, one_minus_s = s.reshape(lam.shape), one_minus_s.reshape(lam.shape)
+    safe = torch.where(lam > 0, lam, torch.ones_like(lam))
+    r = torch.where(lam > 0, one_minus_s / safe, torch.full_like(lam, total))
+    return s, r
+
+
+def _eigenvalues(curvature: Curvature, name: str) -> torch.Tensor:
+    if isinstance(curvature.eigenvalues, Factors):
+        return curvature.eigenvalues.tensors[name]["eigenvalues"].double()
+    if curvature.eigenvalues is not None:
+        return curvature.eigenvalues[name].double()
+    return kfac_eigenvalues(curvature.eigen, name).double()
+
+
+def unroll_segment(
+    queries: Mapping[str, torch.Tensor],
+    curvature: Curvature | tuple[Any, ...],
+    damping: float = 0.1,
+    damping_mode: str = "relative",
+    unroll: str = "exp",
+    scale: float = 1.0,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One segment of :func:`unrolled_queries`: (R q, S q) per module for the queries q handed to
+    the segment (per module [nq, out, in]), in float64. ``curvature`` is a :class:`Curvature` or
+    the tuple (eigen, eigenvalues, lrs)."""
+    if not scale > 0:
+        raise BergsonError(f"--curvature_scale {scale}: must be > 0")
+    if not isinstance(curvature, Curvature):
+        curvature = Curvature(*curvature)
+    products: dict[str, torch.Tensor] = {}
+    handed: dict[str, torch.Tensor] = {}
+    for name, g in queries.items():
+        d = curvature.eigen.tensors[name]
+        qs, qa = d["S_eigenvectors"].double(), d["A_eigenvectors"].double()
+        lam = scale * _eigenvalues(curvature, name)
+        lam = (lam + damping_value(lam, damping, damping_mode)).clamp(min=0)
+        s, r = step_functions(lam, curvature.lrs, unroll)
+        rotated = qs.T @ g.double() @ qa
+        products[name] = qs @ (rotated * r) @ qa.T
+        handed[name] = qs @ (rotated * s) @ qa.T
+    return products, handed
+
+
+def unrolled_queries(
+    query_grads: Mapping[str, torch.Tensor],
+    segments: Sequence[Curvature | tuple[Any, ...]],
+    damping: float = 0.1,
+    damping_mode: str = "relative",
+    unroll: str = "exp",
+    scale: float = 1.0,
+) -> list[dict[str, torch.Tensor]]:
+    """SOURCE's preconditioned queries, one dict per segment (training order): module -> R_l q_l
+    [nq, out, in], with q_L = ``query_grads`` (the query gradients at the final parameters, per
+    module [nq, out, in]) and q_{l-1} = S_l q_l. A training document's score is Σ_l ⟨R_l q_l, G_{n,l}⟩
+    with G_{n,l} its gradient at checkpoint l.
+
+    Each segment's curvature is ``scale`` x its eigenvalues plus the damping δ (``damping`` itself,
+    or times the mean of the scaled eigenvalues per module with ``damping_mode`` relative). All
+    arithmetic is float64."""
+    if not segments:
+        raise BergsonError("SOURCE needs at least one segment (checkpoint)")
+    q = dict(query_grads)
+    out: list[dict[str, torch.Tensor]] = [{} for _ in segments]
+    for index in reversed(range(len(segments))):
+        out[index], q = unroll_segment(q, segments[index], damping, damping_mode, unroll, scale)
+    return out

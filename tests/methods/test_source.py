@@ -1,0 +1,322 @@
+"""SOURCE against exact unrolled differentiation, against EK-FAC in its limit, and end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from bergson.cli import main
+from bergson.config import DataConfig, EkfacConfig, SourceConfig
+from bergson.errors import BergsonError
+from bergson.methods.source import (
+    Curvature,
+    plan,
+    stage_schedule,
+    step_functions,
+    trainer_segments,
+    unrolled_queries,
+)
+from bergson.store import load_gradients
+from bergson.transforms.ekfac import Factors
+
+# ---------------------------------------------------------------------- the maths, exactly
+
+
+def _kronecker_identity(a: torch.Tensor, out: int) -> tuple[Factors, dict[str, torch.Tensor]]:
+    """The eigenbasis and eigenvalues of I_out ⊗ a (the Hessian of a linear layer's squared error,
+    row-major vec), exactly."""
+    lam, vecs = torch.linalg.eigh(a)
+    eigen = Factors(
+        {
+            "w": {
+                "S_eigenvectors": torch.eye(out, dtype=torch.float64),
+                "S_eigenvalues": torch.ones(out, dtype=torch.float64),
+                "A_eigenvectors": vecs,
+                "A_eigenvalues": lam,
+            }
+        }
+    )
+    return eigen, {"w": torch.outer(torch.ones(out, dtype=torch.float64), lam)}
+
+
+def _scores(products: list[dict[str, torch.Tensor]], grads: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_l ⟨P_l, G_{m,l}⟩ for every document m: [N, nq]."""
+    return sum(torch.einsum("qoi,moi->mq", p["w"], g) for p, g in zip(products, grads))  # type: ignore[return-value]
+
+
+def test_one_segment_per_step_equals_autograd_through_gradient_descent():
+    """Linear regression by full-batch GD with varying learning rates: the Hessian is exactly
+    I ⊗ (Σ x xᵀ / N) at every step, so one segment per step (the document's gradient at the step's
+    start, discrete unroll) is the exact derivative of the query loss w.r.t. each example's weight."""
+    torch.manual_seed(0)
+    n, d_in, d_out, lrs = 7, 4, 3, [0.3, 0.1, 0.5, 0.2, 0.4, 0.25]
+    x, y = torch.randn(n, d_in, dtype=torch.float64), torch.randn(n, d_out, dtype=torch.float64)
+    xq, yq = torch.randn(2, d_in, dtype=torch.float64), torch.randn(2, d_out, dtype=torch.float64)
+    w0 = torch.randn(d_out, d_in, dtype=torch.float64)
+
+    eps = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    w, starts = w0.clone().requires_grad_(True), []
+    for eta in lrs:
+        starts.append(w.detach().clone())
+        losses = 0.5 * ((x @ w.T - y) ** 2).sum(1)
+        (grad,) = torch.autograd.grad(losses.mean() + (eps * losses).sum(), w, create_graph=True)
+        w = w - eta * grad
+    truth = torch.stack(
+        [
+            -torch.autograd.grad(0.5 * ((w @ xq[i] - yq[i]) ** 2).sum(), eps, retain_graph=True)[0]
+            for i in range(2)
+        ],
+        1,
+    )
+
+    eigen, values = _kronecker_identity(x.T @ x / n, d_out)
+    w_final = w.detach()
+    query = {"w": torch.einsum("qo,qi->qoi", xq @ w_final.T - yq, xq)}
+    segments = [Curvature(eigen, values, [eta]) for eta in lrs]
+    products = unrolled_queries(query, segments, damping=0.0, damping_mode="absolute", unroll="discrete")
+    grads = [torch.einsum("mo,mi->moi", x @ s.T - y, x) for s in starts]
+    ours = _scores(products, grads)
+    assert truth.abs().max() > 1e-2  # not trivially zero
+    torch.testing.assert_close(ours, truth, rtol=1e-10, atol=1e-12)
+
+
+def test_multi_step_segments_are_exact_when_curvature_and_gradients_are_constant():
+    """Two stages with different quadratic curvatures (I ⊗ A_1, then I ⊗ A_2) and documents whose
+    losses are linear (constant gradients): several steps per segment at varying rates, discrete
+    unroll, equal autograd through the steps; exp tends to discrete as the steps shrink."""
+    torch.manual_seed(1)
+    n, d_in, d_out = 5, 3, 2
+    mats = [torch.randn(d_in, d_in, dtype=torch.float64) for _ in range(2)]
+    a = [m @ m.T / d_in + 0.1 * torch.eye(d_in, dtype=torch.float64) for m in mats]
+    c = torch.randn(n, d_out, d_in, dtype=torch.float64)
+    schedule = [[0.2, 0.35, 0.1], [0.05, 0.4]]
+    w0 = torch.randn(d_out, d_in, dtype=torch.float64)
+    xq, yq = torch.randn(d_in, dtype=torch.float64), torch.randn(d_out, dtype=torch.float64)
+
+    eps = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    w = w0.clone().requires_grad_(True)
+    for stage, lrs in enumerate(schedule):
+        for eta in lrs:
+            obj = (
+                0.5 * torch.trace(w @ a[stage] @ w.T)
+                + (c * w).sum((1, 2)).mean()
+                + (eps * (c * w).sum((1, 2))).sum()
+            )
+            (grad,) = torch.autograd.grad(obj, w, create_graph=True)
+            w = w - eta * grad
+    truth = -torch.autograd.grad(0.5 * ((w @ xq - yq) ** 2).sum(), eps)[0]
+
+    wf = w.detach()
+    query = {"w": torch.outer(wf @ xq - yq, xq)[None]}
+    segments = [Curvature(*_kronecker_identity(a[s], d_out), lrs) for s, lrs in enumerate(schedule)]
+    products = unrolled_queries(query, segments, damping=0.0, damping_mode="absolute", unroll="discrete")
+    ours = _scores(products, [c, c])[:, 0]
+    torch.testing.assert_close(ours, truth, rtol=1e-10, atol=1e-12)
+    # the same with (eigen, eigenvalues, lrs) tuples and the eigenvalues as a corrected-stage Factors
+    curvatures = [_kronecker_identity(a[s], d_out) for s in range(2)]
+    tuples = [(e, Factors({"w": {"eigenvalues": v["w"]}}), lrs) for (e, v), lrs in zip(curvatures, schedule)]
+    again = unrolled_queries(query, tuples, damping=0.0, damping_mode="absolute", unroll="discrete")
+    torch.testing.assert_close(_scores(again, [c, c])[:, 0], ours, rtol=0, atol=0)
+    # the exp form is not exact here ...
+    approx = _scores(unrolled_queries(query, segments, 0.0, "absolute", "exp"), [c, c])[:, 0]
+    assert (approx - truth).abs().max() > 1e-4
+    # ... but tends to the discrete one as the same total rate is spread over many small steps
+    lam = torch.tensor([0.0, 0.3, 2.0, 7.0], dtype=torch.float64)
+    s_exp, r_exp = step_functions(lam, [0.5], "exp")
+    for k, tol in ((10, 0.5), (1000, 5e-3)):
+        s_dis, r_dis = step_functions(lam, [0.5 / k] * k, "discrete")
+        assert (s_dis - s_exp).abs().max() < tol * 0.25 and (r_dis - r_exp).abs().max() < tol * 0.25
+    torch.testing.assert_close(r_exp[0], torch.tensor(0.5, dtype=torch.float64))  # r -> Σ η at λ = 0
+
+
+# ---------------------------------------------------------------------- trainer directories
+
+
+def _state(steps_lrs: dict[int, float], global_step: int, **extra) -> str:
+    history = [{"step": s, "learning_rate": lr, "loss": 1.0} for s, lr in steps_lrs.items()]
+    return json.dumps({"log_history": [*history, {"step": global_step, "train_runtime": 1.0}],
+                       "global_step": global_step, "max_steps": global_step, **extra})  # fmt: skip
+
+
+def test_trainer_directories_give_the_hand_computed_segments(tmp_path):
+    first, second = tmp_path / "pretrain", tmp_path / "finetune"
+    for d, steps in ((first, (2, 4)), (second, (1,))):
+        for s in steps:
+            (d / f"checkpoint-{s}").mkdir(parents=True)
+    # stage 1: rates logged at steps 1, 3 and 4 (each unlogged step takes the next logged rate);
+    # the newest checkpoint's state is read (no top-level one)
+    (first / "checkpoint-4" / "trainer_state.json").write_text(_state({1: 0.1, 3: 0.05, 4: 0.02}, 4))
+    (first / "checkpoint-2" / "trainer_state.json").write_text(_state({1: 9.0}, 2))  # older: not read
+    # stage 2: one checkpoint at step 1 of 3, a top-level state naming the optimizer
+    (second / "trainer_state.json").write_text(_state({2: 0.01}, 3, optimizer="adamw_torch"))
+    segments, stages = trainer_segments([str(first), str(second)])
+    # checkpoint-2 stands for steps 1..3 (step 3's middle, 2.5, is nearer 2 than 4), checkpoint-4 for step 4
+    assert [s.lrs for s in segments] == [[0.1, 0.05, 0.05], [0.02], [0.01, 0.01, 0.01]]
+    assert [s.first_step for s in segments] == [1, 4, 5]
+    assert [s.record()["learning_rate_sum"] for s in segments] == pytest.approx([0.2, 0.02, 0.03])
+    assert [s.record()["checkpoint_step"] for s in segments] == [2, 4, 5]
+    assert stages[0]["logged_learning_rates"] == 3 and stages[1]["optimizer"] == "adamw_torch"
+    _, lrs, notes = stage_schedule(second)
+    assert notes["final_step"] == 3 and lrs == [0.01] * 3
+    # without an optimizer named in the state, the newest checkpoint's optimizer.pt tells
+    assert "optimizer" not in stages[0]
+    param = torch.nn.Parameter(torch.zeros(2))
+    for opt, expected in ((torch.optim.AdamW([param], lr=0.1), "adam (from optimizer.pt: betas (0.9, 0.999))"),
+                          (torch.optim.SGD([param], lr=0.1, momentum=0.9), "sgd (from optimizer.pt: momentum 0.9)"),
+                          (torch.optim.SGD([param], lr=0.1), "sgd (from optimizer.pt)")):  # fmt: skip
+        torch.save(opt.state_dict(), first / "checkpoint-4" / "optimizer.pt")
+        assert stage_schedule(first)[2]["optimizer"] == expected
+    (first / "checkpoint-4" / "optimizer.pt").write_bytes(b"not a torch file")
+    assert "optimizer" not in stage_schedule(first)[2]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            dict(models=["a", "b"], segment_steps=[1], segment_learning_rates=[0.1, 0.1]),
+            "--segment_steps: 1 values",
+        ),
+        (
+            dict(models=["a"], segment_steps=[1], segment_learning_rates=[-0.1]),
+            "--segment_learning_rates -0.1",
+        ),
+        (dict(models=["a"], segment_steps=[-1], segment_learning_rates=[0.1]), "--segment_steps -1"),
+        (dict(models=["a"]), "--models needs --segment_steps and --segment_learning_rates"),
+        (dict(segments=["x"], models=["a"]), "--segments with --models"),
+        (
+            dict(model="a", models=["a"], segment_steps=[1], segment_learning_rates=[1.0]),
+            "--model and --models",
+        ),
+        (dict(), "--models (or --model) or --segments is required"),
+        (dict(segments=["MISSING"]), "no such directory"),
+        (dict(segments=["EMPTY"]), "no checkpoint-N/"),
+        (dict(segments=["NOSTATE"]), "no trainer_state.json"),
+        (dict(segments=["NOLR"]), "logs no learning rate"),
+    ],
+)
+def test_bad_segments_are_refused_naming_the_option(tmp_path, options, message):
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "NOSTATE" / "checkpoint-1").mkdir(parents=True)
+    (tmp_path / "NOLR" / "checkpoint-1").mkdir(parents=True)
+    (tmp_path / "NOLR" / "trainer_state.json").write_text(
+        json.dumps({"log_history": [{"step": 1, "loss": 2.0}]})
+    )
+    if "segments" in options:
+        options = {**options, "segments": [str(tmp_path / s) for s in options["segments"]]}
+    with pytest.raises(BergsonError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        plan(SourceConfig(run_path=str(tmp_path / "run"), **options))
+    with pytest.raises(BergsonError, match="--unroll"):
+        step_functions(torch.ones(2), [0.1], "euler")
+
+
+# ---------------------------------------------------------------------- end to end on a tiny LM
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory, model_dir, corpus_file):
+    """Two checkpoints of a tiny GPT-NeoX in a Trainer output directory, and the data options."""
+    from benchmarks.common import random_neox_dir
+
+    root = tmp_path_factory.mktemp("source")
+    trainer = root / "trainer"
+    for step, seed in ((2, 1), (4, 2)):
+        random_neox_dir(trainer / f"checkpoint-{step}", hidden=32, layers=2, heads=2, intermediate=64,
+                        max_positions=512, seed=seed)  # fmt: skip
+    (trainer / "trainer_state.json").write_text(_state({1: 0.1, 3: 0.05, 4: 0.02}, 4))
+    adam = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    torch.save(adam.state_dict(), trainer / "checkpoint-4" / "optimizer.pt")
+    data = DataConfig(dataset=str(corpus_file), split="train[:6]", truncation=True, max_length=16)
+    query = DataConfig(dataset=str(corpus_file), split="train[6:8]", truncation=True, max_length=16)
+    common = dict(
+        data=data, query=query, device="cpu", precision="fp32", factor_dtype="float64", token_batch_size=64
+    )
+    return root, trainer, common
+
+
+def _values(store) -> np.ndarray:
+    return np.asarray(store["scores"], np.float64)
+
+
+def test_one_long_segment_equals_ekfac(lm, model_dir):
+    from bergson.methods.ekfac import ekfac
+    from bergson.methods.source import source
+
+    root, _, common = lm
+    ours = source(SourceConfig(run_path=str(root / "long"), models=[str(model_dir)], segment_steps=[1],
+                               segment_learning_rates=[1e15], curvature_scale=1.0, **common))  # fmt: skip
+    theirs = ekfac(EkfacConfig(run_path=str(root / "ekfac"), model=str(model_dir), **common))
+    a, b = _values(ours), _values(theirs)
+    assert np.abs(b).max() > 0
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max())
+    assert ours.manifest.score["orientation"] == theirs.manifest.score["orientation"]
+
+
+def test_trainer_run_equals_the_explicit_call_resumes_and_sums_its_tokens(lm, caplog):
+    from bergson.methods.source import source
+
+    root, trainer, common = lm
+    data, query = common["data"], common["query"]
+    run = root / "cli"
+    args = ["source", str(run), "--segments", str(trainer), "--dataset", data.dataset, "--split", data.split,
+            "--truncation", "--max_length", "16", "--query.dataset", query.dataset, "--query.split", query.split,
+            "--query.truncation", "--query.max_length", "16", "--device", "cpu", "--precision", "fp32",
+            "--factor_dtype", "float64", "--token_batch_size", "64", "--per_token", "--top_k", "0"]  # fmt: skip
+    main(args)
+    cli = load_gradients(run / "scores")
+    # the explicit call: checkpoint-2 for 3 steps (rates 0.1, 0.05, 0.05), checkpoint-4 for 1 (0.02);
+    # the exp form depends on each segment's rate sum only
+    models = [str(trainer / "checkpoint-2"), str(trainer / "checkpoint-4")]
+    explicit = source(SourceConfig(run_path=str(root / "explicit"), models=models, segment_steps=[3, 1],
+                                   segment_learning_rates=[0.2 / 3, 0.02], **common))  # fmt: skip
+    np.testing.assert_allclose(_values(cli), _values(explicit), rtol=1e-6, atol=1e-9)
+    score = cli.manifest.score
+    assert [s["learning_rate_sum"] for s in score["segments"]] == pytest.approx([0.2, 0.02])
+    assert score["unroll"] == "exp" and score["query_model"] == models[1]
+    # the run's optimizer (from checkpoint-4/optimizer.pt) was Adam: announced and recorded
+    assert "adam" in score["stages"][0]["optimizer"] and "adam" in score["optimizer_note"]
+    assert any("optimizer was adam" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    loss_tokens = np.asarray(cli.rows["num_tokens"]) - 1  # plain text: every token but the first
+    assert score["curvature_scale"] == pytest.approx(len(loss_tokens) / loss_tokens.sum())
+    # the segments differ, and both count
+    seg = [_values(load_gradients(run / f"segment_{i}" / "scores")) for i in range(2)]
+    assert np.abs(seg[0]).max() > 0 and np.abs(seg[1]).max() > 0
+    np.testing.assert_allclose(seg[0] + seg[1], _values(cli), rtol=1e-5, atol=1e-7 * np.abs(seg[0]).max())
+    # token rows sum to the document's score
+    for i in range(len(cli)):
+        np.testing.assert_allclose(cli.token_rows(i).sum(0), _values(cli)[i], rtol=1e-4, atol=1e-6)
+    # resume: without the final scores, and interrupted after the last segment (segment 0 not done)
+    before = _values(cli)
+    shutil.rmtree(run / "scores")
+    main(args)
+    np.testing.assert_array_equal(_values(load_gradients(run / "scores")), before)
+    shutil.rmtree(run / "scores")
+    shutil.rmtree(run / "segment_0")
+    main(args)
+    np.testing.assert_array_equal(_values(load_gradients(run / "scores")), before)
+
+
+def test_the_command_refuses_bad_input_with_exit_1(lm, capfd):
+    root, trainer, common = lm
+    from bergson.methods.source import source
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["source", str(root / "bad"), "--segments", str(trainer), "--models", "x", "--dataset", "d",
+              "--query.dataset", "q"])  # fmt: skip
+    assert exit_.value.code == 1
+    err = capfd.readouterr().err
+    assert "--segments with --models" in err and "Traceback" not in err
+    with pytest.raises(BergsonError, match="--projection_dim"):
+        source(
+            replace(
+                SourceConfig(run_path=str(root / "bad2"), segments=[str(trainer)], **common), projection_dim=4
+            )
+        )
+    with pytest.raises(SystemExit):
+        main(["source", str(root / "bad3"), "--segments", str(trainer), "--curvature_scale", "-1"])
+    assert "--curvature_scale -1.0: must be 0 (automatic) or > 0" in capfd.readouterr().err
