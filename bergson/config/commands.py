@@ -203,6 +203,10 @@ class TrakConfig(DampingOptions, QueryDataOptions, PassOptions):
     """Training-set gradient stores already built with `bergson build`, one per model in --models
     order, used instead of computing them (each must match its model, modules and projection)."""
 
+    per_token: bool = False
+    """Also write each training token's score (the scores stores' token rows; they sum to the
+    document's score); the training stores are built with --per_token (given --stores must be)."""
+
 
 @dataclass
 class EkfacConfig(DampingOptions, QueryDataOptions, CollectOptions):
