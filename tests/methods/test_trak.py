@@ -295,3 +295,52 @@ def test_per_token_stores(token_run, ensemble_run, tmp_path, model_dir, corpus_f
     plain = ensemble_run[0] / "model_0" / "train"
     with pytest.raises(BergsonError, match=r"--stores .*model_0/train: it has no token rows.*--per_token"):
         trak(_cfg(tmp_path / "refused", corpus_file, [model_dir], stores=[str(plain)], per_token=True))
+
+
+# ---------------------------------------------------------------- logistic regression
+
+
+def test_logistic_regression_equals_the_dense_definition():
+    """TRAK of a trained multinomial logistic regression (one linear layer, the digits workload of
+    ``benchmarks.peers``): bergson's per-example margin gradients and ``trak_scores`` against the
+    definition written out densely, diag(1 - p) Φ (ΦᵀΦ + λI)⁻¹ Φ_qᵀ with the closed-form gradient of
+    the margin log p_y - log(1 - p_y), which is ((e_y - p) / (1 - p_y)) [x, 1]ᵀ; and the peers
+    benchmark's own TRAK row, which uses ΦᵀΦ / N, is the same matrix times N."""
+    import torch
+
+    from benchmarks.peers import digits
+
+    data = digits.make_data(40, 6, seed=0)
+    model = digits.train(data["x_train"], data["y_train"], wd=0.1)
+    weight = model.fc.weight.detach().double().numpy()
+    bias = model.fc.bias.detach().double().numpy()
+
+    def closed_form(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        z = x.astype(np.float64) @ weight.T + bias
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        p_y = p[np.arange(len(y)), y]
+        dz = (np.eye(weight.shape[0])[y] - p) / (1 - p_y)[:, None]
+        # weight row-major, then the bias (bergson's layout with include_bias)
+        return np.concatenate([np.einsum("no,ni->noi", dz, x).reshape(len(x), -1), dz], 1), p_y
+
+    phi, p_train = closed_form(data["x_train"], data["y_train"])
+    phi_q, _ = closed_form(data["x_query"], data["y_query"])
+    n, k = phi.shape
+    assert (n, k) == (40, 650)  # fewer examples than columns: the push-through solve
+    lam = 1e-3 * np.trace(phi.T @ phi) / k
+    dense = (1 - p_train)[:, None] * (phi @ np.linalg.inv(phi.T @ phi + lam * np.eye(k)) @ phi_q.T)
+
+    got_phi = digits._per_example(model, data["x_train"], data["y_train"], "margin").numpy()
+    got_q = digits._per_example(model, data["x_query"], data["y_query"], "margin").numpy()
+    np.testing.assert_allclose(got_phi, phi, rtol=1e-4, atol=1e-5 * np.abs(phi).max())
+    with torch.no_grad():
+        p = torch.softmax(model(torch.from_numpy(data["x_train"])), -1).double().numpy()
+    weights = 1 - p[np.arange(n), data["y_train"]]
+    scores = trak_scores(got_phi, got_q, weights, 1e-3, "relative")
+    scale = np.abs(dense).max()
+    assert scale > 0 and np.abs(dense).min() < 1e-2 * scale  # a spread of values, not a constant
+    np.testing.assert_allclose(scores, dense, rtol=0, atol=1e-5 * scale)  # float32 gradients
+    # the benchmark's peer row ([queries, train], with ΦᵀΦ / N and δ relative to its eigenvalues)
+    peer = digits.ours(model, data, 0.1, "trak").T
+    np.testing.assert_allclose(peer / n, scores, rtol=0, atol=1e-9 * scale)
