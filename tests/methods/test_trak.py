@@ -146,11 +146,21 @@ def test_cli(tmp_path, model_dir, second_model, corpus_file):
         "--query.completion_column", "completion", "--query.truncation",
         "--projection_dim", "2", "--precision", "fp32",
     ]  # fmt: skip
-    out = run("trak", str(tmp_path / "cli"), "--models", str(model_dir), str(second_model), *args)
+    out = run(
+        "trak", str(tmp_path / "cli"), "--models", str(model_dir), str(second_model), *args, "--per_token"
+    )
     assert "wrote" in out.stdout
     s = load_gradients(tmp_path / "cli" / "scores")
     assert len(s) == 6 and s.manifest.score is not None
     assert s.manifest.score["method"] == "trak" and s.manifest.score["ensemble_size"] == 2
+    assert s.has_tokens and load_gradients(tmp_path / "cli" / "model_1" / "train").manifest.dtype == "float32"
+    for n in range(6):
+        np.testing.assert_allclose(
+            np.asarray(s.token_rows(n), np.float64).sum(0),
+            np.asarray(s["scores"][n], np.float64),
+            rtol=1e-4,
+            atol=1e-6,
+        )
     bad = run(
         "trak",
         str(tmp_path / "bad"),
@@ -344,3 +354,25 @@ def test_logistic_regression_equals_the_dense_definition():
     # the benchmark's peer row ([queries, train], with ΦᵀΦ / N and δ relative to its eigenvalues)
     peer = digits.ours(model, data, 0.1, "trak").T
     np.testing.assert_allclose(peer / n, scores, rtol=0, atol=1e-9 * scale)
+
+
+def test_ensemble_token_rows_need_the_same_tokens(token_run, tmp_path):
+    """Models that split a document into different numbers of tokens cannot average their token
+    scores: refused, naming the models and the document."""
+    from bergson.methods.trak import _mean_token_rows
+    from bergson.store.scores import save_score_matrix
+
+    root, _ = token_run
+    base = load_gradients(root / "model_0" / "scores").manifest
+    scores = np.ones((2, 1))
+    a = save_score_matrix(tmp_path / "a", scores, base, {}, False, tokens=[np.ones((3, 1)), np.ones((2, 1))])
+    b = save_score_matrix(tmp_path / "b", scores, base, {}, False, tokens=[np.ones((3, 1)), np.ones((4, 1))])
+    c = save_score_matrix(
+        tmp_path / "c", scores, base, {}, False, tokens=[np.zeros((3, 1)), np.zeros((2, 1))]
+    )
+    mean = _mean_token_rows([a, c], ["m0", "m1"])
+    assert [len(t) for t in mean] == [3, 2] and all(np.allclose(t, 0.5) for t in mean)
+    with pytest.raises(
+        BergsonError, match="--per_token: models m0 and m1 split document 1 into 2 and 4 tokens"
+    ):
+        _mean_token_rows([a, b], ["m0", "m1"])
