@@ -215,6 +215,7 @@ def test_per_token_scores_split_the_document_scores(token_run, ensemble_run):
         phi_q, _, _ = _rows(root / f"model_{i}" / "query")
         q = 1 - np.exp(-losses / (lengths - 1))  # no masks: every token after the first is a loss token
         k = phi.shape[1]
+        assert k > len(phi)  # fewer documents than columns: the shares come from the Woodbury form
         inv = np.linalg.inv(phi.T @ phi + 0.05 * np.trace(phi.T @ phi) / k * np.eye(k))
         mine = load_gradients(root / f"model_{i}" / "scores")
         doc = np.asarray(mine["scores"], np.float64)
