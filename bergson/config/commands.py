@@ -203,6 +203,10 @@ class TrakConfig(DampingOptions, QueryDataOptions, PassOptions):
     """Training-set gradient stores already built with `bergson build`, one per model in --models
     order, used instead of computing them (each must match its model, modules and projection)."""
 
+    per_token: bool = False
+    """Also write each training token's score (the scores stores' token rows; they sum to the
+    document's score); the training stores are built with --per_token (given --stores must be)."""
+
 
 @dataclass
 class EkfacConfig(DampingOptions, QueryDataOptions, CollectOptions):
@@ -232,13 +236,14 @@ class EkfacConfig(DampingOptions, QueryDataOptions, CollectOptions):
     per module (truncated SVD; the relative error is recorded in queries/factors.json), so that
     many queries share one cheap pass over the training data."""
 
-    ihvp: Literal["ekfac", "astra", "lissa"] = "ekfac"
+    ihvp: Literal["ekfac", "astra", "lissa", "pcg"] = "ekfac"
     """The inverse-Fisher-vector product of the queries: ekfac, EK-FAC's own; astra, iterations on the
     Fisher preconditioned by EK-FAC (one step equals ekfac, more converge to the exact damped
-    inverse); lissa, the same iterations without the preconditioner (many more steps)."""
+    inverse); lissa, the same iterations without the preconditioner (many more steps); pcg,
+    conjugate gradients preconditioned by EK-FAC (fewer steps than astra; every document each step)."""
 
     ihvp_steps: int = 10
-    """Iterations of --ihvp astra or lissa (each after the first is one pass over a batch of
+    """Iterations of --ihvp astra, lissa or pcg (each after astra's first is one pass over a batch of
     training documents)."""
 
     ihvp_batch_size: int = 0

@@ -13,6 +13,16 @@ classification margin carried over to a sequence as in the paper's language-mode
 come from the N x N form Q Φ Φᵀ (Φ Φᵀ + λ I)⁻¹ ... (push-through identity), so a wide
 projection costs an N x N solve instead of a k x k one.
 
+Per token (--per_token): document n's gradient is the sum of its tokens' projected terms,
+φ_n = Σ_t φ_{n,t} (the token rows of a `bergson build --per_token` store), so its score splits
+into token t's share q_n φ_{n,t}ᵀ (Φᵀ Φ + λ I)⁻¹ φ_q, and the shares of a document add up to its
+score up to the storage rounding of the token rows: the training stores TRAK builds per token are
+float32 (a float16 store given with --stores adds float16's rounding, about 1e-2 of the largest
+score). The k-vectors (ΦᵀΦ + λI)⁻¹ φ_q come from
+the k x k solve, or, when N < k, from the N x N one by the Woodbury identity
+(ΦᵀΦ + λI)⁻¹ = (I - Φᵀ (Φ Φᵀ + λ I)⁻¹ Φ) / λ. The ensemble's token rows are the mean of the
+models' (which must split every document into the same tokens).
+
 Steps under the run directory (each skipped when complete, so a killed run resumes):
 
     model_<i>/train/    the training store of model i (absent when --stores gives it)
@@ -91,10 +101,56 @@ def trak_scores(
     return np.asarray(weights, np.float64)[:, None] * out
 
 
-def _ordered(store: GradientStore) -> tuple[np.ndarray, np.ndarray]:
-    """The store's vectors (float64) and losses in dataset-row order."""
+def trak_directions(
+    train: np.ndarray, queries: np.ndarray, damping: float = 0.1, damping_mode: str = "relative"
+) -> np.ndarray:
+    """(ΦᵀΦ + λI)⁻¹ Φ_qᵀ, [k, M] in float64 (λ as in :func:`trak_scores`): the vectors a training
+    token's projected gradient is dotted with to give its share of the score. When N < k the k x k
+    matrix is never formed: (ΦᵀΦ + λI)⁻¹ = (I - Φᵀ (ΦΦᵀ + λI)⁻¹ Φ) / λ, an N x N solve."""
+    phi = np.asarray(train, np.float64)
+    phi_q = np.asarray(queries, np.float64)
+    n, k = phi.shape
+    if phi_q.shape[1] != k:
+        raise BergsonError(f"query vectors have {phi_q.shape[1]} columns and training vectors {k}")
+    lam = damping * (float(np.einsum("ij,ij->", phi, phi)) / k if damping_mode == "relative" else 1.0)
+    if k > n and not lam > 0:
+        raise BergsonError(
+            f"--damping {damping} with --per_token: {n} documents and {k} projected columns leave "
+            "ΦᵀΦ singular, so the tokens' shares are undefined; use a damping > 0"
+        )
+    try:
+        if k <= n:
+            gram = phi.T @ phi
+            gram[np.diag_indices(k)] += lam
+            return np.linalg.solve(gram, phi_q.T)
+        gram = phi @ phi.T
+        gram[np.diag_indices(n)] += lam
+        return (phi_q.T - phi.T @ np.linalg.solve(gram, phi @ phi_q.T)) / lam
+    except np.linalg.LinAlgError as e:
+        raise BergsonError(
+            f"--damping {damping}: the projected Gauss-Newton matrix is singular ({e}); use a damping > 0"
+        ) from e
+
+
+def trak_token_scores(
+    store: GradientStore, order: np.ndarray, directions: np.ndarray, weights: np.ndarray
+) -> list[np.ndarray]:
+    """Each training row's token shares [length, M], in dataset-row order: q_n φ_{n,t}ᵀ V with
+    φ_{n,t} the token rows of ``store`` (row ``order[j]`` is dataset row j) and V = ``directions``."""
+    return [
+        float(weights[j]) * (np.asarray(store.token_rows(int(i)), np.float64) @ directions)
+        for j, i in enumerate(order)
+    ]
+
+
+def _ordered(store: GradientStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The store's vectors (float64) and losses in dataset-row order, and that order."""
     order = np.argsort(np.asarray(store.rows["row_id"]), kind="stable")
-    return np.asarray(store.all, np.float64)[order], np.asarray(store.rows["loss"], np.float64)[order]
+    return (
+        np.asarray(store.all, np.float64)[order],
+        np.asarray(store.rows["loss"], np.float64)[order],
+        order,
+    )
 
 
 def _complete(path: Path) -> bool:
@@ -117,6 +173,11 @@ def _check_store(store: GradientStore, expected: Any, path: str, model: str, row
             raise BergsonError(
                 f"--stores {path}: built with {what}; TRAK needs the plain projected gradients"
             )
+    if expected.per_token and not store.has_tokens:
+        raise BergsonError(
+            f"--stores {path}: it has no token rows, which --per_token needs; rebuild it with "
+            "`bergson build --per_token` (or drop --per_token)"
+        )
     if m.loss != expected.loss:
         raise BergsonError(f"--stores {path}: its loss {m.loss} differs from this run's {expected.loss}")
     if len(store) != rows or m.data.get("tokens_sha256") != expected.data.get("tokens_sha256"):
@@ -130,7 +191,12 @@ def _check_store(store: GradientStore, expected: Any, path: str, model: str, row
 def _model_scores(cfg: TrakConfig, index: int, name: str, root: Path, run_dir: RunDir) -> None:
     """Model ``index``'s stores (built, or taken from --stores) and its scores store."""
     sub = root / f"model_{index}"
-    icfg = options_of(IndexConfig, cfg, model=name, run_path=str(sub / "train"), overwrite=False)
+    # per token, the training store keeps float32 rows, so that its token rows sum to its rows (and
+    # the tokens' shares to the document scores) to float32 rounding, not float16's
+    dtype = "float32" if cfg.per_token else "auto"
+    icfg = options_of(
+        IndexConfig, cfg, model=name, run_path=str(sub / "train"), overwrite=False, save_dtype=dtype
+    )
     model, tokenizer = load_model(icfg)
     max_tokens = token_budget(icfg, model)
     pad = tokenizer.pad_token_id
@@ -149,10 +215,20 @@ def _model_scores(cfg: TrakConfig, index: int, name: str, root: Path, run_dir: R
         logger.info("trak: model %d (%s) reuses the training store %s", index, name, train_path)
     else:
         train_path = sub / "train"
+        if cfg.per_token and distributed.rank() == 0:
+            logger.info(
+                "trak: --per_token: model %d's training store is written in float32 (its token rows)", index
+            )
         if not distributed.broadcast(_complete(train_path)):
             write_store(icfg, model, docs, max_tokens, pad)
     qcfg = options_of(
-        IndexConfig, cfg, model=name, run_path=str(sub / "query"), data=cfg.query, overwrite=False
+        IndexConfig,
+        cfg,
+        model=name,
+        run_path=str(sub / "query"),
+        data=cfg.query,
+        overwrite=False,
+        per_token=False,
     )
     if not distributed.broadcast(_complete(sub / "query")):
         qdocs = load_docs(cfg.query, tokenizer, max_tokens, option="--query.dataset")
@@ -161,13 +237,17 @@ def _model_scores(cfg: TrakConfig, index: int, name: str, root: Path, run_dir: R
 
     def solve() -> None:
         train = load_gradients(train_path)
-        phi, losses = _ordered(train)
-        phi_q, _ = _ordered(load_gradients(sub / "query"))
+        phi, losses, order = _ordered(train)
+        phi_q, _, _ = _ordered(load_gradients(sub / "query"))
         reduction = str(train.manifest.loss.get("reduction", cfg.loss_reduction))
         weights = output_weights(losses, docs.num_loss_tokens(), reduction)
         scores = trak_scores(phi, phi_q, weights, cfg.damping, cfg.damping_mode)
+        tokens = None
+        if cfg.per_token:
+            directions = trak_directions(phi, phi_q, cfg.damping, cfg.damping_mode)
+            tokens = trak_token_scores(train, order, directions, weights)
         info = _info(cfg, [name], [str(train_path)])
-        save_score_matrix(sub / "scores", scores, train.manifest, info, overwrite=True)
+        save_score_matrix(sub / "scores", scores, train.manifest, info, overwrite=True, tokens=tokens)
         run_dir.record(f"model_{index}", start)
 
     if not distributed.broadcast(_complete(sub / "scores")):
@@ -187,6 +267,25 @@ def _info(cfg: TrakConfig, models: list[str], stores: list[str]) -> dict[str, An
         "damping_mode": cfg.damping_mode,
         "output_weights": Q_FORM,
     }
+
+
+def _mean_token_rows(stores: list[GradientStore], models: list[str]) -> list[np.ndarray]:
+    """The mean over the models' scores stores of each row's token rows (refused when two models
+    split a document into different numbers of tokens: their token shares do not line up)."""
+    lengths = [np.asarray(s.rows["num_tokens"]) for s in stores]
+    for m, other in enumerate(lengths[1:], 1):
+        if not np.array_equal(other, lengths[0]):
+            row = int(np.flatnonzero(other != lengths[0])[0])
+            raise BergsonError(
+                f"--per_token: models {models[0]} and {models[m]} split document {row} into "
+                f"{lengths[0][row]} and {other[row]} tokens, so their token scores cannot be averaged; "
+                "use models that share a tokenizer, or drop --per_token (each model's own token scores "
+                "are in model_<i>/scores)"
+            )
+    return [
+        np.mean([np.asarray(s.token_rows(i), np.float64) for s in stores], axis=0)
+        for i in range(len(stores[0]))
+    ]
 
 
 def ensemble(cfg: TrakConfig) -> list[str]:
@@ -235,7 +334,8 @@ def trak(cfg: TrakConfig) -> GradientStore:
             str(root / f"model_{i}" / "train") for i in range(len(models))
         ]
         info = {**_info(cfg, models, train_stores), "ensemble_size": len(models)}
-        save_score_matrix(root / "scores", mean, stores[0].manifest, info, overwrite=True)
+        tokens = _mean_token_rows(stores, models) if cfg.per_token else None
+        save_score_matrix(root / "scores", mean, stores[0].manifest, info, overwrite=True, tokens=tokens)
 
     if not distributed.broadcast(_complete(root / "scores")):
         distributed.on_rank_zero(average, "averaging trak's scores")

@@ -206,7 +206,7 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
         ],
         "trak": [
             ([new(), *m, *d, *qd, *collect, "--attention_heads", heads, "--damping", "0.2", "--damping_mode",
-              "absolute"], None),
+              "absolute", "--per_token"], None),
             ([new(), "--models", a["model"], a["model"], "--device", "cpu", "--precision", "fp32", "--dataset",
               a["corpus"], "--truncation", "--max_length", "24", *qd, "--projection_dim", "4", "--stores",
               a["query"], a["query"]], None),

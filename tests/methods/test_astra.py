@@ -1,4 +1,4 @@
-"""ASTRA and LiSSA iHVPs against a dense damped solve with the exact Fisher of a toy model (float64).
+"""ASTRA, LiSSA and PCG iHVPs against a dense damped solve with the exact Fisher of a toy model (float64).
 
 ``python tests/methods/test_astra.py`` prints the relative error against the dense solve per step.
 """
@@ -142,6 +142,22 @@ def test_astra_and_lissa_converge_to_the_dense_solve_astra_far_sooner(toy):
     assert astra[9] < 0.5 * astra[0]
 
 
+def test_pcg_converges_in_far_fewer_steps_than_astra(toy):
+    """Conjugate gradients preconditioned by EK-FAC: the error falls with the steps, is below
+    ASTRA's at every equal step after the first (whose line-searched EK-FAC step differs from
+    ASTRA's plain one), and reaches 1e-6 at damping 0.1 in under 35 steps where ASTRA is still at
+    about 3e-2 after 40 (measured: 28 steps; at damping 1, 17 against ASTRA's 45)."""
+    astra = errors_by_step(toy, "astra", 40)
+    pcg = errors_by_step(toy, "pcg", 40)
+    assert pcg[9] < 0.1 * pcg[0] and pcg[-1] < 1e-8
+    assert all(pcg[k] < astra[k] for k in range(1, 40))
+    assert next(k + 1 for k, e in enumerate(pcg) if e < 1e-6) <= 35 and astra[-1] > 1e-2
+    # the documents' passes give the dense iterates
+    model, docs, opts, *_ = toy
+    passes = errors_by_step(toy, "pcg", 4, document_products(model, docs, opts, 0, 0, torch.float64))
+    np.testing.assert_allclose(passes, pcg[:4], rtol=1e-8)
+
+
 def test_minibatch_products_are_seeded_and_a_full_batch_is_exact(toy):
     model, docs, opts, *_ = toy
 
@@ -168,6 +184,9 @@ def test_bad_iteration_options_are_refused(toy):
         (IhvpOptions("lissa", 3, 0, -1.0), "--ihvp_step_size"),
         (IhvpOptions("ekfac", 5), "--ihvp_steps"),
         (IhvpOptions("newton"), "--ihvp"),
+        (IhvpOptions("pcg", 3, 40), "--ihvp pcg with"),
+        (IhvpOptions("pcg", 3, 0, 0.5), "--ihvp pcg with"),
+        (IhvpOptions("pcg", 3, 0, 0.0, 2), "--ihvp pcg with"),
     ]:
         with pytest.raises(BergsonError, match=match):
             solve(grads, eigen, corrected, DAMPING, "relative", bad, products)
@@ -184,6 +203,7 @@ if __name__ == "__main__":
             for m in ("astra", "lissa")
             for size in (0.0, 0.5)
         }
+        runs["pcg", 0.0] = errors_by_step(state, "pcg", n, damping=damping)
         print(f"relative error of v_k against the dense (G + {damping} mean(Λ) I)⁻¹ g; step 0: line search")
         print("step " + "".join(f"{m + ' step ' + str(size):>18}" for m, size in runs))
         for k in [1, 2, 3, 5, 10, 20, 50, 100, 200, 300, 500, 1000, 2000, 3000]:
@@ -245,6 +265,13 @@ def test_cli_astra_runs_end_to_end_records_itself_and_correlates_with_ekfac(tmp_
                "--ihvp_steps", "0", check=False)  # fmt: skip
     assert proc.returncode == 1 and "--ihvp_steps" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
+    # conjugate gradients from the command: recorded, away from EK-FAC's answer, ranked alike
+    pcg = np.asarray(ekfac(cfg("pcg", ihvp="pcg", ihvp_steps=3))["scores"], np.float64)
+    meta = json.loads((tmp_path / "pcg" / "queries" / "factors.json").read_text())
+    assert meta["ihvp"] == "pcg" and len(meta["ihvp_residuals"]) == 3
+    assert not np.allclose(pcg, base, rtol=1e-3)
+    for q in range(3):
+        assert spearmanr(pcg[:, q], base[:, q]).statistic > 0.5
     with pytest.raises(BergsonError, match="diverges"):
         ekfac(cfg("bad3", ihvp="lissa", ihvp_steps=100, ihvp_step_size=40.0))
     assert not (tmp_path / "bad3" / "scores").exists()
@@ -277,3 +304,6 @@ def test_custom_model_astra_from_python_converges_to_exact_influence():
     got = scores(ihvp="astra", ihvp_steps=200)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
     assert float((base - want).abs().max()) > 1e-3 * float(want.abs().max())  # EK-FAC alone is not exact
+    # conjugate gradients from Python reach it with a fifth of the steps ASTRA is given above
+    got = scores(ihvp="pcg", ihvp_steps=40)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))

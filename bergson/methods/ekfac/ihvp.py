@@ -1,4 +1,4 @@
-"""Iterative inverse-Fisher-vector products: LiSSA and ASTRA on EK-FAC's Fisher.
+"""Iterative inverse-Fisher-vector products: LiSSA, ASTRA and preconditioned CG on EK-FAC's Fisher.
 
 EK-FAC answers v = (F + δI)⁻¹ g_q with its approximation F ≈ Q diag(Λ) Qᵀ of the Fisher
 G = (1/N) Σ_n vec(G_n) vec(G_n)ᵀ, per module (block-diagonal over the tracked modules, like
@@ -13,6 +13,14 @@ itself, by stochastic Neumann (Richardson) iterations from v_0 = 0, r_k = g - (G
   v_0 = 0 is EK-FAC's answer exactly. P already captures most of the curvature, so the
   condition number the iteration sees is far smaller than LiSSA's, and so is the number of
   steps to a given accuracy.
+* PCG (preconditioned conjugate gradients, Hestenes and Stiefel 1952) with the same P: the
+  direction d_k = P r_k + β_k d_{k-1}, β_k = ⟨r_k, P r_k⟩ / ⟨r_{k-1}, P r_{k-1}⟩, is made conjugate
+  to the earlier ones, and its length comes from the line search below. On a fixed operator (a
+  full batch) the k-th iterate minimises the error over the whole Krylov space of P(G + δI) the
+  first k products span, so it needs at most as many steps as ASTRA's steepest descent (and in
+  exact arithmetic no more than the number of distinct eigenvalues of P(G + δI)). The first step
+  is EK-FAC's answer rescaled by the line search. A fresh batch at each step would break the
+  conjugacy, so PCG takes every document (--ihvp_batch_size 0) and its own step lengths.
 
 Step lengths (``step_size``): 0 (the default) chooses each step's length by an exact line search
 on the quadratic ½ vᵀ(G_B + δI)v - gᵀv along the step's direction d (s = ⟨r, d⟩ / ⟨d, (G_B + δI) d⟩,
@@ -53,7 +61,7 @@ from .passes import BatchSource, DocumentSource, EkfacOptions, Source, per_docum
 
 logger = logging.getLogger(__name__)
 
-IHVP_METHODS = ("ekfac", "astra", "lissa")
+IHVP_METHODS = ("ekfac", "astra", "lissa", "pcg")
 DIVERGED = 1e3
 """A residual this many times the query gradient's norm means the iteration diverges."""
 
@@ -82,6 +90,13 @@ class IhvpOptions:
             raise BergsonError(
                 f"--ihvp_step_size {self.step_size}: must be a finite number >= 0 (0: each step's length "
                 "chosen by a line search)"
+            )
+        if self.method == "pcg" and (self.step_size > 0 or self.batch_size > 0 or self.seed != 0):
+            raise BergsonError(
+                "--ihvp pcg with --ihvp_step_size, --ihvp_batch_size or --ihvp_seed: conjugate gradients "
+                "choose each step's length themselves and need the same Fisher at every step (a batch drawn "
+                "afresh breaks the conjugacy their convergence rests on), so they take every document; drop "
+                "those options, or use --ihvp astra for fixed steps or drawn batches"
             )
         if self.method == "ekfac" and self != IhvpOptions():
             raise BergsonError(
@@ -202,6 +217,8 @@ def solve(
     r = {name: g[name].clone() for name in live}  # g - (G + δI) v, updated with each step's product
     norm = math.sqrt(sum(float(g[name].square().sum()) for name in live)) or 1.0
     residuals: list[float] = []
+    direction: dict[str, torch.Tensor] = {}  # pcg: the last direction and ⟨r, P r⟩ per query
+    rz: dict[str, torch.Tensor] = {}
     for step in range(opts.steps):
         rel = math.sqrt(sum(float(t.square().sum()) for t in r.values())) / norm
         residuals.append(rel)
@@ -211,10 +228,12 @@ def solve(
                 f"gradient's at step {step}); lower --ihvp_step_size (now {opts.step_size}; 0 chooses each "
                 "step's length itself) or raise --damping"
             )
-        if opts.method == "astra":
+        if opts.method in ("astra", "pcg"):
             p = {name: ihvp(eigen, lams[name], name, r[name], damping, damping_mode) for name in live}
         else:
             p = r
+        if opts.method == "pcg":
+            p = _conjugate(p, r, direction, rz)
         fixed = opts.step_size > 0 or (opts.method == "astra" and step == 0)
         last = step == opts.steps - 1
         ap = None
@@ -240,3 +259,23 @@ def solve(
             observe(step, v)
         logger.info("--ihvp %s step %d: relative residual %.3g", opts.method, step, rel)
     return v, {**opts.record(), "ihvp_residuals": residuals}
+
+
+def _conjugate(
+    z: dict[str, torch.Tensor],
+    r: Mapping[str, torch.Tensor],
+    direction: dict[str, torch.Tensor],
+    rz: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """PCG's next directions d = z + β d_prev per module and query, z = P r the preconditioned
+    residual, β = ⟨r, z⟩ / ⟨r_prev, z_prev⟩ (0 at the first step); updates ``direction`` and
+    ``rz`` (the previous step's) in place."""
+    for name, zn in z.items():
+        dims = tuple(range(1, zn.dim()))
+        now = (r[name] * zn).sum(dims)
+        if name in direction:
+            before = rz[name]
+            beta = torch.where(before > 0, now / before.clamp(min=torch.finfo(before.dtype).tiny), 0.0)
+            zn = zn + beta.reshape(-1, *([1] * len(dims))) * direction[name]
+        direction[name], rz[name] = zn, now
+    return {name: direction[name] for name in z}
