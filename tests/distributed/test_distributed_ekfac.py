@@ -65,9 +65,11 @@ def test_ekfac_on_two_workers_equals_one(tmp_path, model_dir, corpus_file):
     assert_close(np.asarray(load_gradients(out / "scores")["scores"]), np.asarray(one["scores"]))
 
 
-@pytest.mark.parametrize("method", ["astra", "lissa"])
+@pytest.mark.parametrize(
+    "method", ["astra"]
+)  # lissa and pcg share every distributed step (one launch is ~15 s)
 def test_iterative_ihvp_on_two_workers_equals_one(tmp_path, model_dir, corpus_file, method):
-    """--ihvp astra and lissa: the query products run on rank 0 over every document, so two
+    """--ihvp astra (lissa and pcg run the same passes, only the update differs): the query products run on rank 0 over every document, so two
     workers give one process's queries and scores (up to the rounding of the summed passes, kept
     small with float64 factors: in float32 the iterations amplify it to ~3e-4 relative on a few
     entries); a run that lost its queries and scores resumes to identical ones."""
