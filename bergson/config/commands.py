@@ -502,6 +502,12 @@ class SourceConfig(DampingOptions, QueryDataOptions, CollectOptions):
     segment_learning_rates: list[float] = field(default_factory=list)
     """With --models: the learning rate of each segment's steps."""
 
+    stage_rows: list[str] = field(default_factory=list)
+    """With --segments: the rows of --dataset each stage trained on, one START:END range per directory
+    (END exclusive; either may be left out), e.g. ':1000' '1000:' for a pretraining stage on the first
+    1000 rows and a fine-tune on the rest. A segment fits its curvature on its stage's rows and scores
+    only them (the other rows get 0 from it). Default: every stage trained on every row."""
+
     query_model: str = ""
     """The model whose query gradients are unrolled backwards (default: the last checkpoint)."""
 

@@ -301,6 +301,33 @@ def test_trainer_run_equals_the_explicit_call_resumes_and_sums_its_tokens(lm, ca
     np.testing.assert_array_equal(_values(load_gradients(run / "scores")), before)
 
 
+def test_stage_rows_fit_and_score_each_stage_on_its_own_rows(lm):
+    """Two stages on rows 0-2 and 3-5 of one dataset: each segment scores only its stage's rows,
+    and the last segment (the raw query, stage 1's curvature) equals the last segment of a
+    one-stage run on rows 3-5 alone (the same documents, Fisher labels, scale and query)."""
+    from bergson.methods.source import source
+
+    root, trainer, common = lm
+    two = root / "stages"
+    staged = SourceConfig(run_path=str(two), segments=[str(trainer)] * 2, stage_rows=[":3", "3:"], **common)
+    total = _values(source(staged))
+    seg = [np.load(two / f"segment_{i}" / "scores.npz")["total"] for i in range(4)]
+    for i, values in enumerate(seg):
+        outside = slice(3, 6) if i < 2 else slice(0, 3)
+        assert not values[outside].any() and np.abs(values).max() > 0
+    np.testing.assert_allclose(sum(seg), total, rtol=1e-5, atol=1e-7 * np.abs(total).max())
+    data = replace(common["data"], split="train[3:6]")
+    alone = root / "alone"
+    source(SourceConfig(run_path=str(alone), segments=[str(trainer)], **{**common, "data": data}))
+    last = np.load(alone / "segment_1" / "scores.npz")["total"]
+    np.testing.assert_allclose(seg[3][3:], last, rtol=1e-9, atol=1e-12 * np.abs(last).max())
+    assert load_gradients(two / "scores").manifest.score["stage_rows"] == [":3", "3:"]
+    with pytest.raises(BergsonError, match="--stage_rows '4:2'"):
+        source(replace(staged, run_path=str(root / "bad_rows"), stage_rows=[":3", "4:2"]))
+    with pytest.raises(BergsonError, match="2 --segments directories"):
+        source(replace(staged, run_path=str(root / "bad_count"), stage_rows=[":3"]))
+
+
 def test_the_command_refuses_bad_input_with_exit_1(lm, capfd):
     root, trainer, common = lm
     from bergson.methods.source import source

@@ -35,9 +35,9 @@ from ...models import announce_coverage, honours_numerics
 from ...transforms.ekfac import Factors
 from ..ekfac.command import fit_curvature, is_store, still_to_do
 from ..ekfac.passes import EkfacOptions, query_gradients
-from ..ekfac.scoring import score_documents
+from ..ekfac.scoring import Scores, score_documents
 from .maths import Curvature, unroll_segment
-from .segments import Segment, explicit_segments, trainer_segments
+from .segments import Segment, explicit_segments, stage_rows, trainer_segments
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,11 @@ def plan(cfg: Any) -> tuple[list[Segment], list[dict[str, Any]]]:
         )
     if cfg.segments:
         return trainer_segments(list(cfg.segments))
+    if cfg.stage_rows:
+        raise BergsonError(
+            "--stage_rows: it gives the rows each --segments directory (stage) trained on; with --models every "
+            "checkpoint's segment scores every row. Drop it, or give the run as Trainer directories"
+        )
     if cfg.models and cfg.model:
         raise BergsonError("--model and --models: give the checkpoints with --models (or one with --model)")
     return explicit_segments(list(cfg.models) or ([cfg.model] if cfg.model else []),
@@ -100,6 +105,18 @@ def _load_scores(path: Path, lengths: np.ndarray) -> tuple[np.ndarray, list[np.n
         flat = f["tokens"]
     bounds = np.cumsum([0, *lengths.tolist()])
     return total, [flat[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def _spread(result: Scores, rows: np.ndarray, docs: TokenizedDocs, nq: int) -> Scores:
+    """A stage's scores (of ``rows`` of ``docs``) as scores of every document, 0 outside ``rows``."""
+    total = np.zeros((len(docs), nq))
+    total[rows] = result.total
+    tokens = None
+    if result.per_token is not None:
+        tokens = [np.zeros((n, nq)) for n in docs.lengths]
+        for row, values in zip(rows, result.per_token):
+            tokens[row] = values
+    return Scores(total, {}, tokens)
 
 
 def _scores_of(cfg: Any) -> Any:
@@ -231,6 +248,7 @@ def source(cfg: Any) -> Any:
     }
     nq = len(next(iter(passed.values())))
     scale_info: tuple[float, str] | None = None
+    scales: dict[int, float] = {}
 
     def segment(index: int, passed: dict[str, torch.Tensor]) -> Factors:
         """Segment ``index``'s curvature, queries and scores (each stage skipped when complete)."""
@@ -238,13 +256,20 @@ def source(cfg: Any) -> Any:
         seg, sub = segments[index], root / f"segment_{index}"
         done_queries = not still_to_do(lambda: Factors.complete(sub / "queries"))
         if done_queries and "docs" in held and not still_to_do(lambda: is_store(sub / "scores")):
-            return Factors.load(sub / "queries")  # nothing to compute with this checkpoint
+            done = Factors.load(sub / "queries")  # nothing to compute with this checkpoint
+            scales[index] = float(done.meta["scale"])
+            return done
         model, tokenizer, max_tokens, docs, _ = load(seg.checkpoint)
         opts = options(model, tokenizer)
         if scale_info is None:
             scale_info = curvature_scale(cfg, docs)
+        rows = stage_rows(list(cfg.stage_rows), len(stages), len(docs))
+        mine = None if rows is None else rows[seg.stage]
+        sdocs = docs if mine is None else docs.select(mine)  # the rows this segment's stage trained on
+        scale = scale_info[0] if mine is None or cfg.curvature_scale else curvature_scale(cfg, sdocs)[0]
+        scales[index] = scale
         if not done_queries:
-            eigen, corrected = fit_curvature(run, sub, model, docs, opts, cfg.method, f"segment_{index}/")
+            eigen, corrected = fit_curvature(run, sub, model, sdocs, opts, cfg.method, f"segment_{index}/")
             start = time.perf_counter()
             values = (
                 None if corrected is None else {n: d["eigenvalues"] for n, d in corrected.tensors.items()}
@@ -255,10 +280,10 @@ def source(cfg: Any) -> Any:
                 cfg.damping,
                 cfg.damping_mode,
                 cfg.unroll,
-                scale_info[0],
+                scale,
             )
             tensors = {n: {"ihvp": product[n].to(dtype), "passed": handed[n]} for n in product}
-            meta = {"stage": "queries", "queries": nq, "segment": seg.record(), "scale": scale_info[0]}
+            meta = {"stage": "queries", "queries": nq, "segment": seg.record(), "scale": scale}
             distributed.on_rank_zero(
                 lambda: Factors(tensors, meta).save(sub / "queries"), "saving the queries"
             )
@@ -267,7 +292,9 @@ def source(cfg: Any) -> Any:
         if still_to_do(lambda: is_store(sub / "scores")):
             start = time.perf_counter()
             scoring = Factors({n: {"ihvp": d["ihvp"]} for n, d in queries.tensors.items()}, {"queries": nq})
-            result = score_documents(model, docs, scoring, opts, per_token=cfg.per_token)
+            result = score_documents(model, sdocs, scoring, opts, per_token=cfg.per_token)
+            if mine is not None:  # rows outside the stage get 0 from this segment
+                result = _spread(result, mine, docs, nq)
             base = make_manifest(
                 replace(cfg, model=seg.checkpoint, projection_dim=0), model, opts.modules, docs, max_tokens
             )
@@ -314,6 +341,8 @@ def source(cfg: Any) -> Any:
         unit_normalize=False,
         curvature_scale=scale,
         curvature_scale_from=how,
+        stage_rows=list(cfg.stage_rows),
+        segment_curvature_scales=[scales.get(i, scale) for i in range(num)],
         learning_rate_sum=math.fsum(math.fsum(s.lrs) for s in segments),
     )
 

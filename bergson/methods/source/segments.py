@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ...errors import BergsonError
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -183,3 +185,33 @@ def trainer_segments(dirs: list[str]) -> tuple[list[Segment], list[dict[str, Any
         stages.append({"directory": str(d), "steps": final, "first_step": offset + 1, **notes})
         offset += final
     return segments, stages
+
+
+def stage_rows(specs: list[str], stages: int, num_docs: int) -> list[np.ndarray] | None:
+    """The dataset rows of each stage from --stage_rows ("START:END" per --segments directory), or
+    None when every stage trained on every row."""
+    if not specs:
+        return None
+    if len(specs) != stages:
+        raise BergsonError(
+            f"--stage_rows: {len(specs)} ranges for {stages} --segments directories; give one START:END per stage"
+        )
+    out = []
+    for spec in specs:
+        parts = spec.split(":")
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            start = int(parts[0]) if parts[0].strip() else 0
+            end = int(parts[1]) if parts[1].strip() else num_docs
+        except ValueError:
+            raise BergsonError(
+                f"--stage_rows {spec!r}: write each range as START:END (row numbers of --dataset, END exclusive)"
+            ) from None
+        if not 0 <= start < end <= num_docs:
+            raise BergsonError(
+                f"--stage_rows {spec!r}: the range must lie within the {num_docs} rows of --dataset and hold at "
+                "least one row"
+            )
+        out.append(np.arange(start, end))
+    return out
