@@ -12,6 +12,16 @@ Protocols: ``leave_k_out`` removes a random ``fraction`` of the documents; ``lds
 random half (the linear datamodeling score of Park et al. 2023, which trains on random
 halves). Retrains are cached by recipe and subset, so several methods are checked against the
 same retrains.
+
+``top_k`` asks the counterfactual directly: for each query (score column), remove its K
+highest-scoring documents, retrain, and compare the query's loss change with that of removing
+K random documents (``num_subsets`` draws per K, shared by every store). Scores that find the
+query's proponents raise its loss more than random removals do (a positive difference, a
+ratio above 1); scores of the wrong sign lower it. The report gives, per store, K and query,
+the loss change, the random removals' mean and standard deviation, their difference, ratio and
+z-score, and per store and K the share of queries whose top-k removal beats random.
+
+Every report is written as ``validation.json`` and as a table, ``validation.md``.
 """
 
 from __future__ import annotations
@@ -104,6 +114,7 @@ def recipe_identity(cfg: MagicConfig) -> dict[str, Any]:
         "checkpoints",
         "memory_budget_gb",
         "top_k",
+        "save_checkpoints",
     ):
         d.pop(key, None)
     return d
@@ -190,12 +201,17 @@ def validate(cfg: ValidateConfig) -> dict[str, Any]:
         raise BergsonError("--recipe is required: a `bergson magic` config YAML or run directory")
     if not cfg.scores:
         raise BergsonError("--scores is required: one or more scores stores to check")
+    check_protocol_options(cfg)
     recipe = load_recipe(cfg.recipe)
     stores = {name: load_gradients(name) for name in cfg.scores}
     cache = cfg.cache_dir or str(Path(recipe.run_path or cfg.run_path) / "retrains")
     retrainer = Retrainer(recipe, cache, None if cfg.device == "auto" else cfg.device)
     n, nq = len(retrainer.docs), len(retrainer.queries)
     matrices = {name: check_store(s, name, n, nq) for name, s in stores.items()}
+    if cfg.protocol == "top_k":
+        methods = {name: (s.manifest.score or {}).get("kind", "gradient") for name, s in stores.items()}
+        report = top_k_removals(retrainer, matrices, cfg.top_k, cfg.num_subsets, cfg.seed, methods)
+        return _write(cfg.run_path, report)
     subsets = draw_subsets(n, cfg.protocol, cfg.fraction, cfg.num_subsets, cfg.seed)
     start = time.perf_counter()
     base = retrainer.query_losses(np.array([], np.int64))
@@ -217,7 +233,167 @@ def validate(cfg: ValidateConfig) -> dict[str, Any]:
     for name, s in matrices.items():
         entry: dict[str, Any] = {"method": (stores[name].manifest.score or {}).get("kind", "gradient")}
         report["stores"][name] = {**entry, **score_correlations(s, subsets, measured)}
-    out = Path(cfg.run_path)
+    return _write(cfg.run_path, report)
+
+
+def check_protocol_options(cfg: ValidateConfig) -> None:
+    """Refuse an option the chosen protocol does not read."""
+    default = ValidateConfig()
+    if cfg.protocol != "top_k" and list(cfg.top_k) != default.top_k:
+        raise BergsonError(
+            f"--top_k {' '.join(map(str, cfg.top_k))}: only --protocol top_k removes each query's top "
+            f"documents, and the protocol is {cfg.protocol}; pass --protocol top_k or drop --top_k"
+        )
+    if cfg.protocol in ("top_k", "lds") and cfg.fraction != default.fraction:
+        what = "removes --top_k documents" if cfg.protocol == "top_k" else "removes half of the documents"
+        raise BergsonError(
+            f"--fraction {cfg.fraction}: only --protocol leave_k_out reads it; {cfg.protocol} {what}. "
+            "Drop --fraction"
+        )
+    if cfg.protocol == "top_k":
+        if not cfg.top_k or any(k < 1 for k in cfg.top_k):
+            raise BergsonError(f"--top_k {cfg.top_k}: give one or more numbers of documents, each >= 1")
+        if cfg.num_subsets < 2:
+            raise BergsonError(
+                f"--num_subsets {cfg.num_subsets}: top_k compares with the mean and spread of at least 2 "
+                "random removals per K"
+            )
+
+
+def top_k_removals(
+    retrainer: Retrainer,
+    matrices: dict[str, np.ndarray],
+    ks: list[int],
+    num_random: int,
+    seed: int,
+    methods: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The ``top_k`` protocol on score matrices ([documents, one column per query or one in
+    total]): for each store, K and column, the loss change of removing the column's K
+    highest-scoring documents against ``num_random`` random removals of K (shared by all
+    stores). A single column is checked against the mean query loss."""
+    n, nq = len(retrainer.docs), len(retrainer.queries)
+    ks = sorted(set(int(k) for k in ks))
+    if ks[-1] >= n:
+        raise BergsonError(f"--top_k {ks[-1]}: the recipe trains on {n} documents; remove fewer than all")
+    start = time.perf_counter()
+    base = retrainer.query_losses(np.array([], np.int64))
+    random_sets, random_deltas = {}, {}
+    for k in ks:
+        rng = np.random.default_rng([seed, k])
+        random_sets[k] = [np.sort(rng.choice(n, size=k, replace=False)) for _ in range(num_random)]
+        random_deltas[k] = np.stack(
+            [retrainer.query_losses(s) - base for s in tqdm(random_sets[k], desc=f"random {k}", unit="run")]
+        )  # [draws, queries]
+    report: dict[str, Any] = {
+        "protocol": "top_k",
+        "top_k": ks,
+        "random_removals_per_k": num_random,
+        "documents": n,
+        "queries": nq,
+        "seed": seed,
+        "retrain_cache": str(retrainer.dir),
+        "base_query_losses": base.tolist(),
+        "random": {
+            str(k): {
+                "mean": random_deltas[k].mean(0).tolist(),
+                "std": random_deltas[k].std(0, ddof=1).tolist(),
+            }
+            for k in ks
+        },
+        "stores": {},
+    }
+    for name, s in matrices.items():
+        per_k: dict[str, Any] = {}
+        for k in ks:
+            rows = []
+            for c in range(s.shape[1]):
+                top = np.sort(np.argsort(-s[:, c], kind="stable")[:k])
+                delta = retrainer.query_losses(top) - base
+                if s.shape[1] == nq:
+                    measured, rand = float(delta[c]), random_deltas[k][:, c]
+                else:  # one column for all queries: their mean loss
+                    measured, rand = float(delta.mean()), random_deltas[k].mean(1)
+                rows.append({"query": c if s.shape[1] == nq else "mean", "removed": top.tolist(),
+                             **compare_with_random(measured, rand)})  # fmt: skip
+            per_k[str(k)] = {"queries": rows, **summarize(rows)}
+        report["stores"][name] = {"method": (methods or {}).get(name, "scores"), "top_k": per_k}
+    report["retrain_seconds"] = round(time.perf_counter() - start, 2)
+    return report
+
+
+def compare_with_random(measured: float, random: np.ndarray) -> dict[str, float]:
+    """A top-k removal's loss change against random removals': their mean and (sample)
+    standard deviation, the difference, the ratio and the z-score (nan where undefined)."""
+    mean, std = float(random.mean()), float(random.std(ddof=1)) if len(random) > 1 else float("nan")
+    return {
+        "loss_change": measured,
+        "random_mean": mean,
+        "random_std": std,
+        "difference": measured - mean,
+        "ratio": measured / mean if mean != 0 else float("nan"),
+        "z": (measured - mean) / std if std > 0 else float("nan"),
+    }
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per store and K: mean loss changes, and the shares of queries whose top-k removal raised
+    the loss and raised it more than random removals did."""
+    change = np.array([r["loss_change"] for r in rows])
+    rand = np.array([r["random_mean"] for r in rows])
+    return {
+        "mean_loss_change": float(change.mean()),
+        "mean_random": float(rand.mean()),
+        "mean_difference": float((change - rand).mean()),
+        "share_raising_loss": float((change > 0).mean()),
+        "share_beating_random": float((change > rand).mean()),
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as a Markdown table (one row per store, or per store, K and query for top_k)."""
+    lines = [f"# bergson validate: {report['protocol']}", ""]
+    lines.append(
+        f"{report['documents']} training documents, {report['queries']} queries, seed {report['seed']}."
+    )
+    lines.append("")
+    if report["protocol"] == "top_k":
+        lines.append(
+            f"Loss change of each query after removing its K highest-scoring documents, against "
+            f"{report['random_removals_per_k']} random removals of K (positive: the loss rose)."
+        )
+        lines += ["", "| store | method | K | query | top-k Δ | random Δ (mean ± std) | difference | ratio | z |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, e in report["stores"].items():
+            for k, entry in e["top_k"].items():
+                for r in entry["queries"]:
+                    lines.append(
+                        f"| {name} | {e['method']} | {k} | {r['query']} | {r['loss_change']:.4g} | "
+                        f"{r['random_mean']:.4g} ± {r['random_std']:.3g} | {r['difference']:.4g} | "
+                        f"{r['ratio']:.3g} | {r['z']:.3g} |"
+                    )
+        return "\n".join(lines) + "\n"
+    lines.append(
+        f"{report['subsets']} retrains without {report['removed_per_subset']} documents each; "
+        "correlations of the predicted and measured query loss changes."
+    )
+    lines += [
+        "",
+        "| store | method | spearman (mean ± std) | pearson | aggregate spearman |",
+        "|---|---|---|---|---|",
+    ]
+    for name, e in report["stores"].items():
+        sp, sd = e.get("mean_spearman", float("nan")), e.get("std_spearman", float("nan"))
+        lines.append(
+            f"| {name} | {e['method']} | {sp:.3f} ± {sd:.3f} | {e.get('mean_pearson', float('nan')):.3f} | "
+            f"{e['aggregate']['spearman']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _write(run_path: str, report: dict[str, Any]) -> dict[str, Any]:
+    out = Path(run_path)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "validation.json", json.dumps(report, indent=2).encode())
+    atomic_write_bytes(out / "validation.md", markdown(report).encode())
     return report

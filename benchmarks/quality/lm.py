@@ -182,12 +182,12 @@ def make_recipe(args: argparse.Namespace, work: Path, seed: int | None = None) -
 
 
 def train_checkpoint(recipe_path: Path, out: Path) -> dict[str, Any]:
-    """Train the recipe once; save the final weights (a Hugging Face directory) and AdamW's state
-    as a torch optimizer state dict (``optimizer.pt``, parameters named), for the gradient methods."""
-    import torch
-
+    """Train the recipe once; save the final weights (a Hugging Face directory) with AdamW's state
+    (``optimizer.pt``, parameters named) for the gradient methods, through the library's
+    :func:`bergson.methods.magic.training_state.save_training_state`."""
     from bergson.methods.magic.command import load_recipe, prepare
     from bergson.methods.magic.replay import Replay
+    from bergson.methods.magic.training_state import save_training_state
 
     recipe = load_recipe(str(recipe_path))
     if recipe.training.optimizer != "adamw":
@@ -195,38 +195,7 @@ def train_checkpoint(recipe_path: Path, out: Path) -> dict[str, Any]:
     model, tokenizer, docs, _ = prepare(recipe)
     replay = Replay(model, docs, recipe.training, tokenizer.pad_token_id or 0, progress=True)
     state, losses = replay.run()
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in state.params.items():
-            named[k].copy_(v)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)  # type: ignore[operator]
-    tokenizer.save_pretrained(tmp)
-    names = list(state.params)
-    r = recipe.training
-    optimizer_state = {
-        "state": {
-            i: {
-                "step": torch.tensor(float(replay.num_steps)),
-                "exp_avg": state.slots["m"][k].detach().cpu(),
-                "exp_avg_sq": state.slots["v"][k].detach().cpu(),
-            }
-            for i, k in enumerate(names)
-        },
-        "param_groups": [
-            {
-                "params": list(range(len(names))),
-                "param_names": names,
-                "lr": r.lr,
-                "betas": (r.beta1, r.beta2),
-                "eps": r.eps,
-                "weight_decay": r.weight_decay,
-                "amsgrad": False,
-            }
-        ],
-    }
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    tmp.replace(out)
+    save_training_state(model, tokenizer, state, recipe.training, replay.num_steps, out)
     return {"steps": replay.num_steps, "first_loss": losses[0], "last_loss": losses[-1]}
 
 

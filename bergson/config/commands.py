@@ -309,6 +309,10 @@ class MagicConfig(WorkerOptions, ModelOptions):
     top_k: int = 10
     """Training documents printed per score column."""
 
+    save_checkpoints: int = 0
+    """Also save N evenly spaced training checkpoints (the last is the final step) as Hugging Face
+    model directories RUN/trainer/checkpoint-<step>/ with optimizer.pt (0: none)."""
+
     def _check(self) -> None:
         self.data._check()
         self.query._check("--query.")
@@ -354,15 +358,21 @@ class ValidateConfig:
     scores: list[str] = field(default_factory=list)
     """Scores stores to check (rows = training documents, one column per query or one in total)."""
 
-    protocol: Literal["leave_k_out", "lds"] = "leave_k_out"
+    protocol: Literal["leave_k_out", "lds", "top_k"] = "leave_k_out"
     """leave_k_out: remove a random --fraction of the documents, same order and seed otherwise;
-    lds: keep a random half (the classical linear datamodeling score)."""
+    lds: keep a random half (the classical linear datamodeling score); top_k: remove each query's
+    --top_k highest-scoring documents and compare the loss change with random removals of as many."""
 
     fraction: float = 0.05
     """Share of the training documents removed in each leave_k_out subset."""
 
     num_subsets: int = 20
-    """Number of subsets (one retraining each; cached and reused across methods)."""
+    """Number of subsets (one retraining each; cached and reused across methods); with top_k: random
+    removals of K documents per value of --top_k."""
+
+    top_k: list[int] = field(default_factory=lambda: [10])
+    """With --protocol top_k: how many of each query's highest-scoring documents are removed (several
+    values: one retraining each per query and store)."""
 
     seed: int = 0
     """Seed of the subsets."""

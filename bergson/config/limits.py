@@ -107,8 +107,10 @@ LIMITS: dict[str, Limit] = {
     "max_train_examples": _at_least(1, "rows; leave it unset for the default"),
     # MAGIC and validation
     "memory_budget_gb": _at_least(0, "GB"),
+    "save_checkpoints": _at_least(1, "training checkpoints", zero="none"),
     "fraction": Limit(low=0, high=1, open_low=True, open_high=True, unit="a share of the documents"),
     "num_subsets": _at_least(1, "retrainings"),
+    "ValidateConfig.top_k": _at_least(1, "training documents removed per query"),
     "seed": _SEED,
     "num_documents": _at_least(2, "documents compared in one batch"),
     "tolerance": _POSITIVE,

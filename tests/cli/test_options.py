@@ -241,7 +241,7 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
               "--training.grad_accumulation", "1", "--training.epochs", "1", "--training.seed", "1",
               "--training.freeze", "gpt_neox.embed_in.*", "--query_mode", "individual", "--per_token",
               "--checkpoints", "log", "--memory_budget_gb", "0.5", "--no_force_low_precision", "--overwrite",
-              "--top_k", "2", "--nproc_per_node", "1"], None),
+              "--top_k", "2", "--nproc_per_node", "1", "--save_checkpoints", "1"], None),
             *refused("workers", base=("--run_path", *qd)),
         ],
         "query": [
@@ -272,6 +272,10 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
              None),
             ([new(), "--recipe", a.get("magic", ""), "--scores", a.get("magic", "") + "/scores", "--fraction",
               "0.0"], "--fraction"),
+            ([new(), "--recipe", a.get("magic", ""), "--scores", a.get("magic", "") + "/scores", "--protocol",
+              "top_k", "--top_k", "1", "2", "--num_subsets", "2", "--cache_dir", str(tmp / "cache")], None),
+            ([new(), "--recipe", a.get("magic", ""), "--scores", a.get("magic", "") + "/scores", "--protocol",
+              "lds", "--top_k", "2"], "--protocol top_k"),
         ],
         "report": [
             ([a["scores"], "--output", str(tmp / "r.html"), "--top_k", "2", "--max_queries", "1",

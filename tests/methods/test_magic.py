@@ -355,7 +355,13 @@ def test_magic_deletes_what_a_resume_no_longer_needs(tmp_path, model_dir, corpus
 
     scores = magic(cfg("killed"))
     np.testing.assert_allclose(scores["scores"], reference["scores"], rtol=1e-5, atol=1e-8)
-    assert sorted(p.name for p in root.iterdir()) == ["magic.yaml", "model", "scores", "timings.json"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "magic.yaml",
+        "model",
+        "scores",
+        "timings.json",
+        "trainer",
+    ]
     timings = json.loads((root / "timings.json").read_text())
     assert {k for k in timings if k.startswith("deleted_")} == {
         "deleted_reverse_0_progress_bytes", "deleted_reverse_1_progress_bytes", "deleted_states_bytes",
@@ -372,3 +378,202 @@ def test_magic_deletes_what_a_resume_no_longer_needs(tmp_path, model_dir, corpus
 
     monkeypatch.setattr(Replay, "step", trains)
     np.testing.assert_array_equal(magic(cfg("killed"))["scores"], scores["scores"])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_saved_optimizer_state_continues_training_as_torch_would(optimizer, tmp_path):
+    """optimizer.pt is torch's own state dict: a torch optimizer loaded from it takes the next
+    step exactly as MAGIC's update does; SGD's says it has no second moments, and
+    --optimizer_state refuses it."""
+    from dataclasses import replace
+
+    from bergson.methods.magic.recipe import optimizer_update
+    from bergson.methods.magic.training_state import optimizer_info, optimizer_state_dict
+    from bergson.models import find_tracked_modules
+    from bergson.transforms.optimizer_state import normalizers_from_optimizer_state
+
+    recipe = replace(RECIPE, optimizer=optimizer, momentum=0.9, lr=0.05, max_grad_norm=0.0)
+    model, _, _, replay = _setup(recipe, n=8)
+    state = replay.initial_state()
+    for t in range(3):
+        state, _ = replay.step(state, t, replay.ones())
+    grads = {k: torch.randn_like(v) for k, v in state.params.items()}
+    expected = optimizer_update(recipe, state, grads, 3, 0.01)
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in state.params.items()}
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(
+            list(params.values()), lr=0.01, betas=(recipe.beta1, recipe.beta2), eps=recipe.eps,
+            weight_decay=recipe.weight_decay,
+        )  # fmt: skip
+    else:
+        opt = torch.optim.SGD(list(params.values()), lr=0.01, momentum=0.9, weight_decay=recipe.weight_decay)
+    saved = optimizer_state_dict(recipe, state, 3)
+    opt.load_state_dict(saved)
+    for group in opt.param_groups:
+        group["lr"] = 0.01
+    for k, p in params.items():
+        p.grad = grads[k]
+    opt.step()
+    for k, p in params.items():
+        torch.testing.assert_close(p.detach(), expected.params[k], rtol=1e-12, atol=1e-14)
+    assert saved["param_groups"][0]["param_names"] == list(state.params)
+    assert optimizer_info(recipe, 3)["second_moments"] is (optimizer == "adamw")
+    torch.save(saved, tmp_path / "optimizer.pt")
+    modules = find_tracked_modules(model)
+    if optimizer == "adamw":
+        assert set(normalizers_from_optimizer_state(tmp_path, model, modules)) == set(modules)
+    else:
+        with pytest.raises(BergsonError, match="unsupported optimizer state"):
+            normalizers_from_optimizer_state(tmp_path, model, modules)
+
+
+def test_magic_writes_its_training_state(tmp_path, model_dir, corpus_file, caplog):
+    """model/optimizer.pt, trainer/trainer_state.json and trainer/checkpoint-<k>/ against the
+    replay; the scores are bit-identical to a run that saves no checkpoints; a build with
+    --optimizer_state RUN/model runs and equals one given the in-memory state's normalizers."""
+    from transformers import AutoModelForCausalLM
+    from transformers.trainer_callback import TrainerState
+
+    from bergson import IndexConfig, build, magic
+    from bergson.config import DataConfig, MagicConfig
+    from bergson.methods.magic.command import prepare
+    from bergson.methods.magic.replay import math_attention
+    from bergson.models import find_tracked_modules
+    from bergson.transforms.normalizers import AdamNormalizer
+    from bergson.transforms.optimizer_state import normalizers_from_optimizer_state
+
+    data = DataConfig(dataset=str(corpus_file), split="train[:6]", truncation=True, max_length=8)
+    recipe = TrainingConfig(lr=0.01, batch_size=2, epochs=1, schedule="linear", warmup_steps=1)
+
+    def cfg(name, n):
+        return MagicConfig(
+            run_path=str(tmp_path / name), model=str(model_dir), precision="fp32", data=data,
+            query=DataConfig(dataset=str(corpus_file), split="train[20:21]", truncation=True, max_length=8),
+            training=recipe, checkpoints="every", save_checkpoints=n,
+        )  # fmt: skip
+
+    scores = magic(cfg("run", 2))
+    np.testing.assert_array_equal(scores["scores"], magic(cfg("plain", 0))["scores"])
+    root = tmp_path / "run"
+    model, _, docs, _ = prepare(cfg("run", 2))
+    replay = Replay(model, docs, recipe, progress=False)
+    states, losses = [replay.initial_state()], []
+    with math_attention():  # the kernel MAGIC trains with
+        for t in range(replay.num_steps):
+            s, loss = replay.step(states[-1], t, replay.ones())
+            states.append(s)
+            losses.append(loss)
+    assert replay.num_steps == 3
+    assert sorted(p.name for p in (root / "trainer").iterdir()) == [
+        "checkpoint-2", "checkpoint-3", "trainer_state.json",
+    ]  # fmt: skip
+    ts = json.loads((root / "trainer" / "trainer_state.json").read_text())
+    assert ts["global_step"] == ts["max_steps"] == 3
+    assert [e["step"] for e in ts["log_history"]] == [1, 2, 3]
+    lrs = [e["learning_rate"] for e in ts["log_history"]]
+    assert lrs == [learning_rate(recipe, t, 3) for t in range(3)]
+    assert lrs == pytest.approx([0.0, 0.01, 0.005], rel=1e-12)  # warmup 1, then linear to 0 at 3
+    np.testing.assert_allclose([e["loss"] for e in ts["log_history"]], losses, rtol=1e-6)
+    hf = TrainerState.load_from_json(str(root / "trainer" / "trainer_state.json"))
+    assert hf.global_step == 3 and len(hf.log_history) == 3
+    half = json.loads((root / "trainer" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert half["global_step"] == 2 and len(half["log_history"]) == 2
+
+    modules = find_tracked_modules(model)
+    for where, step in ((root / "trainer" / "checkpoint-2", 2), (root / "model", 3)):
+        saved = dict(AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32).named_parameters())
+        for k, v in states[step].params.items():
+            torch.testing.assert_close(saved[k], v, rtol=0, atol=0)
+        norms = normalizers_from_optimizer_state(where, model, modules)
+        names = dict(model.named_modules())
+        param_of = {id(p): n for n, p in model.named_parameters()}
+        for name, norm in norms.items():
+            key = param_of[id(names[name].weight)]
+            assert isinstance(norm, AdamNormalizer)
+            v_hat = states[step].slots["v"][key] / (1 - recipe.beta2**step)
+            torch.testing.assert_close(norm.weight, v_hat, rtol=1e-6, atol=1e-12)
+        info = json.loads((where / "optimizer.json").read_text())
+        assert info["step"] == step and info["second_moments"] is True
+
+    index = dict(model=str(root / "model"), precision="fp32", data=data, projection_dim=4)
+    from_file = build(
+        IndexConfig(run_path=str(tmp_path / "opt"), optimizer_state=str(root / "model"), **index)
+    )
+    final = states[-1]
+    given = {
+        name: AdamNormalizer(
+            weight=final.slots["v"][param_of[id(names[name].weight)]] / (1 - recipe.beta2**3), eps=recipe.eps
+        )
+        for name in modules
+    }
+    in_memory = build(IndexConfig(run_path=str(tmp_path / "mem"), **index), normalizers=given)
+    plain = build(IndexConfig(run_path=str(tmp_path / "none"), **index))
+    np.testing.assert_allclose(np.asarray(from_file.all), np.asarray(in_memory.all), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(np.asarray(from_file.all), np.asarray(plain.all), rtol=1e-2)
+
+
+def test_save_checkpoints_is_refused_beyond_the_steps(tmp_path, model_dir, corpus_file):
+    from bergson import magic
+    from bergson.config import DataConfig, MagicConfig
+
+    data = DataConfig(dataset=str(corpus_file), split="train[:4]", truncation=True, max_length=12)
+    with pytest.raises(BergsonError, match="--save_checkpoints 3: the recipe trains 2 optimizer steps"):
+        magic(MagicConfig(
+            run_path=str(tmp_path / "r"), model=str(model_dir), precision="fp32", data=data, query=data,
+            training=TrainingConfig(batch_size=2), save_checkpoints=3,
+        ))  # fmt: skip
+
+
+class _ReplayRetrainer:
+    """What ``top_k_removals`` reads of a Retrainer, over an in-memory replay (no cache)."""
+
+    def __init__(self, replay, model, queries):
+        self.replay, self.model, self.queries, self.docs = replay, model, queries, replay.docs
+        self.dir = "memory"
+        self.cache = {}
+
+    def query_losses(self, removed):
+        key = tuple(sorted(int(i) for i in removed))
+        if key not in self.cache:
+            state, _ = self.replay.run(torch.as_tensor(self.replay.layout.ones_except(key)))
+            self.cache[key] = query_losses(self.model, state.params, self.queries).detach().numpy()
+        return self.cache[key]
+
+
+def test_removing_the_top_k_proponents_raises_the_loss_more_than_random_removals(tmp_path):
+    """The top_k protocol against real retraining: removing each query's top-k documents by
+    MAGIC's scores raises its loss more than random removals of as many; the same scores with
+    the sign flipped (which remove the opponents) do the opposite."""
+    from dataclasses import replace
+
+    from bergson.validation import markdown, top_k_removals
+
+    recipe = replace(RECIPE, optimizer="sgd", lr=0.5, max_grad_norm=0.0, batch_size=4, grad_accumulation=1)
+    model, _, queries, replay = _setup(recipe, n=16)
+    run = MagicRun(replay, tmp_path, "sqrt")
+    final, _ = run.train()
+    columns = []
+    for q in range(len(queries)):
+        params = {k: v.detach().requires_grad_(True) for k, v in final.params.items()}
+        loss = query_losses(model, params, queries.select(np.array([q]))).mean()
+        cot = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+        columns.append(-replay.layout.per_document(run.reverse(cot).token_grads[:, None])[:, 0])
+    scores = np.stack(columns, 1)  # [documents, queries], positive: lowers the query's loss
+    retrainer = _ReplayRetrainer(replay, model, queries)
+    report = top_k_removals(retrainer, {"magic": scores, "flipped": -scores}, [3], 4, 0)
+    magic_k, flipped_k = report["stores"]["magic"]["top_k"]["3"], report["stores"]["flipped"]["top_k"]["3"]
+    for q in range(len(queries)):
+        top = magic_k["queries"][q]
+        assert top["removed"] == sorted(np.argsort(-scores[:, q])[:3].tolist())
+        assert top["loss_change"] > 0 and top["difference"] > 0 and top["z"] > 0, top
+        assert flipped_k["queries"][q]["difference"] < 0, flipped_k["queries"][q]
+        assert top["random_mean"] == flipped_k["queries"][q]["random_mean"]  # shared random retrains
+    assert magic_k["share_beating_random"] == 1.0 and flipped_k["share_beating_random"] == 0.0
+    # the random baseline is the mean of real retrains without 3 random documents
+    rng = np.random.default_rng([0, 3])
+    draws = [np.sort(rng.choice(16, size=3, replace=False)) for _ in range(4)]
+    base = retrainer.query_losses([])
+    expected = np.mean([retrainer.query_losses(d) - base for d in draws], 0)
+    np.testing.assert_allclose(report["random"]["3"]["mean"], expected, rtol=1e-9)
+    table = markdown(report)
+    assert table.count("| magic | scores | 3 |") == len(queries) and "random Δ (mean ± std)" in table

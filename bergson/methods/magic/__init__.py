@@ -27,6 +27,8 @@ The package, one idea a module:
 * :mod:`.recipe`: the recipe as maths (data order, schedule, clipping, the optimizer update);
 * :mod:`.replay`: training as a differentiable function of the token weights;
 * :mod:`.reverse`: checkpoints and the reverse pass (the metagradients);
+* :mod:`.training_state`: the training state as files (``optimizer.pt`` next to the weights,
+  a Trainer-style ``trainer_state.json`` and ``checkpoint-<step>/`` directories);
 * :mod:`.command`: ``bergson magic`` (options, run directory, scores store).
 """
 
@@ -34,6 +36,7 @@ from .command import CONFIG_FILE, check_options, check_precision, load_recipe, m
 from .recipe import State, learning_rate, optimizer_update, plan_steps
 from .replay import Replay, TokenWeights, query_gradient, query_losses, use_double_backward_attention
 from .reverse import MagicRun, ReverseResult, checkpoint_steps
+from .training_state import optimizer_state_dict, save_training_state, trainer_state
 
 __all__ = [
     "CONFIG_FILE",
@@ -48,11 +51,14 @@ __all__ = [
     "learning_rate",
     "load_recipe",
     "magic",
+    "optimizer_state_dict",
     "optimizer_update",
     "plan_steps",
     "prepare",
     "query_columns",
     "query_gradient",
     "query_losses",
+    "save_training_state",
+    "trainer_state",
     "use_double_backward_attention",
 ]

@@ -6,8 +6,9 @@ query group, oriented like every bergson score.
 What a resume no longer needs is deleted as soon as that is so: a column's reverse-pass
 progress file (a state-sized cotangent) once the column is done, and the training
 checkpoints (``states/``) and finished columns (``reverse/``) once the scores store is
-written. ``model/`` and ``scores/`` stay. Each stage's disk use is logged and recorded in
-``timings.json``."""
+written. ``model/`` (with the optimizer's state, ``optimizer.pt``), ``trainer/`` (the Trainer-style
+``trainer_state.json`` and any ``--save_checkpoints``) and ``scores/`` stay. Each stage's disk
+use is logged and recorded in ``timings.json``."""
 
 from __future__ import annotations
 
@@ -29,14 +30,22 @@ from ...core.files import atomic_write_bytes, disk_bytes, megabytes
 from ...data import TokenizedDocs
 from ...errors import BergsonError
 from ...models import honours_numerics
-from .recipe import Tensors
 from .replay import Replay, query_gradient, use_double_backward_attention
 from .reverse import MagicRun
+from .training_state import (
+    TRAINER_DIR,
+    TRAINER_STATE,
+    CheckpointWriter,
+    checkpoint_steps_to_save,
+    optimizer_info,
+    save_training_state,
+    write_trainer_state,
+)
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "magic.yaml"
-OUTPUTS = ("states", "reverse", "model", "scores")
+OUTPUTS = ("states", "reverse", "model", "trainer", "scores")
 SCRATCH = ("states", "reverse")
 """What only a resume reads: deleted once the scores store is written."""
 
@@ -146,9 +155,14 @@ def magic(cfg: MagicConfig) -> Any:
     pad = tokenizer.pad_token_id or 0
     replay = Replay(model, docs, cfg.training, pad)
     run = MagicRun(replay, root, cfg.checkpoints, int(cfg.memory_budget_gb * 2**30))
+    trainer_dir = root / TRAINER_DIR
+    saved_steps = checkpoint_steps_to_save(cfg.save_checkpoints, run.total)
+    if saved_steps:
+        logger.info("magic: saving training checkpoints at steps %s in %s", saved_steps, trainer_dir)
+    writer = CheckpointWriter(trainer_dir, model, tokenizer, cfg.training, saved_steps, run.total)
     timings = run_dir.timings
     start = time.perf_counter()
-    final, losses = run.train()
+    final, losses = run.train(writer if saved_steps else None)
     if run.writes and "train_s" not in timings:
         size = disk_bytes(root / "states")
         timings.record(
@@ -157,9 +171,17 @@ def magic(cfg: MagicConfig) -> Any:
         logger.info("magic: training done; its checkpoints (states/) take %s", megabytes(size))
     if run.writes and not (root / "model" / "config.json").is_file():
         start = time.perf_counter()
-        _save_model(model, tokenizer, final.params, root / "model")
+        save_training_state(model, tokenizer, final, cfg.training, run.total, root / "model")
         timings.record("model_s", start, model_bytes=disk_bytes(root / "model"))
-        logger.info("magic: the fine-tuned model (model/) takes %s", megabytes(disk_bytes(root / "model")))
+        logger.info(
+            "magic: the fine-tuned model and its optimizer state (model/) take %s; optimizer.pt for "
+            "--optimizer_state: %s",
+            megabytes(disk_bytes(root / "model")),
+            optimizer_info(cfg.training, run.total)["optimizer_state"],
+        )
+    if run.writes and not (trainer_dir / TRAINER_STATE).is_file():
+        trainer_dir.mkdir(exist_ok=True)
+        write_trainer_state(trainer_dir, cfg.training, losses, run.total)
     reverse_dir = root / "reverse"
     reverse_dir.mkdir(exist_ok=True)
     grads = []
@@ -258,20 +280,3 @@ def _load_scores(root: Path) -> Any:
     from ...store import load_gradients
 
     return load_gradients(root / "scores")
-
-
-def _save_model(model: nn.Module, tokenizer: Any, params: Tensors, path: Path) -> None:
-    """The fine-tuned model as a Hugging Face directory (for other methods and for validate)."""
-    named = dict(model.named_parameters())
-    backup = {k: named[k].detach().clone() for k in params}
-    with torch.no_grad():
-        for k, v in params.items():
-            named[k].copy_(v)
-        tmp = path.with_name(f".{path.name}.tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        model.save_pretrained(tmp)  # type: ignore[operator]
-        tokenizer.save_pretrained(tmp)
-        tmp.replace(path)
-        for k, v in backup.items():
-            named[k].copy_(v)

@@ -21,6 +21,7 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,8 +148,13 @@ class MagicRun:
     def _load(self, t: int) -> tuple[State, dict[str, Any]]:
         return State.load(self._path(t), self.template, self.replay.device)
 
-    def train(self) -> tuple[State, list[float]]:
-        """Train once, saving the scheduled states and the final one; resumes from the last saved."""
+    def train(
+        self, on_step: Callable[[int, State, list[float]], None] | None = None
+    ) -> tuple[State, list[float]]:
+        """Train once, saving the scheduled states and the final one; resumes from the last saved.
+
+        ``on_step(k, state, losses)``, when given, is called by the writing rank with the state
+        after each update k (1-based) that this call trains, and the losses of updates 1..k."""
         self.states_dir.mkdir(parents=True, exist_ok=True)
         if self._path(self.total).is_file():
             s, meta = self._load(self.total)
@@ -172,6 +178,8 @@ class MagicRun:
                 s, loss = self.replay.step(s, t, self.weights)
                 losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4f}")
+                if on_step is not None and self.writes:
+                    on_step(t + 1, s, losses)
         if self.writes:
             s.save(self._path(self.total), {"step": self.total, "losses": losses})
         distributed.barrier("the end of training")
