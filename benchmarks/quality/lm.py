@@ -57,7 +57,20 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "examples" / "magic" / "tiny.yaml"
 ASSETS = REPO / "bergson" / "assets"
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("dot", "cosine", "cosine_opt", "trackstar", "ekfac", "astra", "lissa", "trak", "trak4", "magic")
+METHODS = (
+    "dot",
+    "cosine",
+    "cosine_opt",
+    "trackstar",
+    "ekfac",
+    "astra",
+    "lissa",
+    "trak",
+    "trak4",
+    "source",
+    "magic",
+)
+SOURCE_CHECKPOINTS = 3  # evenly spaced checkpoints of the run that SOURCE unrolls through
 ENSEMBLE_SEEDS = (1, 2, 3)  # data-order seeds of the extra models of TRAK's 4-model ensemble
 LABELS = {
     "dot": "gradient dot",
@@ -69,6 +82,7 @@ LABELS = {
     "lissa": "LiSSA (20 steps)",
     "trak": "TRAK (one model)",
     "trak4": "TRAK (4 models)",
+    "source": f"SOURCE ({SOURCE_CHECKPOINTS} checkpoints)",
     "magic": "MAGIC",
 }
 # the bergson commands each method needs (shared stores count for every method that uses them)
@@ -82,6 +96,7 @@ PIPELINES = {
     "lissa": ("lissa",),
     "trak": ("trak",),
     "trak4": (*(f"train_seed{s}" for s in ENSEMBLE_SEEDS), "trak4"),
+    "source": ("source",),  # the run's checkpoints (step "trainer") are the user's already: not counted
     "magic": ("magic",),
 }
 STORES = {
@@ -94,6 +109,7 @@ STORES = {
     "lissa": "lissa/scores",
     "trak": "trak/scores",
     "trak4": "trak4/scores",
+    "source": "source/scores",
     "magic": "magic/scores",
 }
 
@@ -199,6 +215,34 @@ def train_checkpoint(recipe_path: Path, out: Path) -> dict[str, Any]:
     return {"steps": replay.num_steps, "first_loss": losses[0], "last_loss": losses[-1]}
 
 
+def train_trainer_dir(recipe_path: Path, root: Path, count: int = SOURCE_CHECKPOINTS) -> dict[str, Any]:
+    """Train the recipe again, writing ``count`` evenly spaced checkpoints and the per-step learning
+    rates under ``root`` in the Hugging Face Trainer's layout (what ``bergson source --segments``
+    reads), as ``bergson magic --save_checkpoints`` writes them."""
+    from bergson.methods.magic.command import load_recipe, prepare
+    from bergson.methods.magic.replay import Replay, math_attention
+    from bergson.methods.magic.training_state import (
+        CheckpointWriter,
+        checkpoint_steps_to_save,
+        write_trainer_state,
+    )
+
+    recipe = load_recipe(str(recipe_path))
+    model, tokenizer, docs, _ = prepare(recipe)
+    replay = Replay(model, docs, recipe.training, tokenizer.pad_token_id or 0, progress=True)
+    total = replay.num_steps
+    saved = checkpoint_steps_to_save(min(count, total), total)
+    writer = CheckpointWriter(root, model, tokenizer, recipe.training, saved, total)
+    state, weights, losses = replay.initial_state(), replay.ones(), []
+    with math_attention():
+        for t in range(total):
+            state, loss = replay.step(state, t, weights)
+            losses.append(loss)
+            writer(t + 1, state, losses)
+    write_trainer_state(root, recipe.training, losses, total)
+    return {"steps": total, "checkpoints": saved}
+
+
 def commands(args: argparse.Namespace, work: Path, recipe: Path) -> dict[str, list[str]]:
     """``bergson`` argument lists of every step (the first item is the subcommand)."""
     ckpt = str(work / "checkpoint")
@@ -267,6 +311,15 @@ def commands(args: argparse.Namespace, work: Path, recipe: Path) -> dict[str, li
             *query_group,
             *proj,
         ],
+        "source": [
+            "source",
+            str(work / "source"),
+            "--segments",
+            str(work / "trainer"),
+            *model[2:],
+            *train,
+            *query_group,
+        ],
         "magic": ["magic", str(recipe), "--checkpoints", "sqrt"],
     }
 
@@ -326,12 +379,13 @@ def validate(work: Path, recipe: Path, stores: list[str], protocol: str, fractio
         recipe=str(recipe),
         scores=stores,
         protocol=protocol,  # type: ignore[arg-type]
-        fraction=fraction,
         num_subsets=args.subsets,
         seed=args.seed,
         cache_dir=str(args.work / "retrains"),
         device="cpu",
     )
+    if protocol == "leave_k_out":  # lds removes half and refuses a --fraction
+        cfg = replace(cfg, fraction=fraction)
     log(f"validate {tag}: {args.subsets} retrains shared by {len(stores)} stores")
     return run_validation(cfg)
 
@@ -423,6 +477,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train", ["train", str(recipe)], lambda: train_checkpoint(recipe, work / "checkpoint")
     )
     needed = list(dict.fromkeys(s for m in args.methods for s in PIPELINES[m]))
+    if "source" in args.methods:
+        steps.run("trainer", ["trainer", str(recipe)], lambda: train_trainer_dir(recipe, work / "trainer"))
     for name in needed:
         if name.startswith("train_seed"):  # another model of an ensemble: the recipe with another seed
             seed = int(name.removeprefix("train_seed"))
