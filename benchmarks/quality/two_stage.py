@@ -41,6 +41,7 @@ from .lm import (
     LABELS,
     REPO,
     RESULTS,
+    SOURCE_CHECKPOINTS,
     STORES,
     Steps,
     bergson,
@@ -49,9 +50,10 @@ from .lm import (
     make_recipe,
     shown_path,
     train_checkpoint,
+    train_trainer_dir,
 )
 
-METHODS = ("dot", "cosine", "cosine_opt", "trackstar", "ekfac", "astra", "lissa", "trak")
+METHODS = ("dot", "cosine", "cosine_opt", "trackstar", "ekfac", "astra", "lissa", "trak", "source")
 PIPELINES = {
     "dot": ("build_train", "build_query", "score_dot"),
     "cosine": ("build_train", "build_query", "score_cosine"),
@@ -61,6 +63,7 @@ PIPELINES = {
     "astra": ("astra",),
     "lissa": ("lissa",),
     "trak": ("trak",),
+    "source": ("source",),  # the stages' checkpoints (steps trainer_stage1/2) are the user's: not counted
 }
 STAGE1 = ("ekfac", "trak")  # also run on the stage-1 checkpoint, for contrast
 
@@ -181,11 +184,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     final = commands(args, work, recipe1)  # the model is work/checkpoint: the end of stage 2
     first = commands(args, work / "stage1", recipe1)
+    if "source" in args.methods:
+        # SOURCE unrolls through both stages' checkpoints, on both stages' documents (rows of one dataset)
+        for stage, recipe in (("stage1", recipe1), ("stage2", recipe2)):
+            steps.run(f"trainer_{stage}", ["trainer", str(recipe)],
+                      lambda recipe=recipe, stage=stage: train_trainer_dir(recipe, work / stage / "trainer"))  # fmt: skip
+        rest = final["ekfac"][2:]
+        i = rest.index("--model")
+        del rest[i : i + 2]
+        rest[rest.index("--split") + 1] = f"train[:{args.docs + args.finetune_docs}]"
+        final["source"] = ["source", str(work / "source"), "--segments", str(work / "stage1" / "trainer"),
+                           str(work / "stage2" / "trainer"), "--stage_rows", f":{args.docs}", f"{args.docs}:", *rest]  # fmt: skip
     rows: dict[str, dict[str, Any]] = {}
     for m in args.methods:
         for name in PIPELINES[m]:
             steps.run(name, final[name], lambda name=name: bergson(final[name]))
         rows[m] = {"label": LABELS[m], "steps": PIPELINES[m], "store": work / STORES[m]}
+    if "source" in rows:
+        rows["source"]["label"] = f"SOURCE ({SOURCE_CHECKPOINTS} + {SOURCE_CHECKPOINTS} checkpoints)"
+        rows["source"]["rows"] = args.docs + args.finetune_docs  # both stages' documents; stage 1's first
     for m in STAGE1:
         if m in args.methods:
             for name in PIPELINES[m]:
@@ -204,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_s = float(statistics.median([base_s, *(s for _, s in results)]))
     methods = {}
     for key, row in rows.items():
-        scores = check_store(load_gradients(row["store"]), str(row["store"]), args.docs, args.queries)
+        num = row.get("rows", args.docs)
+        scores = check_store(load_gradients(row["store"]), str(row["store"]), num, args.queries)[: args.docs]
         corr = score_correlations(scores, subsets, measured)
         wall = sum(steps.done[s]["seconds"] for s in row["steps"])
         methods[key] = {
