@@ -140,6 +140,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the removed subsets")
     p.add_argument(
+        "--top_k",
+        type=int,
+        default=12,
+        help="documents removed per query in the top-k counterfactual (each query's K highest-scored, "
+        "retrained once per method and query, against --top_k_random random removals of K); 0 skips it",
+    )
+    p.add_argument("--top_k_random", type=int, default=4, help="random removals of K to compare with")
+    p.add_argument(
         "--quick", action="store_true", help="a small slice: 16 documents, 1 epoch, 2 queries, 3 subsets"
     )
     p.add_argument("--work", type=Path, default=REPO / "runs" / "quality_lm", help="cache of every step")
@@ -390,6 +398,28 @@ def validate(work: Path, recipe: Path, stores: list[str], protocol: str, fractio
     return run_validation(cfg)
 
 
+def validate_top_k(work: Path, recipe: Path, stores: list[str], args: Any) -> Any:
+    """``bergson validate --protocol top_k``: each query's top ``--top_k`` documents removed."""
+    from bergson.config import ValidateConfig
+    from bergson.validation import validate as run_validation
+
+    cfg = ValidateConfig(
+        run_path=str(work / "validate_top_k"),
+        recipe=str(recipe),
+        scores=stores,
+        protocol="top_k",
+        top_k=[args.top_k],
+        num_subsets=args.top_k_random,
+        seed=args.seed,
+        cache_dir=str(args.work / "retrains"),
+        device="cpu",
+    )
+    log(
+        f"validate top_k: {len(stores)} stores x queries removals of {args.top_k}, {args.top_k_random} random"
+    )
+    return run_validation(cfg)
+
+
 # ------------------------------------------------------------------------------- report
 
 
@@ -407,11 +437,26 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
     save_json(out, "lm", result)
     protocols = [p["name"] for p in result["protocols"]]
     methods = result["methods"]
-    header = ["method", *(f"{p} Spearman" for p in protocols), "scoring wall s", "cost (training runs)"]
+    k = (result.get("top_k") or {}).get("k")
+    topk = [f"top-{k} removal: Δloss (random)"] if k else []
+    header = [
+        "method",
+        *(f"{p} Spearman" for p in protocols),
+        *topk,
+        "scoring wall s",
+        "cost (training runs)",
+    ]
     rows = [
         [
             LABELS[m],
             *(fmt_corr(e["quality"][p]["mean_spearman"], e["quality"][p]["std_spearman"]) for p in protocols),
+            *(
+                [
+                    f"{e['quality']['top_k']['mean_loss_change']:+.3f} ({e['quality']['top_k']['mean_random']:+.3f})"
+                ]
+                if k
+                else []
+            ),
             f"{e['scoring_wall_s']:.1f}",
             f"{e['training_runs']:.2f}",
         ]
@@ -432,7 +477,16 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
         "mean ± std over the queries. Scoring wall time is each method's own bergson commands "
         f"(training the shared checkpoint took {result['train_s']:.1f} s; MAGIC trains by itself; the "
         "4-model TRAK ensemble includes training its 3 extra models). Cost divides it by one training "
-        f"run of the recipe, the median retrain ({result['training_run_s']:.1f} s).\n",
+        f"run of the recipe, the median retrain ({result['training_run_s']:.1f} s)."
+        + (
+            f" Top-{k} removal (`bergson validate --protocol top_k`): each query's loss change after retraining "
+            f"without its {k} highest-scored documents, mean over the queries; in parentheses the same for {k} "
+            f"random documents (mean of {result['top_k']['random_removals']} draws). A method that finds the "
+            "documents a query depends on raises the loss well above random."
+            if k
+            else ""
+        )
+        + "\n",
         markdown_table(header, rows),
         f"\nTracked modules `{' '.join(w['modules'])}`, projection p = {w['projection_dim']} for the "
         f"build stores. Measured from {mach['date_utc']} UTC on {mach['cpus']} CPU cores, 1-minute load "
@@ -517,6 +571,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "mean_pearson": e["mean_pearson"],
                 "per_query_spearman": [q["spearman"] for q in e["per_query"]],
             }
+    top_k = None
+    if args.top_k:
+        top_k = validate_top_k(work, recipe, list(stores.values()), args)
+        for m, path in stores.items():
+            entry = top_k["stores"][path]["top_k"][str(args.top_k)]
+            quality[m]["top_k"] = {k: v for k, v in entry.items() if k != "queries"}
+            quality[m]["top_k"]["per_query_loss_change"] = [q["loss_change"] for q in entry["queries"]]
     now = machine()
     loads = [v["load_avg_1m"] for v in steps.done.values() if "load_avg_1m" in v] or [now["load_avg_1m"]]
     mach = {"cpus": os.cpu_count(), "date_utc": steps.done["train"].get("date_utc", now["date_utc"])}
@@ -558,6 +619,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_avg_1m_range": [min(loads), max(loads)],
         "defaults": args.defaults,
         "protocols": plist,
+        "top_k": None
+        if top_k is None
+        else {
+            "k": args.top_k,
+            "random_removals": args.top_k_random,
+            "report": shown_path(work / "validate_top_k"),
+        },
         "methods": methods,
     }
     write_outputs(result, args.out)
