@@ -335,7 +335,7 @@ def method_scores(
             )
         if "trackstar" in methods:
             timed("trackstar", lambda: bergson.trackstar_scores(train, queries, components=10).numpy(), spent)
-    for name, solver in (("ekfac", "ekfac"), ("astra", "astra"), ("lissa", "lissa")):
+    for name, solver in (("ekfac", "ekfac"), ("astra", "astra"), ("lissa", "lissa"), ("pcg", "pcg")):
         if name in methods:
             timed(name, lambda solver=solver: ekfac_family(model, train_b, query_b, seed, solver))
     if "trak" in methods:
@@ -361,7 +361,7 @@ def ekfac_family(
     model: nn.Module, train_b: list[Batch], query_b: list[Batch], seed: int, solver: str
 ) -> np.ndarray:
     """EK-FAC influence (true Fisher), its inverse-Fisher product by EK-FAC itself or by
-    ``IHVP_STEPS`` ASTRA or LiSSA iterations on the Fisher of the training batches."""
+    ``IHVP_STEPS`` ASTRA, LiSSA or PCG iterations on the Fisher of the training batches."""
     factors = bergson.fit_ekfac(model, train_b, sampled_loss_fn(seed), include_bias=True, progress=False)
     iterations: dict[str, Any] = {} if solver == "ekfac" else {"ihvp_steps": IHVP_STEPS}
     return bergson.ekfac_scores(
@@ -394,6 +394,7 @@ METHODS = (
     "ekfac",
     "astra",
     "lissa",
+    "pcg",
     "trak",
     "trak4",
     "magic",
@@ -407,6 +408,7 @@ LABELS = {
     "ekfac": "EK-FAC",
     "astra": "ASTRA (20 steps)",
     "lissa": "LiSSA (20 steps)",
+    "pcg": "PCG (20 steps)",
     "trak": "TRAK (one model)",
     "trak4": "TRAK (4 models)",
     "magic": "MAGIC",

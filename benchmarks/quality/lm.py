@@ -65,6 +65,7 @@ METHODS = (
     "ekfac",
     "astra",
     "lissa",
+    "pcg",
     "trak",
     "trak4",
     "source",
@@ -80,6 +81,7 @@ LABELS = {
     "ekfac": "EK-FAC",
     "astra": "ASTRA (20 steps)",
     "lissa": "LiSSA (20 steps)",
+    "pcg": "PCG (20 steps)",
     "trak": "TRAK (one model)",
     "trak4": "TRAK (4 models)",
     "source": f"SOURCE ({SOURCE_CHECKPOINTS} checkpoints)",
@@ -94,6 +96,7 @@ PIPELINES = {
     "ekfac": ("ekfac",),
     "astra": ("astra",),
     "lissa": ("lissa",),
+    "pcg": ("pcg",),
     "trak": ("trak",),
     "trak4": (*(f"train_seed{s}" for s in ENSEMBLE_SEEDS), "trak4"),
     "source": ("source",),  # the run's checkpoints (step "trainer") are the user's already: not counted
@@ -107,6 +110,7 @@ STORES = {
     "ekfac": "ekfac/scores",
     "astra": "astra/scores",
     "lissa": "lissa/scores",
+    "pcg": "pcg/scores",
     "trak": "trak/scores",
     "trak4": "trak4/scores",
     "source": "source/scores",
@@ -305,7 +309,7 @@ def commands(args: argparse.Namespace, work: Path, recipe: Path) -> dict[str, li
                 "--ihvp_steps",
                 "20",
             ]
-            for solver in ("astra", "lissa")
+            for solver in ("astra", "lissa", "pcg")
         },
         "trak": ["trak", str(work / "trak"), *model, *train, *query_group, *proj],
         "trak4": [

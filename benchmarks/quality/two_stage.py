@@ -53,7 +53,7 @@ from .lm import (
     train_trainer_dir,
 )
 
-METHODS = ("dot", "cosine", "cosine_opt", "trackstar", "ekfac", "astra", "lissa", "trak", "source")
+METHODS = ("dot", "cosine", "cosine_opt", "trackstar", "ekfac", "astra", "lissa", "pcg", "trak", "source")
 PIPELINES = {
     "dot": ("build_train", "build_query", "score_dot"),
     "cosine": ("build_train", "build_query", "score_cosine"),
@@ -62,6 +62,7 @@ PIPELINES = {
     "ekfac": ("ekfac",),
     "astra": ("astra",),
     "lissa": ("lissa",),
+    "pcg": ("pcg",),
     "trak": ("trak",),
     "source": ("source",),  # the stages' checkpoints (steps trainer_stage1/2) are the user's: not counted
 }
