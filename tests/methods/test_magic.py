@@ -511,6 +511,20 @@ def test_magic_writes_its_training_state(tmp_path, model_dir, corpus_file, caplo
     np.testing.assert_allclose(np.asarray(from_file.all), np.asarray(in_memory.all), rtol=1e-5, atol=1e-7)
     assert not np.allclose(np.asarray(from_file.all), np.asarray(plain.all), rtol=1e-2)
 
+    # `bergson source --segments RUN/trainer` reads the run as a Trainer output directory: step 3's
+    # middle (2.5) ties between the checkpoints and goes to the earlier, so checkpoint-2 stands for
+    # all three steps (rates 0 + 0.01 + 0.005) and checkpoint-3 for none
+    from bergson import SourceConfig, source
+
+    traced = source(SourceConfig(run_path=str(tmp_path / "source"), segments=[str(root / "trainer")], data=data,
+                                 query=cfg("run", 2).query, precision="fp32", device="cpu"))  # fmt: skip
+    segments = traced.manifest.score["segments"]
+    assert [s["checkpoint"] for s in segments] == [str(root / "trainer" / f"checkpoint-{k}") for k in (2, 3)]
+    assert [s["learning_rate_sum"] for s in segments] == pytest.approx([0.015, 0.0])
+    assert "adam" in traced.manifest.score["stages"][0]["optimizer"]
+    values = np.asarray(traced["scores"], np.float64)
+    assert np.isfinite(values).all() and np.abs(values).max() > 0
+
 
 def test_save_checkpoints_is_refused_beyond_the_steps(tmp_path, model_dir, corpus_file):
     from bergson import magic
