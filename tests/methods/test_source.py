@@ -431,6 +431,35 @@ def _adam_state(checkpoint, seed: int, v: float | None = None, eps: float = 1e-8
     torch.save(opt.state_dict(), checkpoint / "optimizer.pt")
 
 
+def test_adam_preconditioner_is_exact_for_a_rank_one_second_moment(tmp_path):
+    """C² = 1 / (sqrt(v̂) + eps) exactly when (sqrt(v̂) + eps)² is rank one: v̂ = r cᵀ with eps 0
+    (the bias column, v̂_b = r c_b, included with include_bias), or a uniform v̂ with eps > 0."""
+    from bergson.methods.source import adam_preconditioner
+
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    r, c, cb = torch.rand(2) + 0.5, torch.rand(3) + 0.5, torch.tensor(0.7)
+    for eps, weight_v, bias_v in (
+        (0.0, torch.outer(r, c), r * cb),
+        (0.05, torch.full((2, 3), 0.01), torch.full((2,), 0.01)),
+    ):
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1, eps=eps)
+        for param in model.parameters():
+            param.grad = torch.ones_like(param)
+        opt.step()
+        for param, v in zip(model.parameters(), (weight_v, bias_v)):
+            opt.state[param]["exp_avg_sq"] = v * (1 - 0.999)  # v̂ after one step
+        path = tmp_path / "optimizer.pt"
+        torch.save(opt.state_dict(), path)
+        full = torch.cat([weight_v, bias_v[:, None]], 1).double()
+        for bias in (True, False):
+            c_out, c_in = adam_preconditioner(str(path), model, {"0": model[0]}, include_bias=bias)["0"]
+            expected = 1 / (full.sqrt() + eps)
+            torch.testing.assert_close(
+                torch.outer(c_out, c_in) ** 2, expected if bias else expected[:, :3], rtol=1e-5, atol=0
+            )
+
+
 def test_adam_step_model_scales_the_run_by_its_optimizer_state(lm, tmp_path):
     """--step_model adam on real AdamW states differs from sgd and records its preconditioner; with
     every v̂ = c it equals sgd with each learning rate times D = 1 / (sqrt(c) + eps) (biases tracked:
