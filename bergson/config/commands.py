@@ -525,6 +525,11 @@ class SourceConfig(DampingOptions, QueryDataOptions, CollectOptions):
     """How a segment's steps act on the curvature's eigenvalues λ: exp, exp(-λ Σ η) (the SOURCE
     paper's); discrete, Π (1 - η λ) over the segment's steps (exact gradient descent on a quadratic)."""
 
+    step_model: Literal["sgd", "adam"] = "sgd"
+    """The optimizer step SOURCE unrolls: sgd, η ∇J with the learning rates as given; adam, η D ∇J with
+    D = 1 / (sqrt(v̂) + eps) from each segment's checkpoint's optimizer.pt (Adam moments; frozen within the
+    segment, rank-one per module, momentum and weight decay not modelled)."""
+
     curvature_scale: float = 0.0
     """The factor from EK-FAC's eigenvalues (Fisher of each document's summed token loss) to the
     Hessian of the objective the learning rates stepped on; 0: automatic, 1 / (mean loss tokens

@@ -231,6 +231,8 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
               "--projection_dim", "4", "--projection_seed", "1"], "--projection_dim / --projection_seed"),
             ([new(), *d, *qd, "--models", a["model"], "--segment_steps", "1", "--segment_learning_rates", "0.1",
               "--stage_rows", ":2"], "--stage_rows: it gives the rows each --segments directory"),
+            ([new(), *d, *qd, "--models", a["model"], "--segment_steps", "1", "--segment_learning_rates", "0.1",
+              "--step_model", "adam"], "--step_model adam: checkpoint"),
             *refused(*everything, base=(*qd, "--segment_steps", "1", "--segment_learning_rates", "0.1")),
         ],
         "magic": [

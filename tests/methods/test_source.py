@@ -134,6 +134,66 @@ def test_multi_step_segments_are_exact_when_curvature_and_gradients_are_constant
     torch.testing.assert_close(r_exp[0], torch.tensor(0.5, dtype=torch.float64))  # r -> Σ η at λ = 0
 
 
+@pytest.mark.parametrize("varying", [False, True], ids=["one_D", "D_per_step"])
+def test_adam_with_a_frozen_preconditioner_equals_autograd(varying):
+    """Linear regression (bias-free, MSE) stepped by θ_{k+1} = θ_k - η_k (D_k ⊙ ∇J) with a positive
+    rank-one D_k = d_k e_kᵀ, one segment per step, discrete unroll: C H C = diag(d) ⊗ (√e A √e)
+    exactly, so with its exact eigenbases the scores equal autograd through the steps (with D changing
+    from step to step: the cotangent's conversion at the segments' boundaries)."""
+    torch.manual_seed(3)
+    n, d_in, d_out, lrs = 6, 4, 3, [0.3, 0.1, 0.45, 0.2]
+    x, y = torch.randn(n, d_in, dtype=torch.float64), torch.randn(n, d_out, dtype=torch.float64)
+    xq, yq = torch.randn(2, d_in, dtype=torch.float64), torch.randn(2, d_out, dtype=torch.float64)
+    w0 = torch.randn(d_out, d_in, dtype=torch.float64)
+    steps = len(lrs) if varying else 1
+    ds = [0.3 + 1.5 * torch.rand(d_out, dtype=torch.float64) for _ in range(steps)]
+    es = [0.2 + 2.0 * torch.rand(d_in, dtype=torch.float64) for _ in range(steps)]
+    ds, es = ds * (len(lrs) // steps), es * (len(lrs) // steps)
+
+    eps = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    w, starts = w0.clone().requires_grad_(True), []
+    for eta, d, e in zip(lrs, ds, es):
+        starts.append(w.detach().clone())
+        losses = 0.5 * ((x @ w.T - y) ** 2).sum(1)
+        (grad,) = torch.autograd.grad(losses.mean() + (eps * losses).sum(), w, create_graph=True)
+        w = w - eta * torch.outer(d, e) * grad
+    truth = torch.stack(
+        [
+            -torch.autograd.grad(0.5 * ((w @ xq[i] - yq[i]) ** 2).sum(), eps, retain_graph=True)[0]
+            for i in range(2)
+        ],
+        1,
+    )
+    a = x.T @ x / n
+    segments = []
+    for eta, d, e in zip(lrs, ds, es):
+        mu, vecs = torch.linalg.eigh(e.sqrt()[:, None] * a * e.sqrt()[None])
+        eigen = Factors(
+            {"w": {"S_eigenvectors": torch.eye(d_out, dtype=torch.float64), "A_eigenvectors": vecs}}
+        )
+        segments.append(Curvature(eigen, {"w": torch.outer(d, mu)}, [eta], {"w": (d.sqrt(), e.sqrt())}))
+    wf = w.detach()
+    query = {"w": torch.einsum("qo,qi->qoi", xq @ wf.T - yq, xq)}
+    products = unrolled_queries(query, segments, damping=0.0, damping_mode="absolute", unroll="discrete")
+    grads = [torch.einsum("mo,mi->moi", x @ s.T - y, x) for s in starts]
+    ours = _scores(products, grads)
+    assert truth.abs().max() > 1e-2
+    torch.testing.assert_close(ours, truth, rtol=1e-10, atol=1e-12)
+    # a dense C gives the same; plain gradient descent's curvature with these steps does not
+    dense = [
+        replace(c, preconditioner={"w": torch.outer(d.sqrt(), e.sqrt())}) for c, d, e in zip(segments, ds, es)
+    ]
+    torch.testing.assert_close(
+        _scores(unrolled_queries(query, dense, 0.0, "absolute", "discrete"), grads), truth
+    )
+    plain = [replace(c, preconditioner=None) for c in segments]
+    assert (
+        _scores(unrolled_queries(query, plain, 0.0, "absolute", "discrete"), grads) - truth
+    ).abs().max() > 1e-3
+    with pytest.raises(BergsonError, match="positive"):
+        unrolled_queries(query, [replace(segments[0], preconditioner={"w": torch.zeros(d_out, d_in)})])
+
+
 # ---------------------------------------------------------------------- trainer directories
 
 
@@ -280,7 +340,9 @@ def test_trainer_run_equals_the_explicit_call_resumes_and_sums_its_tokens(lm, ca
     assert score["unroll"] == "exp" and score["query_model"] == models[1]
     # the run's optimizer (from checkpoint-4/optimizer.pt) was Adam: announced and recorded
     assert "adam" in score["stages"][0]["optimizer"] and "adam" in score["optimizer_note"]
-    assert any("optimizer was adam" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("optimizer was adam" in m and "--step_model adam" in m for m in warnings)
+    assert score["step_model"] == "sgd" and "preconditioner" not in score
     loss_tokens = np.asarray(cli.rows["num_tokens"]) - 1  # plain text: every token but the first
     assert score["curvature_scale"] == pytest.approx(len(loss_tokens) / loss_tokens.sum())
     # the segments differ, and both count
@@ -347,3 +409,124 @@ def test_the_command_refuses_bad_input_with_exit_1(lm, capfd):
     with pytest.raises(SystemExit):
         main(["source", str(root / "bad3"), "--segments", str(trainer), "--curvature_scale", "-1"])
     assert "--curvature_scale -1.0: must be 0 (automatic) or > 0" in capfd.readouterr().err
+
+
+# ---------------------------------------------------------------------- Adam's preconditioning
+
+
+def _adam_state(checkpoint, seed: int, v: float | None = None, eps: float = 1e-8) -> None:
+    """A real AdamW state dict for the checkpoint's parameters (one step on random gradients; with
+    ``v``, every bias-corrected second moment set to v) saved as its optimizer.pt."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, eps=eps)
+    gen = torch.Generator().manual_seed(seed)
+    for param in model.parameters():  # |g| from 0.003 to 0.03: D from about 30 to 300
+        param.grad = 0.003 * 10 ** torch.rand(param.shape, generator=gen, dtype=param.dtype)
+    opt.step()
+    if v is not None:
+        for state in opt.state.values():
+            state["exp_avg_sq"].fill_(v * (1 - 0.999 ** float(state["step"])))
+    torch.save(opt.state_dict(), checkpoint / "optimizer.pt")
+
+
+def test_adam_preconditioner_is_exact_for_a_rank_one_second_moment(tmp_path):
+    """C² = 1 / (sqrt(v̂) + eps) exactly when (sqrt(v̂) + eps)² is rank one: v̂ = r cᵀ with eps 0
+    (the bias column, v̂_b = r c_b, included with include_bias), or a uniform v̂ with eps > 0."""
+    from bergson.methods.source import adam_preconditioner
+
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    r, c, cb = torch.rand(2) + 0.5, torch.rand(3) + 0.5, torch.tensor(0.7)
+    for eps, weight_v, bias_v in (
+        (0.0, torch.outer(r, c), r * cb),
+        (0.05, torch.full((2, 3), 0.01), torch.full((2,), 0.01)),
+    ):
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1, eps=eps)
+        for param in model.parameters():
+            param.grad = torch.ones_like(param)
+        opt.step()
+        for param, v in zip(model.parameters(), (weight_v, bias_v)):
+            opt.state[param]["exp_avg_sq"] = v * (1 - 0.999)  # v̂ after one step
+        path = tmp_path / "optimizer.pt"
+        torch.save(opt.state_dict(), path)
+        full = torch.cat([weight_v, bias_v[:, None]], 1).double()
+        for bias in (True, False):
+            c_out, c_in = adam_preconditioner(str(path), model, {"0": model[0]}, include_bias=bias)["0"]
+            expected = 1 / (full.sqrt() + eps)
+            torch.testing.assert_close(
+                torch.outer(c_out, c_in) ** 2, expected if bias else expected[:, :3], rtol=1e-5, atol=0
+            )
+
+
+def test_adam_step_model_scales_the_run_by_its_optimizer_state(lm, tmp_path):
+    """--step_model adam on real AdamW states differs from sgd and records its preconditioner; with
+    every v̂ = c it equals sgd with each learning rate times D = 1 / (sqrt(c) + eps) (biases tracked:
+    the bias column is scaled too); a checkpoint without optimizer.pt (or with an SGD one) is refused,
+    naming it."""
+    from bergson.methods.source import source, unroll_segment
+
+    _, trainer, common = lm
+    common = {**common, "modules": ["gpt_neox.layers.1.*"], "include_bias": True}  # fewer, cheaper passes
+    data, query = common["data"], common["query"]
+    real, uniform = tmp_path / "real", tmp_path / "uniform" / "checkpoint-4"
+    shutil.copytree(trainer, real)
+    shutil.copytree(trainer / "checkpoint-4", uniform)
+    for step in (2, 4):
+        _adam_state(real / f"checkpoint-{step}", step)
+    _adam_state(uniform, 4, v=0.01, eps=0.05)
+    args = ["--dataset", data.dataset, "--split", data.split, "--truncation", "--max_length", "16",
+            "--query.dataset", query.dataset, "--query.split", query.split, "--query.truncation",
+            "--query.max_length", "16", "--device", "cpu", "--precision", "fp32", "--factor_dtype", "float64",
+            "--token_batch_size", "64", "--top_k", "0", "--modules", "gpt_neox.layers.1.*", "--include_bias",
+            "--step_model", "adam"]  # fmt: skip
+    main(["source", str(tmp_path / "run_real"), "--segments", str(real), *args])
+    adam = load_gradients(tmp_path / "run_real" / "scores")
+    sgd = source(SourceConfig(run_path=str(tmp_path / "run_sgd"), segments=[str(real)], **common))
+    a, b = _values(adam), _values(sgd)
+    assert np.abs(a).max() > 0
+    cosine = (a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b)
+    assert cosine < 0.999  # not the sgd scores, nor a multiple of them
+    score = adam.manifest.score
+    files = [str(real / f"checkpoint-{s}" / "optimizer.pt") for s in (2, 4)]
+    assert score["step_model"] == "adam" and score["preconditioner"]["optimizer_states"] == files
+    assert "rank one" in score["preconditioner"]["form"] and "Adam" in score["optimizer_note"]
+    assert [s["optimizer_state"] for s in score["segments"]] == files
+
+    # v̂ = 0.01 everywhere, eps 0.05: D = 1 / (0.1 + 0.05), and Adam is sgd at D times the rates
+    d = 1 / (0.1 + 0.05)
+    one = ["--models", str(uniform), "--segment_steps", "2", "--segment_learning_rates", "0.1"]
+    main(["source", str(tmp_path / "run_uniform"), *one, *args])
+    ours = _values(load_gradients(tmp_path / "run_uniform" / "scores"))
+    scaled = source(SourceConfig(run_path=str(tmp_path / "run_scaled"), models=[str(uniform)], segment_steps=[2],
+                                 segment_learning_rates=[0.1 * d], **common))  # fmt: skip
+    np.testing.assert_allclose(ours, _values(scaled), rtol=1e-6, atol=1e-9 * np.abs(ours).max())
+    # ... and the rates matter in this regime (D without eps, 10, would give other scores)
+    fitted = tmp_path / "run_scaled" / "segment_0"
+    eigen, corrected = Factors.load(fitted / "eigen"), Factors.load(fitted / "corrected")
+    queries = {
+        n: t["grads"] for n, t in Factors.load(tmp_path / "run_scaled" / "query_gradients").tensors.items()
+    }
+    scale = Factors.load(fitted / "queries").meta["scale"]
+    products = [
+        unroll_segment(queries, Curvature(eigen, corrected, [0.2 * r]), scale=scale)[0] for r in (d, 10)
+    ]
+    gaps = [(products[0][n] - products[1][n]).abs().max() / products[0][n].abs().max() for n in queries]
+    assert min(gaps) > 0.01
+
+    (real / "checkpoint-2" / "optimizer.pt").unlink()
+    with pytest.raises(BergsonError, match=r"checkpoint .*checkpoint-2 has no optimizer\.pt"):
+        source(
+            SourceConfig(
+                run_path=str(tmp_path / "missing"), segments=[str(real)], step_model="adam", **common
+            )
+        )
+    param = torch.nn.Parameter(torch.zeros(2))
+    torch.save(torch.optim.SGD([param], lr=0.1).state_dict(), real / "checkpoint-2" / "optimizer.pt")
+    with pytest.raises(BergsonError, match=r"does not hold Adam moments \(its optimizer: sgd"):
+        source(
+            SourceConfig(
+                run_path=str(tmp_path / "sgd_state"), segments=[str(real)], step_model="adam", **common
+            )
+        )

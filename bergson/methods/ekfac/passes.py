@@ -51,6 +51,11 @@ class EkfacOptions:
     seed: int = 0
     progress: bool = True
     dtype: torch.dtype = torch.float32
+    scales: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    """Per module (on g [out], on x [in, plus the bias column with ``include_bias``]): every pass over
+    documents multiplies the layer's output gradients and inputs by them (in ``dtype``), so the
+    statistics are those of C ⊙ G with C = outer(g scale, x scale); SOURCE's Adam step model fits
+    its curvature so. None: the plain x and g."""
 
 
 class Source(Protocol):
@@ -111,10 +116,24 @@ class DocumentSource:
             progress=opts.progress,
         )
 
+        scaled: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
         def tap(name: str, x: torch.Tensor, g: torch.Tensor) -> None:
             batch = engine.batch
-            if batch is not None:  # None: an idle step of a sharded model
-                fn(name, x, g, batch.rows, batch.mask)
+            if batch is None:  # an idle step of a sharded model
+                return
+            if opts.scales is not None and name in opts.scales:
+                if name not in scaled:  # moved to the device once, not per batch
+                    sg, sx = opts.scales[name]
+                    if sg.shape != g.shape[-1:] or sx.shape != x.shape[-1:]:
+                        raise BergsonError(
+                            f"module {name!r}: scales of shapes {tuple(sg.shape)} and {tuple(sx.shape)} for "
+                            f"output gradients of width {g.shape[-1]} and inputs of width {x.shape[-1]}"
+                        )
+                    scaled[name] = (sg.to(g.device, opts.dtype), sx.to(x.device, opts.dtype))
+                sg, sx = scaled[name]
+                x, g = x.to(opts.dtype) * sx, g.to(opts.dtype) * sg
+            fn(name, x, g, batch.rows, batch.mask)
 
         device = next(self.model.parameters()).device
         return engine.run(

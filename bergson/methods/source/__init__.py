@@ -1,7 +1,7 @@
 """SOURCE (Bae et al. 2024, approximate unrolled differentiation): its maths (:mod:`.maths`), the
 segments of a training run (:mod:`.segments`) and the ``bergson source`` command (:mod:`.command`)."""
 
-from .command import curvature_scale, plan, source
+from .command import adam_preconditioner, curvature_scale, plan, source
 from .maths import UNROLLS, Curvature, step_functions, unroll_segment, unrolled_queries
 from .segments import Segment, explicit_segments, stage_schedule, trainer_segments
 
@@ -9,6 +9,7 @@ __all__ = [
     "UNROLLS",
     "Curvature",
     "Segment",
+    "adam_preconditioner",
     "curvature_scale",
     "explicit_segments",
     "plan",

@@ -13,6 +13,11 @@ Stages under the run directory (each skipped when complete, so a killed run resu
 
 The segments are processed from the last to the first, so each checkpoint is loaded once. The
 passes over the training documents split them among several workers like ``bergson ekfac``'s.
+
+With ``--step_model adam`` each segment's curvature is fitted on C_l ⊙ G (C_l = D_l^{1/2}, Adam's
+preconditioner from the checkpoint's optimizer.pt, rank one per module) and the queries are
+unrolled in those coordinates (:mod:`.maths`); the stored queries are back in the plain ones, so
+the scoring passes are unchanged.
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ from ...data import TokenizedDocs
 from ...errors import BergsonError
 from ...models import announce_coverage, honours_numerics
 from ...transforms.ekfac import Factors
+from ...transforms.normalizers import AdamNormalizer
+from ...transforms.optimizer_state import OPTIMIZER_FILE, normalizers_from_optimizer_state
 from ..ekfac.command import fit_curvature, is_store, still_to_do
 from ..ekfac.passes import EkfacOptions, query_gradients
 from ..ekfac.scoring import Scores, score_documents
 from .maths import Curvature, unroll_segment
-from .segments import Segment, explicit_segments, stage_rows, trainer_segments
+from .segments import Segment, explicit_segments, optimizer_of, stage_rows, trainer_segments
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +52,63 @@ SGD_NOTE = (
     "SOURCE models (stochastic) gradient descent: the learning rates are used as they are, without the "
     "optimizer's preconditioning"
 )
+ADAM_NOTE = (
+    "SOURCE models Adam's steps η D ∇J, D = 1 / (sqrt(v̂) + eps) from each segment's checkpoint's optimizer.pt: "
+    "D frozen within the segment and fitted rank-one per module; momentum and weight decay are not modelled"
+)
+PRECONDITIONER_FORM = (
+    "rank one per module: C = D^{1/2} = sqrt(a) sqrt(b)ᵀ, a_i b_j the row-sum / column-sum fit of "
+    "(sqrt(v̂) + eps)^-2 (AdamNormalizer.to_adafactor of (sqrt(v̂) + eps)²)"
+)
+
+
+def adam_states(segments: list[Segment]) -> list[str]:
+    """``--step_model adam``: the optimizer.pt of every segment's checkpoint, refusing a checkpoint
+    whose directory has none or whose optimizer was not Adam."""
+    files = []
+    for seg in segments:
+        path = Path(seg.checkpoint) / OPTIMIZER_FILE
+        if not path.is_file():
+            raise BergsonError(
+                f"--step_model adam: checkpoint {seg.checkpoint} has no {OPTIMIZER_FILE} (Adam's second moments "
+                "give each segment's preconditioner); save the optimizer state with every checkpoint (the "
+                "Trainer does unless save_only_model is set), or use --step_model sgd"
+            )
+        kind = optimizer_of(path)
+        if not kind.startswith("adam"):
+            raise BergsonError(
+                f"--step_model adam: {path} does not hold Adam moments ("
+                + (
+                    f"its optimizer: {kind}"
+                    if kind
+                    else "not a torch optimizer state dict torch reads safely"
+                )
+                + "); use --step_model sgd for a run trained without Adam"
+            )
+        files.append(str(path))
+    return files
+
+
+def adam_preconditioner(
+    path: str, model: Any, modules: Any, include_bias: bool
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """C = D^{1/2} per module from an Adam optimizer.pt, as the pair (on the output [out], on the
+    input [in, plus the bias column when the bias is tracked]) of a rank-one C: the row-sum /
+    column-sum fit of (sqrt(v̂) + eps)², exact where that is rank one (a uniform v̂ included)."""
+    norms = normalizers_from_optimizer_state(path, model, modules, form="adam", include_bias=include_bias)
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, norm in norms.items():
+        if not isinstance(norm, AdamNormalizer):  # form="adam" always gives one
+            raise BergsonError(f"{path}: module {name!r}: no elementwise Adam moments")
+
+        def denominator(v: torch.Tensor, eps: float = norm.eps) -> torch.Tensor:
+            return (v.double().clamp(min=0).sqrt() + eps) ** 2
+
+        bias = None if norm.bias is None else denominator(norm.bias)
+        fit = AdamNormalizer(denominator(norm.weight), bias).to_adafactor()
+        a, b = fit.scales(bias is not None)
+        out[name] = (a.double().sqrt(), b.double().sqrt())
+    return out
 
 
 def plan(cfg: Any) -> tuple[list[Segment], list[dict[str, Any]]]:
@@ -153,6 +217,9 @@ def source(cfg: Any) -> Any:
         )
     segments, stages = plan(cfg)
     num = len(segments)
+    adam_files = adam_states(segments) if cfg.step_model == "adam" else []
+    for seg, file in zip(segments, adam_files):
+        seg.notes["optimizer_state"] = file
     run = RunDir(
         cfg,
         command="source",
@@ -170,8 +237,14 @@ def source(cfg: Any) -> Any:
                 logger.warning(
                     "source: %s stands for no optimizer step; its segment adds nothing", seg.checkpoint
                 )
-        if adam:
-            logger.warning("source: the training run's optimizer was %s. %s", ", ".join(adam), SGD_NOTE)
+        if adam_files:
+            logger.warning("source: --step_model adam. %s", ADAM_NOTE)
+        elif adam:
+            logger.warning(
+                "source: the training run's optimizer was %s. %s; --step_model adam models its preconditioning",
+                ", ".join(adam),
+                SGD_NOTE,
+            )
         momentum = [o for o in optimizers if "momentum" in o]
         if momentum:
             logger.warning(
@@ -194,10 +267,13 @@ def source(cfg: Any) -> Any:
         "query_model": query_model,
         "segments": [s.record() for s in segments],
         "stages": stages,
-        "optimizer_note": SGD_NOTE
+        "step_model": cfg.step_model,
+        "optimizer_note": (ADAM_NOTE if adam_files else SGD_NOTE)
         + (f" (the run's optimizer: {', '.join(optimizers)})" if optimizers else ""),
         "run": str(root),
     }
+    if adam_files:
+        info["preconditioner"] = {"form": PRECONDITIONER_FORM, "optimizer_states": adam_files}
 
     def options(model: Any, tokenizer: Any) -> EkfacOptions:
         modules = find_tracked_modules(
@@ -269,14 +345,20 @@ def source(cfg: Any) -> Any:
         scale = scale_info[0] if mine is None or cfg.curvature_scale else curvature_scale(cfg, sdocs)[0]
         scales[index] = scale
         if not done_queries:
-            eigen, corrected = fit_curvature(run, sub, model, sdocs, opts, cfg.method, f"segment_{index}/")
+            pre = None
+            if adam_files:  # the curvature of C ⊙ G; the scoring pass keeps the plain gradients
+                pre = adam_preconditioner(adam_files[index], model, opts.modules, cfg.include_bias)
+            fit_opts = opts if pre is None else replace(opts, scales=pre)
+            eigen, corrected = fit_curvature(
+                run, sub, model, sdocs, fit_opts, cfg.method, f"segment_{index}/"
+            )
             start = time.perf_counter()
             values = (
                 None if corrected is None else {n: d["eigenvalues"] for n, d in corrected.tensors.items()}
             )
             product, handed = unroll_segment(
                 passed,
-                Curvature(eigen, values, seg.lrs),
+                Curvature(eigen, values, seg.lrs, pre),
                 cfg.damping,
                 cfg.damping_mode,
                 cfg.unroll,

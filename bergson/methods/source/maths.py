@@ -21,6 +21,13 @@ since S_l and R_l are symmetric. Every H_l is an EK-FAC (or K-FAC) approximation
 Q = Q_S ⊗ Q_A, so S_l and R_l act on a module's gradient G (out x in) as
 Q_S [(Q_Sᵀ G Q_A) ⊙ f(λ + δ)] Q_Aᵀ, the same rotation EK-FAC's inverse uses with 1 / (λ + δ).
 One segment with Σ η → ∞ gives r → 1 / (λ + δ): EK-FAC's damped influence.
+
+Adam (``--step_model adam``) steps η_k D ∇J with D = diag(1 / (sqrt(v̂) + eps)). With D = D_l frozen
+within segment l (no momentum, no weight decay) and C_l = D_l^{1/2}, δ = C_l u turns the segment into
+gradient descent on u with H̃_l = C_l H_l C_l and gradients C_l g: the formulas above apply to q̃_l =
+C_l q_l, with H̃_l's eigenbasis and eigenvalues. The score's term is ⟨R̃_l q̃_l, C_l g_{m,l}⟩ =
+⟨C_l R̃_l q̃_l, g_{m,l}⟩, and the cotangent handed to segment l - 1 is C_l⁻¹ S̃_l q̃_l in the plain
+coordinates (elementwise: C is diagonal), so the next segment multiplies it by its own C.
 """
 
 from __future__ import annotations
@@ -47,6 +54,24 @@ class Curvature:
     eigenvalues: Mapping[str, torch.Tensor] | Factors | None
     """Per module [out, in]; a :class:`Factors` of EK-FAC's ``corrected`` stage is read as such."""
     lrs: Sequence[float]
+    preconditioner: Mapping[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] | None = None
+    """C = D^{1/2} per module for an Adam-like step η D ∇J (None: plain gradient descent): a positive
+    [out, in] tensor, or the pair (c_out [out], c_in [in]) of a rank-one C = c_out c_inᵀ. The eigenbases
+    and eigenvalues are then those of C H C (EK-FAC fitted on C ⊙ G)."""
+
+
+def _preconditioner(curvature: Curvature, name: str) -> torch.Tensor | None:
+    if curvature.preconditioner is None:
+        return None
+    c = curvature.preconditioner.get(name)
+    if c is None:
+        raise BergsonError(f"the preconditioner has no entry for module {name!r}")
+    if isinstance(c, tuple):
+        c = torch.outer(c[0].double(), c[1].double())
+    c = c.double()
+    if not bool((c > 0).all()):
+        raise BergsonError(f"the preconditioner of module {name!r} must be positive everywhere")
+    return c
 
 
 def _lr_counts(lrs: Sequence[float], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,8 +127,9 @@ def unroll_segment(
     scale: float = 1.0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One segment of :func:`unrolled_queries`: (R q, S q) per module for the queries q handed to
-    the segment (per module [nq, out, in]), in float64. ``curvature`` is a :class:`Curvature` or
-    the tuple (eigen, eigenvalues, lrs)."""
+    the segment (per module [nq, out, in]), in float64; with a preconditioner C, (C R̃ (C q),
+    C⁻¹ S̃ (C q)). ``curvature`` is a :class:`Curvature` or the tuple (eigen, eigenvalues, lrs[,
+    preconditioner])."""
     if not scale > 0:
         raise BergsonError(f"--curvature_scale {scale}: must be > 0")
     if not isinstance(curvature, Curvature):
@@ -116,9 +142,14 @@ def unroll_segment(
         lam = scale * _eigenvalues(curvature, name)
         lam = (lam + damping_value(lam, damping, damping_mode)).clamp(min=0)
         s, r = step_functions(lam, curvature.lrs, unroll)
-        rotated = qs.T @ g.double() @ qa
+        c = _preconditioner(curvature, name)
+        q = g.double() if c is None else g.double() * c
+        rotated = qs.T @ q @ qa
         products[name] = qs @ (rotated * r) @ qa.T
         handed[name] = qs @ (rotated * s) @ qa.T
+        if c is not None:
+            products[name] = products[name] * c
+            handed[name] = handed[name] / c
     return products, handed
 
 
@@ -134,6 +165,9 @@ def unrolled_queries(
     [nq, out, in], with q_L = ``query_grads`` (the query gradients at the final parameters, per
     module [nq, out, in]) and q_{l-1} = S_l q_l. A training document's score is Σ_l ⟨R_l q_l, G_{n,l}⟩
     with G_{n,l} its gradient at checkpoint l.
+
+    A segment with a ``preconditioner`` C (Adam's D^{1/2}, see the module docstring) has the curvature
+    C H C, and its product is C R̃ C q: documents are still scored with their plain gradients.
 
     Each segment's curvature is ``scale`` x its eigenvalues plus the damping δ (``damping`` itself,
     or times the mean of the scaled eigenvalues per module with ``damping_mode`` relative). All
