@@ -36,6 +36,7 @@ LABELS = {
     "trak": "TRAK (one model)",
     "trak4": "TRAK (4 models)",
     "source": "SOURCE",
+    "source_adam": "SOURCE, Adam steps",
     "magic": "MAGIC",
     "exact_if": "exact IF (full Hessian)",
 }
@@ -51,6 +52,7 @@ NEEDS = {
     "trak": "the model",
     "trak4": "several trained models (seeds or checkpoints)",
     "source": "a few checkpoints and the learning-rate schedule",
+    "source_adam": "a few checkpoints with their optimizer state, and the schedule",
     "magic": "the whole training recipe (it retrains)",
     "exact_if": "a model small enough for its full Hessian",
 }

@@ -69,6 +69,7 @@ METHODS = (
     "trak",
     "trak4",
     "source",
+    "source_adam",
     "magic",
 )
 SOURCE_CHECKPOINTS = 3  # evenly spaced checkpoints of the run that SOURCE unrolls through
@@ -85,6 +86,7 @@ LABELS = {
     "trak": "TRAK (one model)",
     "trak4": "TRAK (4 models)",
     "source": f"SOURCE ({SOURCE_CHECKPOINTS} checkpoints)",
+    "source_adam": f"SOURCE, Adam steps ({SOURCE_CHECKPOINTS} checkpoints)",
     "magic": "MAGIC",
 }
 # the bergson commands each method needs (shared stores count for every method that uses them)
@@ -100,6 +102,7 @@ PIPELINES = {
     "trak": ("trak",),
     "trak4": (*(f"train_seed{s}" for s in ENSEMBLE_SEEDS), "trak4"),
     "source": ("source",),  # the run's checkpoints (step "trainer") are the user's already: not counted
+    "source_adam": ("source_adam",),
     "magic": ("magic",),
 }
 STORES = {
@@ -114,6 +117,7 @@ STORES = {
     "trak": "trak/scores",
     "trak4": "trak4/scores",
     "source": "source/scores",
+    "source_adam": "source_adam/scores",
     "magic": "magic/scores",
 }
 
@@ -323,15 +327,20 @@ def commands(args: argparse.Namespace, work: Path, recipe: Path) -> dict[str, li
             *query_group,
             *proj,
         ],
-        "source": [
-            "source",
-            str(work / "source"),
-            "--segments",
-            str(work / "trainer"),
-            *model[2:],
-            *train,
-            *query_group,
-        ],
+        **{
+            name: [
+                "source",
+                str(work / name),
+                "--segments",
+                str(work / "trainer"),
+                "--step_model",
+                step,
+                *model[2:],
+                *train,
+                *query_group,
+            ]
+            for name, step in (("source", "sgd"), ("source_adam", "adam"))
+        },
         "magic": ["magic", str(recipe), "--checkpoints", "sqrt"],
     }
 
@@ -535,7 +544,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train", ["train", str(recipe)], lambda: train_checkpoint(recipe, work / "checkpoint")
     )
     needed = list(dict.fromkeys(s for m in args.methods for s in PIPELINES[m]))
-    if "source" in args.methods:
+    if {"source", "source_adam"} & set(args.methods):
         steps.run("trainer", ["trainer", str(recipe)], lambda: train_trainer_dir(recipe, work / "trainer"))
     for name in needed:
         if name.startswith("train_seed"):  # another model of an ensemble: the recipe with another seed

@@ -53,7 +53,19 @@ from .lm import (
     train_trainer_dir,
 )
 
-METHODS = ("dot", "cosine", "cosine_opt", "trackstar", "ekfac", "astra", "lissa", "pcg", "trak", "source")
+METHODS = (
+    "dot",
+    "cosine",
+    "cosine_opt",
+    "trackstar",
+    "ekfac",
+    "astra",
+    "lissa",
+    "pcg",
+    "trak",
+    "source",
+    "source_adam",
+)
 PIPELINES = {
     "dot": ("build_train", "build_query", "score_dot"),
     "cosine": ("build_train", "build_query", "score_cosine"),
@@ -65,6 +77,7 @@ PIPELINES = {
     "pcg": ("pcg",),
     "trak": ("trak",),
     "source": ("source",),  # the stages' checkpoints (steps trainer_stage1/2) are the user's: not counted
+    "source_adam": ("source_adam",),
 }
 STAGE1 = ("ekfac", "trak")  # also run on the stage-1 checkpoint, for contrast
 
@@ -185,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     final = commands(args, work, recipe1)  # the model is work/checkpoint: the end of stage 2
     first = commands(args, work / "stage1", recipe1)
-    if "source" in args.methods:
+    if {"source", "source_adam"} & set(args.methods):
         # SOURCE unrolls through both stages' checkpoints, on both stages' documents (rows of one dataset)
         for stage, recipe in (("stage1", recipe1), ("stage2", recipe2)):
             steps.run(f"trainer_{stage}", ["trainer", str(recipe)],
@@ -194,16 +207,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         i = rest.index("--model")
         del rest[i : i + 2]
         rest[rest.index("--split") + 1] = f"train[:{args.docs + args.finetune_docs}]"
-        final["source"] = ["source", str(work / "source"), "--segments", str(work / "stage1" / "trainer"),
-                           str(work / "stage2" / "trainer"), "--stage_rows", f":{args.docs}", f"{args.docs}:", *rest]  # fmt: skip
+        for name, step in (("source", "sgd"), ("source_adam", "adam")):
+            final[name] = ["source", str(work / name), "--segments", str(work / "stage1" / "trainer"),
+                           str(work / "stage2" / "trainer"), "--stage_rows", f":{args.docs}", f"{args.docs}:",
+                           "--step_model", step, *rest]  # fmt: skip
     rows: dict[str, dict[str, Any]] = {}
     for m in args.methods:
         for name in PIPELINES[m]:
             steps.run(name, final[name], lambda name=name: bergson(final[name]))
         rows[m] = {"label": LABELS[m], "steps": PIPELINES[m], "store": work / STORES[m]}
-    if "source" in rows:
-        rows["source"]["label"] = f"SOURCE ({SOURCE_CHECKPOINTS} + {SOURCE_CHECKPOINTS} checkpoints)"
-        rows["source"]["rows"] = args.docs + args.finetune_docs  # both stages' documents; stage 1's first
+    for name, what in (("source", "SOURCE"), ("source_adam", "SOURCE, Adam steps")):
+        if name in rows:
+            rows[name]["label"] = f"{what} ({SOURCE_CHECKPOINTS} + {SOURCE_CHECKPOINTS} checkpoints)"
+            rows[name]["rows"] = args.docs + args.finetune_docs  # both stages' documents; stage 1's first
     for m in STAGE1:
         if m in args.methods:
             for name in PIPELINES[m]:
