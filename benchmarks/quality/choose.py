@@ -156,7 +156,7 @@ def page(results: Path) -> str:
         )
         if near and near != best:
             text += f"; the cheapest within 0.05 of it is {LABELS[near]} ({rows[near][0]:.2f} at {rows[near][1]:.2f} runs)"
-        text += ". Not beaten on both quality and cost: " + ", ".join(LABELS[m] for m in front) + "."
+        text += ". Not beaten on both quality and cost: " + "; ".join(LABELS[m] for m in front) + "."
         lines.append(text)
     lines += [
         "",
@@ -167,7 +167,8 @@ def page(results: Path) -> str:
         "- To rank what really changes a prediction, use an inverse-curvature method: EK-FAC, or ASTRA when "
         "its extra iterations pay for themselves on your data (the tables above).",
         "- With checkpoints and the learning-rate schedule of the run (a Trainer output directory), SOURCE "
-        "unrolls through training; with several trained models, TRAK averages over them.",
+        "unrolls through training (`--step_model adam` for runs trained with Adam or AdamW); with several "
+        "trained models, TRAK averages over them.",
         "- When you own the training recipe and the corpus is small enough to train through a few times, "
         "MAGIC is the closest to retraining.",
         "",
