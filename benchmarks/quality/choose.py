@@ -18,28 +18,15 @@ import math
 from pathlib import Path
 
 from .common import markdown_table
+from .digits import LABELS as DIGITS_LABELS
+from .lm import LABELS as LM_LABELS
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
 PAGE = REPO / "docs" / "methods" / "choosing.md"
 # one name per method across the benchmarks (the LM calls the Adam-normalized cosine cosine_opt)
 SAME = {"cosine_adam": "cosine_opt"}
-LABELS = {
-    "dot": "gradient dot",
-    "cosine": "cosine",
-    "cosine_opt": "cosine, optimizer-normalized",
-    "trackstar": "TrackStar",
-    "ekfac": "EK-FAC",
-    "astra": "ASTRA (20 steps)",
-    "lissa": "LiSSA (20 steps)",
-    "pcg": "PCG (20 steps)",
-    "trak": "TRAK (one model)",
-    "trak4": "TRAK (4 models)",
-    "source": "SOURCE",
-    "source_adam": "SOURCE, Adam steps",
-    "magic": "MAGIC",
-    "exact_if": "exact IF (full Hessian)",
-}
+LABELS = {**LM_LABELS, "exact_if": DIGITS_LABELS["exact_if"]}
 NEEDS = {
     "dot": "the model",
     "cosine": "the model",

@@ -110,6 +110,21 @@ def _scores_of(cfg: Any) -> Any:
     return load_gradients(Path(cfg.run_path) / "scores")
 
 
+def pass_options(cfg: Any, modules: Any, tokenizer: Any, progress: bool) -> EkfacOptions:
+    """The EK-FAC passes' options from a command's config (ekfac, source): token budget, padding,
+    bias, Fisher labels and their seed, and the accumulation dtype of --factor_dtype."""
+    return EkfacOptions(
+        modules,
+        token_batch_size=cfg.token_batch_size,
+        pad_token_id=tokenizer.pad_token_id or 0,
+        include_bias=cfg.include_bias,
+        fisher=cfg.fisher,
+        seed=cfg.fisher_seed,
+        progress=progress,
+        dtype=torch.float64 if cfg.factor_dtype == "float64" else torch.float32,
+    )
+
+
 @distributed.entry(_scores_of)
 @honours_numerics
 def ekfac(cfg: Any) -> Any:
@@ -167,16 +182,7 @@ def ekfac(cfg: Any) -> Any:
                 big,
                 big * big * 8 * 3 / 1e9,
             )
-    opts = EkfacOptions(
-        modules,
-        token_batch_size=cfg.token_batch_size,
-        pad_token_id=tokenizer.pad_token_id or 0,
-        include_bias=cfg.include_bias,
-        fisher=cfg.fisher,
-        seed=cfg.fisher_seed,
-        progress=lead,
-        dtype=torch.float64 if cfg.factor_dtype == "float64" else torch.float32,
-    )
+    opts = pass_options(cfg, modules, tokenizer, lead)
     info = {
         "kind": "ekfac",
         "method": cfg.method,

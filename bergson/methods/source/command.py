@@ -40,7 +40,7 @@ from ...models import announce_coverage, honours_numerics
 from ...transforms.ekfac import Factors
 from ...transforms.normalizers import AdamNormalizer
 from ...transforms.optimizer_state import OPTIMIZER_FILE, normalizers_from_optimizer_state
-from ..ekfac.command import fit_curvature, is_store, still_to_do
+from ..ekfac.command import fit_curvature, is_store, pass_options, still_to_do
 from ..ekfac.passes import EkfacOptions, query_gradients
 from ..ekfac.scoring import Scores, score_documents
 from .maths import Curvature, unroll_segment
@@ -282,16 +282,7 @@ def source(cfg: Any) -> Any:
             include_output_head=cfg.include_output_head,
             track_experts=cfg.tracked_experts(),
         )
-        return EkfacOptions(
-            modules,
-            token_batch_size=cfg.token_batch_size,
-            pad_token_id=tokenizer.pad_token_id or 0,
-            include_bias=cfg.include_bias,
-            fisher=cfg.fisher,
-            seed=cfg.fisher_seed,
-            progress=lead,
-            dtype=dtype,
-        )
+        return pass_options(cfg, modules, tokenizer, lead)
 
     held: dict[str, Any] = {}  # the loaded checkpoint (one at a time) and the tokenized documents
 
