@@ -15,7 +15,12 @@ The recipe is trained once; its final weights and AdamW state (written as a torc
 * ``ekfac``: ``bergson ekfac`` (EK-FAC influence, true Fisher);
 * ``astra``: ``bergson ekfac --ihvp astra --ihvp_steps 20`` (EK-FAC-preconditioned iterations
   towards the exact inverse-Fisher product);
+* ``lissa`` and ``pcg``: the same with ``--ihvp lissa`` / ``--ihvp pcg`` (20 steps);
 * ``trak``: ``bergson trak`` with the one trained model (projected Gauss-Newton inverse);
+* ``trak4``: ``bergson trak`` over four models (the recipe with data-order seeds 0-3; the three
+  extra trainings count in its cost);
+* ``source`` and ``source_adam``: ``bergson source --segments`` over 3 checkpoints of the run
+  (written by a second training in the Trainer's layout), with ``--step_model sgd`` / ``adam``;
 * ``magic``: ``bergson magic`` (trains the same recipe itself and differentiates through it).
 
 Then ``bergson validate`` retrains the recipe without random subsets of documents, once per
@@ -156,7 +161,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--top_k_random", type=int, default=4, help="random removals of K to compare with")
     p.add_argument(
-        "--quick", action="store_true", help="a small slice: 16 documents, 1 epoch, 2 queries, 3 subsets"
+        "--quick",
+        action="store_true",
+        help="a small slice: 16 documents, 1 epoch, 2 queries, 3 subsets, top-2 removal",
     )
     p.add_argument("--work", type=Path, default=REPO / "runs" / "quality_lm", help="cache of every step")
     p.add_argument("--out", type=Path, default=None, help=f"results directory (default {RESULTS})")
@@ -171,6 +178,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.docs, args.epochs, args.max_length, args.subsets, args.queries = 16, 1, 32, 3, 2
         args.projection_dim = min(args.projection_dim, 8)
+        args.top_k, args.top_k_random = min(args.top_k, 2), min(args.top_k_random, 2)
     if args.out is None:
         args.out = args.work / "quick_results" if args.quick else RESULTS
     if args.docs < 4:

@@ -37,6 +37,7 @@ def test_one_command_table_for_the_cli_and_the_launcher():
         "preconditioner",
         "ekfac",
         "magic",
+        "source",
         "trackstar",
         "trak",
     }
