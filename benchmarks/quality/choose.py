@@ -168,6 +168,12 @@ def write_page(results: Path = RESULTS, out: Path = PAGE) -> Path:
     return out
 
 
+def refresh(out_dir: Path) -> None:
+    """Rewrite the page when a benchmark has just written the default results (not a scratch run's)."""
+    if Path(out_dir).resolve() == RESULTS:
+        write_page()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--results", type=Path, default=RESULTS)

@@ -224,10 +224,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = save_json(Path(args.out_dir), "classifier", report)
     write_markdown(report, out / "classifier.md")
     write_plot(report, out / "classifier.png")
-    if out.resolve() == RESULTS:
-        from .choose import write_page
+    from .choose import refresh
 
-        write_page()
+    refresh(out)
     return report
 
 

@@ -650,10 +650,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "methods": methods,
     }
     write_outputs(result, args.out)
-    if args.out.resolve() == RESULTS:
-        from .choose import write_page
+    from .choose import refresh
 
-        write_page()
+    refresh(args.out)
     print(json.dumps(result, indent=2))
     return result
 

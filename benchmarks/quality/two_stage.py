@@ -273,10 +273,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"\nReproduce:\n\n```bash\n{result['command']}\n```\n",
     ]
     (args.out / "two_stage.md").write_text("\n".join(text))
-    if args.out.resolve() == RESULTS:
-        from .choose import write_page
+    from .choose import refresh
 
-        write_page()
+    refresh(args.out)
     print(json.dumps(result, indent=2))
     return result
 

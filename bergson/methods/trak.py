@@ -69,6 +69,20 @@ def output_weights(losses: np.ndarray, loss_tokens: np.ndarray, reduction: str) 
     return np.where(np.asarray(loss_tokens) > 0, -np.expm1(-mean), 0.0)
 
 
+def _operands(
+    train: np.ndarray, queries: np.ndarray, damping: float, damping_mode: str
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Φ and Φ_q in float64 (refused when their columns differ) and λ: ``damping``, times the mean
+    eigenvalue trace(ΦᵀΦ)/k when ``damping_mode`` is relative."""
+    phi = np.asarray(train, np.float64)
+    phi_q = np.asarray(queries, np.float64)
+    k = phi.shape[1]
+    if phi_q.shape[1] != k:
+        raise BergsonError(f"query vectors have {phi_q.shape[1]} columns and training vectors {k}")
+    lam = damping * (float(np.einsum("ij,ij->", phi, phi)) / k if damping_mode == "relative" else 1.0)
+    return phi, phi_q, lam
+
+
 def trak_scores(
     train: np.ndarray,
     queries: np.ndarray,
@@ -79,12 +93,8 @@ def trak_scores(
     """One model's TRAK scores, [N training rows, M queries], in float64:
     diag(weights) Φ (ΦᵀΦ + λI)⁻¹ Φ_qᵀ with Φ = ``train`` (N x k) and Φ_q = ``queries`` (M x k);
     λ = ``damping`` (``relative``: times the mean eigenvalue trace(ΦᵀΦ)/k)."""
-    phi = np.asarray(train, np.float64)
-    phi_q = np.asarray(queries, np.float64)
+    phi, phi_q, lam = _operands(train, queries, damping, damping_mode)
     n, k = phi.shape
-    if phi_q.shape[1] != k:
-        raise BergsonError(f"query vectors have {phi_q.shape[1]} columns and training vectors {k}")
-    lam = damping * (float(np.einsum("ij,ij->", phi, phi)) / k if damping_mode == "relative" else 1.0)
     try:
         if k <= n:
             gram = phi.T @ phi
@@ -107,12 +117,8 @@ def trak_directions(
     """(ΦᵀΦ + λI)⁻¹ Φ_qᵀ, [k, M] in float64 (λ as in :func:`trak_scores`): the vectors a training
     token's projected gradient is dotted with to give its share of the score. When N < k the k x k
     matrix is never formed: (ΦᵀΦ + λI)⁻¹ = (I - Φᵀ (ΦΦᵀ + λI)⁻¹ Φ) / λ, an N x N solve."""
-    phi = np.asarray(train, np.float64)
-    phi_q = np.asarray(queries, np.float64)
+    phi, phi_q, lam = _operands(train, queries, damping, damping_mode)
     n, k = phi.shape
-    if phi_q.shape[1] != k:
-        raise BergsonError(f"query vectors have {phi_q.shape[1]} columns and training vectors {k}")
-    lam = damping * (float(np.einsum("ij,ij->", phi, phi)) / k if damping_mode == "relative" else 1.0)
     if k > n and not lam > 0:
         raise BergsonError(
             f"--damping {damping} with --per_token: {n} documents and {k} projected columns leave "
