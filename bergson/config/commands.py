@@ -313,6 +313,11 @@ class MagicConfig(WorkerOptions, ModelOptions):
     """Also save N evenly spaced training checkpoints (the last is the final step) as Hugging Face
     model directories RUN/trainer/checkpoint-<step>/ with optimizer.pt (0: none)."""
 
+    unroll_steps: int = 0
+    """Differentiate through the last N training steps only (0: the whole run). Truncated MAGIC:
+    the state N steps before the end is held fixed, so a document counts only through the steps
+    that train on it within the last N, and each reverse pass costs about N/T of a full one."""
+
     def _check(self) -> None:
         self.data._check()
         self.query._check("--query.")

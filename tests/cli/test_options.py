@@ -243,7 +243,7 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
               "--training.grad_accumulation", "1", "--training.epochs", "1", "--training.seed", "1",
               "--training.freeze", "gpt_neox.embed_in.*", "--query_mode", "individual", "--per_token",
               "--checkpoints", "log", "--memory_budget_gb", "0.5", "--no_force_low_precision", "--overwrite",
-              "--top_k", "2", "--nproc_per_node", "1", "--save_checkpoints", "1"], None),
+              "--top_k", "2", "--nproc_per_node", "1", "--save_checkpoints", "1", "--unroll_steps", "3"], None),
             *refused("workers", base=("--run_path", *qd)),
         ],
         "query": [

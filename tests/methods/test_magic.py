@@ -147,6 +147,36 @@ def test_checkpoint_schedules_spilling_and_resume_give_the_same_metagradients(tm
     np.testing.assert_allclose(run.reverse(cot, progress).token_grads, ref, rtol=1e-10, atol=1e-15)
 
 
+def test_truncated_reverse_pass_equals_finite_differences_through_the_last_steps(tmp_path):
+    """--unroll_steps: the state at T-K is held at its trained value; the weights act after it."""
+    model, _docs, queries, replay = _setup(n=16)
+    total, first = replay.num_steps, 5  # inside the sqrt schedule's segment [3, 6)
+
+    def truncated_loss(w):
+        s = replay.initial_state()
+        with torch.no_grad():
+            for t in range(total):
+                s, _ = replay.step(s, t, replay.ones() if t < first else w)
+        return float(query_losses(model, s.params, queries).mean())
+
+    got = {}
+    for schedule in ("every", "sqrt", "log"):
+        run, cot = _metagradient(replay, model, queries, tmp_path / schedule, schedule)
+        got[schedule] = run.reverse(cot, first_step=first).token_grads
+    np.testing.assert_allclose(got["sqrt"], got["every"], rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(got["log"], got["every"], rtol=1e-10, atol=1e-15)
+    per_doc = replay.layout.per_document(got["every"][:, None])[:, 0]
+    offsets, eps = replay.layout.offsets, 1e-4
+    for i in [*np.flatnonzero(per_doc == 0)[:2], *np.flatnonzero(per_doc)[:3]]:
+        plus, minus = replay.ones(), replay.ones()
+        plus[offsets[i] : offsets[i + 1]] += eps
+        minus[offsets[i] : offsets[i + 1]] -= eps
+        fd = (truncated_loss(plus) - truncated_loss(minus)) / (2 * eps)
+        assert per_doc[i] == pytest.approx(fd, rel=1e-5, abs=1e-9), (i, per_doc[i], fd)
+    # documents trained on only before the truncation get exactly zero, the others do not
+    assert (per_doc == 0).sum() == 4 and (per_doc != 0).sum() == 12  # steps 5-7 train on 12 of them
+
+
 @pytest.mark.parametrize(
     ("optimizer", "lr", "batch_size", "floor"),
     [("sgd", 0.5, 4, 0.9), ("adamw", 0.01, 8, 0.85)],

@@ -182,6 +182,7 @@ def magic(cfg: MagicConfig) -> Any:
     if run.writes and not (trainer_dir / TRAINER_STATE).is_file():
         trainer_dir.mkdir(exist_ok=True)
         write_trainer_state(trainer_dir, cfg.training, losses, run.total)
+    first_step = unrolled_from(cfg.unroll_steps, run.total)
     reverse_dir = root / "reverse"
     reverse_dir.mkdir(exist_ok=True)
     grads = []
@@ -195,7 +196,7 @@ def magic(cfg: MagicConfig) -> Any:
             continue
         start = time.perf_counter()
         cot = query_gradient(model, final.params, qdocs.select(rows), pad)
-        result = run.reverse(cot, progress)
+        result = run.reverse(cot, progress, first_step)
         grads.append(result.token_grads)
         if not run.writes:
             continue
@@ -228,6 +229,24 @@ def magic(cfg: MagicConfig) -> Any:
     distributed.on_rank_zero(finish, f"writing the scores at {root / 'scores'}")
     distributed.barrier("the end of the run")
     return _load_scores(root)
+
+
+def unrolled_from(unroll_steps: int, total: int) -> int:
+    """The first step a truncated reverse pass differentiates through (0: all of them)."""
+    if not unroll_steps or unroll_steps >= total:
+        if unroll_steps > total:
+            logger.warning(
+                "magic: --unroll_steps %d exceeds the run's %d steps: unrolling all of them",
+                unroll_steps,
+                total,
+            )
+        return 0
+    logger.warning(
+        "magic: --unroll_steps %d: differentiating through steps %d..%d of %d only; training before "
+        "step %d is held fixed (recorded in the scores' manifest)",
+        unroll_steps, total - unroll_steps + 1, total, total, total - unroll_steps + 1,
+    )  # fmt: skip
+    return total - unroll_steps
 
 
 def _delete(path: Path, label: str, timings: Any, why: str) -> None:
@@ -268,6 +287,7 @@ def _save_scores(
         "mode": cfg.query_mode,
         "query_dataset": cfg.query.dataset,
         "checkpoints": cfg.checkpoints,
+        "unrolled_steps": min(cfg.unroll_steps, steps) if cfg.unroll_steps else steps,
         "training": {"steps": steps, **dict(vars(cfg.training))},
         "unit_normalize": False,
         "meaning": "-d(mean query loss after training)/d(document weight)",

@@ -211,8 +211,14 @@ class MagicRun:
         self.replayed += b - a
         return s
 
-    def reverse(self, final_cotangent: Tensors, progress_path: Path | None = None) -> ReverseResult:
-        """∂Q/∂w given ∂Q/∂θ_T; resumable through ``progress_path``."""
+    def reverse(
+        self, final_cotangent: Tensors, progress_path: Path | None = None, first_step: int = 0
+    ) -> ReverseResult:
+        """∂Q/∂w given ∂Q/∂θ_T; resumable through ``progress_path``.
+
+        With ``first_step`` > 0 the pass is truncated: it differentiates through steps
+        ``first_step .. T-1`` only, as if the state at ``first_step`` did not depend on the
+        weights (the tokens trained on only before it get zero)."""
         self.replayed = 0
         self.peak_in_memory = 0
         # the final state's cotangent: ∂Q/∂θ_T, nothing through the optimizer's slots
@@ -230,11 +236,18 @@ class MagicRun:
             cot = loaded
             segment = int(meta["next_segment"])
         last_save = time.perf_counter()
-        bar = tqdm(total=bounds[segment + 1], desc="reverse", unit="step", disable=not self.replay.progress)
+        bar = tqdm(
+            total=bounds[segment + 1] - first_step,
+            desc="reverse",
+            unit="step",
+            disable=not self.replay.progress,
+        )
         bar.update(self.total - bounds[segment + 1])
-        while segment >= 0:
+        while segment >= 0 and bounds[segment + 1] > first_step:
             a, b = bounds[segment], bounds[segment + 1]
             s_a = self._state_at(a)
+            if a < first_step:  # the truncation falls inside this segment
+                s_a, a = self._advance(s_a, a, first_step), first_step
             if self.schedule == "log":
                 cot = self._bisect(s_a, a, b, cot, acc, bar)
             else:
@@ -244,6 +257,7 @@ class MagicRun:
                 progress_path is not None
                 and self.writes
                 and segment >= 0
+                and bounds[segment + 1] > first_step
                 and time.perf_counter() - last_save >= self.save_every_s
             ):
                 progress = State(cot.params, {**cot.slots, PROGRESS: {"acc": acc}})
