@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from . import distributed
 from .config import PreconditionerConfig, save_yaml, to_dict
 from .config.options import COMPUTING, ModelOptions, is_default, unused_with, validate_options
 from .core.devices import resolve_device
+from .core.files import megabytes
 from .data import TokenizedDocs
 from .errors import BergsonError
 from .models import announce_coverage, find_tracked_modules, honours_numerics
@@ -24,13 +25,19 @@ from .runs.shared_store import collect_with
 from .store import load_gradients
 from .transforms.normalizers import Normalizer
 from .transforms.preconditioners import (
+    META_FILE,
+    PART_GLOB,
+    TENSORS_FILE,
     Preconditioner,
     StatisticsSink,
     is_complete,
     layout_of,
     load_preconditioner,
     mix_preconditioners,
+    part_file,
     second_moments_of_store,
+    shard_owners,
+    sharded_identity,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,17 +57,41 @@ def fit_on_documents(
     damping: float,
     damping_mode: str,
     source: dict[str, Any] | None = None,
+    shard: bool = False,
 ) -> Preconditioner:
     """Second moments of the documents' (normalized, projected) gradients, eigendecomposed (with
-    several ranks: each collects its shards' moments, then one sum over ranks)."""
+    several ranks: each collects its shards' moments, then one sum over ranks; with ``shard``,
+    each module's sum goes to its owner (:func:`shard_owners`) alone, and each rank's result
+    holds only its own modules)."""
     layout = make_manifest(cfg, model, modules, docs, max_tokens, normalizers)
     if distributed.rank() == 0:
         announce_coverage(layout.model)
     dims = {m.name: m.dim for m in layout.modules}
     sink = StatisticsSink(dims, resolve_device(cfg.device))
     collect_with(cfg, model, docs, modules, sink, normalizers, pad_token_id)
-    sink.all_reduce()
+    if shard and distributed.world_size() > 1:
+        owners = shard_owners(dims, distributed.world_size())
+        if distributed.rank() == 0:
+            counts = [sum(r == k for r in owners.values()) for k in range(distributed.world_size())]
+            logger.info("--shard_preconditioners: modules per rank %s", counts)
+        sink.reduce_to_owners(owners)
+    else:
+        sink.all_reduce()
     return sink.preconditioner(layout_of(layout), damping, damping_mode, source)
+
+
+def _statistics_bytes(dims: Mapping[str, int], owned: Sequence[str]) -> int:
+    """The most bytes of statistics a rank holds: every module's float32 sum while collecting,
+    then its own modules' float32 sums, float64 second moments and eigenvectors."""
+    return max(4 * sum(d * d for d in dims.values()), 20 * sum(dims[n] ** 2 for n in owned))
+
+
+def _peak_rss() -> int:
+    import resource
+    import sys
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _existing(cfg: PreconditionerConfig) -> Preconditioner | None:
@@ -100,6 +131,10 @@ def fit_preconditioner(
     if found is not None:
         logger.info("%s is already complete; nothing to do (pass --overwrite to refit)", cfg.run_path)
         return found
+    if cfg.shard_preconditioners and _single_process(cfg):
+        logger.warning(
+            "--shard_preconditioners: %s runs in one process; nothing to shard", _single_process(cfg)
+        )
     if cfg.mix_train or cfg.mix_query:
         if not (cfg.mix_train and cfg.mix_query):
             raise BergsonError("--mix_train and --mix_query go together: the two preconditioners to mix")
@@ -144,6 +179,7 @@ def fit_preconditioner(
         )
         norms = resolve_normalizers(cfg, model, modules, normalizers)
         source = {**to_dict(cfg.data), "documents": len(docs), "sample_seed": cfg.sample_seed}
+        sharded = _sharded(cfg)
         pre = fit_on_documents(
             cfg,
             model,
@@ -155,7 +191,11 @@ def fit_preconditioner(
             damping=cfg.damping,
             damping_mode=cfg.damping_mode,
             source=source,
+            shard=sharded,
         )
+        if sharded:
+            _save_sharded(cfg, pre)
+            return pre
     root = Path(cfg.run_path)
 
     def save() -> None:
@@ -165,3 +205,56 @@ def fit_preconditioner(
 
     distributed.on_rank_zero(save, f"saving the preconditioner at {root}")
     return pre
+
+
+def _sharded(cfg: PreconditionerConfig) -> bool:
+    """Whether this fit shards its blocks over the ranks (--shard_preconditioners, several ranks)."""
+    if not cfg.shard_preconditioners:
+        return False
+    if distributed.world_size() == 1:
+        logger.warning("--shard_preconditioners: one process; nothing to shard (every block is fitted here)")
+        return False
+    from .distributed.transfer import require_shared_directory
+
+    Path(cfg.run_path).mkdir(parents=True, exist_ok=True)
+    require_shared_directory(
+        cfg.run_path, "preconditioner --shard_preconditioners", "each rank writes its own part file there"
+    )
+    return True
+
+
+def _save_sharded(cfg: PreconditionerConfig, pre: Preconditioner) -> None:
+    """Every rank writes its blocks to its part file; rank 0 then writes the JSON naming the parts,
+    with the hash of the whole (read back one block at a time) and each rank's memory."""
+    root = Path(cfg.run_path)
+    rank, ranks = distributed.rank(), distributed.world_size()
+
+    def clear() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in [root / META_FILE, root / TENSORS_FILE, *root.glob(PART_GLOB)]:
+            stale.unlink(missing_ok=True)
+        save_yaml(cfg, root / CONFIG_FILE)
+
+    distributed.on_rank_zero(clear, f"clearing {root}")
+    pre.save_tensors(root / part_file(rank, ranks))
+    dims = {m["name"]: m["dim"] for m in pre.layout["modules"]}
+    owners = shard_owners(dims, ranks)
+    memory = distributed.all_gather_objects((_statistics_bytes(dims, pre.modules), _peak_rss()))
+    distributed.barrier("writing the preconditioner's part files")
+
+    def meta() -> None:
+        shards = {part_file(r, ranks): [n for n in dims if owners[n] == r] for r in range(ranks)}
+        sharding = {
+            "ranks": ranks,
+            "statistics_bytes_per_rank": [m[0] for m in memory],
+            "unsharded_statistics_bytes": _statistics_bytes(dims, list(dims)),
+            "peak_rss_bytes_per_rank": [m[1] for m in memory],
+        }
+        pre.save_meta(root, sharded_identity(root, shards, pre), list(dims), shards, sharding=sharding)
+        logger.info(
+            "--shard_preconditioners: statistics per rank %s of %s unsharded",
+            ", ".join(megabytes(b) for b in sharding["statistics_bytes_per_rank"]),
+            megabytes(sharding["unsharded_statistics_bytes"]),
+        )
+
+    distributed.on_rank_zero(meta, f"saving the preconditioner at {root}")

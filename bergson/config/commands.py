@@ -156,6 +156,12 @@ class PreconditionerConfig(
     """Mixing: the query weight is set so that this many top query components outweigh every
     training direction (clipped to the query moment's rank)."""
 
+    shard_preconditioners: bool = False
+    """With several workers, each rank owns a share of the modules' blocks: the second moments are
+    summed onto their owner, eigendecomposed there and saved as one part file per rank, so the
+    statistics held per rank after collection are about 1/workers of the whole (one process: no
+    effect, said on the console)."""
+
 
 @dataclass
 class TrackstarConfig(

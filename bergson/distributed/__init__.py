@@ -36,6 +36,7 @@ from .group import (
     is_active,
     on_rank_zero,
     rank,
+    reduce_sum,
     shutdown,
     world_size,
 )
@@ -98,6 +99,7 @@ __all__ = [
     "rank",
     "recv_array",
     "recv_files",
+    "reduce_sum",
     "refuse",
     "reports",
     "requested",

@@ -206,6 +206,16 @@ def all_reduce_sum(tensor: Any) -> Any:
     return tensor
 
 
+def reduce_sum(tensor: Any, dst: int) -> Any:
+    """Sum ``tensor`` over ranks into rank ``dst``'s copy (the other ranks' copies are left
+    undefined); returns it."""
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        dist.reduce(tensor, dst=dst, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def on_rank_zero(fn: Callable[[], _T], what: str) -> _T | None:
     """Run ``fn`` on rank 0 while the other ranks wait; its result there (None elsewhere).
 

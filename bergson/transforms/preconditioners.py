@@ -46,6 +46,8 @@ from ..errors import BergsonError
 
 TENSORS_FILE = "preconditioner.safetensors"
 META_FILE = "preconditioner.json"
+PART_GLOB = "preconditioner-*-of-*.safetensors"
+"""The part files of a sharded fit (:func:`part_file`)."""
 DAMPING_MODES = ("relative", "absolute")
 
 
@@ -85,6 +87,20 @@ class StatisticsSink(Sink):
         count = torch.tensor([self.count], dtype=torch.int64, device=self.device)
         self.count = int(all_reduce_sum(count).item())
 
+    def reduce_to_owners(self, owners: Mapping[str, int]) -> None:
+        """Sum each module's sums onto the rank that owns it (:func:`shard_owners`) and drop the
+        others' copies, so that each rank keeps only its own modules; the counts are summed on
+        every rank."""
+        from ..distributed import all_reduce_sum, rank, reduce_sum
+
+        me = rank()
+        for name in list(self.sums):
+            reduce_sum(self.sums[name], owners[name])
+            if owners[name] != me:
+                del self.sums[name]
+        count = torch.tensor([self.count], dtype=torch.int64, device=self.device)
+        self.count = int(all_reduce_sum(count).item())
+
     def second_moments(self) -> dict[str, torch.Tensor]:
         """Mean outer products, float64 on the CPU."""
         if self.count == 0:
@@ -107,6 +123,23 @@ class StatisticsSink(Sink):
             damping_mode=damping_mode,
             source=source or {},
         )
+
+
+def shard_owners(dims: Mapping[str, int], ranks: int) -> dict[str, int]:
+    """Which rank owns each module's block: largest blocks first, each to the rank holding the
+    fewest numbers so far (ties: the lowest rank), so every rank holds about 1/ranks of them."""
+    load = [0] * ranks
+    owners: dict[str, int] = {}
+    for name in sorted(dims, key=lambda n: (-dims[n], n)):
+        r = min(range(ranks), key=lambda k: (load[k], k))
+        owners[name] = r
+        load[r] += dims[name] ** 2
+    return {n: owners[n] for n in dims}
+
+
+def part_file(rank: int, ranks: int) -> str:
+    """The file holding one rank's blocks of a sharded preconditioner."""
+    return f"preconditioner-{rank:05d}-of-{ranks:05d}.safetensors"
 
 
 def layout_of(manifest: Any) -> dict[str, Any]:
@@ -231,10 +264,18 @@ class Preconditioner:
         """Write the directory (tensors first, then the JSON that marks it complete). With a
         ``dtype`` narrower than float64 the statistics are rounded to it, here and on disk, so
         this object and the one loaded back apply the same matrices (and share one sha256)."""
+        root = Path(path)
+        for stale in root.glob(PART_GLOB):
+            stale.unlink()  # the parts of an earlier sharded fit
+        self.save_tensors(root / TENSORS_FILE, dtype)
+        self.save_meta(root, self.identity())
+        return root
+
+    def save_tensors(self, path: Path, dtype: torch.dtype = torch.float64) -> None:
+        """Write this object's blocks (all of them, or a rank's share) to one safetensors file."""
         from safetensors.torch import save_file
 
-        root = Path(path)
-        root.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         for name in self.second_moments:
             for kind, values in (
@@ -245,46 +286,97 @@ class Preconditioner:
                 stored = values[name].to(dtype).contiguous()
                 tensors[f"{name}/{kind}"] = stored
                 values[name] = stored.double()
-        tmp = root / f".{TENSORS_FILE}.tmp"
+        tmp = path.with_name(f".{path.name}.tmp")
         save_file(tensors, str(tmp))
-        tmp.replace(root / TENSORS_FILE)
+        tmp.replace(path)
+
+    def save_meta(
+        self,
+        root: Path,
+        sha256: str,
+        modules: list[str] | None = None,
+        shards: dict[str, list[str]] | None = None,
+        **extra: Any,
+    ) -> None:
+        """Write the JSON that marks the directory complete (last). A sharded fit's rank 0 passes
+        every module, the part file of each (``shards``) and the hash of the whole."""
         meta = {
             "kind": "preconditioner",
-            "modules": self.modules,
+            "modules": modules or self.modules,
             "num_rows": self.num_rows,
             "damping": self.damping,
             "damping_mode": self.damping_mode,
             "layout": self.layout,
             "source": self.source,
             "mixing": self.mixing,
-            "sha256": self.identity(),
+            "sha256": sha256,
+            **({"shards": shards} if shards else {}),
+            **extra,
         }
         atomic_write_bytes(root / META_FILE, json.dumps(meta, indent=2).encode())
-        return root
+
+
+def _shards(root: Path) -> dict[str, list[str]]:
+    try:
+        return json.loads((root / META_FILE).read_text()).get("shards") or {}
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def is_complete(path: str | Path) -> bool:
-    return (Path(path) / META_FILE).is_file() and (Path(path) / TENSORS_FILE).is_file()
+    root = Path(path)
+    if not (root / META_FILE).is_file():
+        return False
+    shards = _shards(root)
+    if shards:
+        return all((root / f).is_file() for f in shards)
+    return (root / TENSORS_FILE).is_file()
 
 
-def load_preconditioner(path: str | Path, option: str = "--preconditioner_path") -> Preconditioner:
-    """Read a preconditioner directory written by :meth:`Preconditioner.save`."""
+def sharded_identity(root: Path, shards: Mapping[str, list[str]], head: Preconditioner) -> str:
+    """:meth:`Preconditioner.identity` of a sharded fit, read from its part files one module at a
+    time (the same hash as the unsharded fit's)."""
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    h.update(json.dumps([head.damping, head.damping_mode, head.num_rows]).encode())
+    where = {n: f for f, names in shards.items() for n in names}
+    for name in sorted(where):
+        with safe_open(str(root / where[name]), framework="pt") as f:
+            h.update(name.encode())
+            h.update(f.get_tensor(f"{name}/second_moment").double().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_preconditioner(
+    path: str | Path, option: str = "--preconditioner_path", modules: Sequence[str] | None = None
+) -> Preconditioner:
+    """Read a preconditioner directory written by :meth:`Preconditioner.save` (or by a sharded
+    fit: its part files); ``modules`` reads only those blocks."""
     from safetensors import safe_open
 
     root = Path(path)
     if not is_complete(root):
         raise BergsonError(
-            f"{option} {path}: not a complete preconditioner directory (needs {META_FILE} and {TENSORS_FILE}); "
-            "fit one with `bergson preconditioner`"
+            f"{option} {path}: not a complete preconditioner directory (needs {META_FILE} and {TENSORS_FILE} "
+            "or the part files its JSON lists); fit one with `bergson preconditioner`"
         )
     try:
         meta = json.loads((root / META_FILE).read_text())
     except json.JSONDecodeError as e:
         raise BergsonError(f"{option} {path}: {META_FILE} is corrupt ({e}); fit it again") from e
-    with safe_open(str(root / TENSORS_FILE), framework="pt") as f:
-        # stored float64 or float32; the maths is float64 either way
-        tensors = {k: f.get_tensor(k).double() for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
-    names = meta["modules"]
+    names = list(meta["modules"]) if modules is None else [n for n in meta["modules"] if n in set(modules)]
+    files = meta.get("shards") or {TENSORS_FILE: meta["modules"]}
+    tensors: dict[str, torch.Tensor] = {}
+    for file, held in files.items():
+        wanted = [n for n in held if n in set(names)]
+        if not wanted:
+            continue
+        with safe_open(str(root / file), framework="pt") as f:
+            # stored float64 or float32; the maths is float64 either way
+            for n in wanted:
+                for kind in ("second_moment", "eigenvalues", "eigenvectors"):
+                    tensors[f"{n}/{kind}"] = f.get_tensor(f"{n}/{kind}").double()
     return Preconditioner(
         second_moments={n: tensors[f"{n}/second_moment"] for n in names},
         num_rows=int(meta["num_rows"]),

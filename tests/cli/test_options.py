@@ -192,7 +192,7 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
         "preconditioner": [
             ([new(), *m, *d, *collect, "--attention_heads", heads, "--max_documents", "4", "--sample_seed", "1",
               "--damping", "0.2", "--damping_mode", "absolute"], None),
-            ([new(), "--index", a["index"]], None),
+            ([new(), "--index", a["index"], "--shard_preconditioners"], None),
             ([new(), "--mix_train", missing, "--mix_query", missing, "--downweight_components", "2"], "missing"),
             ([new(), *m, *d, "--downweight_components", "2"], "--downweight_components 2: it sets how"),
             *refused(*everything, "form", "state"),

@@ -14,10 +14,15 @@ from bergson.preconditioning import fit_preconditioner
 from bergson.reduction import reduce
 from bergson.scoring import score
 from bergson.transforms.preconditioners import (
+    TENSORS_FILE,
     Preconditioner,
+    is_complete,
     load_preconditioner,
     mix_preconditioners,
     mixing_weight,
+    part_file,
+    shard_owners,
+    sharded_identity,
 )
 from tests.helpers.gradients import explicit_moments, unit
 from tests.helpers.stores import make_cfg as _make_cfg
@@ -93,6 +98,46 @@ def test_fit_on_data_equals_fit_on_store_and_samples_reproducibly(setup, model_d
     np.testing.assert_allclose(
         sampled.second_moments[m0.name].numpy(), block.T @ block / 10, rtol=1e-4, atol=1e-8
     )
+
+
+def test_sharded_part_files_load_as_the_whole(setup):
+    """A sharded fit's layout (--shard_preconditioners): one part file per rank and a JSON naming
+    them load back as the unsharded preconditioner, with the same hash; ``modules`` reads a
+    rank's share alone."""
+    pre: Preconditioner = setup["pre"]
+    dims = {m["name"]: m["dim"] for m in pre.layout["modules"]}
+    owners = shard_owners(dims, 2)
+    # largest blocks first, each to the lighter rank: the two ranks' loads differ by at most the
+    # largest block, and every module has exactly one owner
+    loads = [sum(d * d for n, d in dims.items() if owners[n] == r) for r in (0, 1)]
+    assert set(owners) == set(dims) and abs(loads[0] - loads[1]) <= max(dims.values()) ** 2
+    assert shard_owners(dims, 1) == dict.fromkeys(dims, 0)
+    root = setup["tmp"] / "sharded"
+    shards = {}
+    for r in (0, 1):
+        names = [n for n in dims if owners[n] == r]
+        part = Preconditioner(
+            {n: pre.second_moments[n] for n in names},
+            pre.num_rows,
+            pre.layout,
+            pre.damping,
+            pre.damping_mode,
+        )
+        part.save_tensors(root / part_file(r, 2))
+        shards[part_file(r, 2)] = names
+    assert not is_complete(root)  # no JSON yet
+    pre.save_meta(root, sharded_identity(root, shards, pre), list(dims), shards)
+    assert is_complete(root) and not (root / TENSORS_FILE).exists()
+    whole = load_preconditioner(root)
+    assert whole.modules == pre.modules and whole.identity() == pre.identity()
+    for n in dims:
+        torch.testing.assert_close(whole.eigenvectors[n], pre.eigenvectors[n], rtol=0, atol=0)
+    mine = load_preconditioner(root, modules=shards[part_file(1, 2)])
+    assert mine.modules == shards[part_file(1, 2)]
+    (root / part_file(1, 2)).unlink()
+    assert not is_complete(root)
+    with pytest.raises(BergsonError, match="part files"):
+        load_preconditioner(root)
 
 
 def test_matrix_powers_and_damping(setup):
