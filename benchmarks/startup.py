@@ -19,7 +19,10 @@ start and at the end):
 
 Prints one JSON object.
 
-    python -m benchmarks.startup [--repeats 3] [--num_docs 32] [--top 25]
+    python -m benchmarks.startup [--repeats 3] [--num_docs 32] [--top 25] [--root CHECKOUT]
+
+``--root`` times another checkout's bergson (the same shipped assets are used), to compare
+before and after a change.
 """
 
 from __future__ import annotations
@@ -125,11 +128,14 @@ def summarize(imports: list[tuple[str, str, str, str]], top: int) -> dict:
 
 
 def main() -> None:
+    global ROOT
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num_docs", type=int, default=32)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--root", default=str(ROOT), help="the checkout whose bergson to time")
     args = parser.parse_args()
+    ROOT = Path(args.root).resolve()
     load_start = os.getloadavg()[0]
     imports, builds, cpu, traced = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="bergson-startup-") as tmp:
@@ -144,6 +150,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "startup",
+                "root": str(ROOT),
                 "python": sys.version.split()[0],
                 "num_docs": args.num_docs,
                 "import_bergson_s": round(min(imports), 3),
