@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -71,7 +72,9 @@ from .common import SHAPES, corpus_slice, pythia_shaped_dir
 # H200 datasheet (H200 SXM / H200 NVL), the H100 datasheet (H100 SXM / PCIe / NVL) and the A100
 # datasheet (SXM and PCIe, 40 and 80 GB alike). The datasheets list the tensor-core figures
 # "with sparsity"; the dense figures here are half of those. FP32 is the non-tensor-core figure.
-# Keys are matched, in this order, as substrings of torch.cuda.get_device_name().
+# Keys are matched, in this order, as words of torch.cuda.get_device_name() ("NVIDIA H200",
+# "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB", ...); another card
+# (a GH200 too) gets a measured matmul peak.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H200 NVL": {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0},
     "H200": {"bf16": 989.5, "tf32": 494.5, "fp32": 67.0},
@@ -106,7 +109,7 @@ def device_name(device: str) -> str:
 def table_peak(name: str, kind: str) -> tuple[float, str] | None:
     """The datasheet peak FLOP/s of the card called ``name`` for ``kind`` (bf16 / tf32 / fp32)."""
     for key, peaks in PEAK_TFLOPS.items():
-        if key in name:
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
             return peaks[kind] * 1e12, f"datasheet: {key} {kind} dense"
     return None
 

@@ -2,7 +2,7 @@
 
 A local path never reaches out to the hub. :func:`load_rows` reads a small local JSON-lines or
 Parquet file of plain columns with pyarrow alone (``datasets``, and the pandas it imports, are
-not imported: a start-up cost of a second on a small run), giving the same rows, in the same
+not imported: 0.7 CPU-seconds of start-up on a small run), giving the same rows, in the same
 order, with the same values as :func:`load_data`; everything else goes through ``datasets``.
 """
 
