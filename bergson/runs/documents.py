@@ -15,6 +15,7 @@ from ..config.commands import command_of
 from ..config.options import BatchOptions, validate_options
 from ..config.original import announce_differing_defaults
 from ..data import TokenizedDocs, load_data, tokenize_documents
+from ..data.load import load_rows
 from ..errors import BergsonError
 from ..models import load_model
 
@@ -60,7 +61,7 @@ def tokens_fingerprint(docs: TokenizedDocs) -> str:
 def load_docs(data: DataConfig, tokenizer: Any, max_tokens: int, option: str = "--dataset") -> TokenizedDocs:
     """Load and tokenize a dataset; an empty one is an error naming ``option``."""
     report: dict[str, Any] = {}
-    ds = load_data(data, option=option, report=report)
+    ds = load_rows(data, option=option, report=report)  # a small plain local file without `datasets`
     docs = tokenize_documents(ds, tokenizer, data, max_tokens)
     docs.info.update(report)
     if len(docs) == 0:
