@@ -64,7 +64,9 @@ def main() -> None:
     parser.add_argument("--run", default="runs/quality_lm/run_bee8c4a5c0")
     parser.add_argument("--work", default="runs/cascade_bench")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--timed_fraction", type=float, default=0.05, help="k / rows of the timed cascade")
+    parser.add_argument(
+        "--timed_fraction", type=float, default=0.05, help="of the rows, for the timed cascades"
+    )
     args = parser.parse_args()
 
     from bergson import EkfacConfig, ScoreConfig, ekfac, load_gradients, score
@@ -122,7 +124,9 @@ def main() -> None:
             s = np.asarray(store["scores"], np.float64)
             rescored = np.array(store.manifest.score["cascade"]["rescored_row_ids"])
             assert rescored.tolist() == np.unique(np.concatenate(top(cheap, k))).tolist()
-            max_diff = max(max_diff, float(np.abs(s[rescored] - full[rescored]).max()))
+            max_diff = max(
+                max_diff, float((np.abs(s[rescored] - full[rescored]) / np.abs(full).max(0)).max())
+            )
             assert (np.delete(s, rescored, axis=0) == np.float32(UNSCORED)).all()
             found = [len(truth[q] & set(top(s, 10)[q].tolist())) / 10 for q in range(nq)]
             rows_out.append(
@@ -137,21 +141,40 @@ def main() -> None:
             )
         recall[label] = rows_out
 
-    # scoring time: full EK-FAC scoring vs the cascade with k = --timed_fraction of the rows, alternated
+    # scoring time: full EK-FAC scoring vs the cascade with k = --timed_fraction of the rows per query,
+    # and with the largest k whose union is within --timed_fraction of the rows; alternated
     label = "ekfac_projected" if "ekfac_projected" in sources else "scores_cosine_opt"
-    k = max(1, round(args.timed_fraction * n))
-    full_s, cascade_s, loads = [], [], []
-    m = 0
+    cheap = np.asarray(load_gradients(sources[label])["scores"], np.float64)
+    union_k = 1
+    while len(np.unique(np.concatenate(top(cheap, union_k + 1)))) <= args.timed_fraction * n:
+        union_k += 1
+    ks = {"k_per_query": max(1, round(args.timed_fraction * n)), "k_union": union_k}
+    full_s: list[float] = []
+    cascade_s: dict[str, list[float]] = {name: [] for name in ks}
+    rescored_rows: dict[str, int] = {}
+    loads = []
     for i in range(args.repeats):
         full_s.append(run_full(f"time_full_{i}")[1])
         loads.append(loadavg())
-        store, seconds = run_cascade(sources[label], k, f"time_cascade_{i}")
-        m = store.manifest.score["cascade"]["rescored_rows"]
-        cascade_s.append(seconds)
-        loads.append(loadavg())
+        for name, k in ks.items():
+            store, seconds = run_cascade(sources[label], k, f"time_{name}_{i}")
+            rescored_rows[name] = store.manifest.score["cascade"]["rescored_rows"]
+            cascade_s[name].append(seconds)
+            loads.append(loadavg())
     fitted = json.loads((run / "ekfac" / "timings.json").read_text())
     fit_seconds = sum(fitted.get(s, 0.0) for s in STAGES)
-    best_full, best_cascade = min(full_s), min(cascade_s)
+    best_full = min(full_s)
+    timed = {
+        name: {
+            "k_per_query": ks[name],
+            "rescored_rows": rescored_rows[name],
+            "fraction_rescored": round(rescored_rows[name] / n, 4),
+            "cascade_scoring_s": cascade_s[name],
+            "best_cascade_scoring_s": min(cascade_s[name]),
+            "cascade_over_full_scoring": round(min(cascade_s[name]) / best_full, 3),
+        }
+        for name in ks
+    }
     at5 = {src: next(r for r in rows if r["k_fraction"] == 0.05) for src, rows in recall.items()}
     out = {
         "workload": str(run),
@@ -159,17 +182,13 @@ def main() -> None:
         "queries": nq,
         "ekfac_top10_union_rows": len(set().union(*truth)),
         "factors": "fitted on the whole corpus (the full run's stages, copied into each run directory)",
-        "max_abs_diff_rescored_vs_full_ekfac": max_diff,
+        "max_rel_diff_rescored_vs_full_ekfac": max_diff,
         "recall_at_10_of_ekfac_top10": recall,
         "timing": {
             "candidates": label,
-            "k_per_query": k,
-            "rescored_rows": m,
             "full_scoring_s": full_s,
-            "cascade_scoring_s": cascade_s,
             "best_full_scoring_s": best_full,
-            "best_cascade_scoring_s": best_cascade,
-            "cascade_over_full_scoring": round(best_cascade / best_full, 3),
+            **timed,
             "ekfac_fit_s_of_the_cached_run": round(fit_seconds, 3),
             "loadavg_1min": loads,
             "cpu_count": os.cpu_count(),
@@ -178,7 +197,7 @@ def main() -> None:
             "recall_at_k_5pct": {src: r["recall_at_10_mean"] for src, r in at5.items()},
             "fraction_rescored_at_k_5pct": {src: r["fraction_rescored"] for src, r in at5.items()},
             "recall_met": {src: r["recall_at_10_mean"] >= 0.9 for src, r in at5.items()},
-            "time_met": best_cascade / best_full <= 0.10,
+            "time_met_at_union_5pct": timed["k_union"]["cascade_over_full_scoring"] <= 0.10,
         },
     }
     print(json.dumps(out, indent=2))

@@ -34,10 +34,10 @@ def _common(model_dir, corpus_file) -> dict:
 
 @pytest.fixture(scope="module")
 def full(tmp_path_factory, model_dir, corpus_file):
-    """The full EK-FAC and TrackStar runs, and a cheap first-stage scores store of the same rows."""
+    """The full TrackStar run, a cheap first-stage scores store of the same rows, a cascade (k = 2)
+    that fits EK-FAC from scratch, and the full EK-FAC run on the cascade's curvature and queries."""
     root = tmp_path_factory.mktemp("cascade")
     common = _common(model_dir, corpus_file)
-    ek = ekfac(EkfacConfig(run_path=str(root / "ekfac"), **common))
     ts = trackstar(
         TrackstarConfig(
             run_path=str(root / "trackstar"),
@@ -49,8 +49,16 @@ def full(tmp_path_factory, model_dir, corpus_file):
     )
     cheap = np.random.default_rng(0).normal(size=(N, 3))
     cheap[5] = cheap[2]  # ties: the lower row first, as top_rows
-    store = save_score_matrix(root / "cheap", cheap, ek.manifest, {"kind": "test"}, overwrite=True)
-    return {"root": root, "common": common, "ekfac": ek, "trackstar": ts, "cheap": store}
+    store = save_score_matrix(root / "cheap", cheap, ts.manifest, {"kind": "test"}, overwrite=True)
+    cfg = cascade_config(
+        "ekfac", run_path=str(root / "cascade"), candidates=str(store.root), top_k=2, **common
+    )
+    with recording([type(cfg)]) as reads:
+        cascaded = cascade(cfg)
+    _reuse({"root": root}, "cascade", root / "ekfac", ("covariances", "eigen", "corrected", "queries"))
+    ek = ekfac(EkfacConfig(run_path=str(root / "ekfac"), **common))  # the scoring pass over every row
+    out = {"root": root, "common": common, "ekfac": ek, "trackstar": ts, "cheap": store}
+    return {**out, "cascade": cascaded, "reads": reads}
 
 
 def _numpy_top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -64,17 +72,16 @@ def _reuse(full, name: str, target, stages) -> None:
         shutil.copytree(full["root"] / name / stage, target / stage)
 
 
-def test_rescored_rows_equal_full_ekfac_with_factors_fitted_on_the_whole_corpus(full, tmp_path):
-    """A fresh cascade (curvature refitted: had it been fitted on the candidates alone, their scores
-    would differ) rescores exactly the numpy top-k union, equal to the full run on those rows."""
-    cheap = np.asarray(full["cheap"]["scores"], np.float64)
-    cfg = cascade_config(
-        "ekfac", run_path=str(tmp_path / "c"), candidates=str(full["cheap"].root), top_k=2, **full["common"]
-    )
-    with recording([type(cfg)]) as reads:
-        out = cascade(cfg)
-    assert {("CascadeEkfacConfig", name) for name in ("candidates", "top_k", "method")} <= reads
-    rows = _numpy_top_k(cheap, 2)
+def test_rescored_rows_equal_full_ekfac_with_factors_fitted_on_the_whole_corpus(full):
+    """The cascade fitted its curvature on all N rows (not the candidates), rescored exactly the
+    numpy top-k union, and its scores equal the full run's on those rows; the others are marked."""
+    import json
+
+    for stage in ("covariances", "corrected"):
+        assert json.loads((full["root"] / "cascade" / stage / "factors.json").read_text())["documents"] == N
+    assert {("CascadeEkfacConfig", name) for name in ("candidates", "top_k", "method")} <= full["reads"]
+    out = full["cascade"]
+    rows = _numpy_top_k(np.asarray(full["cheap"]["scores"], np.float64), 2)
     assert 2 < len(rows) < N
     done = out.manifest.score["cascade"]
     assert (
