@@ -49,7 +49,7 @@ def run(cfg: Any) -> None:
                 f"each query's top {done['top_k']} in {done['candidates']}; the other rows hold "
                 f"{done['unscored_value']:.7g} (not scored)"
             )
-            print_top_rows(store, min(cfg.top_k, SHOWN), "query")
+            print_top_rows(store, min(cfg.top_k, SHOWN, done["rescored_rows"]), "query")
         return
     from ..scoring import score
 
