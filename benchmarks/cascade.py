@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 SOURCES = ("scores_dot", "scores_cosine_opt", "ekfac_projected")
-FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.5)
+FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 STAGES = ("covariances", "eigen", "corrected", "queries")
 
 
