@@ -137,7 +137,7 @@ def parse_with_notes(
     from ..config.io import flatten, from_dict, read_steps, read_yaml, translate
     from ..config.limits import check_limits
 
-    cls = importlib.import_module(COMMANDS[command].module).CONFIG
+    module = importlib.import_module(COMMANDS[command].module)
     path, rest = _split_config(list(args))
     if path is None and rest and _is_yaml(rest[0]):
         path = rest.pop(0)  # `bergson magic config.yaml`: a leading YAML file is the config
@@ -153,6 +153,8 @@ def parse_with_notes(
             raise BergsonError(f"{path} is a pipeline ({names}); run it as `bergson {path}`")
     if values is not None:
         raw = values
+    # a command whose options depend on a flag (score --candidates) chooses its config class
+    cls = module.config_for(rest, raw) if hasattr(module, "config_for") else module.CONFIG
     rest, taken = original_flags(cls, rest)
     rest = _expand_group_aliases(cls, rest)
     notes: list[str] = []

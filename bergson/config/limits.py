@@ -100,6 +100,8 @@ LIMITS: dict[str, Limit] = {
     "ReportConfig.top_k": _at_least(1, "rows shown per query"),
     "ServeConfig.top_k": _at_least(1, "rows shown per query"),
     "TrackstarConfig.top_k": _at_least(1, "rows listed per query"),
+    "CascadeEkfacConfig.top_k": _at_least(1, "candidates per query"),
+    "CascadeTrackstarConfig.top_k": _at_least(1, "candidates per query"),
     "snippet_chars": _at_least(1, "characters"),
     # FAISS
     "nprobe": _at_least(1, "inverted lists visited per query"),

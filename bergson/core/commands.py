@@ -44,7 +44,8 @@ COMMANDS: dict[str, Command] = {
     ),
     "score": Command(
         "bergson.cli.score",
-        "Score every document of a dataset against query gradients in one pass.",
+        "Score every document of a dataset against query gradients in one pass (with --candidates C "
+        "--method ekfac|kfac|trackstar: rescore only the top --top_k rows of earlier scores per query).",
         "ScoreConfig",
         _SHARDS,
     ),

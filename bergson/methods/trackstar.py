@@ -82,8 +82,15 @@ def _texts(data: DataConfig, option: str) -> list[str]:
 
 
 class _Pipeline:
-    def __init__(self, cfg: TrackstarConfig, normalizers: Mapping[str, Normalizer] | None, run_dir: RunDir):
+    def __init__(
+        self,
+        cfg: TrackstarConfig,
+        normalizers: Mapping[str, Normalizer] | None,
+        run_dir: RunDir,
+        rescore: Any = None,
+    ):
         self.cfg = cfg
+        self.rescore = rescore
         self.run_dir = run_dir
         self.root = run_dir.root
         self.model, self.tokenizer = load_model(cfg)
@@ -209,6 +216,9 @@ class _Pipeline:
             query_path=str(self.root / "query"),
             score="individual",
         )
+        if self.rescore is not None:  # the cascade (bergson.methods.cascade): its candidate rows only
+            self.rescore.score_store(scfg, self.model, self.docs, self.max_tokens, self.pad)
+            return
         score_documents(
             scfg, self.model, self.docs, self.max_tokens, load_gradients(self.root / "query"), self.pad
         )
@@ -259,10 +269,13 @@ def write_summary(cfg: TrackstarConfig, scores: GradientStore, timings: Mapping[
 
 @distributed.entry(lambda cfg: load_gradients(Path(cfg.run_path) / "scores"))
 @honours_numerics
-def trackstar(cfg: TrackstarConfig, normalizers: Mapping[str, Normalizer] | None = None) -> GradientStore:
+def trackstar(
+    cfg: TrackstarConfig, normalizers: Mapping[str, Normalizer] | None = None, rescore: Any = None
+) -> GradientStore:
     """Run (or resume) the TrackStar pipeline; returns the scores store. On several workers
     (``--nproc_per_node`` or torchrun) the statistics, query and scores passes split their
-    shards over the ranks; rank 0 fits and mixes the preconditioners and writes the summary."""
+    shards over the ranks; rank 0 fits and mixes the preconditioners and writes the summary.
+    ``rescore`` (:class:`bergson.methods.cascade.Rescore`): the scores pass runs on its rows alone."""
     started = time.perf_counter()
     validate_index_config(cfg)
     if cfg.downweight_components < 0:
@@ -280,7 +293,9 @@ def trackstar(cfg: TrackstarConfig, normalizers: Mapping[str, Normalizer] | None
     ).prepare()
     root = run_dir.root
 
-    run = _Pipeline(cfg, normalizers, run_dir)
+    run = _Pipeline(cfg, normalizers, run_dir, rescore)
+    if rescore is not None:  # the cascade's candidates, checked before the statistics are fitted
+        rescore.select(run.docs)
     # a step is done when its output is complete or every step that reads it is done (the
     # statistics that only the mix reads are deleted once mixed/ is complete)
     mixing = cfg.downweight_components > 0

@@ -246,7 +246,10 @@ def test_hand_written_pages_name_only_real_options() -> None:
     for command in COMMANDS:
         for option in hooks.command_options(command)[1]:
             known.update(option.flags, option.aliases)
+    from bergson.config.cascade import CASCADE_CONFIGS  # score --candidates: the cascade's configs
     from bergson.config.io import ALIASES  # the original package's spellings, read as ours
+
+    known |= {f"--{f.name}" for cls in CASCADE_CONFIGS.values() for f in dataclasses.fields(cls)}
 
     known |= {f"--{key.rstrip('.')}" for key in ALIASES} | {"--debug"}
     groups = {flag.split(".", 1)[0] for flag in known if "." in flag}

@@ -69,6 +69,21 @@ def test_help_lists_exactly_the_options(command, capfd):
     assert shown - aliases == flags(config_class(command))
 
 
+@pytest.mark.parametrize("method", ["ekfac", "trackstar"])
+def test_the_cascades_help_lists_exactly_its_options(method, capfd):
+    """``bergson score --candidates X --method M`` takes the cascade's config of method M (its
+    options are read by tests/methods/test_cascade.py's runs)."""
+    from bergson.config.cascade import CASCADE_CONFIGS
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["score", "--candidates", "x", "--method", method, "--help"])
+    assert exit_.value.code == 0
+    lines = [ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("│ -")]
+    shown = {flag for ln in lines for flag in re.findall(r"--([a-z0-9_.]+)", ln)} - {"help"}
+    shown = {s for s in shown if not (s.startswith("no_") or ".no_" in s)}
+    assert shown == flags(CASCADE_CONFIGS[method]) and "candidates" in shown
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, model_dir, corpus_file, report_stores, query_hits) -> dict[str, str]:
     """A small corpus with group, prompt/completion and reward columns, and the stores the

@@ -11,6 +11,7 @@ import pytest
 from bergson import IndexConfig
 from bergson.cli import COMMANDS, main, parse
 from bergson.config import DataConfig
+from bergson.config.cascade import CASCADE_CONFIGS
 from bergson.config.limits import LIMITS, Limit, check_limits, limit_of
 from bergson.config.options import validate_options
 from bergson.errors import BergsonError
@@ -36,7 +37,8 @@ def numeric_fields(cls: type) -> list[tuple[type, str]]:
     return out
 
 
-ALL = sorted({(cls, name) for c in COMMANDS for cls, name in numeric_fields(config_class(c))}, key=str)
+CONFIGS = [config_class(c) for c in COMMANDS] + list(CASCADE_CONFIGS.values())  # score --candidates
+ALL = sorted({(cls, name) for c in CONFIGS for cls, name in numeric_fields(c)}, key=str)
 
 
 def test_every_numeric_option_has_a_range_and_every_range_an_option():

@@ -127,10 +127,11 @@ def pass_options(cfg: Any, modules: Any, tokenizer: Any, progress: bool) -> Ekfa
 
 @distributed.entry(_scores_of)
 @honours_numerics
-def ekfac(cfg: Any) -> Any:
+def ekfac(cfg: Any, rescore: Any = None) -> Any:
     """Run (or resume) ``bergson ekfac``; returns the scores store (rows x queries). On
     ``cfg.nproc_per_node`` workers (or the ranks of a torchrun launch) the passes over the
-    training documents are split among the ranks and rank 0 writes the stages."""
+    training documents are split among the ranks and rank 0 writes the stages. ``rescore``
+    (:class:`bergson.methods.cascade.Rescore`): the scoring pass runs on its rows alone."""
     from dataclasses import replace
 
     from ...models import find_tracked_modules, load_model
@@ -194,6 +195,8 @@ def ekfac(cfg: Any) -> Any:
         "run": str(root),
     }
     docs = load_docs(cfg.data, tokenizer, max_tokens)
+    if rescore is not None:  # the cascade's candidates, checked before the curvature is fitted
+        rescore.select(docs)
     share = rank_documents(docs)
     if share is not None:
         active = np.where(docs.num_loss_tokens() > 0, docs.lengths, 0)
@@ -257,7 +260,10 @@ def ekfac(cfg: Any) -> Any:
     if not still_to_do(lambda: is_store(scores_path)):
         return load_gradients(scores_path)
     start = time.perf_counter()
-    result = score_documents(model, docs, queries, opts, per_token=cfg.per_token)  # every row, every rank
+    scored = docs if rescore is None else docs.select(rescore.rows)
+    result = score_documents(model, scored, queries, opts, per_token=cfg.per_token)  # every row, every rank
+    if rescore is not None:
+        result = rescore.expand(result)
 
     def write_scores() -> Any:
         if cfg.per_module_scores:
@@ -271,6 +277,7 @@ def ekfac(cfg: Any) -> Any:
             "mode": "individual",
             "query_dataset": cfg.query.dataset,
             "unit_normalize": False,
+            **({"cascade": rescore.info} if rescore is not None else {}),
         }
         store = save_score_matrix(
             scores_path, result.total, base, score_info, overwrite=True, tokens=result.per_token

@@ -1,0 +1,207 @@
+"""The retrieve-then-rescore cascade on the LM quality benchmark's workload.
+
+How much of EK-FAC's own top-10 per query the cascade recovers (recall@10) when it rescores only
+the candidates of a cheap first stage, against the fraction of the corpus rescored, and its
+scoring time against full EK-FAC scoring, measured in the same run.
+
+The workload is ``benchmarks/quality/lm.py``'s cached run directory (``--run``): a fine-tuned tiny
+Pythia, 240 training documents, 5 queries, and its stores: two cheap first stages (``scores_dot``
+and ``scores_cosine_opt``: dot products and optimizer-normalized cosines of projected gradients) and
+the full EK-FAC run (``ekfac/``). A third first stage is made here: EK-FAC's preconditioned queries
+projected like the projected training store ``train/`` (``bergson ekfac --projected_queries``),
+scored against it (``bergson score --index train``) — a projected approximation of EK-FAC itself. The cascade runs through
+:func:`bergson.methods.cascade.cascade`, exactly as ``bergson score --candidates ... --method
+ekfac`` does, with EK-FAC's own options (``ekfac/ekfac.yaml``); its curvature and query products
+are the full run's (copied, as a resumed run reads them: the cascade fits them on the whole corpus
+either way), so each cascade runs only its scoring pass, as does the full-scoring leg it is timed
+against.
+
+For each fraction f, k = f x rows candidates per query; the rows rescored are their union over the
+queries (reported as fraction_rescored). Timings alternate the legs (full, cascade,
+full, cascade, ...) and report the best of ``--repeats``, with the 1-minute load average.
+
+    python -m benchmarks.cascade [--run runs/quality_lm/run_bee8c4a5c0] [--work runs/cascade_bench]
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SOURCES = ("scores_dot", "scores_cosine_opt", "ekfac_projected")
+FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+STAGES = ("covariances", "eigen", "corrected", "queries")
+
+
+def top(scores: np.ndarray, k: int) -> list[np.ndarray]:
+    return [np.argsort(-scores[:, c], kind="stable")[:k] for c in range(scores.shape[1])]
+
+
+def fresh(work: Path, name: str, run: Path) -> Path:
+    path = work / name
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    for stage in STAGES:
+        shutil.copytree(run / "ekfac" / stage, path / stage)
+    return path
+
+
+def loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="runs/quality_lm/run_bee8c4a5c0")
+    parser.add_argument("--work", default="runs/cascade_bench")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--timed_fraction", type=float, default=0.05, help="of the rows, for the timed cascades"
+    )
+    args = parser.parse_args()
+
+    from bergson import EkfacConfig, ScoreConfig, ekfac, load_gradients, score
+    from bergson.config import load_yaml
+    from bergson.config.cascade import CascadeEkfacConfig
+    from bergson.methods.cascade import UNSCORED, cascade
+
+    run, work = Path(args.run), Path(args.work)
+    base = load_yaml(EkfacConfig, run / "ekfac" / "ekfac.yaml")
+    options = {f.name: getattr(base, f.name) for f in fields(EkfacConfig)}
+    full = np.asarray(load_gradients(run / "ekfac" / "scores")["scores"], np.float64)
+    n, nq = full.shape
+    truth = [set(t.tolist()) for t in top(full, 10)]
+
+    def seconds_of(path: str) -> float:
+        return json.loads((Path(path) / "timings.json").read_text())["scores"]
+
+    def run_cascade(source: Path, k: int, name: str) -> tuple[Any, float]:
+        cfg = CascadeEkfacConfig(
+            **{**options, "run_path": str(fresh(work, name, run)), "overwrite": False, "top_k": k},
+            candidates=str(source),
+        )
+        return cascade(cfg), seconds_of(cfg.run_path)
+
+    def run_full(name: str, **changes: Any) -> tuple[Any, float]:
+        cfg = EkfacConfig(
+            **{**options, "run_path": str(fresh(work, name, run)), "overwrite": False, **changes}
+        )
+        return ekfac(cfg), seconds_of(cfg.run_path)
+
+    # a first stage that approximates EK-FAC itself: its preconditioned queries projected like the
+    # projected training store (ekfac --projected_queries), scored against it by `bergson score --index`
+    sources = {name: run / name for name in SOURCES[:2]}
+    if (run / "train").exists():
+        p = load_gradients(run / "train").manifest.projection["dim"]
+        projected, _ = run_full("projected_queries", projected_queries=True, projection_dim=p)
+        score(
+            ScoreConfig(
+                run_path=str(work / "scores_ekfac_projected"),
+                index=str(run / "train"),
+                query_path=str(Path(projected.root).parent / "query_store"),
+                overwrite=True,
+            )
+        )
+        sources["ekfac_projected"] = work / "scores_ekfac_projected"
+
+    recall: dict[str, list[dict[str, Any]]] = {}
+    max_diff = 0.0
+    for label, source in sources.items():
+        cheap = np.asarray(load_gradients(source)["scores"], np.float64)
+        rows_out = []
+        for fraction in FRACTIONS:
+            k = max(1, round(fraction * n))
+            store, _ = run_cascade(source, k, f"{label}_{fraction}")
+            s = np.asarray(store["scores"], np.float64)
+            rescored = np.array(store.manifest.score["cascade"]["rescored_row_ids"])
+            assert rescored.tolist() == np.unique(np.concatenate(top(cheap, k))).tolist()
+            max_diff = max(
+                max_diff, float((np.abs(s[rescored] - full[rescored]) / np.abs(full).max(0)).max())
+            )
+            assert (np.delete(s, rescored, axis=0) == np.float32(UNSCORED)).all()
+            found = [len(truth[q] & set(top(s, 10)[q].tolist())) / 10 for q in range(nq)]
+            rows_out.append(
+                {
+                    "k_per_query": k,
+                    "k_fraction": fraction,
+                    "rescored_rows": len(rescored),
+                    "fraction_rescored": round(len(rescored) / n, 4),
+                    "recall_at_10_mean": round(float(np.mean(found)), 3),
+                    "recall_at_10_per_query": found,
+                }
+            )
+        recall[label] = rows_out
+
+    # scoring time: full EK-FAC scoring vs the cascade with k = --timed_fraction of the rows per query,
+    # and with the largest k whose union is within --timed_fraction of the rows; alternated
+    label = "ekfac_projected" if "ekfac_projected" in sources else "scores_cosine_opt"
+    cheap = np.asarray(load_gradients(sources[label])["scores"], np.float64)
+    union_k = 1
+    while len(np.unique(np.concatenate(top(cheap, union_k + 1)))) <= args.timed_fraction * n:
+        union_k += 1
+    ks = {"k_per_query": max(1, round(args.timed_fraction * n)), "k_union": union_k}
+    full_s: list[float] = []
+    cascade_s: dict[str, list[float]] = {name: [] for name in ks}
+    rescored_rows: dict[str, int] = {}
+    loads = []
+    for i in range(args.repeats):
+        full_s.append(run_full(f"time_full_{i}")[1])
+        loads.append(loadavg())
+        for name, k in ks.items():
+            store, seconds = run_cascade(sources[label], k, f"time_{name}_{i}")
+            rescored_rows[name] = store.manifest.score["cascade"]["rescored_rows"]
+            cascade_s[name].append(seconds)
+            loads.append(loadavg())
+    fitted = json.loads((run / "ekfac" / "timings.json").read_text())
+    fit_seconds = sum(fitted.get(s, 0.0) for s in STAGES)
+    best_full = min(full_s)
+    timed = {
+        name: {
+            "k_per_query": ks[name],
+            "rescored_rows": rescored_rows[name],
+            "fraction_rescored": round(rescored_rows[name] / n, 4),
+            "cascade_scoring_s": cascade_s[name],
+            "best_cascade_scoring_s": min(cascade_s[name]),
+            "cascade_over_full_scoring": round(min(cascade_s[name]) / best_full, 3),
+        }
+        for name in ks
+    }
+    at5 = {src: next(r for r in rows if r["k_fraction"] == 0.05) for src, rows in recall.items()}
+    out = {
+        "workload": str(run),
+        "rows": n,
+        "queries": nq,
+        "ekfac_top10_union_rows": len(set().union(*truth)),
+        "factors": "fitted on the whole corpus (the full run's stages, copied into each run directory)",
+        "max_rel_diff_rescored_vs_full_ekfac": max_diff,
+        "recall_at_10_of_ekfac_top10": recall,
+        "timing": {
+            "candidates": label,
+            "full_scoring_s": full_s,
+            "best_full_scoring_s": best_full,
+            **timed,
+            "ekfac_fit_s_of_the_cached_run": round(fit_seconds, 3),
+            "loadavg_1min": loads,
+            "cpu_count": os.cpu_count(),
+        },
+        "goal": {
+            "recall_at_k_5pct": {src: r["recall_at_10_mean"] for src, r in at5.items()},
+            "fraction_rescored_at_k_5pct": {src: r["fraction_rescored"] for src, r in at5.items()},
+            "recall_met": {src: r["recall_at_10_mean"] >= 0.9 for src, r in at5.items()},
+            "time_met_at_union_5pct": timed["k_union"]["cascade_over_full_scoring"] <= 0.10,
+        },
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
