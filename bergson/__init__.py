@@ -63,6 +63,8 @@ _EXPORTS = {
     "trak_scores": "bergson.methods.trak",
     "TrakConfig": "bergson.config",
     "source": "bergson.methods.source",
+    "cascade": "bergson.methods.cascade",
+    "cascade_config": "bergson.methods.cascade",
     "unrolled_queries": "bergson.methods.source",
     "SourceConfig": "bergson.config",
     "ekfac": "bergson.methods.ekfac",
@@ -136,6 +138,8 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "trak_scores",
     "TrakConfig",
     "source",
+    "cascade",
+    "cascade_config",
     "unrolled_queries",
     "SourceConfig",
     "ekfac",
@@ -196,6 +200,7 @@ if TYPE_CHECKING:
     from .errors import BergsonError
     from .integrations import GradientCollectorCallback, prepare_for_gradient_collection
     from .methods.build import build
+    from .methods.cascade import cascade, cascade_config
     from .methods.compat import GradientProcessor, collect_gradients
     from .methods.custom import (
         EkfacFactors,
