@@ -13,14 +13,21 @@ import tyro
 
 from .options import (
     CollectOptions,
+    BatchOptions,
     DampingOptions,
     DataConfig,
+    DataOptions,
     FaissConfig,
+    GradientOptions,
+    HeadOptions,
+    LossOptions,
     ModelOptions,
     NormalizerOptions,
     PassOptions,
     PreconditionerOptions,
     QueryDataOptions,
+    RunOptions,
+    ShardOptions,
     StoreOptions,
     TrainingConfig,
     WorkerOptions,
@@ -557,3 +564,49 @@ class SourceConfig(DampingOptions, QueryDataOptions, CollectOptions):
 
     top_k: int = 10
     """Training documents printed per query."""
+
+
+@dataclass
+class SelfInfluenceConfig(
+    DampingOptions,
+    NormalizerOptions,
+    ShardOptions,
+    LossOptions,
+    HeadOptions,
+    GradientOptions,
+    BatchOptions,
+    DataOptions,
+    ModelOptions,
+    RunOptions,
+):
+    """Options of ``bergson self_influence``: every document's score against itself under a method,
+    with the method's preconditioner (larger = more self-influential)."""
+
+    method: Literal["dot", "cosine", "trackstar", "ekfac"] = "dot"
+    """dot: |g|² (of the projected gradient, or the full one with --projection_dim 0); trackstar:
+    |(R + δI)^-1/2 g̃|² with g̃ the gradient divided by --optimizer_state's moments and R the training
+    set's second moment of g̃; ekfac: gᵀ (F + δI)⁻¹ g with the EK-FAC Fisher (full gradients);
+    cosine is refused (every document's cosine with itself is 1)."""
+
+    per_token: bool = False
+    """Also write each token's share of its document's self-influence (token t: g_tᵀ M g with M the
+    method's preconditioner; the token rows sum to the document's score)."""
+
+    stats_documents: int | None = None
+    """With --method trackstar: documents sampled (seeded by --sample_seed) to fit R (None or 0: all)."""
+
+    sample_seed: int = 0
+    """With --method trackstar: seed of the --stats_documents sample."""
+
+    fisher: Literal["true", "empirical"] = "true"
+    """With --method ekfac: labels of the Fisher, sampled from the model (true, seeded per document)
+    or the dataset's tokens (empirical)."""
+
+    fisher_seed: int = 0
+    """With --method ekfac: seed of the sampled Fisher labels."""
+
+    factor_dtype: Literal["float32", "float64"] = "float32"
+    """With --method ekfac: accumulation dtype of the covariances and scores."""
+
+    top_k: int = 10
+    """Most self-influential documents printed."""
