@@ -12,8 +12,8 @@ from typing import Annotated, Literal
 import tyro
 
 from .options import (
-    CollectOptions,
     BatchOptions,
+    CollectOptions,
     DampingOptions,
     DataConfig,
     DataOptions,
@@ -567,30 +567,18 @@ class SourceConfig(DampingOptions, QueryDataOptions, CollectOptions):
 
 
 @dataclass
-class SelfInfluenceConfig(
-    DampingOptions,
-    NormalizerOptions,
-    ShardOptions,
-    LossOptions,
-    HeadOptions,
-    GradientOptions,
-    BatchOptions,
-    DataOptions,
-    ModelOptions,
-    RunOptions,
-):
+class SelfInfluenceConfig(DampingOptions, NormalizerOptions, ShardOptions, LossOptions, HeadOptions,
+                          GradientOptions, BatchOptions, DataOptions, ModelOptions, RunOptions):  # fmt: skip
     """Options of ``bergson self_influence``: every document's score against itself under a method,
     with the method's preconditioner (larger = more self-influential)."""
 
     method: Literal["dot", "cosine", "trackstar", "ekfac"] = "dot"
-    """dot: |g|² (of the projected gradient, or the full one with --projection_dim 0); trackstar:
-    |(R + δI)^-1/2 g̃|² with g̃ the gradient divided by --optimizer_state's moments and R the training
-    set's second moment of g̃; ekfac: gᵀ (F + δI)⁻¹ g with the EK-FAC Fisher (full gradients);
-    cosine is refused (every document's cosine with itself is 1)."""
+    """dot: |g|² (projected, or full with --projection_dim 0); trackstar: |(R + δI)^-1/2 g̃|², g̃ divided
+    by --optimizer_state's moments, R its training-set second moment; ekfac: gᵀ (F + δI)⁻¹ g with the
+    EK-FAC Fisher (full gradients); cosine is refused (a cosine with itself is 1)."""
 
     per_token: bool = False
-    """Also write each token's share of its document's self-influence (token t: g_tᵀ M g with M the
-    method's preconditioner; the token rows sum to the document's score)."""
+    """Also write each token's share g_tᵀ M g of its document's score (the token rows sum to it)."""
 
     stats_documents: int | None = None
     """With --method trackstar: documents sampled (seeded by --sample_seed) to fit R (None or 0: all)."""
@@ -599,8 +587,7 @@ class SelfInfluenceConfig(
     """With --method trackstar: seed of the --stats_documents sample."""
 
     fisher: Literal["true", "empirical"] = "true"
-    """With --method ekfac: labels of the Fisher, sampled from the model (true, seeded per document)
-    or the dataset's tokens (empirical)."""
+    """With --method ekfac: Fisher labels sampled from the model (true) or the dataset's tokens."""
 
     fisher_seed: int = 0
     """With --method ekfac: seed of the sampled Fisher labels."""

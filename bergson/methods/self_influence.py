@@ -162,7 +162,11 @@ def ekfac_self_scores(
         if name not in eigen.tensors:
             return
         if name not in local:  # this module's eigenbases and eigenvalues on the device, once
-            lam = corrected.tensors[name]["eigenvalues"] if corrected is not None else kfac_eigenvalues(eigen, name)
+            lam = (
+                corrected.tensors[name]["eigenvalues"]
+                if corrected is not None
+                else kfac_eigenvalues(eigen, name)
+            )
             one = {name: {k: t.to(x.device, dtype) for k, t in eigen.tensors[name].items()}}
             local[name] = (Factors(one), lam.to(x.device, dtype))
         factors, lam = local[name]
@@ -242,7 +246,12 @@ def _vector_method(
         pre = load_preconditioner(path)
         pre.check(base, f"the documents of {cfg.run_path}")
         transform = pre.transform(-0.5, base.modules)
-        info = {"kind": "trackstar", "path": str(path), **pre.info(-1.0), "applied": "(R + δI)^-1/2 to each row"}
+        info = {
+            "kind": "trackstar",
+            "path": str(path),
+            **pre.info(-1.0),
+            "applied": "(R + δI)^-1/2 to each row",
+        }
     writer = StoreWriter(run.root / "scores", scores_manifest(base, cfg, info), overwrite=cfg.overwrite)
     if not writer.complete:
         start = time.perf_counter()
@@ -265,12 +274,11 @@ def _ekfac_method(
     from .ekfac.command import fit_curvature, pass_options
     from .ekfac.passes import DocumentSource
 
-    if cfg.aggregate_experts:
-        raise BergsonError("--aggregate_experts: EK-FAC fits one pair of factors per expert; drop the option")
     opts = pass_options(cfg, modules, tokenizer, True)
     eigen, corrected = fit_curvature(run, run.root, model, docs, opts, "ekfac")
     path = run.root / "scores"
-    base = make_manifest(replace(cfg, projection_dim=0), model, modules, docs, max_tokens)
+    full: Any = replace(cfg, projection_dim=0)  # EK-FAC's vectors are the full gradients
+    base = make_manifest(full, model, modules, docs, max_tokens)
     announce_coverage(base.model)
     info = {
         "kind": "ekfac",
@@ -296,7 +304,9 @@ def _ekfac_method(
         from ..store.scores import pad_token_rows
 
         padded = pad_token_rows([t[:, None] for t in tokens], 1)
-    writer.write(np.arange(n), total[:, None].astype(np.float32), docs.lengths, np.zeros(n, np.float32), padded)
+    writer.write(
+        np.arange(n), total[:, None].astype(np.float32), docs.lengths, np.zeros(n, np.float32), padded
+    )
     writer.end_shard(0)
     writer.finalize(1)
     run.record("scores", start)

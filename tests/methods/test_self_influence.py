@@ -37,7 +37,9 @@ def _cfg(tmp_path, model_dir, corpus_file, name, **kw) -> SelfInfluenceConfig:
         model=str(model_dir),
         precision="fp32",
         device="cpu",
-        data=kw.pop("data", DataConfig(dataset=str(corpus_file), split="train[:6]", truncation=True, max_length=16)),
+        data=kw.pop(
+            "data", DataConfig(dataset=str(corpus_file), split="train[:6]", truncation=True, max_length=16)
+        ),
         token_batch_size=256,
         modules=[kw.pop("module", LAYER)],
         **kw,
@@ -78,15 +80,28 @@ def test_dot_is_the_squared_gradient_norm_exact_or_projected(tmp_path, model_dir
     # projected: |L G Rᵀ|² with the build's own matrices, an estimate of |G|² within a few x here
     p = 4
     proj = self_influence(_cfg(tmp_path, model_dir, corpus_file, "dotp", projection_dim=p, include_bias=True))
-    (name, g), = grads.items()
+    ((name, g),) = grads.items()
     left = projection_matrix(0, name, "left", p, g.shape[1], dtype=torch.float64)
     right = projection_matrix(0, name, "right", p, g.shape[2], dtype=torch.float64)
     expected = ((left @ g @ right.T) ** 2).sum((1, 2)).numpy()
     np.testing.assert_allclose(_scores(proj), expected, rtol=2e-4)
     assert proj.manifest.score["projection_dim"] == p
+    # `bergson report` shows it as one ranked list (most and least self-influential) and a histogram
+    from bergson.config import ReportConfig
+    from bergson.reports.build import build_page
+
+    page = build_page(ReportConfig(source=str(store.root), top_k=2, bins=4))
+    (q,) = page["queries"]
+    order = np.argsort(-exact)
+    assert [h["row"] for h in q["proponents"]] == order[:2].tolist()
+    assert [h["row"] for h in q["opponents"]] == order[::-1][:2].tolist()
+    assert q["sides"]["proponents"] == "Most self-influential" and sum(q["histogram"]["counts"]) == 6
+    assert page["orientation"] == ORIENTATION and len(q["proponents"][0]["token_scores"]) == lengths[order[0]]
 
 
-def test_trackstar_is_the_diagonal_of_the_unnormalized_trackstar_product(tmp_path, model_dir, corpus_file, capsys):
+def test_trackstar_is_the_diagonal_of_the_unnormalized_trackstar_product(
+    tmp_path, model_dir, corpus_file, capsys
+):
     p, damping = 4, 0.2
     cfg = _cfg(tmp_path, model_dir, corpus_file, "ts", method="trackstar", projection_dim=p, damping=damping)
     args = [cfg.run_path, "--model", cfg.model, "--precision", "fp32", "--device", "cpu", "--dataset",
@@ -100,7 +115,7 @@ def test_trackstar_is_the_diagonal_of_the_unnormalized_trackstar_product(tmp_pat
 
     store = load_gradients(tmp_path / "ts" / "scores")
     grads, _ = _naive(cfg)
-    (name, g), = grads.items()
+    ((name, g),) = grads.items()
     left = projection_matrix(0, name, "left", p, g.shape[1], dtype=torch.float64)
     right = projection_matrix(0, name, "right", p, g.shape[2], dtype=torch.float64)
     v = (left @ g @ right.T).reshape(len(g), -1)
@@ -114,7 +129,9 @@ def test_trackstar_is_the_diagonal_of_the_unnormalized_trackstar_product(tmp_pat
 
 
 def test_ekfac_command_is_the_damped_inverse_ekfac_fisher_norm(tmp_path, model_dir, corpus_file):
-    cfg = _cfg(tmp_path, model_dir, corpus_file, "ek", method="ekfac", fisher="empirical", factor_dtype="float64")
+    cfg = _cfg(
+        tmp_path, model_dir, corpus_file, "ek", method="ekfac", fisher="empirical", factor_dtype="float64"
+    )
     store = self_influence(cfg)
     eigen = Factors.load(tmp_path / "ek" / "eigen")
     lam = Factors.load(tmp_path / "ek" / "corrected").tensors[LAYER]["eigenvalues"]
@@ -122,7 +139,9 @@ def test_ekfac_command_is_the_damped_inverse_ekfac_fisher_norm(tmp_path, model_d
     f = dense_fisher(eigen, lam, LAYER) + 0.1 * float(lam.mean()) * torch.eye(g.shape[1], dtype=torch.float64)
     expected = torch.einsum("ni,ni->n", g, torch.linalg.solve(f, g.T).T).numpy()
     np.testing.assert_allclose(_scores(store), expected, rtol=1e-3)
-    assert store.manifest.score["method"] == "ekfac" and store.manifest.preconditioner["fisher"] == "empirical"
+    assert (
+        store.manifest.score["method"] == "ekfac" and store.manifest.preconditioner["fisher"] == "empirical"
+    )
     # a rerun with the same options finds every stage complete
     stamp = (tmp_path / "ek" / "scores" / "manifest.json").stat().st_mtime_ns
     self_influence(cfg)
@@ -133,29 +152,42 @@ def test_ekfac_self_scores_equal_the_dense_fisher_form_and_the_diagonal_of_ekfac
     model = tiny_neox(vocab=24, hidden=8, layers=1)
     docs = random_docs(24, 24, seed=1, lo=3, hi=7)
     opts = EkfacOptions(
-        find_tracked_modules(model), token_batch_size=40, progress=False, dtype=torch.float64, fisher="empirical"
+        find_tracked_modules(model),
+        token_batch_size=40,
+        progress=False,
+        dtype=torch.float64,
+        fisher="empirical",
     )
     eigen = eigendecompose(fit_covariances(model, docs, opts))
     corrected = fit_corrected_eigenvalues(model, docs, eigen, opts)
     source = DocumentSource(model, docs, opts)
-    total, per_module, tokens = ekfac_self_scores(source, eigen, corrected, 0.1, "relative", lengths=docs.lengths)
+    total, per_module, tokens = ekfac_self_scores(
+        source, eigen, corrected, 0.1, "relative", lengths=docs.lengths
+    )
     naive = naive_gradients(model, docs, opts.modules, False)
     exact_total = 0
     for name in opts.modules:
         lam = corrected.tensors[name]["eigenvalues"]
         g = torch.stack([w.flatten() for w, _ in naive[name]])
         f = dense_fisher(eigen, lam, name) + 0.1 * float(lam.mean()) * torch.eye(g.shape[1], dtype=g.dtype)
-        np.testing.assert_allclose(per_module[name], torch.einsum("ni,ni->n", g, torch.linalg.solve(f, g.T).T))
+        np.testing.assert_allclose(
+            per_module[name], torch.einsum("ni,ni->n", g, torch.linalg.solve(f, g.T).T)
+        )
         exact = g.T @ g / len(g)  # the exact (empirical) Fisher
         delta = 0.1 * float(torch.linalg.eigvalsh(exact).mean())
-        exact_total = exact_total + torch.einsum(
-            "ni,ni->n", g, torch.linalg.solve(exact + delta * torch.eye(len(exact), dtype=g.dtype), g.T).T
-        ).numpy()
+        exact_total = (
+            exact_total
+            + torch.einsum(
+                "ni,ni->n", g, torch.linalg.solve(exact + delta * torch.eye(len(exact), dtype=g.dtype), g.T).T
+            ).numpy()
+        )
     assert tokens is not None
     np.testing.assert_allclose([t.sum() for t in tokens], total, rtol=1e-9)
     # the diagonal of `bergson ekfac`'s scores with the training set as its own queries
     queries = precondition_queries(query_gradients(model, docs, opts), eigen, corrected, 0.1, "relative")
-    np.testing.assert_allclose(np.diagonal(score_documents(model, docs, queries, opts).total), total, rtol=1e-9)
+    np.testing.assert_allclose(
+        np.diagonal(score_documents(model, docs, queries, opts).total), total, rtol=1e-9
+    )
     # and it ranks like the self-influence under the exact Fisher
     assert np.corrcoef(total, exact_total)[0, 1] > 0.8
 
@@ -178,7 +210,18 @@ def test_bad_input_is_refused(tmp_path, model_dir, corpus_file, options, message
 
 def test_cli_refuses_cosine_and_typos(tmp_path, corpus_file, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["self_influence", str(tmp_path / "c"), "--model", "m", "--dataset", str(corpus_file), "--method", "cosine"])
+        main(
+            [
+                "self_influence",
+                str(tmp_path / "c"),
+                "--model",
+                "m",
+                "--dataset",
+                str(corpus_file),
+                "--method",
+                "cosine",
+            ]
+        )
     assert e.value.code == 1 and "cosine with itself is 1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["self_influence", str(tmp_path / "c"), "--model", "m", "--method", "ekfca"])
