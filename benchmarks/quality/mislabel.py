@@ -18,7 +18,8 @@ example.
 
 The digits models are plain ``nn.Module`` classifiers with their own loss, which the command's
 model loading (a Hugging Face causal LM) cannot take, so their scores come from the custom-model
-API above. ``--lm`` runs the variant that goes through ``bergson self_influence`` itself (:func:`lm_variant`):
+API above; their ``ekfac`` runs the command's own self-score statistic
+(:func:`bergson.methods.self_influence.ekfac_self_scores`) on the custom model's batches. ``--lm`` runs the variant that goes through ``bergson self_influence`` itself (:func:`lm_variant`):
 prompt/completion pairs cut from the shipped corpus, a seeded ``--flip`` share of the completions
 swapped among themselves, the shipped tiny Pythia fine-tuned on them with the MAGIC recipe
 machinery (``examples/magic/tiny.yaml``'s AdamW recipe, as ``benchmarks.quality.lm`` does), then
@@ -44,6 +45,8 @@ import torch
 from torch import nn
 
 import bergson
+from bergson.methods.ekfac import BatchSource
+from bergson.methods.self_influence import ekfac_self_scores
 
 from . import digits as D
 from .common import save_json
@@ -110,8 +113,10 @@ def self_influence(
         factors = bergson.fit_ekfac(
             model, train_b, D.sampled_loss_fn(args.seed), include_bias=True, progress=False
         )
-        scores = bergson.ekfac_scores(model, factors, train_b, train_b, D.loss_fn, progress=False)
-        out["ekfac"] = torch.diagonal(scores).numpy()
+        # the statistic `bergson self_influence --method ekfac` runs, on the custom model's batches:
+        # gᵀ (F + δI)⁻¹ g per example, the diagonal of ekfac_scores without the N x N matrix
+        source = BatchSource(model, train_b, D.loss_fn, factors.modules, True, progress=False)
+        out["ekfac"] = ekfac_self_scores(source, factors.eigen, factors.corrected, 0.1, "relative")[0]
     if "exact_if" in methods and kind == "logreg":
         same = D.Digits(data.x_train, data.y_train, data.x_train, data.y_train, data.flipped)
         out["exact_if"] = np.diagonal(D.exact_influence(model, same, recipe)).copy()
