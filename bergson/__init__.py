@@ -83,6 +83,8 @@ _EXPORTS = {
     "ServeConfig": "bergson.config",
     "report": "bergson.reports",
     "serve": "bergson.reports",
+    "self_influence": "bergson.methods.self_influence",
+    "SelfInfluenceConfig": "bergson.config",
 }
 
 __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
@@ -158,6 +160,8 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "ServeConfig",
     "report",
     "serve",
+    "self_influence",
+    "SelfInfluenceConfig",
 ]
 
 
@@ -186,6 +190,7 @@ if TYPE_CHECKING:
         ReduceConfig,
         ReportConfig,
         ScoreConfig,
+        SelfInfluenceConfig,
         ServeConfig,
         SourceConfig,
         TrackstarConfig,
@@ -212,6 +217,7 @@ if TYPE_CHECKING:
     )
     from .methods.ekfac import ekfac
     from .methods.magic import magic
+    from .methods.self_influence import self_influence
     from .methods.source import source, unrolled_queries
     from .methods.trackstar import trackstar
     from .methods.trak import trak, trak_scores

@@ -25,6 +25,7 @@ from .commands import (
 )
 from .io import ALIASES, from_dict, load_yaml, options_of, save_yaml, to_dict
 from .options import DampingMode, DataConfig, FaissConfig, ModelOptions, Precision, TrainingConfig
+from .self_influence import SelfInfluenceConfig
 
 __all__ = [
     "ALIASES",
@@ -43,6 +44,7 @@ __all__ = [
     "ReduceConfig",
     "ReportConfig",
     "ScoreConfig",
+    "SelfInfluenceConfig",
     "ServeConfig",
     "SourceConfig",
     "TrackstarConfig",

@@ -115,6 +115,11 @@ COMMANDS: dict[str, Command] = {
         "Check that batched gradients equal one-by-one ones; suggest --force_math_sdp / --precision if not.",
         "ModelConfigTestConfig",
     ),
+    "self_influence": Command(
+        "bergson.cli.self_influence",
+        "Score every document against itself (dot, TrackStar or EK-FAC) to find outliers and mislabels.",
+        "SelfInfluenceConfig",
+    ),
 }
 """Every command, in ``bergson --help`` order."""
 

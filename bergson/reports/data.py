@@ -221,6 +221,9 @@ def from_scores_store(
 
     m = store.manifest
     s = np.asarray(store["scores"], np.float32)
+    if (m.score or {}).get("kind") == "self_influence":
+        return from_self_influence(store, s, top_k=top_k, bins=bins, texts=texts, title=title,
+                                   collapse_chars=collapse_chars)  # fmt: skip
     ncols = s.shape[1] if s.ndim == 2 else 0
     shown = ncols if max_queries is None else min(ncols, max_queries)
     qtexts, how = query_texts_of_scores(m, ncols)
@@ -252,6 +255,42 @@ def from_scores_store(
         )
     lengths = dict(zip(row_ids.tolist(), store.rows["num_tokens"].tolist()))
     page["docs"] = training_docs(sorted(needed), texts, lengths if store.has_tokens else None)
+    return page
+
+
+def from_self_influence(
+    store: GradientStore, s: np.ndarray, *, top_k: int, bins: int, texts: TrainingTexts, title: str,
+    collapse_chars: int,
+) -> dict[str, Any]:  # fmt: skip
+    """A page of a self-influence store (``bergson self_influence``): one ranked list of the most
+    self-influential documents, the least self-influential ones, and the histogram of all."""
+    m = store.manifest
+    score = m.score or {}
+    col = s[:, 0]
+    order = np.argsort(-col, kind="stable")
+    row_ids = store.rows["row_id"]
+    hits = {
+        side: [score_hit(store, int(i), 0, int(row_ids[i]), float(col[i]), r) for r, i in enumerate(idx, 1)]
+        for side, idx in (("proponents", order[:top_k]), ("opponents", order[::-1][:top_k]))
+    }
+    page = empty_page(title, collapse_chars)
+    page["orientation"] = score.get("orientation", SCORE_ORIENTATION)
+    page["manifest"] = manifest_entry(m, str(store.root))
+    page["queries"].append(
+        {
+            "id": 0,
+            "label": f"self-influence ({score.get('method')})",
+            "text": f"Every document scored against itself; preconditioner: {score.get('preconditioner')}.",
+            "tokens": None,
+            **hits,
+            "sides": {"proponents": "Most self-influential", "opponents": "Least self-influential"},
+            "histogram": histogram(col, bins),
+            "histogram_of": f"all {len(col)} documents",
+        }
+    )
+    needed = sorted({h["row"] for side in hits.values() for h in side})
+    lengths = dict(zip(row_ids.tolist(), store.rows["num_tokens"].tolist()))
+    page["docs"] = training_docs(needed, texts, lengths if store.has_tokens else None)
     return page
 
 

@@ -235,6 +235,17 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
              None),
             *refused(*everything, base=tuple(qd)),
         ],
+        "self_influence": [
+            ([new(), *m, *d, *grads, *loading, "--token_batch_size", "64", "--overwrite", "--loss_reduction", "mean",
+              "--shard_size", "4", "--attention_heads", heads, "--method", "trackstar", "--stats_documents", "4",
+              "--sample_seed", "1", "--damping", "0.2", "--damping_mode", "absolute", "--per_token", "--top_k", "2"],
+             None),
+            ([new(), *m, *d, "--modules", "gpt_neox.layers.0.attention.*", "--include_bias", "--method", "ekfac",
+              "--fisher", "empirical", "--fisher_seed", "1", "--factor_dtype", "float64", "--per_token"], None),
+            ([new(), *m, *d, "--method", "cosine"], "--method cosine: a document's cosine with itself is 1"),
+            ([new(), *m, *d, "--fisher", "empirical"], "--fisher with --method dot"),
+            *refused("data", "completion", "chat", "reward", "chunk", "nan", "template", "form", "state"),
+        ],
         "source": [
             ([new(), *m, *d, *qd, "--include_bias", "--modules", "gpt_neox.layers.*", *extra, "--segment_steps", "2",
               "--segment_learning_rates", "0.1", "--query_model", a["model"], "--unroll", "discrete",
