@@ -19,7 +19,7 @@ with ``--projection_seed 1``: comparing ours with itself under another sketch sh
 agreement metrics read for identical gradients, which is the yardstick for ours vs theirs.
 
     python -m benchmarks.peers.published_bergson [--repeats 2] [--num_docs 1000 32]
-        [--workdir DIR] [--skip_install] [--timeout_s 3600] [--calibrate_max_docs 32]
+        [--workdir DIR] [--skip_install] [--timeout_s 3600] [--calibrate_max_docs 32] [--with_head]
 """
 
 from __future__ import annotations
@@ -656,6 +656,12 @@ def main() -> None:
         help="for workloads up to this size, also run ours with projection seed 1 (untimed) as a "
         "reference for what the agreement metrics read for identical gradients",
     )
+    parser.add_argument(
+        "--with_head",
+        action="store_true",
+        help="also time ours with --include_output_head in each round (ours, peer, ours_head): the "
+        "default build leaves the head out as the peer does; this leg shows what tracking it costs",
+    )
     args = parser.parse_args()
 
     ours_bin = Path(sys.prefix) / "bin" / "bergson"
@@ -685,22 +691,25 @@ def main() -> None:
         if len(lengths) != n:
             raise SystemExit(f"the corpus has only {len(lengths)} documents, {n} requested")
         tokens = sum(lengths)
-        runs: dict[str, list[Run]] = {"ours": [], "peer": []}
-        rows: dict[str, list[int | str]] = {"ours": [], "peer": []}
+        tools = ("ours", "peer", "ours_head") if args.with_head else ("ours", "peer")
+        runs: dict[str, list[Run]] = {t: [] for t in tools}
+        rows: dict[str, list[int | str]] = {t: [] for t in tools}
         notes: dict[str, dict[str, list[str]]] = {}
         first: dict[str, Path] = {}
         for r in range(args.repeats):
             outs = {}
-            for tool in ("ours", "peer"):
+            for tool in tools:
                 out = work / "runs" / f"docs{n}" / f"{tool}-r{r}"
                 for stale in (out, out.with_name(out.name + ".part")):
                     shutil.rmtree(stale, ignore_errors=True)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 cmd = (
-                    ours_command(ours_bin, out, model_dir, data)
-                    if tool == "ours"
-                    else peer_command(peer_bin, out, model_dir, data, peer_tok)
+                    peer_command(peer_bin, out, model_dir, data, peer_tok)
+                    if tool == "peer"
+                    else ours_command(ours_bin, out, model_dir, data)
                 )
+                if tool == "ours_head":
+                    cmd.append("--include_output_head")
                 hf_home = work / "hf" / f"docs{n}-{tool}-r{r}"
                 shutil.rmtree(hf_home, ignore_errors=True)
                 log(f"docs={n} repeat {r + 1}/{args.repeats}: {tool}")
@@ -718,11 +727,11 @@ def main() -> None:
                     rows[tool].append("failed")
                     continue
                 try:
-                    rows[tool].append(ours_rows(out) if tool == "ours" else peer_rows(out))
+                    rows[tool].append(peer_rows(out) if tool == "peer" else ours_rows(out))
                 except Exception as e:
                     rows[tool].append(f"unreadable: {e}")
                 outs[tool] = out
-            if not first and len(outs) == 2:
+            if not first and "ours" in outs and "peer" in outs:
                 first = outs
         agree: dict[str, Any] | None = None
         reference_run: dict[str, Any] | None = None
@@ -774,6 +783,20 @@ def main() -> None:
         peaks = stats["ours"]["peak_rss_mb"], stats["peer"]["peak_rss_mb"]
         mem_ratio = round(peaks[0] / peaks[1], 3) if peaks[1] else None
         goal = THROUGHPUT_GOALS.get(n)
+        head_leg = {}
+        if args.with_head:
+            head_med = stats["ours_head"]["median_s"]
+            head_leg = {
+                "ours_with_head": stats["ours_head"],
+                "ratios_with_head": {
+                    "time_peer_median_over_ours_with_head_median": round(peer_med / head_med, 3)
+                    if head_med and peer_med
+                    else None,
+                    "cpu_peer_over_ours_with_head_medians": cpu_ratio(
+                        {"ours": runs["ours_head"], "peer": runs["peer"]}
+                    ),
+                },
+            }
         workloads[str(n)] = {
             "documents": n,
             "tokens": tokens,
@@ -793,6 +816,7 @@ def main() -> None:
             },
             "agreement_first_repeat": agree,
             "reference_run": reference_run,
+            **head_leg,
         }
 
     report = {

@@ -214,8 +214,25 @@ class QueryDataOptions:
 class BatchOptions:
     """Token-budget batching."""
 
-    token_batch_size: int = 2048
-    """Token budget of a batch: documents are length-sorted and packed under it."""
+    token_batch_size: int | str = 2048
+    """Token budget of a batch: documents are length-sorted and packed under it. 'auto' picks the largest
+    budget that fits the device (a short out-of-memory probe on a GPU, a rule from available memory on a
+    CPU), announced on the console and recorded in the manifest."""
+
+    def _check(self) -> None:
+        value = self.token_batch_size
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text == "auto":
+                self.token_batch_size = "auto"
+            elif text.isdigit():
+                self.token_batch_size = int(text)
+                check_limits(self)
+            else:
+                raise BergsonError(
+                    f"--token_batch_size {value!r}: give a number of tokens (at least 2) or 'auto' "
+                    "(the largest budget that fits the device's memory)"
+                )
 
 
 @dataclass

@@ -40,9 +40,27 @@ def context_size(model: torch.nn.Module) -> int | None:
 
 
 def token_budget(cfg: BatchOptions, model: torch.nn.Module) -> int:
-    """The batch token budget, capped at the model's context size."""
+    """The batch token budget, capped at the model's context size. ``--token_batch_size auto`` is
+    resolved here, once the model is on its device (:mod:`bergson.collect.budget`): ``cfg`` then
+    holds the chosen number, and the record of the choice (``cfg._token_batch_size_auto``) goes
+    into the manifest."""
     ctx = context_size(model)
-    return min(cfg.token_batch_size, ctx) if ctx else cfg.token_batch_size
+    if isinstance(cfg.token_batch_size, str):
+        from ..collect.budget import auto_token_budget, is_auto
+
+        if not is_auto(cfg.token_batch_size):
+            raise BergsonError(
+                f"--token_batch_size {cfg.token_batch_size!r}: give a number of tokens or 'auto'"
+            )
+        budget, record = auto_token_budget(
+            model,
+            projection_dim=getattr(cfg, "projection_dim", 16),
+            context=ctx,
+        )
+        cfg.token_batch_size = budget
+        object.__setattr__(cfg, "_token_batch_size_auto", record)
+    budget = int(cfg.token_batch_size)
+    return min(budget, ctx) if ctx else budget
 
 
 def tokens_fingerprint(docs: TokenizedDocs) -> str:

@@ -99,7 +99,15 @@ def make_manifest(
             "tokens_sha256": tokens_fingerprint(docs),
             **docs.info,
         },
-        plan={"shard_size": getattr(cfg, "shard_size", None), "token_batch_size": cfg.token_batch_size},
+        plan={
+            "shard_size": getattr(cfg, "shard_size", None),
+            "token_batch_size": cfg.token_batch_size,
+            **(
+                {"token_batch_size_auto": auto}
+                if (auto := getattr(cfg, "_token_batch_size_auto", None))
+                else {}
+            ),
+        },
         aggregation=aggregation,
         unit_normalize=getattr(cfg, "unit_normalize", False),
         per_token=getattr(cfg, "per_token", False),

@@ -26,9 +26,18 @@ from ..store.writer import TOKENS, shard_name
 from ..transforms.normalizers import NORMALIZERS_FILE, Normalizer, save_normalizers
 from ..transforms.preconditioners import STORE_DIR as PRECONDITIONER_DIR
 from ..transforms.preconditioners import resolve_preconditioner
+from .documents import token_budget
 from .manifests import make_manifest, resolve_normalizers
 
 logger = logging.getLogger(__name__)
+
+
+def batch_budget(cfg: IndexConfig, model: torch.nn.Module) -> int:
+    """The batches' token budget: ``--token_batch_size``, with ``auto`` resolved for this model and
+    device (:func:`bergson.runs.documents.token_budget` records the choice on ``cfg``)."""
+    if isinstance(cfg.token_batch_size, str):
+        token_budget(cfg, model)
+    return int(cfg.token_batch_size)
 
 
 def collect_with(
@@ -55,7 +64,7 @@ def collect_with(
         seed=cfg.projection_seed,
         include_bias=cfg.include_bias,
         normalizers=normalizers,
-        token_batch_size=cfg.token_batch_size,
+        token_batch_size=batch_budget(cfg, model),
         loss_reduction=cfg.loss_reduction,
         unit_normalize=unit_normalize,
         shard_size=cfg.shard_size,
