@@ -60,7 +60,7 @@ def loadavg() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--run", default="runs/quality_lm/run_bee8c4a5c0")
     parser.add_argument("--work", default="runs/cascade_bench")
     parser.add_argument("--repeats", type=int, default=3)
