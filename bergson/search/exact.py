@@ -6,18 +6,17 @@ To first order, one step of gradient descent on a stored row changes the query's
 by ``-lr * score``, so a **positive score means that training on the row lowers the
 query's loss** (a "proponent"); negative scores are "opponents".
 
-The store is never loaded whole: it is read block by block (memory-mapped), each block
-is converted to float32 once, in cache-sized chunks, and multiplied by all queries at
-once; a running top-k per query is merged after each block.
+The store is never loaded whole: it is read block by block (memory-mapped); worker threads
+score each block in cache-sized chunks (converted to float32 once, multiplied by all queries
+at once) and hand back only the rows that can still enter a query's top-k
+(:mod:`bergson.search.scan`); those candidates are merged into a running top-k per query
+after each block.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import warnings
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -25,6 +24,7 @@ import numpy as np
 
 from ..core.rows import unit_rows_np
 from ..errors import BergsonError
+from .scan import EMPTY, ChunkScanner, TopK, rescore
 
 if TYPE_CHECKING:
     from ..store.reader import GradientStore
@@ -34,12 +34,9 @@ StoreLike = Union["GradientStore", np.ndarray, str, Path]
 
 logger = logging.getLogger(__name__)
 
-_SENTINEL = np.iinfo(np.int64).max
-_CHUNK_BYTES = 1 << 22
-"""Size of the float32 conversion buffer: small enough to stay in cache, large enough
-that per-chunk Python overhead is a few percent."""
-_SCORE_BYTES = 1 << 28
-"""Upper bound on the [queries, block rows] float32 score buffer."""
+_BLOCK_ROWS = 65536
+"""Default rows read per block: the workers share a block, and candidates are merged once per
+block."""
 
 
 # ------------------------------------------------------------------------- inputs
@@ -196,161 +193,7 @@ def iter_blocks(store: GradientStore | np.ndarray, block_rows: int) -> Iterator[
         yield from store.blocks(block_rows)
 
 
-# ------------------------------------------------------------------------- top-k
-class TopK:
-    """A running top-k per query, ordered by descending score, ties by ascending row.
-
-    Blocks must be offered in increasing row order (every row of a later block has a
-    higher index than every row already held); that makes the merge a stable sort.
-    """
-
-    def __init__(self, num_queries: int, k: int):
-        self.k = k
-        self.scores = np.full((num_queries, k), -np.inf, np.float32)
-        self.indices = np.full((num_queries, k), _SENTINEL, np.int64)
-
-    def push(self, scores: np.ndarray, first_row: int) -> None:
-        """Offer a block of scores [Q, b] for rows first_row .. first_row + b - 1."""
-        k = self.k
-        num_q, b = scores.shape
-        # A new row must beat the k-th score held strictly: on a tie the lower row wins.
-        mask = scores > self.scores[:, -1:]
-        counts = np.count_nonzero(mask, axis=1)
-        if not counts.any():
-            return
-        big = np.flatnonzero(counts > k)
-        if len(big):
-            # Keep only the exact top-k of these queries: everything above the k-th
-            # largest value, then the lowest-indexed rows equal to it.
-            sub = scores[big]
-            kth = np.partition(sub, b - k, axis=1)[:, b - k : b - k + 1]
-            above = sub > kth
-            ties = sub == kth
-            need = k - np.count_nonzero(above, axis=1, keepdims=True)
-            mask[big] = above | (ties & (np.cumsum(ties, axis=1) <= need))
-            counts[big] = k
-        flat = np.flatnonzero(mask)  # ordered by query, then row
-        qs, rows = np.divmod(flat, b)
-        width = int(counts.max())
-        starts = np.cumsum(counts) - counts
-        pos = np.arange(len(flat)) - starts[qs]
-        cand_s = np.full((num_q, width), -np.inf, np.float32)
-        cand_i = np.full((num_q, width), _SENTINEL, np.int64)
-        cand_s[qs, pos] = scores.ravel()[flat]
-        cand_i[qs, pos] = rows + first_row
-        all_s = np.concatenate([self.scores, cand_s], axis=1)
-        all_i = np.concatenate([self.indices, cand_i], axis=1)
-        # Held rows come first and are already ordered; new rows follow in row order, so
-        # a stable sort on the score alone breaks ties by row index.
-        order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
-        self.scores = np.take_along_axis(all_s, order, axis=1)
-        self.indices = np.take_along_axis(all_i, order, axis=1)
-
-
 # ------------------------------------------------------------------------- search
-class BlockScorer:
-    """Scores store blocks against all queries: float32 [Q, b] per block.
-
-    Each block is cut into cache-sized chunks; a chunk is converted to float32 into a
-    per-thread buffer, multiplied by the queries and (with ``unit_norm``) divided by the
-    rows' norms. Chunks are spread over ``num_threads`` workers that each run
-    single-threaded kernels: independent workers keep going on a busy machine, where
-    kernels that synchronise their threads on every call stall (measured 10-30x slower).
-    """
-
-    def __init__(
-        self,
-        queries: np.ndarray,
-        segments: list[tuple[int, int]],
-        total_dim: int,
-        *,
-        unit_norm: bool,
-        block_rows: int,
-        num_threads: int,
-    ):
-        import torch  # here, so that ``import bergson.search`` stays torch-free
-
-        self.torch = torch
-        self.queries = torch.from_numpy(queries)
-        self.num_q, self.width = queries.shape
-        self.segments = segments
-        self.whole = segments == [(0, total_dim)]
-        self.unit_norm = unit_norm
-        self.block_rows = block_rows
-        self.chunk = min(block_rows, max(16, _CHUNK_BYTES // (4 * max(self.width, 1))))
-        self.storage = torch.empty(self.num_q * block_rows, dtype=torch.float32)
-        self.num_threads = num_threads
-        self.local = threading.local()
-        self.pool: ThreadPoolExecutor | None = None
-
-    def __enter__(self) -> BlockScorer:
-        self.saved_threads = self.torch.get_num_threads()
-        self.torch.set_num_threads(1)
-        if self.num_threads > 1:
-            self.pool = ThreadPoolExecutor(
-                self.num_threads, initializer=self.torch.set_num_threads, initargs=(1,)
-            )
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
-        self.torch.set_num_threads(self.saved_threads)
-
-    def _buffers(self) -> tuple[Any, Any]:
-        bufs = getattr(self.local, "bufs", None)
-        if bufs is None:
-            torch = self.torch
-            bufs = self.local.bufs = (
-                torch.empty((self.chunk, self.width), dtype=torch.float32),
-                torch.empty(self.num_q * self.chunk, dtype=torch.float32),
-            )
-        return bufs
-
-    def _score_chunk(self, block: Any, scores: Any, s: int, e: int) -> None:
-        torch = self.torch
-        buf, out_storage = self._buffers()
-        rows = buf[: e - s]
-        if self.whole:
-            rows.copy_(block[s:e])
-        else:
-            col = 0
-            for a, z in self.segments:
-                rows[:, col : col + z - a].copy_(block[s:e, a:z])
-                col += z - a
-        # mm into a contiguous buffer, then copy: much faster than a strided ``out``.
-        direct = self.num_q == 1 or e - s == scores.shape[1]
-        out = scores[:, s:e] if direct else out_storage[: self.num_q * (e - s)].view(self.num_q, e - s)
-        torch.mm(self.queries, rows.T, out=out)
-        if self.unit_norm:
-            norms = torch.linalg.vector_norm(rows, dim=1)
-            out.mul_(torch.where(norms > 0, norms.reciprocal(), 0.0))
-        if not direct:
-            scores[:, s:e].copy_(out)
-
-    def __call__(self, block: np.ndarray) -> np.ndarray:
-        """Scores [Q, b] of one block (a view of an internal buffer, valid until the next call)."""
-        b = block.shape[0]
-        if any(stride < 0 for stride in block.strides):
-            block = np.ascontiguousarray(block)
-        with warnings.catch_warnings():
-            # torch warns that memory-mapped store blocks are read-only; they are only read.
-            warnings.simplefilter("ignore", UserWarning)
-            tblock = self.torch.from_numpy(block)
-        scores = self.storage[: self.num_q * b].view(self.num_q, b)  # contiguous [Q, b]
-        starts = range(0, b, self.chunk)
-        if self.pool is None or len(starts) == 1:
-            for s in starts:
-                self._score_chunk(tblock, scores, s, min(s + self.chunk, b))
-        else:
-            jobs = [
-                self.pool.submit(self._score_chunk, tblock, scores, s, min(s + self.chunk, b)) for s in starts
-            ]
-            for job in jobs:
-                job.result()
-        return scores.numpy()
-
-
 def exact_topk(
     store: StoreLike,
     queries: Any,
@@ -359,8 +202,9 @@ def exact_topk(
     unit_norm: bool = False,
     reverse: bool = False,
     modules: Sequence[str] | None = None,
-    block_rows: int = 65536,
+    block_rows: int = _BLOCK_ROWS,
     num_threads: int | None = None,
+    int8_rerank: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` stored rows with the highest scores for each query, found exactly.
 
@@ -375,11 +219,18 @@ def exact_topk(
             the fly. All-zero rows (empty documents) score 0, never NaN.
         reverse: return the most negative scores first (the strongest opponents).
         modules: search only these modules' columns (names from the store's manifest).
-        block_rows: rows read per block (bounded further so that the score buffer of
-            all queries stays under 256 MB).
+        block_rows: rows read per block (each block is scored in cache-sized chunks;
+            only candidates for the top-k leave a chunk).
         num_threads: worker threads (default: ``torch.get_num_threads()``). Each worker
             runs single-threaded kernels, so torch's intra-op thread count is set to 1
             during the call and restored afterwards.
+        int8_rerank: 0 (default): exact. A factor F >= 1: scan an int8 copy of each row
+            (quantized on the fly, one scale per row; queries likewise) with an integer
+            matmul, keep the ``k * F`` best rows per query by those approximate scores, and
+            re-score them exactly in float32. Faster at many queries; the result is
+            approximate: a row of the exact top-k is missed when its approximate score falls
+            below ``k * F`` others (``benchmarks/search.py`` reports recall@k). Scores of the
+            rows returned are exact.
 
     Returns:
         ``(scores, indices)``: float32 [Q, min(k, rows)] and int64 [Q, min(k, rows)],
@@ -401,6 +252,11 @@ def exact_topk(
         raise BergsonError(f"block_rows must be >= 1, got {block_rows}")
     if num_threads is not None and num_threads < 1:
         raise BergsonError(f"num_threads must be >= 1, got {num_threads}")
+    if isinstance(int8_rerank, bool) or not isinstance(int8_rerank, (int, np.integer)) or int8_rerank < 0:
+        raise BergsonError(
+            f"int8_rerank must be 0 (exact search) or a factor >= 1 (candidates kept per result), "
+            f"got {int8_rerank!r}"
+        )
     st = open_store(store)
     segments, total = column_segments(st, modules)
     q = prepare_queries(queries, segments, total, unit_norm=unit_norm, reverse=reverse)
@@ -414,23 +270,20 @@ def exact_topk(
         import torch
 
         num_threads = torch.get_num_threads()
-    block_rows = max(1, min(block_rows, _SCORE_BYTES // (4 * num_q)))
-    top = TopK(num_q, kk)
-    with BlockScorer(
-        q, segments, total, unit_norm=unit_norm, block_rows=block_rows, num_threads=num_threads
-    ) as score:
-        bad: list[int] = []
+
+    scan_k = min(kk * int8_rerank, n) if int8_rerank else kk
+    top = TopK(num_q, scan_k)
+    bad: list[int] = []
+    with ChunkScanner(
+        q, segments, total, k=scan_k, unit_norm=unit_norm, num_threads=num_threads, int8=bool(int8_rerank)
+    ) as scan:
         for first, block in iter_blocks(st, block_rows):
-            scores = score(block)
-            if not np.isfinite(scores).all():
-                # a row with NaN or inf values (a store written before the writer zeroed them):
-                # never ranked (an inf would rank first), and said
-                cols = np.flatnonzero(~np.isfinite(scores).all(axis=0))
-                scores[:, cols] = np.nan
-                bad += (cols + first).tolist()
-            top.push(scores, first)
+            (qs, rows, scores), block_bad = scan(block, first, top.scores[:, -1])
+            top.push_candidates(qs, rows, scores)
+            bad += block_bad
     if bad:
         warn_nonfinite_rows(st, bad, "left out of the ranking")
-    # Rows with NaN scores (non-finite stored values) are never selected.
-    top.indices[top.indices == _SENTINEL] = -1
+    top.indices[top.indices == EMPTY] = -1
+    if int8_rerank:
+        top.scores, top.indices = rescore(st, q, segments, top.indices, kk, unit_norm=unit_norm)
     return (-top.scores if reverse else top.scores), top.indices
