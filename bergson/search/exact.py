@@ -281,9 +281,9 @@ def exact_topk(
             (qs, rows, scores), block_bad = scan(block, first, top.scores[:, -1])
             top.push_candidates(qs, rows, scores)
             bad += block_bad
+        top.indices[top.indices == EMPTY] = -1
+        if int8_rerank:  # inside: single-threaded kernels here too
+            top.scores, top.indices = rescore(st, q, segments, top.indices, kk, unit_norm=unit_norm)
     if bad:
         warn_nonfinite_rows(st, bad, "left out of the ranking")
-    top.indices[top.indices == EMPTY] = -1
-    if int8_rerank:
-        top.scores, top.indices = rescore(st, q, segments, top.indices, kk, unit_norm=unit_norm)
     return (-top.scores if reverse else top.scores), top.indices

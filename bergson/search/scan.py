@@ -81,8 +81,11 @@ class TopK:
         self.indices[touched] = np.take_along_axis(all_i, keep, axis=1)
 
 
-def chunk_rows_for(width: int) -> int:
-    return max(16, CHUNK_BYTES // (4 * max(width, 1)))
+def chunk_rows_for(width: int, num_q: int) -> int:
+    """Rows per chunk: ``CHUNK_BYTES`` of float32, up to 4x more for fewer than 16 queries, where
+    the matmul hardly reuses a row and the per-chunk Python work is what a bigger chunk saves."""
+    scale = min(4, max(1, 16 // max(num_q, 1)))
+    return max(16, scale * CHUNK_BYTES // (4 * max(width, 1)))
 
 
 class ChunkScanner:
@@ -114,8 +117,10 @@ class ChunkScanner:
         self.whole = segments == [(0, total_dim)]
         self.unit_norm = unit_norm
         self.int8 = int8
-        self.chunk = chunk_rows or chunk_rows_for(self.width)
+        self.chunk = chunk_rows or chunk_rows_for(self.width, self.num_q)
         self.num_threads = num_threads
+        self.merge_at = max(4096, 8 * self.num_q * k)
+        """Pending candidates that trigger a merge into the worker's top-k."""
         q = torch.from_numpy(queries)
         if int8:
             self.q_int8 = quantize_rows(torch, q)  # [Q, width]; queries are finite
@@ -203,29 +208,50 @@ class ChunkScanner:
         top.scores[:] = np.maximum(top.scores, thr[:, None])  # entries only a later row can beat
         bad_rows: list[int] = []
         g = _GROUP
+        # candidates wait in ``pending`` and are merged once there are enough of them (a merge
+        # costs far more than comparing with a stale, lower threshold, which only lets more in)
+        pending: list[tuple[Any, Any, Any]] = []
+        waiting = 0
+        t = torch.from_numpy(top.scores[:, -1].copy())
         for s in range(s0, e0, self.chunk):
             e = min(s + self.chunk, e0)
             out, bad = self.score_chunk(block, s, e)
             if bad is not None:
                 bad_rows += (bad.nonzero().flatten().numpy() + first + s).tolist()
             n = e - s
-            t = torch.from_numpy(top.scores[:, -1].copy())
             if n % g == 0:
                 # best score of every group of g rows, per query; only groups that beat the
                 # threshold are looked at row by row
                 groups = out.view(self.num_q, n // g, g)
                 qi, gi = (groups.amax(dim=2) > t[:, None]).nonzero(as_tuple=True)
-                if len(qi) == 0:
+                if qi.shape[0] == 0:
                     continue
                 vals = groups[qi, gi]  # [hits, g]
                 h, j = (vals > t[qi, None]).nonzero(as_tuple=True)
-                cq, cr, cs = qi[h], gi[h] * g + j, vals[h, j]
+                cq, cr, cs = qi[h], gi[h] * g + j + (first + s), vals[h, j]
             else:
                 cq, cr = (out > t[:, None]).nonzero(as_tuple=True)
                 cs = out[cq, cr]
-            if len(cq):
-                top.push_candidates(cq.numpy().astype(np.int64), cr.numpy() + (first + s), cs.numpy())
+                cr = cr + (first + s)
+            if cq.shape[0] == 0:
+                continue
+            pending.append((cq, cr, cs))
+            waiting += cq.shape[0]
+            if waiting >= self.merge_at:
+                self._merge(top, pending)
+                pending, waiting = [], 0
+                t = torch.from_numpy(top.scores[:, -1].copy())
+        if pending:
+            self._merge(top, pending)
         return top, bad_rows
+
+    def _merge(self, top: TopK, pending: list[tuple[Any, Any, Any]]) -> None:
+        torch = self.torch
+        top.push_candidates(
+            torch.cat([p[0] for p in pending]).numpy(),
+            torch.cat([p[1] for p in pending]).numpy(),
+            torch.cat([p[2] for p in pending]).numpy(),
+        )
 
     def __call__(self, block: np.ndarray, first: int, thr: np.ndarray) -> tuple[Candidates, list[int]]:
         """Candidates of a block whose first row is ``first``, given the running thresholds
