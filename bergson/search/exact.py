@@ -225,12 +225,14 @@ def exact_topk(
             runs single-threaded kernels, so torch's intra-op thread count is set to 1
             during the call and restored afterwards.
         int8_rerank: 0 (default): exact. A factor F >= 1: scan an int8 copy of each row
-            (quantized on the fly, one scale per row; queries likewise) with an integer
-            matmul, keep the ``k * F`` best rows per query by those approximate scores, and
-            re-score them exactly in float32. Faster at many queries; the result is
+            (one scale per row; queries likewise) with an integer matmul, keep the ``k * F``
+            best rows per query by those approximate scores, and re-score them exactly in
+            float32. Faster at many queries; the result is
             approximate: a row of the exact top-k is missed when its approximate score falls
             below ``k * F`` others (``benchmarks/search.py`` reports recall@k). Scores of the
-            rows returned are exact.
+            rows returned are exact. For a GradientStore the int8 copy is written once beside
+            it (``<store>/int8/``, half the float16 bytes; said on the console) and reused while
+            the store is unchanged; an array is quantized on the fly.
 
     Returns:
         ``(scores, indices)``: float32 [Q, min(k, rows)] and int64 [Q, min(k, rows)],
@@ -274,13 +276,26 @@ def exact_topk(
     scan_k = min(kk * int8_rerank, n) if int8_rerank else kk
     top = TopK(num_q, scan_k)
     bad: list[int] = []
+    copy = None
+    if int8_rerank and not isinstance(st, np.ndarray):
+        from .int8_copy import int8_copy
+
+        copy = int8_copy(st)
     with ChunkScanner(
         q, segments, total, k=scan_k, unit_norm=unit_norm, num_threads=num_threads, int8=bool(int8_rerank)
     ) as scan:
-        for first, block in iter_blocks(st, block_rows):
-            (qs, rows, scores), block_bad = scan(block, first, top.scores[:, -1])
-            top.push_candidates(qs, rows, scores)
-            bad += block_bad
+        if copy is not None:
+            rows8, scales8 = copy
+            for first in range(0, n, block_rows):
+                part = slice(first, first + block_rows)
+                (qs, rows, scores), block_bad = scan(rows8[part], first, top.scores[:, -1], scales8[part])
+                top.push_candidates(qs, rows, scores)
+                bad += block_bad
+        else:
+            for first, block in iter_blocks(st, block_rows):
+                (qs, rows, scores), block_bad = scan(block, first, top.scores[:, -1])
+                top.push_candidates(qs, rows, scores)
+                bad += block_bad
         top.indices[top.indices == EMPTY] = -1
         if int8_rerank:  # inside: single-threaded kernels here too
             top.scores, top.indices = rescore(st, q, segments, top.indices, kk, unit_norm=unit_norm)

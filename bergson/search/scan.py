@@ -125,6 +125,7 @@ class ChunkScanner:
         if int8:
             self.q_int8 = quantize_rows(torch, q)  # [Q, width]; queries are finite
         self.queries = q
+        self.scales: Any = None
         self.local = threading.local()
         self.pool: ThreadPoolExecutor | None = None
 
@@ -166,6 +167,8 @@ class ChunkScanner:
         torch = self.torch
         bufs = self._buffers()
         n = e - s
+        if self.scales is not None:
+            return self._score_int8_copy(block, s, e, bufs)
         rows = bufs["rows"][:n]
         if self.whole:
             rows.copy_(block[s:e])
@@ -245,6 +248,36 @@ class ChunkScanner:
             self._merge(top, pending)
         return top, bad_rows
 
+    def _score_int8_copy(self, block: Any, s: int, e: int, bufs: dict[str, Any]) -> tuple[Any, Any]:
+        """Approximate scores of rows s..e of an int8 copy (``block`` is int8, ``self.scales``
+        its rows' scales, NaN for a row with non-finite values, whose scores become -inf)."""
+        torch = self.torch
+        n = e - s
+        if self.whole:
+            ri = block[s:e]
+        else:
+            ri, col = bufs["int8"][:n], 0
+            for a, z in self.segments:
+                ri[:, col : col + z - a].copy_(block[s:e, a:z])
+                col += z - a
+        out = bufs["out"][: self.num_q * n].view(self.num_q, n)
+        acc = bufs["int32"][: self.num_q * n].view(self.num_q, n)
+        torch._int_mm(self.q_int8, ri.T, out=acc)
+        out.copy_(acc)
+        scale = self.scales[s:e]
+        if self.unit_norm:  # the scale cancels in a cosine
+            rows = bufs["rows"][:n]
+            rows.copy_(ri)
+            norms = torch.linalg.vector_norm(rows, dim=1)
+            out.mul_(torch.where(norms > 0, norms.reciprocal(), 0.0))
+        else:
+            out.mul_(scale)
+        bad = ~torch.isfinite(scale)
+        if not bool(bad.any()):
+            return out, None
+        out[:, bad] = -torch.inf
+        return out, bad
+
     def _merge(self, top: TopK, pending: list[tuple[Any, Any, Any]]) -> None:
         torch = self.torch
         top.push_candidates(
@@ -253,11 +286,16 @@ class ChunkScanner:
             torch.cat([p[2] for p in pending]).numpy(),
         )
 
-    def __call__(self, block: np.ndarray, first: int, thr: np.ndarray) -> tuple[Candidates, list[int]]:
+    def __call__(
+        self, block: np.ndarray, first: int, thr: np.ndarray, scales: np.ndarray | None = None
+    ) -> tuple[Candidates, list[int]]:
         """Candidates of a block whose first row is ``first``, given the running thresholds
         (float32 [Q]: a row must score strictly above), and the rows holding non-finite values
-        (never candidates)."""
+        (never candidates). With ``scales`` the block is a slice of an int8 copy
+        (:mod:`bergson.search.int8_copy`) and these are its rows' scales."""
         import warnings
+
+        self.scales = None if scales is None else self.torch.from_numpy(np.asarray(scales, np.float32))
 
         b = block.shape[0]
         if any(stride < 0 for stride in block.strides):

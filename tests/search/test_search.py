@@ -420,3 +420,45 @@ def test_search_package_imports_neither_torch_nor_faiss():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root, env=os.environ
     )
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_int8_copy_is_written_once_reused_and_rewritten_when_the_store_changes(tmp_path, caplog):
+    import logging
+    import shutil
+
+    from bergson.search.int8_copy import load_int8_copy
+    from bergson.store import load_gradients
+
+    x = np.random.default_rng(33).standard_normal((300, 16)).astype(np.float32)
+    store = synthetic_store(tmp_path / "s", x, shard_size=128)
+    q = x[[4, 250]] * 3
+    with caplog.at_level(logging.WARNING, logger="bergson"):
+        _, i1 = exact_topk(store, q, 3, int8_rerank=2)
+    assert caplog.text.count("writing an int8 copy") == 1
+    rows8, scales = load_int8_copy(store)
+    np.testing.assert_allclose(rows8 * (scales[:, None] / 127), stored(store), atol=scales.max() / 254 + 1e-6)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bergson"):
+        _, i2 = exact_topk(store, q, 3, int8_rerank=2)
+    assert "writing" not in caplog.text  # reused
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(i1, exact_topk(store, q, 3)[1])
+    # an older store holding non-finite rows: the copy marks them, the search leaves them out
+    root = tmp_path / "older"
+    shutil.copytree(store.root, root)
+    shutil.rmtree(root / "int8")
+    npy = root / "shards/00000.npy"
+    shard = np.load(npy)
+    shard[4, 0] = np.inf
+    np.save(npy, shard)
+    older = load_gradients(root)
+    with caplog.at_level(logging.WARNING, logger="bergson"):
+        _, i3 = exact_topk(older, q, 3, int8_rerank=2)
+    assert "1 stored rows hold non-finite values" in caplog.text
+    assert 4 not in i3
+    np.testing.assert_array_equal(i3, exact_topk(older, q, 3)[1])
+    # a rebuilt store (new manifest): the copy is stale and rewritten
+    store = synthetic_store(tmp_path / "s", -x, shard_size=128, overwrite=True)
+    assert load_int8_copy(store) is None
+    _, i4 = exact_topk(store, -q, 3, int8_rerank=2)
+    np.testing.assert_array_equal(i4, i1)
