@@ -117,8 +117,9 @@ class QueryConfig(ModelOptions):
     """FAISS index options (with --search faiss)."""
 
     int8_rerank: int = 0
-    """0: exact search. F >= 1: scan int8 copies of the rows (a scale per row), keep the top_k * F
-    best by those scores and re-score them exactly (faster at many queries; may miss a row)."""
+    """0: exact search. F >= 1: scan an int8 copy of the rows (a scale per row; written once beside
+    the store), keep the top_k * F best by those scores and re-score them exactly (faster at many
+    queries; may miss a row)."""
 
     preconditioner_path: str | None = None
     """Preconditioner directory: queries get H^-1 (with --unit_normalize, H^-1/2; the index must then carry
