@@ -8,8 +8,9 @@ the rows that can still enter a query's top-k. The worker holds its own running 
 (:class:`TopK`), starting from the block's thresholds (the k-th best score
 of the rows before the block); within a chunk it compares the best score of each group of
 ``_GROUP`` rows with the query's threshold and looks row by row only at the groups that beat
-it. The [queries, block rows] score matrix is never written out: the previous kernel wrote it
-and then made several numpy passes over it per block, which is what made it slow at many
+it. The [queries, block rows] score matrix is never written out: the dense kernel
+(:class:`bergson.search.exact.BlockScorer`, still used below 32 queries, where it is faster) writes
+it and then makes several numpy passes over it per block, which is what makes it slow at many
 queries.
 
 With ``int8=True`` the chunk is quantized first (one scale per row: its largest magnitude maps
@@ -55,6 +56,43 @@ class TopK:
         self.k = k
         self.scores = np.full((num_queries, k), -np.inf, np.float32)
         self.indices = np.full((num_queries, k), EMPTY, np.int64)
+
+    def push(self, scores: np.ndarray, first_row: int) -> None:
+        """Offer a block of scores [Q, b] for rows first_row .. first_row + b - 1."""
+        k = self.k
+        num_q, b = scores.shape
+        # A new row must beat the k-th score held strictly: on a tie the lower row wins.
+        mask = scores > self.scores[:, -1:]
+        counts = np.count_nonzero(mask, axis=1)
+        if not counts.any():
+            return
+        big = np.flatnonzero(counts > k)
+        if len(big):
+            # Keep only the exact top-k of these queries: everything above the k-th
+            # largest value, then the lowest-indexed rows equal to it.
+            sub = scores[big]
+            kth = np.partition(sub, b - k, axis=1)[:, b - k : b - k + 1]
+            above = sub > kth
+            ties = sub == kth
+            need = k - np.count_nonzero(above, axis=1, keepdims=True)
+            mask[big] = above | (ties & (np.cumsum(ties, axis=1) <= need))
+            counts[big] = k
+        flat = np.flatnonzero(mask)  # ordered by query, then row
+        qs, rows = np.divmod(flat, b)
+        width = int(counts.max())
+        starts = np.cumsum(counts) - counts
+        pos = np.arange(len(flat)) - starts[qs]
+        cand_s = np.full((num_q, width), -np.inf, np.float32)
+        cand_i = np.full((num_q, width), EMPTY, np.int64)
+        cand_s[qs, pos] = scores.ravel()[flat]
+        cand_i[qs, pos] = rows + first_row
+        all_s = np.concatenate([self.scores, cand_s], axis=1)
+        all_i = np.concatenate([self.indices, cand_i], axis=1)
+        # Held rows come first and are already ordered; new rows follow in row order, so
+        # a stable sort on the score alone breaks ties by row index.
+        order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
+        self.scores = np.take_along_axis(all_s, order, axis=1)
+        self.indices = np.take_along_axis(all_i, order, axis=1)
 
     def push_candidates(self, qs: np.ndarray, rows: np.ndarray, scores: np.ndarray) -> None:
         """Offer candidates as (query, row, score) arrays; every row must be higher than every row

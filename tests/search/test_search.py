@@ -188,9 +188,10 @@ def test_chunked_scan_equals_bruteforce_bit_for_bit(int_store, monkeypatch, chun
     """Chunks of 64 rows (the grouped look), 100 rows (a row-by-row look) and the default size,
     one or two workers: integer scores are exact, so the result equals brute force exactly,
     ties (every row ties for query 0; rows 100..109 equal row 5) included."""
-    from bergson.search import scan
+    from bergson.search import exact, scan
 
     monkeypatch.setattr(scan, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(exact, "_DENSE_BELOW", 1)  # the candidate kernel at any number of queries
     rng = np.random.default_rng(20)
     q = rng.integers(-2, 3, size=(5, 24)).astype(np.float32)
     q[0] = 0.0
@@ -204,19 +205,25 @@ def test_chunked_scan_equals_bruteforce_bit_for_bit(int_store, monkeypatch, chun
 
 
 def test_chunked_scan_equals_dense_float32(float_store, monkeypatch):
-    """Against one dense float32 matmul of the whole store (the previous kernel's arithmetic):
-    same rows, scores within 2 float32 ulps (the sum order inside a matmul differs)."""
+    """The candidate kernel against one dense float32 matmul of the whole store and against the
+    dense block kernel (the one used below 32 queries): same rows, scores within 2 float32 ulps
+    (the sum order inside a matmul differs)."""
     import torch
 
-    from bergson.search import scan
+    from bergson.search import exact, scan
 
     monkeypatch.setattr(scan, "CHUNK_BYTES", 48 * 4 * 128)
+    monkeypatch.setattr(exact, "_DENSE_BELOW", 1)
     q = np.random.default_rng(21).standard_normal((17, 48)).astype(np.float32)
     dense = (torch.from_numpy(q) @ torch.from_numpy(np.asarray(float_store.all, np.float32)).T).numpy()
     ref_s, ref_i = reference_topk(dense, 20)
     scores, idx = exact_topk(float_store, q, 20, num_threads=2, block_rows=1000)
     np.testing.assert_array_equal(idx, ref_i)
     np.testing.assert_array_max_ulp(scores, ref_s.astype(np.float32), maxulp=2)
+    monkeypatch.setattr(exact, "_DENSE_BELOW", 1000)
+    dense_s, dense_i = exact_topk(float_store, q, 20, num_threads=2, block_rows=1000)
+    np.testing.assert_array_equal(dense_i, idx)
+    np.testing.assert_array_max_ulp(dense_s, scores, maxulp=2)
 
 
 # ------------------------------------------------------------------------- int8 + re-rank
