@@ -25,7 +25,7 @@
 The machine may be shared: load averages at the start and end are reported.
 Prints one JSON object.
 
-    python -m benchmarks.search [--rows 2000000] [--dim 256] [--faiss_rows 1000000]
+    python -m benchmarks.search [--rows 2000000] [--dim 256] [--faiss_rows 1000000] [--int8_rerank 4]
 """
 
 from __future__ import annotations
@@ -138,19 +138,39 @@ def bench_exact(store: GradientStore, args: argparse.Namespace, bandwidth: float
                 lambda q=q, threads=threads: exact_topk(store, q, 10, num_threads=threads), args.repeats
             )
             roofline = min(bandwidth, threads * matmul_gflops(num_q, dim) / num_q)
-            results.append(
-                {
-                    "queries": num_q,
-                    "threads": threads,
-                    "gbps_best": round(scanned / best / 1e9, 3),
-                    "gbps_median": round(scanned / median / 1e9, 3),
-                    "gbps_first_pass": round(scanned / first / 1e9, 3),
-                    "gb_per_cpu_second": round(scanned / cpu / 1e9, 3),
-                    "fraction_of_copy_bandwidth": round(scanned / best / 1e9 / bandwidth, 3),
-                    "compute_roofline_gbps": round(roofline, 3),
-                    "fraction_of_roofline": round(scanned / best / 1e9 / roofline, 3),
+            entry: dict[str, Any] = {
+                "queries": num_q,
+                "threads": threads,
+                "gbps_best": round(scanned / best / 1e9, 3),
+                "gbps_median": round(scanned / median / 1e9, 3),
+                "gbps_first_pass": round(scanned / first / 1e9, 3),
+                "gb_per_cpu_second": round(scanned / cpu / 1e9, 3),
+                "fraction_of_copy_bandwidth": round(scanned / best / 1e9 / bandwidth, 3),
+                "compute_roofline_gbps": round(roofline, 3),
+                "fraction_of_roofline": round(scanned / best / 1e9 / roofline, 3),
+            }
+            if args.int8_rerank:
+                # the approximate scan, timed right after the exact one (same load), and its
+                # recall@10 against the exact answer
+                _, truth = exact_topk(store, q, 10, num_threads=threads)
+                _, found = exact_topk(store, q, 10, num_threads=threads, int8_rerank=args.int8_rerank)
+                best8, _, cpu8 = best_and_median(
+                    lambda q=q, threads=threads: exact_topk(
+                        store, q, 10, num_threads=threads, int8_rerank=args.int8_rerank
+                    ),
+                    args.repeats,
+                )
+                entry["int8_rerank"] = {
+                    "factor": args.int8_rerank,
+                    "gbps_best": round(scanned / best8 / 1e9, 3),
+                    "gb_per_cpu_second": round(scanned / cpu8 / 1e9, 3),
+                    "speedup_over_exact": round(best / best8, 3),
+                    "fraction_of_copy_bandwidth": round(scanned / best8 / 1e9 / bandwidth, 3),
+                    "recall_at_10": round(
+                        float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)])), 4
+                    ),
                 }
-            )
+            results.append(entry)
             print(json.dumps(results[-1]), flush=True, file=sys.stderr)
     return {
         "store": {"rows": len(store), "dim": dim, "dtype": "float16", "gb": scanned / 1e9},
@@ -254,6 +274,12 @@ def main() -> None:
         default=sorted({1, torch.get_num_threads()}),
     )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--int8_rerank",
+        type=int,
+        default=4,
+        help="also time exact_topk(int8_rerank=F) and its recall; 0 skips",
+    )
     parser.add_argument("--faiss_rows", type=int, default=1_000_000, help="0 skips the FAISS part")
     parser.add_argument("--faiss_queries", type=int, default=200)
     parser.add_argument("--faiss_noise", type=float, default=2.0, help="within-cluster noise scale")

@@ -60,6 +60,7 @@ class QueryEngine:
             faiss_cfg=faiss_cfg,
             modules=cfg.modules or None,
             preconditioner_path=cfg.preconditioner_path,
+            int8_rerank=cfg.int8_rerank,
         )
         manifest = self.attr.manifest
         model_name = cfg.model or manifest.model["name"]

@@ -116,6 +116,11 @@ class QueryConfig(ModelOptions):
     faiss: FaissConfig = field(default_factory=FaissConfig)
     """FAISS index options (with --search faiss)."""
 
+    int8_rerank: int = 0
+    """0: exact search. F >= 1: scan an int8 copy of the rows (a scale per row; written once beside
+    the store), keep the top_k * F best by those scores and re-score them exactly (faster at many
+    queries; may miss a row)."""
+
     preconditioner_path: str | None = None
     """Preconditioner directory: queries get H^-1 (with --unit_normalize, H^-1/2; the index must then carry
     H^-1/2, i.e. be built with the same --preconditioner_path). A preconditioner the index carries is

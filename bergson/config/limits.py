@@ -103,6 +103,9 @@ LIMITS: dict[str, Limit] = {
     "CascadeEkfacConfig.top_k": _at_least(1, "candidates per query"),
     "CascadeTrackstarConfig.top_k": _at_least(1, "candidates per query"),
     "snippet_chars": _at_least(1, "characters"),
+    "int8_rerank": _at_least(
+        1, "candidates re-scored per result, a multiple of --top_k", zero="exact search"
+    ),
     # FAISS
     "nprobe": _at_least(1, "inverted lists visited per query"),
     "num_shards": _at_least(1, "indices"),

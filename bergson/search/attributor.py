@@ -70,7 +70,10 @@ class Attributor:
     H^-1 to them itself (H^-1/2 with ``unit_norm``). ``unit_norm`` scores by cosine; ``reverse`` returns the most
     negative scores (opponents); ``modules`` restricts the search to some modules (names or globs,
     spelled from the whole model or from its base model, as the original package did).
-    With ``faiss_cfg`` the search goes through a FAISS index built beside the store.
+    With ``faiss_cfg`` the search goes through a FAISS index built beside the store. With
+    ``int8_rerank=F`` the exact search scans int8 copies of the rows and re-scores the ``k * F``
+    best candidates exactly (see :func:`bergson.search.exact_topk`; approximate, faster at many
+    queries).
 
     ``trace(model.base_model, k)`` and ``trace(model, k)`` find the same modules; the traced
     module must hold every module the search covers, or the trace is an error naming those it
@@ -87,7 +90,14 @@ class Attributor:
         faiss_cfg: Any = None,
         modules: Sequence[str] | None = None,
         preconditioner_path: str | Path | None = None,
+        int8_rerank: int = 0,
     ):
+        if int8_rerank and faiss_cfg is not None:
+            raise BergsonError(
+                f"--int8_rerank {int8_rerank} speeds up the exact search only; with --search faiss the "
+                "index decides the candidates: drop one of the two"
+            )
+        self.int8_rerank = int8_rerank
         self.store: GradientStore = load_gradients(index_path)
         manifest = self.store.manifest
         if manifest.kind == "scores":
@@ -138,7 +148,13 @@ class Attributor:
         else:
             restrict = None if mods == list(self.store.modules) else mods
             scores, idx = exact_topk(
-                self.store, q.numpy(), k, unit_norm=self.unit_norm, reverse=reverse, modules=restrict
+                self.store,
+                q.numpy(),
+                k,
+                unit_norm=self.unit_norm,
+                reverse=reverse,
+                modules=restrict,
+                int8_rerank=self.int8_rerank,
             )
         return torch.from_numpy(scores).to(self.device), torch.from_numpy(idx).to(self.device)
 

@@ -6,9 +6,12 @@ To first order, one step of gradient descent on a stored row changes the query's
 by ``-lr * score``, so a **positive score means that training on the row lowers the
 query's loss** (a "proponent"); negative scores are "opponents".
 
-The store is never loaded whole: it is read block by block (memory-mapped), each block
-is converted to float32 once, in cache-sized chunks, and multiplied by all queries at
-once; a running top-k per query is merged after each block.
+The store is never loaded whole: it is read block by block (memory-mapped) and worker threads
+score each block in cache-sized chunks (converted to float32 once, multiplied by all queries at
+once). Below 32 queries the block's scores are kept whole and merged into a running top-k per
+query (:class:`BlockScorer`, :meth:`TopK.push`); from 32 queries on, and for ``int8_rerank``,
+each chunk hands back only the rows that can still enter a query's top-k
+(:mod:`bergson.search.scan`), which is faster there.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 
 from ..core.rows import unit_rows_np
 from ..errors import BergsonError
+from .scan import EMPTY, ChunkScanner, TopK, rescore
 
 if TYPE_CHECKING:
     from ..store.reader import GradientStore
@@ -34,12 +38,9 @@ StoreLike = Union["GradientStore", np.ndarray, str, Path]
 
 logger = logging.getLogger(__name__)
 
-_SENTINEL = np.iinfo(np.int64).max
-_CHUNK_BYTES = 1 << 22
-"""Size of the float32 conversion buffer: small enough to stay in cache, large enough
-that per-chunk Python overhead is a few percent."""
-_SCORE_BYTES = 1 << 28
-"""Upper bound on the [queries, block rows] float32 score buffer."""
+_BLOCK_ROWS = 65536
+"""Default rows read per block: the workers share a block, and candidates are merged once per
+block."""
 
 
 # ------------------------------------------------------------------------- inputs
@@ -196,58 +197,17 @@ def iter_blocks(store: GradientStore | np.ndarray, block_rows: int) -> Iterator[
         yield from store.blocks(block_rows)
 
 
-# ------------------------------------------------------------------------- top-k
-class TopK:
-    """A running top-k per query, ordered by descending score, ties by ascending row.
-
-    Blocks must be offered in increasing row order (every row of a later block has a
-    higher index than every row already held); that makes the merge a stable sort.
-    """
-
-    def __init__(self, num_queries: int, k: int):
-        self.k = k
-        self.scores = np.full((num_queries, k), -np.inf, np.float32)
-        self.indices = np.full((num_queries, k), _SENTINEL, np.int64)
-
-    def push(self, scores: np.ndarray, first_row: int) -> None:
-        """Offer a block of scores [Q, b] for rows first_row .. first_row + b - 1."""
-        k = self.k
-        num_q, b = scores.shape
-        # A new row must beat the k-th score held strictly: on a tie the lower row wins.
-        mask = scores > self.scores[:, -1:]
-        counts = np.count_nonzero(mask, axis=1)
-        if not counts.any():
-            return
-        big = np.flatnonzero(counts > k)
-        if len(big):
-            # Keep only the exact top-k of these queries: everything above the k-th
-            # largest value, then the lowest-indexed rows equal to it.
-            sub = scores[big]
-            kth = np.partition(sub, b - k, axis=1)[:, b - k : b - k + 1]
-            above = sub > kth
-            ties = sub == kth
-            need = k - np.count_nonzero(above, axis=1, keepdims=True)
-            mask[big] = above | (ties & (np.cumsum(ties, axis=1) <= need))
-            counts[big] = k
-        flat = np.flatnonzero(mask)  # ordered by query, then row
-        qs, rows = np.divmod(flat, b)
-        width = int(counts.max())
-        starts = np.cumsum(counts) - counts
-        pos = np.arange(len(flat)) - starts[qs]
-        cand_s = np.full((num_q, width), -np.inf, np.float32)
-        cand_i = np.full((num_q, width), _SENTINEL, np.int64)
-        cand_s[qs, pos] = scores.ravel()[flat]
-        cand_i[qs, pos] = rows + first_row
-        all_s = np.concatenate([self.scores, cand_s], axis=1)
-        all_i = np.concatenate([self.indices, cand_i], axis=1)
-        # Held rows come first and are already ordered; new rows follow in row order, so
-        # a stable sort on the score alone breaks ties by row index.
-        order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
-        self.scores = np.take_along_axis(all_s, order, axis=1)
-        self.indices = np.take_along_axis(all_i, order, axis=1)
-
-
 # ------------------------------------------------------------------------- search
+_DENSE_BELOW = 32
+"""Below this many queries the exact search scores whole blocks densely (:class:`BlockScorer`); from
+it on, and with ``int8_rerank``, chunks keep only candidates (:mod:`bergson.search.scan`). Measured
+on the 2-core machine: the candidate kernel is 1.1-1.4x faster at 64 queries and 0.7-0.9x at 1-16."""
+_CHUNK_BYTES = 1 << 22
+"""Size of the dense kernel's float32 conversion buffer."""
+_SCORE_BYTES = 1 << 28
+"""Upper bound on the dense kernel's [queries, block rows] float32 score buffer."""
+
+
 class BlockScorer:
     """Scores store blocks against all queries: float32 [Q, b] per block.
 
@@ -359,8 +319,9 @@ def exact_topk(
     unit_norm: bool = False,
     reverse: bool = False,
     modules: Sequence[str] | None = None,
-    block_rows: int = 65536,
+    block_rows: int = _BLOCK_ROWS,
     num_threads: int | None = None,
+    int8_rerank: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` stored rows with the highest scores for each query, found exactly.
 
@@ -375,11 +336,20 @@ def exact_topk(
             the fly. All-zero rows (empty documents) score 0, never NaN.
         reverse: return the most negative scores first (the strongest opponents).
         modules: search only these modules' columns (names from the store's manifest).
-        block_rows: rows read per block (bounded further so that the score buffer of
-            all queries stays under 256 MB).
+        block_rows: rows read per block (each block is scored in cache-sized chunks;
+            only candidates for the top-k leave a chunk).
         num_threads: worker threads (default: ``torch.get_num_threads()``). Each worker
             runs single-threaded kernels, so torch's intra-op thread count is set to 1
             during the call and restored afterwards.
+        int8_rerank: 0 (default): exact. A factor F >= 1: scan an int8 copy of each row
+            (one scale per row; queries likewise) with an integer matmul, keep the ``k * F``
+            best rows per query by those approximate scores, and re-score them exactly in
+            float32. Faster at many queries; the result is
+            approximate: a row of the exact top-k is missed when its approximate score falls
+            below ``k * F`` others (``benchmarks/search.py`` reports recall@k). Scores of the
+            rows returned are exact. For a GradientStore the int8 copy is written once beside
+            it (``<store>/int8/``, half the float16 bytes; said on the console) and reused while
+            the store is unchanged; an array is quantized on the fly.
 
     Returns:
         ``(scores, indices)``: float32 [Q, min(k, rows)] and int64 [Q, min(k, rows)],
@@ -401,6 +371,11 @@ def exact_topk(
         raise BergsonError(f"block_rows must be >= 1, got {block_rows}")
     if num_threads is not None and num_threads < 1:
         raise BergsonError(f"num_threads must be >= 1, got {num_threads}")
+    if isinstance(int8_rerank, bool) or not isinstance(int8_rerank, (int, np.integer)) or int8_rerank < 0:
+        raise BergsonError(
+            f"int8_rerank must be 0 (exact search) or a factor >= 1 (candidates kept per result), "
+            f"got {int8_rerank!r}"
+        )
     st = open_store(store)
     segments, total = column_segments(st, modules)
     q = prepare_queries(queries, segments, total, unit_norm=unit_norm, reverse=reverse)
@@ -414,12 +389,59 @@ def exact_topk(
         import torch
 
         num_threads = torch.get_num_threads()
+
+    scan_k = min(kk * int8_rerank, n) if int8_rerank else kk
+    top = TopK(num_q, scan_k)
+    bad: list[int] = []
+    if not int8_rerank and num_q < _DENSE_BELOW:
+        return _dense_topk(st, q, segments, total, kk, unit_norm, reverse, block_rows, num_threads)
+    copy = None
+    if int8_rerank and not isinstance(st, np.ndarray):
+        from .int8_copy import int8_copy
+
+        copy = int8_copy(st)
+    with ChunkScanner(
+        q, segments, total, k=scan_k, unit_norm=unit_norm, num_threads=num_threads, int8=bool(int8_rerank)
+    ) as scan:
+        if copy is not None:
+            rows8, scales8 = copy
+            for first in range(0, n, block_rows):
+                part = slice(first, first + block_rows)
+                (qs, rows, scores), block_bad = scan(rows8[part], first, top.scores[:, -1], scales8[part])
+                top.push_candidates(qs, rows, scores)
+                bad += block_bad
+        else:
+            for first, block in iter_blocks(st, block_rows):
+                (qs, rows, scores), block_bad = scan(block, first, top.scores[:, -1])
+                top.push_candidates(qs, rows, scores)
+                bad += block_bad
+        top.indices[top.indices == EMPTY] = -1
+        if int8_rerank:  # inside: single-threaded kernels here too
+            top.scores, top.indices = rescore(st, q, segments, top.indices, kk, unit_norm=unit_norm)
+    if bad:
+        warn_nonfinite_rows(st, bad, "left out of the ranking")
+    return (-top.scores if reverse else top.scores), top.indices
+
+
+def _dense_topk(
+    st: Any,
+    q: np.ndarray,
+    segments: list[tuple[int, int]],
+    total: int,
+    kk: int,
+    unit_norm: bool,
+    reverse: bool,
+    block_rows: int,
+    num_threads: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k with whole blocks scored densely and merged by :meth:`TopK.push`."""
+    num_q = q.shape[0]
     block_rows = max(1, min(block_rows, _SCORE_BYTES // (4 * num_q)))
     top = TopK(num_q, kk)
+    bad: list[int] = []
     with BlockScorer(
         q, segments, total, unit_norm=unit_norm, block_rows=block_rows, num_threads=num_threads
     ) as score:
-        bad: list[int] = []
         for first, block in iter_blocks(st, block_rows):
             scores = score(block)
             if not np.isfinite(scores).all():
@@ -431,6 +453,5 @@ def exact_topk(
             top.push(scores, first)
     if bad:
         warn_nonfinite_rows(st, bad, "left out of the ranking")
-    # Rows with NaN scores (non-finite stored values) are never selected.
-    top.indices[top.indices == _SENTINEL] = -1
+    top.indices[top.indices == EMPTY] = -1
     return (-top.scores if reverse else top.scores), top.indices

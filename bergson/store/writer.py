@@ -46,6 +46,7 @@ _OWN_FILES = (
     "aggregate.rows.parquet",
     "normalizers.safetensors",
     "faiss",
+    "int8",
 )
 
 

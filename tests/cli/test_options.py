@@ -275,12 +275,15 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
         "query": [
             (["--index", a["store"], *m, *loading, "--query", "The river flows", "--top_k", "2", "--unit_norm",
               "--reverse", "--modules", a["module"], "--output", str(tmp / "hits.jsonl"), "--search", "exact",
-              "--snippet_chars", "20", "--per_token", "--record", str(tmp / "record.csv")], None),
+              "--snippet_chars", "20", "--per_token", "--record", str(tmp / "record.csv"), "--int8_rerank", "3"],
+             None),
             (["--index", a["store"], *m, "--query_dataset", a["corpus"], "--query_split", "train[:2]",
               "--query_column", "prompt", "--query_completion_column", "completion", "--search", "faiss",
               "--faiss.index_factory", "IVF1,Flat", "--faiss.mmap_index", "--faiss.nprobe", "1",
               "--faiss.num_shards", "1", "--faiss.max_train_examples", "16"], None),
             (["--index", a["store"], *m, "--query", "x", "--preconditioner_path", missing], "missing"),
+            (["--index", a["store"], *m, "--query", "x", "--search", "faiss", "--int8_rerank", "2"],
+             "speeds up the exact search only"),
         ],
         "convert": [
             ([a["legacy"], new(), "--model", a["model"], "--overwrite"], None),

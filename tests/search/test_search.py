@@ -181,6 +181,117 @@ def test_exact_bad_store_input(float_store):
         exact_topk(np.zeros(4), np.zeros(4), 2)
 
 
+# ------------------------------------------------------------------------- the chunked kernel
+@pytest.mark.parametrize("chunk_bytes", [24 * 4 * 64, 24 * 4 * 100, 1 << 20])
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_chunked_scan_equals_bruteforce_bit_for_bit(int_store, monkeypatch, chunk_bytes, num_threads):
+    """Chunks of 64 rows (the grouped look), 100 rows (a row-by-row look) and the default size,
+    one or two workers: integer scores are exact, so the result equals brute force exactly,
+    ties (every row ties for query 0; rows 100..109 equal row 5) included."""
+    from bergson.search import exact, scan
+
+    monkeypatch.setattr(scan, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(exact, "_DENSE_BELOW", 1)  # the candidate kernel at any number of queries
+    rng = np.random.default_rng(20)
+    q = rng.integers(-2, 3, size=(5, 24)).astype(np.float32)
+    q[0] = 0.0
+    q[1] = stored(int_store)[5]  # rows 5 and 100..109 tie at the top
+    for reverse in (False, True):
+        scores, idx = exact_topk(int_store, q, 12, reverse=reverse, num_threads=num_threads, block_rows=1000)
+        ref_s, ref_i = reference_topk(q.astype(np.float64) @ stored(int_store).T, 12, reverse)
+        np.testing.assert_array_equal(idx, ref_i)
+        np.testing.assert_array_equal(scores, ref_s)
+    assert list(exact_topk(int_store, q[1], 11)[1][0]) == [5, *range(100, 110)]
+
+
+def test_chunked_scan_equals_dense_float32(float_store, monkeypatch):
+    """The candidate kernel against one dense float32 matmul of the whole store and against the
+    dense block kernel (the one used below 32 queries): same rows, scores within 2 float32 ulps
+    (the sum order inside a matmul differs)."""
+    import torch
+
+    from bergson.search import exact, scan
+
+    monkeypatch.setattr(scan, "CHUNK_BYTES", 48 * 4 * 128)
+    monkeypatch.setattr(exact, "_DENSE_BELOW", 1)
+    q = np.random.default_rng(21).standard_normal((17, 48)).astype(np.float32)
+    dense = (torch.from_numpy(q) @ torch.from_numpy(np.asarray(float_store.all, np.float32)).T).numpy()
+    ref_s, ref_i = reference_topk(dense, 20)
+    scores, idx = exact_topk(float_store, q, 20, num_threads=2, block_rows=1000)
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_array_max_ulp(scores, ref_s.astype(np.float32), maxulp=2)
+    monkeypatch.setattr(exact, "_DENSE_BELOW", 1000)
+    dense_s, dense_i = exact_topk(float_store, q, 20, num_threads=2, block_rows=1000)
+    np.testing.assert_array_equal(dense_i, idx)
+    np.testing.assert_array_max_ulp(dense_s, scores, maxulp=2)
+
+
+# ------------------------------------------------------------------------- int8 + re-rank
+@pytest.fixture(scope="module")
+def planted_store(tmp_path_factory):
+    """Noise rows, and for each of 8 queries 5 planted rows well above the noise (separated by
+    more than int8 rounding can move a score), spread over shards."""
+    rng = np.random.default_rng(30)
+    x = rng.standard_normal((6000, 64)).astype(np.float32)
+    q = rng.standard_normal((8, 64)).astype(np.float32)
+    planted = rng.choice(6000, size=(8, 5), replace=False)
+    for i in range(8):
+        for j, r in enumerate(planted[i]):
+            x[r] = q[i] * (1.0 + 0.3 * (j + 1)) + 0.05 * rng.standard_normal(64)
+    store = synthetic_store(
+        tmp_path_factory.mktemp("planted") / "store", x, {"a": 40, "b": 24}, shard_size=1500
+    )
+    return store, q
+
+
+@pytest.mark.parametrize("unit_norm", [False, True])
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_int8_rerank_equals_exact_on_a_separated_store(planted_store, unit_norm, num_threads):
+    store, q = planted_store
+    es, ei = exact_topk(store, q, 5, unit_norm=unit_norm)
+    for factor in (1, 3):
+        s, i = exact_topk(store, q, 5, unit_norm=unit_norm, int8_rerank=factor, num_threads=num_threads)
+        np.testing.assert_array_equal(i, ei)
+        np.testing.assert_allclose(s, es, rtol=1e-6, atol=1e-6)  # re-scored exactly
+    s, i = exact_topk(store, q, 5, reverse=True, int8_rerank=2)  # opponents: -q's planted rows
+    es, ei = exact_topk(store, q, 5, reverse=True)
+    np.testing.assert_array_equal(i[:, :1], ei[:, :1])
+    np.testing.assert_allclose(s[:, 0], es[:, 0], rtol=1e-6)
+    s, i = exact_topk(store, q[:, 40:], 5, modules=["b"], int8_rerank=4)
+    np.testing.assert_array_equal(i, exact_topk(store, q[:, 40:], 5, modules=["b"])[1])
+
+
+def test_int8_rerank_recall_on_gaussian_rows(float_store):
+    """Without planted answers the re-rank is approximate; with 4x candidates it still finds
+    nearly every row of the exact top 10 (and whatever it returns carries its exact score)."""
+    q = np.random.default_rng(31).standard_normal((16, 48)).astype(np.float32)
+    _, ei = exact_topk(float_store, q, 10)
+    s, i = exact_topk(float_store, q, 10, int8_rerank=4)
+    assert recall(i, ei) >= 0.95
+    exact_scores = q.astype(np.float64) @ stored(float_store).T
+    np.testing.assert_allclose(s, np.take_along_axis(exact_scores, i, axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_rerank_leaves_nonfinite_rows_out_and_pads(tmp_path, caplog):
+    import logging
+
+    x = np.random.default_rng(32).standard_normal((40, 8)).astype(np.float32)
+    arr = x.astype(np.float16)
+    arr[3, 0] = np.inf
+    arr[7, 1] = np.nan
+    with caplog.at_level(logging.WARNING, logger="bergson"):
+        s, i = exact_topk(arr, np.ones(8), 45, int8_rerank=2)
+    assert "2 stored rows hold non-finite values" in caplog.text
+    good = np.setdiff1d(np.arange(40), [3, 7])
+    assert sorted(i[0, :38]) == list(good) and (i[0, 38:] == -1).all() and np.isneginf(s[0, 38:]).all()
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_int8_rerank_bad_value(float_store, value):
+    with pytest.raises(BergsonError, match="int8_rerank must be 0"):
+        exact_topk(float_store, np.zeros(48), 5, int8_rerank=value)
+
+
 # ------------------------------------------------------------------------- faiss
 @pytest.mark.parametrize("num_shards", [1, 3])
 @pytest.mark.parametrize("unit_norm", [False, True])
@@ -316,3 +427,45 @@ def test_search_package_imports_neither_torch_nor_faiss():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root, env=os.environ
     )
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_int8_copy_is_written_once_reused_and_rewritten_when_the_store_changes(tmp_path, caplog):
+    import logging
+    import shutil
+
+    from bergson.search.int8_copy import load_int8_copy
+    from bergson.store import load_gradients
+
+    x = np.random.default_rng(33).standard_normal((300, 16)).astype(np.float32)
+    store = synthetic_store(tmp_path / "s", x, shard_size=128)
+    q = x[[4, 250]] * 3
+    with caplog.at_level(logging.WARNING, logger="bergson"):
+        _, i1 = exact_topk(store, q, 3, int8_rerank=2)
+    assert caplog.text.count("writing an int8 copy") == 1
+    rows8, scales = load_int8_copy(store)
+    np.testing.assert_allclose(rows8 * (scales[:, None] / 127), stored(store), atol=scales.max() / 254 + 1e-6)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bergson"):
+        _, i2 = exact_topk(store, q, 3, int8_rerank=2)
+    assert "writing" not in caplog.text  # reused
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(i1, exact_topk(store, q, 3)[1])
+    # an older store holding non-finite rows: the copy marks them, the search leaves them out
+    root = tmp_path / "older"
+    shutil.copytree(store.root, root)
+    shutil.rmtree(root / "int8")
+    npy = root / "shards/00000.npy"
+    shard = np.load(npy)
+    shard[4, 0] = np.inf
+    np.save(npy, shard)
+    older = load_gradients(root)
+    with caplog.at_level(logging.WARNING, logger="bergson"):
+        _, i3 = exact_topk(older, q, 3, int8_rerank=2)
+    assert "1 stored rows hold non-finite values" in caplog.text
+    assert 4 not in i3
+    np.testing.assert_array_equal(i3, exact_topk(older, q, 3)[1])
+    # a rebuilt store (new manifest): the copy is stale and rewritten
+    store = synthetic_store(tmp_path / "s", -x, shard_size=128, overwrite=True)
+    assert load_int8_copy(store) is None
+    _, i4 = exact_topk(store, -q, 3, int8_rerank=2)
+    np.testing.assert_array_equal(i4, i1)
