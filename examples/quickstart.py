@@ -61,7 +61,7 @@ def main() -> None:
     model, tokenizer = load_model(cfg)
     qcfg = DataConfig(dataset=str(ASSETS / "queries.jsonl"))
     queries = load_data(qcfg)
-    qdocs = tokenize_documents(queries, tokenizer, qcfg, cfg.token_batch_size)
+    qdocs = tokenize_documents(queries, tokenizer, qcfg, int(cfg.token_batch_size))
     qvec = InMemorySink(len(qdocs), store.dims)
     collect_gradients(
         model,
