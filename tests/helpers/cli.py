@@ -1,9 +1,21 @@
-"""The command line in a subprocess, as a user types it."""
+"""The command line as a user types it: in a subprocess (``run``), or through the same entry point
+in this process (``run_in_process``), which spares the ~4 s of imports a fresh interpreter pays.
+
+Use ``run`` where the process boundary is what a test checks (the exit status the shell sees, no
+traceback from the interpreter, torchrun launches); ``run_in_process`` elsewhere. Both return a
+``subprocess.CompletedProcess`` with the exit code, stdout and stderr (log lines included).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import os
 import subprocess
 import sys
+import traceback
+from pathlib import Path
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -13,3 +25,62 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def run_in_process(
+    *args: str, check: bool = True, cwd: str | Path | None = None, stdin: str = ""
+) -> subprocess.CompletedProcess:
+    """``bergson ARGS`` through ``bergson.cli.main`` in this process, from ``cwd``, with ``stdin``.
+
+    What the shell would see: the exit status of ``SystemExit`` (0 when main returns); an exception
+    escaping main is what the interpreter would do with it: its traceback on stderr and status 1.
+    The log lines go to the captured stderr with the CLI's format, as in a fresh process.
+    """
+    from bergson import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("bergson: %(message)s"))
+    root, ours = logging.getLogger(), logging.getLogger("bergson")
+    levels = root.level, ours.level
+    root.addHandler(handler)  # also makes main's logging.basicConfig a no-op, as it must be here
+    root.setLevel(logging.INFO)
+    here = os.getcwd()
+    code = 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with (
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+            _stdin(io.StringIO(stdin)),
+        ):
+            try:
+                cli.main(list(args))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if e.code is not None and not isinstance(e.code, int):
+                    print(e.code, file=sys.stderr)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(here)
+        root.removeHandler(handler)
+        root.setLevel(levels[0])
+        ours.setLevel(levels[1])
+        cli._DEBUG = False
+    proc = subprocess.CompletedProcess(["bergson", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"exit {code}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@contextlib.contextmanager
+def _stdin(stream: io.StringIO):
+    saved = sys.stdin
+    sys.stdin = stream
+    try:
+        yield
+    finally:
+        sys.stdin = saved
