@@ -28,13 +28,15 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def run_in_process(
-    *args: str, check: bool = True, cwd: str | Path | None = None, stdin: str = ""
+    *args: str, check: bool = True, cwd: str | Path | None = None, stdin: str = "", fds: bool = False
 ) -> subprocess.CompletedProcess:
     """``bergson ARGS`` through ``bergson.cli.main`` in this process, from ``cwd``, with ``stdin``.
 
     What the shell would see: the exit status of ``SystemExit`` (0 when main returns); an exception
     escaping main is what the interpreter would do with it: its traceback on stderr and status 1.
-    The log lines go to the captured stderr with the CLI's format, as in a fresh process.
+    The log lines go to the captured stderr with the CLI's format, as in a fresh process. With
+    ``fds``, what child processes (the workers of ``--nproc_per_node``) write to the inherited
+    file descriptors 1 and 2 is captured too, after this process's own output.
     """
     from bergson import cli
 
@@ -51,6 +53,7 @@ def run_in_process(
         if cwd is not None:
             os.chdir(cwd)
         with (
+            _descriptors(fds) as children,
             contextlib.redirect_stdout(out),
             contextlib.redirect_stderr(err),
             _stdin(io.StringIO(stdin)),
@@ -70,7 +73,9 @@ def run_in_process(
         root.setLevel(levels[0])
         ours.setLevel(levels[1])
         cli._DEBUG = False
-    proc = subprocess.CompletedProcess(["bergson", *args], code, out.getvalue(), err.getvalue())
+    proc = subprocess.CompletedProcess(
+        ["bergson", *args], code, out.getvalue() + children[0], err.getvalue() + children[1]
+    )
     if check and code != 0:
         raise AssertionError(f"exit {code}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -84,3 +89,30 @@ def _stdin(stream: io.StringIO):
         yield
     finally:
         sys.stdin = saved
+
+
+@contextlib.contextmanager
+def _descriptors(capture: bool):
+    """File descriptors 1 and 2 pointed at temporary files inside the block (when ``capture``);
+    yields a list that holds their texts (stdout, stderr) once the block is left."""
+    texts = ["", ""]
+    if not capture:
+        yield texts
+        return
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as o, tempfile.TemporaryFile() as e:
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(o.fileno(), 1)
+            os.dup2(e.fileno(), 2)
+            yield texts
+        finally:
+            for fd, keep in enumerate(saved, 1):
+                os.dup2(keep, fd)
+                os.close(keep)
+            for i, f in enumerate((o, e)):
+                f.seek(0)
+                texts[i] = f.read().decode(errors="replace")
