@@ -1,4 +1,6 @@
-"""The command line end to end, in a subprocess, offline."""
+"""The command line end to end, offline: through its entry point in this process (``run``, which
+spares a fresh interpreter's imports), and in a subprocess (``shell``) where the exit status and
+the stderr the shell sees are what a test checks."""
 
 from __future__ import annotations
 
@@ -9,13 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from bergson import load_gradients
-from tests.helpers.cli import run
+from tests.helpers.cli import run as shell
+from tests.helpers.cli import run_in_process as run
 
 
 def test_help_lists_commands():
-    out = run("--help").stdout
+    out = shell("--help").stdout
     assert "build" in out
-    assert "--token_batch_size" in run("build", "--help").stdout
+    assert "--token_batch_size" in shell("build", "--help").stdout
 
 
 def test_build_and_aliases(tmp_path, model_dir, corpus_file):
@@ -62,20 +65,20 @@ def test_yaml_config(tmp_path, model_dir, corpus_file):
 def test_errors_have_no_traceback(tmp_path, model_dir, corpus_file):
     base = ("build", str(tmp_path / "x"), "--model", str(model_dir), "--dataset")
     cases = [
-        (*base, str(tmp_path / "missing.jsonl")),
-        (*base, str(corpus_file), "--prompt_column", "nope"),
-        (*base, str(corpus_file), "--token_batch_size", "8"),
-        (*base, str(corpus_file), "--no_such_option", "1"),
-        ("frobnicate",),
-    ]
-    for args in cases:
-        proc = run(*args, check=False)
+        (shell, (*base, str(tmp_path / "missing.jsonl"))),
+        (run, (*base, str(corpus_file), "--prompt_column", "nope")),
+        (run, (*base, str(corpus_file), "--token_batch_size", "8")),
+        (run, (*base, str(corpus_file), "--no_such_option", "1")),
+        (shell, ("frobnicate",)),
+    ]  # in a subprocess: a failure of loading and an unknown command, as the shell sees them
+    for how, args in cases:
+        proc = how(*args, check=False)
         assert proc.returncode != 0, args
         assert "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.strip(), args
     bad = tmp_path / "bad.yaml"
     bad.write_text("projection_dimm: 3\n")
-    proc = run("build", str(tmp_path / "x"), "--config", str(bad), check=False)
+    proc = shell("build", str(tmp_path / "x"), "--config", str(bad), check=False)
     assert proc.returncode == 1 and "projection_dimm" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x").exists()
 

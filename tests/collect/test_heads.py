@@ -15,7 +15,7 @@ from bergson.errors import BergsonError
 from bergson.models import find_tracked_modules
 from bergson.transforms.projection import projection_matrix
 from tests.helpers.assets import tiny_gpt2, tiny_neox
-from tests.helpers.cli import run
+from tests.helpers.cli import run_in_process as run
 from tests.helpers.gradients import dense_second_moments, naive_gradients, random_docs
 from tests.helpers.standins import TINYSTORIES, make_standins
 
@@ -120,7 +120,8 @@ def test_head_errors():
 
 
 def test_cli_build_and_query_with_heads(tmp_path, model_dir, corpus_file):
-    """Per-head stores through the CLI; the Attributor rebuilds the head split from the manifest."""
+    """Per-head stores through the CLI (its entry point, in this process); the Attributor rebuilds
+    the head split from the manifest."""
     store = tmp_path / "heads"
     # model_dir: hidden 32, 2 heads of 16
     run(

@@ -15,7 +15,7 @@ from bergson.data import tokenize_documents
 from bergson.data.tokenize import grpo_advantages, tokenize_conversations
 from bergson.errors import BergsonError
 from tests.helpers.assets import ASSETS, CHAT_TEMPLATE, shipped_tokenizer, target_tokens
-from tests.helpers.cli import run
+from tests.helpers.cli import run_in_process as run
 
 TEMPLATE = CHAT_TEMPLATE
 CONVERSATIONS = [

@@ -18,6 +18,7 @@ from bergson.data import assign_shards
 from bergson.distributed import check_command, command_of
 from bergson.preconditioning import fit_preconditioner
 from bergson.scoring import score
+from tests.helpers.cli import run_in_process
 from tests.helpers.distributed import assert_same_store, cli, one_cfg, options
 from tests.helpers.distributed import reference as reference  # the one-process store (a fixture)
 from tests.helpers.stores import make_cfg
@@ -61,7 +62,10 @@ def test_assign_shards_balances_whole_shards():
 
 def test_build_on_two_workers_equals_one(tmp_path, model_dir, corpus_file, reference):
     out = tmp_path / "two"
-    proc = cli("bergson", "build", str(out), *options(model_dir, corpus_file, "--nproc_per_node", "2"))
+    # the launching process is this one (bergson.cli.main); its workers are fresh processes
+    proc = run_in_process(
+        "build", str(out), *options(model_dir, corpus_file, "--nproc_per_node", "2"), fds=True
+    )
     two = load_gradients(out)
     assert_same_store(reference, two)
     assert two.manifest.producer["world_size"] == 2
@@ -90,7 +94,7 @@ def test_score_on_two_workers_equals_one(tmp_path, model_dir, corpus_file):
     one = score(ScoreConfig(**{**vars(base), "query_path": str(query.root)}))
     out = tmp_path / "two"
     extra = ("--query_path", str(query.root), "--nproc_per_node", "2")
-    cli("bergson", "score", str(out), *options(model_dir, corpus_file, *extra))
+    run_in_process("score", str(out), *options(model_dir, corpus_file, *extra), fds=True)
     two = load_gradients(out)
     assert two.manifest.kind == "scores" and np.asarray(two["scores"]).shape == (24, 3)
     assert_same_store(one, two)
@@ -147,7 +151,7 @@ def test_failed_worker_stops_the_run_and_the_rerun_resumes(tmp_path, model_dir, 
     with pytest.raises(BergsonError, match="still being written"):
         load_gradients(out)
 
-    resumed = cli(*args)
+    resumed = run_in_process(*args[1:], fds=True)  # the same command, launched from this process
     assert f"{len(done)} of 5 shards already complete; resuming" in resumed.stderr
     assert_same_store(reference, load_gradients(out))
 
@@ -185,7 +189,7 @@ def test_trackstar_on_two_workers_equals_one(tmp_path, model_dir, corpus_file):
     out = tmp_path / "two"
     extra = ("--query.dataset", str(corpus_file), "--query.split", "train[20:23]", "--query.truncation",
              "--stats_documents", "12", "--downweight_components", "2", "--nproc_per_node", "2")  # fmt: skip
-    proc = cli("bergson", "trackstar", str(out), *options(model_dir, corpus_file, *extra))
+    proc = run_in_process("trackstar", str(out), *options(model_dir, corpus_file, *extra), fds=True)
     assert proc.stdout.count("wrote") == 1  # the launcher reports
     two = load_gradients(out / "scores")
     assert two.manifest.producer["world_size"] == 2

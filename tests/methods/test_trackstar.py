@@ -18,7 +18,7 @@ from bergson.runs.documents import subsample
 from bergson.store import load_gradients
 from bergson.transforms.preconditioners import is_complete, load_preconditioner
 from tests.helpers.assets import ASSETS
-from tests.helpers.cli import run
+from tests.helpers.cli import run_in_process as run
 from tests.helpers.gradients import explicit_moments, unit
 
 MODEL = ASSETS / "tiny-pythia"
