@@ -19,10 +19,11 @@ tree), in one invocation:
   taken apart in one process (best of ``--repeats``, legs alternated): the replay step, the
   step's forward and create_graph gradient, the second backward for one cotangent, and Q = 5
   cotangents carried by a loop of backwards on the retained graph or by one vectorized
-  (``is_grads_batched``) backward.
+  (``is_grads_batched``) backward, in wall and process CPU seconds (CPU seconds are the steadier
+  figure on a shared machine) and as ratios to a training step (``--legs vjp`` runs this alone).
 
     python -m benchmarks.magic [--epochs 8] [--num_subsets 20] [--fractions 0.02 0.05] [--skip_quality]
-    python -m benchmarks.magic --legs queries --epochs 2
+    python -m benchmarks.magic --legs queries --epochs 1 --train_docs 48   # --legs vjp: the step alone
 
 Prints one JSON object. The recipe is ``examples/magic/tiny.yaml`` (240 documents, 8 epochs of
 30 steps: 240 optimizer steps) with ``--epochs`` epochs.
@@ -60,8 +61,13 @@ def measured(tool: str, cmd: list[str], log_name: str) -> dict[str, Any]:
     }
 
 
+TRAIN_DOCS = 240
+"""Training documents (``--train_docs``): the recipe's 240, or fewer for a quicker run of a leg."""
+
+
 def overrides(epochs: int) -> list[str]:
-    return ["--training.epochs", str(epochs), "--device", "cpu"]
+    docs = [] if TRAIN_DOCS == 240 else ["--data.split", f"train[:{TRAIN_DOCS}]"]
+    return ["--training.epochs", str(epochs), "--device", "cpu", *docs]
 
 
 def train_only(plain: bool, epochs: int) -> None:
@@ -153,23 +159,37 @@ def vjp_profile(epochs: int, repeats: int) -> None:
         "vjp_q5_loop": lambda: replay.step_vjp(s, t, w, stacked, "loop"),
         "vjp_q5_vmap": lambda: replay.step_vjp(s, t, w, stacked, "vmap"),
     }
-    best: dict[str, float] = {}
+    wall: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # process CPU seconds: less inflated than wall time on a shared machine
     for _ in range(repeats):
         for name, fn in legs.items():
-            start = time.perf_counter()
+            start, c0 = time.perf_counter(), time.process_time()
             fn()
-            best[name] = min(best.get(name, math.inf), time.perf_counter() - start)
-        best["second_backward_q1"] = min(best.get("second_backward_q1", math.inf), second())
-    print(json.dumps({k: round(v, 4) for k, v in best.items()}))
+            wall[name] = min(wall.get(name, math.inf), time.perf_counter() - start)
+            cpu[name] = min(cpu.get(name, math.inf), time.process_time() - c0)
+        wall["second_backward_q1"] = min(wall.get("second_backward_q1", math.inf), second())
+    out = {
+        "wall_s": {k: round(v, 4) for k, v in wall.items()},
+        "cpu_s": {k: round(v, 4) for k, v in cpu.items()},
+    }
+    base = cpu["replay_step"]  # a training step: the no-graph step the replay runs
+    out["cpu_over_training_step"] = {
+        "reverse_step_q1": round((cpu["replay_step"] + cpu["vjp_q1"]) / base, 2),
+        "reverse_step_q5_loop_per_query": round((cpu["replay_step"] + cpu["vjp_q5_loop"]) / 5 / base, 2),
+        "reverse_step_q5_vmap_per_query": round((cpu["replay_step"] + cpu["vjp_q5_vmap"]) / 5 / base, 2),
+    }
+    print(json.dumps(out))
 
 
-def queries_leg(py: list[str], epochs: int, repeats: int) -> dict[str, Any]:
+def queries_leg(py: list[str], epochs: int, repeats: int, runs_too: bool) -> dict[str, Any]:
     """Q score columns: reverse-pass seconds per training second, per pass and per query."""
     log("one reverse step taken apart")
     m = measured("vjp", [*py, "benchmarks.magic", "--child", "vjp", "--epochs", str(epochs),
-                         "--repeats", str(repeats)], "vjp.log")  # fmt: skip
+                         "--repeats", str(repeats), "--train_docs", str(TRAIN_DOCS)], "vjp.log")  # fmt: skip
     step = json.loads((WORK / "vjp.log").read_text().strip().splitlines()[-1])
-    out: dict[str, Any] = {"vjp_step_s": step, "vjp_load_avg": m["load_avg"]}
+    out: dict[str, Any] = {"vjp_step": step, "vjp_load_avg": m["load_avg"]}
+    if not runs_too:
+        return out
     corpus = ["--query.dataset", "bergson/assets/corpus.jsonl.gz", "--query.split", "train[300:316]",
               "--query.prompt_column", "text", "--query.completion_column", "None"]  # fmt: skip
     runs = {"q5_batch1": (5, 1, []), "q5_batch5": (5, 5, []), "q16_batch16": (16, 16, corpus)}
@@ -201,11 +221,14 @@ def main() -> None:
     p.add_argument("--num_subsets", type=int, default=20)
     p.add_argument("--fractions", type=float, nargs="+", default=[0.02, 0.05])
     p.add_argument("--skip_quality", action="store_true")
-    p.add_argument("--legs", nargs="+", choices=["cost", "queries"], default=["cost"],
+    p.add_argument("--legs", nargs="+", choices=["cost", "vjp", "queries"], default=["cost"],
                    help="cost: training, plain and the three schedules (and quality); queries: Q columns")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="repeats of each leg of the vjp profile")
+    p.add_argument("--train_docs", type=int, default=240, help="training documents (fewer: a quicker run)")
     p.add_argument("--child", choices=["train", "plain", "vjp"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    global TRAIN_DOCS
+    TRAIN_DOCS = args.train_docs
     if args.child == "vjp":
         vjp_profile(args.epochs, args.repeats)
         return
@@ -217,15 +240,26 @@ def main() -> None:
         "recipe": f"{CONFIG.relative_to(REPO)} with {' '.join(overrides(args.epochs))}",
         "machine": {"cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M")},
     }
-    if "queries" in args.legs:
-        result["queries"] = queries_leg(py, args.epochs, args.repeats)
+    if "vjp" in args.legs or "queries" in args.legs:
+        result["queries"] = queries_leg(py, args.epochs, args.repeats, "queries" in args.legs)
     if "cost" not in args.legs:
         print(json.dumps(result, indent=2))
         return
     for child in ("train", "plain"):
         log(child)
         result[child] = measured(
-            child, [*py, "benchmarks.magic", "--child", child, "--epochs", str(args.epochs)], f"{child}.log"
+            child,
+            [
+                *py,
+                "benchmarks.magic",
+                "--child",
+                child,
+                "--epochs",
+                str(args.epochs),
+                "--train_docs",
+                str(TRAIN_DOCS),
+            ],
+            f"{child}.log",
         )
     base = result["train"]
     for schedule in ("every", "sqrt", "log"):
