@@ -11,9 +11,19 @@ tree), in one invocation:
   aggregated query column (train + reverse pass);
 * quality: ``bergson magic`` with one column per query and ``bergson validate`` (leave-k-out,
   each of ``--fractions`` of the documents removed, ``--num_subsets`` retrains each), Spearman
-  and Pearson per query and averaged.
+  and Pearson per query and averaged;
+* ``queries`` (``--legs queries``): the cost of Q score columns. ``bergson magic --query_mode
+  individual`` with the five shipped queries one pass each (``--query_batch_size 1``) and all
+  five in one pass, and 16 queries (corpus rows) in one pass, each as seconds of reverse pass
+  ÷ seconds of training in the same process (``timings.json``); and ``vjp``, one reverse step
+  taken apart in one process (best of ``--repeats``, legs alternated): the replay step, the
+  step's forward and create_graph gradient, the second backward for one cotangent, and Q = 5
+  cotangents carried by a loop of backwards on the retained graph or by one vectorized
+  (``is_grads_batched``) backward, in wall and process CPU seconds (CPU seconds are the steadier
+  figure on a shared machine) and as ratios to a training step (``--legs vjp`` runs this alone).
 
     python -m benchmarks.magic [--epochs 8] [--num_subsets 20] [--fractions 0.02 0.05] [--skip_quality]
+    python -m benchmarks.magic --legs queries --epochs 1 --train_docs 48   # --legs vjp: the step alone
 
 Prints one JSON object. The recipe is ``examples/magic/tiny.yaml`` (240 documents, 8 epochs of
 30 steps: 240 optimizer steps) with ``--epochs`` epochs.
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -50,8 +61,13 @@ def measured(tool: str, cmd: list[str], log_name: str) -> dict[str, Any]:
     }
 
 
+TRAIN_DOCS = 240
+"""Training documents (``--train_docs``): the recipe's 240, or fewer for a quicker run of a leg."""
+
+
 def overrides(epochs: int) -> list[str]:
-    return ["--training.epochs", str(epochs), "--device", "cpu"]
+    docs = [] if TRAIN_DOCS == 240 else ["--data.split", f"train[:{TRAIN_DOCS}]"]
+    return ["--training.epochs", str(epochs), "--device", "cpu", *docs]
 
 
 def train_only(plain: bool, epochs: int) -> None:
@@ -87,14 +103,135 @@ def train_only(plain: bool, epochs: int) -> None:
     print(json.dumps({"steps": replay.num_steps, "seconds": time.perf_counter() - start}))
 
 
+def vjp_profile(epochs: int, repeats: int) -> None:
+    """Child process: one reverse step of the recipe taken apart (seconds, best of ``repeats``)."""
+    import torch
+
+    from bergson.cli import parse
+    from bergson.methods.magic.command import prepare
+    from bergson.methods.magic.recipe import zero_slots_state
+    from bergson.methods.magic.replay import Replay, math_attention, query_gradient
+
+    cfg = parse("magic", [str(CONFIG), *overrides(epochs)])
+    model, tokenizer, docs, qdocs = prepare(cfg)
+    pad = tokenizer.pad_token_id or 0
+    replay = Replay(model, docs, cfg.training, pad, progress=False)
+    s, w, t = replay.initial_state(), replay.ones(), min(10, replay.num_steps - 1)
+    with torch.no_grad(), math_attention():
+        for u in range(t):
+            s, _ = replay.step(s, u, w)
+    gen = torch.Generator().manual_seed(0)
+    cots = []
+    for j in range(len(qdocs)):  # mid-pass cotangents: the query gradient, small slot terms
+        c = zero_slots_state(cfg.training, query_gradient(model, s.params, qdocs.select([j]), pad))
+        for slot in c.slots.values():
+            for k, v in slot.items():
+                slot[k] = 1e-3 * torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device)
+        cots.append(c)
+    stacked = cots[0].like([torch.stack(x) for x in zip(*(c.tensors() for c in cots))])
+    one = cots[0].like([x[None] for x in cots[0].tensors()])
+
+    def replay_step() -> None:
+        with torch.no_grad(), math_attention():
+            replay.step(s, t, w)
+
+    def graph() -> tuple[Any, Any, Any]:
+        leaf, ww = s.detached(requires_grad=True), w.detach().requires_grad_(True)
+        with math_attention():
+            new, _ = replay.step(leaf, t, ww, create_graph=True)
+        outs = [o for o, c in zip(new.tensors(), cots[0].tensors()) if o.requires_grad]
+        return (
+            outs,
+            [c for o, c in zip(new.tensors(), cots[0].tensors()) if o.requires_grad],
+            [*leaf.tensors(), ww],
+        )
+
+    def second() -> float:
+        outs, grads, inputs = graph()
+        start = time.perf_counter()
+        torch.autograd.grad(outs, inputs, grads, allow_unused=True)
+        return time.perf_counter() - start
+
+    legs = {
+        "replay_step": replay_step,
+        "forward_and_create_graph_gradient": graph,
+        "vjp_q1": lambda: replay.step_vjp(s, t, w, one),
+        "vjp_q5_loop": lambda: replay.step_vjp(s, t, w, stacked, "loop"),
+        "vjp_q5_vmap": lambda: replay.step_vjp(s, t, w, stacked, "vmap"),
+    }
+    wall: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # process CPU seconds: less inflated than wall time on a shared machine
+    for _ in range(repeats):
+        for name, fn in legs.items():
+            start, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[name] = min(wall.get(name, math.inf), time.perf_counter() - start)
+            cpu[name] = min(cpu.get(name, math.inf), time.process_time() - c0)
+        wall["second_backward_q1"] = min(wall.get("second_backward_q1", math.inf), second())
+    out = {
+        "wall_s": {k: round(v, 4) for k, v in wall.items()},
+        "cpu_s": {k: round(v, 4) for k, v in cpu.items()},
+    }
+    base = cpu["replay_step"]  # a training step: the no-graph step the replay runs
+    out["cpu_over_training_step"] = {
+        "reverse_step_q1": round((cpu["replay_step"] + cpu["vjp_q1"]) / base, 2),
+        "reverse_step_q5_loop_per_query": round((cpu["replay_step"] + cpu["vjp_q5_loop"]) / 5 / base, 2),
+        "reverse_step_q5_vmap_per_query": round((cpu["replay_step"] + cpu["vjp_q5_vmap"]) / 5 / base, 2),
+    }
+    print(json.dumps(out))
+
+
+def queries_leg(py: list[str], epochs: int, repeats: int, runs_too: bool) -> dict[str, Any]:
+    """Q score columns: reverse-pass seconds per training second, per pass and per query."""
+    log("one reverse step taken apart")
+    m = measured("vjp", [*py, "benchmarks.magic", "--child", "vjp", "--epochs", str(epochs),
+                         "--repeats", str(repeats), "--train_docs", str(TRAIN_DOCS)], "vjp.log")  # fmt: skip
+    step = json.loads((WORK / "vjp.log").read_text().strip().splitlines()[-1])
+    out: dict[str, Any] = {"vjp_step": step, "vjp_load_avg": m["load_avg"]}
+    if not runs_too:
+        return out
+    corpus = ["--query.dataset", "bergson/assets/corpus.jsonl.gz", "--query.split", "train[300:316]",
+              "--query.prompt_column", "text", "--query.completion_column", "None"]  # fmt: skip
+    runs = {"q5_batch1": (5, 1, []), "q5_batch5": (5, 5, []), "q16_batch16": (16, 16, corpus)}
+    for name, (q, size, extra) in runs.items():
+        log(f"magic, {q} queries, --query_batch_size {size}")
+        run = WORK / name
+        cmd = [*py, "bergson", "magic", str(CONFIG), "--run_path", str(run), "--query_mode", "individual",
+               "--query_batch_size", str(size), "--no-per_token", "--overwrite", *extra, *overrides(epochs)]  # fmt: skip
+        m = measured(name, cmd, f"{name}.log")
+        timings = json.loads((run / "timings.json").read_text())
+        reverse = sum(v for k, v in timings.items() if k.startswith("reverse_") and k.endswith("_s"))
+        out[name] = {
+            "queries": q,
+            "query_batch_size": size,
+            "train_s": timings["train_s"],
+            "reverse_s": round(reverse, 2),
+            "reverse_per_query_over_train": round(reverse / q / timings["train_s"], 3),
+            "magic_over_train": round((timings["train_s"] + reverse) / timings["train_s"], 3),
+            "wall_s": m["wall_s"],
+            "peak_rss_mb": m["peak_rss_mb"],
+            "load_avg": m["load_avg"],
+        }
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--num_subsets", type=int, default=20)
     p.add_argument("--fractions", type=float, nargs="+", default=[0.02, 0.05])
     p.add_argument("--skip_quality", action="store_true")
-    p.add_argument("--child", choices=["train", "plain"], help=argparse.SUPPRESS)
+    p.add_argument("--legs", nargs="+", choices=["cost", "vjp", "queries"], default=["cost"],
+                   help="cost: training, plain and the three schedules (and quality); queries: Q columns")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=3, help="repeats of each leg of the vjp profile")
+    p.add_argument("--train_docs", type=int, default=240, help="training documents (fewer: a quicker run)")
+    p.add_argument("--child", choices=["train", "plain", "vjp"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    global TRAIN_DOCS
+    TRAIN_DOCS = args.train_docs
+    if args.child == "vjp":
+        vjp_profile(args.epochs, args.repeats)
+        return
     if args.child:
         train_only(args.child == "plain", args.epochs)
         return
@@ -103,10 +240,26 @@ def main() -> None:
         "recipe": f"{CONFIG.relative_to(REPO)} with {' '.join(overrides(args.epochs))}",
         "machine": {"cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M")},
     }
+    if "vjp" in args.legs or "queries" in args.legs:
+        result["queries"] = queries_leg(py, args.epochs, args.repeats, "queries" in args.legs)
+    if "cost" not in args.legs:
+        print(json.dumps(result, indent=2))
+        return
     for child in ("train", "plain"):
         log(child)
         result[child] = measured(
-            child, [*py, "benchmarks.magic", "--child", child, "--epochs", str(args.epochs)], f"{child}.log"
+            child,
+            [
+                *py,
+                "benchmarks.magic",
+                "--child",
+                child,
+                "--epochs",
+                str(args.epochs),
+                "--train_docs",
+                str(TRAIN_DOCS),
+            ],
+            f"{child}.log",
         )
     base = result["train"]
     for schedule in ("every", "sqrt", "log"):

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 import tyro
 
+from ..errors import BergsonError
 from .options import (
     CollectOptions,
     DampingOptions,
@@ -297,7 +298,11 @@ class MagicConfig(WorkerOptions, ModelOptions):
 
     query_mode: Literal["aggregate", "individual"] = "aggregate"
     """aggregate: one score column for the mean query loss (one reverse pass); individual: a
-    column per query (one reverse pass each)."""
+    column per query (reverse passes of up to --query_batch_size columns each)."""
+
+    query_batch_size: int = 8
+    """Score columns carried through one reverse pass (each step's replay, forward and gradient
+    are shared by them); each column holds a cotangent as large as the training state."""
 
     per_token: bool = False
     """Also keep each training token's score as the scores store's token rows (they sum to the
@@ -333,6 +338,12 @@ class MagicConfig(WorkerOptions, ModelOptions):
         self.data._check()
         self.query._check("--query.")
         share_tokenizer(self.data, self.query)
+        if self.query_mode == "aggregate" and self.query_batch_size != MagicConfig.query_batch_size:
+            raise BergsonError(
+                f"--query_batch_size {self.query_batch_size}: it bounds how many score columns of "
+                "--query_mode individual share a reverse pass, and aggregate has one column; drop it "
+                "or pass --query_mode individual"
+            )
 
 
 @dataclass

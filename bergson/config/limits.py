@@ -114,6 +114,7 @@ LIMITS: dict[str, Limit] = {
     "memory_budget_gb": _at_least(0, "GB"),
     "save_checkpoints": _at_least(1, "training checkpoints", zero="none"),
     "unroll_steps": _at_least(1, "steps", zero="the whole run"),
+    "query_batch_size": _at_least(1, "score columns per reverse pass"),
     "fraction": Limit(low=0, high=1, open_low=True, open_high=True, unit="a share of the documents"),
     "num_subsets": _at_least(1, "retrainings"),
     "ValidateConfig.top_k": _at_least(1, "training documents removed per query"),

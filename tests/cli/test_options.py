@@ -269,8 +269,10 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
               "--training.grad_accumulation", "1", "--training.epochs", "1", "--training.seed", "1",
               "--training.freeze", "gpt_neox.embed_in.*", "--query_mode", "individual", "--per_token",
               "--checkpoints", "log", "--memory_budget_gb", "0.5", "--no_force_low_precision", "--overwrite",
-              "--top_k", "2", "--nproc_per_node", "1", "--save_checkpoints", "1", "--unroll_steps", "3"], None),
+              "--top_k", "2", "--nproc_per_node", "1", "--save_checkpoints", "1", "--unroll_steps", "3",
+              "--query_batch_size", "1"], None),
             *refused("workers", base=("--run_path", *qd)),
+            (["--run_path", new(), *m, *d, *qd, "--query_batch_size", "2"], "--query_batch_size 2: it bounds"),
         ],
         "query": [
             (["--index", a["store"], *m, *loading, "--query", "The river flows", "--top_k", "2", "--unit_norm",

@@ -3,8 +3,9 @@ options, loads the model and documents, keeps the run directory (training checkp
 finished reverse passes, the fine-tuned model) and writes the scores store, one column per
 query group, oriented like every bergson score.
 
-What a resume no longer needs is deleted as soon as that is so: a column's reverse-pass
-progress file (a state-sized cotangent) once the column is done, and the training
+Up to ``--query_batch_size`` columns share a reverse pass (their cotangents travel together).
+What a resume no longer needs is deleted as soon as that is so: a pass's progress file (a
+state-sized cotangent per column it carries) once its columns are done, and the training
 checkpoints (``states/``) and finished columns (``reverse/``) once the scores store is
 written. ``model/`` (with the optimizer's state, ``optimizer.pt``), ``trainer/`` (the Trainer-style
 ``trainer_state.json`` and any ``--save_checkpoints``) and ``scores/`` stay. Each stage's disk
@@ -127,8 +128,9 @@ def load_recipe(path: str) -> MagicConfig:
 @distributed.entry(lambda cfg: _load_scores(Path(cfg.run_path)))
 @honours_numerics
 def magic(cfg: MagicConfig) -> Any:
-    """Train once with checkpoints, then one reverse pass per score column; returns the scores
-    store (rows = training documents). Every stage resumes where a killed run stopped.
+    """Train once with checkpoints, then reverse passes that carry up to ``--query_batch_size``
+    score columns each; returns the scores store (rows = training documents). Every stage
+    resumes where a killed run stopped.
 
     On several ranks (``--nproc_per_node`` or torchrun) the run is data parallel: each rank
     takes every other document of each micro-batch, in training and in the reverse passes,
@@ -142,7 +144,7 @@ def magic(cfg: MagicConfig) -> Any:
         what="a MAGIC run",
         config_file=CONFIG_FILE,
         outputs=OUTPUTS,
-        ignore=("top_k", "device", "memory_budget_gb"),
+        ignore=("top_k", "device", "memory_budget_gb", "query_batch_size"),
         shared="rank 0 alone saves the training checkpoints and finished reverse passes there, and every "
         "rank decides from them where a run resumes, in step with the others",
     ).prepare()
@@ -185,33 +187,53 @@ def magic(cfg: MagicConfig) -> Any:
     first_step = unrolled_from(cfg.unroll_steps, run.total)
     reverse_dir = root / "reverse"
     reverse_dir.mkdir(exist_ok=True)
-    grads = []
-    for j, rows in enumerate(query_columns(cfg, len(qdocs))):
+    columns = query_columns(cfg, len(qdocs))
+    grads: list[np.ndarray | None] = [None] * len(columns)
+    for j in range(len(columns)):
         done = reverse_dir / f"column_{j}.done.npy"
-        progress = reverse_dir / f"column_{j}.progress.safetensors"
         if done.is_file():
-            grads.append(np.load(done))
-            if run.writes:
-                _delete(progress, f"reverse_{j}_progress", timings, "column done")  # killed before
-            continue
+            grads[j] = np.load(done)
+    pending = [j for j in range(len(columns)) if grads[j] is None]
+    size = cfg.query_batch_size
+    if len(pending) > 1:
+        logger.info(
+            "magic: %d score columns in %d reverse pass(es) of up to %d; the cotangents carried take %s per column",
+            len(pending), -(-len(pending) // size), size, megabytes(run.template.nbytes()),
+        )  # fmt: skip
+    for i in range(0, len(pending), size):
+        batch = pending[i : i + size]
+        label = str(batch[0]) if len(batch) == 1 else f"{batch[0]}-{batch[-1]}"
+        progress = reverse_dir / f"columns_{label}.progress.safetensors"
         start = time.perf_counter()
-        cot = query_gradient(model, final.params, qdocs.select(rows), pad)
-        result = run.reverse(cot, progress, first_step)
-        grads.append(result.token_grads)
+        cots = [query_gradient(model, final.params, qdocs.select(columns[j]), pad) for j in batch]
+        result = run.reverse(cots, progress, first_step)
+        for k, j in enumerate(batch):
+            grads[j] = result.token_grads[:, k]
         if not run.writes:
             continue
-        buf = io.BytesIO()
-        np.save(buf, result.token_grads)
-        atomic_write_bytes(done, buf.getvalue())
+        for k, j in enumerate(batch):
+            buf = io.BytesIO()
+            np.save(buf, result.token_grads[:, k])
+            atomic_write_bytes(reverse_dir / f"column_{j}.done.npy", buf.getvalue())
         timings.record(
-            f"reverse_{j}_s",
+            f"reverse_{label}_s",
             start,
             replayed_steps=result.replayed_steps,
             peak_states_in_memory=result.peak_states_in_memory,
-            **{f"reverse_{j}_bytes": done.stat().st_size},
+            **{f"reverse_{label}_columns": len(batch)},
+            **{
+                f"reverse_{label}_bytes": sum(
+                    (reverse_dir / f"column_{j}.done.npy").stat().st_size for j in batch
+                )
+            },
         )
-        _delete(progress, f"reverse_{j}_progress", timings, f"column {j} is done")
-    token_scores = -np.stack(grads, 1)  # positive: up-weighting the token lowers the query loss
+        _delete(progress, f"reverse_{label}_progress", timings, f"column(s) {label} done")
+    if run.writes:  # progress of a pass killed under another --query_batch_size: its columns are done
+        for stale in sorted(reverse_dir.glob("columns_*.progress.safetensors")):
+            _delete(stale, "reverse_stale_progress", timings, "its columns are done")
+    token_scores = -np.stack(
+        [g for g in grads if g is not None], 1
+    )  # positive: up-weighting the token lowers the query loss
 
     def finish() -> None:
         start = time.perf_counter()

@@ -229,11 +229,17 @@ class Replay:
             ), total
 
     def step_vjp(
-        self, state: State, t: int, weights: torch.Tensor, cotangent: State
+        self, state: State, t: int, weights: torch.Tensor, cotangent: State, batched: str = "vmap"
     ) -> tuple[State, torch.Tensor]:
-        """The vector-Jacobian product of step ``t`` at ``state``: the cotangent of the state
-        before the step and the gradient with respect to the token weights, given the
-        ``cotangent`` of the state after it (summed over the ranks of a data-parallel run)."""
+        """The vector-Jacobian product of step ``t`` at ``state`` for a batch of Q cotangents.
+
+        ``cotangent`` holds Q cotangents of the state after the step, stacked on a leading
+        dimension of every tensor; returns the Q cotangents of the state before it (stacked
+        likewise) and the gradients with respect to the token weights, [Q, tokens] (summed over
+        the ranks of a data-parallel run). The step's forward and its gradient (with
+        ``create_graph``) run once; only the second backward runs per cotangent: vectorized
+        over the batch (``batched="vmap"``, ``is_grads_batched``) or one after another on the
+        retained graph (``"loop"``)."""
         leaf = state.detached(requires_grad=True)
         w = weights.detach().requires_grad_(True)  # a new leaf sharing storage, no copy
         with math_attention():
@@ -244,8 +250,21 @@ class Replay:
                 outs.append(o)
                 grads_out.append(c)
         inputs = [*leaf.tensors(), w]
-        got = torch.autograd.grad(outs, inputs, grads_out, allow_unused=True)
-        flat = [torch.zeros_like(x) if g is None else g.detach() for x, g in zip(inputs, got)]
+        q = len(cotangent.tensors()[0])
+        if q == 1 or batched == "loop":
+            per = [
+                torch.autograd.grad(
+                    outs, inputs, [c[i] for c in grads_out], allow_unused=True, retain_graph=i < q - 1
+                )
+                for i in range(q)
+            ]
+            got = [None if g[0] is None else torch.stack(g) for g in zip(*per)]
+        else:
+            got = list(torch.autograd.grad(outs, inputs, grads_out, allow_unused=True, is_grads_batched=True))
+        flat = [
+            torch.zeros((q, *x.shape), dtype=x.dtype, device=x.device) if g is None else g.detach()
+            for x, g in zip(inputs, got)
+        ]
         # each rank holds 1/world of the update's own term plus its documents' terms
         flat = sum_gradients_over_ranks(flat)
         return leaf.like(flat[:-1]), flat[-1]

@@ -21,7 +21,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +108,8 @@ PROGRESS = "_progress"
 @dataclass
 class ReverseResult:
     token_grads: np.ndarray
-    """∂Q/∂w per training token (flat layout of :class:`TokenWeights`), float64."""
+    """∂Q/∂w per training token (flat layout of :class:`TokenWeights`), float64: [tokens] for
+    one query cotangent, [tokens, Q] for a list of Q carried through one pass."""
     replayed_steps: int
     peak_states_in_memory: int
 
@@ -133,6 +134,8 @@ class MagicRun:
         self.template = replay.initial_state()
         self.weights = replay.ones()
         self.save_every_s = SAVE_EVERY_S
+        self.batched = "loop"
+        """How a step's second backward runs over several cotangents (see ``Replay.step_vjp``)."""
         """Seconds between saves of the reverse pass's progress (at segment ends)."""
         self.resume_steps = set(checkpoint_steps("sqrt", self.total))
         self.spill_dir = self.states_dir / (
@@ -202,7 +205,7 @@ class MagicRun:
         return s
 
     def _vjp(self, s: State, t: int, cot: State) -> tuple[State, torch.Tensor]:
-        return self.replay.step_vjp(s, t, self.weights, cot)
+        return self.replay.step_vjp(s, t, self.weights, cot, self.batched)
 
     def _advance(self, s: State, a: int, b: int) -> State:
         with torch.no_grad(), math_attention():
@@ -212,20 +215,32 @@ class MagicRun:
         return s
 
     def reverse(
-        self, final_cotangent: Tensors, progress_path: Path | None = None, first_step: int = 0
+        self,
+        final_cotangent: Tensors | Sequence[Tensors],
+        progress_path: Path | None = None,
+        first_step: int = 0,
     ) -> ReverseResult:
         """∂Q/∂w given ∂Q/∂θ_T; resumable through ``progress_path``.
+
+        ``final_cotangent`` is one query's ∂Q/∂θ_T, or a list of Q of them: the Q cotangents
+        then travel through one pass (each step's replay, forward and create_graph gradient
+        shared; the progress file holds all Q) and ``token_grads`` has a column per query.
 
         With ``first_step`` > 0 the pass is truncated: it differentiates through steps
         ``first_step .. T-1`` only, as if the state at ``first_step`` did not depend on the
         weights (the tokens trained on only before it get zero)."""
         self.replayed = 0
         self.peak_in_memory = 0
-        # the final state's cotangent: ∂Q/∂θ_T, nothing through the optimizer's slots
+        single = isinstance(final_cotangent, dict)
+        finals = [final_cotangent] if isinstance(final_cotangent, dict) else list(final_cotangent)
+        if not finals:
+            raise BergsonError("a reverse pass needs at least one query cotangent")
+        # the final state's cotangents: ∂Q/∂θ_T stacked over the queries, nothing through the slots
         cot = zero_slots_state(
-            self.replay.recipe, {k: final_cotangent[k].detach() for k in self.template.params}
+            self.replay.recipe,
+            {k: torch.stack([c[k].detach() for c in finals]) for k in self.template.params},
         )
-        acc = torch.zeros(self.replay.layout.size, dtype=torch.float64)
+        acc = torch.zeros(len(finals), self.replay.layout.size, dtype=torch.float64)
         bounds = [*self.steps, self.total]
         segment = len(self.steps) - 1
         if progress_path is not None and progress_path.is_file():
@@ -233,6 +248,11 @@ class MagicRun:
             with_acc = State(self.template.params, {**self.template.slots, PROGRESS: {"acc": acc}})
             loaded, meta = State.load(progress_path, with_acc, self.replay.device)
             acc = loaded.slots.pop(PROGRESS)["acc"].double().cpu()
+            if acc.shape != (len(finals), self.replay.layout.size):
+                raise BergsonError(
+                    f"{progress_path}: a reverse pass's progress for {acc.shape[0]} queries, resumed with "
+                    f"{len(finals)}; delete the file (or rerun with --overwrite)"
+                )
             cot = loaded
             segment = int(meta["next_segment"])
         last_save = time.perf_counter()
@@ -264,7 +284,8 @@ class MagicRun:
                 progress.save(progress_path, {"next_segment": segment})
                 last_save = time.perf_counter()
         bar.close()
-        return ReverseResult(acc.numpy(), self.replayed, self.peak_in_memory)
+        grads = acc.numpy()
+        return ReverseResult(grads[0] if single else grads.T.copy(), self.replayed, self.peak_in_memory)
 
     def _step_back(self, s: State, t: int, cot: State, acc: torch.Tensor, bar: Any) -> State:
         cot, wgrad = self._vjp(s, t, cot)
