@@ -114,7 +114,7 @@ def test_both_rotation_orders_of_the_corrections_equal_their_definition():
 
 
 def test_float32_eigendecompositions_score_like_float64_ones(toy):
-    # float32 factors are eigendecomposed in float32: against float64 eigh of the same float32
+    # wide float32 factors are eigendecomposed in float32: against float64 eigh of the same float32
     # covariances, the EK-FAC scores agree to 1e-5 of their scale (measured: 3e-7)
     model, docs, _, _, _, _, *_ = toy
     opts = _opts(model, fisher="empirical")
@@ -124,9 +124,8 @@ def test_float32_eigendecompositions_score_like_float64_ones(toy):
     qgrads = query_gradients(model, qdocs, opts)
     got = {}
     for dtype in (torch.float32, torch.float64):
-        eigen = eigendecompose(
-            Factors({n: {k: t.to(dtype) for k, t in d.items()} for n, d in cov.tensors.items()})
-        )
+        factors = Factors({n: {k: t.to(dtype) for k, t in d.items()} for n, d in cov.tensors.items()})
+        eigen = eigendecompose(factors, float32_width=0)  # float32 on every factor here, not from 2048 wide
         assert eigen.tensors[next(iter(opts.modules))]["S_eigenvectors"].dtype == dtype
         lam = fit_corrected_eigenvalues(model, docs, eigen, opts)
         pre = precondition_queries(qgrads, eigen, lam, 0.1, "relative", dtype=torch.float32)
