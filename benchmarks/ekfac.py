@@ -14,10 +14,13 @@ both alike, and the fastest round of each tool is reported. Prints one JSON obje
   pass) over kronfluence's pairwise scoring;
 * ``peak_rss_ratio`` and the agreement of the two score matrices (Pearson, Spearman).
 
-    python -m benchmarks.ekfac [--workload small|benchmark] [--rounds 1]
+    python -m benchmarks.ekfac [--workload small|medium|benchmark] [--rounds 1]
 
 ``benchmark`` is the Pythia-14m-shaped model with 1,000 training documents and 20 queries
-(about 40 minutes for both tools on 2 cores); ``small`` takes seconds.
+(about 40 minutes for both tools on 2 cores); ``medium`` is the same model and queries with
+200 training documents (a few minutes); ``small`` takes seconds. Both tools track every linear
+layer, the output head included (kronfluence tracks every ``nn.Linear``; bergson is given
+``--include_output_head``), so that the workloads are alike.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def bergson_command(workload: dict[str, Any], out: Path) -> list[str]:
         "--dataset", workload["train"], "--truncation", "--max_length", "128", "--token_batch_size", "2048",
         "--query.dataset", workload["queries"], "--query.truncation", "--query.max_length", "128",
         "--damping", str(DAMPING), "--damping_mode", "absolute", "--top_k", "0", "--overwrite",
+        "--include_output_head",
     ]  # fmt: skip
 
 
@@ -103,13 +107,13 @@ def agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--workload", choices=["small", "benchmark"], default="small")
+    p.add_argument("--workload", choices=["small", "medium", "benchmark"], default="small")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--workdir", type=Path, default=kf.WORKDIR)
     p.add_argument("--timeout_s", type=float, default=3600.0)
     args = p.parse_args()
     path = args.workdir / args.workload / "workload.json"
-    if not path.is_file():
+    if not path.is_file():  # (re)write every workload: the same model and corpus slices each time
         kf.make_workloads(args.workdir.resolve(), 1000, 20)
     workload = json.loads(path.read_text())
     best: dict[str, dict[str, Any]] = {}

@@ -26,10 +26,11 @@ the worker's ``result.json`` (per-phase timings and settings) and how the venv w
         [--fisher true] [--dtype float32] [--include_bias] [--exclude_modules lm_head] ...
     python -m benchmarks.peers.kronfluence_ekfac --make_workload [--workload_dir DIR]
 
-``--make_workload`` saves two workloads (and prints the command for each): ``small`` (a random
+``--make_workload`` saves three workloads (and prints the command for each): ``small`` (a random
 GPT-NeoX of width 32 and 2 layers, 64 training documents and 8 query documents of the shipped
 corpus, plus the 5 prompt/completion queries of ``bergson/assets/queries.jsonl``) and
-``benchmark`` (the Pythia-14m-shaped model, 1,000 training documents, 20 query documents).
+``benchmark`` (the Pythia-14m-shaped model, 1,000 training documents, 20 query documents), and
+``medium`` (the same model and number of queries, 200 training documents).
 Query documents are the corpus documents right after the training ones.
 """
 
@@ -66,6 +67,7 @@ TORCH_VERSION = "2.13.0"
 VENV = REPO / "benchmarks" / ".venvs" / "kronfluence"
 WORKER = Path(__file__).resolve().with_name("_kronfluence_worker.py")
 WORKDIR = REPO / "runs" / "kronfluence_ekfac"
+MEDIUM_DOCS = 200  # the medium workload: the benchmark's model and queries' count, 200 training documents
 # kronfluence 1.0.1's requirements except torch (pinned) and torchvision (declared, never imported).
 RUNTIME_DEPS = (
     "accelerate>=0.31.0",
@@ -281,6 +283,20 @@ def make_workloads(root: Path, bench_docs: int, bench_queries: int) -> dict[str,
         "queries": str(queries),
         "queries_note": f"corpus documents {bench_docs}..{bench_docs + bench_queries - 1} (text)",
         "command": run_command(model, train, queries, root / "out" / "benchmark"),
+    }
+    medium = root / "medium"
+    medium.mkdir(parents=True, exist_ok=True)
+    train = write_text_jsonl(medium / f"train{MEDIUM_DOCS}.jsonl", corpus_rows(0, MEDIUM_DOCS))
+    queries = write_text_jsonl(
+        medium / f"queries{bench_queries}.jsonl", corpus_rows(MEDIUM_DOCS, MEDIUM_DOCS + bench_queries)
+    )
+    out["medium"] = {
+        **out["benchmark"],
+        "train": str(train),
+        "train_documents": MEDIUM_DOCS,
+        "queries": str(queries),
+        "queries_note": f"corpus documents {MEDIUM_DOCS}..{MEDIUM_DOCS + bench_queries - 1} (text)",
+        "command": run_command(model, train, queries, root / "out" / "medium"),
     }
     for name, w in out.items():
         (root / name / "workload.json").write_text(json.dumps(w, indent=2))

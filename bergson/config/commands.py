@@ -238,7 +238,7 @@ class EkfacConfig(DampingOptions, QueryDataOptions, CollectOptions):
     """Seed of the sampled Fisher labels (the same seed gives identical factors and scores)."""
 
     factor_dtype: Literal["float32", "float64"] = "float32"
-    """Accumulation dtype of the covariances and scores (eigendecompositions are always float64)."""
+    """Precision of the covariances and scores (float32 factors 2048 wide or more are eigendecomposed in float32)."""
 
     per_module_scores: bool = False
     """Also write each module's share of the scores (per_module.npz; they sum to the total)."""
@@ -575,7 +575,7 @@ class SourceConfig(DampingOptions, QueryDataOptions, CollectOptions):
     """Seed of the sampled Fisher labels."""
 
     factor_dtype: Literal["float32", "float64"] = "float32"
-    """Accumulation dtype of the covariances and scores (eigendecompositions are always float64)."""
+    """Precision of the covariances and scores (float32 factors 2048 wide or more are eigendecomposed in float32)."""
 
     top_k: int = 10
     """Training documents printed per query."""

@@ -3,7 +3,7 @@
 Stages (each saved as safetensors + JSON under the run directory and skipped when complete):
 
     covariances/   A and S per module (true Fisher: labels sampled from the model, seeded per document)
-    eigen/         their float64 eigendecompositions
+    eigen/         their eigendecompositions (float64; float32 for float32 factors >= 2048 wide)
     corrected/     EK-FAC eigenvalues: mean squared per-document gradient in the Kronecker eigenbasis
     queries/       inverse-Fisher-vector products of the query gradients, (F + δI)⁻¹ G_q
                    (or their best rank-r approximations, with --query_rank r); with --ihvp astra

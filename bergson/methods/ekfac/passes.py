@@ -33,7 +33,7 @@ from ...core.layout import module_shape
 from ...data import TokenizedDocs
 from ...data.batching import assign_shards, plan_batches
 from ...errors import BergsonError
-from ...transforms.ekfac import Factors, add_corrections, add_covariances
+from ...transforms.ekfac import Factors, add_corrections, add_covariances, finish_covariances
 
 Statistic = Callable[[str, torch.Tensor, torch.Tensor, np.ndarray, "torch.Tensor | None"], None]
 """``fn(name, x [B, T, in], g [B, T, out], rows [B], mask [B, T] or None)``."""
@@ -214,6 +214,7 @@ def covariance_sums(
         positions[name] = positions.get(name, 0) + x.shape[0]
 
     n = source.run("covariances", fn, labels)
+    finish_covariances(sums)
     for name, shape in _unseen(source, sums):  # a routed expert no token reached: no curvature
         device = next((d["A"].device for d in sums.values()), None)
         sums[name] = {k: torch.zeros(m, m, dtype=dtype, device=device) for k, m in zip("AS", shape[::-1])}
@@ -242,7 +243,7 @@ def correction_sums(
         if name not in bases:  # converted once, not per batch (Q_S of an output head is large)
             d = eigen.tensors[name]
             bases[name] = (d["S_eigenvectors"].to(x.device, dtype), d["A_eigenvectors"].to(x.device, dtype))
-        add_corrections(sums, name, bases[name], per_document_gradients(x.to(dtype), g))
+        add_corrections(sums, name, bases[name], x.to(dtype), g.to(dtype), mask)
 
     source.run("eigenvalue correction", fn, labels)
     for name, shape in _unseen(source, sums):
