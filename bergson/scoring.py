@@ -22,7 +22,7 @@ from .config.options import COMPUTING, unused_with
 from .core.devices import resolve_device
 from .core.layout import ModuleLayout
 from .core.rows import row_norms, unit_rows
-from .core.sinks import Sink
+from .core.sinks import WriterSink
 from .data import TokenizedDocs, load_data, plan_shards
 from .errors import BergsonError
 from .models import announce_coverage, find_tracked_modules, numerics
@@ -79,7 +79,7 @@ def score_columns(cfg: ScoreConfig, num_queries: int) -> int:
     return num_queries if cfg.score == "individual" else 1
 
 
-class ScoreSink(Sink):
+class ScoreSink(WriterSink):
     """Turns per-row gradient vectors into scores against in-memory queries, then writes them."""
 
     def __init__(
@@ -100,15 +100,6 @@ class ScoreSink(Sink):
         self.unit = unit_normalize
         self.device = device
         self.transform = transform
-
-    def done(self, index: int) -> bool:
-        return self.writer.done(index)
-
-    def begin_shard(self, index: int, rows: range) -> None:
-        self.writer.begin_shard(index, rows)
-
-    def end_shard(self, index: int) -> None:
-        self.writer.end_shard(index)
 
     def _columns(self, s: torch.Tensor) -> torch.Tensor:
         """Raw scores [..., nq] -> the score columns of --score (mean, or per group for max)."""

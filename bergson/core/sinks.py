@@ -3,6 +3,8 @@ collection loop (which makes vectors) and what keeps them (a store writer, a sco
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
@@ -32,3 +34,19 @@ class Sink:
 
     def end_shard(self, index: int) -> None:
         return None
+
+
+class WriterSink(Sink):
+    """A sink that turns rows into others (scores, norms) and hands them to a store writer
+    (``self.writer``, with ``done``/``begin_shard``/``end_shard``), which keeps the shards."""
+
+    writer: Any
+
+    def done(self, index: int) -> bool:
+        return self.writer.done(index)
+
+    def begin_shard(self, index: int, rows: range) -> None:
+        self.writer.begin_shard(index, rows)
+
+    def end_shard(self, index: int) -> None:
+        self.writer.end_shard(index)

@@ -41,7 +41,7 @@ from .. import distributed
 from ..config import SelfInfluenceConfig, to_dict
 from ..config.options import is_default
 from ..core.layout import ModuleLayout
-from ..core.sinks import Sink
+from ..core.sinks import WriterSink
 from ..errors import BergsonError
 from ..models import announce_coverage, find_tracked_modules, honours_numerics, load_model
 from ..store import GradientStore, Manifest, StoreWriter, load_gradients
@@ -106,22 +106,13 @@ def check(cfg: SelfInfluenceConfig) -> None:
         )
 
 
-class SelfScoreSink(Sink):
+class SelfScoreSink(WriterSink):
     """Writes each row's squared norm |v|² (of the vector as the collection loop hands it: projected,
     normalized and preconditioned by H^{-1/2}) as a one-column scores row; token rows get each token's
     share v_t · v, which sums to |v|² because the token vectors sum to v."""
 
     def __init__(self, writer: StoreWriter):
         self.writer = writer
-
-    def done(self, index: int) -> bool:
-        return self.writer.done(index)
-
-    def begin_shard(self, index: int, rows: range) -> None:
-        self.writer.begin_shard(index, rows)
-
-    def end_shard(self, index: int) -> None:
-        self.writer.end_shard(index)
 
     def write(self, row_ids, vectors, num_tokens, losses, tokens=None) -> None:  # types: Sink.write
         v = np.asarray(vectors, np.float64)

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..core.rows import unit_rows_np
 from ..errors import BergsonError
-from .scan import EMPTY, ChunkScanner, TopK, rescore
+from .scan import EMPTY, ChunkScanner, SingleThreadedWorkers, TopK, rescore
 
 if TYPE_CHECKING:
     from ..store.reader import GradientStore
@@ -208,7 +208,7 @@ _SCORE_BYTES = 1 << 28
 """Upper bound on the dense kernel's [queries, block rows] float32 score buffer."""
 
 
-class BlockScorer:
+class BlockScorer(SingleThreadedWorkers):
     """Scores store blocks against all queries: float32 [Q, b] per block.
 
     Each block is cut into cache-sized chunks; a chunk is converted to float32 into a
@@ -242,20 +242,6 @@ class BlockScorer:
         self.num_threads = num_threads
         self.local = threading.local()
         self.pool: ThreadPoolExecutor | None = None
-
-    def __enter__(self) -> BlockScorer:
-        self.saved_threads = self.torch.get_num_threads()
-        self.torch.set_num_threads(1)
-        if self.num_threads > 1:
-            self.pool = ThreadPoolExecutor(
-                self.num_threads, initializer=self.torch.set_num_threads, initargs=(1,)
-            )
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
-        self.torch.set_num_threads(self.saved_threads)
 
     def _buffers(self) -> tuple[Any, Any]:
         bufs = getattr(self.local, "bufs", None)

@@ -126,7 +126,30 @@ def chunk_rows_for(width: int, num_q: int) -> int:
     return max(16, scale * CHUNK_BYTES // (4 * max(width, 1)))
 
 
-class ChunkScanner:
+class SingleThreadedWorkers:
+    """A context in which torch runs one thread per worker: ``num_threads`` workers (a thread pool
+    when more than one) each doing single-threaded matmuls, torch's own setting restored at exit."""
+
+    torch: Any
+    num_threads: int
+    pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> Any:
+        self.saved_threads = self.torch.get_num_threads()
+        self.torch.set_num_threads(1)
+        if self.num_threads > 1:
+            self.pool = ThreadPoolExecutor(
+                self.num_threads, initializer=self.torch.set_num_threads, initargs=(1,)
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        self.torch.set_num_threads(self.saved_threads)
+
+
+class ChunkScanner(SingleThreadedWorkers):
     """Scores blocks of stored rows and returns each block's candidates (see the module text).
 
     Use as a context manager: inside it torch runs single-threaded kernels, one per worker thread
@@ -166,20 +189,6 @@ class ChunkScanner:
         self.scales: Any = None
         self.local = threading.local()
         self.pool: ThreadPoolExecutor | None = None
-
-    def __enter__(self) -> ChunkScanner:
-        self.saved_threads = self.torch.get_num_threads()
-        self.torch.set_num_threads(1)
-        if self.num_threads > 1:
-            self.pool = ThreadPoolExecutor(
-                self.num_threads, initializer=self.torch.set_num_threads, initargs=(1,)
-            )
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
-        self.torch.set_num_threads(self.saved_threads)
 
     # ------------------------------------------------------------------ one chunk
     def _buffers(self) -> dict[str, Any]:
