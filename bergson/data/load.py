@@ -65,13 +65,18 @@ def load_data(cfg: DataConfig, option: str = "--dataset", report: dict[str, Any]
     """Load ``cfg.dataset`` (one split, sliced) as a ``datasets.Dataset``; with
     ``cfg.skip_nan_rewards`` the rows without a reward are left out (announced, and counted in
     ``report``), so that every reader of the same options sees the same rows."""
-    ds = _load(cfg, option)
-    if len(ds) == 0:
+    return _nonempty_with_rewards(_load(cfg, option), cfg, option, report)
+
+
+def _nonempty_with_rewards(rows: Any, cfg: DataConfig, option: str, report: dict[str, Any] | None) -> Any:
+    """Refuse no rows; leave out the rows without a reward under ``--skip_nan_rewards`` (counted
+    in ``report``)."""
+    if len(rows) == 0:
         raise _no_rows(cfg, option)
-    ds, left_out = drop_missing_rewards(ds, cfg)
+    rows, left_out = drop_missing_rewards(rows, cfg)
     if report is not None and cfg.skip_nan_rewards:
         report["rows_without_reward_left_out"] = left_out
-    return ds
+    return rows
 
 
 FAST_PATH_MAX_BYTES = 10 << 20
@@ -130,12 +135,7 @@ def load_rows(cfg: DataConfig, option: str = "--dataset", report: dict[str, Any]
     rows = _read_plain_file(cfg)
     if rows is None:
         return load_data(cfg, option, report)
-    if len(rows) == 0:
-        raise _no_rows(cfg, option)
-    rows, left_out = drop_missing_rewards(rows, cfg)
-    if report is not None and cfg.skip_nan_rewards:
-        report["rows_without_reward_left_out"] = left_out
-    return rows
+    return _nonempty_with_rewards(rows, cfg, option, report)
 
 
 def _read_plain_file(cfg: DataConfig) -> LocalRows | None:

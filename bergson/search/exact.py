@@ -28,7 +28,7 @@ import numpy as np
 
 from ..core.rows import unit_rows_np
 from ..errors import BergsonError
-from .scan import EMPTY, ChunkScanner, SingleThreadedWorkers, TopK, rescore
+from .scan import EMPTY, ChunkScanner, SingleThreadedWorkers, TopK, gather_columns, rescore
 
 if TYPE_CHECKING:
     from ..store.reader import GradientStore
@@ -257,13 +257,7 @@ class BlockScorer(SingleThreadedWorkers):
         torch = self.torch
         buf, out_storage = self._buffers()
         rows = buf[: e - s]
-        if self.whole:
-            rows.copy_(block[s:e])
-        else:
-            col = 0
-            for a, z in self.segments:
-                rows[:, col : col + z - a].copy_(block[s:e, a:z])
-                col += z - a
+        gather_columns(rows, block, s, e, None if self.whole else self.segments)
         # mm into a contiguous buffer, then copy: much faster than a strided ``out``.
         direct = self.num_q == 1 or e - s == scores.shape[1]
         out = scores[:, s:e] if direct else out_storage[: self.num_q * (e - s)].view(self.num_q, e - s)

@@ -126,6 +126,18 @@ def chunk_rows_for(width: int, num_q: int) -> int:
     return max(16, scale * CHUNK_BYTES // (4 * max(width, 1)))
 
 
+def gather_columns(rows: Any, block: Any, s: int, e: int, segments: Any) -> None:
+    """Copy rows ``s:e`` of ``block`` into the buffer ``rows``: whole, or only the column
+    ``segments`` [(start, end), ...] side by side (None: every column)."""
+    if segments is None:
+        rows.copy_(block[s:e])
+        return
+    col = 0
+    for a, z in segments:
+        rows[:, col : col + z - a].copy_(block[s:e, a:z])
+        col += z - a
+
+
 class SingleThreadedWorkers:
     """A context in which torch runs one thread per worker: ``num_threads`` workers (a thread pool
     when more than one) each doing single-threaded matmuls, torch's own setting restored at exit."""
@@ -217,13 +229,7 @@ class ChunkScanner(SingleThreadedWorkers):
         if self.scales is not None:
             return self._score_int8_copy(block, s, e, bufs)
         rows = bufs["rows"][:n]
-        if self.whole:
-            rows.copy_(block[s:e])
-        else:
-            col = 0
-            for a, z in self.segments:
-                rows[:, col : col + z - a].copy_(block[s:e, a:z])
-                col += z - a
+        gather_columns(rows, block, s, e, None if self.whole else self.segments)
         out = bufs["out"][: self.num_q * n].view(self.num_q, n)  # contiguous, as mm's out= wants
         norms = torch.linalg.vector_norm(rows, dim=1) if self.unit_norm else None
         if self.int8:
