@@ -22,6 +22,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
 
+def _refuse_the_network() -> None:
+    """Make any connection from the test process to a non-loopback address fail loudly, so that a
+    test naming a hub id can only pass through its local stand-in (workers on localhost, and
+    torch.distributed's own C++ sockets, are unaffected)."""
+    import ipaddress
+    import socket
+
+    connect = socket.socket.connect
+
+    def local_only(self: socket.socket, address: object) -> None:
+        host = address[0] if isinstance(address, tuple) else None
+        if host is not None and host != "localhost":
+            try:
+                loopback = ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                raise OSError(f"tests may not reach the network (tried {address!r})")
+        connect(self, address)  # type: ignore[arg-type]
+
+    socket.socket.connect = local_only  # type: ignore[method-assign]
+
+
+_refuse_the_network()
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     """The first 24 documents of the shipped corpus (cut to 600 characters) as a .jsonl file."""
