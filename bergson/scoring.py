@@ -269,8 +269,9 @@ def score_documents(
     )
     norm_path = query.root / NORMALIZERS_FILE
     carried_norms = load_normalizers(norm_path) if norm_path.is_file() else None
-    # an explicit --optimizer_state must agree with the query's normalizers (checked below)
-    normalizers = resolve_normalizers(cfg, model, modules) if cfg.optimizer_state else carried_norms
+    # an explicit --optimizer_state or --whitening must agree with the query's normalizers (checked below)
+    given = cfg.optimizer_state or cfg.whitening
+    normalizers = resolve_normalizers(cfg, model, modules) if given else carried_norms
     base = make_manifest(
         replace(cfg, aggregation="none", unit_normalize=False), model, modules, docs, max_tokens, normalizers
     )

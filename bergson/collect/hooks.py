@@ -45,7 +45,7 @@ from ..core.layout import (
     some_names,
 )
 from ..errors import BergsonError
-from ..transforms.normalizers import AdafactorNormalizer, AdamNormalizer, Normalizer
+from ..transforms.normalizers import AdafactorNormalizer, AdamNormalizer, KfacWhitening, Normalizer
 from ..transforms.projection import projection_matrix
 
 Closure = Callable[[str, torch.Tensor], None]
@@ -204,8 +204,10 @@ class GradientCollector(_LayerHooks):
 
     ``normalizers`` maps module names to an :class:`AdafactorNormalizer` (applied as row and
     column scales before projection) or an :class:`AdamNormalizer` (applied to the full
-    per-example gradient, which is then projected). Normalizer shapes are in the
-    ``(out, in)`` convention of ``nn.Linear`` for every layer type.
+    per-example gradient, which is then projected) or a :class:`KfacWhitening` (G becomes
+    S^-1/2 G A^-1/2, folded into the projection matrices like the Adafactor scales; whole modules
+    only, not head or expert blocks). Normalizer shapes are in the ``(out, in)`` convention of
+    ``nn.Linear`` for every layer type.
 
     ``heads`` splits modules into attention heads (:class:`AttentionConfig` per module name
     or glob pattern): each head becomes its own block ``'{module}.head{h}'`` with its own
@@ -256,6 +258,13 @@ class GradientCollector(_LayerHooks):
             for n, m in self.modules.items()
         }
         self._layouts = self.layouts  # checks the blocks (an aggregated block needs p > 0)
+        for name, norm in self.normalizers.items():
+            split = len(self.blocks[name]) > 1 or self.blocks[name][0].column is not None
+            if isinstance(norm, KfacWhitening) and split:
+                raise BergsonError(
+                    f"--whitening: {name} is split into head or expert blocks, and K-FAC whitening mixes "
+                    "the rows of the whole module; drop --attention_heads / --track_experts for it"
+                )
         self.closure = closure
         self.per_token = per_token
         super().__init__(model)
@@ -395,9 +404,13 @@ class GradientCollector(_LayerHooks):
         left = self._matrix(block.name, "left", out, dtype, device)
         right = self._matrix(block.col, "right", n_in + int(block.bias), dtype, device)
         scales = self._adafactor_scales(block)
+        norm = self.normalizers.get(block.module)
         if scales is not None:
             left = left * scales[0].to(device, dtype)
             right = right * scales[1].to(device, dtype)
+        elif isinstance(norm, KfacWhitening):  # L S^-1/2 and R A^-1/2 (symmetric factors)
+            left = left @ norm.left.to(device, dtype)
+            right = right @ norm.right.to(device, dtype)
         self._scaled[key] = (left, right)
         return left, right
 
@@ -449,6 +462,11 @@ class GradientCollector(_LayerHooks):
                 norm.eps,
             )
             full, grad_b = sliced.apply(full, grad_b)
+        elif isinstance(norm, KfacWhitening):
+            width = full.shape[-1]
+            aug = torch.cat([full, grad_b.unsqueeze(-1)], dim=-1) if grad_b is not None else full
+            aug = norm.apply(aug)
+            full, grad_b = aug[..., :width], (aug[..., width] if grad_b is not None else None)
         p = self.projection_dim
         if p > 0:
             if grad_b is not None:

@@ -79,6 +79,7 @@ LIMITS: dict[str, Limit] = {
     "chunk_length": _at_least(2, "tokens per chunk", zero="off"),
     # fitting and scoring
     "damping": _at_least(0, "added to the eigenvalues"),
+    "whitening_damping": Limit(low=0, open_low=True, unit="of each factor's mean eigenvalue (squared)"),
     "downweight_components": _at_least(0, "query components", zero="no mixing"),
     "PreconditionerConfig.downweight_components": _at_least(1, "query components"),
     "max_documents": _at_least(1, "documents; leave it unset for all"),

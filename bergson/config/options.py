@@ -353,7 +353,25 @@ class NormalizerOptions:
     """With --optimizer_state: the optimizer's own form (auto), elementwise (adam), or the best rank-one
     (Adafactor) form of Adam's moments, which keeps the cheap projected path."""
 
+    whitening: str | None = None
+    """An EK-FAC run directory (``bergson ekfac``, or its eigen/ stage): each tracked module's gradient
+    G becomes S^-1/2 G A^-1/2 with that fit's damped K-FAC factors, before projection and at no extra
+    cost, so dot products of two stores built with it are projected K-FAC influence scores."""
+
+    whitening_damping: float = 0.1
+    """With --whitening: each factor gets sqrt(this) times the mean of its eigenvalues added."""
+
     def _check(self) -> None:
+        if self.whitening and self.optimizer_state:
+            raise BergsonError(
+                "--whitening with --optimizer_state: both divide the gradients by a curvature estimate; "
+                "give one of the two"
+            )
+        if self.whitening_damping != 0.1 and not self.whitening:
+            raise BergsonError(
+                f"--whitening_damping {self.whitening_damping}: it damps the factors of --whitening, and "
+                "none is given; give --whitening RUN, or drop the option"
+            )
         if self.normalizer_form != "auto" and not self.optimizer_state:
             raise BergsonError(
                 f"--normalizer_form {self.normalizer_form}: it says how the moments of --optimizer_state "

@@ -18,7 +18,7 @@ from ..data import TokenizedDocs
 from ..errors import BergsonError
 from ..models import head_splits, tracking_record
 from ..store import Manifest
-from ..transforms.normalizers import AdafactorNormalizer, Normalizer
+from ..transforms.normalizers import Normalizer, kind_of
 from .documents import tokens_fingerprint
 
 
@@ -38,7 +38,7 @@ def _normalizer_info(normalizers: Mapping[str, Normalizer] | None) -> dict[str, 
     kinds = set()
     for name in sorted(normalizers):
         n = normalizers[name]
-        kinds.add("adafactor" if isinstance(n, AdafactorNormalizer) else "adam")
+        kinds.add(kind_of(n))
         h.update(name.encode())
         for t in vars(n).values():
             if isinstance(t, torch.Tensor):
@@ -125,11 +125,16 @@ def resolve_normalizers(
     modules: Mapping[str, torch.nn.Module],
     given: Mapping[str, Normalizer] | None = None,
 ) -> Mapping[str, Normalizer] | None:
-    """Normalizers passed in Python, or read from ``--optimizer_state`` (not both)."""
-    if given is not None and cfg.optimizer_state:
-        raise BergsonError("pass normalizers or --optimizer_state, not both")
-    if given is not None or not cfg.optimizer_state:
+    """Normalizers passed in Python, or read from ``--optimizer_state`` or ``--whitening`` (one of them)."""
+    flag = "--optimizer_state" if cfg.optimizer_state else "--whitening" if cfg.whitening else ""
+    if given is not None and flag:
+        raise BergsonError(f"pass normalizers or {flag}, not both")
+    if given is not None or not flag:
         return given
+    if cfg.whitening:
+        from ..transforms.whitening import whitening_from_ekfac
+
+        return whitening_from_ekfac(cfg.whitening, modules, cfg.include_bias, cfg.whitening_damping)
     from ..transforms.optimizer_state import normalizers_from_optimizer_state
 
     return normalizers_from_optimizer_state(

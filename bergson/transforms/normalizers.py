@@ -8,6 +8,10 @@ estimate v (plus eps), as Adam-family optimizers do to their updates.
   and a column scale on the input x, so it is applied before projection (cheap path).
 * ``AdamNormalizer`` keeps the full elementwise estimate; it needs the full per-example
   gradient, which is then projected if a projection is requested.
+* ``KfacWhitening`` is not an optimizer's: it maps G to S^-1/2 G A^-1/2 with the damped K-FAC
+  factors of an EK-FAC fit (``--whitening``, :mod:`bergson.transforms.whitening`). Like the
+  Adafactor scales it folds into the projection matrices (L S^-1/2 and R A^-1/2), so it keeps
+  the cheap projected path, and dot products of whitened vectors are K-FAC influence scores.
 
 Shapes follow the "out x in" convention of ``torch.nn.Linear.weight``. When the bias is
 included it is treated as an extra input column (input value 1).
@@ -96,7 +100,38 @@ class AdamNormalizer:
         return AdafactorNormalizer(row=row, col=w.sum(0), bias_col=bias_col)
 
 
-Normalizer = AdafactorNormalizer | AdamNormalizer
+@dataclass
+class KfacWhitening:
+    """Two symmetric matrices: ``left`` (out x out) = (S + λ_S)^-1/2 and ``right`` (in x in, or
+    in+1 x in+1 with the bias column) = (A + λ_A)^-1/2; a gradient G becomes left @ G @ right.
+    ``eps`` records the relative damping they were made with (for the store's manifest)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+    eps: float = 0.1
+
+    def apply(self, aug: torch.Tensor) -> torch.Tensor:
+        """Whiten per-example gradients ``aug`` [B, out, in(+1)] (the bias column last, if any)."""
+        if tuple(aug.shape[1:]) != (self.left.shape[0], self.right.shape[0]):
+            raise BergsonError(
+                f"K-FAC whitening has shape {(self.left.shape[0], self.right.shape[0])}, gradient has "
+                f"{tuple(aug.shape[1:])}; fit the EK-FAC run with the same --include_bias"
+            )
+        return self.left.to(aug) @ aug @ self.right.to(aug)
+
+
+Normalizer = AdafactorNormalizer | AdamNormalizer | KfacWhitening
+
+KINDS: dict[str, type] = {
+    "adafactor": AdafactorNormalizer,
+    "adam": AdamNormalizer,
+    "kfac_whitening": KfacWhitening,
+}
+"""The name each normalizer class is saved (and recorded in a manifest) under."""
+
+
+def kind_of(norm: Normalizer) -> str:
+    return next(k for k, cls in KINDS.items() if isinstance(norm, cls))
 
 
 NORMALIZERS_FILE = "normalizers.safetensors"
@@ -109,7 +144,7 @@ def save_normalizers(path: str | Path, normalizers: Mapping[str, Normalizer]) ->
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, str] = {}
     for name, norm in normalizers.items():
-        meta[name] = "adafactor" if isinstance(norm, AdafactorNormalizer) else "adam"
+        meta[name] = kind_of(norm)
         meta[f"{name}/eps"] = repr(norm.eps)
         for key, value in vars(norm).items():
             if isinstance(value, torch.Tensor):
@@ -130,6 +165,7 @@ def load_normalizers(path: str | Path) -> dict[str, Normalizer]:
             continue
         fields = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.rsplit("/", 1)[0] == name}
         eps = float(meta[f"{name}/eps"])
-        cls = AdafactorNormalizer if kind == "adafactor" else AdamNormalizer
-        out[name] = cls(**fields, eps=eps)  # type: ignore[arg-type]
+        if kind not in KINDS:
+            raise BergsonError(f"{path}: module {name} has a normalizer of unknown kind {kind!r}")
+        out[name] = KINDS[kind](**fields, eps=eps)
     return out

@@ -169,6 +169,7 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
             "form": (["--normalizer_form", "adam"], "--normalizer_form adam: it says how"),
             "state": (["--optimizer_state", missing + ".pt"], "missing.pt: no such file"),
             "pre": (["--preconditioner_path", missing], "missing"),
+            "white": (["--whitening", missing, "--whitening_damping", "0.2"], "no fitted eigenbases there"),
         }
         run = ["--run_path"] if base[:1] == ("--run_path",) else []
         return [([*run, new(), *m, *d, *base[len(run) :], *cases[o][0]], cases[o][1]) for o in options]
@@ -189,20 +190,20 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
             ([new(), *m, *d, "--aggregation", "mean", "--prompt_column", "text"], None),
             ([new(), *m, *chunked], None),
             ([new(), *m, *rewarded], None),
-            *refused(*everything, "form", "state", "pre"),
+            *refused(*everything, "form", "state", "pre", "white"),
         ],
         "reduce": [
             ([new(), *m, *d, *collect, "--attention_heads", heads, "--aggregation", "sum", "--unit_normalize",
               "--save_dtype", "float32"], None),
             ([new(), "--index", a["index"]], None),
             ([new(), *m, *d, "--per_token"], "--per_token"),
-            *refused(*everything, "form", "state", "pre"),
+            *refused(*everything, "form", "state", "pre", "white"),
         ],
         "score": [
             ([new(), *m, *d, *score_base, "--token_batch_size", "64", "--score", "max", "--query_group_column",
               "group", "--top_k", "2", "--unit_normalize", "--per_token", "--save_dtype", "float32"], None),
             ([new(), "--index", a["index"], "--query_path", a["query"], "--aggregation", "mean"], None),
-            *refused(*everything, "form", "state", "pre", base=score_base),
+            *refused(*everything, "form", "state", "pre", "white", base=score_base),
         ],
         "preconditioner": [
             ([new(), *m, *d, *collect, "--attention_heads", heads, "--max_documents", "4", "--sample_seed", "1",
@@ -210,14 +211,14 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
             ([new(), "--index", a["index"], "--shard_preconditioners"], None),
             ([new(), "--mix_train", missing, "--mix_query", missing, "--downweight_components", "2"], "missing"),
             ([new(), *m, *d, "--downweight_components", "2"], "--downweight_components 2: it sets how"),
-            *refused(*everything, "form", "state"),
+            *refused(*everything, "form", "state", "white"),
         ],
         "trackstar": [
             ([new(), *m, *d, *qd, *collect, "--attention_heads", heads, "--stats_documents", "4",
               "--sample_seed", "1", "--damping", "0.2", "--damping_mode", "absolute", "--downweight_components",
               "1", "--top_k", "2", "--no_unit_normalize", "--aggregation", "none", "--per_token", "--save_dtype",
               "float32"], None),
-            *refused(*everything, "form", "state", base=tuple(qd)),
+            *refused(*everything, "form", "state", "white", base=tuple(qd)),
         ],
         "trak": [
             ([new(), *m, *d, *qd, *collect, "--attention_heads", heads, "--damping", "0.2", "--damping_mode",
@@ -244,7 +245,7 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
               "--fisher", "empirical", "--fisher_seed", "1", "--factor_dtype", "float64", "--per_token"], None),
             ([new(), *m, *d, "--method", "cosine"], "--method cosine: a document's cosine with itself is 1"),
             ([new(), *m, *d, "--fisher", "empirical"], "--fisher with --method dot"),
-            *refused("data", "completion", "chat", "reward", "chunk", "nan", "template", "form", "state"),
+            *refused("data", "completion", "chat", "reward", "chunk", "nan", "template", "form", "state", "white"),
         ],
         "source": [
             ([new(), *m, *d, *qd, "--include_bias", "--modules", "gpt_neox.layers.*", *extra, "--segment_steps", "2",
