@@ -9,7 +9,11 @@ Pythia, 240 training documents, 5 queries, and its stores: two cheap first stage
 and ``scores_cosine_opt``: dot products and optimizer-normalized cosines of projected gradients) and
 the full EK-FAC run (``ekfac/``). A third first stage is made here: EK-FAC's preconditioned queries
 projected like the projected training store ``train/`` (``bergson ekfac --projected_queries``),
-scored against it (``bergson score --index train``) — a projected approximation of EK-FAC itself. The cascade runs through
+scored against it (``bergson score --index train``) — a projected approximation of EK-FAC itself.
+A fourth and fifth: the training and query stores rebuilt with ``--whitening`` (K-FAC's damped
+S^-1/2 G A^-1/2 from the same EK-FAC fit, folded into the projections) at p = 32 and p = 64, scored
+by dot product: projected K-FAC influence with the square root of the inverse on each side. The
+cascade runs through
 :func:`bergson.methods.cascade.cascade`, exactly as ``bergson score --candidates ... --method
 ekfac`` does, with EK-FAC's own options (``ekfac/ekfac.yaml``); its curvature and query products
 are the full run's (copied, as a resumed run reads them: the cascade fits them on the whole corpus
@@ -21,6 +25,7 @@ queries (reported as fraction_rescored). Timings alternate the legs (full, casca
 full, cascade, ...) and report the best of ``--repeats``, with the 1-minute load average.
 
     python -m benchmarks.cascade [--run runs/quality_lm/run_bee8c4a5c0] [--work runs/cascade_bench]
+    python -m benchmarks.cascade --corpus_rows 1500 --work runs/cascade_bench_1500   # the whole shipped corpus
 
 Prints one JSON object.
 """
@@ -31,13 +36,16 @@ import argparse
 import json
 import os
 import shutil
-from dataclasses import fields
+import time
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 SOURCES = ("scores_dot", "scores_cosine_opt", "ekfac_projected")
+WHITENED = (32, 64)
+"""Projection dims of the K-FAC-whitened first stages (``build --whitening``)."""
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 STAGES = ("covariances", "eigen", "corrected", "queries")
 
@@ -55,6 +63,30 @@ def fresh(work: Path, name: str, run: Path) -> Path:
     return path
 
 
+def larger_workload(run: Path, work: Path, rows: int) -> Path:
+    """A run directory like ``run`` whose corpus is the first ``rows`` rows of its dataset: the
+    EK-FAC fit and scores, the plain projected store and its dot-product scores against ``run``'s
+    own query store, made (once) under ``work`` with ``run``'s own options. The model is ``run``'s
+    fine-tuned checkpoint; most rows were not trained on, which changes nothing the cascade
+    measures (how much of EK-FAC's own top-10 it recovers)."""
+    from bergson import EkfacConfig, IndexConfig, ScoreConfig, build, ekfac, score
+    from bergson.config import load_yaml
+
+    out = work / f"workload_{rows}"
+    if (out / "scores_dot" / "manifest.json").exists():
+        return out
+    base = load_yaml(EkfacConfig, run / "ekfac" / "ekfac.yaml")
+    data = replace(base.data, split=f"train[:{rows}]")
+    ekfac(replace(base, run_path=str(out / "ekfac"), data=data, overwrite=True))
+    train = load_yaml(IndexConfig, run / "train" / "config.yaml")
+    build(replace(train, run_path=str(out / "train"), data=data, overwrite=True))
+    shutil.copytree(run / "query", out / "query", dirs_exist_ok=True)
+    score(
+        ScoreConfig(run_path=str(out / "scores_dot"), index=str(out / "train"), query_path=str(out / "query"))
+    )
+    return out
+
+
 def loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
@@ -65,16 +97,24 @@ def main() -> None:
     parser.add_argument("--work", default="runs/cascade_bench")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
+        "--corpus_rows",
+        type=int,
+        default=0,
+        help="score the first N rows of the run's dataset instead of its training rows (0: those)",
+    )
+    parser.add_argument(
         "--timed_fraction", type=float, default=0.05, help="of the rows, for the timed cascades"
     )
     args = parser.parse_args()
 
-    from bergson import EkfacConfig, ScoreConfig, ekfac, load_gradients, score
+    from bergson import EkfacConfig, IndexConfig, ScoreConfig, build, ekfac, load_gradients, score
     from bergson.config import load_yaml
     from bergson.config.cascade import CascadeEkfacConfig
     from bergson.methods.cascade import UNSCORED, cascade
 
     run, work = Path(args.run), Path(args.work)
+    if args.corpus_rows:
+        run = larger_workload(run, work, args.corpus_rows)
     base = load_yaml(EkfacConfig, run / "ekfac" / "ekfac.yaml")
     options = {f.name: getattr(base, f.name) for f in fields(EkfacConfig)}
     full = np.asarray(load_gradients(run / "ekfac" / "scores")["scores"], np.float64)
@@ -99,7 +139,7 @@ def main() -> None:
 
     # a first stage that approximates EK-FAC itself: its preconditioned queries projected like the
     # projected training store (ekfac --projected_queries), scored against it by `bergson score --index`
-    sources = {name: run / name for name in SOURCES[:2]}
+    sources = {name: run / name for name in SOURCES[:2] if (run / name).exists()}
     if (run / "train").exists():
         p = load_gradients(run / "train").manifest.projection["dim"]
         projected, _ = run_full("projected_queries", projected_queries=True, projection_dim=p)
@@ -113,10 +153,38 @@ def main() -> None:
         )
         sources["ekfac_projected"] = work / "scores_ekfac_projected"
 
+    # K-FAC-whitened first stages: both stores rebuilt with --whitening (the full run's EK-FAC fit)
+    first_stage_s: dict[str, float] = {}
+    for p in WHITENED if (run / "train").exists() else ():
+        label = f"kfac_whitened_p{p}"
+        seconds = 0.0
+        for side in ("train", "query"):
+            cfg = load_yaml(IndexConfig, run / side / "config.yaml")
+            cfg = replace(
+                cfg, run_path=str(work / f"{label}_{side}"), projection_dim=p, whitening=str(run / "ekfac"),
+                overwrite=True,
+            )  # fmt: skip
+            start = time.perf_counter()
+            build(cfg)
+            seconds += time.perf_counter() - start if side == "train" else 0.0
+        start = time.perf_counter()
+        score(
+            ScoreConfig(
+                run_path=str(work / f"scores_{label}"),
+                index=str(work / f"{label}_train"),
+                query_path=str(work / f"{label}_query"),
+                overwrite=True,
+            )
+        )
+        first_stage_s[label] = round(seconds + time.perf_counter() - start, 3)
+        sources[label] = work / f"scores_{label}"
+
     recall: dict[str, list[dict[str, Any]]] = {}
+    pearson: dict[str, list[float]] = {}
     max_diff = 0.0
     for label, source in sources.items():
         cheap = np.asarray(load_gradients(source)["scores"], np.float64)
+        pearson[label] = [round(float(np.corrcoef(cheap[:, c], full[:, c])[0, 1]), 3) for c in range(nq)]
         rows_out = []
         for fraction in FRACTIONS:
             k = max(1, round(fraction * n))
@@ -143,7 +211,7 @@ def main() -> None:
 
     # scoring time: full EK-FAC scoring vs the cascade with k = --timed_fraction of the rows per query,
     # and with the largest k whose union is within --timed_fraction of the rows; alternated
-    label = "ekfac_projected" if "ekfac_projected" in sources else "scores_cosine_opt"
+    label = next((k for k in ("kfac_whitened_p64", "ekfac_projected") if k in sources), "scores_cosine_opt")
     cheap = np.asarray(load_gradients(sources[label])["scores"], np.float64)
     union_k = 1
     while len(np.unique(np.concatenate(top(cheap, union_k + 1)))) <= args.timed_fraction * n:
@@ -183,6 +251,7 @@ def main() -> None:
         "ekfac_top10_union_rows": len(set().union(*truth)),
         "factors": "fitted on the whole corpus (the full run's stages, copied into each run directory)",
         "max_rel_diff_rescored_vs_full_ekfac": max_diff,
+        "pearson_with_ekfac_per_query": pearson,
         "recall_at_10_of_ekfac_top10": recall,
         "timing": {
             "candidates": label,
@@ -190,6 +259,7 @@ def main() -> None:
             "best_full_scoring_s": best_full,
             **timed,
             "ekfac_fit_s_of_the_cached_run": round(fit_seconds, 3),
+            "whitened_first_stage_s": first_stage_s,
             "loadavg_1min": loads,
             "cpu_count": os.cpu_count(),
         },

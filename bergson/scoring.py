@@ -33,7 +33,14 @@ from .store import GradientStore, Manifest, StoreWriter, load_gradients
 from .store.manifest import SCORE_ORIENTATION, check_compatible
 from .store.scores import pad_token_rows
 from .transforms.normalizers import NORMALIZERS_FILE, load_normalizers
-from .transforms.preconditioners import carried, fixed_preconditioner, plan_powers, resolve_preconditioner
+from .transforms.preconditioners import (
+    carried,
+    fixed_preconditioner,
+    is_sharded,
+    load_owned,
+    plan_powers,
+    resolve_preconditioner,
+)
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -174,7 +181,20 @@ def preconditioning(
     """(training-side transform, query-side transform, manifest entry) so that the scores use
     the preconditioner exactly once, whatever the stores already carry."""
     stores = [("--query_path", query)] + ([("--index", index)] if index is not None else [])
-    pre = resolve_preconditioner(cfg.preconditioner_path, stores)
+    pre = None
+    carried_by_none = fixed_preconditioner(stores) is None and not any(
+        s.manifest.preconditioner for _, s in stores
+    )
+    if cfg.preconditioner_path and carried_by_none:
+        if not cfg.unit_normalize:  # H^-1 on the query side only: each worker applies its own blocks
+            pre = load_owned(cfg.preconditioner_path, query.manifest.modules, "--preconditioner_path")
+        elif distributed.world_size() > 1 and is_sharded(cfg.preconditioner_path):
+            logger.warning(
+                "--preconditioner_path %s is sharded, and cosine scores (--unit_normalize) apply H^-1/2 to "
+                "every training batch: each worker loads the whole of it",
+                cfg.preconditioner_path,
+            )
+    pre = pre or resolve_preconditioner(cfg.preconditioner_path, stores)
     if pre is None:
         return None, None, fixed_preconditioner(stores, cfg.unit_normalize)
     pre.check(layout, "the scored vectors")

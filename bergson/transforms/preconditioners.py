@@ -169,6 +169,13 @@ class Preconditioner:
     mixing: dict[str, Any] | None = None
     eigenvalues: dict[str, torch.Tensor] = field(default_factory=dict)
     eigenvectors: dict[str, torch.Tensor] = field(default_factory=dict)
+    owned: list[str] | None = None
+    """Set by :func:`load_owned`: this rank's modules of a sharded fit (the only blocks it holds);
+    :meth:`transform` then multiplies those columns and sums the ranks' results."""
+    whole_sha256: str | None = None
+    """The whole fit's :meth:`identity`, when only some of its blocks are held."""
+    sharding: dict[str, Any] | None = None
+    """How :func:`load_owned` spread the blocks (workers, blocks per rank), for the manifest."""
 
     def __post_init__(self) -> None:
         if self.damping_mode not in DAMPING_MODES:
@@ -216,20 +223,29 @@ class Preconditioner:
         """A function applying :meth:`apply`, its matrices computed once and kept per device and dtype
         (it runs on every batch of the collection loop)."""
         missing = [m.name for m in modules if m.name not in self.second_moments]
-        if missing:
+        if missing and self.owned is None:  # a sharded fit's other blocks: checked by load_owned
             raise BergsonError(f"the preconditioner has no statistics for module {missing[0]}")
-        mats = {m.name: self.matrix(m.name, power) for m in modules}
+        mine = [m for m in modules if m.name in self.second_moments]
+        mats = {m.name: self.matrix(m.name, power) for m in mine}
         cache: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
 
         def fn(vectors: torch.Tensor) -> torch.Tensor:
             key = (vectors.device, vectors.dtype)
             if key not in cache:
                 cache[key] = {n: m.to(vectors.device, vectors.dtype) for n, m in mats.items()}
-            out = torch.empty_like(vectors)
-            for m in modules:  # each matrix is symmetric
+            out = torch.empty_like(vectors) if self.owned is None else torch.zeros_like(vectors)
+            for m in mine:  # each matrix is symmetric
                 out[:, m.offset : m.offset + m.dim] = (
                     vectors[:, m.offset : m.offset + m.dim] @ cache[key][m.name]
                 )
+            if self.owned is not None:  # every other block is another rank's: sum the ranks' columns
+                import torch.distributed as dist
+
+                from ..distributed.group import control_group
+
+                summed = out.cpu()
+                dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=control_group())
+                out = summed.to(vectors.device)
             return out
 
         return fn
@@ -237,6 +253,8 @@ class Preconditioner:
     # ------------------------------------------------------------------ identity and checks
     def identity(self) -> str:
         """A hash of the statistics and the damping: equal hashes apply the same matrices."""
+        if self.whole_sha256:
+            return self.whole_sha256
         h = hashlib.sha256()
         h.update(json.dumps([self.damping, self.damping_mode, self.num_rows]).encode())
         for name in sorted(self.second_moments):
@@ -257,6 +275,7 @@ class Preconditioner:
             "damping_mode": self.damping_mode,
             "num_rows": self.num_rows,
             "mixed": self.mixing is not None,
+            **({"applied_sharded": self.sharding} if self.sharding else {}),
         }
 
     # ------------------------------------------------------------------ disk
@@ -321,6 +340,11 @@ def _shards(root: Path) -> dict[str, list[str]]:
         return json.loads((root / META_FILE).read_text()).get("shards") or {}
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether ``path`` holds a sharded fit (part files listed in its JSON)."""
+    return bool(_shards(Path(path)))
 
 
 def is_complete(path: str | Path) -> bool:
@@ -388,6 +412,32 @@ def load_preconditioner(
         eigenvalues={n: tensors[f"{n}/eigenvalues"] for n in names},
         eigenvectors={n: tensors[f"{n}/eigenvectors"] for n in names},
     )
+
+
+def load_owned(path: str | Path, modules: Sequence[ModuleLayout], option: str) -> Preconditioner | None:
+    """With several workers and a sharded fit at ``path`` (``--shard_preconditioners``): only this
+    rank's blocks of it, the modules :func:`shard_owners` gives this rank among the current workers
+    (whatever number of workers made the fit), for a transform whose ranks each multiply their own
+    columns and sum (:meth:`Preconditioner.transform`; collective: every rank applies it at the same
+    point). None with one process or an unsharded fit: load it whole."""
+    from ..distributed import rank, world_size
+
+    root = Path(path)
+    if world_size() == 1 or not _shards(root) or not is_complete(root):
+        return None
+    meta = json.loads((root / META_FILE).read_text())
+    missing = [m.name for m in modules if m.name not in set(meta["modules"])]
+    if missing:
+        raise BergsonError(f"{option} {path}: the preconditioner has no statistics for module {missing[0]}")
+    owners = shard_owners({m.name: m.dim for m in modules}, world_size())
+    mine = [n for n, r in owners.items() if r == rank()]
+    pre = load_preconditioner(root, option, modules=mine)
+    pre.owned, pre.whole_sha256 = mine, meta["sha256"]
+    pre.sharding = {
+        "ranks": world_size(),
+        "blocks_per_rank": [sum(r == k for r in owners.values()) for k in range(world_size())],
+    }
+    return pre
 
 
 # ---------------------------------------------------------------------- fitting
