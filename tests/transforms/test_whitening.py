@@ -3,6 +3,8 @@ damped factors, and dot products of whitened stores against K-FAC influence solv
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -127,7 +129,11 @@ def test_whitening_from_a_fitted_ekfac_run_through_build_and_score(tmp_path, mod
     """``bergson ekfac`` fits the factors; ``build --whitening`` on both sides and ``score`` give
     ⟨Q, S_λ^-1 G A_λ^-1⟩ with that run's covariances; a plain store is refused against a whitened one."""
     from bergson import EkfacConfig, IndexConfig, ScoreConfig, build, ekfac, score
+    from bergson.collect.losses import per_document_loss
     from bergson.config import DataConfig
+    from bergson.models import load_model
+    from bergson.search.attributor import Attributor
+    from bergson.transforms.normalizers import KfacWhitening
     from tests.helpers.cli import run_in_process
 
     data = DataConfig(dataset=str(corpus_file), split="train[:10]", truncation=True, max_length=24)
@@ -163,6 +169,24 @@ def test_whitening_from_a_fitted_ekfac_run_through_build_and_score(tmp_path, mod
     with pytest.raises(BergsonError, match="normalizer differs"):
         score(ScoreConfig(run_path=str(tmp_path / "s2"), index=str(stores["train", True].root),
                           query_path=str(plain_q.root)))  # fmt: skip
+    # bergson query / the Attributor whiten a live query's gradient with the store's saved matrices
+    text = "And God said, Let there be light: and there was light."
+    (tmp_path / "q.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    one = build(
+        IndexConfig(run_path=str(tmp_path / "one"), data=DataConfig(dataset=str(tmp_path / "q.jsonl")),
+                    projection_dim=0, save_dtype="float32", whitening=str(ek), **common)
+    )  # fmt: skip
+    attr = Attributor(stores["train", True].root)
+    assert all(isinstance(n, KfacWhitening) for n in attr.normalizers.values())
+    ref_scores, ref_idx = attr.search(np.asarray(one.all), 3)
+    model, tok = load_model(IndexConfig(run_path=str(tmp_path / "m"), **common))
+    ids = torch.tensor([tok(text)["input_ids"]])
+    with attr.trace(model, 3) as result:
+        per_document_loss(model(ids).logits, ids).sum().backward()
+    torch.testing.assert_close(
+        result.scores, ref_scores, rtol=1e-4, atol=1e-6 * float(ref_scores.abs().max())
+    )
+    assert torch.equal(result.indices, ref_idx)
     proc = run_in_process(
         "build", str(tmp_path / "b"), "--model", str(model_dir), "--dataset", str(corpus_file),
         "--whitening", str(ek), "--optimizer_state", str(ek), check=False,
