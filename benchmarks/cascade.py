@@ -10,8 +10,8 @@ and ``scores_cosine_opt``: dot products and optimizer-normalized cosines of proj
 the full EK-FAC run (``ekfac/``). A third first stage is made here: EK-FAC's preconditioned queries
 projected like the projected training store ``train/`` (``bergson ekfac --projected_queries``),
 scored against it (``bergson score --index train``) — a projected approximation of EK-FAC itself.
-A fourth and fifth: the training and query stores rebuilt with ``--whitening`` (K-FAC's damped
-S^-1/2 G A^-1/2 from the same EK-FAC fit, folded into the projections) at p = 32 and p = 64, scored
+A fourth to sixth: the training and query stores rebuilt with ``--whitening`` (K-FAC's damped
+S^-1/2 G A^-1/2 from the same EK-FAC fit, folded into the projections) at p = 32, 64 and 96, scored
 by dot product: projected K-FAC influence with the square root of the inverse on each side. The
 cascade runs through
 :func:`bergson.methods.cascade.cascade`, exactly as ``bergson score --candidates ... --method
@@ -44,8 +44,10 @@ from typing import Any
 import numpy as np
 
 SOURCES = ("scores_dot", "scores_cosine_opt", "ekfac_projected")
-WHITENED = (32, 64)
+WHITENED = (32, 64, 96)
 """Projection dims of the K-FAC-whitened first stages (``build --whitening``)."""
+WHITENING_DAMPING = 0.01
+"""Their ``--whitening_damping`` (the default), given: a stored config.yaml may hold another."""
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 STAGES = ("covariances", "eigen", "corrected", "queries")
 
@@ -162,7 +164,7 @@ def main() -> None:
             cfg = load_yaml(IndexConfig, run / side / "config.yaml")
             cfg = replace(
                 cfg, run_path=str(work / f"{label}_{side}"), projection_dim=p, whitening=str(run / "ekfac"),
-                overwrite=True,
+                whitening_damping=WHITENING_DAMPING, overwrite=True,
             )  # fmt: skip
             start = time.perf_counter()
             build(cfg)
@@ -211,7 +213,7 @@ def main() -> None:
 
     # scoring time: full EK-FAC scoring vs the cascade with k = --timed_fraction of the rows per query,
     # and with the largest k whose union is within --timed_fraction of the rows; alternated
-    label = next((k for k in ("kfac_whitened_p64", "ekfac_projected") if k in sources), "scores_cosine_opt")
+    label = next((k for k in ("kfac_whitened_p96", "ekfac_projected") if k in sources), "scores_cosine_opt")
     cheap = np.asarray(load_gradients(sources[label])["scores"], np.float64)
     union_k = 1
     while len(np.unique(np.concatenate(top(cheap, union_k + 1)))) <= args.timed_fraction * n:
@@ -243,8 +245,7 @@ def main() -> None:
         }
         for name in ks
     }
-    at5 = {src: next(r for r in rows if r["k_fraction"] == 0.05) for src, rows in recall.items()}
-    out = {
+    out: dict[str, Any] = {
         "workload": str(run),
         "rows": n,
         "queries": nq,
@@ -263,12 +264,33 @@ def main() -> None:
             "loadavg_1min": loads,
             "cpu_count": os.cpu_count(),
         },
-        "goal": {
-            "recall_at_k_5pct": {src: r["recall_at_10_mean"] for src, r in at5.items()},
-            "fraction_rescored_at_k_5pct": {src: r["fraction_rescored"] for src, r in at5.items()},
-            "recall_met": {src: r["recall_at_10_mean"] >= 0.9 for src, r in at5.items()},
-            "time_met_at_union_5pct": timed["k_union"]["cascade_over_full_scoring"] <= 0.10,
-        },
+    }
+
+    # the issue's goal: >= 0.9 of EK-FAC's top-10 when the rows rescored (the union over the queries)
+    # are at most --timed_fraction of the corpus, at <= 10% of full scoring time
+    def at_budget(cheap: np.ndarray) -> dict[str, Any]:
+        k = 1
+        while len(np.unique(np.concatenate(top(cheap, k + 1)))) <= args.timed_fraction * n:
+            k += 1
+        rows = np.unique(np.concatenate(top(cheap, k)))
+        cascaded = np.full_like(full, -np.inf)
+        cascaded[rows] = full[rows]  # rescored rows' scores equal the full run's (checked above)
+        found = [len(truth[q] & set(top(cascaded, 10)[q].tolist())) / 10 for q in range(nq)]
+        return {
+            "k_per_query": k,
+            "fraction_rescored": round(len(rows) / n, 4),
+            "recall_at_10": float(np.mean(found)),
+        }
+
+    budget = {
+        src: at_budget(np.asarray(load_gradients(path)["scores"], np.float64))
+        for src, path in sources.items()
+    }
+    out["goal"] = {
+        "budget_fraction": args.timed_fraction,
+        "at_budget": budget,
+        "recall_met": {src: b["recall_at_10"] >= 0.9 for src, b in budget.items()},
+        "time_met": {label: timed["k_union"]["cascade_over_full_scoring"] <= 0.10},
     }
     print(json.dumps(out, indent=2))
 

@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,15 @@ def workdir(tmp_path_factory) -> Path:
 # stderr with status 1, as in a subprocess.
 SUBPROCESS_CASES = {"quickstart (older README)"}
 
+# Both MAGIC cases run the README's one YAML, whose run_path is fixed: each run is moved aside
+# after it ends, so that the next one starts from nothing rather than finding the store complete.
+MAGIC_CASES = ("quickstart magic", "pipeline YAML (later README)")
+MAGIC_RUN = "runs/gpt2_wikitext"
+
+
+def magic_run_of(workdir: Path, case: str) -> Path:
+    return workdir / f"{MAGIC_RUN}-{MAGIC_CASES.index(case)}"
+
 
 @pytest.fixture(scope="module")
 def cli(workdir) -> dict[str, subprocess.CompletedProcess]:
@@ -67,6 +77,8 @@ def cli(workdir) -> dict[str, subprocess.CompletedProcess]:
             out[case.name] = run_in_process(
                 *argv[3 if argv[0] == "python" else 1 :], check=False, cwd=workdir, stdin=stdin
             )
+            if case.name in MAGIC_CASES and (workdir / MAGIC_RUN).exists():
+                shutil.move(workdir / MAGIC_RUN, magic_run_of(workdir, case.name))
             continue
         if argv[0] == "bergson":
             argv = [sys.executable, "-m", "bergson", *argv[1:]]
@@ -135,7 +147,8 @@ def test_trackstar_finds_each_query_in_the_corpus(cli, workdir):
 @pytest.mark.parametrize("name", ["quickstart magic", "pipeline YAML (later README)"])
 def test_magic_yaml_runs(cli, workdir, name):
     _ok(cli[name])
-    scores = _store(workdir / "runs/gpt2_wikitext/scores")
+    assert not (workdir / MAGIC_RUN).exists()  # each case ran into an empty run directory
+    scores = _store(magic_run_of(workdir, name) / "scores")
     values = np.asarray(scores.all)
     assert values.shape == (20, 1)  # 20 training chunks, one query (test[0:1])
     assert np.isfinite(values).all() and np.abs(values).max() > 0

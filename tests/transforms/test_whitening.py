@@ -19,7 +19,7 @@ from bergson.transforms.whitening import whitening_from_ekfac
 from tests.helpers.assets import tiny_gpt2, tiny_neox
 from tests.helpers.gradients import naive_gradients, random_docs
 
-DAMPING = 0.1
+DAMPING = 0.01
 
 
 def random_spd(n: int, gen: torch.Generator) -> torch.Tensor:
