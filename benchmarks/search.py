@@ -13,7 +13,9 @@
      the CPU time it is given;
    - the compute roofline: single-threaded float32 matmul throughput on the kernel
      shape the search uses, times the worker threads. Scoring one float16 element costs
-     2 * Q flops and 2 bytes, so a search can scan at most ``GFLOPS / Q`` GB/s.
+     2 * Q flops and 2 bytes, so a search can scan at most ``GFLOPS / Q`` GB/s. The same
+     in bfloat16 (``compute_roofline_bf16_gbps``): the ceiling a store kept in a dtype the
+     CPU multiplies natively would have (float16 rows must be converted first).
 
 2. FAISS. A structured synthetic store (default 1M x 256 float16, a mixture of 1000
    Gaussian clusters: centres ~ N(0, I), within-cluster noise 2 * N(0, I), so clusters
@@ -109,13 +111,15 @@ def copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, Any]:
     }
 
 
-def matmul_gflops(q: int, dim: int, rows: int = 4096, repeats: int = 20) -> float:
-    """Single-threaded float32 [q, dim] x [dim, rows], the search's kernel shape."""
+def matmul_gflops(
+    q: int, dim: int, rows: int = 4096, repeats: int = 20, dtype: torch.dtype = torch.float32
+) -> float:
+    """Single-threaded [q, dim] x [dim, rows] in ``dtype``, the search's kernel shape."""
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        a, b = torch.randn(q, dim), torch.randn(rows, dim)
-        out = torch.empty(q, rows)
+        a, b = torch.randn(q, dim, dtype=dtype), torch.randn(rows, dim, dtype=dtype)
+        out = torch.empty(q, rows, dtype=dtype)
         torch.mm(a, b.T, out=out)
         best, _, _ = best_and_median(lambda: torch.mm(a, b.T, out=out), repeats)
     finally:
@@ -148,6 +152,10 @@ def bench_exact(store: GradientStore, args: argparse.Namespace, bandwidth: float
                 "fraction_of_copy_bandwidth": round(scanned / best / 1e9 / bandwidth, 3),
                 "compute_roofline_gbps": round(roofline, 3),
                 "fraction_of_roofline": round(scanned / best / 1e9 / roofline, 3),
+                # what a store the CPU multiplies natively would allow: the same kernel in bfloat16
+                "compute_roofline_bf16_gbps": round(
+                    min(bandwidth, threads * matmul_gflops(num_q, dim, dtype=torch.bfloat16) / num_q), 3
+                ),
             }
             if args.int8_rerank:
                 # the approximate scan, timed right after the exact one (same load), and its
