@@ -108,7 +108,7 @@ class KfacWhitening:
 
     left: torch.Tensor
     right: torch.Tensor
-    eps: float = 0.1
+    eps: float = 0.01
 
     def apply(self, aug: torch.Tensor) -> torch.Tensor:
         """Whiten per-example gradients ``aug`` [B, out, in(+1)] (the bias column last, if any)."""
@@ -131,6 +131,7 @@ KINDS: dict[str, type] = {
 
 
 def kind_of(norm: Normalizer) -> str:
+    """The name :data:`KINDS` gives ``norm``'s class."""
     return next(k for k, cls in KINDS.items() if isinstance(norm, cls))
 
 
