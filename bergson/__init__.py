@@ -32,6 +32,8 @@ _EXPORTS = {
     "InMemorySink": "bergson.collect.loop",
     "AdafactorNormalizer": "bergson.transforms.normalizers",
     "AdamNormalizer": "bergson.transforms.normalizers",
+    "KfacWhitening": "bergson.transforms.normalizers",
+    "whitening_from_ekfac": "bergson.transforms.whitening",
     "projection_matrix": "bergson.transforms.projection",
     "GradientStore": "bergson.store.reader",
     "load_gradients": "bergson.store.reader",
@@ -109,6 +111,8 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "InMemorySink",
     "AdafactorNormalizer",
     "AdamNormalizer",
+    "KfacWhitening",
+    "whitening_from_ekfac",
     "projection_matrix",
     "GradientStore",
     "load_gradients",
@@ -231,7 +235,7 @@ if TYPE_CHECKING:
     from .search.exact import exact_topk
     from .store.reader import GradientStore, load_gradient_dataset, load_gradients
     from .store.verify import VerifyReport, verify_store
-    from .transforms.normalizers import AdafactorNormalizer, AdamNormalizer
+    from .transforms.normalizers import AdafactorNormalizer, AdamNormalizer, KfacWhitening
     from .transforms.optimizer_state import normalizers_from_optimizer_state
     from .transforms.preconditioners import (
         Preconditioner,
@@ -240,4 +244,5 @@ if TYPE_CHECKING:
         mix_preconditioners,
     )
     from .transforms.projection import projection_matrix
+    from .transforms.whitening import whitening_from_ekfac
     from .validation import validate

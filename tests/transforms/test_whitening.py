@@ -79,6 +79,24 @@ def test_whitened_gradients_match_naive_autograd(tmp_path, arch, include_bias, p
             np.testing.assert_allclose(np.asarray(got[name][n]), expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("p", [0, 4])
+def test_whitened_token_vectors_sum_to_the_documents(tmp_path, p):
+    """--per_token with whitening: each position's whitened term, summed, is the document's vector
+    (whitening is linear), and the documents' vectors do not depend on the batching."""
+    model = tiny_neox()
+    modules = find_tracked_modules(model)
+    fake_fit(tmp_path, modules, True)
+    whitening = whitening_from_ekfac(tmp_path, modules, True, DAMPING)
+    docs = random_docs(5, model.config.vocab_size)
+    kw = dict(projection_dim=p, include_bias=True, normalizers=whitening, progress=False)
+    whole = collect_gradients(model, docs, token_batch_size=40, **kw)
+    tokens = collect_gradients(model, docs, token_batch_size=12, per_token=True, **kw)
+    np.testing.assert_allclose(np.asarray(tokens.vectors), np.asarray(whole.vectors), rtol=1e-9, atol=1e-12)
+    for row in range(len(docs)):
+        summed = np.asarray(tokens.tokens[row]).sum(0)
+        np.testing.assert_allclose(summed, np.asarray(whole.vectors)[row], rtol=1e-9, atol=1e-12)
+
+
 def test_whitened_dot_products_are_kfac_influence(tmp_path):
     """⟨whitened q, whitened g⟩ summed over modules equals ⟨Q, S_λ^-1 G A_λ^-1⟩ solved densely."""
     model = tiny_neox()
