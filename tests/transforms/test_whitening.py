@@ -123,6 +123,19 @@ def test_whitened_dot_products_are_kfac_influence(tmp_path):
     np.testing.assert_allclose(got, expected, rtol=1e-8, atol=1e-12 * np.abs(expected).max())
 
 
+def test_wide_factors_are_kept_in_float32(tmp_path):
+    from bergson.transforms.whitening import _inverse_sqrt
+
+    values, vectors = torch.rand(2048, dtype=torch.float64) + 0.1, torch.eye(2048, dtype=torch.float64)
+    wide, narrow = (
+        _inverse_sqrt(values, vectors, DAMPING, True),
+        _inverse_sqrt(values[:8], vectors[:8, :8], DAMPING, True),
+    )
+    assert wide.dtype == torch.float32 and narrow.dtype == torch.float64
+    expected = (values + DAMPING**0.5 * values.mean()).rsqrt()
+    torch.testing.assert_close(wide.diagonal().double(), expected, rtol=1e-6, atol=0)
+
+
 def test_refusals(tmp_path):
     model = tiny_neox()
     modules = find_tracked_modules(model)
