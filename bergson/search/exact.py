@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 
 from ..core.rows import unit_rows_np
 from ..errors import BergsonError
-from .scan import EMPTY, ChunkScanner, SingleThreadedWorkers, TopK, gather_columns, rescore
+from .scan import EMPTY, ChunkScanner, SingleThreadedWorkers, TopK, block_tensor, gather_columns, rescore
 
 if TYPE_CHECKING:
     from ..store.reader import GradientStore
@@ -271,12 +270,7 @@ class BlockScorer(SingleThreadedWorkers):
     def __call__(self, block: np.ndarray) -> np.ndarray:
         """Scores [Q, b] of one block (a view of an internal buffer, valid until the next call)."""
         b = block.shape[0]
-        if any(stride < 0 for stride in block.strides):
-            block = np.ascontiguousarray(block)
-        with warnings.catch_warnings():
-            # torch warns that memory-mapped store blocks are read-only; they are only read.
-            warnings.simplefilter("ignore", UserWarning)
-            tblock = self.torch.from_numpy(block)
+        tblock = block_tensor(self.torch, block)
         scores = self.storage[: self.num_q * b].view(self.num_q, b)  # contiguous [Q, b]
         starts = range(0, b, self.chunk)
         if self.pool is None or len(starts) == 1:

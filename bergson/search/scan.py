@@ -126,6 +126,18 @@ def chunk_rows_for(width: int, num_q: int) -> int:
     return max(16, scale * CHUNK_BYTES // (4 * max(width, 1)))
 
 
+def block_tensor(torch: Any, block: np.ndarray) -> Any:
+    """A torch view of a store block (copied only when its strides are negative). torch warns that
+    memory-mapped blocks are read-only; the kernels only read them, so the warning is silenced."""
+    import warnings
+
+    if any(stride < 0 for stride in block.strides):
+        block = np.ascontiguousarray(block)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(block)
+
+
 def gather_columns(rows: Any, block: Any, s: int, e: int, segments: Any) -> None:
     """Copy rows ``s:e`` of ``block`` into the buffer ``rows``: whole, or only the column
     ``segments`` [(start, end), ...] side by side (None: every column)."""
@@ -346,17 +358,10 @@ class ChunkScanner(SingleThreadedWorkers):
         (float32 [Q]: a row must score strictly above), and the rows holding non-finite values
         (never candidates). With ``scales`` the block is a slice of an int8 copy
         (:mod:`bergson.search.int8_copy`) and these are its rows' scales."""
-        import warnings
-
         self.scales = None if scales is None else self.torch.from_numpy(np.asarray(scales, np.float32))
 
         b = block.shape[0]
-        if any(stride < 0 for stride in block.strides):
-            block = np.ascontiguousarray(block)
-        with warnings.catch_warnings():
-            # torch warns that memory-mapped store blocks are read-only; they are only read.
-            warnings.simplefilter("ignore", UserWarning)
-            tblock = self.torch.from_numpy(block)
+        tblock = block_tensor(self.torch, block)
         thr = np.ascontiguousarray(thr, np.float32)
         n_chunks = -(-b // self.chunk)
         parts = min(self.num_threads, n_chunks)

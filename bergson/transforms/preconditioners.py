@@ -423,9 +423,11 @@ def load_owned(path: str | Path, modules: Sequence[ModuleLayout], option: str) -
     from ..distributed import rank, world_size
 
     root = Path(path)
-    if world_size() == 1 or not _shards(root) or not is_complete(root):
+    if world_size() == 1 or not is_complete(root):
         return None
     meta = json.loads((root / META_FILE).read_text())
+    if not meta.get("shards"):
+        return None
     missing = [m.name for m in modules if m.name not in set(meta["modules"])]
     if missing:
         raise BergsonError(f"{option} {path}: the preconditioner has no statistics for module {missing[0]}")
