@@ -28,6 +28,8 @@ _EXPORTS = {
     "fit_ekfac": "bergson.methods.custom",
     "ekfac_scores": "bergson.methods.custom",
     "EkfacFactors": "bergson.methods.custom",
+    "source_scores": "bergson.methods.custom",
+    "adam_step_preconditioner": "bergson.methods.source",
     "per_document_loss": "bergson.collect.losses",
     "InMemorySink": "bergson.collect.loop",
     "AdafactorNormalizer": "bergson.transforms.normalizers",
@@ -107,6 +109,8 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "fit_ekfac",
     "ekfac_scores",
     "EkfacFactors",
+    "source_scores",
+    "adam_step_preconditioner",
     "per_document_loss",
     "InMemorySink",
     "AdafactorNormalizer",
@@ -217,12 +221,13 @@ if TYPE_CHECKING:
         fit_ekfac,
         fit_second_moment,
         gradient_scores,
+        source_scores,
         trackstar_scores,
     )
     from .methods.ekfac import ekfac
     from .methods.magic import magic
     from .methods.self_influence import self_influence
-    from .methods.source import source, unrolled_queries
+    from .methods.source import adam_step_preconditioner, source, unrolled_queries
     from .methods.trackstar import trackstar
     from .methods.trak import trak, trak_scores
     from .models import find_tracked_modules, load_model

@@ -555,7 +555,8 @@ class SourceConfig(DampingOptions, QueryDataOptions, CollectOptions):
     step_model: Literal["sgd", "adam"] = "sgd"
     """The optimizer step SOURCE unrolls: sgd, η ∇J with the learning rates as given; adam, η D ∇J with
     D = 1 / (sqrt(v̂) + eps) from each segment's checkpoint's optimizer.pt (Adam moments; frozen within the
-    segment, rank-one per module, momentum and weight decay not modelled)."""
+    segment, rank-one per module, momentum not modelled). Either way each checkpoint's optimizer.pt, when
+    present, gives its segment's weight decay."""
 
     curvature_scale: float = 0.0
     """The factor from EK-FAC's eigenvalues (Fisher of each document's summed token loss) to the

@@ -14,6 +14,8 @@ one pass engine (:class:`~bergson.collect.engine.PassEngine`):
 * :func:`fit_ekfac` and :func:`ekfac_scores`: EK-FAC influence for the ``nn.Linear`` layers
   of the model: the statistics, query products and scores of :mod:`bergson.methods.ekfac`
   on the model's own batches and loss (one implementation, two entry points).
+* :func:`source_scores`: SOURCE over a run's checkpoints (:mod:`bergson.methods.source`'s maths
+  on the same passes).
 
 Every score has the library's orientation: positive means that training on the example lowers
 the query's loss. Scores are [training examples, queries].
@@ -154,6 +156,7 @@ def fit_ekfac(
     modules: Mapping[str, nn.Module] | Sequence[str] | None = None,
     include_bias: bool = False,
     progress: bool = True,
+    scales: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> EkfacFactors:
     """EK-FAC factors from two passes over ``batches`` (float64 sums), with the statistics of
     ``bergson ekfac`` (:mod:`bergson.methods.ekfac.passes`).
@@ -161,10 +164,12 @@ def fit_ekfac(
     ``loss_fn`` defines the Fisher: pass the model's loss with labels sampled from its own
     predictions for the true Fisher, or with the dataset's labels for the empirical Fisher.
     A = (1/T) Σ x xᵀ over the T positions (T = N for inputs without a sequence axis),
-    S = (1/N) Σ g gᵀ, and Λ = (1/N) Σ_n (Q_Sᵀ G_n Q_A)²."""
+    S = (1/N) Σ g gᵀ, and Λ = (1/N) Σ_n (Q_Sᵀ G_n Q_A)². ``scales`` (per module: on the output
+    gradients [out], on the inputs [in, plus the bias column]) fit the curvature of C ⊙ G,
+    C = outer(the two), as SOURCE's Adam step model needs."""
     tracked = resolve_modules(model, modules)
     batches = list(batches)
-    source = BatchSource(model, batches, loss_fn, tracked, include_bias, progress)
+    source = BatchSource(model, batches, loss_fn, tracked, include_bias, progress, scales)
     sums, positions, n = covariance_sums(source, torch.float64)
     if n == 0:
         raise BergsonError("batches is empty: the Fisher is undefined")
@@ -227,3 +232,74 @@ def ekfac_scores(
     )
     per_module = score_modules(source(train_batches), queries, torch.float64)
     return torch.from_numpy(sum(per_module.values()))  # type: ignore[arg-type]
+
+
+def source_scores(
+    checkpoints: Sequence[nn.Module],
+    learning_rates: Sequence[Sequence[float]],
+    train_batches: Iterable[Any],
+    query_batches: Iterable[Any],
+    loss_fn: LossFn,
+    *,
+    fisher_loss_fn: LossFn | None = None,
+    preconditioners: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None] | None = None,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = True,
+    query_model: nn.Module | None = None,
+    modules: Sequence[str] | None = None,
+    include_bias: bool = False,
+    damping: float = 0.1,
+    damping_mode: str = "relative",
+    unroll: str = "exp",
+    scale: float = 1.0,
+    progress: bool = True,
+) -> torch.Tensor:
+    """SOURCE scores [N, Q] over a run's checkpoints (in training order), checkpoint l standing for
+    the steps whose learning rates are ``learning_rates[l]``: Σ_l ⟨R_l q_l, G_{n,l}⟩ with each
+    checkpoint's EK-FAC curvature, q_L the query gradients at ``query_model`` (default: the last
+    checkpoint) and G_{n,l} example n's gradient of ``loss_fn`` at checkpoint l (see
+    :mod:`bergson.methods.source.maths`, which also says what ``unroll``, ``scale`` and the damping do).
+
+    ``fisher_loss_fn`` defines each checkpoint's Fisher (default ``loss_fn``: the empirical Fisher).
+    ``preconditioners``: per checkpoint, Adam's C = D^{1/2} per module as (c_out, c_in) (for example
+    :func:`~bergson.methods.source.adam_step_preconditioner` of the checkpoint's second moments), or
+    None for plain gradient descent; the curvature is then fitted on C ⊙ G. ``weight_decay``: the
+    decay rate of every tracked parameter, decoupled (AdamW) or, with ``decoupled_weight_decay``
+    False, coupled L2 preconditioned by Adam's D."""
+    from .source.maths import Curvature, unroll_segment
+
+    if len(checkpoints) != len(learning_rates) or not checkpoints:
+        raise BergsonError(
+            f"{len(checkpoints)} checkpoints and {len(learning_rates)} learning-rate lists: give one list of "
+            "the steps' learning rates per checkpoint, at least one"
+        )
+    pres = list(preconditioners) if preconditioners is not None else [None] * len(checkpoints)
+    if len(pres) != len(checkpoints):
+        raise BergsonError(
+            f"{len(pres)} preconditioners for {len(checkpoints)} checkpoints: give one per checkpoint"
+        )
+    train_batches, query_batches = list(train_batches), list(query_batches)
+    final = query_model if query_model is not None else checkpoints[-1]
+    names = list(resolve_modules(final, modules))
+    q = example_gradients(
+        BatchSource(final, query_batches, loss_fn, resolve_modules(final, names), include_bias, progress)
+    )
+    total: torch.Tensor | None = None
+    for model, lrs, pre in reversed(list(zip(checkpoints, learning_rates, pres))):
+        tracked = resolve_modules(model, names)
+        factors = fit_ekfac(
+            model, train_batches, fisher_loss_fn or loss_fn, modules=tracked, include_bias=include_bias,
+            progress=progress, scales=pre,
+        )  # fmt: skip
+        curvature = Curvature(
+            factors.eigen, factors.corrected, lrs, pre, weight_decay, decoupled_weight_decay
+        )
+        products, q = unroll_segment(q, curvature, damping, damping_mode, unroll, scale)
+        queries = Factors(
+            {n: {"ihvp": t} for n, t in products.items()}, {"queries": len(next(iter(q.values())))}
+        )
+        train = BatchSource(model, train_batches, loss_fn, tracked, include_bias, progress)
+        part = torch.from_numpy(sum(score_modules(train, queries, torch.float64).values()))  # type: ignore[arg-type]
+        total = part if total is None else total + part
+    assert total is not None
+    return total

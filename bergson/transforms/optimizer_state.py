@@ -147,9 +147,26 @@ def normalizers_from_optimizer_state(
     """
     if form not in NORMALIZER_FORMS:
         raise BergsonError(f"--normalizer_form {form!r}: choose one of {', '.join(NORMALIZER_FORMS)}")
+    file, lookup = _module_entries(path, model, modules)
+    out: dict[str, Normalizer] = {}
+    for module_name, module in modules.items():
+        weight_entry, weight = lookup(module_name, "weight")
+        bias_entry = None
+        if include_bias and getattr(module, "bias", None) is not None:
+            bias_entry, _ = lookup(module_name, "bias")
+        out[module_name] = _normalizer(
+            module_name, weight_entry, bias_entry, is_conv1d(module), weight.dtype, form, file
+        )
+    return out
+
+
+def _module_entries(
+    path: str | Path, model: nn.Module, modules: Mapping[str, nn.Module]
+) -> tuple[Path, Callable[[str, str], tuple[_Entry, torch.Tensor]]]:
+    """The optimizer state file and a lookup (module name, "weight" | "bias") -> (that parameter's
+    entry, the parameter), refusing parameters the file holds no state for."""
     file = _resolve_file(path)
-    state_dict = _load_state_dict(file)
-    entries = _map_entries(state_dict, model, file)
+    entries = _map_entries(_load_state_dict(file), model, file)
     param_names = {id(p): n for n, p in model.named_parameters()}
 
     def lookup(module_name: str, param: str) -> tuple[_Entry, torch.Tensor]:
@@ -171,16 +188,22 @@ def normalizers_from_optimizer_state(
             )
         return _part(entry, part), tensor
 
-    out: dict[str, Normalizer] = {}
-    for module_name, module in modules.items():
-        weight_entry, weight = lookup(module_name, "weight")
-        bias_entry = None
-        if include_bias and getattr(module, "bias", None) is not None:
-            bias_entry, _ = lookup(module_name, "bias")
-        out[module_name] = _normalizer(
-            module_name, weight_entry, bias_entry, is_conv1d(module), weight.dtype, form, file
-        )
-    return out
+    return file, lookup
+
+
+def param_groups_of(
+    path: str | Path, model: nn.Module, modules: Mapping[str, nn.Module], include_bias: bool = False
+) -> dict[str, tuple[Mapping[str, Any], Mapping[str, Any] | None]]:
+    """Per tracked module, the hyperparameters (``weight_decay``, ``betas``, ...) of its weight's param
+    group and of its bias's (None without ``include_bias`` or a bias), mapped as
+    :func:`normalizers_from_optimizer_state` maps the state."""
+    _, lookup = _module_entries(path, model, modules)
+
+    def hyper(name: str, param: str) -> Mapping[str, Any]:
+        return {k: v for k, v in lookup(name, param)[0].group.items() if k not in ("params", "param_names")}
+
+    biased = {n for n, m in modules.items() if include_bias and getattr(m, "bias", None) is not None}
+    return {n: (hyper(n, "weight"), hyper(n, "bias") if n in biased else None) for n in modules}
 
 
 def normalizers_from_optimizer(

@@ -219,3 +219,56 @@ def test_ekfac_matches_dense_algebra() -> None:
         )
         want += g.reshape(N, -1) @ solved
     torch.testing.assert_close(scores, want, rtol=1e-8, atol=1e-10)
+
+
+def test_source_scores_equal_the_unrolled_maths_on_naive_gradients() -> None:
+    """SOURCE for a custom model over two checkpoints (Adam's rank-one C on the first, coupled L2
+    decay, the bias column tracked): the curvature of C ⊙ G is fitted (A and S scaled), and the
+    scores equal Σ_l ⟨R_l q_l, G_{n,l}⟩ of :func:`bergson.unrolled_queries` on naive per-example
+    gradients at each checkpoint, with the query gradients taken at the last one."""
+    from bergson import source_scores, unrolled_queries
+    from bergson.methods.source import Curvature
+
+    ckpts, (x, y) = [mlp(0), mlp(3)], data()
+    xq, yq = data(seed=9, n=3)
+    gen = torch.Generator().manual_seed(2)
+    pre = {
+        name: (0.5 + torch.rand(m.out_features, generator=gen, dtype=torch.float64),
+               0.5 + torch.rand(m.in_features + 1, generator=gen, dtype=torch.float64))
+        for name, m in ckpts[0].named_modules() if isinstance(m, nn.Linear)
+    }  # fmt: skip
+    lrs = [[0.3, 0.2], [0.05]]
+    common = {"include_bias": True, "progress": False}
+    ours = source_scores(ckpts, lrs, batched(x, y, 5), [(xq, yq)], loss_fn, preconditioners=[pre, None],
+                         weight_decay=0.02, decoupled_weight_decay=False, damping=0.05, **common)  # fmt: skip
+
+    fitted = [fit_ekfac(ckpts[0], batched(x, y, 4), loss_fn, scales=pre, **common),
+              fit_ekfac(ckpts[1], batched(x, y, 4), loss_fn, **common)]  # fmt: skip
+    plain = fit_ekfac(ckpts[0], batched(x, y, 4), loss_fn, **common)
+    for name, (sg, sx) in pre.items():  # A and S of C ⊙ G: diag(sx) A diag(sx), diag(sg) S diag(sg)
+        for key, s in (("A", sx), ("S", sg)):
+            d, p = fitted[0].eigen.tensors[name], plain.eigen.tensors[name]
+            scaled = (d[f"{key}_eigenvectors"] * d[f"{key}_eigenvalues"]) @ d[f"{key}_eigenvectors"].T
+            want = s[:, None] * (
+                (p[f"{key}_eigenvectors"] * p[f"{key}_eigenvalues"]) @ p[f"{key}_eigenvectors"].T
+            )
+            torch.testing.assert_close(scaled, want * s[None], rtol=1e-9, atol=1e-12)
+    curvatures = [
+        Curvature(f.eigen, f.corrected, r, c, 0.02, False) for f, r, c in zip(fitted, lrs, (pre, None))
+    ]
+    products = unrolled_queries(naive(ckpts[1], xq, yq, bias=True), curvatures, damping=0.05)
+    want = sum(
+        torch.einsum("noi,qoi->nq", naive(m, x, y, bias=True)[name], p[name])
+        for m, p in zip(ckpts, products)
+        for name in p
+    )
+    assert isinstance(want, torch.Tensor) and want.abs().max() > 1e-3
+    torch.testing.assert_close(ours, want, rtol=1e-8, atol=1e-10)
+    # one checkpoint and a huge learning-rate sum: EK-FAC's damped influence
+    one = source_scores([ckpts[1]], [[1e15]], batched(x, y, 5), [(xq, yq)], loss_fn, damping=0.1, **common)
+    ekfac = ekfac_scores(
+        ckpts[1], fitted[1], batched(x, y, 5), [(xq, yq)], loss_fn, damping=0.1, progress=False
+    )
+    torch.testing.assert_close(one, ekfac, rtol=1e-6, atol=1e-9)
+    with pytest.raises(BergsonError, match="learning-rate lists"):
+        source_scores(ckpts, lrs[:1], batched(x, y, 5), [(xq, yq)], loss_fn, **common)

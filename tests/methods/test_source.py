@@ -194,6 +194,64 @@ def test_adam_with_a_frozen_preconditioner_equals_autograd(varying):
         unrolled_queries(query, [replace(segments[0], preconditioner={"w": torch.zeros(d_out, d_in)})])
 
 
+@pytest.mark.parametrize(
+    "decoupled,uniform_in", [(True, False), (False, True), (None, True)], ids=["adamw", "adam_l2", "sgd"]
+)
+def test_weight_decay_equals_autograd(decoupled, uniform_in):
+    """Weight decay wd with a frozen rank-one D = d eᵀ, one segment per step (discrete unroll), against
+    autograd through the steps: AdamW's θ -= η (wd θ + D ∇J), Adam's L2 θ -= η D (∇J + wd θ) (exact when
+    e is uniform, so that wd D is diagonal in the segment's eigenbasis) and plain gradient descent on
+    J + wd/2 |θ|² (no D). A per-module [out, in] decay tensor equals the number."""
+    torch.manual_seed(4)
+    n, d_in, d_out, lrs, wd = 6, 4, 3, [0.3, 0.1, 0.45, 0.2], 0.7
+    x, y = torch.randn(n, d_in, dtype=torch.float64), torch.randn(n, d_out, dtype=torch.float64)
+    xq, yq = torch.randn(2, d_in, dtype=torch.float64), torch.randn(2, d_out, dtype=torch.float64)
+    w0 = torch.randn(d_out, d_in, dtype=torch.float64)
+    adam = decoupled is not None
+    d = 0.3 + 1.5 * torch.rand(d_out, dtype=torch.float64) if adam else torch.ones(d_out, dtype=torch.float64)
+    e = torch.full((d_in,), 0.8 if adam else 1.0, dtype=torch.float64)
+    if not uniform_in:
+        e = 0.2 + 2 * torch.rand(d_in, dtype=torch.float64)
+    dmat = torch.outer(d, e)
+
+    eps = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    w, starts = w0.clone().requires_grad_(True), []
+    for eta in lrs:
+        starts.append(w.detach().clone())
+        losses = 0.5 * ((x @ w.T - y) ** 2).sum(1)
+        (grad,) = torch.autograd.grad(losses.mean() + (eps * losses).sum(), w, create_graph=True)
+        w = w - eta * wd * w - eta * dmat * grad if decoupled else w - eta * dmat * (grad + wd * w)
+    truth = torch.stack(
+        [
+            -torch.autograd.grad(0.5 * ((w @ xq[i] - yq[i]) ** 2).sum(), eps, retain_graph=True)[0]
+            for i in range(2)
+        ],
+        1,
+    )
+    mu, vecs = torch.linalg.eigh(e.sqrt()[:, None] * (x.T @ x / n) * e.sqrt()[None])
+    eigen = Factors({"w": {"S_eigenvectors": torch.eye(d_out, dtype=torch.float64), "A_eigenvectors": vecs}})
+    pre = {"w": (d.sqrt(), e.sqrt())} if adam else None
+    segments = [
+        Curvature(eigen, {"w": torch.outer(d, mu)}, [eta], pre, wd, decoupled_weight_decay=bool(decoupled))
+        for eta in lrs
+    ]
+    query = {"w": torch.einsum("qo,qi->qoi", xq @ w.detach().T - yq, xq)}
+    grads = [torch.einsum("mo,mi->moi", x @ s.T - y, x) for s in starts]
+    ours = _scores(unrolled_queries(query, segments, 0.0, "absolute", "discrete"), grads)
+    assert truth.abs().max() > 1e-2
+    torch.testing.assert_close(ours, truth, rtol=1e-10, atol=1e-12)
+    tensor = [replace(c, weight_decay={"w": torch.full((d_out, d_in), wd)}) for c in segments]
+    torch.testing.assert_close(
+        _scores(unrolled_queries(query, tensor, 0.0, "absolute", "discrete"), grads), ours
+    )
+    undecayed = [replace(c, weight_decay=0.0) for c in segments]
+    assert (
+        _scores(unrolled_queries(query, undecayed, 0.0, "absolute", "discrete"), grads) - truth
+    ).abs().max() > 1e-3
+    with pytest.raises(BergsonError, match="weight decay"):
+        unrolled_queries(query, [replace(segments[0], weight_decay=-1.0)])
+
+
 # ---------------------------------------------------------------------- trainer directories
 
 
@@ -414,13 +472,13 @@ def test_the_command_refuses_bad_input_with_exit_1(lm, capfd):
 # ---------------------------------------------------------------------- Adam's preconditioning
 
 
-def _adam_state(checkpoint, seed: int, v: float | None = None, eps: float = 1e-8) -> None:
+def _adam_state(checkpoint, seed: int, v: float | None = None, eps: float = 1e-8, wd: float = 0.01) -> None:
     """A real AdamW state dict for the checkpoint's parameters (one step on random gradients; with
     ``v``, every bias-corrected second moment set to v) saved as its optimizer.pt."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1, eps=eps)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, eps=eps, weight_decay=wd)
     gen = torch.Generator().manual_seed(seed)
     for param in model.parameters():  # |g| from 0.003 to 0.03: D from about 30 to 300
         param.grad = 0.003 * 10 ** torch.rand(param.shape, generator=gen, dtype=param.dtype)
@@ -493,12 +551,19 @@ def test_adam_step_model_scales_the_run_by_its_optimizer_state(lm, tmp_path):
     assert score["step_model"] == "adam" and score["preconditioner"]["optimizer_states"] == files
     assert "rank one" in score["preconditioner"]["form"] and "Adam" in score["optimizer_note"]
     assert [s["optimizer_state"] for s in score["segments"]] == files
+    # AdamW's weight decay (0.01, decoupled) is read from each checkpoint and recorded
+    decays = score["segment_weight_decay"]
+    assert [(w["optimizer_state"], w["weight_decay"], w["decoupled"]) for w in decays] == [
+        (f, [0.01], True) for f in files
+    ]
 
-    # v̂ = 0.01 everywhere, eps 0.05: D = 1 / (0.1 + 0.05), and Adam is sgd at D times the rates
+    # v̂ = 0.01 everywhere, eps 0.05: D = 1 / (0.1 + 0.05), and Adam is sgd at D times the rates, with
+    # AdamW's decay W (not preconditioned by D) as the decay W / D of the scaled steps
     d = 1 / (0.1 + 0.05)
     one = ["--models", str(uniform), "--segment_steps", "2", "--segment_learning_rates", "0.1"]
     main(["source", str(tmp_path / "run_uniform"), *one, *args])
     ours = _values(load_gradients(tmp_path / "run_uniform" / "scores"))
+    _adam_state(uniform, 4, v=0.01, eps=0.05, wd=0.01 / d)
     scaled = source(SourceConfig(run_path=str(tmp_path / "run_scaled"), models=[str(uniform)], segment_steps=[2],
                                  segment_learning_rates=[0.1 * d], **common))  # fmt: skip
     np.testing.assert_allclose(ours, _values(scaled), rtol=1e-6, atol=1e-9 * np.abs(ours).max())
@@ -530,3 +595,40 @@ def test_adam_step_model_scales_the_run_by_its_optimizer_state(lm, tmp_path):
                 run_path=str(tmp_path / "sgd_state"), segments=[str(real)], step_model="adam", **common
             )
         )
+
+
+def test_weight_decay_is_read_per_param_group(tmp_path):
+    """Trainer-style groups (weights decayed, biases not): a tracked bias column gets its own rate; Adam's
+    L2 (decoupled_weight_decay False) is told from AdamW; a state that does not fit the model is refused
+    only when required."""
+    from bergson.methods.source.command import weight_decay_of
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    modules = {"0": model[0]}
+    for cls, decoupled in ((torch.optim.AdamW, True), (torch.optim.Adam, False)):
+        opt = cls(
+            [
+                {"params": [model[0].weight], "weight_decay": 0.1},
+                {"params": [model[0].bias], "weight_decay": 0.0},
+            ]
+        )
+        for param in model.parameters():
+            param.grad = torch.ones_like(param)
+        opt.step()
+        torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+        decay, flag, record = weight_decay_of(str(tmp_path), model, modules, include_bias=True, required=True)
+        expected = torch.tensor([[0.1, 0.1, 0.1, 0.0]] * 2, dtype=torch.float64)
+        torch.testing.assert_close(decay["0"], expected)
+        assert flag is decoupled and record["weight_decay"] == [0.0, 0.1] and record["decoupled"] is decoupled
+        assert weight_decay_of(str(tmp_path), model, modules, include_bias=False, required=True)[0] == {
+            "0": 0.1
+        }
+    other = torch.nn.Sequential(torch.nn.Linear(5, 2))
+    with pytest.raises(BergsonError, match="does not match"):
+        weight_decay_of(str(tmp_path), other, {"0": other[0]}, include_bias=False, required=True)
+    decay, _, record = weight_decay_of(
+        str(tmp_path), other, {"0": other[0]}, include_bias=False, required=False
+    )
+    assert decay == {} and "not modelled" in record["note"]
+    (tmp_path / "optimizer.pt").unlink()
+    assert weight_decay_of(str(tmp_path), model, modules, include_bias=True, required=True)[0] == {}

@@ -116,23 +116,13 @@ class DocumentSource:
             progress=opts.progress,
         )
 
-        scaled: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        scale = Scaler(opts.scales, opts.dtype)
 
         def tap(name: str, x: torch.Tensor, g: torch.Tensor) -> None:
             batch = engine.batch
             if batch is None:  # an idle step of a sharded model
                 return
-            if opts.scales is not None and name in opts.scales:
-                if name not in scaled:  # moved to the device once, not per batch
-                    sg, sx = opts.scales[name]
-                    if sg.shape != g.shape[-1:] or sx.shape != x.shape[-1:]:
-                        raise BergsonError(
-                            f"module {name!r}: scales of shapes {tuple(sg.shape)} and {tuple(sx.shape)} for "
-                            f"output gradients of width {g.shape[-1]} and inputs of width {x.shape[-1]}"
-                        )
-                    scaled[name] = (sg.to(g.device, opts.dtype), sx.to(x.device, opts.dtype))
-                sg, sx = scaled[name]
-                x, g = x.to(opts.dtype) * sx, g.to(opts.dtype) * sg
+            x, g = scale(name, x, g)
             fn(name, x, g, batch.rows, batch.mask)
 
         device = next(self.model.parameters()).device
@@ -144,9 +134,33 @@ class DocumentSource:
         )
 
 
+class Scaler:
+    """Multiplies a layer's output gradients and inputs by its ``scales`` (see :class:`EkfacOptions`),
+    in ``dtype``, moving each module's scales to the device once; modules without scales pass as they are."""
+
+    def __init__(self, scales: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None, dtype: torch.dtype):
+        self.scales, self.dtype = scales or {}, dtype
+        self.moved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, name: str, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in self.scales:
+            return x, g
+        if name not in self.moved:
+            sg, sx = self.scales[name]
+            if sg.shape != g.shape[-1:] or sx.shape != x.shape[-1:]:
+                raise BergsonError(
+                    f"module {name!r}: scales of shapes {tuple(sg.shape)} and {tuple(sx.shape)} for "
+                    f"output gradients of width {g.shape[-1]} and inputs of width {x.shape[-1]}"
+                )
+            self.moved[name] = (sg.to(g.device, self.dtype), sx.to(x.device, self.dtype))
+        sg, sx = self.moved[name]
+        return x.to(self.dtype) * sx, g.to(self.dtype) * sg
+
+
 class BatchSource:
     """A custom model's ``batches`` and per-example ``loss_fn`` (which also chooses the
-    Fisher's labels); rows number the examples in the order they are seen."""
+    Fisher's labels); rows number the examples in the order they are seen. ``scales`` as in
+    :class:`EkfacOptions` (applied in float64)."""
 
     def __init__(
         self,
@@ -156,15 +170,18 @@ class BatchSource:
         modules: Mapping[str, nn.Module],
         include_bias: bool = False,
         progress: bool = True,
+        scales: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         self.model, self.batches, self.loss_fn = model, batches, loss_fn
         self.modules, self.include_bias, self.progress = modules, include_bias, progress
         self.num_rows: int | None = None
+        self.scale = Scaler(scales, torch.float64)
 
     def run(self, desc: str, fn: Statistic, labels: str) -> int:
         engine = PassEngine(self.model, self.loss_fn, desc=desc, progress=self.progress)
 
         def tap(name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+            x, g = self.scale(name, x, g)
             fn(name, x, g, np.arange(engine.seen, engine.seen + x.shape[0]), None)
 
         return engine.run(self.batches, hooks=LayerTap(self.modules, tap, self.include_bias))

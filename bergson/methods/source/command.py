@@ -34,16 +34,17 @@ import numpy as np
 import torch
 
 from ... import distributed
+from ...core.layout import module_shape
 from ...data import TokenizedDocs
 from ...errors import BergsonError
 from ...models import announce_coverage, honours_numerics
 from ...transforms.ekfac import Factors
 from ...transforms.normalizers import AdamNormalizer
-from ...transforms.optimizer_state import OPTIMIZER_FILE, normalizers_from_optimizer_state
+from ...transforms.optimizer_state import OPTIMIZER_FILE, normalizers_from_optimizer_state, param_groups_of
 from ..ekfac.command import fit_curvature, is_store, pass_options, still_to_do
 from ..ekfac.passes import EkfacOptions, query_gradients
 from ..ekfac.scoring import Scores, score_documents
-from .maths import Curvature, unroll_segment
+from .maths import Curvature, adam_step_preconditioner, unroll_segment
 from .segments import Segment, explicit_segments, optimizer_of, stage_rows, trainer_segments
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ SGD_NOTE = (
 )
 ADAM_NOTE = (
     "SOURCE models Adam's steps η D ∇J, D = 1 / (sqrt(v̂) + eps) from each segment's checkpoint's optimizer.pt: "
-    "D frozen within the segment and fitted rank-one per module; momentum and weight decay are not modelled"
+    "D frozen within the segment and fitted rank-one per module; momentum is not modelled"
 )
 PRECONDITIONER_FORM = (
     "rank one per module: C = D^{1/2} = sqrt(a) sqrt(b)ᵀ, a_i b_j the row-sum / column-sum fit of "
@@ -100,15 +101,51 @@ def adam_preconditioner(
     for name, norm in norms.items():
         if not isinstance(norm, AdamNormalizer):  # form="adam" always gives one
             raise BergsonError(f"{path}: module {name!r}: no elementwise Adam moments")
-
-        def denominator(v: torch.Tensor, eps: float = norm.eps) -> torch.Tensor:
-            return (v.double().clamp(min=0).sqrt() + eps) ** 2
-
-        bias = None if norm.bias is None else denominator(norm.bias)
-        fit = AdamNormalizer(denominator(norm.weight), bias).to_adafactor()
-        a, b = fit.scales(bias is not None)
-        out[name] = (a.double().sqrt(), b.double().sqrt())
+        out[name] = adam_step_preconditioner(norm)
     return out
+
+
+def weight_decay_of(
+    checkpoint: str, model: Any, modules: Any, include_bias: bool, required: bool
+) -> tuple[dict[str, float | torch.Tensor], bool, dict[str, Any]]:
+    """The weight decay of a checkpoint's segment from its optimizer.pt: per module the decay rate (a
+    number, or [out, in] when a tracked bias column decays at another rate), whether it is decoupled
+    (AdamW's θ -= η W θ) rather than Adam's L2, and what to record. Without an optimizer.pt, or (unless
+    ``required``) one that does not fit the model: no decay, and the record says why."""
+    path = Path(checkpoint) / OPTIMIZER_FILE
+    if not path.is_file():
+        return {}, True, {"optimizer_state": None, "note": f"no {OPTIMIZER_FILE}: weight decay not modelled"}
+    try:
+        groups = param_groups_of(path, model, modules, include_bias)
+    except BergsonError as err:
+        if required:
+            raise
+        return {}, True, {"optimizer_state": str(path), "note": f"weight decay not modelled: {err}"}
+    decay: dict[str, float | torch.Tensor] = {}
+    flags: set[Any] = set()
+    rates: set[float] = set()
+    for name, (weight, bias) in groups.items():
+        wd = float(weight.get("weight_decay") or 0.0)
+        flags.add(weight.get("decoupled_weight_decay", "betas" not in weight or None))
+        decay[name] = wd
+        rates.add(wd)
+        if bias is not None and float(bias.get("weight_decay") or 0.0) != wd:
+            column = float(bias.get("weight_decay") or 0.0)
+            rates.add(column)
+            out_dim, in_dim = module_shape(modules[name])
+            decay[name] = torch.cat(
+                [torch.full((out_dim, in_dim), wd), torch.full((out_dim, 1), column)], 1
+            ).double()
+    decoupled = flags != {False}  # the Trainer's AdamW when an old torch did not record the flag
+    record = {
+        "optimizer_state": str(path),
+        "weight_decay": sorted(rates),
+        "decoupled": decoupled,
+        "decoupled_from": "assumed (AdamW): the param groups do not say"
+        if None in flags
+        else "the param groups",
+    }
+    return decay, decoupled, record
 
 
 def plan(cfg: Any) -> tuple[list[Segment], list[dict[str, Any]]]:
@@ -316,6 +353,7 @@ def source(cfg: Any) -> Any:
     nq = len(next(iter(passed.values())))
     scale_info: tuple[float, str] | None = None
     scales: dict[int, float] = {}
+    decays: dict[int, Any] = {}
 
     def segment(index: int, passed: dict[str, torch.Tensor]) -> Factors:
         """Segment ``index``'s curvature, queries and scores (each stage skipped when complete)."""
@@ -324,7 +362,7 @@ def source(cfg: Any) -> Any:
         done_queries = not still_to_do(lambda: Factors.complete(sub / "queries"))
         if done_queries and "docs" in held and not still_to_do(lambda: is_store(sub / "scores")):
             done = Factors.load(sub / "queries")  # nothing to compute with this checkpoint
-            scales[index] = float(done.meta["scale"])
+            scales[index], decays[index] = float(done.meta["scale"]), done.meta.get("weight_decay")
             return done
         model, tokenizer, max_tokens, docs, _ = load(seg.checkpoint)
         opts = options(model, tokenizer)
@@ -340,6 +378,13 @@ def source(cfg: Any) -> Any:
             if adam_files:  # the curvature of C ⊙ G; the scoring pass keeps the plain gradients
                 pre = adam_preconditioner(adam_files[index], model, opts.modules, cfg.include_bias)
             fit_opts = opts if pre is None else replace(opts, scales=pre)
+            decay, decoupled, decays[index] = weight_decay_of(
+                seg.checkpoint, model, opts.modules, cfg.include_bias, required=bool(adam_files)
+            )
+            if lead:
+                logger.warning(
+                    "source: segment %d (%s): weight decay %s", index, seg.checkpoint, decays[index]
+                )
             eigen, corrected = fit_curvature(
                 run, sub, model, sdocs, fit_opts, cfg.method, f"segment_{index}/"
             )
@@ -349,14 +394,20 @@ def source(cfg: Any) -> Any:
             )
             product, handed = unroll_segment(
                 passed,
-                Curvature(eigen, values, seg.lrs, pre),
+                Curvature(eigen, values, seg.lrs, pre, decay, decoupled),
                 cfg.damping,
                 cfg.damping_mode,
                 cfg.unroll,
                 scale,
             )
             tensors = {n: {"ihvp": product[n].to(dtype), "passed": handed[n]} for n in product}
-            meta = {"stage": "queries", "queries": nq, "segment": seg.record(), "scale": scale}
+            meta = {
+                "stage": "queries",
+                "queries": nq,
+                "segment": seg.record(),
+                "scale": scale,
+                "weight_decay": decays[index],
+            }
             distributed.on_rank_zero(
                 lambda: Factors(tensors, meta).save(sub / "queries"), "saving the queries"
             )
@@ -416,6 +467,7 @@ def source(cfg: Any) -> Any:
         curvature_scale_from=how,
         stage_rows=list(cfg.stage_rows),
         segment_curvature_scales=[scales.get(i, scale) for i in range(num)],
+        segment_weight_decay=[decays.get(i) for i in range(num)],
         learning_rate_sum=math.fsum(math.fsum(s.lrs) for s in segments),
     )
 

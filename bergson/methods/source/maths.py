@@ -23,11 +23,20 @@ Q_S [(Q_Sᵀ G Q_A) ⊙ f(λ + δ)] Q_Aᵀ, the same rotation EK-FAC's inverse u
 One segment with Σ η → ∞ gives r → 1 / (λ + δ): EK-FAC's damped influence.
 
 Adam (``--step_model adam``) steps η_k D ∇J with D = diag(1 / (sqrt(v̂) + eps)). With D = D_l frozen
-within segment l (no momentum, no weight decay) and C_l = D_l^{1/2}, δ = C_l u turns the segment into
-gradient descent on u with H̃_l = C_l H_l C_l and gradients C_l g: the formulas above apply to q̃_l =
-C_l q_l, with H̃_l's eigenbasis and eigenvalues. The score's term is ⟨R̃_l q̃_l, C_l g_{m,l}⟩ =
-⟨C_l R̃_l q̃_l, g_{m,l}⟩, and the cotangent handed to segment l - 1 is C_l⁻¹ S̃_l q̃_l in the plain
-coordinates (elementwise: C is diagonal), so the next segment multiplies it by its own C.
+within segment l (no momentum) and C_l = D_l^{1/2}, δ = C_l u turns the segment into gradient descent
+on u with H̃_l = C_l H_l C_l and gradients C_l g: the formulas above apply to q̃_l = C_l q_l, with
+H̃_l's eigenbasis and eigenvalues. The score's term is ⟨R̃_l q̃_l, C_l g_{m,l}⟩ = ⟨C_l R̃_l q̃_l,
+g_{m,l}⟩, and the cotangent handed to segment l - 1 is C_l⁻¹ S̃_l q̃_l in the plain coordinates
+(elementwise: C is diagonal), so the next segment multiplies it by its own C.
+
+Weight decay W (elementwise, per parameter) adds a term to the step's linear part. Decoupled (AdamW,
+and any decay of plain gradient descent): θ_{k+1} = θ_k - η_k (W θ_k + D ∇J), so the response's
+curvature is H̃ + W in the u coordinates (W commutes with C). Coupled (Adam's L2, whose gradient Adam
+also preconditions): D (H + W), i.e. H̃ + W D. Either diagonal term E is added to the eigenvalues as its
+diagonal in the segment's Kronecker eigenbasis, (Q_S²)ᵀ E (Q_A²) (Q² elementwise): exact for a uniform
+decoupled W (each column of Q has unit norm) or when E is a Kronecker product of matrices diagonal in
+the bases, the same approximation EK-FAC makes of the curvature itself otherwise. The damping is taken
+relative to the curvature's eigenvalues before the decay is added.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ import torch
 
 from ...errors import BergsonError
 from ...transforms.ekfac import Factors, damping_value, kfac_eigenvalues
+from ...transforms.normalizers import AdamNormalizer
 
 UNROLLS = ("exp", "discrete")
 
@@ -58,6 +68,26 @@ class Curvature:
     """C = D^{1/2} per module for an Adam-like step η D ∇J (None: plain gradient descent): a positive
     [out, in] tensor, or the pair (c_out [out], c_in [in]) of a rank-one C = c_out c_inᵀ. The eigenbases
     and eigenvalues are then those of C H C (EK-FAC fitted on C ⊙ G)."""
+    weight_decay: float | Mapping[str, float | torch.Tensor] = 0.0
+    """The decay rate W of the segment's steps: one number, or per module a number or an [out, in]
+    tensor (a tracked bias column may decay at another rate than the weight)."""
+    decoupled_weight_decay: bool = True
+    """True: θ -= η W θ beside the step (AdamW; the same as coupled for plain gradient descent). False:
+    W θ joins the gradient and is preconditioned with it (Adam's L2)."""
+
+
+def adam_step_preconditioner(norm: AdamNormalizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """C = D^{1/2} of Adam's step D = 1 / (sqrt(v̂) + eps) for one module's elementwise second moments
+    (``norm.weight`` [out, in], ``norm.bias`` [out] or None), as the pair (c_out [out], c_in [in, plus
+    the bias column]) of a rank-one C: the row-sum / column-sum fit of (sqrt(v̂) + eps)², exact where
+    that is rank one (a uniform v̂ included)."""
+
+    def denominator(v: torch.Tensor) -> torch.Tensor:
+        return (v.double().clamp(min=0).sqrt() + norm.eps) ** 2
+
+    bias = None if norm.bias is None else denominator(norm.bias)
+    a, b = AdamNormalizer(denominator(norm.weight), bias).to_adafactor().scales(bias is not None)
+    return a.double().sqrt(), b.double().sqrt()
 
 
 def _preconditioner(curvature: Curvature, name: str) -> torch.Tensor | None:
@@ -72,6 +102,32 @@ def _preconditioner(curvature: Curvature, name: str) -> torch.Tensor | None:
     if not bool((c > 0).all()):
         raise BergsonError(f"the preconditioner of module {name!r} must be positive everywhere")
     return c
+
+
+def _decay(curvature: Curvature, name: str) -> float | torch.Tensor:
+    wd = curvature.weight_decay
+    value = wd.get(name, 0.0) if isinstance(wd, Mapping) else wd
+    if isinstance(value, torch.Tensor):
+        value = value.double()
+        if bool((value < 0).any()):
+            raise BergsonError(f"the weight decay of module {name!r} must be >= 0")
+    elif not value >= 0:
+        raise BergsonError(f"weight decay {value}: must be >= 0")
+    return value
+
+
+def decay_shift(
+    qs: torch.Tensor, qa: torch.Tensor, decay: float | torch.Tensor, c: torch.Tensor | None, decoupled: bool
+) -> torch.Tensor | float:
+    """What weight decay adds to a module's eigenvalues in the Kronecker eigenbasis Q_S ⊗ Q_A: the
+    diagonal (Q_S²)ᵀ E (Q_A²) of E = W (decoupled, or plain gradient descent) or W ⊙ C² (coupled)."""
+    if c is None or decoupled:
+        if not isinstance(decay, torch.Tensor):
+            return float(decay)  # uniform: exactly W in any orthonormal basis
+        e = decay.expand(qs.shape[0], qa.shape[0])
+    else:
+        e = decay * c**2
+    return (qs**2).T @ e @ (qa**2)
 
 
 def _lr_counts(lrs: Sequence[float], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,9 +196,10 @@ def unroll_segment(
         d = curvature.eigen.tensors[name]
         qs, qa = d["S_eigenvectors"].double(), d["A_eigenvectors"].double()
         lam = scale * _eigenvalues(curvature, name)
-        lam = (lam + damping_value(lam, damping, damping_mode)).clamp(min=0)
-        s, r = step_functions(lam, curvature.lrs, unroll)
         c = _preconditioner(curvature, name)
+        shift = decay_shift(qs, qa, _decay(curvature, name), c, curvature.decoupled_weight_decay)
+        lam = (lam + damping_value(lam, damping, damping_mode)).clamp(min=0) + shift
+        s, r = step_functions(lam, curvature.lrs, unroll)
         q = g.double() if c is None else g.double() * c
         rotated = qs.T @ q @ qa
         products[name] = qs @ (rotated * r) @ qa.T
