@@ -19,14 +19,22 @@ from pathlib import Path
 
 from .common import markdown_table
 from .digits import LABELS as DIGITS_LABELS
+from .digits import SOURCE_CHECKPOINTS as DIGITS_SOURCE_CHECKPOINTS
 from .lm import LABELS as LM_LABELS
+from .lm import SOURCE_CHECKPOINTS as LM_SOURCE_CHECKPOINTS
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
 PAGE = REPO / "docs" / "methods" / "choosing.md"
 # one name per method across the benchmarks (the LM calls the Adam-normalized cosine cosine_opt)
 SAME = {"cosine_adam": "cosine_opt"}
-LABELS = {**LM_LABELS, "exact_if": DIGITS_LABELS["exact_if"]}
+# SOURCE's checkpoint count differs between the benchmarks (the page's notes give both)
+LABELS = {
+    **LM_LABELS,
+    "source": "SOURCE",
+    "source_adam": "SOURCE, Adam steps",
+    "exact_if": DIGITS_LABELS["exact_if"],
+}
 NEEDS = {
     "dot": "the model",
     "cosine": "the model",
@@ -128,7 +136,9 @@ def page(results: Path) -> str:
         "([benchmarks](../benchmarks/quality.md)); do not edit by hand. Each cell is the method's LDS "
         "(Spearman correlation with real retraining, mean over queries; higher is better) and its cost in "
         "training runs of the same model on the same machine (wall time of the method's commands over one "
-        "training run; lower is better). A dash: not run on that benchmark.\n",
+        "training run; lower is better). A dash: not run on that benchmark. SOURCE unrolls through "
+        f"{LM_SOURCE_CHECKPOINTS} checkpoints of the run on the causal LM benchmarks and "
+        f"{DIGITS_SOURCE_CHECKPOINTS} on digits.\n",
         markdown_table(header, table),
         "\n## What the measurements say\n",
     ]

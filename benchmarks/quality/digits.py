@@ -18,6 +18,7 @@ query's loss (bergson's orientation).
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import sys
 import time
@@ -159,10 +160,16 @@ def _adam(
 
 
 def _run(
-    init: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, recipe: Recipe, graph: bool
+    init: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor,
+    recipe: Recipe,
+    graph: bool,
+    on_step: Callable[[int, Params, Params], None] | None = None,
 ) -> tuple[Params, Params]:
     """Full-batch Adam for every row of ``weights`` [M, N]; with ``graph`` the whole run stays
-    differentiable (in the weights)."""
+    differentiable (in the weights). ``on_step(t, params, v)`` sees the state after each step t."""
     count = weights.shape[0]
     params = {
         k: p.detach().expand(count, *p.shape).clone().requires_grad_() for k, p in init.named_parameters()
@@ -181,6 +188,8 @@ def _run(
             params = {k: p.detach().requires_grad_() for k, p in params.items()}
             m = {k: p.detach() for k, p in m.items()}
             v = {k: p.detach() for k, p in v.items()}
+        if on_step is not None:
+            on_step(t, params, v)
     return params, v
 
 
@@ -227,6 +236,26 @@ def trained(kind: str, data: Digits, recipe: Recipe, seed: int = 0) -> tuple[nn.
         for k, p in model.named_parameters():
             p.copy_(params[k][0])
     return model, {k: s[0] for k, s in v.items()}
+
+
+def checkpoints(
+    kind: str, data: Digits, recipe: Recipe, at: list[int], seed: int = 0
+) -> list[tuple[nn.Module, Params]]:
+    """The training run of :func:`trained`, saved after each step in ``at``: the model and Adam's
+    bias-corrected second moments there (what a run's checkpoints with their optimizer state hold)."""
+    saved: list[tuple[nn.Module, Params]] = []
+
+    def keep(t: int, params: Params, v: Params) -> None:
+        if t in at:
+            model = make_model(kind, seed)
+            with torch.no_grad():
+                for k, p in model.named_parameters():
+                    p.copy_(params[k][0])
+            saved.append((model, {k: s[0] / (1 - recipe.betas[1] ** t) for k, s in v.items()}))
+
+    ones = torch.ones(1, len(data.x_train), dtype=torch.float64)
+    _run(make_model(kind, seed), data.x_train, data.y_train, ones, recipe, graph=False, on_step=keep)
+    return saved
 
 
 # ---------------------------------------------------------------------- methods
@@ -347,6 +376,9 @@ def method_scores(
             return np.mean([trak_model_scores(m, data, projection_dim, seed) for m in models], axis=0)
 
         timed("trak4", ensemble)
+    if "source_adam" in methods:
+        saved = checkpoints(kind, data, recipe, source_steps(recipe.steps), seed)  # the run's own: not timed
+        timed("source_adam", lambda: source_scores(saved, train_b, query_b, recipe, seed))
     if "magic" in methods:
         timed("magic", lambda: magic_scores(model, data, recipe, seed))
     if "exact_if" in methods:
@@ -376,6 +408,54 @@ def ekfac_family(
     ).numpy()
 
 
+SOURCE_CHECKPOINTS = 4
+
+
+def source_steps(steps: int) -> list[int]:
+    """The steps of SOURCE's checkpoints: ``SOURCE_CHECKPOINTS`` evenly spaced, the last one final."""
+    return [round(steps * (i + 1) / SOURCE_CHECKPOINTS) for i in range(SOURCE_CHECKPOINTS)]
+
+
+def source_scores(
+    saved: list[tuple[nn.Module, Params]],
+    train_b: list[Batch],
+    query_b: list[Batch],
+    recipe: Recipe,
+    seed: int,
+) -> np.ndarray:
+    """SOURCE with Adam's steps over the checkpoints of :func:`source_steps` (:func:`bergson.source_scores`):
+    each checkpoint stands for the steps nearer to it than to its neighbours, its curvature is the true
+    Fisher of C ⊙ G with C = D^{1/2} (Adam's D from the checkpoint's second moments, rank one per layer),
+    and the recipe's L2 term is Adam's coupled weight decay. Momentum is not modelled."""
+    at = source_steps(recipe.steps)
+    bounds = [0] + [(a + b) // 2 for a, b in itertools.pairwise(at)] + [recipe.steps]
+    lrs = [[recipe.lr] * (hi - lo) for lo, hi in itertools.pairwise(bounds)]
+    pres = []
+    for model, v in saved:
+        pres.append(
+            {
+                name: bergson.adam_step_preconditioner(
+                    bergson.AdamNormalizer(v[f"{name}.weight"], v[f"{name}.bias"], eps=recipe.eps)
+                )
+                for name, module in model.named_modules()
+                if isinstance(module, nn.Linear)
+            }
+        )
+    return bergson.source_scores(
+        [m for m, _ in saved],
+        lrs,
+        train_b,
+        query_b,
+        loss_fn,
+        fisher_loss_fn=sampled_loss_fn(seed),
+        preconditioners=pres,
+        weight_decay=recipe.weight_decay,
+        decoupled_weight_decay=False,
+        include_bias=True,
+        progress=False,
+    ).numpy()
+
+
 def trak_model_scores(model: nn.Module, data: Digits, projection_dim: int, seed: int) -> np.ndarray:
     """TRAK for one trained model: projected per-example gradients Φ, Q = 1 − p(label) of each
     training example, diag(Q) Φ (ΦᵀΦ + λI)⁻¹ Φ_qᵀ (:func:`bergson.trak_scores`, damping 0.1 relative)."""
@@ -397,6 +477,7 @@ METHODS = (
     "pcg",
     "trak",
     "trak4",
+    "source_adam",
     "magic",
     "exact_if",
 )
@@ -411,6 +492,7 @@ LABELS = {
     "pcg": "PCG (20 steps)",
     "trak": "TRAK (one model)",
     "trak4": "TRAK (4 models)",
+    "source_adam": f"SOURCE, Adam steps ({SOURCE_CHECKPOINTS} checkpoints)",
     "magic": "MAGIC",
     "exact_if": "exact IF (full Hessian)",
 }
