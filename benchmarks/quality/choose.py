@@ -41,6 +41,7 @@ NEEDS = {
     "cosine_opt": "the model and its optimizer state",
     "trackstar": "the model and its optimizer state",
     "ekfac": "the model",
+    "ekfac_k4": "the model",
     "astra": "the model",
     "lissa": "the model",
     "pcg": "the model",

@@ -55,6 +55,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--projection_dim", type=int, default=16, help="of the gradient methods (0: exact gradients)"
     )
+    p.add_argument(
+        "--fisher",
+        default="expected",
+        choices=D.FISHERS,
+        help="the EK-FAC family's Fisher: the expectation over the model's labels, or one draw per example",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out_dir", default=str(RESULTS))
     return p.parse_args(argv)
@@ -88,7 +94,7 @@ def evaluate(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     D.method_scores(kind, model, moments, data, recipe, ("dot",), args.projection_dim, args.seed)  # warm-up
     method_s: dict[str, float] = {}
     scores = D.method_scores(
-        kind, model, moments, data, recipe, methods, args.projection_dim, args.seed, method_s
+        kind, model, moments, data, recipe, methods, args.projection_dim, args.seed, method_s, args.fisher
     )
     timings["scores"] = time.perf_counter() - t
 

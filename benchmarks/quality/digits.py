@@ -122,6 +122,30 @@ def sampled_loss_fn(seed: int) -> Callable[[nn.Module, Batch], torch.Tensor]:
     return fn
 
 
+def expected_fisher_loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The true Fisher exactly, as an expectation over the model's own labels rather than one draw:
+    each example becomes one row per class c with loss sqrt(C p_c) ℓ(c) (p_c held fixed), so the mean
+    over the C N rows of g gᵀ is (1/N) Σ_n Σ_c p_c g_c g_cᵀ. One draw per example (``sampled_loss_fn``)
+    gives a Fisher of rank at most N with the noise of a single sample."""
+    x, _ = batch
+    classes = model(x[:1]).shape[-1]
+    logits = model(x.repeat_interleave(classes, 0))
+    labels = torch.arange(classes).repeat(len(x))
+    with torch.no_grad():
+        weight = (classes * torch.softmax(logits, -1).gather(1, labels[:, None]).squeeze(1)).sqrt()
+    return weight * F.cross_entropy(logits, labels, reduction="none")
+
+
+FISHERS = ("expected", "sampled")
+
+
+def fisher_loss_fn(fisher: str, seed: int) -> Callable[[nn.Module, Batch], torch.Tensor]:
+    """The loss whose per-example gradients define the EK-FAC family's Fisher (see ``FISHERS``)."""
+    if fisher not in FISHERS:
+        raise ValueError(f"unknown Fisher {fisher!r}: choose one of {FISHERS}")
+    return expected_fisher_loss_fn if fisher == "expected" else sampled_loss_fn(seed)
+
+
 def batches(x: torch.Tensor, y: torch.Tensor, size: int = 256) -> list[Batch]:
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
@@ -319,10 +343,12 @@ def method_scores(
     projection_dim: int = 0,
     seed: int = 0,
     seconds: dict[str, float] | None = None,
+    fisher: str = "expected",
 ) -> dict[str, np.ndarray]:
     """Scores [N, Q] of every method through bergson's Python API (and the two references);
     ``seconds``, when given, receives each method's wall time (stores shared by two methods are
-    counted in full for each)."""
+    counted in full for each). ``fisher``: the EK-FAC family's and SOURCE's Fisher (``FISHERS``)."""
+    fisher_fn = fisher_loss_fn(fisher, seed)
     clock: dict[str, float] = {} if seconds is None else seconds
     train_b = batches(data.x_train, data.y_train)
     query_b = batches(data.x_test, data.y_test)
@@ -366,7 +392,7 @@ def method_scores(
             timed("trackstar", lambda: bergson.trackstar_scores(train, queries, components=10).numpy(), spent)
     for name, solver in (("ekfac", "ekfac"), ("astra", "astra"), ("lissa", "lissa"), ("pcg", "pcg")):
         if name in methods:
-            timed(name, lambda solver=solver: ekfac_family(model, train_b, query_b, seed, solver))
+            timed(name, lambda solver=solver: ekfac_family(model, train_b, query_b, fisher_fn, solver))
     if "trak" in methods:
         timed("trak", lambda: trak_model_scores(model, data, projection_dim, seed))
     if "trak4" in methods:
@@ -378,7 +404,7 @@ def method_scores(
         timed("trak4", ensemble)
     if "source_adam" in methods:
         saved = checkpoints(kind, data, recipe, source_steps(recipe.steps), seed)  # the run's own: not timed
-        timed("source_adam", lambda: source_scores(saved, train_b, query_b, recipe, seed))
+        timed("source_adam", lambda: source_scores(saved, train_b, query_b, recipe, fisher_fn))
     if "magic" in methods:
         timed("magic", lambda: magic_scores(model, data, recipe, seed))
     if "exact_if" in methods:
@@ -390,11 +416,15 @@ IHVP_STEPS = 20
 
 
 def ekfac_family(
-    model: nn.Module, train_b: list[Batch], query_b: list[Batch], seed: int, solver: str
+    model: nn.Module,
+    train_b: list[Batch],
+    query_b: list[Batch],
+    fisher_fn: Callable[[nn.Module, Batch], torch.Tensor],
+    solver: str,
 ) -> np.ndarray:
-    """EK-FAC influence (true Fisher), its inverse-Fisher product by EK-FAC itself or by
-    ``IHVP_STEPS`` ASTRA, LiSSA or PCG iterations on the Fisher of the training batches."""
-    factors = bergson.fit_ekfac(model, train_b, sampled_loss_fn(seed), include_bias=True, progress=False)
+    """EK-FAC influence (the Fisher of ``fisher_fn``'s gradients), its inverse-Fisher product by EK-FAC
+    itself or by ``IHVP_STEPS`` ASTRA, LiSSA or PCG iterations on that Fisher of the training batches."""
+    factors = bergson.fit_ekfac(model, train_b, fisher_fn, include_bias=True, progress=False)
     iterations: dict[str, Any] = {} if solver == "ekfac" else {"ihvp_steps": IHVP_STEPS}
     return bergson.ekfac_scores(
         model,
@@ -421,11 +451,11 @@ def source_scores(
     train_b: list[Batch],
     query_b: list[Batch],
     recipe: Recipe,
-    seed: int,
+    fisher_fn: Callable[[nn.Module, Batch], torch.Tensor],
 ) -> np.ndarray:
     """SOURCE with Adam's steps over the checkpoints of :func:`source_steps` (:func:`bergson.source_scores`):
-    each checkpoint stands for the steps nearer to it than to its neighbours, its curvature is the true
-    Fisher of C ⊙ G with C = D^{1/2} (Adam's D from the checkpoint's second moments, rank one per layer),
+    each checkpoint stands for the steps nearer to it than to its neighbours, its curvature is the
+    Fisher (of ``fisher_fn``'s gradients) of C ⊙ G with C = D^{1/2} (Adam's D from the checkpoint's second moments, rank one per layer),
     and the recipe's L2 term is Adam's coupled weight decay. Momentum is not modelled."""
     at = source_steps(recipe.steps)
     bounds = [0] + [(a + b) // 2 for a, b in itertools.pairwise(at)] + [recipe.steps]
@@ -447,7 +477,7 @@ def source_scores(
         train_b,
         query_b,
         loss_fn,
-        fisher_loss_fn=sampled_loss_fn(seed),
+        fisher_loss_fn=fisher_fn,
         preconditioners=pres,
         weight_decay=recipe.weight_decay,
         decoupled_weight_decay=False,

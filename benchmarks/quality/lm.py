@@ -13,6 +13,7 @@ The recipe is trained once; its final weights and AdamW state (written as a torc
   of AdamW's bias-corrected second moments), scored with ``--unit_normalize``;
 * ``trackstar``: ``bergson trackstar`` (optimizer normalizer, mixed preconditioner, cosine);
 * ``ekfac``: ``bergson ekfac`` (EK-FAC influence, true Fisher);
+* ``ekfac_k4``: the same with ``--fisher_samples 4`` (four label draws per document, averaged);
 * ``astra``: ``bergson ekfac --ihvp astra --ihvp_steps 20`` (EK-FAC-preconditioned iterations
   towards the exact inverse-Fisher product);
 * ``lissa`` and ``pcg``: the same with ``--ihvp lissa`` / ``--ihvp pcg`` (20 steps);
@@ -68,6 +69,7 @@ METHODS = (
     "cosine_opt",
     "trackstar",
     "ekfac",
+    "ekfac_k4",
     "astra",
     "lissa",
     "pcg",
@@ -77,6 +79,7 @@ METHODS = (
     "source_adam",
     "magic",
 )
+FISHER_DRAWS = 4  # --fisher_samples of the ekfac_k4 row
 SOURCE_CHECKPOINTS = 3  # evenly spaced checkpoints of the run that SOURCE unrolls through
 ENSEMBLE_SEEDS = (1, 2, 3)  # data-order seeds of the extra models of TRAK's 4-model ensemble
 LABELS = {
@@ -85,6 +88,7 @@ LABELS = {
     "cosine_opt": "cosine, optimizer-normalized",
     "trackstar": "TrackStar",
     "ekfac": "EK-FAC",
+    "ekfac_k4": f"EK-FAC, {FISHER_DRAWS} label draws",
     "astra": "ASTRA (20 steps)",
     "lissa": "LiSSA (20 steps)",
     "pcg": "PCG (20 steps)",
@@ -101,6 +105,7 @@ PIPELINES = {
     "cosine_opt": ("build_train_opt", "build_query_opt", "score_cosine_opt"),
     "trackstar": ("trackstar",),
     "ekfac": ("ekfac",),
+    "ekfac_k4": ("ekfac_k4",),
     "astra": ("astra",),
     "lissa": ("lissa",),
     "pcg": ("pcg",),
@@ -116,6 +121,7 @@ STORES = {
     "cosine_opt": "scores_cosine_opt",
     "trackstar": "trackstar/scores",
     "ekfac": "ekfac/scores",
+    "ekfac_k4": "ekfac_k4/scores",
     "astra": "astra/scores",
     "lissa": "lissa/scores",
     "pcg": "pcg/scores",
@@ -309,6 +315,15 @@ def commands(args: argparse.Namespace, work: Path, recipe: Path) -> dict[str, li
             str(args.docs),
         ],
         "ekfac": ["ekfac", str(work / "ekfac"), *model, *train, *query_group],
+        "ekfac_k4": [
+            "ekfac",
+            str(work / "ekfac_k4"),
+            *model,
+            *train,
+            *query_group,
+            "--fisher_samples",
+            str(FISHER_DRAWS),
+        ],
         **{
             solver: [
                 "ekfac",

@@ -237,6 +237,10 @@ class EkfacConfig(DampingOptions, QueryDataOptions, CollectOptions):
     fisher_seed: int = 0
     """Seed of the sampled Fisher labels (the same seed gives identical factors and scores)."""
 
+    fisher_samples: int = 1
+    """Label draws per document for the true Fisher, averaged: each pass under sampled labels runs once
+    per draw (less noise in the factors and in --ihvp's products, at that many times the passes)."""
+
     factor_dtype: Literal["float32", "float64"] = "float32"
     """Precision of the covariances and scores (float32 factors 2048 wide or more are eigendecomposed in float32)."""
 
@@ -574,6 +578,9 @@ class SourceConfig(DampingOptions, QueryDataOptions, CollectOptions):
 
     fisher_seed: int = 0
     """Seed of the sampled Fisher labels."""
+
+    fisher_samples: int = 1
+    """Label draws per document for the true Fisher, averaged (as ``bergson ekfac --fisher_samples``)."""
 
     factor_dtype: Literal["float32", "float64"] = "float32"
     """Precision of the covariances and scores (float32 factors 2048 wide or more are eigendecomposed in float32)."""

@@ -86,6 +86,7 @@ LIMITS: dict[str, Limit] = {
     "stats_documents": _at_least(1, "documents", zero="all"),
     "sample_seed": _SEED,
     "fisher_seed": _SEED,
+    "fisher_samples": _at_least(1, "label draws per document"),
     "query_rank": _at_least(1, "the rank of each query's approximation", zero="full"),
     "ihvp_steps": _at_least(1, "iterations of --ihvp astra or lissa"),
     "ihvp_batch_size": _at_least(1, "training documents per iteration", zero="all of them"),

@@ -234,6 +234,8 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
               "--damping", "0.2", "--damping_mode", "absolute", "--factor_dtype", "float64",
               "--per_module_scores", "--query_rank", "1", "--projected_queries", "--top_k", "2", "--per_token"],
              None),
+            ([new(), *m, *d, *qd, "--fisher", "empirical", "--fisher_samples", "2"],
+             "--fisher_samples 2 with --fisher empirical"),
             *refused(*everything, base=tuple(qd)),
         ],
         "self_influence": [
@@ -254,6 +256,8 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
               "--damping", "0.2", "--damping_mode", "absolute", "--factor_dtype", "float64", "--per_token",
               "--top_k", "2"], None),
             ([new(), *m, *d, *qd, "--segments", missing], "--segments with --model"),
+            ([new(), *d, *qd, "--models", a["model"], "--segment_steps", "1", "--segment_learning_rates", "0.1",
+              "--fisher", "empirical", "--fisher_samples", "3"], "--fisher_samples 3 with --fisher empirical"),
             ([new(), *d, *qd, "--models", a["model"], "--segment_steps", "1", "--segment_learning_rates", "0.1",
               "--projection_dim", "4", "--projection_seed", "1"], "--projection_dim / --projection_seed"),
             ([new(), *d, *qd, "--models", a["model"], "--segment_steps", "1", "--segment_learning_rates", "0.1",

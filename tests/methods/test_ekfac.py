@@ -402,3 +402,46 @@ def test_projected_query_store_scores_like_ekfac_through_bergson_score(tmp_path,
     with pytest.raises(BergsonError, match="twice"):
         score(ScoreConfig(run_path=str(tmp_path / "d"), query_path=str(tmp_path / "ek8" / "query_store"),
                           index=str(tmp_path / "idx8"), preconditioner_path=str(tmp_path / "nowhere"), **common))  # fmt: skip
+
+
+def test_fisher_samples_average_the_draws_of_their_seeds():
+    """--fisher_samples K: the covariances, the corrected eigenvalues (in a fixed eigenbasis) and the
+    Fisher-vector products of --ihvp are the means of K single-draw fits seeded fisher_seed + STRIDE k;
+    the empirical Fisher (the same labels at every draw) refuses it."""
+    from types import SimpleNamespace
+
+    from bergson.errors import BergsonError
+    from bergson.methods.ekfac import document_products
+    from bergson.methods.ekfac.command import pass_options
+    from bergson.methods.ekfac.passes import DRAW_STRIDE
+
+    model = tiny_neox(vocab=24, hidden=8, layers=1)
+    docs = random_docs(12, 24, seed=4)
+    three = _opts(model, seed=5, fisher_samples=3)
+    singles = [_opts(model, seed=5 + DRAW_STRIDE * k) for k in range(3)]
+    cov = fit_covariances(model, docs, three)
+    parts = [fit_covariances(model, docs, o) for o in singles]
+    assert cov.meta["fisher_samples"] == 3
+    for n in cov.tensors:
+        for key in ("A", "S"):
+            torch.testing.assert_close(cov.tensors[n][key], sum(p.tensors[n][key] for p in parts) / 3)
+    assert any(not torch.allclose(parts[0].tensors[n]["S"], parts[1].tensors[n]["S"]) for n in cov.tensors)
+    eigen = eigendecompose(cov)
+    corrected = fit_corrected_eigenvalues(model, docs, eigen, three)
+    each = [fit_corrected_eigenvalues(model, docs, eigen, o) for o in singles]
+    for n in corrected.tensors:
+        want = sum(c.tensors[n]["eigenvalues"] for c in each) / 3
+        torch.testing.assert_close(corrected.tensors[n]["eigenvalues"], want)
+    gen = torch.Generator().manual_seed(0)
+    v = {
+        n: torch.randn(2, *t["eigenvalues"].shape, generator=gen, dtype=torch.float64)
+        for n, t in corrected.tensors.items()
+    }
+    prods = document_products(model, docs, three, 0, 0, torch.float64)(0, v)
+    single = [document_products(model, docs, o, 0, 0, torch.float64)(0, v) for o in singles]
+    for n in v:
+        torch.testing.assert_close(prods[n], sum(s[n] for s in single) / 3)
+    cfg = SimpleNamespace(token_batch_size=64, include_bias=False, fisher="empirical", fisher_seed=0,
+                          fisher_samples=2, factor_dtype="float32")  # fmt: skip
+    with pytest.raises(BergsonError, match="--fisher_samples 2 with --fisher empirical"):
+        pass_options(cfg, three.modules, SimpleNamespace(pad_token_id=0), False)

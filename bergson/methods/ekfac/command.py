@@ -112,7 +112,13 @@ def _scores_of(cfg: Any) -> Any:
 
 def pass_options(cfg: Any, modules: Any, tokenizer: Any, progress: bool) -> EkfacOptions:
     """The EK-FAC passes' options from a command's config (ekfac, source): token budget, padding,
-    bias, Fisher labels and their seed, and the accumulation dtype of --factor_dtype."""
+    bias, Fisher labels, their seed and draws, and the accumulation dtype of --factor_dtype."""
+    samples = getattr(cfg, "fisher_samples", 1)
+    if samples > 1 and cfg.fisher != "true":
+        raise BergsonError(
+            f"--fisher_samples {samples} with --fisher {cfg.fisher}: the dataset's labels are the same at every "
+            "draw; drop --fisher_samples, or use --fisher true"
+        )
     return EkfacOptions(
         modules,
         token_batch_size=cfg.token_batch_size,
@@ -120,6 +126,7 @@ def pass_options(cfg: Any, modules: Any, tokenizer: Any, progress: bool) -> Ekfa
         include_bias=cfg.include_bias,
         fisher=cfg.fisher,
         seed=cfg.fisher_seed,
+        fisher_samples=samples,
         progress=progress,
         dtype=torch.float64 if cfg.factor_dtype == "float64" else torch.float32,
     )

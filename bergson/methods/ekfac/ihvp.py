@@ -151,7 +151,7 @@ def document_products(
         if 0 < batch_size < len(active):
             take = np.sort(gen.choice(active, batch_size, replace=False))
         sums, _ = fisher_products(DocumentSource(model, docs, opts, take), v, dtype, opts.fisher)
-        return {name: s / len(take) for name, s in sums.items()}
+        return {name: s / (len(take) * opts.draws(opts.fisher)) for name, s in sums.items()}
 
     return products
 

@@ -56,6 +56,17 @@ class EkfacOptions:
     documents multiplies the layer's output gradients and inputs by them (in ``dtype``), so the
     statistics are those of C ⊙ G with C = outer(g scale, x scale); SOURCE's Adam step model fits
     its curvature so. None: the plain x and g."""
+    fisher_samples: int = 1
+    """Label draws per document under the true Fisher: a pass under sampled labels runs once per draw
+    (draw k seeded ``seed + DRAW_STRIDE k``), and the statistics average over the draws."""
+
+    def draws(self, labels: str) -> int:
+        """The passes a statistic under ``labels`` takes: ``fisher_samples`` for sampled labels, else 1."""
+        return self.fisher_samples if labels == "true" else 1
+
+
+DRAW_STRIDE = 1_000_003
+"""The seed offset between the label draws of ``--fisher_samples``."""
 
 
 class Source(Protocol):
@@ -106,32 +117,35 @@ class DocumentSource:
             keep[self.only] = True
             lengths = np.where(keep, lengths, 0)
         plan = plan_batches(lengths, opts.token_batch_size)
-        engine = PassEngine(
-            self.model,
-            fisher_loss(labels, opts.seed),
-            idle_loss=idle_loss(opts.pad_token_id),
-            size=lambda batch: batch.num_tokens,
-            unit="tok",
-            desc=desc,
-            progress=opts.progress,
-        )
-
         scale = Scaler(opts.scales, opts.dtype)
-
-        def tap(name: str, x: torch.Tensor, g: torch.Tensor) -> None:
-            batch = engine.batch
-            if batch is None:  # an idle step of a sharded model
-                return
-            x, g = scale(name, x, g)
-            fn(name, x, g, batch.rows, batch.mask)
-
         device = next(self.model.parameters()).device
-        return engine.run(
-            document_batches(docs, plan, opts.pad_token_id, device),
-            hooks=LayerTap(opts.modules, tap, opts.include_bias),
-            steps=len(plan),
-            total=int(lengths.sum()),
-        )
+        draws = opts.draws(labels)
+        seen = 0
+        for draw in range(draws):
+            engine = PassEngine(
+                self.model,
+                fisher_loss(labels, opts.seed + DRAW_STRIDE * draw),
+                idle_loss=idle_loss(opts.pad_token_id),
+                size=lambda batch: batch.num_tokens,
+                unit="tok",
+                desc=desc if draws == 1 else f"{desc} (draw {draw + 1}/{draws})",
+                progress=opts.progress,
+            )
+
+            def tap(name: str, x: torch.Tensor, g: torch.Tensor, engine: PassEngine = engine) -> None:
+                batch = engine.batch
+                if batch is None:  # an idle step of a sharded model
+                    return
+                x, g = scale(name, x, g)
+                fn(name, x, g, batch.rows, batch.mask)
+
+            seen += engine.run(
+                document_batches(docs, plan, opts.pad_token_id, device),
+                hooks=LayerTap(opts.modules, tap, opts.include_bias),
+                steps=len(plan),
+                total=int(lengths.sum()),
+            )
+        return seen
 
 
 class Scaler:
@@ -319,11 +333,16 @@ def fit_covariances(model: nn.Module, docs: TokenizedDocs, opts: EkfacOptions) -
     tokens, n = int(docs.lengths[active].sum()), int(active.sum())
     if n == 0:
         raise BergsonError("no document has a loss token: the Fisher is undefined")
-    factors = {name: {"A": d["A"] / tokens, "S": d["S"] / n} for name, d in sums.items()}
-    return Factors(
-        factors,
-        {"stage": "covariances", "tokens": tokens, "documents": n, "fisher": opts.fisher, "seed": opts.seed},
-    )
+    draws = opts.draws(opts.fisher)  # every draw adds its tokens and documents once more
+    factors = {name: {"A": d["A"] / (tokens * draws), "S": d["S"] / (n * draws)} for name, d in sums.items()}
+    meta = {
+        "stage": "covariances",
+        "tokens": tokens,
+        "documents": n,
+        "fisher": opts.fisher,
+        "seed": opts.seed,
+    }
+    return Factors(factors, {**meta, "fisher_samples": draws})
 
 
 def fit_corrected_eigenvalues(
@@ -343,10 +362,10 @@ def fit_corrected_eigenvalues(
 
         _zero_sums(sums, opts, zeros)
         sum_over_ranks([sums[name] for name in opts.modules])
-    n = int((docs.num_loss_tokens() > 0).sum())
+    n, draws = int((docs.num_loss_tokens() > 0).sum()), opts.draws(opts.fisher)
     return Factors(
-        {name: {"eigenvalues": s.double() / n} for name, s in sums.items()},
-        {"stage": "corrected", "documents": n},
+        {name: {"eigenvalues": s.double() / (n * draws)} for name, s in sums.items()},
+        {"stage": "corrected", "documents": n, "fisher_samples": draws},
     )
 
 
