@@ -61,6 +61,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         choices=D.FISHERS,
         help="the EK-FAC family's Fisher: the expectation over the model's labels, or one draw per example",
     )
+    p.add_argument(
+        "--fisher_samples", type=int, default=1, help="label draws per example with --fisher sampled"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out_dir", default=str(RESULTS))
     return p.parse_args(argv)
@@ -94,7 +97,17 @@ def evaluate(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     D.method_scores(kind, model, moments, data, recipe, ("dot",), args.projection_dim, args.seed)  # warm-up
     method_s: dict[str, float] = {}
     scores = D.method_scores(
-        kind, model, moments, data, recipe, methods, args.projection_dim, args.seed, method_s, args.fisher
+        kind,
+        model,
+        moments,
+        data,
+        recipe,
+        methods,
+        args.projection_dim,
+        args.seed,
+        method_s,
+        args.fisher,
+        args.fisher_samples,
     )
     timings["scores"] = time.perf_counter() - t
 
@@ -220,6 +233,8 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
+    if args.fisher_samples < 1 or (args.fisher == "expected" and args.fisher_samples != 1):
+        raise SystemExit("--fisher_samples: a count >= 1 of label draws, with --fisher sampled only")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     start = time.perf_counter()
     report: dict[str, Any] = {

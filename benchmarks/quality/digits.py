@@ -108,12 +108,13 @@ def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
     return F.cross_entropy(model(x), y, reduction="none")
 
 
-def sampled_loss_fn(seed: int) -> Callable[[nn.Module, Batch], torch.Tensor]:
-    """Cross-entropy against labels drawn from the model's own predictions (the true Fisher)."""
+def sampled_loss_fn(seed: int, draws: int = 1) -> Callable[[nn.Module, Batch], torch.Tensor]:
+    """Cross-entropy against labels drawn from the model's own predictions (the true Fisher): ``draws``
+    rows per example, each with its own draw, so that the Fisher averages that many draws."""
 
     def fn(model: nn.Module, batch: Batch) -> torch.Tensor:
         x, _ = batch
-        logits = model(x)
+        logits = model(x.repeat_interleave(draws, 0))
         with torch.no_grad():
             gen = torch.Generator().manual_seed(seed)
             labels = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).squeeze(1)
@@ -139,11 +140,12 @@ def expected_fisher_loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
 FISHERS = ("expected", "sampled")
 
 
-def fisher_loss_fn(fisher: str, seed: int) -> Callable[[nn.Module, Batch], torch.Tensor]:
-    """The loss whose per-example gradients define the EK-FAC family's Fisher (see ``FISHERS``)."""
+def fisher_loss_fn(fisher: str, seed: int, draws: int = 1) -> Callable[[nn.Module, Batch], torch.Tensor]:
+    """The loss whose per-example gradients define the EK-FAC family's Fisher (see ``FISHERS``;
+    ``draws`` label draws per example for the sampled one)."""
     if fisher not in FISHERS:
         raise ValueError(f"unknown Fisher {fisher!r}: choose one of {FISHERS}")
-    return expected_fisher_loss_fn if fisher == "expected" else sampled_loss_fn(seed)
+    return expected_fisher_loss_fn if fisher == "expected" else sampled_loss_fn(seed, draws)
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, size: int = 256) -> list[Batch]:
@@ -344,11 +346,13 @@ def method_scores(
     seed: int = 0,
     seconds: dict[str, float] | None = None,
     fisher: str = "expected",
+    fisher_samples: int = 1,
 ) -> dict[str, np.ndarray]:
     """Scores [N, Q] of every method through bergson's Python API (and the two references);
     ``seconds``, when given, receives each method's wall time (stores shared by two methods are
-    counted in full for each). ``fisher``: the EK-FAC family's and SOURCE's Fisher (``FISHERS``)."""
-    fisher_fn = fisher_loss_fn(fisher, seed)
+    counted in full for each). ``fisher``: the EK-FAC family's and SOURCE's Fisher (``FISHERS``), with
+    ``fisher_samples`` label draws per example when sampled."""
+    fisher_fn = fisher_loss_fn(fisher, seed, fisher_samples)
     clock: dict[str, float] = {} if seconds is None else seconds
     train_b = batches(data.x_train, data.y_train)
     query_b = batches(data.x_test, data.y_test)

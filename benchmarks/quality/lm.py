@@ -390,6 +390,18 @@ class Steps:
         return self.done[name]
 
 
+def warm_imports(checkpoint: Path) -> None:
+    """Import every command's module and the checkpoint's model class before the first timed step, so
+    that no method's time carries the interpreter's one-off import cost (whichever step runs first)."""
+    from transformers import AutoModelForCausalLM
+
+    from bergson.cli import COMMANDS
+
+    for module, *_ in COMMANDS.values():
+        importlib.import_module(module)
+    AutoModelForCausalLM.from_pretrained(checkpoint)
+
+
 def bergson(argv: list[str]) -> None:
     """One ``bergson`` command in this process (parsed exactly as the CLI parses it)."""
     from bergson.cli import COMMANDS, parse
@@ -567,6 +579,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train", ["train", str(recipe)], lambda: train_checkpoint(recipe, work / "checkpoint")
     )
     needed = list(dict.fromkeys(s for m in args.methods for s in PIPELINES[m]))
+    warm_imports(work / "checkpoint")
     if {"source", "source_adam"} & set(args.methods):
         steps.run("trainer", ["trainer", str(recipe)], lambda: train_trainer_dir(recipe, work / "trainer"))
     for name in needed:
