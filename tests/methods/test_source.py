@@ -49,6 +49,23 @@ def _scores(products: list[dict[str, torch.Tensor]], grads: list[torch.Tensor]) 
     return sum(torch.einsum("qoi,moi->mq", p["w"], g) for p, g in zip(products, grads))  # type: ignore[return-value]
 
 
+def _through_steps(x, y, xq, yq, w0, steps):
+    """Linear regression (MSE) trained by ``steps`` (one ``step(w, grad, k)`` -> next w per step):
+    autograd's −d(query loss)/d(example weight) [N, 2], each step's starting w and the final w."""
+    eps = torch.zeros(len(x), dtype=torch.float64, requires_grad=True)
+    w, starts = w0.clone().requires_grad_(True), []
+    for k, step in enumerate(steps):
+        starts.append(w.detach().clone())
+        losses = 0.5 * ((x @ w.T - y) ** 2).sum(1)
+        (grad,) = torch.autograd.grad(losses.mean() + (eps * losses).sum(), w, create_graph=True)
+        w = step(w, grad, k)
+    truth = [
+        -torch.autograd.grad(0.5 * ((w @ xq[i] - yq[i]) ** 2).sum(), eps, retain_graph=True)[0]
+        for i in range(2)
+    ]
+    return torch.stack(truth, 1), starts, w.detach()
+
+
 def test_one_segment_per_step_equals_autograd_through_gradient_descent():
     """Linear regression by full-batch GD with varying learning rates: the Hessian is exactly
     I ⊗ (Σ x xᵀ / N) at every step, so one segment per step (the document's gradient at the step's
@@ -58,24 +75,9 @@ def test_one_segment_per_step_equals_autograd_through_gradient_descent():
     x, y = torch.randn(n, d_in, dtype=torch.float64), torch.randn(n, d_out, dtype=torch.float64)
     xq, yq = torch.randn(2, d_in, dtype=torch.float64), torch.randn(2, d_out, dtype=torch.float64)
     w0 = torch.randn(d_out, d_in, dtype=torch.float64)
-
-    eps = torch.zeros(n, dtype=torch.float64, requires_grad=True)
-    w, starts = w0.clone().requires_grad_(True), []
-    for eta in lrs:
-        starts.append(w.detach().clone())
-        losses = 0.5 * ((x @ w.T - y) ** 2).sum(1)
-        (grad,) = torch.autograd.grad(losses.mean() + (eps * losses).sum(), w, create_graph=True)
-        w = w - eta * grad
-    truth = torch.stack(
-        [
-            -torch.autograd.grad(0.5 * ((w @ xq[i] - yq[i]) ** 2).sum(), eps, retain_graph=True)[0]
-            for i in range(2)
-        ],
-        1,
-    )
-
+    steps = [lambda w, g, k, eta=eta: w - eta * g for eta in lrs]
+    truth, starts, w_final = _through_steps(x, y, xq, yq, w0, steps)
     eigen, values = _kronecker_identity(x.T @ x / n, d_out)
-    w_final = w.detach()
     query = {"w": torch.einsum("qo,qi->qoi", xq @ w_final.T - yq, xq)}
     segments = [Curvature(eigen, values, [eta]) for eta in lrs]
     products = unrolled_queries(query, segments, damping=0.0, damping_mode="absolute", unroll="discrete")
@@ -150,20 +152,10 @@ def test_adam_with_a_frozen_preconditioner_equals_autograd(varying):
     es = [0.2 + 2.0 * torch.rand(d_in, dtype=torch.float64) for _ in range(steps)]
     ds, es = ds * (len(lrs) // steps), es * (len(lrs) // steps)
 
-    eps = torch.zeros(n, dtype=torch.float64, requires_grad=True)
-    w, starts = w0.clone().requires_grad_(True), []
-    for eta, d, e in zip(lrs, ds, es):
-        starts.append(w.detach().clone())
-        losses = 0.5 * ((x @ w.T - y) ** 2).sum(1)
-        (grad,) = torch.autograd.grad(losses.mean() + (eps * losses).sum(), w, create_graph=True)
-        w = w - eta * torch.outer(d, e) * grad
-    truth = torch.stack(
-        [
-            -torch.autograd.grad(0.5 * ((w @ xq[i] - yq[i]) ** 2).sum(), eps, retain_graph=True)[0]
-            for i in range(2)
-        ],
-        1,
-    )
+    rules = [
+        lambda w, g, k, eta=eta, d=d, e=e: w - eta * torch.outer(d, e) * g for eta, d, e in zip(lrs, ds, es)
+    ]
+    truth, starts, wf = _through_steps(x, y, xq, yq, w0, rules)
     a = x.T @ x / n
     segments = []
     for eta, d, e in zip(lrs, ds, es):
@@ -172,7 +164,6 @@ def test_adam_with_a_frozen_preconditioner_equals_autograd(varying):
             {"w": {"S_eigenvectors": torch.eye(d_out, dtype=torch.float64), "A_eigenvectors": vecs}}
         )
         segments.append(Curvature(eigen, {"w": torch.outer(d, mu)}, [eta], {"w": (d.sqrt(), e.sqrt())}))
-    wf = w.detach()
     query = {"w": torch.einsum("qo,qi->qoi", xq @ wf.T - yq, xq)}
     products = unrolled_queries(query, segments, damping=0.0, damping_mode="absolute", unroll="discrete")
     grads = [torch.einsum("mo,mi->moi", x @ s.T - y, x) for s in starts]
@@ -214,20 +205,11 @@ def test_weight_decay_equals_autograd(decoupled, uniform_in):
         e = 0.2 + 2 * torch.rand(d_in, dtype=torch.float64)
     dmat = torch.outer(d, e)
 
-    eps = torch.zeros(n, dtype=torch.float64, requires_grad=True)
-    w, starts = w0.clone().requires_grad_(True), []
-    for eta in lrs:
-        starts.append(w.detach().clone())
-        losses = 0.5 * ((x @ w.T - y) ** 2).sum(1)
-        (grad,) = torch.autograd.grad(losses.mean() + (eps * losses).sum(), w, create_graph=True)
-        w = w - eta * wd * w - eta * dmat * grad if decoupled else w - eta * dmat * (grad + wd * w)
-    truth = torch.stack(
-        [
-            -torch.autograd.grad(0.5 * ((w @ xq[i] - yq[i]) ** 2).sum(), eps, retain_graph=True)[0]
-            for i in range(2)
-        ],
-        1,
-    )
+    def step(w: torch.Tensor, g: torch.Tensor, k: int) -> torch.Tensor:
+        eta = lrs[k]
+        return w - eta * wd * w - eta * dmat * g if decoupled else w - eta * dmat * (g + wd * w)
+
+    truth, starts, wf = _through_steps(x, y, xq, yq, w0, [step] * len(lrs))
     mu, vecs = torch.linalg.eigh(e.sqrt()[:, None] * (x.T @ x / n) * e.sqrt()[None])
     eigen = Factors({"w": {"S_eigenvectors": torch.eye(d_out, dtype=torch.float64), "A_eigenvectors": vecs}})
     pre = {"w": (d.sqrt(), e.sqrt())} if adam else None
@@ -235,7 +217,7 @@ def test_weight_decay_equals_autograd(decoupled, uniform_in):
         Curvature(eigen, {"w": torch.outer(d, mu)}, [eta], pre, wd, decoupled_weight_decay=bool(decoupled))
         for eta in lrs
     ]
-    query = {"w": torch.einsum("qo,qi->qoi", xq @ w.detach().T - yq, xq)}
+    query = {"w": torch.einsum("qo,qi->qoi", xq @ wf.T - yq, xq)}
     grads = [torch.einsum("mo,mi->moi", x @ s.T - y, x) for s in starts]
     ours = _scores(unrolled_queries(query, segments, 0.0, "absolute", "discrete"), grads)
     assert truth.abs().max() > 1e-2
