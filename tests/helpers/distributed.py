@@ -64,9 +64,9 @@ def manifest_json(store: GradientStore) -> dict:
     """The manifest without what may differ between worker counts: the producer (bergson version and
     number of workers) and each shard file's digest. Each worker batches its own share of the
     documents, and a batch's composition can change the float32 rounding of its matrix products (about
-    1e-7 relatively; the bytes matched with the packages installed before 2026-12-03 and no longer do
-    with transformers 5.25), so the bytes may differ while the values agree: :func:`assert_same_store`
-    compares the values themselves."""
+    1e-7 relatively; the bytes matched with the packages installed on 2026-12-02 and differ with those
+    of 2026-12-03, transformers 5.25 among them), so the bytes may differ while the values agree:
+    :func:`assert_same_store` compares the values themselves."""
     m = json.loads((store.root / "manifest.json").read_text())
     m.pop("producer")
     for shard in m.get("shards", []):
