@@ -368,7 +368,7 @@ class NormalizerOptions:
                 "--whitening with --optimizer_state: both divide the gradients by a curvature estimate; "
                 "give one of the two"
             )
-        if self.whitening_damping != 0.01 and not self.whitening:
+        if self.whitening_damping != NormalizerOptions.whitening_damping and not self.whitening:
             raise BergsonError(
                 f"--whitening_damping {self.whitening_damping}: it damps the factors of --whitening, and "
                 "none is given; give --whitening RUN, or drop the option"

@@ -280,10 +280,9 @@ def source_scores(
         )
     train_batches, query_batches = list(train_batches), list(query_batches)
     final = query_model if query_model is not None else checkpoints[-1]
-    names = list(resolve_modules(final, modules))
-    q = example_gradients(
-        BatchSource(final, query_batches, loss_fn, resolve_modules(final, names), include_bias, progress)
-    )
+    at_final = resolve_modules(final, modules)
+    names = list(at_final)
+    q = example_gradients(BatchSource(final, query_batches, loss_fn, at_final, include_bias, progress))
     total: torch.Tensor | None = None
     for model, lrs, pre in reversed(list(zip(checkpoints, learning_rates, pres))):
         tracked = resolve_modules(model, names)

@@ -100,6 +100,10 @@ class AdamNormalizer:
         return AdafactorNormalizer(row=row, col=w.sum(0), bias_col=bias_col)
 
 
+WHITENING_DAMPING = 0.01
+"""The default relative damping of K-FAC whitening (see :mod:`bergson.transforms.whitening`)."""
+
+
 @dataclass
 class KfacWhitening:
     """Two symmetric matrices: ``left`` (out x out) = (S + λ_S)^-1/2 and ``right`` (in x in, or
@@ -108,7 +112,7 @@ class KfacWhitening:
 
     left: torch.Tensor
     right: torch.Tensor
-    eps: float = 0.01
+    eps: float = WHITENING_DAMPING
 
     def apply(self, aug: torch.Tensor) -> torch.Tensor:
         """Whiten per-example gradients ``aug`` [B, out, in(+1)] (the bias column last, if any)."""

@@ -289,8 +289,13 @@ def _resolve_file(path: str | Path) -> Path:
 
 
 def _load_state_dict(file: Path) -> Mapping[str, Any]:
+    """The file's state dict, memory-mapped where torch's format allows it (tensors are read only
+    when used, so reading just the param groups costs little); a legacy-format file is read whole."""
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # not mappable (legacy format, or unreadable: the plain load says which)
+            obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types (pickle, zip, runtime errors)
         text = str(e)
         if "Weights only load failed" in text:

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import BergsonError
 from .ekfac import FLOAT32_EIGH_WIDTH, Factors
-from .normalizers import KfacWhitening
+from .normalizers import WHITENING_DAMPING, KfacWhitening
 
 EIGEN_STAGE = "eigen"
 
@@ -65,7 +65,7 @@ def whitening_from_ekfac(
     path: str | Path,
     modules: Mapping[str, nn.Module],
     include_bias: bool,
-    damping: float = 0.01,
+    damping: float = WHITENING_DAMPING,
     damping_mode: str = "relative",
 ) -> dict[str, KfacWhitening]:
     """Each tracked module's :class:`KfacWhitening` from the eigenbases of the EK-FAC fit at ``path``.

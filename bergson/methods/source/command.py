@@ -129,8 +129,8 @@ def weight_decay_of(
         flags.add(weight.get("decoupled_weight_decay", "betas" not in weight or None))
         decay[name] = wd
         rates.add(wd)
-        if bias is not None and float(bias.get("weight_decay") or 0.0) != wd:
-            column = float(bias.get("weight_decay") or 0.0)
+        column = wd if bias is None else float(bias.get("weight_decay") or 0.0)
+        if column != wd:
             rates.add(column)
             out_dim, in_dim = module_shape(modules[name])
             decay[name] = torch.cat(
