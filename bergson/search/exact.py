@@ -27,7 +27,16 @@ import numpy as np
 
 from ..core.rows import unit_rows_np
 from ..errors import BergsonError
-from .scan import EMPTY, ChunkScanner, SingleThreadedWorkers, TopK, block_tensor, gather_columns, rescore
+from .scan import (
+    EMPTY,
+    ChunkScanner,
+    SingleThreadedWorkers,
+    TopK,
+    block_tensor,
+    chunk_rows_for,
+    gather_columns,
+    rescore,
+)
 
 if TYPE_CHECKING:
     from ..store.reader import GradientStore
@@ -230,7 +239,7 @@ class BlockScorer(SingleThreadedWorkers):
         import torch  # here, so that ``import bergson.search`` stays torch-free
 
         self.torch = torch
-        self.queries = torch.from_numpy(queries)
+        self.queries_t = torch.from_numpy(np.ascontiguousarray(queries.T))  # [width, Q]
         self.num_q, self.width = queries.shape
         self.segments = segments
         self.whole = segments == [(0, total_dim)]
@@ -257,15 +266,14 @@ class BlockScorer(SingleThreadedWorkers):
         buf, out_storage = self._buffers()
         rows = buf[: e - s]
         gather_columns(rows, block, s, e, None if self.whole else self.segments)
-        # mm into a contiguous buffer, then copy: much faster than a strided ``out``.
-        direct = self.num_q == 1 or e - s == scores.shape[1]
-        out = scores[:, s:e] if direct else out_storage[: self.num_q * (e - s)].view(self.num_q, e - s)
-        torch.mm(self.queries, rows.T, out=out)
+        # rows x queries into a contiguous buffer, then copied transposed: 1.5x faster than
+        # queries x rows for a single-threaded float32 matmul at 16 queries (an AVX-512 Xeon)
+        out = out_storage[: self.num_q * (e - s)].view(e - s, self.num_q)
+        torch.mm(rows, self.queries_t, out=out)
         if self.unit_norm:
             norms = torch.linalg.vector_norm(rows, dim=1)
-            out.mul_(torch.where(norms > 0, norms.reciprocal(), 0.0))
-        if not direct:
-            scores[:, s:e].copy_(out)
+            out.mul_(torch.where(norms > 0, norms.reciprocal(), 0.0)[:, None])
+        scores[:, s:e].copy_(out.T)
 
     def __call__(self, block: np.ndarray) -> np.ndarray:
         """Scores [Q, b] of one block (a view of an internal buffer, valid until the next call)."""
@@ -375,7 +383,14 @@ def exact_topk(
 
         copy = int8_copy(st)
     with ChunkScanner(
-        q, segments, total, k=scan_k, unit_norm=unit_norm, num_threads=num_threads, int8=bool(int8_rerank)
+        q,
+        segments,
+        total,
+        k=scan_k,
+        unit_norm=unit_norm,
+        num_threads=num_threads,
+        int8=bool(int8_rerank),
+        chunk_rows=None if copy is None else chunk_rows_for(q.shape[1], num_q, int8=True),
     ) as scan:
         if copy is not None:
             rows8, scales8 = copy

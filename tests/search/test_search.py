@@ -448,6 +448,7 @@ def test_int8_copy_is_written_once_reused_and_rewritten_when_the_store_changes(t
     with caplog.at_level(logging.WARNING, logger="bergson"):
         _, i2 = exact_topk(store, q, 3, int8_rerank=2)
     assert "writing" not in caplog.text  # reused
+    assert load_int8_copy(store)[0] is rows8  # and its mapping kept on the open store
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_array_equal(i1, exact_topk(store, q, 3)[1])
     # an older store holding non-finite rows: the copy marks them, the search leaves them out
