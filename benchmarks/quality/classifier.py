@@ -55,15 +55,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--projection_dim", type=int, default=16, help="of the gradient methods (0: exact gradients)"
     )
-    p.add_argument(
-        "--fisher",
-        default="expected",
-        choices=D.FISHERS,
-        help="the EK-FAC family's Fisher: the expectation over the model's labels, or one draw per example",
-    )
-    p.add_argument(
-        "--fisher_samples", type=int, default=1, help="label draws per example with --fisher sampled"
-    )
+    D.add_fisher_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out_dir", default=str(RESULTS))
     return p.parse_args(argv)
@@ -233,8 +225,7 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
-    if args.fisher_samples < 1 or (args.fisher == "expected" and args.fisher_samples != 1):
-        raise SystemExit("--fisher_samples: a count >= 1 of label draws, with --fisher sampled only")
+    D.check_fisher_args(args)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     start = time.perf_counter()
     report: dict[str, Any] = {

@@ -148,6 +148,24 @@ def fisher_loss_fn(fisher: str, seed: int, draws: int = 1) -> Callable[[nn.Modul
     return expected_fisher_loss_fn if fisher == "expected" else sampled_loss_fn(seed, draws)
 
 
+def add_fisher_args(p: argparse.ArgumentParser) -> None:
+    """``--fisher`` and ``--fisher_samples``: which Fisher the EK-FAC family fits (see ``FISHERS``)."""
+    p.add_argument(
+        "--fisher",
+        default="expected",
+        choices=FISHERS,
+        help="the EK-FAC family's Fisher: the expectation over the model's labels, or one draw per example",
+    )
+    p.add_argument(
+        "--fisher_samples", type=int, default=1, help="label draws per example with --fisher sampled"
+    )
+
+
+def check_fisher_args(args: argparse.Namespace) -> None:
+    if args.fisher_samples < 1 or (args.fisher == "expected" and args.fisher_samples != 1):
+        raise SystemExit("--fisher_samples: a count >= 1 of label draws, with --fisher sampled only")
+
+
 def batches(x: torch.Tensor, y: torch.Tensor, size: int = 256) -> list[Batch]:
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 

@@ -9,7 +9,8 @@ lowers its own loss, a large value meaning that the model had to bend to fit it.
 * ``adam``: |g / sqrt(v)|², the gradient normalized by Adam's second moment;
 * ``trackstar``: |H^{-1/2} g̃|², the Adam-normalized gradient with TrackStar's training
   second-moment preconditioner (its cosine would make every self-score 1);
-* ``ekfac``: gᵀ (F + δI)⁻¹ g with the EK-FAC Fisher;
+* ``ekfac``: gᵀ (F + δI)⁻¹ g with the EK-FAC Fisher (by default the expected Fisher over the
+  model's labels; ``--fisher sampled [--fisher_samples K]`` draws labels instead);
 * ``exact_if``: gᵀ H⁻¹ g with the exact Hessian (logistic regression);
 * ``loss``: the training loss itself, the usual baseline (not an attribution method).
 
@@ -71,6 +72,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train_size", type=int, default=600, help="training examples (at most 1437)")
     p.add_argument("--steps", type=int, default=D.Recipe.steps, help="full-batch Adam steps")
     p.add_argument("--projection_dim", type=int, default=16, help="of the gradient methods (0: exact)")
+    D.add_fisher_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out_dir", default=str(RESULTS))
     p.add_argument("--lm", action="store_true", help="the LM variant, through `bergson self_influence`")
@@ -111,7 +113,11 @@ def self_influence(
         out["trackstar"] = (h.apply(g.vectors, -0.5, g.layouts) ** 2).sum(1).numpy()
     if "ekfac" in methods:
         factors = bergson.fit_ekfac(
-            model, train_b, D.sampled_loss_fn(args.seed), include_bias=True, progress=False
+            model,
+            train_b,
+            D.fisher_loss_fn(args.fisher, args.seed, args.fisher_samples),
+            include_bias=True,
+            progress=False,
         )
         # the statistic `bergson self_influence --method ekfac` runs, on the custom model's batches:
         # gᵀ (F + δI)⁻¹ g per example, the diagonal of ekfac_scores without the N x N matrix
@@ -328,6 +334,7 @@ def write_plot(curves: dict[str, dict[str, np.ndarray]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
+    D.check_fisher_args(args)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.lm:
         report = lm_variant(args, argv)
