@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 INT8_DIR = "int8"
 _FORMAT = 1
+_MAPPED: weakref.WeakKeyDictionary[GradientStore, tuple[str, tuple[np.ndarray, np.ndarray]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Each open store's mapped int8 copy, with the store fingerprint it was written for."""
 
 
 def _fingerprint(store: GradientStore) -> str:
@@ -46,14 +51,14 @@ def load_int8_copy(store: GradientStore) -> tuple[np.ndarray, np.ndarray] | None
         return None
     # kept on the store while its manifest is unchanged: a fresh mapping would fault its pages in
     # again on every search (about a tenth of a repeated int8 search's time)
-    cached = store.__dict__.get("_int8_copy")
+    cached = _MAPPED.get(store)
     if cached is not None and cached[0] == meta["store_fingerprint"]:
         return cached[1]
     rows = np.load(root / "rows.npy", mmap_mode="r")
     scales = np.load(root / "scales.npy")
     if rows.shape != (len(store), store.manifest.total_dim) or scales.shape != (len(store),):
         return None
-    store.__dict__["_int8_copy"] = (meta["store_fingerprint"], (rows, scales))
+    _MAPPED[store] = (meta["store_fingerprint"], (rows, scales))
     return rows, scales
 
 
