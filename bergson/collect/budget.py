@@ -1,7 +1,7 @@
 """``--token_batch_size auto``: the largest token budget a batch can have on this device.
 
 * On a GPU, by a short probe: one forward and reverse pass through the model (with the
-  gradient hooks of a build open) on a batch of random tokens of the budget being tried, the
+  gradient hooks of a build open, and its loss by the build's route) on a batch of random tokens of the budget being tried, the
   longest documents the model takes; a CUDA out-of-memory error halves the budget and tries
   again, down to :data:`FLOOR`. The first budget that runs is the answer.
 * On a CPU, by a rule from memory: a budget whose activations (about
@@ -135,14 +135,16 @@ def _probe_step(
 ) -> Callable[[int], None]:
     """One build-like step on random tokens: ``budget // length`` documents of ``length`` tokens."""
     from .engine import PassEngine
+    from .head_loss import document_losses
     from .hooks import GradientCollector
-    from .losses import per_document_loss
+    from .losses import next_tokens, token_losses
 
     device = next(model.parameters()).device
     vocab = _config_int(model, "vocab_size") or 2
 
-    def loss_fn(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        return per_document_loss(m(input_ids=ids, use_cache=False).logits, ids)
+    def loss_fn(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:  # the build's own route to the loss
+        target = next_tokens(ids)
+        return document_losses(m, ids, target, "sum", lambda logits: token_losses(logits, target).sum(1))
 
     def step(budget: int) -> None:
         length = min(budget, context) if context else budget

@@ -27,6 +27,7 @@ from torch import nn
 from ..data.batching import IGNORE, pad_batch
 from ..data.tokenize import TokenizedDocs
 from ..errors import BergsonError
+from .head_loss import document_losses
 
 REDUCTIONS = ("sum", "mean")
 
@@ -98,10 +99,28 @@ def per_document_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str
     # Shift the labels rather than the logits: slicing [B, T, V] logits would copy them
     # forward and fill a zero tensor of the same size in the reverse pass.
     target = next_tokens(labels)
-    total = token_losses(logits, target).sum(1)
+    return _reduce(token_losses(logits, target), target, reduction)
+
+
+def _reduce(token: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+    total = token.sum(1)
     if reduction == "mean":
         return total / (target != IGNORE).sum(1).clamp(min=1)
     return total
+
+
+def document_loss(
+    model: nn.Module, batch: DocumentBatch, target: torch.Tensor, reduction: str
+) -> torch.Tensor:
+    """Each document's next-token loss under ``target`` [B, T], [B]: through the fused output
+    head when the model allows it (:mod:`bergson.collect.head_loss`), from the logits otherwise."""
+    return document_losses(
+        model,
+        batch.ids,
+        target,
+        reduction,
+        lambda logits: _reduce(token_losses(logits, target), target, reduction),
+    )
 
 
 def document_seed(seed: int, row: int) -> int:
@@ -147,7 +166,7 @@ def lm_loss(
     weights = docs.weights
 
     def loss(model: nn.Module, batch: DocumentBatch) -> torch.Tensor:
-        losses = per_document_loss(_logits(model, batch), batch.labels, reduction)
+        losses = document_loss(model, batch, next_tokens(batch.labels), reduction)
         if weights is not None:
             losses = losses * torch.as_tensor(weights[batch.rows], dtype=losses.dtype, device=losses.device)
         return losses
@@ -160,6 +179,8 @@ def fisher_loss(fisher: str, seed: int) -> Callable[[nn.Module, DocumentBatch], 
     ``fisher`` ('true': sampled from the model, seeded per document; 'empirical': the dataset's)."""
 
     def loss(model: nn.Module, batch: DocumentBatch) -> torch.Tensor:
+        if fisher == "empirical":
+            return document_loss(model, batch, next_tokens(batch.labels), "sum")
         logits = _logits(model, batch)
         return token_losses(logits, targets(logits, batch.labels, batch.rows, fisher, seed)).sum(1)
 

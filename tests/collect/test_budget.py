@@ -13,6 +13,7 @@ import torch
 from bergson.collect.budget import (
     CPU_CAP,
     FLOOR,
+    _probe_step,
     auto_token_budget,
     bytes_per_token,
     cpu_token_budget,
@@ -55,6 +56,16 @@ def test_probe_halves_on_out_of_memory_until_a_budget_fits():
         probe_budget(broken)
     with pytest.raises(BergsonError, match="token_batch_size auto"):
         probe_budget(_fake_device(FLOOR - 1)[0], start=4 * FLOOR)
+
+
+def test_the_probe_step_runs_a_build_step_through_the_fused_head():
+    from bergson.collect import head_loss
+
+    model = tiny_neox().eval()
+    head_loss._PLAIN.pop(model, None)
+    _probe_step(model, None, 4, context=16)(64)  # four random documents of 16 tokens
+    assert head_loss._PLAIN[model] is True  # the build's own route to the loss, not the full logits
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_auto_budget_uses_the_probe_when_given_a_step_and_the_rule_on_cpu():

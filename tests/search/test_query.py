@@ -106,7 +106,9 @@ def test_trace_of_a_part_that_misses_store_modules_is_an_error(
     )
     assert store.modules == [*index.modules, "lm_head"]
     assert store.manifest.model["output_head"] == {"modules": ["lm_head"], "tracked": ["lm_head"]}
-    np.testing.assert_array_equal(np.asarray(store.all)[:, : index.manifest.total_dim], np.asarray(index.all))
+    # the same body columns; to rounding, as the untracked head's loss takes the fused route
+    body_cols = np.asarray(store.all)[:, : index.manifest.total_dim]
+    np.testing.assert_allclose(body_cols, np.asarray(index.all), rtol=1e-4, atol=1e-5)
     for faiss_cfg in (None, FaissConfig("IVF1,SQfp16", mmap_index=True)):
         attr = Attributor(store.root, faiss_cfg=faiss_cfg)
         with (

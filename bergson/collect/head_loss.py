@@ -1,0 +1,163 @@
+"""The next-token loss of each document without the [B, T, V] logits.
+
+A pass that does not track the output head only needs, from the loss, the gradient at the
+head's input. :func:`document_losses` computes it in the forward, block by block of loss
+tokens: the block's logits h Wᵀ, their log-sum-exp, the token losses, then, in the same
+buffer, softmax − one-hot, and (softmax − one-hot) W, the gradient at h. The full logits, the
+log-softmax and the cross-entropy's reverse-pass tensors (each [B, T, V], for an 8k to 50k
+vocabulary the largest tensors of a small model's pass) are never made, and padding and prompt
+positions get no logits at all. The reverse pass scales the kept gradients by the upstream
+ones.
+
+It is used when the model's logits are its output head (:meth:`get_output_embeddings`, a plain
+``nn.Linear`` whose weights need no gradient and that no hook watches) applied to the head's
+input, with nothing after it. That is checked on the model's first batch: the head is called
+for real, once, and the model must return that very tensor as its logits (a soft-capped, scaled or
+upcast output is another tensor, and such a model keeps the ordinary route from then on).
+Later batches hand the model a stand-in for the logits (a zero expanded to [B, T, V], no
+memory) and check that it comes back untouched. Every batch of a model that passes the check,
+its first included, gets its loss through the fused head, so results do not depend on which
+batch came first. Models sharded with FSDP keep the ordinary route.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.batching import IGNORE
+
+CHUNK_BYTES = 1 << 24
+"""The float32 logits of one block of tokens: small enough to stay in a CPU's caches."""
+
+_PLAIN: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+"""Per model: whether its logits are its head's output (None until its first batch)."""
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Token losses of rows h [N, d] under a linear head (W [V, d], b) and targets [N]; the
+    gradient at h is computed in the forward and scaled in the reverse pass."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor
+    ) -> torch.Tensor:
+        n, vocab = hidden.shape[0], weight.shape[0]
+        upcast = hidden.dtype in (torch.float16, torch.bfloat16)
+        loss_dtype = torch.float32 if upcast else hidden.dtype
+        per_row = vocab * torch.finfo(loss_dtype).bits // 8
+        chunk = (
+            max(16, CHUNK_BYTES // per_row)
+            if hidden.device.type == "cpu"
+            else max(256, (16 * CHUNK_BYTES) // per_row)
+        )
+        losses = torch.empty(n, dtype=loss_dtype, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            logits = F.linear(hidden[start:stop], weight, bias)
+            if upcast:
+                logits = logits.float()
+            tgt = target[start:stop]
+            lse = torch.logsumexp(logits, 1)
+            torch.sub(lse, logits.gather(1, tgt[:, None]).squeeze(1), out=losses[start:stop])
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[torch.arange(stop - start, device=probs.device), tgt] -= 1
+            if upcast:
+                grad[start:stop] = probs.to(hidden.dtype) @ weight
+            else:
+                torch.mm(probs, weight, out=grad[start:stop])
+        ctx.save_for_backward(grad)
+        return losses
+
+    @staticmethod
+    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * upstream[:, None].to(grad.dtype), None, None, None
+
+
+def head_cross_entropy(
+    hidden: torch.Tensor, head: nn.Linear, target: torch.Tensor, reduction: str = "sum"
+) -> torch.Tensor:
+    """Each document's next-token cross-entropy, [B], from the head's input ``hidden`` [B, T, d]
+    and ``target`` [B, T] (the next token; the ignore index where there is no loss): equal to
+    the cross-entropy of ``head(hidden)`` to rounding, without forming it. Only ``hidden`` gets
+    a gradient."""
+    batch, seq, width = hidden.shape
+    flat = target.reshape(-1)
+    pos = (flat != IGNORE).nonzero().squeeze(1)
+    rows = hidden.reshape(batch * seq, width).index_select(0, pos)
+    token = _HeadCrossEntropy.apply(rows, head.weight, head.bias, flat[pos])
+    doc = torch.div(pos, seq, rounding_mode="floor")
+    losses = token.new_zeros(batch).index_add(0, doc, token)
+    if reduction == "mean":
+        count = torch.zeros(batch, dtype=token.dtype, device=token.device).index_add_(
+            0, doc, torch.ones_like(token)
+        )
+        losses = losses / count.clamp(min=1)
+    return losses
+
+
+def _fusable_head(model: nn.Module) -> nn.Linear | None:
+    """The model's output head when the fused loss may replace it (see the module docstring)."""
+    if _PLAIN.get(model) is False:
+        return None
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not nn.Linear:  # quantized and other subclasses keep their own forward
+        return None
+    params = [p for p in (head.weight, head.bias) if p is not None]
+    if any(p.requires_grad or type(p) is not nn.Parameter for p in params):  # a tracked or sharded head
+        return None
+    if head._forward_hooks or head._forward_pre_hooks or head._backward_hooks or head._backward_pre_hooks:
+        return None
+    return head
+
+
+def document_losses(
+    model: nn.Module,
+    ids: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str,
+    from_logits: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Each document's loss, [B]: through the fused head when the model allows it, otherwise
+    ``from_logits(logits)`` of the model's logits. On a model's first batch its head is also
+    run for real, to check that the model returns that very tensor as its logits."""
+    head = _fusable_head(model)
+    if head is None:
+        return from_logits(model(input_ids=ids, use_cache=False).logits)
+    known = model in _PLAIN
+    seen: dict[str, torch.Tensor] = {}
+    calls = []
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        seen["hidden"] = hidden
+        if known:  # a stand-in for the logits: a zero expanded to [B, T, V], no memory
+            seen["out"] = hidden.new_zeros(()).expand(*hidden.shape[:-1], head.out_features)
+        else:
+            seen["out"] = nn.Linear.forward(head, hidden)
+        return seen["out"]
+
+    head.forward = forward  # type: ignore[method-assign]
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits
+    finally:
+        del head.forward
+    plain = len(calls) == 1 and logits is seen.get("out") and seen["hidden"].shape[:-1] == target.shape
+    if not known:
+        _PLAIN[model] = plain
+        if not plain:
+            return from_logits(logits)
+    elif not plain:
+        raise RuntimeError(
+            "the model changed its logits after its first batch, so its output head cannot be fused; "
+            "this is a bug of bergson, please report it with the model's class"
+        )
+    return head_cross_entropy(seen["hidden"], head, target, reduction)

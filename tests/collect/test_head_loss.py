@@ -1,0 +1,126 @@
+"""The fused output-head loss against autograd through the full logits, and the route each
+model family takes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bergson import collect_gradients
+from bergson.collect import head_loss
+from bergson.collect.head_loss import head_cross_entropy
+from bergson.collect.losses import per_document_loss
+from bergson.data import TokenizedDocs
+from bergson.data.batching import IGNORE
+from tests.helpers.families import FAMILIES, VOCAB, make_family
+from tests.helpers.gradients import random_docs
+
+SOFT_CAPPED = {"gemma2"}  # final logit soft-capping: the logits are not the head's output
+
+
+def _reference(hidden, head, target, reduction):
+    """Autograd through the whole [B, T, V] logits."""
+    logits = head(hidden).float() if hidden.dtype == torch.bfloat16 else head(hidden)
+    token = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="none")
+    total = token.view(target.shape).sum(1)
+    if reduction == "mean":
+        total = total / (target != IGNORE).sum(1).clamp(min=1)
+    return total
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("chunk_bytes", [1 << 12, 1 << 24])  # many blocks of tokens, and one
+def test_head_cross_entropy_equals_autograd_through_the_logits(monkeypatch, reduction, chunk_bytes):
+    monkeypatch.setattr(head_loss, "CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(0)
+    head = nn.Linear(8, 50, dtype=torch.float64).requires_grad_(False)
+    target = torch.randint(0, 50, (3, 7))
+    target[0, :2] = IGNORE  # a prompt
+    target[1, 4:] = IGNORE  # padding
+    target[2] = IGNORE  # a document without loss tokens
+    upstream = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64)  # document weights
+    grads = []
+    for fn in (head_cross_entropy, _reference):
+        hidden = torch.randn(3, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        hidden.requires_grad_(True)
+        losses = fn(hidden, head, target, reduction)
+        (losses * upstream).sum().backward()
+        grads.append((losses.detach(), hidden.grad))
+    (ours, g_ours), (ref, g_ref) = grads
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+    assert ours[2] == 0 and not g_ours[2].any() and not g_ours[1, 4:].any()
+
+
+def test_head_cross_entropy_in_bfloat16_matches_the_upcast_reference():
+    torch.manual_seed(0)
+    head = nn.Linear(16, 300, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    target = torch.randint(0, 300, (2, 9))
+    out = []
+    for fn in (head_cross_entropy, _reference):
+        hidden = (
+            torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(1)).bfloat16().requires_grad_(True)
+        )
+        losses = fn(hidden, head, target, "sum")
+        losses.sum().backward()
+        assert losses.dtype == torch.float32 and hidden.grad.dtype == torch.bfloat16
+        out.append((losses.detach(), hidden.grad.float()))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=0.02, atol=1e-3)  # bfloat16 rounding
+
+
+def _collect(model, docs, *, fused: bool, **kw):
+    head_loss._PLAIN.pop(model, None)
+    if not fused:
+        head_loss._PLAIN[model] = False  # as if the first batch had failed the check
+    sink = collect_gradients(model, docs, projection_dim=4, token_batch_size=24, progress=False, **kw)
+    return sink, head_loss._PLAIN.get(model)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_gets_the_same_gradients_by_either_route(family):
+    """Several batches, prompts, weights and the mean reduction: the fused route (where the
+    family's logits are its head's output) equals the route through the logits."""
+    model = make_family(family)
+    docs = random_docs(9, VOCAB, seed=3)
+    docs = TokenizedDocs(docs.input_ids, np.array([0, 2, 0, 4, 1, 0, 3, 0, 0]), weights=np.linspace(-1, 2, 9))
+    for reduction in ("sum", "mean"):
+        fused, route = _collect(model, docs, fused=True, loss_reduction=reduction)
+        assert route is (family not in SOFT_CAPPED)
+        plain, _ = _collect(model, docs, fused=False, loss_reduction=reduction)
+        np.testing.assert_allclose(fused.vectors, plain.vectors, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(fused.loss, plain.loss, rtol=1e-6)
+
+
+def test_a_tracked_head_takes_the_route_through_the_logits():
+    model = make_family("llama")
+    docs = random_docs(4, VOCAB, seed=1)
+    modules = ["lm_head", "model.layers.0.mlp.down_proj"]
+    head_loss._PLAIN.pop(model, None)
+    sink = collect_gradients(model, docs, modules=modules, projection_dim=4, progress=False)
+    assert model not in head_loss._PLAIN  # the hooked head was never replaced
+    with torch.no_grad():
+        for i, seq in enumerate(docs.input_ids):
+            ids = torch.as_tensor(seq)[None]
+            assert np.isclose(sink.loss[i], per_document_loss(model(ids).logits, ids).item(), rtol=1e-6)
+
+
+def test_the_stand_in_must_come_back_untouched():
+    """A model that starts post-processing its logits after the first batch is a bug to report,
+    not a silently wrong loss."""
+    model = make_family("gpt_neox")
+    docs = random_docs(2, VOCAB, seed=2)
+    head_loss._PLAIN[model] = True
+    inner = model.forward
+
+    def scaled(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+    model.forward = scaled
+    with pytest.raises(RuntimeError, match="changed its logits"):
+        collect_gradients(model, docs, projection_dim=4, progress=False)
