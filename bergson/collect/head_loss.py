@@ -39,31 +39,45 @@ _PLAIN: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 """Per model: whether its logits are its head's output (None until its first batch)."""
 
 
+Sampler = Callable[[int, torch.Tensor], torch.Tensor]
+"""``sample(b, logits)``: the targets [n] of batch row b's loss positions, drawn from their
+float logits [n, V] (a true Fisher's labels)."""
+
+
+def _block_rows(hidden: torch.Tensor, vocab: int) -> int:
+    """Rows of one block: its logits fill about :data:`CHUNK_BYTES` on a CPU, 16 times that on a GPU."""
+    per_row = vocab * (8 if hidden.dtype == torch.float64 else 4)
+    if hidden.device.type == "cpu":
+        return max(16, CHUNK_BYTES // per_row)
+    return max(256, 16 * CHUNK_BYTES // per_row)
+
+
 class _HeadCrossEntropy(torch.autograd.Function):
     """Token losses of rows h [N, d] under a linear head (W [V, d], b) and targets [N]; the
-    gradient at h is computed in the forward and scaled in the reverse pass."""
+    gradient at h is computed in the forward and scaled in the reverse pass. With a sampler,
+    the targets of each document are drawn from its own rows' logits first."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        target: torch.Tensor,
+        docs: list[tuple[int, int, int]] | None,
+        sample: Sampler | None,
     ) -> torch.Tensor:
-        n, vocab = hidden.shape[0], weight.shape[0]
+        n = hidden.shape[0]
         upcast = hidden.dtype in (torch.float16, torch.bfloat16)
-        loss_dtype = torch.float32 if upcast else hidden.dtype
-        per_row = vocab * torch.finfo(loss_dtype).bits // 8
-        chunk = (
-            max(16, CHUNK_BYTES // per_row)
-            if hidden.device.type == "cpu"
-            else max(256, (16 * CHUNK_BYTES) // per_row)
-        )
-        losses = torch.empty(n, dtype=loss_dtype, device=hidden.device)
+        losses = torch.empty(n, dtype=torch.float32 if upcast else hidden.dtype, device=hidden.device)
         grad = torch.empty_like(hidden)
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
+        for start, stop, block_docs in _plan(n, _block_rows(hidden, weight.shape[0]), docs):
             logits = F.linear(hidden[start:stop], weight, bias)
             if upcast:
                 logits = logits.float()
             tgt = target[start:stop]
+            if sample is not None:
+                tgt = torch.cat([sample(b, logits[a - start : z - start]) for b, a, z in block_docs])
             lse = torch.logsumexp(logits, 1)
             torch.sub(lse, logits.gather(1, tgt[:, None]).squeeze(1), out=losses[start:stop])
             probs = logits.sub_(lse[:, None]).exp_()
@@ -76,24 +90,51 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return losses
 
     @staticmethod
-    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return grad * upstream[:, None].to(grad.dtype), None, None, None
+        return grad * upstream[:, None].to(grad.dtype), None, None, None, None, None
+
+
+def _plan(
+    n: int, size: int, docs: list[tuple[int, int, int]] | None
+) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Blocks of at most ``size`` rows: (start, stop, the documents in it). With ``docs`` (batch
+    row, first row, end row of each document, in order), blocks hold whole documents; a
+    document longer than ``size`` is a block of its own."""
+    if docs is None:
+        return [(a, min(n, a + size), []) for a in range(0, n, size)]
+    out: list[tuple[int, int, list[tuple[int, int, int]]]] = []
+    for doc in docs:
+        if out and doc[2] - out[-1][0] <= size:
+            out[-1] = (out[-1][0], doc[2], [*out[-1][2], doc])
+        else:
+            out.append((doc[1], doc[2], [doc]))
+    return out
 
 
 def head_cross_entropy(
-    hidden: torch.Tensor, head: nn.Linear, target: torch.Tensor, reduction: str = "sum"
+    hidden: torch.Tensor,
+    head: nn.Linear,
+    target: torch.Tensor,
+    reduction: str = "sum",
+    sample: Sampler | None = None,
 ) -> torch.Tensor:
     """Each document's next-token cross-entropy, [B], from the head's input ``hidden`` [B, T, d]
     and ``target`` [B, T] (the next token; the ignore index where there is no loss): equal to
-    the cross-entropy of ``head(hidden)`` to rounding, without forming it. Only ``hidden`` gets
-    a gradient."""
+    the cross-entropy of ``head(hidden)`` to rounding, without forming it. With ``sample``, the
+    targets at the loss positions are drawn by it, one document at a time. Only ``hidden``
+    gets a gradient."""
     batch, seq, width = hidden.shape
     flat = target.reshape(-1)
     pos = (flat != IGNORE).nonzero().squeeze(1)
     rows = hidden.reshape(batch * seq, width).index_select(0, pos)
-    token = _HeadCrossEntropy.apply(rows, head.weight, head.bias, flat[pos])
     doc = torch.div(pos, seq, rounding_mode="floor")
+    spans = None
+    if sample is not None:
+        counts = torch.bincount(doc, minlength=batch).tolist()
+        ends = torch.tensor(counts).cumsum(0).tolist()
+        spans = [(b, ends[b] - counts[b], ends[b]) for b in range(batch) if counts[b]]
+    token = _HeadCrossEntropy.apply(rows, head.weight, head.bias, flat[pos], spans, sample)
     losses = token.new_zeros(batch).index_add(0, doc, token)
     if reduction == "mean":
         count = torch.zeros(batch, dtype=token.dtype, device=token.device).index_add_(
@@ -125,6 +166,7 @@ def document_losses(
     target: torch.Tensor,
     reduction: str,
     from_logits: Callable[[torch.Tensor], torch.Tensor],
+    sample: Sampler | None = None,
 ) -> torch.Tensor:
     """Each document's loss, [B]: through the fused head when the model allows it, otherwise
     ``from_logits(logits)`` of the model's logits. On a model's first batch its head is also
@@ -160,4 +202,4 @@ def document_losses(
             "the model changed its logits after its first batch, so its output head cannot be fused; "
             "this is a bug of bergson, please report it with the model's class"
         )
-    return head_cross_entropy(seen["hidden"], head, target, reduction)
+    return head_cross_entropy(seen["hidden"], head, target, reduction, sample)

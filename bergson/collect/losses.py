@@ -27,7 +27,7 @@ from torch import nn
 from ..data.batching import IGNORE, pad_batch
 from ..data.tokenize import TokenizedDocs
 from ..errors import BergsonError
-from .head_loss import document_losses
+from .head_loss import Sampler, document_losses
 
 REDUCTIONS = ("sum", "mean")
 
@@ -128,32 +128,42 @@ def document_seed(seed: int, row: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{row}".encode()).digest()[:8], "little") >> 1
 
 
+def label_sampler(rows: np.ndarray, seed: int) -> Sampler:
+    """``sample(b, logits)``: batch row b's true-Fisher targets, drawn from the softmax of its
+    float logits [n, V] with a generator seeded per document (:func:`document_seed`)."""
+
+    def sample(b: int, logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits, -1).cpu()
+        gen = torch.Generator().manual_seed(document_seed(seed, int(rows[b])))
+        return torch.multinomial(probs, 1, generator=gen).squeeze(1).to(logits.device)
+
+    return sample
+
+
 def targets(
     logits: torch.Tensor, labels: torch.Tensor, rows: np.ndarray, fisher: str, seed: int
 ) -> torch.Tensor:
     """Next-token targets aligned with ``logits`` ([B, T]; -100 where there is no loss).
 
     ``fisher='empirical'`` uses the dataset's tokens; ``'true'`` samples each target from
-    the model's own prediction with a generator seeded per document (:func:`document_seed`).
+    the model's own prediction with a generator seeded per document (:func:`label_sampler`).
     """
     target = next_tokens(labels)
     if fisher == "empirical":
         return target
-    if fisher != "true":
-        raise BergsonError(f"--fisher {fisher!r}: choose true or empirical")
+    _check_fisher(fisher)
+    sample = label_sampler(rows, seed)
     with torch.no_grad():
-        for b, row in enumerate(rows):
+        for b in range(len(rows)):
             pos = (target[b] != IGNORE).nonzero().squeeze(1)
-            if len(pos) == 0:
-                continue
-            probs = torch.softmax(logits[b, pos].float(), -1).cpu()
-            gen = torch.Generator().manual_seed(document_seed(seed, int(row)))
-            target[b, pos] = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(target.device)
+            if len(pos):
+                target[b, pos] = sample(b, logits[b, pos].float())
     return target
 
 
-def _logits(model: nn.Module, batch: DocumentBatch) -> torch.Tensor:
-    return model(input_ids=batch.ids, use_cache=False).logits
+def _check_fisher(fisher: str) -> None:
+    if fisher not in ("true", "empirical"):
+        raise BergsonError(f"--fisher {fisher!r}: choose true or empirical")
 
 
 def lm_loss(
@@ -177,12 +187,19 @@ def lm_loss(
 def fisher_loss(fisher: str, seed: int) -> Callable[[nn.Module, DocumentBatch], torch.Tensor]:
     """``loss(model, batch)`` -> [B]: each document's summed next-token loss under the labels of
     ``fisher`` ('true': sampled from the model, seeded per document; 'empirical': the dataset's)."""
+    _check_fisher(fisher)
 
     def loss(model: nn.Module, batch: DocumentBatch) -> torch.Tensor:
-        if fisher == "empirical":
-            return document_loss(model, batch, next_tokens(batch.labels), "sum")
-        logits = _logits(model, batch)
-        return token_losses(logits, targets(logits, batch.labels, batch.rows, fisher, seed)).sum(1)
+        target = next_tokens(batch.labels)
+        sample = label_sampler(batch.rows, seed) if fisher == "true" else None
+        return document_losses(
+            model,
+            batch.ids,
+            target,
+            "sum",
+            lambda logits: token_losses(logits, targets(logits, batch.labels, batch.rows, fisher, seed)).sum(1),
+            sample,
+        )
 
     return loss
 

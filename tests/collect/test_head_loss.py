@@ -12,7 +12,15 @@ from torch import nn
 from bergson import collect_gradients
 from bergson.collect import head_loss
 from bergson.collect.head_loss import head_cross_entropy
-from bergson.collect.losses import per_document_loss
+from bergson.collect.losses import (
+    document_batches,
+    fisher_loss,
+    label_sampler,
+    next_tokens,
+    per_document_loss,
+    targets,
+    token_losses,
+)
 from bergson.data import TokenizedDocs
 from bergson.data.batching import IGNORE
 from tests.helpers.families import FAMILIES, VOCAB, make_family
@@ -124,3 +132,48 @@ def test_the_stand_in_must_come_back_untouched():
     model.forward = scaled
     with pytest.raises(RuntimeError, match="changed its logits"):
         collect_gradients(model, docs, projection_dim=4, progress=False)
+
+
+@pytest.mark.parametrize(
+    "chunk_bytes", [1 << 11, 1 << 24]
+)  # blocks of whole documents (one too long), one block
+def test_true_fisher_labels_are_the_same_draws_by_either_route(monkeypatch, chunk_bytes):
+    """The true Fisher's targets are drawn per document from its own logits: the fused route
+    draws exactly the labels (hence losses and gradients) of the route through the logits."""
+    monkeypatch.setattr(head_loss, "CHUNK_BYTES", chunk_bytes)  # 2 KiB: blocks of the 16-row floor
+    torch.manual_seed(0)
+    head = nn.Linear(8, 50, dtype=torch.float64).requires_grad_(False)
+    labels = torch.randint(0, 50, (4, 24))  # documents of 23, 20, 5 and 23 loss tokens
+    labels[0, :3] = IGNORE
+    labels[2, 5:] = IGNORE
+    rows = np.array([7, 3, 11, 5])
+    sample = label_sampler(rows, seed=4)
+    out = []
+    for route in ("fused", "logits"):
+        hidden = torch.randn(4, 24, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        hidden.requires_grad_(True)
+        if route == "fused":
+            losses = head_cross_entropy(hidden, head, next_tokens(labels), "sum", sample)
+        else:
+            logits = head(hidden)
+            losses = token_losses(logits, targets(logits, labels, rows, "true", seed=4)).sum(1)
+        losses.sum().backward()
+        out.append((losses.detach(), hidden.grad))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-12, atol=1e-12)
+    # and the draws are the model's: a different seed gives other labels
+    other = head_cross_entropy(hidden.detach(), head, next_tokens(labels), "sum", label_sampler(rows, seed=5))
+    assert not torch.allclose(other, out[0][0])
+
+
+def test_fisher_losses_of_a_model_agree_by_either_route():
+    model = make_family("qwen2")
+    docs = random_docs(5, VOCAB, seed=6)
+    batch = next(document_batches(docs, [np.arange(5)], 0, torch.device("cpu")))
+    for fisher in ("true", "empirical"):
+        got = []
+        for fused in (True, False):
+            head_loss._PLAIN[model] = fused
+            with torch.no_grad():
+                got.append(fisher_loss(fisher, seed=2)(model, batch))
+        torch.testing.assert_close(got[0], got[1], rtol=1e-10, atol=1e-10)
