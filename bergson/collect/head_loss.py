@@ -7,7 +7,8 @@ buffer, softmax − one-hot, and (softmax − one-hot) W, the gradient at h. The
 log-softmax and the cross-entropy's reverse-pass tensors (each [B, T, V], for an 8k to 50k
 vocabulary the largest tensors of a small model's pass) are never made, and padding and prompt
 positions get no logits at all. The reverse pass scales the kept gradients by the upstream
-ones.
+ones. A true Fisher's labels are drawn in the same loop (blocks then hold whole documents), from
+each document's own rows, by the caller's sampler.
 
 It is used when the model's logits are its output head (:meth:`get_output_embeddings`, a plain
 ``nn.Linear`` whose weights need no gradient and that no hook watches) applied to the head's

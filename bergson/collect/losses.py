@@ -197,7 +197,9 @@ def fisher_loss(fisher: str, seed: int) -> Callable[[nn.Module, DocumentBatch], 
             batch.ids,
             target,
             "sum",
-            lambda logits: token_losses(logits, targets(logits, batch.labels, batch.rows, fisher, seed)).sum(1),
+            lambda logits: token_losses(logits, targets(logits, batch.labels, batch.rows, fisher, seed)).sum(
+                1
+            ),
             sample,
         )
 
