@@ -19,7 +19,16 @@ start and at the end):
 
 Prints one JSON object.
 
-    python -m benchmarks.startup [--repeats 3] [--num_docs 32] [--top 25] [--root CHECKOUT]
+    python -m benchmarks.startup [--repeats 3] [--num_docs 32] [--top 25] [--root CHECKOUT] [--python PY]
+
+``--python`` times under another interpreter. The development environment holds packages a
+plain ``pip install bergson`` does not (scipy, which transformers then imports while loading a
+model, costs about 0.2 s); an environment with the runtime dependencies only is what users start
+from:
+
+    python3 -m venv benchmarks/.venvs/runtime
+    benchmarks/.venvs/runtime/bin/pip install torch==2.13.0 && benchmarks/.venvs/runtime/bin/pip install -e .
+    python -m benchmarks.startup --python benchmarks/.venvs/runtime/bin/python
 
 ``--root`` times another checkout's bergson (the same shipped assets are used), to compare
 before and after a change.
@@ -39,6 +48,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
 ASSETS = ROOT / "bergson" / "assets"
 PROGRESS = re.compile(rb"gradients:\s+\d+%")
 IMPORT_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
@@ -54,7 +64,7 @@ def _env() -> dict[str, str]:
 
 def time_import() -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import bergson"], check=True, env=_env())
+    subprocess.run([PYTHON, "-c", "import bergson"], check=True, env=_env())
     return time.perf_counter() - start
 
 
@@ -62,7 +72,7 @@ def time_to_progress(work: Path, num_docs: int, importtime: bool) -> dict:
     """Start a small build; return the seconds and CPU seconds to its first progress line (and,
     under ``-X importtime``, the import lines written before it)."""
     run = tempfile.mkdtemp(dir=work, prefix="run")
-    cmd = [sys.executable, *(["-X", "importtime"] if importtime else []), "-m", "bergson", "build"]
+    cmd = [PYTHON, *(["-X", "importtime"] if importtime else []), "-m", "bergson", "build"]
     cmd += [
         f"{run}/index",
         "--model",
@@ -128,14 +138,21 @@ def summarize(imports: list[tuple[str, str, str, str]], top: int) -> dict:
 
 
 def main() -> None:
-    global ROOT
+    global ROOT, PYTHON
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num_docs", type=int, default=32)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--root", default=str(ROOT), help="the checkout whose bergson to time")
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="the interpreter to time with, e.g. a virtual environment holding only bergson's runtime "
+        "dependencies (see the module docstring)",
+    )
     args = parser.parse_args()
     ROOT = Path(args.root).resolve()
+    PYTHON = os.path.abspath(args.python)  # not resolved: a venv's python is a link to the base one
     load_start = os.getloadavg()[0]
     imports, builds, cpu, traced = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="bergson-startup-") as tmp:
@@ -152,6 +169,7 @@ def main() -> None:
                 "benchmark": "startup",
                 "root": str(ROOT),
                 "python": sys.version.split()[0],
+                "interpreter": PYTHON,
                 "num_docs": args.num_docs,
                 "import_bergson_s": round(min(imports), 3),
                 "build_to_first_progress_s": round(min(builds), 3),
