@@ -1,15 +1,16 @@
 """``--token_batch_size auto``: the largest token budget a batch can have on this device.
 
-* On a GPU, by a short probe: one forward and reverse pass through the model (with the
-  gradient hooks of a build open, and its loss by the build's route) on a batch of random tokens of the budget being tried, the
-  longest documents the model takes; a CUDA out-of-memory error halves the budget and tries
-  again, down to :data:`FLOOR`. The first budget that runs is the answer.
-* On a CPU, by a rule from memory: a budget whose activations (about
-  ``4 * (3 * vocab + 16 * hidden * layers)`` bytes a token in float32: logits, their
-  log-softmax and its gradient, and some sixteen hidden-width tensors a layer kept for the
-  reverse pass) fill at most a quarter of the memory available now, rounded down to a power of
-  two and kept within ``[FLOOR, CPU_CAP]``. Larger batches buy a CPU nothing (its matrix
-  products are already efficient at a few thousand rows), so the cap is modest.
+* On a GPU, by a short probe: one forward and reverse pass through the model (with the gradient
+  hooks of a build open, and its loss by the build's route) on a batch of random tokens of the
+  budget being tried, the longest documents the model takes; a CUDA out-of-memory error halves
+  the budget and tries again, down to :data:`FLOOR`. The first budget that runs is the answer.
+* On a CPU, by a rule from memory: a budget whose activations (about ``4 * (3 * vocab + 16 *
+  hidden * layers)`` bytes a token in float32: logits, their log-softmax and its gradient, and
+  some sixteen hidden-width tensors a layer kept for the reverse pass) fill at most a quarter of
+  the memory available now, rounded down to a power of two and kept within ``[FLOOR, CPU_CAP]``.
+  A pass whose loss takes the fused output head (:mod:`bergson.collect.head_loss`) makes none of
+  the logits' tensors, so there the rule errs on the safe side. Larger batches buy a CPU nothing
+  (its matrix products are already efficient at a few thousand rows), so the cap is modest.
 
 The choice is announced on the console and recorded in the store's manifest
 (``plan.token_batch_size_auto``); the budget is then used as if it had been given.
