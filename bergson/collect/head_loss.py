@@ -12,13 +12,13 @@ each document's own rows, by the caller's sampler.
 
 It is used when the model's logits are its output head (:meth:`get_output_embeddings`, a plain
 ``nn.Linear`` whose weights need no gradient and that no hook watches) applied to the head's
-input, with nothing after it. That is checked on the model's first batch: the head is called
-for real, once, and the model must return that very tensor as its logits (a soft-capped, scaled or
-upcast output is another tensor, and such a model keeps the ordinary route from then on).
-Later batches hand the model a stand-in for the logits (a zero expanded to [B, T, V], no
-memory) and check that it comes back untouched. Every batch of a model that passes the check,
-its first included, gets its loss through the fused head, so results do not depend on which
-batch came first. Models sharded with FSDP keep the ordinary route.
+input, with nothing after it. That is checked on the model's first batch: the head is called for
+real, once, and the model must return that very tensor as its logits (a soft-capped, scaled or
+upcast output is another tensor, and such a model keeps the ordinary route from then on). Later
+batches hand the model a stand-in for the logits (a zero expanded to [B, T, V], no memory) and
+check that it comes back untouched. Every batch of a model that passes the check, its first
+included, gets its loss through the fused head, so results do not depend on which batch came
+first. Models sharded with FSDP keep the ordinary route.
 """
 
 from __future__ import annotations

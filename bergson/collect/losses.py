@@ -190,18 +190,11 @@ def fisher_loss(fisher: str, seed: int) -> Callable[[nn.Module, DocumentBatch], 
     _check_fisher(fisher)
 
     def loss(model: nn.Module, batch: DocumentBatch) -> torch.Tensor:
-        target = next_tokens(batch.labels)
+        def from_logits(logits: torch.Tensor) -> torch.Tensor:
+            return token_losses(logits, targets(logits, batch.labels, batch.rows, fisher, seed)).sum(1)
+
         sample = label_sampler(batch.rows, seed) if fisher == "true" else None
-        return document_losses(
-            model,
-            batch.ids,
-            target,
-            "sum",
-            lambda logits: token_losses(logits, targets(logits, batch.labels, batch.rows, fisher, seed)).sum(
-                1
-            ),
-            sample,
-        )
+        return document_losses(model, batch.ids, next_tokens(batch.labels), "sum", from_logits, sample)
 
     return loss
 
