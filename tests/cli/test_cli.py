@@ -189,3 +189,34 @@ def test_query_record_appends_top_and_bottom_hits(tmp_path, report_stores, query
     np.testing.assert_allclose([g[1] for g in got], [h[1] for h in top + bottom], rtol=1e-5)
     assert rows[0]["query"] == text and rows[0]["result"] == report_stores["texts"][top[0][0]]
     assert rows[6:] == rows[:6]
+
+
+PROGRAM = """
+import atexit, pathlib, sys, threading, time
+atexit.register(lambda: print("exit handler ran"))
+if len(sys.argv) > 2:  # a non-daemon thread still working when the command ends
+    out = pathlib.Path(sys.argv[2])
+    threading.Thread(target=lambda: (time.sleep(0.5), out.write_text("done"))).start()
+sys.argv = ["bergson", sys.argv[1]]
+from bergson.cli import entry
+entry()
+"""
+
+
+def test_the_program_exits_fast_but_as_an_exit_should(tmp_path):
+    """``bergson`` skips the interpreter's module teardown: its output (buffered in a pipe) and the
+    exit handlers still come out, the exit status is the command's, and a thread still working
+    is waited for."""
+
+    def program(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", PROGRAM, *args], capture_output=True, text=True, timeout=120
+        )
+
+    ok = program("--version")
+    assert ok.returncode == 0 and ok.stdout.splitlines() == [ok.stdout.splitlines()[0], "exit handler ran"]
+    assert ok.stdout.startswith("bergson ")
+    bad = program("frobnicate")
+    assert bad.returncode == 2 and "unknown command" in bad.stderr and "exit handler ran" in bad.stdout
+    waited = program("--version", str(tmp_path / "thread.txt"))
+    assert waited.returncode == 0 and (tmp_path / "thread.txt").read_text() == "done"
