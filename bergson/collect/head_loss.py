@@ -23,6 +23,7 @@ first. Models sharded with FSDP keep the ordinary route.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.batching import IGNORE
+
+logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 24
 """The float32 logits of one block of tokens: small enough to stay in a CPU's caches."""
@@ -197,6 +200,11 @@ def document_losses(
     if not known:
         _PLAIN[model] = plain
         if not plain:
+            logger.debug(
+                "%s: its logits are not its output head's own output (soft-capped, scaled or upcast): "
+                "the loss goes through the full logits",
+                type(model).__name__,
+            )
             return from_logits(logits)
     elif not plain:
         raise RuntimeError(
