@@ -384,8 +384,9 @@ def entry() -> NoReturn:
     about 0.75 s, longer than the build's own gradient pass, and a finished command needs none
     of it: its files are written and closed. What an exit must do still happens: the ``atexit``
     handlers run (logging, temporary directories, multiprocessing) and the standard streams are
-    flushed. While another non-daemon thread is alive, or when the command ends with an
-    unexpected exception, the interpreter exits the ordinary way.
+    flushed. While another non-daemon thread is alive, under a profiler, debugger or coverage
+    tracer (``python -m cProfile -m bergson ...`` writes its profile after the program ends), or
+    when the command ends with an unexpected exception, the interpreter exits the ordinary way.
     """
     try:
         main()
@@ -398,7 +399,8 @@ def entry() -> NoReturn:
 
 def _exit_now(code: int) -> NoReturn:
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
-    if any(t.is_alive() for t in others):
+    watched = sys.getprofile() is not None or sys.gettrace() is not None  # a profiler, debugger or coverage
+    if watched or any(t.is_alive() for t in others):  # they write their results after the program ends
         sys.exit(code)
     atexit._run_exitfuncs()  # the handlers a normal exit would run
     for stream in (sys.stdout, sys.stderr):

@@ -220,3 +220,7 @@ def test_the_program_exits_fast_but_as_an_exit_should(tmp_path):
     assert bad.returncode == 2 and "unknown command" in bad.stderr and "exit handler ran" in bad.stdout
     waited = program("--version", str(tmp_path / "thread.txt"))
     assert waited.returncode == 0 and (tmp_path / "thread.txt").read_text() == "done"
+    # a profiler writes its results after the program: the exit waits for it
+    prof = tmp_path / "version.prof"
+    cmd = [sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "bergson", "--version"]
+    assert subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0 and prof.stat().st_size > 0
