@@ -17,7 +17,14 @@ from bergson.methods.ekfac import (
 )
 from bergson.models import find_tracked_modules
 from bergson.transforms import ekfac as ekfac_maths
-from bergson.transforms.ekfac import Factors, add_corrections, dense_fisher, eigendecompose, kfac_eigenvalues
+from bergson.transforms.ekfac import (
+    Factors,
+    add_corrections,
+    dense_fisher,
+    eigendecompose,
+    flat_inner,
+    kfac_eigenvalues,
+)
 from tests.helpers.assets import tiny_neox
 from tests.helpers.gradients import naive_gradients, random_docs
 
@@ -445,3 +452,11 @@ def test_fisher_samples_average_the_draws_of_their_seeds():
                           fisher_samples=2, factor_dtype="float32")  # fmt: skip
     with pytest.raises(BergsonError, match="--fisher_samples 2 with --fisher empirical"):
         pass_options(cfg, three.modules, SimpleNamespace(pad_token_id=0), False)
+
+
+def test_flat_inner_is_the_frobenius_inner_product_of_every_pair():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 5, 4, generator=gen), torch.randn(2, 5, 4, generator=gen).transpose(1, 2)
+    b = b.contiguous().transpose(1, 2)  # a non-contiguous view is read as it stands
+    want = torch.tensor([[float((a[n] * b[q]).sum()) for q in range(2)] for n in range(3)])
+    torch.testing.assert_close(flat_inner(a, b), want)

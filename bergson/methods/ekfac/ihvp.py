@@ -56,7 +56,7 @@ from torch import nn
 from ...collect.engine import LossFn
 from ...data import TokenizedDocs
 from ...errors import BergsonError
-from ...transforms.ekfac import Factors, damping_value, ihvp, kfac_eigenvalues
+from ...transforms.ekfac import Factors, damping_value, flat_inner, ihvp, kfac_eigenvalues
 from .passes import BatchSource, DocumentSource, EkfacOptions, Source, per_document_gradients
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def fisher_products(source: Source, vectors: Mapping[str, torch.Tensor], dtype: 
         if name not in cache:
             cache[name] = vectors[name].to(x.device, dtype)
         grads = per_document_gradients(x.to(dtype), g.to(dtype))  # [B, out, in]
-        part = torch.einsum("bq,boi->qoi", torch.einsum("boi,qoi->bq", grads, cache[name]), grads)
+        part = torch.einsum("bq,boi->qoi", flat_inner(grads, cache[name]), grads)
         sums[name] = sums[name] + part if name in sums else part
 
     seen = source.run("fisher-vector products", fn, labels)

@@ -15,7 +15,7 @@ from torch import nn
 from ... import distributed
 from ...data import TokenizedDocs
 from ...errors import BergsonError
-from ...transforms.ekfac import Factors, ihvp, kfac_eigenvalues
+from ...transforms.ekfac import Factors, flat_inner, ihvp, kfac_eigenvalues
 from .passes import (
     DocumentSource,
     EkfacOptions,
@@ -119,7 +119,7 @@ def score_modules(
         x, g = x.to(dtype), g.to(dtype)
         contrib = None
         if "ihvp" in q:  # [nq, out, in]
-            doc = torch.einsum("boi,qoi->bq", per_document_gradients(x, g), q["ihvp"])
+            doc = flat_inner(per_document_gradients(x, g), q["ihvp"])
             if tokens is not None:
                 contrib = torch.einsum("bto,qoi,bti->btq", g, q["ihvp"], x)
         else:  # rank r: (g_t · left_k)(right_k · x_t), summed over k (and t)
