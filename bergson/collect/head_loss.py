@@ -139,13 +139,16 @@ def head_cross_entropy(
         ends = torch.tensor(counts).cumsum(0).tolist()
         spans = [(b, ends[b] - counts[b], ends[b]) for b in range(batch) if counts[b]]
     token = _HeadCrossEntropy.apply(rows, head.weight, head.bias, flat[pos], spans, sample)
-    losses = token.new_zeros(batch).index_add(0, doc, token)
+    return reduce_documents(token.new_zeros(batch).index_add(0, doc, token), target, reduction)
+
+
+def reduce_documents(total: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Each document's summed token loss ``total`` [B] as the loss ``reduction`` asks: the sum
+    itself, or its mean over the document's loss tokens (those of ``target`` [B, T] that are not
+    the ignore index)."""
     if reduction == "mean":
-        count = torch.zeros(batch, dtype=token.dtype, device=token.device).index_add_(
-            0, doc, torch.ones_like(token)
-        )
-        losses = losses / count.clamp(min=1)
-    return losses
+        return total / (target != IGNORE).sum(1).clamp(min=1)
+    return total
 
 
 def _fusable_head(model: nn.Module) -> nn.Linear | None:
@@ -179,24 +182,22 @@ def document_losses(
     if head is None:
         return from_logits(model(input_ids=ids, use_cache=False).logits)
     known = model in _PLAIN
-    seen: dict[str, torch.Tensor] = {}
-    calls = []
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (the head's input, what it returned)
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        calls.append(1)
-        seen["hidden"] = hidden
         if known:  # a stand-in for the logits: a zero expanded to [B, T, V], no memory
-            seen["out"] = hidden.new_zeros(()).expand(*hidden.shape[:-1], head.out_features)
+            out = hidden.new_zeros(()).expand(*hidden.shape[:-1], head.out_features)
         else:
-            seen["out"] = nn.Linear.forward(head, hidden)
-        return seen["out"]
+            out = nn.Linear.forward(head, hidden)
+        calls.append((hidden, out))
+        return out
 
     head.forward = forward  # type: ignore[method-assign]
     try:
         logits = model(input_ids=ids, use_cache=False).logits
     finally:
         del head.forward
-    plain = len(calls) == 1 and logits is seen.get("out") and seen["hidden"].shape[:-1] == target.shape
+    plain = len(calls) == 1 and logits is calls[0][1] and calls[0][0].shape[:-1] == target.shape
     if not known:
         _PLAIN[model] = plain
         if not plain:
@@ -211,4 +212,4 @@ def document_losses(
             "the model changed its logits after its first batch, so its output head cannot be fused; "
             "this is a bug of bergson, please report it with the model's class"
         )
-    return head_cross_entropy(seen["hidden"], head, target, reduction, sample)
+    return head_cross_entropy(calls[0][0], head, target, reduction, sample)

@@ -27,7 +27,7 @@ from torch import nn
 from ..data.batching import IGNORE, pad_batch
 from ..data.tokenize import TokenizedDocs
 from ..errors import BergsonError
-from .head_loss import Sampler, document_losses
+from .head_loss import Sampler, document_losses, reduce_documents
 
 REDUCTIONS = ("sum", "mean")
 
@@ -103,10 +103,7 @@ def per_document_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str
 
 
 def _reduce(token: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
-    total = token.sum(1)
-    if reduction == "mean":
-        return total / (target != IGNORE).sum(1).clamp(min=1)
-    return total
+    return reduce_documents(token.sum(1), target, reduction)
 
 
 def document_loss(
