@@ -61,6 +61,7 @@ class QueryEngine:
             modules=cfg.modules or None,
             preconditioner_path=cfg.preconditioner_path,
             int8_rerank=cfg.int8_rerank,
+            int8_prefilter=cfg.int8_prefilter,
         )
         manifest = self.attr.manifest
         model_name = cfg.model or manifest.model["name"]

@@ -73,7 +73,8 @@ class Attributor:
     With ``faiss_cfg`` the search goes through a FAISS index built beside the store. With
     ``int8_rerank=F`` the exact search scans int8 copies of the rows and re-scores the ``k * F``
     best candidates exactly (see :func:`bergson.search.exact_topk`; approximate, faster at many
-    queries).
+    queries); with ``int8_prefilter`` it scans them with proven bounds on every score and
+    re-scores only the rows that could be in the top-k (exact, faster at many queries).
 
     ``trace(model.base_model, k)`` and ``trace(model, k)`` find the same modules; the traced
     module must hold every module the search covers, or the trace is an error naming those it
@@ -91,13 +92,21 @@ class Attributor:
         modules: Sequence[str] | None = None,
         preconditioner_path: str | Path | None = None,
         int8_rerank: int = 0,
+        int8_prefilter: bool = False,
     ):
-        if int8_rerank and faiss_cfg is not None:
+        for flag, on in (("--int8_rerank", int8_rerank), ("--int8_prefilter", int8_prefilter)):
+            if on and faiss_cfg is not None:
+                raise BergsonError(
+                    f"{flag} speeds up the exact search only; with --search faiss the index decides the "
+                    "candidates: drop one of the two"
+                )
+        if int8_rerank and int8_prefilter:
             raise BergsonError(
-                f"--int8_rerank {int8_rerank} speeds up the exact search only; with --search faiss the "
-                "index decides the candidates: drop one of the two"
+                "--int8_prefilter and --int8_rerank exclude each other: --int8_prefilter returns the exact "
+                "top-k, --int8_rerank an approximate one; pass one of them"
             )
         self.int8_rerank = int8_rerank
+        self.int8_prefilter = int8_prefilter
         self.store: GradientStore = load_gradients(index_path)
         manifest = self.store.manifest
         if manifest.kind == "scores":
@@ -155,6 +164,7 @@ class Attributor:
                 reverse=reverse,
                 modules=restrict,
                 int8_rerank=self.int8_rerank,
+                int8_prefilter=self.int8_prefilter,
             )
         return torch.from_numpy(scores).to(self.device), torch.from_numpy(idx).to(self.device)
 

@@ -2,8 +2,10 @@
 
 ``<store>/int8/`` holds ``rows.npy`` (int8 [rows, total_dim]: each row scaled so that its largest
 magnitude is 127, then rounded), ``scales.npy`` (float32 [rows]: that largest magnitude; NaN for
-a row holding non-finite values, whose int8 row is zeros) and ``meta.json`` (the SHA-256 of the
-store's manifest when the copy was written). A copy whose fingerprint no longer matches the
+a row holding non-finite values, whose int8 row is zeros), ``bounds.npy`` (float32 [rows, 3]: per
+row the norm of its int8 values, an upper bound on the norm of its rounding error in int8 units,
+and the norm of the stored row; what :mod:`bergson.search.int8_bound` needs to bound every score)
+and ``meta.json`` (the SHA-256 of the store's manifest when the copy was written). A copy whose fingerprint no longer matches the
 store is rewritten. It takes half the store's float16 bytes and spares every later search the
 quantization (an integer matmul reads the int8 rows directly).
 """
@@ -16,7 +18,7 @@ import os
 import shutil
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -26,10 +28,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 INT8_DIR = "int8"
-_FORMAT = 1
-_MAPPED: weakref.WeakKeyDictionary[GradientStore, tuple[str, tuple[np.ndarray, np.ndarray]]] = (
-    weakref.WeakKeyDictionary()
-)
+_FORMAT = 2
+"""1: rows and scales; 2: and the per-row bounds (a copy of format 1 is rewritten)."""
+
+
+class Int8Copy(NamedTuple):
+    rows: np.ndarray
+    """int8 [rows, total_dim], memory-mapped: ``round(127 * x / scale)``."""
+    scales: np.ndarray
+    """float32 [rows]: each row's largest magnitude (NaN: the row holds non-finite values)."""
+    bounds: np.ndarray
+    """float32 [rows, 3]: ``||r||``, an upper bound on ``||127 * x / scale - r||`` and ``||x||``
+    (r the int8 row, x the stored row as float32)."""
+
+
+_MAPPED: weakref.WeakKeyDictionary[GradientStore, tuple[str, Int8Copy]] = weakref.WeakKeyDictionary()
 """Each open store's mapped int8 copy, with the store fingerprint it was written for."""
 
 
@@ -39,9 +52,9 @@ def _fingerprint(store: GradientStore) -> str:
     return hashlib.sha256((store.root / "manifest.json").read_bytes()).hexdigest()
 
 
-def load_int8_copy(store: GradientStore) -> tuple[np.ndarray, np.ndarray] | None:
-    """(int8 rows [rows, total_dim], memory-mapped; float32 scales [rows]) of a current copy, or
-    None when there is none or it was written for another state of the store."""
+def load_int8_copy(store: GradientStore) -> Int8Copy | None:
+    """The store's current int8 copy, or None when there is none or it was written for another
+    state of the store (or in an older format)."""
     root = store.root / INT8_DIR
     try:
         meta = json.loads((root / "meta.json").read_text())
@@ -56,10 +69,13 @@ def load_int8_copy(store: GradientStore) -> tuple[np.ndarray, np.ndarray] | None
         return cached[1]
     rows = np.load(root / "rows.npy", mmap_mode="r")
     scales = np.load(root / "scales.npy")
-    if rows.shape != (len(store), store.manifest.total_dim) or scales.shape != (len(store),):
+    bounds = np.load(root / "bounds.npy")
+    n = len(store)
+    if rows.shape != (n, store.manifest.total_dim) or scales.shape != (n,) or bounds.shape != (n, 3):
         return None
-    _MAPPED[store] = (meta["store_fingerprint"], (rows, scales))
-    return rows, scales
+    copy = Int8Copy(rows, scales, bounds)
+    _MAPPED[store] = (meta["store_fingerprint"], copy)
+    return copy
 
 
 def write_int8_copy(store: GradientStore, block_rows: int = 65536) -> Path:
@@ -74,6 +90,7 @@ def write_int8_copy(store: GradientStore, block_rows: int = 65536) -> Path:
     n, dim = len(store), store.manifest.total_dim
     rows = np.lib.format.open_memmap(tmp / "rows.npy", mode="w+", dtype=np.int8, shape=(n, dim))
     scales = np.empty(n, np.float32)
+    bounds = np.empty((n, 3), np.float32)
     for first, block in store.blocks(block_rows):
         x = torch.from_numpy(np.asarray(block, np.float32))
         amax = x.abs().amax(dim=1)
@@ -82,9 +99,11 @@ def write_int8_copy(store: GradientStore, block_rows: int = 65536) -> Path:
         q = (x.nan_to_num(0.0, 0.0, 0.0) * inv[:, None]).round_().to(torch.int8)
         rows[first : first + len(block)] = q.numpy()
         scales[first : first + len(block)] = torch.where(finite, amax, torch.nan).numpy()
+        bounds[first : first + len(block)] = _row_bounds(x, inv, q).numpy()
     rows.flush()
     del rows
     np.save(tmp / "scales.npy", scales)
+    np.save(tmp / "bounds.npy", bounds)
     meta = {"format": _FORMAT, "store_fingerprint": _fingerprint(store), "rows": n, "dim": dim}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(final, ignore_errors=True)
@@ -92,16 +111,36 @@ def write_int8_copy(store: GradientStore, block_rows: int = 65536) -> Path:
     return final
 
 
-def int8_copy(store: GradientStore) -> tuple[np.ndarray, np.ndarray] | None:
-    """The store's current int8 copy, written first when there is none (said on the console), or
-    None when it cannot be written (a read-only store: said, and the search quantizes on the fly)."""
+def _row_bounds(x: Any, inv: Any, r: Any) -> Any:
+    """float32 [rows, 3] of a block: ``||r||``, a bound on ``||127 x / scale - r||`` and ``||x||``.
+
+    The rounding error is measured in float32: ``x * inv`` (at most 127 in magnitude) is within
+    two float32 roundings of ``127 x / scale`` and the subtraction adds one more, so each entry is
+    off by less than 3e-5; the norm is padded by that much per entry and a relative 1e-5. Rows with
+    non-finite values get zeros (they are never ranked)."""
+    import torch
+
+    rf = r.float()
+    clean = x.nan_to_num(0.0, 0.0, 0.0) * (inv > 0)[:, None]
+    resid = clean * inv[:, None] - rf
+    dim = x.shape[1]
+    rnorm = torch.linalg.vector_norm(rf, dim=1) * (1 + 1e-6)
+    dnorm = torch.linalg.vector_norm(resid, dim=1) * (1 + 1e-5) + 3e-5 * dim**0.5
+    xnorm = torch.linalg.vector_norm(clean, dim=1)
+    return torch.stack([rnorm, dnorm, xnorm], dim=1)
+
+
+def int8_copy(store: GradientStore, option: str = "int8_rerank") -> Int8Copy | None:
+    """The store's current int8 copy, written first when there is none (said on the console, with
+    ``option`` as the reason), or None when it cannot be written (a read-only store: said; the
+    caller says what it does instead)."""
     found = load_int8_copy(store)
     if found is not None:
         return found
     size = len(store) * store.manifest.total_dim / 1e6
     logger.warning(
-        "int8_rerank: writing an int8 copy of %s's rows to %s (%.0f MB, once; reused while the store "
-        "is unchanged)",
+        "%s: writing an int8 copy of %s's rows to %s (%.0f MB, once; reused while the store is unchanged)",
+        option,
         store.root,
         store.root / INT8_DIR,
         size,
@@ -109,6 +148,6 @@ def int8_copy(store: GradientStore) -> tuple[np.ndarray, np.ndarray] | None:
     try:
         write_int8_copy(store)
     except OSError as e:
-        logger.warning("int8_rerank: could not write the int8 copy (%s); quantizing rows on the fly", e)
+        logger.warning("%s: could not write the int8 copy (%s)", option, e)
         return None
     return load_int8_copy(store)

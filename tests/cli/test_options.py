@@ -291,6 +291,9 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
             (["--index", a["store"], *m, "--query", "x", "--preconditioner_path", missing], "missing"),
             (["--index", a["store"], *m, "--query", "x", "--search", "faiss", "--int8_rerank", "2"],
              "speeds up the exact search only"),
+            (["--index", a["store"], *m, "--query", "The river flows", "--top_k", "2", "--int8_prefilter"], None),
+            (["--index", a["store"], *m, "--query", "x", "--int8_prefilter", "--int8_rerank", "2"],
+             "exclude each other"),
         ],
         "convert": [
             ([a["legacy"], new(), "--model", a["model"], "--overwrite"], None),
