@@ -559,13 +559,15 @@ class SourceConfig(DampingOptions, QueryDataOptions, CollectOptions):
 
     unroll: Literal["exp", "discrete"] = "exp"
     """How a segment's steps act on the curvature's eigenvalues λ: exp, exp(-λ Σ η) (the SOURCE
-    paper's); discrete, Π (1 - η λ) over the segment's steps (exact gradient descent on a quadratic)."""
+    paper's); discrete, Π (1 - η λ) over the segment's steps (exact gradient descent on a quadratic),
+    and with it the optimizer's momentum (Adam's first moment, SGD's momentum) when the checkpoints'
+    optimizer.pt shows one."""
 
     step_model: Literal["sgd", "adam"] = "sgd"
     """The optimizer step SOURCE unrolls: sgd, η ∇J with the learning rates as given; adam, η D ∇J with
     D = 1 / (sqrt(v̂) + eps) from each segment's checkpoint's optimizer.pt (Adam moments; frozen within the
-    segment, rank-one per module, momentum not modelled). Either way each checkpoint's optimizer.pt, when
-    present, gives its segment's weight decay."""
+    segment, rank-one per module). Either way each checkpoint's optimizer.pt, when present, gives its
+    segment's weight decay, and with --unroll discrete its momentum."""
 
     curvature_scale: float = 0.0
     """The factor from EK-FAC's eigenvalues (Fisher of each document's summed token loss) to the

@@ -245,6 +245,8 @@ def source_scores(
     preconditioners: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None] | None = None,
     weight_decay: float = 0.0,
     decoupled_weight_decay: bool = True,
+    momentum: float = 0.0,
+    momentum_gain: float = 1.0,
     query_model: nn.Module | None = None,
     modules: Sequence[str] | None = None,
     include_bias: bool = False,
@@ -265,7 +267,9 @@ def source_scores(
     :func:`~bergson.methods.source.adam_step_preconditioner` of the checkpoint's second moments), or
     None for plain gradient descent; the curvature is then fitted on C ⊙ G. ``weight_decay``: the
     decay rate of every tracked parameter, decoupled (AdamW) or, with ``decoupled_weight_decay``
-    False, coupled L2 preconditioned by Adam's D."""
+    False, coupled L2 preconditioned by Adam's D. ``momentum`` and ``momentum_gain``: the buffer the
+    steps followed, ν ← momentum ν + gain ∇J (Adam's first moment: β₁ and 1 - β₁, with the bias
+    correction in ``learning_rates``; SGD's: μ and 1), modelled with ``unroll="discrete"``."""
     from .source.maths import Curvature, unroll_segment
 
     if len(checkpoints) != len(learning_rates) or not checkpoints:
@@ -284,6 +288,7 @@ def source_scores(
     names = list(at_final)
     q = example_gradients(BatchSource(final, query_batches, loss_fn, at_final, include_bias, progress))
     total: torch.Tensor | None = None
+    carried: dict[str, torch.Tensor] | None = None
     for model, lrs, pre in reversed(list(zip(checkpoints, learning_rates, pres))):
         tracked = resolve_modules(model, names)
         factors = fit_ekfac(
@@ -291,9 +296,18 @@ def source_scores(
             progress=progress, scales=pre,
         )  # fmt: skip
         curvature = Curvature(
-            factors.eigen, factors.corrected, lrs, pre, weight_decay, decoupled_weight_decay
+            factors.eigen,
+            factors.corrected,
+            lrs,
+            pre,
+            weight_decay,
+            decoupled_weight_decay,
+            momentum,
+            momentum_gain,
         )
-        products, q = unroll_segment(q, curvature, damping, damping_mode, unroll, scale)
+        products, q, carried = unroll_segment(
+            q, curvature, damping, damping_mode, unroll, scale, momentum_queries=carried
+        )
         queries = Factors(
             {n: {"ihvp": t} for n, t in products.items()}, {"queries": len(next(iter(q.values())))}
         )

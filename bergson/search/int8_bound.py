@@ -158,7 +158,7 @@ class BoundedScanner(SingleThreadedWorkers):
             theta = np.where(np.isnan(theta) | (self.c64 == 0), -np.inf, theta)
             theta = theta - np.abs(theta) * 1e-6  # float32 rounding of the comparison
             scaled = scaled_all[: n * num_q].view(n, num_q)
-            torch.mul(acc, self.g_t[s:e, None], out=scaled)
+            scaled.copy_(acc).mul_(self.g_t[s:e, None])  # twice as fast as one promoting mul
             scaled.sub_(torch.from_numpy(theta.astype(np.float32)))
             idx = np.flatnonzero(scaled.numpy().ravel() >= 0)  # NaN (non-finite row): never
             if len(idx) == 0:

@@ -234,6 +234,111 @@ def test_weight_decay_equals_autograd(decoupled, uniform_in):
         unrolled_queries(query, [replace(segments[0], weight_decay=-1.0)])
 
 
+@pytest.mark.parametrize(
+    "form", ["sgd_momentum", "adam_first_moment", "adamw", "adam_l2", "sgd_coupled_decay"]
+)
+def test_momentum_equals_autograd(form):
+    """Steps that follow a momentum buffer ν ← β ν + a ∇J, θ -= η D ν (SGD's momentum: a = 1, D = 1;
+    Adam's first moment: a = 1 - β with a frozen rank-one D, bias correction folded into η; with
+    decoupled decay beside the buffer or coupled decay inside it), one segment per step, discrete
+    unroll: the parameters' and the buffer's cotangents carried across the segments give autograd's
+    derivative exactly. Dropping the momentum does not."""
+    torch.manual_seed(5)
+    n, d_in, d_out, wd = 6, 4, 3, 0.4
+    lrs = [0.3, 0.1, 0.45, 0.2, 0.35, 0.15]
+    x, y = torch.randn(n, d_in, dtype=torch.float64), torch.randn(n, d_out, dtype=torch.float64)
+    xq, yq = torch.randn(2, d_in, dtype=torch.float64), torch.randn(2, d_out, dtype=torch.float64)
+    w0 = torch.randn(d_out, d_in, dtype=torch.float64)
+    adam = form.startswith("adam")
+    beta, gain = (0.8, 0.2) if adam else (0.7, 1.0)
+    if adam:  # Adam's bias correction of the first moment is a per-step factor on the rate
+        lrs = [eta / (1 - beta ** (k + 1)) for k, eta in enumerate(lrs)]
+    decay = {"adamw": "out", "adam_l2": "in", "sgd_coupled_decay": "in"}.get(form)
+    d = 0.3 + 1.5 * torch.rand(d_out, dtype=torch.float64) if adam else torch.ones(d_out, dtype=torch.float64)
+    e = torch.full((d_in,), 0.8, dtype=torch.float64) if adam else torch.ones(d_in, dtype=torch.float64)
+    dmat = torch.outer(d, e)
+    buffer: list[torch.Tensor] = []
+
+    def step(w: torch.Tensor, g: torch.Tensor, k: int) -> torch.Tensor:
+        if k == 0:
+            buffer[:] = [torch.zeros_like(w)]
+        g = g + wd * w if decay == "in" else g
+        buffer[0] = beta * buffer[0] + gain * g
+        out = w - lrs[k] * dmat * buffer[0]
+        return out - lrs[k] * wd * w if decay == "out" else out
+
+    truth, starts, wf = _through_steps(x, y, xq, yq, w0, [step] * len(lrs))
+    mu, vecs = torch.linalg.eigh(e.sqrt()[:, None] * (x.T @ x / n) * e.sqrt()[None])
+    eigen = Factors({"w": {"S_eigenvectors": torch.eye(d_out, dtype=torch.float64), "A_eigenvectors": vecs}})
+    pre = {"w": (d.sqrt(), e.sqrt())} if adam else None
+    segments = [
+        Curvature(
+            eigen, {"w": torch.outer(d, mu)}, [eta], pre, wd if decay else 0.0, decay == "out", beta, gain
+        )
+        for eta in lrs
+    ]
+    query = {"w": torch.einsum("qo,qi->qoi", xq @ wf.T - yq, xq)}
+    grads = [torch.einsum("mo,mi->moi", x @ s.T - y, x) for s in starts]
+    ours = _scores(unrolled_queries(query, segments, 0.0, "absolute", "discrete"), grads)
+    assert truth.abs().max() > 1e-2
+    torch.testing.assert_close(ours, truth, rtol=1e-10, atol=1e-12)
+    without = [replace(c, momentum=0.0, momentum_gain=1.0) for c in segments]
+    assert (
+        _scores(unrolled_queries(query, without, 0.0, "absolute", "discrete"), grads) - truth
+    ).abs().max() > 1e-3
+    with pytest.raises(BergsonError, match="discrete unroll only"):
+        unrolled_queries(query, segments, 0.0, "absolute", "exp")
+    with pytest.raises(BergsonError, match=r"momentum must be in \[0, 1\)"):
+        unrolled_queries(query, [replace(segments[0], momentum=1.0)], 0.0, "absolute", "discrete")
+
+
+def test_momentum_over_multi_step_segments_is_exact_with_constant_curvature_and_gradients():
+    """Two stages of quadratic curvature and linear document losses (the assumption SOURCE makes, made
+    true), SGD with momentum over several steps per segment: exact; with zero momentum the segments
+    reduce to the closed form of the momentum-free unroll."""
+    torch.manual_seed(6)
+    n, d_in, d_out, beta = 5, 3, 2, 0.6
+    mats = [torch.randn(d_in, d_in, dtype=torch.float64) for _ in range(2)]
+    a = [m @ m.T / d_in + 0.1 * torch.eye(d_in, dtype=torch.float64) for m in mats]
+    c = torch.randn(n, d_out, d_in, dtype=torch.float64)
+    schedule = [[0.2, 0.35, 0.1], [0.05, 0.4]]
+    w0 = torch.randn(d_out, d_in, dtype=torch.float64)
+    xq, yq = torch.randn(d_in, dtype=torch.float64), torch.randn(d_out, dtype=torch.float64)
+    eps = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    w = w0.clone().requires_grad_(True)
+    nu = torch.zeros_like(w)
+    for stage, lrs in enumerate(schedule):
+        for eta in lrs:
+            obj = (
+                0.5 * torch.trace(w @ a[stage] @ w.T)
+                + (c * w).sum((1, 2)).mean()
+                + (eps * (c * w).sum((1, 2))).sum()
+            )
+            (grad,) = torch.autograd.grad(obj, w, create_graph=True)
+            nu = beta * nu + grad
+            w = w - eta * nu
+    truth = -torch.autograd.grad(0.5 * ((w @ xq - yq) ** 2).sum(), eps)[0]
+    query = {"w": torch.outer(w.detach() @ xq - yq, xq)[None]}
+    segments = [
+        Curvature(*_kronecker_identity(a[s], d_out), lrs, momentum=beta) for s, lrs in enumerate(schedule)
+    ]
+    ours = _scores(unrolled_queries(query, segments, 0.0, "absolute", "discrete"), [c, c])[:, 0]
+    torch.testing.assert_close(ours, truth, rtol=1e-10, atol=1e-12)
+    # β = 0 through the momentum path equals the closed form (s, r) of the plain unroll
+    plain = [replace(seg, momentum=0.0) for seg in segments]
+    from bergson.methods.source import unroll_segment
+
+    for seg in plain:
+        closed, handed, none = unroll_segment(query, seg, 0.0, "absolute", "discrete")
+        stepped, handed2, zero = unroll_segment(
+            query, seg, 0.0, "absolute", "discrete", momentum_queries={"w": torch.zeros(1, d_out, d_in)}
+        )
+        assert none is None
+        torch.testing.assert_close(stepped["w"], closed["w"], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(handed2["w"], handed["w"], rtol=1e-12, atol=1e-14)
+        assert zero is not None and zero["w"].abs().max() == 0
+
+
 # ---------------------------------------------------------------------- trainer directories
 
 
@@ -383,6 +488,8 @@ def test_trainer_run_equals_the_explicit_call_resumes_and_sums_its_tokens(lm, ca
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("optimizer was adam" in m and "--step_model adam" in m for m in warnings)
     assert score["step_model"] == "sgd" and "preconditioner" not in score
+    assert any("momentum is modelled with --unroll discrete only" in m for m in warnings)
+    assert score["segments"][0]["momentum"]["modelled"] is False
     loss_tokens = np.asarray(cli.rows["num_tokens"]) - 1  # plain text: every token but the first
     assert score["curvature_scale"] == pytest.approx(len(loss_tokens) / loss_tokens.sum())
     # the segments differ, and both count
@@ -400,6 +507,45 @@ def test_trainer_run_equals_the_explicit_call_resumes_and_sums_its_tokens(lm, ca
     shutil.rmtree(run / "scores")
     shutil.rmtree(run / "segment_0")
     main(args)
+    np.testing.assert_array_equal(_values(load_gradients(run / "scores")), before)
+
+
+def test_discrete_unroll_models_the_runs_momentum_and_resumes_it(lm, caplog):
+    """checkpoint-4's optimizer.pt is AdamW (β₁ 0.9): with --unroll discrete both segments of the stage
+    model its first moment (announced, recorded); the scores differ from the same run without an
+    optimizer state; the buffer's cotangent is saved with the last segment, so a run resumed without
+    segment 0 gives the same scores."""
+    root, trainer, common = lm
+    data, query = common["data"], common["query"]
+
+    def args(run, segments):
+        return ["source", str(run), "--segments", str(segments), "--dataset", data.dataset, "--split", data.split,
+                "--truncation", "--max_length", "16", "--query.dataset", query.dataset, "--query.split",
+                query.split, "--query.truncation", "--query.max_length", "16", "--device", "cpu", "--precision",
+                "fp32", "--factor_dtype", "float64", "--token_batch_size", "64", "--top_k", "0",
+                "--unroll", "discrete"]  # fmt: skip
+
+    run = root / "momentum"
+    main(args(run, trainer))
+    ours = load_gradients(run / "scores")
+    records = [s["momentum"] for s in ours.manifest.score["segments"]]
+    assert all(r["form"] == "adam" and r["modelled"] and r["beta"] == pytest.approx(0.9) for r in records)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("momentum modelled" in m and "bias correction" in m for m in warnings)
+    saved = Factors.load(run / "segment_1" / "queries").tensors
+    assert all("passed_momentum" in d for d in saved.values())
+    # the same checkpoints without the optimizer state: no momentum (nor decay), other scores
+    bare = root / "bare_trainer"
+    shutil.copytree(trainer, bare)
+    (bare / "checkpoint-4" / "optimizer.pt").unlink()
+    main(args(root / "no_momentum", bare))
+    plain = _values(load_gradients(root / "no_momentum" / "scores"))
+    assert np.abs(_values(ours) - plain).max() > 1e-3 * np.abs(plain).max()
+    # resume with segment 0 to do again: the buffer's cotangent comes back from disk
+    before = _values(ours)
+    shutil.rmtree(run / "scores")
+    shutil.rmtree(run / "segment_0")
+    main(args(run, trainer))
     np.testing.assert_array_equal(_values(load_gradients(run / "scores")), before)
 
 

@@ -45,7 +45,7 @@ from ..ekfac.command import fit_curvature, is_store, pass_options, still_to_do
 from ..ekfac.passes import EkfacOptions, query_gradients
 from ..ekfac.scoring import Scores, score_documents
 from .maths import Curvature, adam_step_preconditioner, unroll_segment
-from .segments import Segment, explicit_segments, optimizer_of, stage_rows, trainer_segments
+from .segments import Segment, explicit_segments, optimizer_of, segment_momentum, stage_rows, trainer_segments
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,9 @@ SGD_NOTE = (
     "optimizer's preconditioning"
 )
 ADAM_NOTE = (
-    "SOURCE models Adam's steps η D ∇J, D = 1 / (sqrt(v̂) + eps) from each segment's checkpoint's optimizer.pt: "
-    "D frozen within the segment and fitted rank-one per module; momentum is not modelled"
+    "SOURCE models Adam's steps η D m̂, D = 1 / (sqrt(v̂) + eps) from each segment's checkpoint's optimizer.pt: "
+    "D frozen within the segment and fitted rank-one per module; the first moment m̂ is modelled with "
+    "--unroll discrete (with exp, m̂ is taken as the current gradient)"
 )
 PRECONDITIONER_FORM = (
     "rank one per module: C = D^{1/2} = sqrt(a) sqrt(b)ᵀ, a_i b_j the row-sum / column-sum fit of "
@@ -282,13 +283,27 @@ def source(cfg: Any) -> Any:
                 ", ".join(adam),
                 SGD_NOTE,
             )
-        momentum = [o for o in optimizers if "momentum" in o]
-        if momentum:
-            logger.warning(
-                "source: the training run used %s; SOURCE does not model momentum (the effective rate is "
-                "about η / (1 - momentum): give the rates explicitly with --models to account for it)",
-                ", ".join(momentum),
-            )
+    momenta = segment_momentum(segments, stages)
+    for seg, mom in zip(segments, momenta):
+        if mom is not None and cfg.unroll != "discrete":
+            mom.update(modelled=False, note="momentum is modelled with --unroll discrete only")
+        if mom is not None:
+            seg.notes["momentum"] = {k: v for k, v in mom.items() if k != "lrs"}
+    if lead:
+        shown = {
+            (m["form"], m["beta"], m["gain"], m["modelled"], m.get("note")) for m in momenta if m is not None
+        }
+        for form, beta, gain, modelled, note in sorted(shown, key=str):
+            if modelled:
+                logger.warning(
+                    "source: momentum modelled: the steps follow %s's buffer ν ← %g ν + %g ∇J%s",
+                    form,
+                    beta,
+                    gain,
+                    " with the bias correction 1 / (1 - β₁ᵗ) on the rates" if form == "adam" else "",
+                )
+            else:
+                logger.warning("source: the run used %s momentum %g; %s", form, beta, note)
     query_model = cfg.query_model or segments[-1].checkpoint
     if not still_to_do(lambda: is_store(root / "scores")):
         return load_gradients(root / "scores")
@@ -355,7 +370,9 @@ def source(cfg: Any) -> Any:
     scales: dict[int, float] = {}
     decays: dict[int, Any] = {}
 
-    def segment(index: int, passed: dict[str, torch.Tensor]) -> Factors:
+    def segment(
+        index: int, passed: dict[str, torch.Tensor], passed_m: dict[str, torch.Tensor] | None
+    ) -> Factors:
         """Segment ``index``'s curvature, queries and scores (each stage skipped when complete)."""
         nonlocal scale_info
         seg, sub = segments[index], root / f"segment_{index}"
@@ -392,15 +409,24 @@ def source(cfg: Any) -> Any:
             values = (
                 None if corrected is None else {n: d["eigenvalues"] for n, d in corrected.tensors.items()}
             )
-            product, handed = unroll_segment(
-                passed,
-                Curvature(eigen, values, seg.lrs, pre, decay, decoupled),
-                cfg.damping,
-                cfg.damping_mode,
-                cfg.unroll,
-                scale,
+            mom = momenta[index]
+            mom = mom if mom is not None and mom["modelled"] else None
+            curvature = Curvature(eigen, values, seg.lrs, pre, decay, decoupled)
+            if mom is not None:  # SGD's decay joins the gradient before its momentum buffer
+                curvature = replace(
+                    curvature,
+                    lrs=mom["lrs"],
+                    momentum=mom["beta"],
+                    momentum_gain=mom["gain"],
+                    decoupled_weight_decay=decoupled and mom["form"] == "adam",
+                )
+            product, handed, handed_m = unroll_segment(
+                passed, curvature, cfg.damping, cfg.damping_mode, cfg.unroll, scale, momentum_queries=passed_m
             )
             tensors = {n: {"ihvp": product[n].to(dtype), "passed": handed[n]} for n in product}
+            if handed_m is not None:
+                for n in tensors:
+                    tensors[n]["passed_momentum"] = handed_m[n]
             meta = {
                 "stage": "queries",
                 "queries": nq,
@@ -438,9 +464,14 @@ def source(cfg: Any) -> Any:
 
     totals: list[np.ndarray] = []
     token_rows: list[list[np.ndarray] | None] = []
+    passed_m: dict[str, torch.Tensor] | None = None
     for index in reversed(range(num)):
-        queries = segment(index, passed)
+        queries = segment(index, passed, passed_m)
         passed = {n: d["passed"] for n, d in queries.tensors.items()}
+        carried = {n: d["passed_momentum"] for n, d in queries.tensors.items() if "passed_momentum" in d}
+        passed_m = carried if len(carried) == len(queries.tensors) else None
+        if index and segments[index - 1].stage != segments[index].stage:
+            passed_m = None  # a new stage starts its optimizer afresh: the buffer is not carried into it
         lengths = np.asarray(held["docs"].lengths)
         total, tokens = _load_scores(root / f"segment_{index}" / "scores", lengths)
         totals.append(total)

@@ -72,8 +72,15 @@ class Curvature:
     """The decay rate W of the segment's steps: one number, or per module a number or an [out, in]
     tensor (a tracked bias column may decay at another rate than the weight)."""
     decoupled_weight_decay: bool = True
-    """True: θ -= η W θ beside the step (AdamW; the same as coupled for plain gradient descent). False:
-    W θ joins the gradient and is preconditioned with it (Adam's L2)."""
+    """True: θ -= η W θ beside the step (AdamW; the same as coupled for plain gradient descent without
+    momentum). False: W θ joins the gradient and is preconditioned with it (Adam's L2) and, with
+    momentum, averaged with it (SGD's weight decay)."""
+    momentum: float = 0.0
+    """β of a momentum buffer the steps follow, ν ← β ν + ``momentum_gain`` ∇J and θ -= η D ν (0: none;
+    modelled with the discrete unroll only). Adam's first moment is ν with gain 1 - β₁; its bias
+    correction 1 / (1 - β₁ᵏ) belongs in the learning rates."""
+    momentum_gain: float = 1.0
+    """The weight of the new gradient in the buffer: 1 - β₁ for Adam's average, 1 for SGD's momentum."""
 
 
 def adam_step_preconditioner(norm: AdamNormalizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,6 +181,31 @@ def _eigenvalues(curvature: Curvature, name: str) -> torch.Tensor:
     return kfac_eigenvalues(curvature.eigen, name).double()
 
 
+def momentum_steps(
+    lam: torch.Tensor,
+    outside: torch.Tensor | float,
+    lrs: Sequence[float],
+    beta: float,
+    gain: float,
+    cd: torch.Tensor,
+    cm: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The discrete unroll of a segment with a momentum buffer, elementwise in the eigenbasis.
+
+    Per eigenvalue λ the perturbation of (parameters, buffer) follows z_{k+1} = M_k z_k + b_k g with
+    M_k = [[1 - η_k w - η_k a λ, -η_k β], [a λ, β]] and b_k = (-η_k a, a) (a the gain, w a decay
+    outside the buffer). From the cotangents (``cd``, ``cm``) at the segment's end this returns
+    the weight the segment gives a document's gradient, Σ_k (η_k a c_δ - a c_ν) at the cotangent
+    after step k, and the cotangents at the segment's start (Mᵀ applied step by step, last first)."""
+    if any(not eta >= 0 for eta in lrs):
+        raise BergsonError("--segment_learning_rates: learning rates must be >= 0")
+    weight = torch.zeros_like(cd)
+    for eta in reversed(lrs):
+        weight += gain * (eta * cd - cm)
+        cd, cm = (1 - eta * outside - eta * gain * lam) * cd + gain * lam * cm, beta * (cm - eta * cd)
+    return weight, cd, cm
+
+
 def unroll_segment(
     queries: Mapping[str, torch.Tensor],
     curvature: Curvature | tuple[Any, ...],
@@ -181,33 +213,69 @@ def unroll_segment(
     damping_mode: str = "relative",
     unroll: str = "exp",
     scale: float = 1.0,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    momentum_queries: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """One segment of :func:`unrolled_queries`: (R q, S q) per module for the queries q handed to
     the segment (per module [nq, out, in]), in float64; with a preconditioner C, (C R̃ (C q),
     C⁻¹ S̃ (C q)). ``curvature`` is a :class:`Curvature` or the tuple (eigen, eigenvalues, lrs[,
-    preconditioner])."""
+    preconditioner]).
+
+    The third value is the cotangent of the momentum buffer handed to the segment before (None
+    while no momentum is modelled); ``momentum_queries`` is the one this segment receives (None:
+    zero). With momentum the parameters' and the buffer's cotangents are unrolled together
+    (:func:`momentum_steps`; the buffer lives in gradient coordinates, C ν in the segment's)."""
     if not scale > 0:
         raise BergsonError(f"--curvature_scale {scale}: must be > 0")
     if not isinstance(curvature, Curvature):
         curvature = Curvature(*curvature)
+    beta = float(curvature.momentum)
+    if not 0 <= beta < 1 or not curvature.momentum_gain > 0:
+        raise BergsonError(
+            f"momentum {beta} with gain {curvature.momentum_gain}: the momentum must be in [0, 1) and its gain > 0"
+        )
+    carried = beta > 0 or momentum_queries is not None
+    if carried and unroll != "discrete":
+        raise BergsonError(f"--unroll {unroll}: momentum is modelled with the discrete unroll only")
     products: dict[str, torch.Tensor] = {}
     handed: dict[str, torch.Tensor] = {}
+    handed_m: dict[str, torch.Tensor] = {}
     for name, g in queries.items():
         d = curvature.eigen.tensors[name]
         qs, qa = d["S_eigenvectors"].double(), d["A_eigenvectors"].double()
         lam = scale * _eigenvalues(curvature, name)
         c = _preconditioner(curvature, name)
-        shift = decay_shift(qs, qa, _decay(curvature, name), c, curvature.decoupled_weight_decay)
-        lam = (lam + damping_value(lam, damping, damping_mode)).clamp(min=0) + shift
-        s, r = step_functions(lam, curvature.lrs, unroll)
+        decay = _decay(curvature, name)
+        # with momentum a decoupled decay acts beside the buffer, a coupled one inside it
+        outside = carried and curvature.decoupled_weight_decay
+        shift = decay_shift(qs, qa, decay, c, curvature.decoupled_weight_decay)
+        lam = (lam + damping_value(lam, damping, damping_mode)).clamp(min=0) + (0.0 if outside else shift)
         q = g.double() if c is None else g.double() * c
         rotated = qs.T @ q @ qa
-        products[name] = qs @ (rotated * r) @ qa.T
-        handed[name] = qs @ (rotated * s) @ qa.T
+        if carried:
+            m = None if momentum_queries is None else momentum_queries.get(name)
+            m = torch.zeros_like(q) if m is None else (m.double() if c is None else m.double() / c)
+            weight, cd, cm = momentum_steps(
+                lam,
+                shift if outside else 0.0,
+                curvature.lrs,
+                beta,
+                curvature.momentum_gain,
+                rotated,
+                qs.T @ m @ qa,
+            )
+            products[name] = qs @ weight @ qa.T
+            handed[name] = qs @ cd @ qa.T
+            handed_m[name] = qs @ cm @ qa.T
+            if c is not None:
+                handed_m[name] = handed_m[name] * c
+        else:
+            s, r = step_functions(lam, curvature.lrs, unroll)
+            products[name] = qs @ (rotated * r) @ qa.T
+            handed[name] = qs @ (rotated * s) @ qa.T
         if c is not None:
             products[name] = products[name] * c
             handed[name] = handed[name] / c
-    return products, handed
+    return products, handed, (handed_m if carried else None)
 
 
 def unrolled_queries(
@@ -226,13 +294,17 @@ def unrolled_queries(
     A segment with a ``preconditioner`` C (Adam's D^{1/2}, see the module docstring) has the curvature
     C H C, and its product is C R̃ C q: documents are still scored with their plain gradients.
 
+    A segment with ``momentum`` unrolls the parameters and the momentum buffer together and hands both
+    cotangents on (see :func:`momentum_steps`).
+
     Each segment's curvature is ``scale`` x its eigenvalues plus the damping δ (``damping`` itself,
     or times the mean of the scaled eigenvalues per module with ``damping_mode`` relative). All
     arithmetic is float64."""
     if not segments:
         raise BergsonError("SOURCE needs at least one segment (checkpoint)")
     q = dict(query_grads)
+    m: dict[str, torch.Tensor] | None = None
     out: list[dict[str, torch.Tensor]] = [{} for _ in segments]
     for index in reversed(range(len(segments))):
-        out[index], q = unroll_segment(q, segments[index], damping, damping_mode, unroll, scale)
+        out[index], q, m = unroll_segment(q, segments[index], damping, damping_mode, unroll, scale, m)
     return out

@@ -143,28 +143,87 @@ def stage_schedule(root: Path) -> tuple[list[tuple[int, Path]], list[float], dic
     return checkpoints, lrs, notes
 
 
-def optimizer_of(path: Path) -> str:
-    """What a Trainer checkpoint's ``optimizer.pt`` (a torch optimizer state dict) says the
-    optimizer was: "adam" (its parameter groups have betas), "sgd" (with its momentum, if any), or
-    "" when there is no such file or it cannot be read safely."""
+def _first_group(path: Path) -> dict[str, Any] | None:
+    """The first parameter group of a torch optimizer state dict saved at ``path``, or None when there
+    is no such file or it cannot be read safely."""
     if not path.is_file():
-        return ""
+        return None
     import torch
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # a file torch cannot read safely says nothing about the optimizer
-        return ""
+        return None
     groups = state.get("param_groups") if isinstance(state, dict) else None
     if not groups or not isinstance(groups[0], dict):
+        return None
+    return groups[0]
+
+
+def optimizer_of(path: Path) -> str:
+    """What a Trainer checkpoint's ``optimizer.pt`` (a torch optimizer state dict) says the
+    optimizer was: "adam" (its parameter groups have betas), "sgd" (with its momentum, if any), or
+    "" when there is no such file or it cannot be read safely."""
+    group = _first_group(path)
+    if group is None:
         return ""
-    group = groups[0]
     if "betas" in group:
         return f"adam (from {path.name}: betas {tuple(group['betas'])})"
     if "momentum" in group:
         mu = float(group["momentum"] or 0)
         return f"sgd (from {path.name}: momentum {mu})" if mu > 0 else f"sgd (from {path.name})"
     return ""
+
+
+def momentum_of(path: Path) -> dict[str, Any] | None:
+    """The momentum buffer a checkpoint's ``optimizer.pt`` says its steps followed, as SOURCE models
+    it: Adam's first moment (β₁, gain 1 - β₁, the bias correction 1 / (1 - β₁ᵗ) on the rates), or
+    SGD's momentum (μ, gain 1 - dampening); with ``modelled`` False and the reason where it cannot be
+    (Nesterov's look-ahead). None: no optimizer state, or no momentum in it."""
+    group = _first_group(path)
+    if group is None:
+        return None
+    if "betas" in group:
+        beta = float(group["betas"][0])
+        if beta <= 0:
+            return None
+        return {"form": "adam", "beta": beta, "gain": 1 - beta, "bias_correction": True, "modelled": True}
+    beta = float(group.get("momentum") or 0)
+    if beta <= 0:
+        return None
+    record = {"form": "sgd", "beta": beta, "gain": 1 - float(group.get("dampening") or 0), "modelled": True}
+    record["bias_correction"] = False
+    if group.get("nesterov"):
+        record.update(modelled=False, note="Nesterov momentum is not modelled")
+    return record
+
+
+def segment_momentum(segments: list[Segment], stages: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
+    """Per segment, the momentum its stage's optimizer kept (:func:`momentum_of` of the stage's newest
+    checkpoint with an ``optimizer.pt``; None without one) with ``lrs``, the segment's learning rates
+    times Adam's bias correction 1 / (1 - β₁ᵗ), t counted from the start of the stage (from the first
+    checkpoint with --models, whose segments are one stage)."""
+    found: dict[int, dict[str, Any] | None] = {}
+    for seg in reversed(segments):
+        if found.get(seg.stage) is None:
+            found[seg.stage] = momentum_of(Path(seg.checkpoint) / "optimizer.pt")
+    out: list[dict[str, Any] | None] = []
+    explicit_step = 1
+    for seg in segments:
+        if seg.first_step and seg.stage < len(stages):
+            first = seg.first_step - int(stages[seg.stage].get("first_step", 1)) + 1
+        else:
+            first = explicit_step
+        explicit_step += seg.steps
+        record = found.get(seg.stage)
+        if record is not None:
+            record = dict(record)
+            lrs = list(seg.lrs)
+            if record["bias_correction"]:
+                lrs = [eta / (1 - record["beta"] ** (first + i)) for i, eta in enumerate(lrs)]
+            record["lrs"] = lrs
+        out.append(record)
+    return out
 
 
 def trainer_segments(dirs: list[str]) -> tuple[list[Segment], list[dict[str, Any]]]:
