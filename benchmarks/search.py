@@ -186,7 +186,9 @@ def bench_exact(store: GradientStore, args: argparse.Namespace, bandwidth: float
             truth_s, truth = exact_topk(store, q, 10, num_threads=threads)
             found_s, found = exact_topk(store, q, 10, num_threads=threads, int8_prefilter=True)
             bestp, _, cpup = best_and_median(
-                lambda q=q, threads=threads: exact_topk(store, q, 10, num_threads=threads, int8_prefilter=True),
+                lambda q=q, threads=threads: exact_topk(
+                    store, q, 10, num_threads=threads, int8_prefilter=True
+                ),
                 args.repeats,
             )
             entry["int8_prefilter"] = {

@@ -33,6 +33,7 @@ LABELS = {
     **LM_LABELS,
     "source": "SOURCE",
     "source_adam": "SOURCE, Adam steps",
+    "source_adam_discrete": "SOURCE, Adam steps and first moment, discrete",
     "exact_if": DIGITS_LABELS["exact_if"],
 }
 NEEDS = {
@@ -49,6 +50,7 @@ NEEDS = {
     "trak4": "several trained models (seeds or checkpoints)",
     "source": "a few checkpoints and the learning-rate schedule",
     "source_adam": "a few checkpoints with their optimizer state, and the schedule",
+    "source_adam_discrete": "a few checkpoints with their optimizer state, and the schedule",
     "magic": "the whole training recipe (it retrains)",
     "exact_if": "a model small enough for its full Hessian",
 }

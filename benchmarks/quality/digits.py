@@ -424,9 +424,11 @@ def method_scores(
             return np.mean([trak_model_scores(m, data, projection_dim, seed) for m in models], axis=0)
 
         timed("trak4", ensemble)
-    if "source_adam" in methods:
+    if {"source_adam", "source_adam_discrete"} & set(methods):
         saved = checkpoints(kind, data, recipe, source_steps(recipe.steps), seed)  # the run's own: not timed
-        timed("source_adam", lambda: source_scores(saved, train_b, query_b, recipe, fisher_fn))
+        for name, momentum in (("source_adam", False), ("source_adam_discrete", True)):
+            if name in methods:
+                timed(name, lambda m=momentum: source_scores(saved, train_b, query_b, recipe, fisher_fn, m))
     if "magic" in methods:
         timed("magic", lambda: magic_scores(model, data, recipe, seed))
     if "exact_if" in methods:
@@ -474,14 +476,18 @@ def source_scores(
     query_b: list[Batch],
     recipe: Recipe,
     fisher_fn: Callable[[nn.Module, Batch], torch.Tensor],
+    momentum: bool = False,
 ) -> np.ndarray:
     """SOURCE with Adam's steps over the checkpoints of :func:`source_steps` (:func:`bergson.source_scores`):
     each checkpoint stands for the steps nearer to it than to its neighbours, its curvature is the
     Fisher (of ``fisher_fn``'s gradients) of C ⊙ G with C = D^{1/2} (Adam's D from the checkpoint's second moments, rank one per layer),
-    and the recipe's L2 term is Adam's coupled weight decay. Momentum is not modelled."""
+    and the recipe's L2 term is Adam's coupled weight decay. With ``momentum``, Adam's first moment too
+    (β₁, gain 1 - β₁, the bias correction on the rates; discrete unroll); otherwise it is not modelled."""
     at = source_steps(recipe.steps)
     bounds = [0] + [(a + b) // 2 for a, b in itertools.pairwise(at)] + [recipe.steps]
-    lrs = [[recipe.lr] * (hi - lo) for lo, hi in itertools.pairwise(bounds)]
+    b1 = recipe.betas[0]
+    rate = (lambda t: recipe.lr / (1 - b1**t)) if momentum else (lambda t: recipe.lr)
+    lrs = [[rate(t) for t in range(lo + 1, hi + 1)] for lo, hi in itertools.pairwise(bounds)]
     pres = []
     for model, v in saved:
         pres.append(
@@ -503,6 +509,9 @@ def source_scores(
         preconditioners=pres,
         weight_decay=recipe.weight_decay,
         decoupled_weight_decay=False,
+        momentum=b1 if momentum else 0.0,
+        momentum_gain=1 - b1 if momentum else 1.0,
+        unroll="discrete" if momentum else "exp",
         include_bias=True,
         progress=False,
     ).numpy()
@@ -530,6 +539,7 @@ METHODS = (
     "trak",
     "trak4",
     "source_adam",
+    "source_adam_discrete",
     "magic",
     "exact_if",
 )
@@ -545,6 +555,7 @@ LABELS = {
     "trak": "TRAK (one model)",
     "trak4": "TRAK (4 models)",
     "source_adam": f"SOURCE, Adam steps ({SOURCE_CHECKPOINTS} checkpoints)",
+    "source_adam_discrete": f"SOURCE, Adam steps and first moment, discrete ({SOURCE_CHECKPOINTS} checkpoints)",
     "magic": "MAGIC",
     "exact_if": "exact IF (full Hessian)",
 }

@@ -22,6 +22,8 @@ The recipe is trained once; its final weights and AdamW state (written as a torc
   extra trainings count in its cost);
 * ``source`` and ``source_adam``: ``bergson source --segments`` over 3 checkpoints of the run
   (written by a second training in the Trainer's layout), with ``--step_model sgd`` / ``adam``;
+  ``source_adam_discrete``: ``--step_model adam --unroll discrete``, which also models AdamW's
+  first moment;
 * ``magic``: ``bergson magic`` (trains the same recipe itself and differentiates through it).
 
 Then ``bergson validate`` retrains the recipe without random subsets of documents, once per
@@ -77,6 +79,7 @@ METHODS = (
     "trak4",
     "source",
     "source_adam",
+    "source_adam_discrete",
     "magic",
 )
 FISHER_DRAWS = 4  # --fisher_samples of the ekfac_k4 row
@@ -96,6 +99,7 @@ LABELS = {
     "trak4": "TRAK (4 models)",
     "source": f"SOURCE ({SOURCE_CHECKPOINTS} checkpoints)",
     "source_adam": f"SOURCE, Adam steps ({SOURCE_CHECKPOINTS} checkpoints)",
+    "source_adam_discrete": f"SOURCE, Adam steps and first moment, discrete ({SOURCE_CHECKPOINTS} checkpoints)",
     "magic": "MAGIC",
 }
 # the bergson commands each method needs (shared stores count for every method that uses them)
@@ -113,6 +117,7 @@ PIPELINES = {
     "trak4": (*(f"train_seed{s}" for s in ENSEMBLE_SEEDS), "trak4"),
     "source": ("source",),  # the run's checkpoints (step "trainer") are the user's already: not counted
     "source_adam": ("source_adam",),
+    "source_adam_discrete": ("source_adam_discrete",),
     "magic": ("magic",),
 }
 STORES = {
@@ -129,6 +134,7 @@ STORES = {
     "trak4": "trak4/scores",
     "source": "source/scores",
     "source_adam": "source_adam/scores",
+    "source_adam_discrete": "source_adam_discrete/scores",
     "magic": "magic/scores",
 }
 
@@ -358,11 +364,17 @@ def commands(args: argparse.Namespace, work: Path, recipe: Path) -> dict[str, li
                 str(work / "trainer"),
                 "--step_model",
                 step,
+                "--unroll",
+                unroll,
                 *model[2:],
                 *train,
                 *query_group,
             ]
-            for name, step in (("source", "sgd"), ("source_adam", "adam"))
+            for name, step, unroll in (
+                ("source", "sgd", "exp"),
+                ("source_adam", "adam", "exp"),
+                ("source_adam_discrete", "adam", "discrete"),
+            )
         },
         "magic": ["magic", str(recipe), "--checkpoints", "sqrt"],
     }
@@ -580,7 +592,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     needed = list(dict.fromkeys(s for m in args.methods for s in PIPELINES[m]))
     warm_imports(work / "checkpoint")
-    if {"source", "source_adam"} & set(args.methods):
+    if {"source", "source_adam", "source_adam_discrete"} & set(args.methods):
         steps.run("trainer", ["trainer", str(recipe)], lambda: train_trainer_dir(recipe, work / "trainer"))
     for name in needed:
         if name.startswith("train_seed"):  # another model of an ensemble: the recipe with another seed

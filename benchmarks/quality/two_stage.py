@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     final = commands(args, work, recipe1)  # the model is work/checkpoint: the end of stage 2
     first = commands(args, work / "stage1", recipe1)
-    if {"source", "source_adam"} & set(args.methods):
+    if {"source", "source_adam", "source_adam_discrete"} & set(args.methods):
         # SOURCE unrolls through both stages' checkpoints, on both stages' documents (rows of one dataset)
         for stage, recipe in (("stage1", recipe1), ("stage2", recipe2)):
             steps.run(f"trainer_{stage}", ["trainer", str(recipe)],
@@ -187,16 +187,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         i = rest.index("--model")
         del rest[i : i + 2]
         rest[rest.index("--split") + 1] = f"train[:{args.docs + args.finetune_docs}]"
-        for name, step in (("source", "sgd"), ("source_adam", "adam")):
+        for name, step, unroll in (
+            ("source", "sgd", "exp"),
+            ("source_adam", "adam", "exp"),
+            ("source_adam_discrete", "adam", "discrete"),
+        ):
             final[name] = ["source", str(work / name), "--segments", str(work / "stage1" / "trainer"),
                            str(work / "stage2" / "trainer"), "--stage_rows", f":{args.docs}", f"{args.docs}:",
-                           "--step_model", step, *rest]  # fmt: skip
+                           "--step_model", step, "--unroll", unroll, *rest]  # fmt: skip
     rows: dict[str, dict[str, Any]] = {}
     for m in args.methods:
         for name in PIPELINES[m]:
             steps.run(name, final[name], lambda name=name: bergson(final[name]))
         rows[m] = {"label": LABELS[m], "steps": PIPELINES[m], "store": work / STORES[m]}
-    for name, what in (("source", "SOURCE"), ("source_adam", "SOURCE, Adam steps")):
+    for name, what in (
+        ("source", "SOURCE"),
+        ("source_adam", "SOURCE, Adam steps"),
+        ("source_adam_discrete", "SOURCE, Adam steps and first moment, discrete"),
+    ):
         if name in rows:
             rows[name]["label"] = f"{what} ({SOURCE_CHECKPOINTS} + {SOURCE_CHECKPOINTS} checkpoints)"
             rows[name]["rows"] = args.docs + args.finetune_docs  # both stages' documents; stage 1's first

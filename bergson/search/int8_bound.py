@@ -17,10 +17,11 @@ is kept as a candidate and re-scored in float32 (:func:`bergson.search.scan.resc
 is the exact search's, at the cost of reading int8 rows (half a float16 store's bytes) plus a few
 re-scored rows.
 
-Within a chunk, the groups of ``_GROUP`` rows are first compared on their largest integer product
-with an integer threshold per query that every candidate must exceed (the bound's worst case over
-the chunk); only groups that pass get their bounds computed. With cosine scores (``unit_norm``)
-both bounds are divided by the stored norm of the row.
+Within a chunk, every product scaled by its row's factor ``a/127`` is first compared with one
+threshold per query that every candidate reaches (``T`` less the bound's largest slack over the
+chunk); only the entries that pass get their bounds computed. The first chunk of a worker with no
+threshold yet takes its k-th best lower bound as one. With cosine scores (``unit_norm``) both
+bounds are divided by the stored norm of the row.
 
 Candidates are held in memory; a store whose scores are so close together that more than
 ``MAX_CANDIDATES`` rows stay candidates (all-equal rows, a zero query) raises
