@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .int8_copy import Int8Copy
-from .scan import EMPTY, SingleThreadedWorkers, TopK, block_tensor, rescore
+from .scan import SingleThreadedWorkers, TopK, block_tensor, rescore
 
 MAX_DIM = (2**31 - 1) // (127 * 127)
 """Widest row whose int8 products cannot overflow int32 (133,143 columns)."""
@@ -236,25 +236,11 @@ class BoundedScanner(SingleThreadedWorkers):
         """Scan one block of the int8 copy (its rows' scales and bounds beside it) whose first row
         is ``first``: the lower bounds go into ``top`` (the k best per query so far), the candidates
         into ``kept``, pruned against the new thresholds."""
-        torch = self.torch
         self.prepare(scales, bounds)
-        tblock = block_tensor(torch, block)
+        tblock = block_tensor(self.torch, block)
         t0 = top.scores[:, -1].copy()
-        b = block.shape[0]
-        n_chunks = -(-b // self.chunk)
-        parts = min(self.num_threads, n_chunks)
-        if self.pool is None or parts <= 1:
-            results = [self._scan_range(tblock, 0, b, t0, first)]
-        else:
-            per = -(-n_chunks // parts) * self.chunk
-            jobs = [
-                self.pool.submit(self._scan_range, tblock, s, min(s + per, b), t0, first)
-                for s in range(0, b, per)
-            ]
-            results = [job.result() for job in jobs]
-        for low, found in results:  # in row order, as push_candidates wants
-            q, pos = np.nonzero(low.indices != EMPTY)
-            top.push_candidates(q, low.indices[q, pos], low.scores[q, pos])
+        for low, found in self.split(self._scan_range, tblock, block.shape[0], self.chunk, t0, first):
+            top.push_candidates(*low.entries())  # in row order, as push_candidates wants
             kept.append(found)
         _prune(kept, top.scores[:, -1])
 

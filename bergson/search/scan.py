@@ -98,6 +98,11 @@ class TopK:
         self.scores = np.take_along_axis(all_s, order, axis=1)
         self.indices = np.take_along_axis(all_i, order, axis=1)
 
+    def entries(self) -> Candidates:
+        """The (query, row, score) of every entry held, as three 1-D arrays."""
+        q, pos = np.nonzero(self.indices != EMPTY)
+        return q, self.indices[q, pos], self.scores[q, pos]
+
     def push_candidates(self, qs: np.ndarray, rows: np.ndarray, scores: np.ndarray) -> None:
         """Offer candidates as (query, row, score) arrays; every row must be higher than every row
         already held (so offer one block's candidates after the previous block's). Only the
@@ -178,6 +183,17 @@ class SingleThreadedWorkers:
         if self.pool is not None:
             self.pool.shutdown()
         self.torch.set_num_threads(self.saved_threads)
+
+    def split(self, fn: Any, block: Any, rows: int, chunk: int, *args: Any) -> list[Any]:
+        """``fn(block, start, end, *args)`` over the block's ``rows`` cut into whole chunks, one
+        contiguous range per worker; the results in row order."""
+        n_chunks = -(-rows // chunk)
+        parts = min(self.num_threads, n_chunks)
+        if self.pool is None or parts <= 1:
+            return [fn(block, 0, rows, *args)]
+        per = -(-n_chunks // parts) * chunk
+        jobs = [self.pool.submit(fn, block, s, min(s + per, rows), *args) for s in range(0, rows, per)]
+        return [job.result() for job in jobs]
 
 
 class ChunkScanner(SingleThreadedWorkers):
@@ -367,28 +383,13 @@ class ChunkScanner(SingleThreadedWorkers):
         (:mod:`bergson.search.int8_copy`) and these are its rows' scales."""
         self.scales = None if scales is None else self.torch.from_numpy(np.asarray(scales, np.float32))
 
-        b = block.shape[0]
-        tblock = block_tensor(self.torch, block)
         thr = np.ascontiguousarray(thr, np.float32)
-        n_chunks = -(-b // self.chunk)
-        parts = min(self.num_threads, n_chunks)
-        if self.pool is None or parts <= 1:
-            results = [self._scan_range(tblock, 0, b, thr, first)]
-        else:
-            per = -(-n_chunks // parts) * self.chunk
-            jobs = [
-                self.pool.submit(self._scan_range, tblock, s, min(s + per, b), thr, first)
-                for s in range(0, b, per)
-            ]
-            results = [job.result() for job in jobs]
-        qs, rows, scores = [], [], []
-        for top, _ in results:
-            q, pos = np.nonzero(top.indices != EMPTY)
-            qs.append(q)
-            rows.append(top.indices[q, pos])
-            scores.append(top.scores[q, pos])
+        tblock = block_tensor(self.torch, block)
+        results = self.split(self._scan_range, tblock, block.shape[0], self.chunk, thr, first)
+        found = [top.entries() for top, _ in results]
         bad = [x for r in results for x in r[1]]
-        return (np.concatenate(qs), np.concatenate(rows), np.concatenate(scores)), bad
+        qs, rows, scores = (np.concatenate([f[i] for f in found]) for i in range(3))
+        return (qs, rows, scores), bad
 
 
 def quantize_rows(torch: Any, x: Any) -> Any:

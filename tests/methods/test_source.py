@@ -19,6 +19,7 @@ from bergson.methods.source import (
     stage_schedule,
     step_functions,
     trainer_segments,
+    unroll_segment,
     unrolled_queries,
 )
 from bergson.store import load_gradients
@@ -87,11 +88,11 @@ def test_one_segment_per_step_equals_autograd_through_gradient_descent():
     torch.testing.assert_close(ours, truth, rtol=1e-10, atol=1e-12)
 
 
-def test_multi_step_segments_are_exact_when_curvature_and_gradients_are_constant():
-    """Two stages with different quadratic curvatures (I ⊗ A_1, then I ⊗ A_2) and documents whose
-    losses are linear (constant gradients): several steps per segment at varying rates, discrete
-    unroll, equal autograd through the steps; exp tends to discrete as the steps shrink."""
-    torch.manual_seed(1)
+def _two_stages(seed: int, beta: float) -> tuple:
+    """Two stages of quadratic curvature I ⊗ A_s and documents whose losses are linear (constant
+    gradients c_m), stepped by gradient descent with a momentum buffer ν ← β ν + ∇J (β = 0: plain
+    descent): (A, c, the stages' rates, the query gradient at the end, autograd's -d(query)/d(weight))."""
+    torch.manual_seed(seed)
     n, d_in, d_out = 5, 3, 2
     mats = [torch.randn(d_in, d_in, dtype=torch.float64) for _ in range(2)]
     a = [m @ m.T / d_in + 0.1 * torch.eye(d_in, dtype=torch.float64) for m in mats]
@@ -99,9 +100,9 @@ def test_multi_step_segments_are_exact_when_curvature_and_gradients_are_constant
     schedule = [[0.2, 0.35, 0.1], [0.05, 0.4]]
     w0 = torch.randn(d_out, d_in, dtype=torch.float64)
     xq, yq = torch.randn(d_in, dtype=torch.float64), torch.randn(d_out, dtype=torch.float64)
-
     eps = torch.zeros(n, dtype=torch.float64, requires_grad=True)
     w = w0.clone().requires_grad_(True)
+    nu = torch.zeros_like(w)
     for stage, lrs in enumerate(schedule):
         for eta in lrs:
             obj = (
@@ -110,11 +111,19 @@ def test_multi_step_segments_are_exact_when_curvature_and_gradients_are_constant
                 + (eps * (c * w).sum((1, 2))).sum()
             )
             (grad,) = torch.autograd.grad(obj, w, create_graph=True)
-            w = w - eta * grad
+            nu = beta * nu + grad
+            w = w - eta * nu
     truth = -torch.autograd.grad(0.5 * ((w @ xq - yq) ** 2).sum(), eps)[0]
+    query = {"w": torch.outer(w.detach() @ xq - yq, xq)[None]}
+    return a, c, schedule, query, truth
 
-    wf = w.detach()
-    query = {"w": torch.outer(wf @ xq - yq, xq)[None]}
+
+def test_multi_step_segments_are_exact_when_curvature_and_gradients_are_constant():
+    """Two stages with different quadratic curvatures (I ⊗ A_1, then I ⊗ A_2) and documents whose
+    losses are linear (constant gradients): several steps per segment at varying rates, discrete
+    unroll, equal autograd through the steps; exp tends to discrete as the steps shrink."""
+    a, c, schedule, query, truth = _two_stages(seed=1, beta=0.0)
+    d_out = c.shape[1]
     segments = [Curvature(*_kronecker_identity(a[s], d_out), lrs) for s, lrs in enumerate(schedule)]
     products = unrolled_queries(query, segments, damping=0.0, damping_mode="absolute", unroll="discrete")
     ours = _scores(products, [c, c])[:, 0]
@@ -296,29 +305,9 @@ def test_momentum_over_multi_step_segments_is_exact_with_constant_curvature_and_
     """Two stages of quadratic curvature and linear document losses (the assumption SOURCE makes, made
     true), SGD with momentum over several steps per segment: exact; with zero momentum the segments
     reduce to the closed form of the momentum-free unroll."""
-    torch.manual_seed(6)
-    n, d_in, d_out, beta = 5, 3, 2, 0.6
-    mats = [torch.randn(d_in, d_in, dtype=torch.float64) for _ in range(2)]
-    a = [m @ m.T / d_in + 0.1 * torch.eye(d_in, dtype=torch.float64) for m in mats]
-    c = torch.randn(n, d_out, d_in, dtype=torch.float64)
-    schedule = [[0.2, 0.35, 0.1], [0.05, 0.4]]
-    w0 = torch.randn(d_out, d_in, dtype=torch.float64)
-    xq, yq = torch.randn(d_in, dtype=torch.float64), torch.randn(d_out, dtype=torch.float64)
-    eps = torch.zeros(n, dtype=torch.float64, requires_grad=True)
-    w = w0.clone().requires_grad_(True)
-    nu = torch.zeros_like(w)
-    for stage, lrs in enumerate(schedule):
-        for eta in lrs:
-            obj = (
-                0.5 * torch.trace(w @ a[stage] @ w.T)
-                + (c * w).sum((1, 2)).mean()
-                + (eps * (c * w).sum((1, 2))).sum()
-            )
-            (grad,) = torch.autograd.grad(obj, w, create_graph=True)
-            nu = beta * nu + grad
-            w = w - eta * nu
-    truth = -torch.autograd.grad(0.5 * ((w @ xq - yq) ** 2).sum(), eps)[0]
-    query = {"w": torch.outer(w.detach() @ xq - yq, xq)[None]}
+    beta = 0.6
+    a, c, schedule, query, truth = _two_stages(seed=6, beta=beta)
+    d_out, d_in = c.shape[1:]
     segments = [
         Curvature(*_kronecker_identity(a[s], d_out), lrs, momentum=beta) for s, lrs in enumerate(schedule)
     ]
@@ -326,8 +315,6 @@ def test_momentum_over_multi_step_segments_is_exact_with_constant_curvature_and_
     torch.testing.assert_close(ours, truth, rtol=1e-10, atol=1e-12)
     # β = 0 through the momentum path equals the closed form (s, r) of the plain unroll
     plain = [replace(seg, momentum=0.0) for seg in segments]
-    from bergson.methods.source import unroll_segment
-
     for seg in plain:
         closed, handed, none = unroll_segment(query, seg, 0.0, "absolute", "discrete")
         stepped, handed2, zero = unroll_segment(
