@@ -534,6 +534,22 @@ def test_discrete_unroll_models_the_runs_momentum_and_resumes_it(lm, caplog):
     shutil.rmtree(run / "segment_0")
     main(args(run, trainer))
     np.testing.assert_array_equal(_values(load_gradients(run / "scores")), before)
+    # a run begun by a bergson that did not model momentum: segment 1's queries lack the buffer's
+    # cotangent and segment 0 was scored without it (marked here by doubling its scores); both are
+    # computed again, announced, and the scores are the momentum run's
+    old = Factors.load(run / "segment_1" / "queries")
+    Factors({n: {k: v for k, v in d.items() if k != "passed_momentum"} for n, d in old.tensors.items()},
+            old.meta).save(run / "segment_1" / "queries")  # fmt: skip
+    seg0 = run / "segment_0" / "scores.npz"
+    with np.load(seg0) as f:
+        np.savez(seg0, **{k: 2 * f[k] for k in f.files})
+    shutil.rmtree(run / "scores")
+    caplog.clear()
+    main(args(run, trainer))
+    np.testing.assert_array_equal(_values(load_gradients(run / "scores")), before)
+    assert any("segment 1's saved queries" in r.getMessage() and "without the momentum" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    assert all("passed_momentum" in d for d in Factors.load(run / "segment_1" / "queries").tensors.values())
 
 
 def test_stage_rows_fit_and_score_each_stage_on_its_own_rows(lm):

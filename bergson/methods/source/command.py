@@ -199,6 +199,11 @@ def _save_scores(path: Path, result: Any, base: Any, info: dict[str, Any], token
     save_score_matrix(path, result.total, base, info, overwrite=True, tokens=result.per_token)
 
 
+def _holds_momentum(path: Path) -> bool:
+    """Whether saved segment queries carry the momentum buffer's cotangent (``passed_momentum``)."""
+    return all("passed_momentum" in d for d in Factors.load(path).tensors.values())
+
+
 def _load_scores(path: Path, lengths: np.ndarray) -> tuple[np.ndarray, list[np.ndarray] | None]:
     with np.load(str(path.parent / "scores.npz")) as f:
         total = f["total"]
@@ -374,9 +379,23 @@ def source(cfg: Any) -> Any:
         index: int, passed: dict[str, torch.Tensor], passed_m: dict[str, torch.Tensor] | None
     ) -> Factors:
         """Segment ``index``'s curvature, queries and scores (each stage skipped when complete)."""
-        nonlocal scale_info
+        nonlocal scale_info, stale
         seg, sub = segments[index], root / f"segment_{index}"
-        done_queries = not still_to_do(lambda: Factors.complete(sub / "queries"))
+        done_queries = not stale and not still_to_do(lambda: Factors.complete(sub / "queries"))
+        mom = momenta[index]
+        # queries saved by a bergson that did not model momentum hold no buffer cotangent
+        if (
+            done_queries
+            and mom is not None
+            and mom["modelled"]
+            and still_to_do(lambda: _holds_momentum(sub / "queries"))
+        ):
+            logger.warning(
+                "source: segment %d's saved queries (%s) were computed without the momentum this run "
+                "models (by an older bergson); computing segment %d and the segments before it again",
+                index, sub / "queries", index,
+            )  # fmt: skip
+            stale, done_queries = True, False
         if done_queries and "docs" in held and not still_to_do(lambda: is_store(sub / "scores")):
             done = Factors.load(sub / "queries")  # nothing to compute with this checkpoint
             scales[index], decays[index] = float(done.meta["scale"]), done.meta.get("weight_decay")
@@ -409,7 +428,6 @@ def source(cfg: Any) -> Any:
             values = (
                 None if corrected is None else {n: d["eigenvalues"] for n, d in corrected.tensors.items()}
             )
-            mom = momenta[index]
             mom = mom if mom is not None and mom["modelled"] else None
             curvature = Curvature(eigen, values, seg.lrs, pre, decay, decoupled)
             if mom is not None:  # SGD's decay joins the gradient before its momentum buffer
@@ -439,7 +457,7 @@ def source(cfg: Any) -> Any:
             )
             run.record(f"segment_{index}/queries", start)
         queries = Factors.load(sub / "queries")
-        if still_to_do(lambda: is_store(sub / "scores")):
+        if stale or still_to_do(lambda: is_store(sub / "scores")):
             start = time.perf_counter()
             scoring = Factors({n: {"ihvp": d["ihvp"]} for n, d in queries.tensors.items()}, {"queries": nq})
             result = score_documents(model, sdocs, scoring, opts, per_token=cfg.per_token)
@@ -465,6 +483,7 @@ def source(cfg: Any) -> Any:
     totals: list[np.ndarray] = []
     token_rows: list[list[np.ndarray] | None] = []
     passed_m: dict[str, torch.Tensor] | None = None
+    stale = False  # a segment was computed again: the ones before it depend on what it hands them
     for index in reversed(range(num)):
         queries = segment(index, passed, passed_m)
         passed = {n: d["passed"] for n, d in queries.tensors.items()}
