@@ -421,6 +421,9 @@ def exact_topk(
                 top.push_candidates(qs, rows, scores)
                 bad += block_bad
         top.indices[top.indices == EMPTY] = -1
+        if copy is not None:  # copy rows -> store rows
+            top.indices = np.where(top.indices >= 0, copy.order[np.maximum(top.indices, 0)], -1)
+            bad = sorted(copy.order[np.asarray(bad, np.int64)].tolist())
         if int8_rerank:  # inside: single-threaded kernels here too
             top.scores, top.indices = rescore(st, q, segments, top.indices, kk, unit_norm=unit_norm)
     if bad:

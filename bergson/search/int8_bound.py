@@ -17,9 +17,14 @@ is kept as a candidate and re-scored in float32 (:func:`bergson.search.scan.resc
 is the exact search's, at the cost of reading int8 rows (half a float16 store's bytes) plus a few
 re-scored rows.
 
-Within a chunk, every product scaled by its row's factor ``a/127`` is first compared with one
-threshold per query that every candidate reaches (``T`` less the bound's largest slack over the
-chunk); only the entries that pass get their bounds computed. The first chunk of a worker with no
+Within a chunk, every product is first compared with one threshold per query that every
+candidate reaches (``T`` less the bound's largest slack over the chunk); only the entries that
+pass get their bounds computed. The copy holds its rows sorted by scale within blocks, so most
+chunks' factors ``a/127`` differ by little: there the integer products themselves are compared
+with one integer per query (``T`` over the chunk's largest factor, or its smallest for a negative
+``T``). In a chunk whose factors spread wider than ``NARROW`` (cosine scores, whose factors are
+divided by the rows' norms; a block's largest and smallest scales) each product is scaled by its
+row's factor first. The first chunk of a worker with no
 threshold yet takes its k-th best lower bound as one. With cosine scores (``unit_norm``) both
 bounds are divided by the stored norm of the row.
 
@@ -44,12 +49,19 @@ MAX_CANDIDATES = 1 << 22
 """Candidates (query, row pairs) held at once before the bound is given up on."""
 
 CHUNK_BYTES = 1 << 21
-"""int8 bytes per chunk (8,192 rows of 256): at 16 queries on 2 threads, 2 MiB scanned faster than
-0.5, 1 and 4 MiB."""
+"""int8 bytes per chunk (8,192 rows of 256): on 2 threads as fast as 4 MiB at 16 queries, 1.3x
+faster at 64 (4 MiB: 1.02x faster at one query); faster than 0.5 and 1 MiB."""
 
-BLOCK_BYTES = 1 << 26
+BLOCK_BYTES = 1 << 28
 """int8 bytes of the copy per block at least (the workers share a block and the candidates are
-merged once per block): 262,144 rows of 256 scanned 1.2x faster than 65,536 on 2 threads."""
+merged once per block): on 2 threads 256 MiB scanned 1.0-1.07x faster than 64 MiB (and 64 MiB
+1.2x faster than 16 MiB)."""
+
+
+NARROW = 1.5
+"""Largest ratio of a chunk's row factors for which the integer products are compared directly."""
+
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 
 
 class TooManyCandidates(Exception):
@@ -131,8 +143,11 @@ class BoundedScanner(SingleThreadedWorkers):
         low = TopK(num_q, self.k)
         low.scores[:] = np.maximum(low.scores, t0[:, None])
         t = t0.copy()
+        seeded = bool(np.isfinite(t).all())
+        limits, theta = self._thresholds(t)
         acc_all = torch.empty(self.chunk * num_q, dtype=torch.int32)
         scaled_all = torch.empty(self.chunk * num_q, dtype=torch.float32)
+        passed = np.empty((self.chunk, num_q), bool)
         gathered = None if self.whole else torch.empty((self.chunk, self.width), dtype=torch.int8)
         pending: list[tuple[np.ndarray, ...]] = []
         kept: list[tuple[np.ndarray, ...]] = []
@@ -149,19 +164,17 @@ class BoundedScanner(SingleThreadedWorkers):
                     col += z - a
             acc = acc_all[: n * num_q].view(n, num_q)
             torch._int_mm(rows, self.q8t, out=acc)
-            if n >= self.k and np.isneginf(t).any():
-                t = np.maximum(t, self._seed(acc.numpy(), s, e))
+            if not seeded and n >= self.k:
+                t, seeded = np.maximum(t, self._seed(acc.numpy(), s, e)), True
+                limits, theta = self._thresholds(t)
             c = s // self.chunk
-            with np.errstate(divide="ignore", invalid="ignore"):
-                theta = (
-                    t - self.gmax[c] * (self.rmax[c] * self.a_coef + self.dmax[c] * self.b_coef)
-                ) / self.c64
-            theta = np.where(np.isnan(theta) | (self.c64 == 0), -np.inf, theta)
-            theta = theta - np.abs(theta) * 1e-6  # float32 rounding of the comparison
-            scaled = scaled_all[: n * num_q].view(n, num_q)
-            scaled.copy_(acc).mul_(self.g_t[s:e, None])  # twice as fast as one promoting mul
-            scaled.sub_(torch.from_numpy(theta.astype(np.float32)))
-            idx = np.flatnonzero(scaled.numpy().ravel() >= 0)  # NaN (non-finite row): never
+            if self.narrow[c]:
+                idx = np.flatnonzero(np.greater_equal(acc.numpy(), limits[c], out=passed[:n]))
+            else:
+                scaled = scaled_all[: n * num_q].view(n, num_q)
+                scaled.copy_(acc).mul_(self.g_t[s:e, None])  # twice as fast as one promoting mul
+                scaled.sub_(torch.from_numpy(theta[c]))
+                idx = np.flatnonzero(scaled.numpy().ravel() >= 0)  # NaN (non-finite row): never
             if len(idx) == 0:
                 continue
             ri, qi = np.divmod(idx, num_q)
@@ -177,9 +190,28 @@ class BoundedScanner(SingleThreadedWorkers):
             if waiting >= self.merge_at:
                 t = self._merge(low, pending, kept)
                 pending, waiting = [], 0
+                limits, theta = self._thresholds(t)
         if pending:
             self._merge(low, pending, kept)
         return low, _cat(kept, 3)
+
+    def _thresholds(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per chunk of the prepared block and query, given the thresholds ``t``: the integer that
+        every candidate's product ``r . q8`` reaches (int32 [chunks, Q]) and the value every
+        candidate's ``g (r . q8)`` reaches (float32 [chunks, Q]).
+
+        A candidate's upper bound reaches ``t``, so ``g c (r . q8) >= num``: ``t`` less the bound's
+        largest slack over the chunk. Then ``r . q8 >= num / (c g)``, at least ``num / (c g_max)``
+        for a positive ``num`` and ``num / (c g_min)`` otherwise. Both are lowered a little for
+        float rounding."""
+        num = t[None, :] - self.slack_max
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lim = num / (self.c64 * np.where(num > 0, self.gmax[:, None], self.gmin[:, None]))
+            lim = np.floor(lim - np.abs(lim) * 1e-6) - 1
+            lim = np.where(np.isnan(lim) | (self.c64 == 0), _INT_MIN, lim)
+            theta = num / self.c64
+        theta = np.where(np.isnan(theta) | (self.c64 == 0), -np.inf, theta - np.abs(theta) * 1e-6)
+        return np.clip(lim, _INT_MIN, _INT_MAX).astype(np.int32), theta.astype(np.float32)
 
     def bounds(self, acc: np.ndarray, s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
         """float32 [e - s, Q] lower and upper bounds on the float32 scores of rows s..e of the
@@ -226,9 +258,16 @@ class BoundedScanner(SingleThreadedWorkers):
         self.rn = np.ascontiguousarray(bounds[:, 0])
         self.dn = np.ascontiguousarray(bounds[:, 1])
         starts = np.arange(0, len(g), self.chunk)
-        self.gmax = np.maximum.reduceat(np.nan_to_num(self.g, nan=0.0), starts).astype(np.float64)
-        self.rmax = np.maximum.reduceat(self.rn, starts).astype(np.float64)
-        self.dmax = np.maximum.reduceat(self.dn, starts).astype(np.float64)
+        # NaN (non-finite rows) ignored; a chunk of such rows only: 0 (every product passes, and
+        # their bounds are NaN)
+        self.gmax = np.nan_to_num(np.fmax.reduceat(self.g, starts).astype(np.float64), nan=0.0)
+        self.gmin = np.nan_to_num(np.fmin.reduceat(self.g, starts).astype(np.float64), nan=0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.narrow = (self.gmin > 0) & (self.gmax <= NARROW * self.gmin)
+        rmax = np.maximum.reduceat(self.rn, starts).astype(np.float64)
+        dmax = np.maximum.reduceat(self.dn, starts).astype(np.float64)
+        # [chunks, Q]: the bound's largest slack over each chunk
+        self.slack_max = self.gmax[:, None] * (rmax[:, None] * self.a_coef + dmax[:, None] * self.b_coef)
 
     def __call__(
         self, block: np.ndarray, scales: np.ndarray, bounds: np.ndarray, first: int, top: TopK, kept: list
@@ -269,9 +308,10 @@ def bounded_topk(
         for first in range(0, n, block_rows):
             part = slice(first, first + block_rows)
             scales = copy.scales[part]
-            bad += (np.flatnonzero(~np.isfinite(scales)) + first).tolist()
+            bad += copy.order[np.flatnonzero(~np.isfinite(scales)) + first].tolist()
             scan(copy.rows[part], scales, copy.bounds[part], first, top, kept)
         qs, rows, _ = _cat(kept, 3)
+        rows = copy.order[rows]  # copy rows -> store rows
         counts = np.bincount(qs, minlength=q.shape[0])
         cand = np.full((q.shape[0], max(1, int(counts.max(initial=0)))), -1, np.int64)
         order = np.argsort(qs, kind="stable")

@@ -4,10 +4,16 @@
 magnitude is 127, then rounded), ``scales.npy`` (float32 [rows]: that largest magnitude; NaN for
 a row holding non-finite values, whose int8 row is zeros), ``bounds.npy`` (float32 [rows, 3]: per
 row the norm of its int8 values, an upper bound on the norm of its rounding error in int8 units,
-and the norm of the stored row; what :mod:`bergson.search.int8_bound` needs to bound every score)
-and ``meta.json`` (the SHA-256 of the store's manifest when the copy was written). A copy whose
+and the norm of the stored row; what :mod:`bergson.search.int8_bound` needs to bound every score),
+``order.npy`` (int64 [rows]: the store row each copy row holds) and ``meta.json`` (the SHA-256 of the store's manifest when the copy was written). A copy whose
 fingerprint no longer matches the store is rewritten. It takes half the store's float16 bytes and spares every later search the
 quantization (an integer matmul reads the int8 rows directly).
+
+Within each block of :data:`SORT_ROWS` store rows, the copy holds the rows in descending order of
+their scale (rows with non-finite values last). So a chunk of consecutive copy rows has nearly one
+scale, and the bounded search compares its integer products with one integer threshold per query;
+and it meets the rows with the largest scores early, which raises its thresholds early (see
+:mod:`bergson.search.int8_bound`).
 """
 
 from __future__ import annotations
@@ -28,8 +34,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 INT8_DIR = "int8"
-_FORMAT = 2
-"""1: rows and scales; 2: and the per-row bounds (a copy of format 1 is rewritten)."""
+_FORMAT = 3
+"""1: rows and scales; 2: and the per-row bounds; 3: and rows sorted by scale within blocks (a copy
+of an older format is rewritten)."""
+
+SORT_ROWS = 1 << 18
+"""Store rows per block whose copy rows are sorted by scale (fewer for rows wider than 256)."""
 
 
 class Int8Copy(NamedTuple):
@@ -40,6 +50,9 @@ class Int8Copy(NamedTuple):
     bounds: np.ndarray
     """float32 [rows, 3]: ``||r||``, an upper bound on ``||127 * x / scale - r||`` and ``||x||``
     (r the int8 row, x the stored row as float32)."""
+    order: np.ndarray
+    """int64 [rows]: the store row of each copy row (a permutation within blocks of ``SORT_ROWS``,
+    by descending scale)."""
 
 
 _MAPPED: weakref.WeakKeyDictionary[GradientStore, tuple[str, Int8Copy]] = weakref.WeakKeyDictionary()
@@ -70,17 +83,20 @@ def load_int8_copy(store: GradientStore) -> Int8Copy | None:
     rows = np.load(root / "rows.npy", mmap_mode="r")
     scales = np.load(root / "scales.npy")
     bounds = np.load(root / "bounds.npy")
+    order = np.load(root / "order.npy")
     n = len(store)
-    if rows.shape != (n, store.manifest.total_dim) or scales.shape != (n,) or bounds.shape != (n, 3):
+    shapes = (rows.shape, scales.shape, bounds.shape, order.shape)
+    if shapes != ((n, store.manifest.total_dim), (n,), (n, 3), (n,)):
         return None
-    copy = Int8Copy(rows, scales, bounds)
+    copy = Int8Copy(rows, scales, bounds, order)
     _MAPPED[store] = (meta["store_fingerprint"], copy)
     return copy
 
 
-def write_int8_copy(store: GradientStore, block_rows: int = 65536) -> Path:
+def write_int8_copy(store: GradientStore, block_rows: int | None = None) -> Path:
     """Quantize every row of ``store`` into ``<store>/int8/`` (written under a temporary name,
-    then renamed, so a reader never sees half a copy). Returns the directory."""
+    then renamed, so a reader never sees half a copy), each block of ``block_rows`` rows sorted
+    by scale. Returns the directory."""
     import torch
 
     final = store.root / INT8_DIR
@@ -88,22 +104,30 @@ def write_int8_copy(store: GradientStore, block_rows: int = 65536) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     n, dim = len(store), store.manifest.total_dim
+    if block_rows is None:  # a block of float32 rows in memory: at most 256 MiB
+        block_rows = max(1024, min(SORT_ROWS, (256 << 20) // (4 * max(dim, 1))))
     rows = np.lib.format.open_memmap(tmp / "rows.npy", mode="w+", dtype=np.int8, shape=(n, dim))
     scales = np.empty(n, np.float32)
     bounds = np.empty((n, 3), np.float32)
+    order = np.empty(n, np.int64)
     for first, block in store.blocks(block_rows):
         x = torch.from_numpy(np.asarray(block, np.float32))
         amax = x.abs().amax(dim=1)
         finite = torch.isfinite(x).all(dim=1)
         inv = torch.where(finite & (amax > 0), 127.0 / amax, 0.0)
         q = (x.nan_to_num(0.0, 0.0, 0.0) * inv[:, None]).round_().to(torch.int8)
-        rows[first : first + len(block)] = q.numpy()
-        scales[first : first + len(block)] = torch.where(finite, amax, torch.nan).numpy()
-        bounds[first : first + len(block)] = _row_bounds(x, inv, q).numpy()
+        scale = torch.where(finite, amax, torch.nan).numpy()
+        perm = np.argsort(np.where(np.isnan(scale), np.inf, -scale), kind="stable")
+        part = slice(first, first + len(block))
+        rows[part] = q.numpy()[perm]
+        scales[part] = scale[perm]
+        bounds[part] = _row_bounds(x, inv, q).numpy()[perm]
+        order[part] = first + perm
     rows.flush()
     del rows
     np.save(tmp / "scales.npy", scales)
     np.save(tmp / "bounds.npy", bounds)
+    np.save(tmp / "order.npy", order)
     meta = {"format": _FORMAT, "store_fingerprint": _fingerprint(store), "rows": n, "dim": dim}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(final, ignore_errors=True)

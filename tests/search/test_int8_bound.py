@@ -49,7 +49,8 @@ def test_bounds_hold_every_row_in_float32_and_float64(heavy_store, unit_norm):
     acc = torch._int_mm(torch.from_numpy(np.array(copy.rows)), scan.q8t.contiguous()).numpy()
     lower, upper = scan.bounds(acc, 0, len(acc))
 
-    x = np.asarray(heavy_store.all, np.float32)
+    x = np.asarray(heavy_store.all, np.float32)[copy.order]  # the copy's rows are sorted by scale
+    assert all((np.diff(copy.scales[s : s + 900]) <= 0).all() for s in range(0, 4000, 900))  # per shard
     ref32 = (torch.from_numpy(q) @ torch.from_numpy(x).T).numpy().T  # as the float32 scan computes it
     ref64 = x.astype(np.float64) @ q.astype(np.float64).T
     if unit_norm:
@@ -74,6 +75,17 @@ def test_prefilter_returns_the_exact_scan(heavy_store, monkeypatch, unit_norm, r
     # small chunks and blocks so that a search crosses many of both, and threads split them
     monkeypatch.setattr(int8_bound, "CHUNK_BYTES", 40 * 64)
     monkeypatch.setattr(int8_bound, "BLOCK_BYTES", 40 * 700)
+    # the heavy rows' scales spread about 2.2x over a chunk of 64 sorted rows: allow 3x, so that most
+    # chunks compare their integer products (exact whatever the ratio; only the speed depends on it)
+    monkeypatch.setattr(int8_bound, "NARROW", 3.0)
+    narrow: list[np.ndarray] = []
+    prepare = int8_bound.BoundedScanner.prepare
+
+    def spy(self, scales, bounds):
+        prepare(self, scales, bounds)
+        narrow.append(self.narrow)
+
+    monkeypatch.setattr(int8_bound.BoundedScanner, "prepare", spy)
     rng = np.random.default_rng(42)
     for num_q in (1, 7, 40):
         q = rng.standard_normal((num_q, 40)).astype(np.float32)
@@ -82,6 +94,10 @@ def test_prefilter_returns_the_exact_scan(heavy_store, monkeypatch, unit_norm, r
         s, i = exact_topk(heavy_store, q, 10, int8_prefilter=True, **kw)
         np.testing.assert_array_equal(i, ei)
         np.testing.assert_allclose(s, es, rtol=1e-6, atol=1e-30)
+    # dot scores: chunks of rows sorted by scale compare integer products, the widest chunks scaled
+    # ones; cosine scores (factors divided by the rows' norms: not sorted) scaled ones
+    chunks = np.concatenate(narrow)
+    assert (chunks.any() and not chunks.all()) if not unit_norm else not chunks.all()
 
 
 def test_prefilter_keeps_exact_ties_and_their_order(tmp_path):
@@ -153,12 +169,12 @@ def test_prefilter_refusals_and_old_copies(heavy_store, tmp_path):
         exact_topk(heavy_store, q, 3, int8_prefilter=True, int8_rerank=2)
     with pytest.raises(BergsonError, match="needs a GradientStore"):
         exact_topk(np.asarray(heavy_store.all), q, 3, int8_prefilter=True)
-    # a copy written before the bounds existed (format 1) is not used, and is rewritten
+    # a copy of an older format (2: rows in store order) is not used, and is rewritten
     x = np.random.default_rng(46).standard_normal((50, 8)).astype(np.float32)
     store = synthetic_store(tmp_path / "s", x, shard_size=50)
     int8_copy(store)
     meta = store.root / "int8" / "meta.json"
-    meta.write_text(meta.read_text().replace('"format": 2', '"format": 1'))
+    meta.write_text(meta.read_text().replace('"format": 3', '"format": 2'))
     assert load_int8_copy(store) is None
     np.testing.assert_array_equal(
         exact_topk(store, x[:2], 3, int8_prefilter=True)[1], exact_topk(store, x[:2], 3)[1]

@@ -442,8 +442,13 @@ def test_int8_copy_is_written_once_reused_and_rewritten_when_the_store_changes(t
     with caplog.at_level(logging.WARNING, logger="bergson"):
         _, i1 = exact_topk(store, q, 3, int8_rerank=2)
     assert caplog.text.count("writing an int8 copy") == 1
-    rows8, scales, _ = load_int8_copy(store)
-    np.testing.assert_allclose(rows8 * (scales[:, None] / 127), stored(store), atol=scales.max() / 254 + 1e-6)
+    rows8, scales, _, order = load_int8_copy(store)
+    # the copy row j holds store row order[j]: a permutation within each block, by descending scale
+    assert sorted(order[:128]) == list(range(128)) and sorted(order) == list(range(300))
+    assert (np.diff(scales[:128]) <= 0).all()
+    np.testing.assert_allclose(
+        rows8 * (scales[:, None] / 127), stored(store)[order], atol=scales.max() / 254 + 1e-6
+    )
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="bergson"):
         _, i2 = exact_topk(store, q, 3, int8_rerank=2)
