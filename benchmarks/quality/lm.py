@@ -39,6 +39,12 @@ minutes, each of the 49 retrains about 13 s; the gradient methods a few minutes 
 
     python -m benchmarks.quality.lm [--docs 240] [--subsets 16] [--fractions 0.02 0.05] [--quick]
 
+``--held_out_queries M`` adds M queries after the shipped ones: corpus documents no run trains on
+(rows from ``HELD_OUT_FIRST`` on), their first ``HELD_OUT_WORDS`` words split at the middle word
+into prompt and completion. With
+five queries the spread over queries (a standard deviation of 0.2 to 0.3) hides differences of a
+few hundredths between methods; more queries narrow it, at the cost of one more MAGIC column each.
+
 Prints one JSON object and writes ``lm.json``, ``lm.md`` (the table and the command that
 reproduces it) and ``lm.png`` to ``--out`` (``benchmarks/quality/results``).
 """
@@ -149,6 +155,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=8, help="epochs of the recipe")
     p.add_argument("--max_length", type=int, default=64, help="tokens kept per document and query")
     p.add_argument("--queries", type=int, default=5, help="queries (the first N of the shipped five)")
+    p.add_argument(
+        "--held_out_queries",
+        type=int,
+        default=0,
+        help="queries added after the shipped ones: held-out corpus documents split into prompt and completion",
+    )
     p.add_argument("--subsets", type=int, default=16, help="retrains per protocol")
     p.add_argument("--fractions", type=float, nargs="*", default=[0.02, 0.05], help="leave-k-out fractions")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -197,9 +209,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--docs {args.docs}: at least 4 documents are needed (LDS removes half)")
     if not 1 <= args.queries <= 5:
         p.error(f"--queries {args.queries}: the shipped query file holds 5 queries; choose 1 to 5")
+    if not 0 <= args.held_out_queries <= MAX_HELD_OUT:
+        p.error(f"--held_out_queries {args.held_out_queries}: choose 0 to {MAX_HELD_OUT}")
+    if args.docs > HELD_OUT_FIRST and args.held_out_queries:
+        p.error(f"--held_out_queries needs --docs <= {HELD_OUT_FIRST} (the held-out rows start there)")
     if args.subsets < 2:
         p.error(f"--subsets {args.subsets}: correlations need at least 2 retrains")
     return args
+
+
+HELD_OUT_FIRST = 1000
+"""First corpus row of the held-out queries (no run trains on rows past ``--docs``)."""
+
+MAX_HELD_OUT = 500
+
+HELD_OUT_WORDS = 32
+"""Words kept of each held-out query document (the shipped queries are 25 to 35 words)."""
+
+
+def write_queries(args: argparse.Namespace, work: Path) -> tuple[str, int]:
+    """The query file and how many of its rows are the queries: the shipped file's first
+    ``--queries``, or, with ``--held_out_queries M``, work/queries.jsonl holding them and M
+    held-out corpus documents (rows ``HELD_OUT_FIRST`` on), each split into prompt and completion
+    at its middle word."""
+    shipped = ASSETS / "queries.jsonl"
+    if not args.held_out_queries:
+        return str(shipped), args.queries
+    rows = [json.loads(line) for line in shipped.read_text().splitlines()[: args.queries]]
+    import gzip
+
+    with gzip.open(ASSETS / "corpus.jsonl.gz", "rt") as f:
+        corpus = [json.loads(line)["text"] for line in f]
+    for i in range(HELD_OUT_FIRST, HELD_OUT_FIRST + args.held_out_queries):
+        words = corpus[i].split(" ")[:HELD_OUT_WORDS]  # within --max_length tokens, as the shipped ones
+        half = max(1, len(words) // 2)
+        prompt, completion = " ".join(words[:half]), " " + " ".join(words[half:])
+        rows.append(
+            {"prompt": prompt, "completion": completion, "text": prompt + completion, "corpus_row": i}
+        )
+    path = work / "queries.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path), len(rows)
 
 
 # ------------------------------------------------------------------------------- the workload
@@ -220,8 +270,8 @@ def make_recipe(args: argparse.Namespace, work: Path, seed: int | None = None) -
         data=replace(data, max_length=args.max_length),
         query=replace(
             cfg.query,
-            dataset=str(ASSETS / "queries.jsonl"),
-            split=f"train[:{args.queries}]",
+            dataset=args.query_file,
+            split=f"train[:{args.num_queries}]",
             max_length=args.max_length,
         ),
         training=replace(cfg.training, epochs=args.epochs, seed=cfg.training.seed if seed is None else seed),
@@ -286,10 +336,10 @@ def commands(args: argparse.Namespace, work: Path, recipe: Path) -> dict[str, li
     length = ["--truncation", "--max_length", str(args.max_length)]
     model = ["--model", ckpt, "--precision", "fp32", "--device", "cpu", "--modules", *args.modules]
     train = ["--dataset", str(ASSETS / "corpus.jsonl.gz"), "--split", f"train[:{args.docs}]", *length]
-    query_file = str(ASSETS / "queries.jsonl")
-    query = ["--dataset", query_file, "--split", f"train[:{args.queries}]", "--prompt_column", "prompt"]
+    query_file, split = args.query_file, f"train[:{args.num_queries}]"
+    query = ["--dataset", query_file, "--split", split, "--prompt_column", "prompt"]
     query += ["--completion_column", "completion", *length]
-    query_group = ["--query.dataset", query_file, "--query.split", f"train[:{args.queries}]"]
+    query_group = ["--query.dataset", query_file, "--query.split", split]
     query_group += ["--query.prompt_column", "prompt"]
     query_group += ["--query.completion_column", "completion", "--query.truncation"]
     query_group += ["--query.max_length", str(args.max_length)]
@@ -493,6 +543,16 @@ def protocol_name(protocol: str, fraction: float) -> str:
     return "LDS" if protocol == "lds" else f"leave-{fraction * 100:g}%-out"
 
 
+def held_out_text(w: dict[str, Any]) -> str:
+    m = w.get("held_out_queries", 0)
+    if not m:
+        return ""
+    return (
+        f" (the shipped {w['queries'] - m}, then {m} held-out corpus documents, rows {HELD_OUT_FIRST} to "
+        f"{HELD_OUT_FIRST + m - 1}, their first {HELD_OUT_WORDS} words split at the middle one)"
+    )
+
+
 def write_outputs(result: dict[str, Any], out: Path) -> None:
     save_json(out, "lm", result)
     protocols = [p["name"] for p in result["protocols"]]
@@ -532,7 +592,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
         "# Attribution quality on the example causal LM\n",
         f"Fine-tune of `examples/magic/tiny.yaml`: {w['documents']} documents of the shipped corpus "
         f"(≤ {w['max_length']} tokens), {w['epochs']} epochs ({w['steps']} AdamW steps), {w['queries']} "
-        f"prompt/completion queries. {retrains}. Each cell is the Spearman correlation over retrains "
+        f"prompt/completion queries{held_out_text(w)}. {retrains}. Each cell is the Spearman correlation over retrains "
         "between the measured change of a query's loss and the sum of the removed documents' scores, "
         "mean ± std over the queries. Scoring wall time is each method's own bergson commands "
         f"(training the shared checkpoint took {result['train_s']:.1f} s; MAGIC trains by itself; the "
@@ -581,9 +641,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
     settings = [args.docs, args.epochs, args.max_length, args.queries, args.projection_dim, args.modules]
+    if args.held_out_queries:  # (the default runs keep their cache directory)
+        settings.append(args.held_out_queries)
     tag = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:10]
     work = (args.work / f"run_{tag}").resolve()
     work.mkdir(parents=True, exist_ok=True)
+    args.query_file, args.num_queries = write_queries(args, work)
     recipe = make_recipe(args, work)
     steps = Steps(work)
     cmds = commands(args, work, recipe)
@@ -667,7 +730,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "epochs": args.epochs,
             "steps": trained["steps"],
             "max_length": args.max_length,
-            "queries": args.queries,
+            "queries": args.num_queries,
+            "held_out_queries": args.held_out_queries,
             "modules": args.modules,
             "projection_dim": args.projection_dim,
             "work": shown_path(work),

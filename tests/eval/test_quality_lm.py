@@ -85,3 +85,25 @@ def test_quality_lm_rejects_bad_options(capsys):
         with pytest.raises(SystemExit) as exc:
             lm.parse_args(argv)
         assert exc.value.code != 0 and option in capsys.readouterr().err
+
+
+def test_held_out_queries_follow_the_shipped_ones(tmp_path):
+    """--held_out_queries M: the shipped queries, then M corpus documents that no run trains on,
+    each split into a prompt and a completion that join back into the document."""
+    args = lm.parse_args(["--held_out_queries", "3", "--queries", "2", "--work", str(tmp_path)])
+    path, count = lm.write_queries(args, tmp_path)
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    assert count == len(rows) == 5
+    shipped = [json.loads(line) for line in (lm.ASSETS / "queries.jsonl").read_text().splitlines()]
+    assert rows[:2] == shipped[:2]
+    for r in rows[2:]:
+        assert r["corpus_row"] >= lm.HELD_OUT_FIRST > args.docs
+        assert r["prompt"] + r["completion"] == r["text"] and r["prompt"] and r["completion"].strip()
+        assert len(r["text"].split(" ")) <= lm.HELD_OUT_WORDS
+    # without it, the shipped file itself
+    assert lm.write_queries(lm.parse_args(["--work", str(tmp_path)]), tmp_path) == (
+        str(lm.ASSETS / "queries.jsonl"),
+        5,
+    )
+    with pytest.raises(SystemExit):
+        lm.parse_args(["--held_out_queries", "2", "--docs", "1200"])
