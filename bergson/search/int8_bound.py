@@ -24,9 +24,9 @@ chunks' factors ``a/127`` differ by little: there the integer products themselve
 with one integer per query (``T`` over the chunk's largest factor, or its smallest for a negative
 ``T``). In a chunk whose factors spread wider than ``NARROW`` (cosine scores, whose factors are
 divided by the rows' norms; a block's largest and smallest scales) each product is scaled by its
-row's factor first. The first chunk of a worker with no
-threshold yet takes its k-th best lower bound as one. With cosine scores (``unit_norm``) both
-bounds are divided by the stored norm of the row.
+row's factor first. The first chunk of a worker with no threshold yet takes its k-th best lower
+bound as one. With cosine scores (``unit_norm``) both bounds are divided by the stored norm of
+the row.
 
 Candidates are held in memory; a store whose scores are so close together that more than
 ``MAX_CANDIDATES`` rows stay candidates (all-equal rows, a zero query) raises
@@ -133,10 +133,11 @@ class BoundedScanner(SingleThreadedWorkers):
         """Rows s0..e0 of the block: (the k best lower bounds per query, as a TopK; the candidates
         still above its threshold as (query, row, upper bound) arrays).
 
-        Per chunk: the integer products, then ``g_j (r_j . q8)`` minus a per-query threshold that
-        every candidate reaches (the bound's slack at its largest over the chunk), and only the
-        entries at or above zero get their bounds. The comparisons and the few candidates are
-        numpy work (torch's small and boolean kernels cost more than the matmul here)."""
+        Per chunk: the integer products, compared with the chunk's integer thresholds (or, in a
+        wide chunk, scaled by their rows' factors and compared with its float ones; see
+        :meth:`_thresholds`), and only the entries that pass get their bounds. The comparisons and
+        the few candidates are numpy work (torch's small and boolean kernels cost more than the
+        matmul here)."""
         torch = self.torch
         g, rn, dn = self.g, self.rn, self.dn
         num_q = self.num_q
@@ -262,8 +263,7 @@ class BoundedScanner(SingleThreadedWorkers):
         # their bounds are NaN)
         self.gmax = np.nan_to_num(np.fmax.reduceat(self.g, starts).astype(np.float64), nan=0.0)
         self.gmin = np.nan_to_num(np.fmin.reduceat(self.g, starts).astype(np.float64), nan=0.0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            self.narrow = (self.gmin > 0) & (self.gmax <= NARROW * self.gmin)
+        self.narrow = (self.gmin > 0) & (self.gmax <= NARROW * self.gmin)
         rmax = np.maximum.reduceat(self.rn, starts).astype(np.float64)
         dmax = np.maximum.reduceat(self.dn, starts).astype(np.float64)
         # [chunks, Q]: the bound's largest slack over each chunk
@@ -318,4 +318,4 @@ def bounded_topk(
         starts = np.cumsum(counts) - counts
         cand[qs[order], np.arange(len(qs)) - starts[qs[order]]] = rows[order]
         scores, indices = rescore(st, q, segments, cand, kk, unit_norm=unit_norm)
-    return scores, indices, bad
+    return scores, indices, sorted(bad)

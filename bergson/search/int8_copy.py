@@ -5,8 +5,9 @@ magnitude is 127, then rounded), ``scales.npy`` (float32 [rows]: that largest ma
 a row holding non-finite values, whose int8 row is zeros), ``bounds.npy`` (float32 [rows, 3]: per
 row the norm of its int8 values, an upper bound on the norm of its rounding error in int8 units,
 and the norm of the stored row; what :mod:`bergson.search.int8_bound` needs to bound every score),
-``order.npy`` (int64 [rows]: the store row each copy row holds) and ``meta.json`` (the SHA-256 of the store's manifest when the copy was written). A copy whose
-fingerprint no longer matches the store is rewritten. It takes half the store's float16 bytes and spares every later search the
+``order.npy`` (int64 [rows]: the store row each copy row holds) and ``meta.json`` (the SHA-256 of
+the store's manifest when the copy was written). A copy whose fingerprint no longer matches the
+store is rewritten. It takes half the store's float16 bytes and spares every later search the
 quantization (an integer matmul reads the int8 rows directly).
 
 Within each block of :data:`SORT_ROWS` store rows, the copy holds the rows in descending order of
