@@ -35,7 +35,8 @@ Candidates are held in memory; a store whose scores are so close together that m
 
 from __future__ import annotations
 
-from typing import Any
+import weakref
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -44,6 +45,9 @@ from .scan import SingleThreadedWorkers, TopK, block_tensor, rescore
 
 MAX_DIM = (2**31 - 1) // (127 * 127)
 """Widest row whose int8 products cannot overflow int32 (133,143 columns)."""
+
+REFINE_AT = 4096
+"""Entries past a chunk's comparison gathered (over chunks) before their bounds are computed."""
 
 MAX_CANDIDATES = 1 << 22
 """Candidates (query, row pairs) held at once before the bound is given up on."""
@@ -82,6 +86,63 @@ def _prune(kept: list[tuple[np.ndarray, ...]], t: np.ndarray) -> None:
     kept[:] = [(qs[alive], rows[alive], upper[alive])]
     if int(alive.sum()) > MAX_CANDIDATES:
         raise TooManyCandidates
+
+
+class BlockFactors(NamedTuple):
+    """What the scan needs of a block of the copy besides its rows, for one chunk size and score;
+    the same for every search (kept per open store)."""
+
+    g: np.ndarray
+    """float32 [rows]: ``scale / 127`` (over the row's norm for cosine scores; NaN for a row with
+    non-finite values)."""
+    rn: np.ndarray
+    """float32 [rows]: the norm of the int8 row."""
+    dn: np.ndarray
+    """float32 [rows]: a bound on the norm of its rounding error."""
+    gmax: np.ndarray
+    """float64 [chunks]: the largest ``g`` (NaN ignored; 0 for a chunk of non-finite rows only)."""
+    gmin: np.ndarray
+    """float64 [chunks]: the smallest."""
+    narrow: np.ndarray
+    """bool [chunks]: ``gmax <= NARROW * gmin`` (the integer products are compared directly)."""
+    rmax: np.ndarray
+    """float64 [chunks]: the largest ``rn``."""
+    dmax: np.ndarray
+    """float64 [chunks]: the largest ``dn``."""
+
+
+def block_factors(scales: np.ndarray, bounds: np.ndarray, chunk: int, unit_norm: bool) -> BlockFactors:
+    """The :class:`BlockFactors` of a block of the copy (its rows' scales and bounds)."""
+    scales = np.asarray(scales, np.float32)
+    bounds = np.asarray(bounds, np.float32)
+    g = scales / np.float32(127.0)
+    if unit_norm:
+        norms = bounds[:, 2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            g = np.where(norms > 0, g / norms, np.where(np.isnan(g), g, 0.0))
+    g = np.ascontiguousarray(g, np.float32)
+    rn = np.ascontiguousarray(bounds[:, 0])
+    dn = np.ascontiguousarray(bounds[:, 1])
+    starts = np.arange(0, len(g), chunk)
+    gmax = np.nan_to_num(np.fmax.reduceat(g, starts).astype(np.float64), nan=0.0)
+    gmin = np.nan_to_num(np.fmin.reduceat(g, starts).astype(np.float64), nan=0.0)
+    return BlockFactors(
+        g,
+        rn,
+        dn,
+        gmax,
+        gmin,
+        (gmin > 0) & (gmax <= NARROW * gmin),
+        np.maximum.reduceat(rn, starts).astype(np.float64),
+        np.maximum.reduceat(dn, starts).astype(np.float64),
+    )
+
+
+_FACTORS: weakref.WeakKeyDictionary[Any, tuple[Int8Copy, dict[tuple[Any, ...], BlockFactors]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per open store: its int8 copy and the factors of its blocks (12 bytes a row), by (first row,
+chunk rows, cosine, ``NARROW``); released with the store."""
 
 
 class BoundedScanner(SingleThreadedWorkers):
@@ -152,7 +213,31 @@ class BoundedScanner(SingleThreadedWorkers):
         gathered = None if self.whole else torch.empty((self.chunk, self.width), dtype=torch.int8)
         pending: list[tuple[np.ndarray, ...]] = []
         kept: list[tuple[np.ndarray, ...]] = []
-        waiting = 0
+        found: list[np.ndarray] = []
+        values: list[np.ndarray] = []
+        waiting = waiting_found = 0
+
+        def refine(t: np.ndarray) -> int:
+            """Bounds of the entries found since the last call; those whose upper bound reaches ``t``
+            go to ``pending`` (as query, store-block row, upper and lower bound). Returns how many."""
+            nonlocal waiting_found
+            if not found:
+                return 0
+            ri, qi = np.divmod(np.concatenate(found), num_q)
+            product = np.concatenate(values).astype(np.float32)
+            found.clear()
+            values.clear()
+            waiting_found = 0
+            gg = g[ri]
+            approx = gg * self.c32[qi] * product
+            slack = gg * (rn[ri] * self.a32[qi] + dn[ri] * self.b32[qi])
+            upper = approx + slack
+            keep = upper >= t[qi]
+            count = int(keep.sum())
+            if count:
+                pending.append((qi[keep], ri[keep] + first, upper[keep], (approx - slack)[keep]))
+            return count
+
         for s in range(s0, e0, self.chunk):
             e = min(s + self.chunk, e0)
             n = e - s
@@ -176,24 +261,16 @@ class BoundedScanner(SingleThreadedWorkers):
                 scaled.copy_(acc).mul_(self.g_t[s:e, None])  # twice as fast as one promoting mul
                 scaled.sub_(torch.from_numpy(theta[c]))
                 idx = np.flatnonzero(scaled.numpy().ravel() >= 0)  # NaN (non-finite row): never
-            if len(idx) == 0:
-                continue
-            ri, qi = np.divmod(idx, num_q)
-            gg = g[s + ri]
-            approx = gg * self.c32[qi] * acc.numpy().ravel()[idx].astype(np.float32)
-            slack = gg * (rn[s + ri] * self.a32[qi] + dn[s + ri] * self.b32[qi])
-            upper = approx + slack
-            keep = upper >= t[qi]
-            if not keep.any():
-                continue
-            pending.append((qi[keep], ri[keep] + (first + s), upper[keep], (approx - slack)[keep]))
-            waiting += int(keep.sum())
-            if waiting >= self.merge_at:
-                t = self._merge(low, pending, kept)
-                pending, waiting = [], 0
-                limits, theta = self._thresholds(t)
-        if pending:
-            self._merge(low, pending, kept)
+            if len(idx):  # kept by (row, query) position within the block, with its product
+                found.append(idx + s * num_q)
+                values.append(acc.numpy().ravel()[idx])
+                waiting_found += len(idx)
+            if waiting_found >= REFINE_AT or e == e0:  # their bounds, a batch of chunks at once
+                waiting += refine(t)
+                if waiting >= self.merge_at or (e == e0 and pending):
+                    t = self._merge(low, pending, kept)
+                    pending, waiting = [], 0
+                    limits, theta = self._thresholds(t)
         return low, _cat(kept, 3)
 
     def _thresholds(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -243,39 +320,31 @@ class BoundedScanner(SingleThreadedWorkers):
         return t
 
     # ------------------------------------------------------------------ one block
-    def prepare(self, scales: np.ndarray, bounds: np.ndarray) -> None:
-        """Per-row factors of a block of the copy: ``g = scale / 127`` (over the row's norm for
-        cosine scores; NaN for a row with non-finite values), the bound's norms, and each chunk's
-        largest ones."""
-        scales = np.asarray(scales, np.float32)
-        bounds = np.asarray(bounds, np.float32)
-        g = scales / np.float32(127.0)
-        if self.unit_norm:
-            norms = bounds[:, 2]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                g = np.where(norms > 0, g / norms, np.where(np.isnan(g), g, 0.0))
-        self.g = np.ascontiguousarray(g, np.float32)
+    def prepare(self, scales: np.ndarray, bounds: np.ndarray, factors: BlockFactors | None = None) -> None:
+        """Per-row factors of a block of the copy (``factors``, when given, are those of these rows
+        for this scanner's chunk size and score, kept from an earlier search) and each chunk's
+        largest bound slack per query."""
+        f = factors or block_factors(scales, bounds, self.chunk, self.unit_norm)
+        self.g, self.rn, self.dn = f.g, f.rn, f.dn
         self.g_t = self.torch.from_numpy(self.g)
-        self.rn = np.ascontiguousarray(bounds[:, 0])
-        self.dn = np.ascontiguousarray(bounds[:, 1])
-        starts = np.arange(0, len(g), self.chunk)
-        # NaN (non-finite rows) ignored; a chunk of such rows only: 0 (every product passes, and
-        # their bounds are NaN)
-        self.gmax = np.nan_to_num(np.fmax.reduceat(self.g, starts).astype(np.float64), nan=0.0)
-        self.gmin = np.nan_to_num(np.fmin.reduceat(self.g, starts).astype(np.float64), nan=0.0)
-        self.narrow = (self.gmin > 0) & (self.gmax <= NARROW * self.gmin)
-        rmax = np.maximum.reduceat(self.rn, starts).astype(np.float64)
-        dmax = np.maximum.reduceat(self.dn, starts).astype(np.float64)
+        self.gmax, self.gmin, self.narrow = f.gmax, f.gmin, f.narrow
         # [chunks, Q]: the bound's largest slack over each chunk
-        self.slack_max = self.gmax[:, None] * (rmax[:, None] * self.a_coef + dmax[:, None] * self.b_coef)
+        self.slack_max = f.gmax[:, None] * (f.rmax[:, None] * self.a_coef + f.dmax[:, None] * self.b_coef)
 
     def __call__(
-        self, block: np.ndarray, scales: np.ndarray, bounds: np.ndarray, first: int, top: TopK, kept: list
+        self,
+        block: np.ndarray,
+        scales: np.ndarray,
+        bounds: np.ndarray,
+        first: int,
+        top: TopK,
+        kept: list,
+        factors: BlockFactors | None = None,
     ) -> None:
         """Scan one block of the int8 copy (its rows' scales and bounds beside it) whose first row
         is ``first``: the lower bounds go into ``top`` (the k best per query so far), the candidates
         into ``kept``, pruned against the new thresholds."""
-        self.prepare(scales, bounds)
+        self.prepare(scales, bounds, factors)
         tblock = block_tensor(self.torch, block)
         t0 = top.scores[:, -1].copy()
         for low, found in self.split(self._scan_range, tblock, block.shape[0], self.chunk, t0, first):
@@ -304,12 +373,18 @@ def bounded_topk(
     top = TopK(q.shape[0], kk)
     kept: list[tuple[np.ndarray, ...]] = []
     bad: list[int] = []
+    held = _FACTORS.get(st)
+    if held is None or held[0] is not copy:
+        held = _FACTORS[st] = (copy, {})
     with BoundedScanner(q, segments, total, k=kk, unit_norm=unit_norm, num_threads=num_threads) as scan:
         for first in range(0, n, block_rows):
             part = slice(first, first + block_rows)
-            scales = copy.scales[part]
+            scales, bounds = copy.scales[part], copy.bounds[part]
             bad += copy.order[np.flatnonzero(~np.isfinite(scales)) + first].tolist()
-            scan(copy.rows[part], scales, copy.bounds[part], first, top, kept)
+            key = (first, scan.chunk, unit_norm, NARROW)
+            if key not in held[1]:
+                held[1][key] = block_factors(scales, bounds, scan.chunk, unit_norm)
+            scan(copy.rows[part], scales, bounds, first, top, kept, held[1][key])
         qs, rows, _ = _cat(kept, 3)
         rows = copy.order[rows]  # copy rows -> store rows
         counts = np.bincount(qs, minlength=q.shape[0])

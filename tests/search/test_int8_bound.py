@@ -7,6 +7,7 @@ scales, sparse and zero rows; and the search returns what the float32 scan retur
 from __future__ import annotations
 
 import logging
+import weakref
 
 import numpy as np
 import pytest
@@ -81,11 +82,20 @@ def test_prefilter_returns_the_exact_scan(heavy_store, monkeypatch, unit_norm, r
     narrow: list[np.ndarray] = []
     prepare = int8_bound.BoundedScanner.prepare
 
-    def spy(self, scales, bounds):
-        prepare(self, scales, bounds)
+    def spy(self, scales, bounds, factors=None):
+        prepare(self, scales, bounds, factors)
         narrow.append(self.narrow)
 
     monkeypatch.setattr(int8_bound.BoundedScanner, "prepare", spy)
+    computed: list[int] = []
+    factors = int8_bound.block_factors
+
+    def count(*args):
+        computed.append(len(narrow) + 1)  # the prepare call it is for
+        return factors(*args)
+
+    monkeypatch.setattr(int8_bound, "block_factors", count)
+    monkeypatch.setattr(int8_bound, "_FACTORS", weakref.WeakKeyDictionary())
     rng = np.random.default_rng(42)
     for num_q in (1, 7, 40):
         q = rng.standard_normal((num_q, 40)).astype(np.float32)
@@ -98,6 +108,9 @@ def test_prefilter_returns_the_exact_scan(heavy_store, monkeypatch, unit_norm, r
     # ones; cosine scores (factors divided by the rows' norms: not sorted) scaled ones
     chunks = np.concatenate(narrow)
     assert (chunks.any() and not chunks.all()) if not unit_norm else not chunks.all()
+    # each block's factors were computed by the first search and kept on the open store
+    blocks = len(narrow) // 3  # three searches
+    assert len(narrow) == 3 * blocks and computed == list(range(1, blocks + 1))
 
 
 def test_prefilter_keeps_exact_ties_and_their_order(tmp_path):
