@@ -25,6 +25,7 @@ held by a lower row, so no row of the exact top-k is ever dropped.
 
 from __future__ import annotations
 
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -162,6 +163,10 @@ def gather_columns(rows: Any, block: Any, s: int, e: int, segments: Any) -> None
         col += z - a
 
 
+SWITCH_INTERVAL_S = 5e-4
+"""Python's thread switch interval while several search workers run (restored after)."""
+
+
 class SingleThreadedWorkers:
     """A context in which torch runs one thread per worker: ``num_threads`` workers (a thread pool
     when more than one) each doing single-threaded matmuls, torch's own setting restored at exit."""
@@ -172,16 +177,21 @@ class SingleThreadedWorkers:
 
     def __enter__(self) -> Any:
         self.saved_threads = self.torch.get_num_threads()
+        self.saved_switch = sys.getswitchinterval()
         self.torch.set_num_threads(1)
         if self.num_threads > 1:
             self.pool = ThreadPoolExecutor(
                 self.num_threads, initializer=self.torch.set_num_threads, initargs=(1,)
             )
+            # the workers' many short numpy calls hand the GIL over sooner: on 2 threads the
+            # bounded int8 scan ran 1.07x faster with 0.5 ms than with Python's default 5 ms
+            sys.setswitchinterval(min(self.saved_switch, SWITCH_INTERVAL_S))
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.pool is not None:
             self.pool.shutdown()
+        sys.setswitchinterval(self.saved_switch)
         self.torch.set_num_threads(self.saved_threads)
 
     def split(self, fn: Any, block: Any, rows: int, chunk: int, *args: Any) -> list[Any]:

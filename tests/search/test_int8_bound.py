@@ -113,6 +113,29 @@ def test_prefilter_returns_the_exact_scan(heavy_store, monkeypatch, unit_norm, r
     assert len(narrow) == 3 * blocks and computed == list(range(1, blocks + 1))
 
 
+def test_workers_shorten_the_switch_interval_and_restore_it(heavy_store, monkeypatch):
+    """Several workers run with a short thread switch interval; one worker leaves it alone; it is
+    restored after either."""
+    import sys
+
+    from bergson.search import scan
+
+    seen = []
+    split = scan.SingleThreadedWorkers.split
+
+    def spy(self, *args):
+        seen.append(sys.getswitchinterval())
+        return split(self, *args)
+
+    monkeypatch.setattr(scan.SingleThreadedWorkers, "split", spy)
+    before = sys.getswitchinterval()
+    q = np.random.default_rng(44).standard_normal((3, 40)).astype(np.float32)
+    exact_topk(heavy_store, q, 5, int8_prefilter=True, num_threads=2)
+    exact_topk(heavy_store, q, 5, int8_prefilter=True, num_threads=1)
+    assert seen[0] == min(before, scan.SWITCH_INTERVAL_S) and seen[-1] == before
+    assert sys.getswitchinterval() == before
+
+
 def test_prefilter_keeps_exact_ties_and_their_order(tmp_path):
     """Integer rows: scores are exact integers, many equal; the order within a tie (ascending row)
     is the float32 scan's."""
