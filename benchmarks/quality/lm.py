@@ -41,9 +41,9 @@ minutes, each of the 49 retrains about 13 s; the gradient methods a few minutes 
 
 ``--held_out_queries M`` adds M queries after the shipped ones: corpus documents no run trains on
 (rows from ``HELD_OUT_FIRST`` on), their first ``HELD_OUT_WORDS`` words split at the middle word
-into prompt and completion. With
-five queries the spread over queries (a standard deviation of 0.2 to 0.3) hides differences of a
-few hundredths between methods; more queries narrow it, at the cost of one more MAGIC column each.
+into prompt and completion. With five queries the spread over queries (a standard deviation of
+0.2 to 0.3) hides differences of a few hundredths between methods; more queries narrow it, at
+the cost of one more MAGIC column each.
 
 Prints one JSON object and writes ``lm.json``, ``lm.md`` (the table and the command that
 reproduces it) and ``lm.png`` to ``--out`` (``benchmarks/quality/results``).
@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import hashlib
 import importlib
 import json
@@ -222,6 +223,7 @@ HELD_OUT_FIRST = 1000
 """First corpus row of the held-out queries (no run trains on rows past ``--docs``)."""
 
 MAX_HELD_OUT = 500
+"""Most held-out queries (the corpus holds 1,500 rows)."""
 
 HELD_OUT_WORDS = 32
 """Words kept of each held-out query document (the shipped queries are 25 to 35 words)."""
@@ -230,14 +232,12 @@ HELD_OUT_WORDS = 32
 def write_queries(args: argparse.Namespace, work: Path) -> tuple[str, int]:
     """The query file and how many of its rows are the queries: the shipped file's first
     ``--queries``, or, with ``--held_out_queries M``, work/queries.jsonl holding them and M
-    held-out corpus documents (rows ``HELD_OUT_FIRST`` on), each split into prompt and completion
-    at its middle word."""
+    held-out corpus documents (rows ``HELD_OUT_FIRST`` on), their first ``HELD_OUT_WORDS`` words
+    split into prompt and completion at the middle word."""
     shipped = ASSETS / "queries.jsonl"
     if not args.held_out_queries:
         return str(shipped), args.queries
     rows = [json.loads(line) for line in shipped.read_text().splitlines()[: args.queries]]
-    import gzip
-
     with gzip.open(ASSETS / "corpus.jsonl.gz", "rt") as f:
         corpus = [json.loads(line)["text"] for line in f]
     for i in range(HELD_OUT_FIRST, HELD_OUT_FIRST + args.held_out_queries):
@@ -544,6 +544,7 @@ def protocol_name(protocol: str, fraction: float) -> str:
 
 
 def held_out_text(w: dict[str, Any]) -> str:
+    """What the held-out queries of a run are, for the table's caption ('' when there are none)."""
     m = w.get("held_out_queries", 0)
     if not m:
         return ""
