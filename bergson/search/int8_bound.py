@@ -146,7 +146,7 @@ _FACTORS: weakref.WeakKeyDictionary[Any, tuple[Int8Copy, dict[tuple[Any, ...], B
     weakref.WeakKeyDictionary()
 )
 """Per open store: its int8 copy and the factors of its blocks (12 bytes a row), by (first row,
-chunk rows, cosine, ``NARROW``); released with the store."""
+rows, chunk rows, cosine, ``NARROW``); released with the store."""
 
 
 class BoundedScanner(SingleThreadedWorkers):
@@ -385,7 +385,7 @@ def bounded_topk(
             part = slice(first, first + block_rows)
             scales, bounds = copy.scales[part], copy.bounds[part]
             bad += copy.order[np.flatnonzero(~np.isfinite(scales)) + first].tolist()
-            key = (first, scan.chunk, unit_norm, NARROW)
+            key = (first, len(scales), scan.chunk, unit_norm, NARROW)
             if key not in held[1]:
                 held[1][key] = block_factors(scales, bounds, scan.chunk, unit_norm)
             scan(copy.rows[part], scales, bounds, first, top, kept, held[1][key])
