@@ -113,6 +113,20 @@ def test_prefilter_returns_the_exact_scan(heavy_store, monkeypatch, unit_norm, r
     assert len(narrow) == 3 * blocks and computed == list(range(1, blocks + 1))
 
 
+def test_kept_block_factors_follow_the_block_sizes(heavy_store, monkeypatch):
+    """Searches of one open store with other block sizes (their blocks start at the same rows)
+    each get their own blocks' factors."""
+    monkeypatch.setattr(int8_bound, "BLOCK_BYTES", 40)  # the blocks are then --block_rows rows
+    monkeypatch.setattr(int8_bound, "_FACTORS", weakref.WeakKeyDictionary())
+    q = np.random.default_rng(45).standard_normal((4, 40)).astype(np.float32)
+    expected = exact_topk(heavy_store, q, 5)[1]
+    for rows in (700, 1400, 700, 4000):
+        np.testing.assert_array_equal(
+            exact_topk(heavy_store, q, 5, int8_prefilter=True, block_rows=rows)[1], expected
+        )
+    assert {key[:2] for key in int8_bound._FACTORS[heavy_store][1]} >= {(0, 700), (0, 1400), (0, 4000)}
+
+
 def test_workers_shorten_the_switch_interval_and_restore_it(heavy_store, monkeypatch):
     """Several workers run with a short thread switch interval; one worker leaves it alone; it is
     restored after either."""
