@@ -24,8 +24,10 @@ chunks' factors ``a/127`` differ by little: there the integer products themselve
 with one integer per query (``T`` over the chunk's largest factor, or its smallest for a negative
 ``T``). In a chunk whose factors spread wider than ``NARROW`` (cosine scores, whose factors are
 divided by the rows' norms; a block's largest and smallest scales) each product is scaled by its
-row's factor first. The first chunk of a worker with no threshold yet takes its k-th best lower
-bound as one. With cosine scores (``unit_norm``) both bounds are divided by the stored norm of
+row's factor first. For dot scores a chunk is passed over, without its products, when its
+largest row norm times each query's norm (Cauchy-Schwarz, padded for rounding) is below every
+query's threshold: the chunks of small rows of a store whose row norms spread widely. The first
+chunk of a worker with no threshold yet takes its k-th best lower bound as one. With cosine scores (``unit_norm``) both bounds are divided by the stored norm of
 the row.
 
 Candidates are held in memory; a store whose scores are so close together that more than
@@ -113,6 +115,8 @@ class BlockFactors(NamedTuple):
     """float64 [chunks]: the largest ``rn``."""
     dmax: np.ndarray
     """float64 [chunks]: the largest ``dn``."""
+    xmax: np.ndarray
+    """float64 [chunks]: the largest norm of a stored row (0 for rows with non-finite values)."""
 
 
 def block_factors(scales: np.ndarray, bounds: np.ndarray, chunk: int, unit_norm: bool) -> BlockFactors:
@@ -139,6 +143,7 @@ def block_factors(scales: np.ndarray, bounds: np.ndarray, chunk: int, unit_norm:
         (gmin > 0) & (gmax <= NARROW * gmin),
         np.maximum.reduceat(rn, starts).astype(np.float64),
         np.maximum.reduceat(dn, starts).astype(np.float64),
+        np.nan_to_num(np.fmax.reduceat(bounds[:, 2], starts).astype(np.float64), nan=0.0),
     )
 
 
@@ -187,6 +192,8 @@ class BoundedScanner(SingleThreadedWorkers):
         self.c64 = c
         self.a_coef = 1.001 * e_norm + 1e-4 * (q_norm + e_norm) + gamma * q_norm  # times ||r||
         self.b_coef = (1.001 + gamma) * q_norm  # times ||d||
+        # no float32 score of a row exceeds ||x|| ||q|| by more than this factor (Cauchy-Schwarz)
+        self.q_ceiling = (1.001 + gamma) * q_norm
         self.q8t = torch.from_numpy(q8.astype(np.int8)).T  # [width, Q]
         self.c32 = c.astype(np.float32)
         self.a32 = self.a_coef.astype(np.float32)
@@ -242,7 +249,11 @@ class BoundedScanner(SingleThreadedWorkers):
                 pending.append((qi[keep], ri[keep] + first, upper[keep], (approx - slack)[keep]))
             return count
 
+        skip = self._skipped(t)
         for s in range(s0, e0, self.chunk):
+            c = s // self.chunk
+            if skip[c]:
+                continue
             e = min(s + self.chunk, e0)
             n = e - s
             if gathered is None:
@@ -257,7 +268,7 @@ class BoundedScanner(SingleThreadedWorkers):
             if not seeded and n >= self.k:
                 t, seeded = np.maximum(t, self._seed(acc.numpy(), s, e)), True
                 limits, theta = self._thresholds(t)
-            c = s // self.chunk
+                skip = self._skipped(t)
             if self.narrow[c]:
                 idx = np.flatnonzero(np.greater_equal(acc.numpy(), limits[c], out=passed[:n]))
             else:
@@ -269,12 +280,16 @@ class BoundedScanner(SingleThreadedWorkers):
                 found.append(idx + s * num_q)
                 values.append(acc.numpy().ravel()[idx])
                 waiting_found += len(idx)
-            if waiting_found >= REFINE_AT or e == e0:  # their bounds, a batch of chunks at once
+            if waiting_found >= REFINE_AT:  # their bounds, a batch of chunks at once
                 waiting += refine(t)
-                if waiting >= self.merge_at or (e == e0 and pending):
+                if waiting >= self.merge_at:
                     t = self._merge(low, pending, kept)
                     pending, waiting = [], 0
                     limits, theta = self._thresholds(t)
+                    skip = self._skipped(t)
+        refine(t)
+        if pending:
+            self._merge(low, pending, kept)
         return low, _cat(kept, 3)
 
     def _thresholds(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -294,6 +309,13 @@ class BoundedScanner(SingleThreadedWorkers):
             theta = num / self.c64
         theta = np.where(np.isnan(theta) | (self.c64 == 0), -np.inf, theta - np.abs(theta) * 1e-6)
         return np.clip(lim, _INT_MIN, _INT_MAX).astype(np.int32), theta.astype(np.float32)
+
+    def _skipped(self, t: np.ndarray) -> np.ndarray:
+        """bool [chunks]: the chunks of the prepared block none of whose rows can reach any query's
+        threshold ``t`` (their norms times the query's are below it), and need no products at all."""
+        if self.ceiling is None:
+            return np.zeros(len(self.gmax), bool)
+        return ~(self.ceiling >= t[None, :]).any(axis=1)
 
     def bounds(self, acc: np.ndarray, s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
         """float32 [e - s, Q] lower and upper bounds on the float32 scores of rows s..e of the
@@ -332,6 +354,8 @@ class BoundedScanner(SingleThreadedWorkers):
         self.g, self.rn, self.dn = f.g, f.rn, f.dn
         self.g_t = self.torch.from_numpy(self.g)
         self.gmax, self.gmin, self.narrow = f.gmax, f.gmin, f.narrow
+        # [chunks, Q]: the largest score a chunk's rows can have (none for cosine scores)
+        self.ceiling = None if self.unit_norm else f.xmax[:, None] * self.q_ceiling
         # [chunks, Q]: the bound's largest slack over each chunk
         self.slack_max = f.gmax[:, None] * (f.rmax[:, None] * self.a_coef + f.dmax[:, None] * self.b_coef)
 

@@ -95,6 +95,14 @@ def test_prefilter_returns_the_exact_scan(heavy_store, monkeypatch, unit_norm, r
         return factors(*args)
 
     monkeypatch.setattr(int8_bound, "block_factors", count)
+    skipped: list[np.ndarray] = []
+    skip = int8_bound.BoundedScanner._skipped
+
+    def record(self, t):
+        skipped.append(skip(self, t))
+        return skipped[-1]
+
+    monkeypatch.setattr(int8_bound.BoundedScanner, "_skipped", record)
     monkeypatch.setattr(int8_bound, "_FACTORS", weakref.WeakKeyDictionary())
     rng = np.random.default_rng(42)
     for num_q in (1, 7, 40):
@@ -109,8 +117,32 @@ def test_prefilter_returns_the_exact_scan(heavy_store, monkeypatch, unit_norm, r
     chunks = np.concatenate(narrow)
     assert (chunks.any() and not chunks.all()) if not unit_norm else not chunks.all()
     # each block's factors were computed by the first search and kept on the open store
+    # dot scores: chunks of small rows (their norms times the query's below the threshold) are
+    # passed over without products; cosine scores never
+    assert np.concatenate(skipped).any() != unit_norm
     blocks = len(narrow) // 3  # three searches
     assert len(narrow) == 3 * blocks and computed == list(range(1, blocks + 1))
+
+
+def test_a_chunk_is_passed_over_only_when_no_row_in_it_can_reach_the_threshold(tmp_path, monkeypatch):
+    """A row parallel to the query scores exactly its norm times the query's, the largest score its
+    chunk could have: the scan must not pass that chunk over, though the rows before it (larger
+    scales, sorted first) already set a high threshold."""
+    monkeypatch.setattr(int8_bound, "CHUNK_BYTES", 24 * 64)
+    d = 24
+    u = np.where(np.arange(d) % 2 == 0, 1.0, -1.0) / np.sqrt(d)  # the query: spread, unit norm
+    x = np.zeros((511, d))
+    x[:9, 0] = 10 * np.sqrt(d)  # nine rows of score 10 (scale 49)
+    x[9, 2] = 3 * np.sqrt(d)  # one of score 3 (scale 14.7)
+    rng = np.random.default_rng(46)
+    x[np.arange(10, 210), rng.integers(0, d, 200)] = 5.0 * rng.choice([-1, 1], 200)  # score +-1.02
+    x[210] = 5 * u  # parallel to the query: score 5 = its norm, scale 1.02 (a later chunk)
+    x[211:] = rng.standard_normal((300, d)) * 0.01
+    store = synthetic_store(tmp_path / "s", x.astype(np.float32))
+    q = u[None].astype(np.float32)
+    _, i = exact_topk(store, q, 10, int8_prefilter=True, num_threads=1)
+    assert sorted(i[0].tolist()) == [*range(9), 210]
+    np.testing.assert_array_equal(i, exact_topk(store, q, 10, num_threads=1)[1])
 
 
 def test_kept_block_factors_follow_the_block_sizes(heavy_store, monkeypatch):
