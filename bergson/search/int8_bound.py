@@ -27,8 +27,8 @@ divided by the rows' norms; a block's largest and smallest scales) each product 
 row's factor first. For dot scores a chunk is passed over, without its products, when its
 largest row norm times each query's norm (Cauchy-Schwarz, padded for rounding) is below every
 query's threshold: the chunks of small rows of a store whose row norms spread widely. The first
-chunk of a worker with no threshold yet takes its k-th best lower bound as one. With cosine scores (``unit_norm``) both bounds are divided by the stored norm of
-the row.
+chunk of a worker with no threshold yet takes its k-th best lower bound as one. With cosine
+scores (``unit_norm``) both bounds are divided by the stored norm of the row.
 
 Candidates are held in memory; a store whose scores are so close together that more than
 ``MAX_CANDIDATES`` rows stay candidates (all-equal rows, a zero query) raises
@@ -217,7 +217,7 @@ class BoundedScanner(SingleThreadedWorkers):
         low.scores[:] = np.maximum(low.scores, t0[:, None])
         t = t0.copy()
         seeded = bool(np.isfinite(t).all())
-        limits, theta = self._thresholds(t)
+        limits, theta, skip = self._thresholds(t)
         acc_all = torch.empty(self.chunk * num_q, dtype=torch.int32)
         scaled_all = torch.empty(self.chunk * num_q, dtype=torch.float32)
         passed = np.empty((self.chunk, num_q), bool)
@@ -249,7 +249,6 @@ class BoundedScanner(SingleThreadedWorkers):
                 pending.append((qi[keep], ri[keep] + first, upper[keep], (approx - slack)[keep]))
             return count
 
-        skip = self._skipped(t)
         for s in range(s0, e0, self.chunk):
             c = s // self.chunk
             if skip[c]:
@@ -267,8 +266,7 @@ class BoundedScanner(SingleThreadedWorkers):
             torch._int_mm(rows, self.q8t, out=acc)
             if not seeded and n >= self.k:
                 t, seeded = np.maximum(t, self._seed(acc.numpy(), s, e)), True
-                limits, theta = self._thresholds(t)
-                skip = self._skipped(t)
+                limits, theta, skip = self._thresholds(t)
             if self.narrow[c]:
                 idx = np.flatnonzero(np.greater_equal(acc.numpy(), limits[c], out=passed[:n]))
             else:
@@ -285,17 +283,18 @@ class BoundedScanner(SingleThreadedWorkers):
                 if waiting >= self.merge_at:
                     t = self._merge(low, pending, kept)
                     pending, waiting = [], 0
-                    limits, theta = self._thresholds(t)
-                    skip = self._skipped(t)
+                    limits, theta, skip = self._thresholds(t)
         refine(t)
         if pending:
             self._merge(low, pending, kept)
         return low, _cat(kept, 3)
 
-    def _thresholds(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _thresholds(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per chunk of the prepared block and query, given the thresholds ``t``: the integer that
-        every candidate's product ``r . q8`` reaches (int32 [chunks, Q]) and the value every
-        candidate's ``g (r . q8)`` reaches (float32 [chunks, Q]).
+        every candidate's product ``r . q8`` reaches (int32 [chunks, Q]), the value every
+        candidate's ``g (r . q8)`` reaches (float32 [chunks, Q]), and whether the chunk can be
+        passed over (bool [chunks]: for dot scores, none of its rows' norms times a query's reaches
+        that query's threshold, so no row can be a candidate).
 
         A candidate's upper bound reaches ``t``, so ``g c (r . q8) >= num``: ``t`` less the bound's
         largest slack over the chunk. Then ``r . q8 >= num / (c g)``, at least ``num / (c g_max)``
@@ -308,14 +307,8 @@ class BoundedScanner(SingleThreadedWorkers):
             lim = np.where(np.isnan(lim) | (self.c64 == 0), _INT_MIN, lim)
             theta = num / self.c64
         theta = np.where(np.isnan(theta) | (self.c64 == 0), -np.inf, theta - np.abs(theta) * 1e-6)
-        return np.clip(lim, _INT_MIN, _INT_MAX).astype(np.int32), theta.astype(np.float32)
-
-    def _skipped(self, t: np.ndarray) -> np.ndarray:
-        """bool [chunks]: the chunks of the prepared block none of whose rows can reach any query's
-        threshold ``t`` (their norms times the query's are below it), and need no products at all."""
-        if self.ceiling is None:
-            return np.zeros(len(self.gmax), bool)
-        return ~(self.ceiling >= t[None, :]).any(axis=1)
+        skip = np.zeros(len(self.gmax), bool) if self.ceiling is None else ~(self.ceiling >= t).any(axis=1)
+        return np.clip(lim, _INT_MIN, _INT_MAX).astype(np.int32), theta.astype(np.float32), skip
 
     def bounds(self, acc: np.ndarray, s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
         """float32 [e - s, Q] lower and upper bounds on the float32 scores of rows s..e of the

@@ -63,14 +63,34 @@ class Factors:
         return (Path(path) / "factors.json").is_file() and (Path(path) / "factors.safetensors").is_file()
 
     @classmethod
-    def load(cls, path: str | Path) -> Factors:
-        from safetensors import safe_open
-
+    def _checked(cls, path: str | Path) -> Path:
         root = Path(path)
         if not cls.complete(root):
             raise BergsonError(
                 f"{root}: not a complete factor directory (factors.json and factors.safetensors)"
             )
+        return root
+
+    @classmethod
+    def names(cls, path: str | Path) -> dict[str, set[str]]:
+        """Each module's tensor names in a saved factor directory, from the file's header alone."""
+        from safetensors import safe_open
+
+        root = cls._checked(path)
+        out: dict[str, set[str]] = {
+            m: set() for m in json.loads((root / "factors.json").read_text())["modules"]
+        }
+        with safe_open(str(root / "factors.safetensors"), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                module, name = key.rsplit("/", 1)
+                out[module].add(name)
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> Factors:
+        from safetensors import safe_open
+
+        root = cls._checked(path)
         meta = json.loads((root / "factors.json").read_text())
         tensors: dict[str, dict[str, torch.Tensor]] = {m: {} for m in meta["modules"]}
         with safe_open(str(root / "factors.safetensors"), framework="pt") as f:

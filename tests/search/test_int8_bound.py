@@ -96,13 +96,14 @@ def test_prefilter_returns_the_exact_scan(heavy_store, monkeypatch, unit_norm, r
 
     monkeypatch.setattr(int8_bound, "block_factors", count)
     skipped: list[np.ndarray] = []
-    skip = int8_bound.BoundedScanner._skipped
+    thresholds = int8_bound.BoundedScanner._thresholds
 
     def record(self, t):
-        skipped.append(skip(self, t))
-        return skipped[-1]
+        out = thresholds(self, t)
+        skipped.append(out[2])
+        return out
 
-    monkeypatch.setattr(int8_bound.BoundedScanner, "_skipped", record)
+    monkeypatch.setattr(int8_bound.BoundedScanner, "_thresholds", record)
     monkeypatch.setattr(int8_bound, "_FACTORS", weakref.WeakKeyDictionary())
     rng = np.random.default_rng(42)
     for num_q in (1, 7, 40):

@@ -201,7 +201,7 @@ def _save_scores(path: Path, result: Any, base: Any, info: dict[str, Any], token
 
 def _holds_momentum(path: Path) -> bool:
     """Whether saved segment queries carry the momentum buffer's cotangent (``passed_momentum``)."""
-    return all("passed_momentum" in d for d in Factors.load(path).tensors.values())
+    return all("passed_momentum" in names for names in Factors.names(path).values())
 
 
 def _load_scores(path: Path, lengths: np.ndarray) -> tuple[np.ndarray, list[np.ndarray] | None]:
