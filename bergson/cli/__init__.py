@@ -334,6 +334,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format=f"bergson{where}: %(message)s")
     if debug:
         logging.getLogger("bergson").setLevel(logging.DEBUG)
+    from ..core.allocator import keep_freed_memory
+
+    keep_freed_memory()
     code = 0
     label = command
     try:
