@@ -323,7 +323,9 @@ class MagicConfig(WorkerOptions, ModelOptions):
     bisects each segment, replaying O(T log T) steps with O(log T) states in memory)."""
 
     memory_budget_gb: float = 2.0
-    """Replayed states are kept in memory up to this size and spill to disk beyond it."""
+    """Memory for the reverse pass: the scheduled states up to half of it (spilling to disk
+    beyond), and a sqrt segment's replayed steps with their graphs up to the other half (then
+    their states alone)."""
 
     force_low_precision: bool = False
     """Allow bf16/fp16 weights (metagradients in half precision are mostly rounding noise)."""

@@ -113,10 +113,18 @@ def test_checkpoint_schedules_spilling_and_resume_give_the_same_metagradients(tm
     ref = runs["every"].token_grads
     for schedule in ("sqrt", "log"):
         np.testing.assert_allclose(runs[schedule].token_grads, ref, rtol=1e-10, atol=1e-15)
-    assert runs["every"].replayed_steps == 0 and runs["sqrt"].replayed_steps > 0
-    # a zero memory budget spills every replayed state to disk: same result
-    run, cot = _metagradient(replay, model, queries, tmp_path / "spill", "sqrt", memory_budget=0)
-    np.testing.assert_allclose(run.reverse(cot).token_grads, ref, rtol=1e-10, atol=1e-15)
+    assert runs["every"].replayed_steps == runs["every"].graph_steps == 0
+    # the sqrt segments' replays kept every step's graph for its reverse step: nothing replayed twice
+    assert runs["sqrt"].replayed_steps == 0 and runs["sqrt"].graph_steps == 8 - 3
+    # a zero memory budget keeps no graph and spills every replayed state to disk; a budget
+    # of a byte keeps each segment's first graph only: same results
+    for budget, replayed, graphs in ((0, 5, 0), (2, 2, 3)):
+        run, cot = _metagradient(
+            replay, model, queries, tmp_path / f"spill{budget}", "sqrt", memory_budget=budget
+        )
+        result = run.reverse(cot)
+        assert (result.replayed_steps, result.graph_steps) == (replayed, graphs)
+        np.testing.assert_allclose(result.token_grads, ref, rtol=1e-10, atol=1e-15)
     # several queries' cotangents carried through one pass (vectorized or one backward each on
     # the shared graph) give each query's own pass; their mean is the aggregate column
     cots = _per_query_cotangents(run, model, queries)
@@ -153,15 +161,15 @@ def test_checkpoint_schedules_spilling_and_resume_give_the_same_metagradients(tm
     progress = tmp_path / "killed" / "progress.safetensors"
     run.save_every_s = 0.0
     calls["n"] = 0
-    original_vjp = MagicRun._vjp
+    original_back = MagicRun._step_back
 
-    def dies_vjp(self, *a, **kw):
+    def dies_back(self, *a, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return original_vjp(self, *a, **kw)
+        return original_back(self, *a, **kw)
 
-    monkeypatch.setattr(MagicRun, "_vjp", dies_vjp)
+    monkeypatch.setattr(MagicRun, "_step_back", dies_back)
     with pytest.raises(KeyboardInterrupt):
         run.reverse(cot, progress)
     monkeypatch.undo()
@@ -387,7 +395,7 @@ def test_magic_deletes_what_a_resume_no_longer_needs(tmp_path, model_dir, corpus
     reference = magic(cfg("reference", query_batch_size=1))  # one pass per column
     root = tmp_path / "killed"
     calls = {"n": 0}
-    original = MagicRun._vjp
+    original = MagicRun._step_back
 
     def dies(self, *a, **kw):
         calls["n"] += 1
@@ -395,10 +403,10 @@ def test_magic_deletes_what_a_resume_no_longer_needs(tmp_path, model_dir, corpus
             raise KeyboardInterrupt
         return original(self, *a, **kw)
 
-    monkeypatch.setattr(MagicRun, "_vjp", dies)
+    monkeypatch.setattr(MagicRun, "_step_back", dies)
     with pytest.raises(KeyboardInterrupt):
         magic(cfg("killed"))
-    monkeypatch.setattr(MagicRun, "_vjp", original)
+    monkeypatch.setattr(MagicRun, "_step_back", original)
     reverse_dir = root / "reverse"
     assert not list(reverse_dir.glob("column_*.done.npy"))
     progress = reverse_dir / "columns_0-1.progress.safetensors"

@@ -219,6 +219,7 @@ def magic(cfg: MagicConfig) -> Any:
             f"reverse_{label}_s",
             start,
             replayed_steps=result.replayed_steps,
+            graph_steps=result.graph_steps,
             peak_states_in_memory=result.peak_states_in_memory,
             **{f"reverse_{label}_columns": len(batch)},
             **{

@@ -63,6 +63,17 @@ class MicroBatch:
         return MicroBatch(*(x[rank::world] for x in (self.ids, self.target, self.weight_index, self.mask)))
 
 
+@dataclass
+class StepGraph:
+    """One optimizer step built with its graph (:meth:`Replay.step_graph`): the leaves it
+    differentiates with respect to (the state before the step and the token weights) and the
+    state after it, still attached to the graph."""
+
+    leaf: State
+    weights: torch.Tensor
+    new: State
+
+
 class _SumOverRanks(torch.autograd.Function):
     """Forward: the sum of a tensor over the ranks. Backward: the cotangent as it is, because
     everything downstream (the optimizer update) runs identically on every rank."""
@@ -228,28 +239,39 @@ class Replay:
                 self.recipe, state.detached(), {k: v.detach() for k, v in gd.items()}, t, lr
             ), total
 
-    def step_vjp(
-        self, state: State, t: int, weights: torch.Tensor, cotangent: State, batched: str = "vmap"
-    ) -> tuple[State, torch.Tensor]:
-        """The vector-Jacobian product of step ``t`` at ``state`` for a batch of Q cotangents.
-
-        ``cotangent`` holds Q cotangents of the state after the step, stacked on a leading
-        dimension of every tensor; returns the Q cotangents of the state before it (stacked
-        likewise) and the gradients with respect to the token weights, [Q, tokens] (summed over
-        the ranks of a data-parallel run). The step's forward and its gradient (with
-        ``create_graph``) run once; only the second backward runs per cotangent: vectorized
-        over the batch (``batched="vmap"``, ``is_grads_batched``) or one after another on the
-        retained graph (``"loop"``)."""
+    def step_graph(self, state: State, t: int, weights: torch.Tensor) -> StepGraph:
+        """Step ``t`` at ``state`` with the graph that its vector-Jacobian products differentiate:
+        the forward and the create_graph gradient, which all of a step's cotangents share."""
         leaf = state.detached(requires_grad=True)
         w = weights.detach().requires_grad_(True)  # a new leaf sharing storage, no copy
         with math_attention():
             new, _ = self.step(leaf, t, w, create_graph=True)
+        return StepGraph(leaf, w, new)
+
+    def step_vjp(
+        self, state: State, t: int, weights: torch.Tensor, cotangent: State, batched: str = "vmap"
+    ) -> tuple[State, torch.Tensor]:
+        """The vector-Jacobian product of step ``t`` at ``state`` for a batch of Q cotangents
+        (:meth:`step_graph`, then :meth:`graph_vjp`)."""
+        return self.graph_vjp(self.step_graph(state, t, weights), cotangent, batched)
+
+    def graph_vjp(
+        self, graph: StepGraph, cotangent: State, batched: str = "vmap"
+    ) -> tuple[State, torch.Tensor]:
+        """The vector-Jacobian product of a step's graph for a batch of Q cotangents.
+
+        ``cotangent`` holds Q cotangents of the state after the step, stacked on a leading
+        dimension of every tensor; returns the Q cotangents of the state before it (stacked
+        likewise) and the gradients with respect to the token weights, [Q, tokens] (summed over
+        the ranks of a data-parallel run). Only this second backward runs per cotangent:
+        vectorized over the batch (``batched="vmap"``, ``is_grads_batched``) or one after
+        another on the retained graph (``"loop"``). The graph is released afterwards."""
         outs, grads_out = [], []
-        for o, c in zip(new.tensors(), cotangent.tensors()):
+        for o, c in zip(graph.new.tensors(), cotangent.tensors()):
             if o.requires_grad and bool(c.any()):
                 outs.append(o)
                 grads_out.append(c)
-        inputs = [*leaf.tensors(), w]
+        inputs = [*graph.leaf.tensors(), graph.weights]
         q = len(cotangent.tensors()[0])
         if q == 1 or batched == "loop":
             per = [
@@ -267,7 +289,7 @@ class Replay:
         ]
         # each rank holds 1/world of the update's own term plus its documents' terms
         flat = sum_gradients_over_ranks(flat)
-        return leaf.like(flat[:-1]), flat[-1]
+        return graph.leaf.like(flat[:-1]), flat[-1]
 
     def run(self, weights: torch.Tensor | None = None) -> tuple[State, list[float]]:
         """The whole run without a graph (token weights default to ones): final state, step losses."""

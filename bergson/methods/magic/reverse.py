@@ -24,16 +24,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ... import distributed
+from ...core.allocator import allocated_bytes
 from ...errors import BergsonError
 from .recipe import State, Tensors, zero_slots_state
-from .replay import Replay, math_attention
+from .replay import Replay, StepGraph, math_attention
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,10 @@ class ReverseResult:
     """∂Q/∂w per training token (flat layout of :class:`TokenWeights`), float64: [tokens] for
     one query cotangent, [tokens, Q] for a list of Q carried through one pass."""
     replayed_steps: int
+    """Steps run forward without a graph to recover states (the checkpoint schedule's replays)."""
     peak_states_in_memory: int
+    graph_steps: int = 0
+    """Replayed steps built with their graphs and kept for the reverse step (no separate forward)."""
 
 
 class MagicRun:
@@ -135,7 +139,7 @@ class MagicRun:
         self.weights = replay.ones()
         self.save_every_s = SAVE_EVERY_S
         self.batched = "loop"
-        """How a step's second backward runs over several cotangents (see ``Replay.step_vjp``)."""
+        """How a step's second backward runs over several cotangents (see ``Replay.graph_vjp``)."""
         """Seconds between saves of the reverse pass's progress (at segment ends)."""
         self.resume_steps = set(checkpoint_steps("sqrt", self.total))
         self.spill_dir = self.states_dir / (
@@ -204,9 +208,6 @@ class MagicRun:
         self.kept.put(t, s)
         return s
 
-    def _vjp(self, s: State, t: int, cot: State) -> tuple[State, torch.Tensor]:
-        return self.replay.step_vjp(s, t, self.weights, cot, self.batched)
-
     def _advance(self, s: State, a: int, b: int) -> State:
         with torch.no_grad(), math_attention():
             for t in range(a, b):
@@ -229,7 +230,7 @@ class MagicRun:
         With ``first_step`` > 0 the pass is truncated: it differentiates through steps
         ``first_step .. T-1`` only, as if the state at ``first_step`` did not depend on the
         weights (the tokens trained on only before it get zero)."""
-        self.replayed = 0
+        self.replayed = self.graph_steps = 0
         self.peak_in_memory = 0
         single = isinstance(final_cotangent, dict)
         finals = [final_cotangent] if isinstance(final_cotangent, dict) else list(final_cotangent)
@@ -285,25 +286,48 @@ class MagicRun:
                 last_save = time.perf_counter()
         bar.close()
         grads = acc.numpy()
-        return ReverseResult(grads[0] if single else grads.T.copy(), self.replayed, self.peak_in_memory)
+        return ReverseResult(
+            grads[0] if single else grads.T.copy(), self.replayed, self.peak_in_memory, self.graph_steps
+        )
 
-    def _step_back(self, s: State, t: int, cot: State, acc: torch.Tensor, bar: Any) -> State:
-        cot, wgrad = self._vjp(s, t, cot)
+    def _step_back(self, s: State | StepGraph, t: int, cot: State, acc: torch.Tensor, bar: Any) -> State:
+        graph = s if isinstance(s, StepGraph) else self.replay.step_graph(s, t, self.weights)
+        cot, wgrad = self.replay.graph_vjp(graph, cot, self.batched)
         acc += wgrad.double().cpu()
         bar.update(1)
         return cot
 
     def _linear(self, s_a: State, a: int, b: int, cot: State, acc: torch.Tensor, bar: Any) -> State:
+        """Replay a segment forwards, then step back through it.
+
+        While they fit in half the memory budget (measured as each is built), the replay builds
+        the steps with their graphs (:meth:`Replay.step_graph`) and keeps them: the reverse step
+        then needs only its second backward, and the replay costs no separate forward. The
+        steps beyond keep their states and rebuild their graphs when stepped back through."""
+        room = self.memory_budget // 2
+        graphs: dict[int, StepGraph] = {}
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".replay-") as tmp:
-            cache = StateCache(self.memory_budget // 2, Path(tmp), self.template, self.replay.device)
-            s = s_a
-            cache.put(a, s)
-            for t in range(a + 1, b):
-                s = self._advance(s, t - 1, t)
+            cache: StateCache | None = None
+            s, size = s_a, 0
+            for t in range(a, b):
+                before = allocated_bytes(self.replay.device) if cache is None and room > size else None
+                if before is not None:
+                    graphs[t] = self.replay.step_graph(s, t, self.weights)
+                    size = max(0, (allocated_bytes(self.replay.device) or 0) - before)
+                    room -= size
+                    s = graphs[t].new.detached()
+                    self.graph_steps += t + 1 < b  # a replayed step that needed no forward of its own
+                    continue
+                if cache is None:  # the states beyond the graphs share what room is left
+                    cache = StateCache(max(0, room), Path(tmp), self.template, self.replay.device)
                 cache.put(t, s)
-            self.peak_in_memory = max(self.peak_in_memory, len(cache.memory) + len(self.kept.memory))
+                if t + 1 < b:
+                    s = self._advance(s, t, t + 1)
+            kept = len(graphs) + (len(cache.memory) if cache is not None else 0)
+            self.peak_in_memory = max(self.peak_in_memory, kept + len(self.kept.memory))
             for t in range(b - 1, a - 1, -1):
-                cot = self._step_back(cache.pop(t), t, cot, acc, bar)
+                step = graphs.pop(t) if t in graphs else cast(StateCache, cache).pop(t)
+                cot = self._step_back(step, t, cot, acc, bar)
         return cot
 
     def _bisect(
