@@ -194,7 +194,9 @@ class BoundedScanner(SingleThreadedWorkers):
         self.b_coef = (1.001 + gamma) * q_norm  # times ||d||
         # no float32 score of a row exceeds ||x|| ||q|| by more than this factor (Cauchy-Schwarz)
         self.q_ceiling = (1.001 + gamma) * q_norm
-        self.q8t = torch.from_numpy(q8.astype(np.int8)).T  # [width, Q]
+        # [width, Q], a fresh copy: with one column a transposed view has strides (1, 1) (which
+        # numpy still calls contiguous), and torch._int_mm misreads those
+        self.q8t = torch.from_numpy(q8.T.astype(np.int8, order="C", copy=True))
         self.c32 = c.astype(np.float32)
         self.a32 = self.a_coef.astype(np.float32)
         self.b32 = self.b_coef.astype(np.float32)

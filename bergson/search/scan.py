@@ -151,6 +151,12 @@ def block_tensor(torch: Any, block: np.ndarray) -> Any:
         return torch.from_numpy(block)
 
 
+def transposed(rows: Any) -> Any:
+    """``rows.T`` for an integer matmul: a view, except for rows of one column, whose transposed
+    view has strides (1, 1), which ``torch._int_mm`` misreads (it gets a copy)."""
+    return rows.T if rows.shape[1] > 1 else rows.reshape(1, -1).clone()
+
+
 def gather_columns(rows: Any, block: Any, s: int, e: int, segments: Any) -> None:
     """Copy rows ``s:e`` of ``block`` into the buffer ``rows``: whole, or only the column
     ``segments`` [(start, end), ...] side by side (None: every column)."""
@@ -284,7 +290,7 @@ class ChunkScanner(SingleThreadedWorkers):
             ri = bufs["int8"][:n]
             ri.copy_(rows)
             acc = bufs["int32"][: self.num_q * n].view(self.num_q, n)
-            torch._int_mm(self.q_int8, ri.T, out=acc)
+            torch._int_mm(self.q_int8, transposed(ri), out=acc)
             out.copy_(acc)
             # times each row's largest magnitude (a non-finite one makes the whole column
             # non-finite); the queries' scales and 1/127 are left out: no ranking needs them
@@ -360,7 +366,7 @@ class ChunkScanner(SingleThreadedWorkers):
                 col += z - a
         out = bufs["out"][: self.num_q * n].view(self.num_q, n)
         acc = bufs["int32"][: self.num_q * n].view(self.num_q, n)
-        torch._int_mm(self.q_int8, ri.T, out=acc)
+        torch._int_mm(self.q_int8, transposed(ri), out=acc)
         out.copy_(acc)
         scale = self.scales[s:e]
         if self.unit_norm:  # the scale cancels in a cosine

@@ -263,3 +263,17 @@ def test_prefilter_refusals_and_old_copies(heavy_store, tmp_path):
         exact_topk(store, x[:2], 3, int8_prefilter=True)[1], exact_topk(store, x[:2], 3)[1]
     )
     assert load_int8_copy(store) is not None
+
+
+def test_a_store_of_one_column_through_the_int8_routes(tmp_path):
+    """One column: a transposed view of the rows or the queries has strides (1, 1), which
+    torch._int_mm misreads; both int8 routes must still return the float32 scan's answer."""
+    rng = np.random.default_rng(47)
+    x = (rng.standard_normal((600, 1)) * 10.0 ** rng.uniform(-2, 2, size=(600, 1))).astype(np.float32)
+    store = synthetic_store(tmp_path / "s", x, shard_size=250)
+    q = np.array([[1.5], [-0.25]], np.float32)
+    es, ei = exact_topk(store, q, 7)
+    for kw in ({"int8_prefilter": True}, {"int8_rerank": 2}):
+        s, i = exact_topk(store, q, 7, **kw)
+        np.testing.assert_array_equal(i, ei)
+        np.testing.assert_allclose(s, es, rtol=1e-6)
