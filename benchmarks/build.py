@@ -81,6 +81,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    from bergson.core.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the ``bergson`` program does (both legs run under it)
     torch.set_num_threads(args.threads)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bergson-bench-"))
