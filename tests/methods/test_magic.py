@@ -10,6 +10,7 @@ import torch
 
 from bergson import BergsonError
 from bergson.config import TrainingConfig
+from bergson.methods.magic import reverse as reverse_module
 from bergson.methods.magic.command import check_precision
 from bergson.methods.magic.recipe import learning_rate, plan_steps
 from bergson.methods.magic.replay import Replay, query_losses
@@ -125,6 +126,13 @@ def test_checkpoint_schedules_spilling_and_resume_give_the_same_metagradients(tm
         result = run.reverse(cot)
         assert (result.replayed_steps, result.graph_steps) == (replayed, graphs)
         np.testing.assert_allclose(result.token_grads, ref, rtol=1e-10, atol=1e-15)
+    # where the memory in use cannot be measured (no glibc, no CUDA) no graph is kept
+    monkeypatch.setattr(reverse_module, "allocated_bytes", lambda device: None)
+    run, cot = _metagradient(replay, model, queries, tmp_path / "unmeasured", "sqrt")
+    result = run.reverse(cot)
+    assert (result.replayed_steps, result.graph_steps) == (5, 0)
+    np.testing.assert_allclose(result.token_grads, ref, rtol=1e-10, atol=1e-15)
+    monkeypatch.undo()
     # several queries' cotangents carried through one pass (vectorized or one backward each on
     # the shared graph) give each query's own pass; their mean is the aggregate column
     cots = _per_query_cotangents(run, model, queries)
