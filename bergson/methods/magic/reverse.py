@@ -138,9 +138,9 @@ class MagicRun:
         self.template = replay.initial_state()
         self.weights = replay.ones()
         self.save_every_s = SAVE_EVERY_S
+        """Seconds between saves of the reverse pass's progress (at segment ends)."""
         self.batched = "loop"
         """How a step's second backward runs over several cotangents (see ``Replay.graph_vjp``)."""
-        """Seconds between saves of the reverse pass's progress (at segment ends)."""
         self.resume_steps = set(checkpoint_steps("sqrt", self.total))
         self.spill_dir = self.states_dir / (
             "spill" if distributed.world_size() == 1 else f"spill-{distributed.rank()}"
