@@ -5,10 +5,11 @@ By default glibc hands allocations above its mmap threshold (128 KiB, raised as 
 frees, up to 32 MiB) their own ``mmap``, and gives freed memory at the top of the heap back to
 the kernel beyond a trim threshold. A CPU forward and backward allocates and frees tensors of a
 few to tens of MiB at every operation, so the kernel keeps mapping, zeroing and unmapping the
-same pages: 14 s of kernel time in a 42 s ``bergson magic`` of the example fine-tune. With a
-fixed 32 MiB threshold and no trimming, freed tensors are reused from pages already mapped
-(what a preloaded jemalloc or tcmalloc does): that run took 36 s, 1 s of it in the kernel. The
-cost: memory freed after a peak stays with the process until it ends.
+same pages: 14 s of kernel time in a 42 to 45 s ``bergson magic`` of the example fine-tune.
+With a fixed 32 MiB threshold and no trimming, freed tensors are reused from pages already
+mapped (what a preloaded jemalloc or tcmalloc does): 34 to 38 s, 4 to 6 s of it in the kernel
+(docs/benchmarks/performance.md). The cost: memory freed after a peak stays with the process
+until it ends.
 
 The ``bergson`` program applies this at start; ``BERGSON_MALLOC=system`` leaves glibc's
 defaults, and so does any ``MALLOC_*`` setting or ``LD_PRELOAD`` of the caller's own (their
