@@ -57,3 +57,18 @@ def test_magic_on_two_workers_equals_one(tmp_path, model_dir, corpus_file):
         # rounding noise (different for a sum taken in another order) to full-size steps
         np.testing.assert_allclose(w2[k], w1[k], rtol=1e-4, atol=1e-3 * np.abs(w1[k]).max())
     assert not list((tmp_path / "two" / "states").glob("spill*/*"))
+    assert t2["graph_steps"] > 0  # the replays kept their graphs
+
+    # a budget of a few bytes: each two-step segment keeps its first step's graph and only the
+    # state of its second, whose graph the reverse step rebuilds; both ranks alike (the graphs'
+    # sizes are agreed over the ranks, so their collectives pair up), to the same scores
+    tight = tmp_path / "tight.yaml"
+    tight.write_text(
+        yaml.safe_dump({**asdict(cfg), "run_path": str(tmp_path / "tight"), "memory_budget_gb": 4e-9})
+    )
+    cli("bergson", "magic", str(tight), "--nproc_per_node", "2", "--top_k", "2")
+    t3 = json.loads((tmp_path / "tight" / "timings.json").read_text())
+    assert t3["graph_steps"] == 2 and t3["replayed_steps"] == 0
+    assert_close(
+        np.asarray(load_gradients(tmp_path / "tight" / "scores")["scores"]), np.asarray(one["scores"])
+    )

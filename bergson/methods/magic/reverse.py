@@ -146,6 +146,8 @@ class MagicRun:
             "spill" if distributed.world_size() == 1 else f"spill-{distributed.rank()}"
         )
         self.kept = StateCache(memory_budget // 2, self.spill_dir, self.template, replay.device)
+        # whether graphs can be kept (the memory they take measured): on every rank or none
+        self.measurable = all(distributed.all_gather_objects(allocated_bytes(replay.device) is not None))
         self.writes = distributed.rank() == 0
         """Whether this process writes the run's files (rank 0 of a data-parallel run)."""
 
@@ -310,10 +312,10 @@ class MagicRun:
             cache: StateCache | None = None
             s, size = s_a, 0
             for t in range(a, b):
-                before = allocated_bytes(self.replay.device) if cache is None and room > size else None
-                if before is not None:
+                if self.measurable and cache is None and room > size:
+                    before = allocated_bytes(self.replay.device) or 0
                     graphs[t] = self.replay.step_graph(s, t, self.weights)
-                    size = max(0, (allocated_bytes(self.replay.device) or 0) - before)
+                    size = self._graph_bytes(before)
                     room -= size
                     s = graphs[t].new.detached()
                     self.graph_steps += t + 1 < b  # a replayed step that needed no forward of its own
@@ -329,6 +331,13 @@ class MagicRun:
                 step = graphs.pop(t) if t in graphs else cast(StateCache, cache).pop(t)
                 cot = self._step_back(step, t, cot, acc, bar)
         return cot
+
+    def _graph_bytes(self, before: int) -> int:
+        """Bytes the graph just built holds (memory in use now less ``before``); under data
+        parallelism the largest over the ranks, so that every rank keeps the same steps' graphs
+        and its replays and reverse steps run the same collectives in the same order."""
+        size = max(0, (allocated_bytes(self.replay.device) or 0) - before)
+        return max(distributed.all_gather_objects(size))
 
     def _bisect(
         self, s_a: State, a: int, b: int, cot: State, acc: torch.Tensor, bar: Any, depth: int = 1
