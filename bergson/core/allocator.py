@@ -19,10 +19,11 @@ choice wins). Python users may call :func:`keep_freed_memory` themselves.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -63,6 +64,7 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
+@functools.cache
 def _glibc() -> bool:
     try:
         return sys.platform == "linux" and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
@@ -92,15 +94,21 @@ class _MallInfo2(ctypes.Structure):
     ]  # fmt: skip
 
 
+@functools.cache
+def _mallinfo2() -> Any:
+    """glibc's ``mallinfo2`` (found once), None without glibc 2.33+."""
+    info = getattr(ctypes.CDLL(None), "mallinfo2", None) if _glibc() else None
+    if info is not None:
+        info.restype = _MallInfo2
+    return info
+
+
 def heap_bytes() -> int | None:
     """Bytes that glibc's malloc has handed out and not taken back (``mallinfo2``: the heap's
     chunks in use plus mmapped ones), which is where CPU tensors live; None without glibc 2.33+."""
-    if not _glibc():
-        return None
-    info = getattr(ctypes.CDLL(None), "mallinfo2", None)
+    info = _mallinfo2()
     if info is None:
         return None
-    info.restype = _MallInfo2
     m = info()
     return int(m.uordblks + m.hblkhd)
 

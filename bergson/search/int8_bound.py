@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .int8_copy import Int8Copy
-from .scan import SingleThreadedWorkers, TopK, block_tensor, rescore
+from .scan import SingleThreadedWorkers, TopK, block_tensor, rescore, transposed
 
 MAX_DIM = (2**31 - 1) // (127 * 127)
 """Widest row whose int8 products cannot overflow int32 (133,143 columns)."""
@@ -194,9 +194,7 @@ class BoundedScanner(SingleThreadedWorkers):
         self.b_coef = (1.001 + gamma) * q_norm  # times ||d||
         # no float32 score of a row exceeds ||x|| ||q|| by more than this factor (Cauchy-Schwarz)
         self.q_ceiling = (1.001 + gamma) * q_norm
-        # [width, Q], a fresh copy: with one column a transposed view has strides (1, 1) (which
-        # numpy still calls contiguous), and torch._int_mm misreads those
-        self.q8t = torch.from_numpy(q8.T.astype(np.int8, order="C", copy=True))
+        self.q8t = transposed(torch.from_numpy(q8.astype(np.int8)))  # [width, Q]
         self.c32 = c.astype(np.float32)
         self.a32 = self.a_coef.astype(np.float32)
         self.b32 = self.b_coef.astype(np.float32)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -309,10 +309,11 @@ class MagicRun:
         room = self.memory_budget // 2
         graphs: dict[int, StepGraph] = {}
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".replay-") as tmp:
-            cache: StateCache | None = None
-            s, size = s_a, 0
+            cache = StateCache(0, Path(tmp), self.template, self.replay.device)
+            building, s, size = self.measurable, s_a, 0
             for t in range(a, b):
-                if self.measurable and cache is None and room > size:
+                building = building and room > size
+                if building:
                     before = allocated_bytes(self.replay.device) or 0
                     graphs[t] = self.replay.step_graph(s, t, self.weights)
                     size = self._graph_bytes(before)
@@ -320,16 +321,14 @@ class MagicRun:
                     s = graphs[t].new.detached()
                     self.graph_steps += t + 1 < b  # a replayed step that needed no forward of its own
                     continue
-                if cache is None:  # the states beyond the graphs share what room is left
-                    cache = StateCache(max(0, room), Path(tmp), self.template, self.replay.device)
+                cache.budget = max(0, room)  # the states beyond the graphs share what room is left
                 cache.put(t, s)
                 if t + 1 < b:
                     s = self._advance(s, t, t + 1)
-            kept = len(graphs) + (len(cache.memory) if cache is not None else 0)
+            kept = len(graphs) + len(cache.memory)
             self.peak_in_memory = max(self.peak_in_memory, kept + len(self.kept.memory))
             for t in range(b - 1, a - 1, -1):
-                step = graphs.pop(t) if t in graphs else cast(StateCache, cache).pop(t)
-                cot = self._step_back(step, t, cot, acc, bar)
+                cot = self._step_back(graphs.pop(t) if t in graphs else cache.pop(t), t, cot, acc, bar)
         return cot
 
     def _graph_bytes(self, before: int) -> int:
