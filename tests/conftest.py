@@ -48,6 +48,28 @@ def _refuse_the_network() -> None:
 _refuse_the_network()
 
 
+def _float64_softmax_stays_float64() -> None:
+    """transformers' eager attention takes its softmax with ``dtype=torch.float32`` whatever the
+    model's dtype, so a float64 model's attention weights are rounded to float32. Where the CPU's
+    float32 reductions are 8 lanes wide (AVX2), that rounding depends on the padded length of the
+    row, and a document's gradient in a padded batch differs from its gradient alone by ~1e-6
+    (measured on an AMD EPYC; AVX-512 machines reduce a short row in one vector and agree to
+    1e-16). The ground-truth tests compare float64 models to 1e-9, which is about our algebra,
+    not transformers' float32 softmax: in the test process a float64 input keeps its softmax in
+    float64. Worker processes the tests launch are not patched (their tests compare loosely)."""
+    softmax = torch.nn.functional.softmax
+
+    def float64_softmax(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if input.dtype == torch.float64 and kwargs.get("dtype") == torch.float32:
+            kwargs["dtype"] = torch.float64
+        return softmax(input, *args, **kwargs)
+
+    torch.nn.functional.softmax = float64_softmax  # type: ignore[assignment]
+
+
+_float64_softmax_stays_float64()
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     """The first 24 documents of the shipped corpus (cut to 600 characters) as a .jsonl file."""

@@ -66,16 +66,28 @@ def manifest_json(store: GradientStore) -> dict:
     documents, and a batch's composition can change the float32 rounding of its matrix products (about
     1e-7 relatively; the bytes matched with the packages installed on 2026-12-02 and differ with those
     of 2026-12-03, transformers 5.25 among them), so the bytes may differ while the values agree:
-    :func:`assert_same_store` compares the values themselves."""
+    :func:`assert_same_store` compares the values themselves, and the row-norm summary (computed from
+    them) to float32 rounding."""
     m = json.loads((store.root / "manifest.json").read_text())
     m.pop("producer")
+    m.pop("norms", None)
     for shard in m.get("shards", []):
         shard.pop("sha256", None)
     return m
 
 
+def norm_summary(store: GradientStore) -> dict:
+    """The manifest's summary of the row norms (median and the like), {} without one."""
+    return json.loads((store.root / "manifest.json").read_text()).get("norms") or {}
+
+
 def assert_same_store(one: GradientStore, two: GradientStore) -> None:
     assert manifest_json(two) == manifest_json(one)
+    want, got = norm_summary(one), norm_summary(two)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        same = pytest.approx(value, rel=1e-5) if isinstance(value, float) else value
+        assert got[key] == same, key
     np.testing.assert_array_equal(two.rows["row_id"], one.rows["row_id"])
     np.testing.assert_array_equal(two.rows["num_tokens"], one.rows["num_tokens"])
     np.testing.assert_allclose(two.rows["loss"], one.rows["loss"], rtol=1e-5)
