@@ -60,7 +60,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from bergson import BergsonError, DataConfig, IndexConfig, build, load_data, load_model, tokenize_documents
+from bergson import (
+    BergsonError,
+    DataConfig,
+    IndexConfig,
+    build,
+    diagnostics,
+    load_data,
+    load_model,
+    tokenize_documents,
+)
+from bergson.config.commands import ModelConfigTestConfig
 from bergson.data import plan_batches
 from bergson.models import numerics
 from bergson.runs.shared_store import write_store
@@ -230,6 +240,28 @@ def checks(args: argparse.Namespace, root: Path, out: dict[str, Any]) -> None:
     sharded = build(replace(base, run_path=str(root / "fsdp"), fsdp=True))
     a, b = np.asarray(plain.all, np.float64), np.asarray(sharded.all, np.float64)
     out["fsdp_one_gpu_max_rel_diff"] = float(np.abs(a - b).max() / np.abs(a).max())
+    # --token_batch_size auto: the GPU probe's choice, and a store equal to the explicit budget's
+    start = time.perf_counter()
+    auto = build(replace(base, run_path=str(root / "auto"), token_batch_size="auto"))  # type: ignore[arg-type]
+    manifest = json.loads((root / "auto" / "manifest.json").read_text())
+    c = np.asarray(auto.all, np.float64)
+    out["token_batch_size_auto"] = {
+        "seconds": round(time.perf_counter() - start, 2),
+        "record": _find(manifest, "token_batch_size_auto"),
+        "max_rel_diff_to_4096": float(np.abs(c - a).max() / np.abs(a).max()),
+    }
+    # the numerical-consistency diagnostic on CUDA kernels (bf16 first; it escalates as needed)
+    report = diagnostics.test_model_configuration(
+        ModelConfigTestConfig(model=str(model), precision="bf16", device=args.device)
+    )
+    out["test_model_configuration_bf16"] = {
+        key: report.get(key) for key in ("consistent", "consistent_as_configured", "recommended", "message")
+    } | {
+        "settings": [
+            {k: s.get(k) for k in ("name", "status", "consistent", "padded_max_rel_error", "note")}
+            for s in report["settings"]
+        ]
+    }
     for precision in ("int4", "int8"):
         start = time.perf_counter()
         try:
@@ -244,6 +276,19 @@ def checks(args: argparse.Namespace, root: Path, out: dict[str, Any]) -> None:
             "finite": bool(np.isfinite(v).all()),
             "median_cosine_to_fp32": float(np.median(cos)),
         }
+
+
+def _find(tree: Any, key: str) -> Any:
+    """The first value under ``key`` anywhere in a JSON tree (None if absent)."""
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree[key]
+        tree = list(tree.values())
+    if isinstance(tree, list):
+        for item in tree:
+            if (found := _find(item, key)) is not None:
+                return found
+    return None
 
 
 def main() -> None:
