@@ -19,7 +19,9 @@ from tests.helpers.assets import ASSETS, HOSTILE, HOSTILE_ROW
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# The suite runs in pytest-xdist processes (pyproject's addopts: one per core, at most 4), each
+# with one thread; a run without xdist (-p no:xdist) keeps two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def _refuse_the_network() -> None:
