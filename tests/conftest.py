@@ -20,7 +20,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The suite runs in pytest-xdist processes (pyproject's addopts: one per core, at most 4), each
-# with one thread; a run without xdist (-p no:xdist) keeps two.
+# with one thread; a run in one process (-n 0) keeps two.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 

@@ -123,3 +123,14 @@ def test_auto_build_records_its_choice_and_equals_the_explicit_build(tmp_path, m
         "token_batch_size_auto"
         not in json.loads((Path(explicit.run_path) / "manifest.json").read_text())["plan"]
     )
+
+
+def test_a_gpu_run_at_the_default_budget_is_told_about_auto():
+    from bergson.config import IndexConfig
+    from bergson.runs.documents import default_budget_hint
+
+    default = IndexConfig()
+    hint = default_budget_hint(default, "cuda")
+    assert hint is not None and "--token_batch_size auto" in hint and "2048 (the default)" in hint
+    assert default_budget_hint(default, "cpu") is None  # on a CPU a larger budget buys nothing
+    assert default_budget_hint(IndexConfig(token_batch_size=4096), "cuda") is None  # chosen by the user
