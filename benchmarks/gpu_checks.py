@@ -243,11 +243,10 @@ def checks(args: argparse.Namespace, root: Path, out: dict[str, Any]) -> None:
     # --token_batch_size auto: the GPU probe's choice, and a store equal to the explicit budget's
     start = time.perf_counter()
     auto = build(replace(base, run_path=str(root / "auto"), token_batch_size="auto"))  # type: ignore[arg-type]
-    manifest = json.loads((root / "auto" / "manifest.json").read_text())
     c = np.asarray(auto.all, np.float64)
     out["token_batch_size_auto"] = {
         "seconds": round(time.perf_counter() - start, 2),
-        "record": _find(manifest, "token_batch_size_auto"),
+        "record": auto.manifest.plan.get("token_batch_size_auto"),
         "max_rel_diff_to_4096": float(np.abs(c - a).max() / np.abs(a).max()),
     }
     # the numerical-consistency diagnostic on CUDA kernels (bf16 first; it escalates as needed)
@@ -276,19 +275,6 @@ def checks(args: argparse.Namespace, root: Path, out: dict[str, Any]) -> None:
             "finite": bool(np.isfinite(v).all()),
             "median_cosine_to_fp32": float(np.median(cos)),
         }
-
-
-def _find(tree: Any, key: str) -> Any:
-    """The first value under ``key`` anywhere in a JSON tree (None if absent)."""
-    if isinstance(tree, dict):
-        if key in tree:
-            return tree[key]
-        tree = list(tree.values())
-    if isinstance(tree, list):
-        for item in tree:
-            if (found := _find(item, key)) is not None:
-                return found
-    return None
 
 
 def main() -> None:

@@ -37,15 +37,10 @@ from bergson.data import plan_batches
 from bergson.models import find_tracked_modules, numerics
 from bergson.runs.shared_store import write_store
 
-from .build import train_step_time
+from .build import _sync, train_step_time
 from .common import SHAPES, corpus_slice, pythia_shaped_dir
 
 SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaEventSynchronize")
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _timed(fn: Callable[[], Any]) -> float:
