@@ -16,7 +16,9 @@
    - ``int8_prefilter``: the same exact search through the store's int8 copy, every row's score
      bounded from an integer matmul and only the rows that could be hits re-scored in float32
      (``gbps_best`` counts the float16 store's bytes, as above; ``int8_gbps_read`` the int8
-     bytes actually read), and whether it returned the float32 scan's answer;
+     bytes actually read), whether it returned the float32 scan's answer, and which kernel made
+     its exact integer products (``int8_kernel``: ``torch._int_mm`` or float32, whichever this
+     CPU runs faster; ``--compare_int8_kernels`` also times it with each forced);
    - the compute roofline: single-threaded float32 matmul throughput on the kernel
      shape the search uses, times the worker threads. Scoring one float16 element costs
      2 * Q flops and 2 bytes, so a search can scan at most ``GFLOPS / Q`` GB/s. The same
@@ -39,6 +41,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -52,7 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bergson.search import FaissConfig, exact_topk, load_or_build_index
+from bergson.search import FaissConfig, exact_topk, int_matmul, load_or_build_index
 from bergson.store import GradientStore, Manifest, ModuleLayout, StoreWriter, load_gradients
 
 
@@ -97,6 +100,22 @@ def gaussian_rows(dim: int, norm_decades: float = 0.0) -> Any:
         return x
 
     return make
+
+
+@contextlib.contextmanager
+def forced_int8_kernel(name: str) -> Any:
+    """The int8 searches' integer products through ``name`` (``BERGSON_INT8_MATMUL``) meanwhile."""
+    before = os.environ.get("BERGSON_INT8_MATMUL")
+    os.environ["BERGSON_INT8_MATMUL"] = name
+    int_matmul.reset()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("BERGSON_INT8_MATMUL", None)
+        else:
+            os.environ["BERGSON_INT8_MATMUL"] = before
+        int_matmul.reset()
 
 
 def best_and_median(fn: Any, repeats: int) -> tuple[float, float, float]:
@@ -201,6 +220,7 @@ def bench_exact(store: GradientStore, args: argparse.Namespace, bandwidth: float
                 args.repeats,
             )
             entry["int8_prefilter"] = {
+                "int8_kernel": int_matmul.kernel(num_q),
                 "gbps_best": round(scanned / bestp / 1e9, 3),
                 "int8_gbps_read": round(scanned / 2 / bestp / 1e9, 3),
                 "gb_per_cpu_second": round(scanned / cpup / 1e9, 3),
@@ -208,6 +228,18 @@ def bench_exact(store: GradientStore, args: argparse.Namespace, bandwidth: float
                 "fraction_of_copy_bandwidth": round(scanned / bestp / 1e9 / bandwidth, 3),
                 "same_as_exact": bool((found == truth).all() and np.allclose(found_s, truth_s, rtol=1e-6)),
             }
+            if args.compare_int8_kernels:  # each kernel forced in turn, timed in this run
+                by_kernel = {}
+                for name in int_matmul.KERNELS:
+                    with forced_int8_kernel(name):
+                        bk, _, _ = best_and_median(
+                            lambda q=q, threads=threads: exact_topk(
+                                store, q, 10, num_threads=threads, int8_prefilter=True
+                            ),
+                            args.repeats,
+                        )
+                    by_kernel[name] = round(scanned / bk / 1e9, 3)
+                entry["int8_prefilter"]["gbps_best_by_kernel"] = by_kernel
             results.append(entry)
             print(json.dumps(results[-1]), flush=True, file=sys.stderr)
     return {
@@ -345,6 +377,11 @@ def main() -> None:
         default=0.0,
         help="exact search: scale each row so that the row norms span this many orders of magnitude "
         "(0: plain Gaussian rows)",
+    )
+    parser.add_argument(
+        "--compare_int8_kernels",
+        action="store_true",
+        help="also time int8_prefilter with each integer-product kernel forced (torch._int_mm, float32)",
     )
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()

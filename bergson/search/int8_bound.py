@@ -8,7 +8,8 @@ with ``||d||`` (at most 0.5 per entry) recorded. A query ``q`` is quantized the 
     x . q = (a/127) [c (r . q8) + r . e + d . q]
     |x . q - (a/127) c (r . q8)| <= (a/127) (||r|| ||e|| + ||d|| ||q||)
 
-and ``r . q8`` is exact in int32 (``torch._int_mm``; AVX-512 VNNI or AMX where the CPU has them).
+and ``r . q8`` is exact in int32 (:func:`bergson.search.int_matmul.int8_matmul`: ``torch._int_mm``
+where the CPU runs it fast, float32 products of the integers, still exact, elsewhere).
 So every row gets a lower and an upper bound on its score at integer-matmul speed. Padded further
 for float32 rounding (the reference score's own, and the bounds' arithmetic), they bound the score
 the float32 scan computes. The k-th best lower bound ``T`` of a query is a score that at least k
@@ -43,6 +44,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .int8_copy import Int8Copy
+from .int_matmul import int8_matmul
 from .scan import SingleThreadedWorkers, TopK, block_tensor, rescore, transposed
 
 MAX_DIM = (2**31 - 1) // (127 * 127)
@@ -263,7 +265,7 @@ class BoundedScanner(SingleThreadedWorkers):
                     rows[:, col : col + z - a].copy_(block[s:e, a:z])
                     col += z - a
             acc = acc_all[: n * num_q].view(n, num_q)
-            torch._int_mm(rows, self.q8t, out=acc)
+            int8_matmul(rows, self.q8t, acc)
             if not seeded and n >= self.k:
                 t, seeded = np.maximum(t, self._seed(acc.numpy(), s, e)), True
                 limits, theta, skip = self._thresholds(t)

@@ -14,8 +14,8 @@ it and then makes several numpy passes over it per block, which is what makes it
 queries.
 
 With ``int8=True`` the chunk is quantized first (one scale per row: its largest magnitude maps
-to 127; the queries likewise, once) and scored by an integer matmul (``torch._int_mm``; AVX-512
-VNNI where the CPU has it). Those scores are approximate: the caller keeps more candidates than
+to 127; the queries likewise, once) and scored by an exact integer matmul
+(:func:`bergson.search.int_matmul.int8_matmul`). Those scores are approximate: the caller keeps more candidates than
 it returns and re-scores them exactly (:func:`rescore`).
 
 Ties and order are those of :class:`TopK`: descending score, then
@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+
+from .int_matmul import int8_matmul
 
 CHUNK_BYTES = 1 << 20
 """Float32 bytes of one converted chunk (rows x selected columns): half the 2 MiB L2 cache of a
@@ -290,7 +292,7 @@ class ChunkScanner(SingleThreadedWorkers):
             ri = bufs["int8"][:n]
             ri.copy_(rows)
             acc = bufs["int32"][: self.num_q * n].view(self.num_q, n)
-            torch._int_mm(self.q_int8, transposed(ri), out=acc)
+            int8_matmul(self.q_int8, transposed(ri), acc)
             out.copy_(acc)
             # times each row's largest magnitude (a non-finite one makes the whole column
             # non-finite); the queries' scales and 1/127 are left out: no ranking needs them
@@ -366,7 +368,7 @@ class ChunkScanner(SingleThreadedWorkers):
                 col += z - a
         out = bufs["out"][: self.num_q * n].view(self.num_q, n)
         acc = bufs["int32"][: self.num_q * n].view(self.num_q, n)
-        torch._int_mm(self.q_int8, transposed(ri), out=acc)
+        int8_matmul(self.q_int8, transposed(ri), acc)
         out.copy_(acc)
         scale = self.scales[s:e]
         if self.unit_norm:  # the scale cancels in a cosine
