@@ -1,0 +1,66 @@
+"""The first-order trajectory scores of ``benchmarks/quality/first_order.py`` against ground truth.
+
+Two AdamW steps over different documents, the first at learning rate 0 (the warmup's first
+step): the weights do not move before the second step, so no Hessian enters the derivative of
+the query loss with respect to the documents' weights, while the first step's gradient still
+reaches the second update through both moments. The unrolled scores must then equal MAGIC's
+exact metagradients. The final-weights scores must equal their definition, computed with plain
+per-document autograd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from benchmarks.quality import first_order, lm
+
+
+def test_one_step_scores_equal_magic_and_their_definition(tmp_path):
+    from bergson import load_gradients
+    from bergson.methods.magic.command import load_recipe, magic, prepare
+    from bergson.methods.magic.recipe import learning_rate
+    from bergson.methods.magic.replay import Replay, query_gradient, token_losses
+
+    args = lm.parse_args(["--quick", "--work", str(tmp_path)])
+    args.docs, args.epochs = 16, 1  # two AdamW steps of 8 documents
+    args.query_file, args.num_queries = lm.write_queries(args, tmp_path)
+    recipe_path = lm.make_recipe(args, tmp_path)
+    scores, seconds = first_order.first_order_scores(recipe_path, ["unrolled", "final"])
+    assert set(seconds) == {"replay", "unrolled", "final"}
+
+    recipe = load_recipe(str(recipe_path))
+    magic(replace(recipe, run_path=str(tmp_path / "magic")))
+    exact = np.asarray(load_gradients(str(tmp_path / "magic" / "scores"))["scores"], np.float64)
+    assert exact.shape == scores["unrolled"].shape == (16, 2)
+    scale = np.abs(exact).max()
+    assert scale > 0
+    np.testing.assert_allclose(scores["unrolled"], exact, rtol=0, atol=1e-4 * scale)
+
+    # final: lr_t * grad l_i(theta_2) . P_2 grad Q(theta_2) / W_t, document by document
+    model, tokenizer, docs, queries = prepare(recipe)
+    replay = Replay(model, docs, recipe.training, tokenizer.pad_token_id or 0, progress=False)
+    state, _ = replay.run()
+    assert replay.num_steps == 2 and learning_rate(recipe.training, 0, 2) == 0
+    # the first step's documents moved nothing themselves, yet count through the moments
+    first = np.concatenate(replay.plan[0])
+    assert np.abs(exact[first]).max() > 0.01 * scale
+    bc2 = 1 - recipe.training.beta2**2
+    pre = {k: 1.0 / (torch.sqrt(state.slots["v"][k] / bc2) + recipe.training.eps) for k in state.params}
+    for t in range(2):
+        step_docs = np.concatenate(replay.plan[t])
+        tokens = float(docs.num_loss_tokens()[step_docs].sum())
+        lr = learning_rate(recipe.training, t, 2)
+        for j in range(2):
+            qg = query_gradient(model, state.params, queries.select([j]))
+            for i in step_docs:
+                one = Replay(model, docs.select([i]), recipe.training, progress=False).micro_batches(0)[0]
+                leaves = {k: v.detach().requires_grad_(True) for k, v in state.params.items()}
+                loss = (token_losses(model, leaves, one.ids, one.target) * one.mask).sum()
+                grads = torch.autograd.grad(loss, list(leaves.values()))
+                want = lr * sum(float((g * pre[k] * qg[k]).sum()) for g, k in zip(grads, leaves)) / tokens
+                tol = 1e-4 * np.abs(scores["final"][:, j]).max()
+                assert abs(scores["final"][i, j] - want) <= tol, (t, i, j)
+    assert np.abs(scores["final"]).max() > 0
