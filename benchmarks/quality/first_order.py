@@ -41,7 +41,8 @@ import numpy as np
 def step_derivatives(replay: Any, model: Any, params: dict[str, Any], t: int, cotangents: list[Any]) -> tuple:
     """The loss gradient of step ``t`` at ``params`` (the step's token mean, as training takes
     it), its loss-token count, the step's positions in the run's flat token layout, and for each
-    cotangent ``c`` the per-token ``c . grad l_k`` in that layout."""
+    cotangent ``c`` the per-token ``c . grad l_k`` at those positions (the double backward runs
+    only when cotangents are given)."""
     import torch
 
     from bergson.methods.magic.replay import math_attention, token_losses
@@ -49,23 +50,25 @@ def step_derivatives(replay: Any, model: Any, params: dict[str, Any], t: int, co
     batches = replay.micro_batches(t)
     tokens = sum(float(b.mask.sum()) for b in batches)
     grads: list[Any] | None = None
-    per_token = [torch.zeros(replay.layout.size, dtype=torch.float64) for _ in cotangents]
+    per_token: list[list[Any]] = [[] for _ in cotangents]
     keys = list(params)
-    positions = torch.cat([b.weight_index[b.mask] for b in batches])
     for b in batches:
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        c = torch.ones(b.ids.shape, dtype=torch.float32, requires_grad=True)
+        c = torch.ones(b.ids.shape, dtype=torch.float32, requires_grad=bool(cotangents))
         with torch.enable_grad(), math_attention():
             losses = token_losses(model, leaves, b.ids, b.target) * b.mask
-            g = torch.autograd.grad((losses * c).sum() / tokens, [leaves[k] for k in keys], create_graph=True)
+            g = torch.autograd.grad(
+                (losses * c).sum() / tokens, [leaves[k] for k in keys], create_graph=bool(cotangents)
+            )
             for j, cot in enumerate(cotangents):
                 dot = torch.stack([(gi * cot[k]).sum() for gi, k in zip(g, keys)]).sum()
                 (d,) = torch.autograd.grad(dot, c, retain_graph=j < len(cotangents) - 1)
-                per_token[j].index_add_(0, b.weight_index[b.mask], (d.double() * tokens)[b.mask])
+                per_token[j].append((d.double() * tokens)[b.mask])
         g = [x.detach() for x in g]
         grads = g if grads is None else [a + x for a, x in zip(grads, g)]
     assert grads is not None
-    return dict(zip(keys, grads)), tokens, positions, per_token
+    positions = torch.cat([b.weight_index[b.mask] for b in batches])
+    return dict(zip(keys, grads)), tokens, positions, [torch.cat(v) for v in per_token]
 
 
 def first_order_scores(recipe_path: Path, modes: list[str]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -81,7 +84,7 @@ def first_order_scores(recipe_path: Path, modes: list[str]) -> tuple[dict[str, n
         raise SystemExit("the first-order scores follow AdamW's updates: the recipe must train with adamw")
     model, tokenizer, docs, queries = prepare(recipe)
     pad = tokenizer.pad_token_id or 0
-    replay = Replay(model, docs, recipe.training, pad, progress=True)
+    replay = Replay(model, docs, recipe.training, pad, progress=False)
     total, seconds = replay.num_steps, {}
     start = time.perf_counter()
     states = [replay.initial_state()]
@@ -133,7 +136,7 @@ def first_order_scores(recipe_path: Path, modes: list[str]) -> tuple[dict[str, n
                 _, tokens, positions, per_token = step_derivatives(replay, model, final.params, t, cots)
             for j in range(nq):
                 # d(c . g_t)/dw_k = (c . grad l_k - c . g_t) / W_t, and a score is -dQ/dw
-                token_scores[j][positions] -= (per_token[j][positions] - offsets[j]) / tokens
+                token_scores[j][positions] -= (per_token[j] - offsets[j]) / tokens
         out[mode] = np.stack([replay.layout.per_document(s.numpy()) for s in token_scores], axis=1)
         seconds[mode] = time.perf_counter() - start
     return out, seconds

@@ -18,6 +18,7 @@ columns times both on a small product of that many columns and keeps the faster 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -100,9 +101,7 @@ def _choose(columns: int) -> str:
 
 def _buffer(name: str, shape: tuple[int, ...], torch: Any) -> Any:
     """A float32 scratch tensor of ``shape`` owned by the calling thread (grown, never shrunk)."""
-    size = 1
-    for d in shape:
-        size *= d
+    size = math.prod(shape)
     bufs = getattr(_local, "bufs", None)
     if bufs is None:
         bufs = _local.bufs = {}
