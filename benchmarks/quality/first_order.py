@@ -16,13 +16,26 @@ curvature along it, with two scores that keep the trajectory and drop the Hessia
   final preconditioner ``P_T = 1 / (sqrt(v_hat_T) + eps)`` and the step's learning rate
   (``W_t``: the step's loss tokens).
 
-Both need every step's training state, which the script replays in memory (one training run of
+Four more ``unrolled`` modes put a curvature term back: each step's ``d g_t / d theta_t``
+contributes ``H c`` to the weights' cotangent, for the step gradient's cotangent ``c``, with H
+
+* ``unrolled_exact``: the exact Hessian of the step's batch at the step's own weights (this is
+  MAGIC's metagradient, computed another way: a check of the construction);
+* ``unrolled_final_hvp``: the exact Hessian of the step's batch at the final weights;
+* ``unrolled_final_gn``: the exact Gauss-Newton of the step's batch at the final weights;
+* ``unrolled_ekfac``: EK-FAC's Gauss-Newton at the final weights (``--ekfac_dir``, by default the
+  benchmark's own factors), for the weights it models, and none for the rest.
+
+The documents' contributions stay at each step's own weights in every unrolled mode.
+
+Every mode needs every step's training state, which the script replays in memory (one training run of
 the recipe, about 3 GB for the example model). Each document's contribution at a step is an
 exact directional derivative of its token losses (a double backward through the step's
 gradient). The LDS and leave-k-out correlations use the benchmark's subsets and its cached
 retrains (``--cache_dir``; missing retrains are run).
 
     python -m benchmarks.quality.first_order [--run runs/quality_lm/run_bee8c4a5c0] [--modes unrolled final]
+        [--ekfac_dir DIR]
 
 Prints one JSON object.
 """
@@ -38,11 +51,14 @@ from typing import Any
 import numpy as np
 
 
-def step_derivatives(replay: Any, model: Any, params: dict[str, Any], t: int, cotangents: list[Any]) -> tuple:
+def step_derivatives(
+    replay: Any, model: Any, params: dict[str, Any], t: int, cotangents: list[Any], hvp: bool = False
+) -> tuple:
     """The loss gradient of step ``t`` at ``params`` (the step's token mean, as training takes
-    it), its loss-token count, the step's positions in the run's flat token layout, and for each
+    it), its loss-token count, the step's positions in the run's flat token layout, for each
     cotangent ``c`` the per-token ``c . grad l_k`` at those positions (the double backward runs
-    only when cotangents are given)."""
+    only when cotangents are given), and with ``hvp`` each ``H_t c`` (the step loss's Hessian at
+    ``params`` times ``c``, from the same double backward)."""
     import torch
 
     from bergson.methods.magic.replay import math_attention, token_losses
@@ -52,6 +68,9 @@ def step_derivatives(replay: Any, model: Any, params: dict[str, Any], t: int, co
     grads: list[Any] | None = None
     per_token: list[list[Any]] = [[] for _ in cotangents]
     keys = list(params)
+    hvps: list[dict[str, Any]] = (
+        [{k: torch.zeros_like(v) for k, v in params.items()} for _ in cotangents] if hvp else []
+    )
     for b in batches:
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         c = torch.ones(b.ids.shape, dtype=torch.float32, requires_grad=bool(cotangents))
@@ -62,16 +81,82 @@ def step_derivatives(replay: Any, model: Any, params: dict[str, Any], t: int, co
             )
             for j, cot in enumerate(cotangents):
                 dot = torch.stack([(gi * cot[k]).sum() for gi, k in zip(g, keys)]).sum()
-                (d,) = torch.autograd.grad(dot, c, retain_graph=j < len(cotangents) - 1)
-                per_token[j].append((d.double() * tokens)[b.mask])
+                inputs = [c, *(leaves[k] for k in keys)] if hvp else [c]
+                got = torch.autograd.grad(
+                    dot, inputs, retain_graph=j < len(cotangents) - 1, allow_unused=True
+                )
+                per_token[j].append((got[0].double() * tokens)[b.mask])
+                for k, h in zip(keys, got[1:]):
+                    if h is not None:
+                        hvps[j][k] += h
         g = [x.detach() for x in g]
         grads = g if grads is None else [a + x for a, x in zip(grads, g)]
     assert grads is not None
     positions = torch.cat([b.weight_index[b.mask] for b in batches])
-    return dict(zip(keys, grads)), tokens, positions, [torch.cat(v) for v in per_token]
+    return dict(zip(keys, grads)), tokens, positions, [torch.cat(v) for v in per_token], hvps
 
 
-def first_order_scores(recipe_path: Path, modes: list[str]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def ekfac_curvature(path: Path, tokens_per_document: float) -> dict[str, tuple[Any, Any, Any]]:
+    """EK-FAC's factors from ``bergson ekfac`` (its ``eigen`` and ``corrected`` stages), per
+    tracked weight: (Q_S, corrected eigenvalues, Q_A), with the eigenvalues divided by the mean
+    number of loss tokens per document. EK-FAC models the Fisher of a document's summed token
+    losses, (1/N) sum_n G_n G_n^T; a training step takes the mean over its tokens, whose
+    Gauss-Newton is that Fisher over the tokens per document."""
+    from bergson.transforms.ekfac import Factors
+
+    eigen, corrected = Factors.load(path / "eigen"), Factors.load(path / "corrected")
+    return {
+        f"{m}.weight": (
+            eigen.tensors[m]["S_eigenvectors"].float(),
+            corrected.tensors[m]["eigenvalues"].float() / tokens_per_document,
+            eigen.tensors[m]["A_eigenvectors"].float(),
+        )
+        for m in corrected.tensors
+    }
+
+
+def ekfac_products(curvature: dict[str, tuple[Any, Any, Any]], vector: dict[str, Any]) -> dict[str, Any]:
+    """EK-FAC's Gauss-Newton times ``vector`` on the weights it models (Q_S [(Q_S^T V Q_A) * L]
+    Q_A^T); the other parameters get no curvature term."""
+    return {k: qs @ ((qs.T @ vector[k] @ qa) * lam) @ qa.T for k, (qs, lam, qa) in curvature.items()}
+
+
+def gauss_newton_products(
+    replay: Any, model: Any, params: dict[str, Any], t: int, vectors: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The exact Gauss-Newton of step ``t``'s mean token loss at ``params`` times each vector:
+    J^T H_z J v, with J the logits' Jacobian and H_z = diag(p) - p p^T the softmax cross-entropy's
+    Hessian in the logits, per loss token (J v by the double-VJP trick, then one VJP back)."""
+    import torch
+    from torch.func import functional_call
+
+    from bergson.methods.magic.replay import math_attention
+
+    batches = replay.micro_batches(t)
+    tokens = sum(float(b.mask.sum()) for b in batches)
+    keys = list(params)
+    out = [{k: torch.zeros_like(v) for k, v in params.items()} for _ in vectors]
+    for b in batches:
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        with torch.enable_grad(), math_attention():
+            logits = functional_call(model, leaves, (b.ids,), {"use_cache": False}).logits.float()
+            probs = torch.softmax(logits, -1).detach()
+            w = torch.zeros_like(logits, requires_grad=True)
+            jt_w = torch.autograd.grad(logits, [leaves[k] for k in keys], w, create_graph=True)
+            for j, v in enumerate(vectors):
+                dot = torch.stack([(x * v[k]).sum() for x, k in zip(jt_w, keys)]).sum()
+                (jv,) = torch.autograd.grad(dot, w, retain_graph=True)
+                hz = probs * jv - probs * (probs * jv).sum(-1, keepdim=True)
+                hz = hz * b.mask[..., None] / tokens
+                got = torch.autograd.grad(logits, [leaves[k] for k in keys], hz, retain_graph=True)
+                for k, x in zip(keys, got):
+                    out[j][k] += x
+    return out
+
+
+def first_order_scores(
+    recipe_path: Path, modes: list[str], ekfac_dir: Path | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     import torch
     from tqdm import tqdm
 
@@ -98,11 +183,17 @@ def first_order_scores(recipe_path: Path, modes: list[str]) -> tuple[dict[str, n
         {k: v.detach() for k, v in query_gradient(model, final.params, queries.select([j]), pad).items()}
         for j in range(nq)
     ]
+    curvature = {}
+    if "unrolled_ekfac" in modes:
+        if ekfac_dir is None:
+            raise SystemExit("unrolled_ekfac needs the run's EK-FAC factors (bergson ekfac)")
+        curvature = ekfac_curvature(ekfac_dir, replay.layout.size / len(docs))
     out = {}
     for mode in modes:
         start = time.perf_counter()
         token_scores = [torch.zeros(replay.layout.size, dtype=torch.float64) for _ in range(nq)]
-        if mode == "unrolled":  # cotangents of (weights, m, v) after the last step
+        unrolled = mode.startswith("unrolled")
+        if unrolled:  # cotangents of (weights, m, v) after the last step
             lams = [State(dict(qg), {n: {k: torch.zeros_like(v) for k, v in s.items()} for n, s in final.slots.items()}) for qg in q_grads]  # fmt: skip
         else:
             bc2 = 1 - recipe.training.beta2**total
@@ -112,7 +203,7 @@ def first_order_scores(recipe_path: Path, modes: list[str]) -> tuple[dict[str, n
             directions = [{k: pre[k] * qg[k] for k in qg} for qg in q_grads]
         for t in tqdm(reversed(range(total)), desc=mode, unit="step", total=total):
             lr = learning_rate(recipe.training, t, total)
-            if mode == "unrolled":
+            if unrolled:
                 state = states[t]
                 g = step_derivatives(replay, model, state.params, t, [])[0]
                 cots, offsets = [], []
@@ -129,11 +220,23 @@ def first_order_scores(recipe_path: Path, modes: list[str]) -> tuple[dict[str, n
                     cot = {k: x.detach() for k, x in zip(gl, got[n:])}
                     cots.append(cot)
                     offsets.append(float(sum((cot[k] * g[k]).sum() for k in g)))
-                _, tokens, positions, per_token = step_derivatives(replay, model, state.params, t, cots)
+                exact = mode == "unrolled_exact"
+                _, tokens, positions, per_token, hvps = step_derivatives(
+                    replay, model, state.params, t, cots, hvp=exact
+                )
+                if mode == "unrolled_final_hvp":
+                    hvps = step_derivatives(replay, model, final.params, t, cots, hvp=True)[4]
+                elif mode == "unrolled_final_gn":
+                    hvps = gauss_newton_products(replay, model, final.params, t, cots)
+                elif mode == "unrolled_ekfac":
+                    hvps = [ekfac_products(curvature, cot) for cot in cots]
+                for lam, h in zip(lams, hvps):  # d g_t / d theta_t = H_t: the curvature's term
+                    for k, x in h.items():
+                        lam.params[k] += x
             else:
                 cots = [{k: -lr * d[k] for k in d} for d in directions]  # dθ_T/dg_t ≈ -lr_t P_T
                 offsets = [0.0] * nq  # (the step mean's own term, the same for every token, left out)
-                _, tokens, positions, per_token = step_derivatives(replay, model, final.params, t, cots)
+                _, tokens, positions, per_token, _ = step_derivatives(replay, model, final.params, t, cots)
             for j in range(nq):
                 # d(c . g_t)/dw_k = (c . grad l_k - c . g_t) / W_t, and a score is -dQ/dw
                 token_scores[j][positions] -= (per_token[j] - offsets[j]) / tokens
@@ -148,7 +251,24 @@ def main() -> None:
         "--run", default="runs/quality_lm/run_bee8c4a5c0", help="the LM benchmark's run directory"
     )
     parser.add_argument("--cache_dir", default="runs/quality_lm/retrains")
-    parser.add_argument("--modes", nargs="+", choices=["unrolled", "final"], default=["unrolled", "final"])
+    parser.add_argument(
+        "--ekfac_dir",
+        default=None,
+        help="the EK-FAC factors unrolled_ekfac uses (default: RUN/ekfac, the benchmark's own)",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=[
+            "unrolled",
+            "final",
+            "unrolled_exact",
+            "unrolled_final_hvp",
+            "unrolled_final_gn",
+            "unrolled_ekfac",
+        ],
+        default=["unrolled", "final"],
+    )
     parser.add_argument("--subsets", type=int, default=16)
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.02, 0.05])
     args = parser.parse_args()
@@ -160,7 +280,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     recipe_path = Path(args.run) / "recipe.yaml"
-    scores, seconds = first_order_scores(recipe_path, args.modes)
+    scores, seconds = first_order_scores(
+        recipe_path, args.modes, Path(args.ekfac_dir or Path(args.run) / "ekfac")
+    )
     retrainer = Retrainer(load_recipe(str(recipe_path)), args.cache_dir, "cpu")
     n = len(retrainer.docs)
     base = retrainer.query_losses(np.array([], np.int64))

@@ -64,3 +64,56 @@ def test_one_step_scores_equal_magic_and_their_definition(tmp_path):
                 tol = 1e-4 * np.abs(scores["final"][:, j]).max()
                 assert abs(scores["final"][i, j] - want) <= tol, (t, i, j)
     assert np.abs(scores["final"]).max() > 0
+
+
+def test_unrolled_curvature_modes_against_magic_and_the_exact_hessian(tmp_path):
+    """Three AdamW steps, two of them with a nonzero learning rate, so the Hessian enters the
+    metagradient: adding each step's exact Hessian-vector product to the weights' cotangent
+    (``unrolled_exact``) must give MAGIC's scores, while dropping it (``unrolled``) must not.
+    The Gauss-Newton products equal the Hessian's on the output head's block (the logits are
+    linear in the head, so the two matrices agree there), and EK-FAC's products equal its dense
+    Fisher's."""
+    from bergson.methods.magic.command import load_recipe, magic, prepare
+    from bergson.methods.magic.replay import Replay
+    from bergson.store import load_gradients
+    from bergson.transforms.ekfac import Factors, dense_fisher
+
+    args = lm.parse_args(["--quick", "--work", str(tmp_path)])
+    args.docs, args.epochs = 24, 1  # three AdamW steps of 8 documents
+    args.query_file, args.num_queries = lm.write_queries(args, tmp_path)
+    recipe_path = lm.make_recipe(args, tmp_path)
+    scores, _ = first_order.first_order_scores(recipe_path, ["unrolled", "unrolled_exact"])
+    recipe = load_recipe(str(recipe_path))
+    magic(replace(recipe, run_path=str(tmp_path / "magic")))
+    exact = np.asarray(load_gradients(str(tmp_path / "magic" / "scores"))["scores"], np.float64)
+    scale = np.abs(exact).max()
+    assert exact.shape == scores["unrolled_exact"].shape == (24, 2) and scale > 0
+    np.testing.assert_allclose(scores["unrolled_exact"], exact, rtol=0, atol=1e-4 * scale)
+    assert np.abs(scores["unrolled"] - exact).max() > 1e-2 * scale  # the Hessian's term matters here
+
+    model, tokenizer, docs, _ = prepare(recipe)
+    replay = Replay(model, docs, recipe.training, tokenizer.pad_token_id or 0, progress=False)
+    state, _ = replay.run()
+    gen = torch.Generator().manual_seed(0)
+    head = "lm_head.weight"
+    vector = {k: torch.zeros_like(v) for k, v in state.params.items()}
+    vector[head] = torch.randn(vector[head].shape, generator=gen)
+    hessian = first_order.step_derivatives(replay, model, state.params, 2, [vector], hvp=True)[4][0]
+    (gn,) = first_order.gauss_newton_products(replay, model, state.params, 2, [vector])
+    torch.testing.assert_close(
+        gn[head], hessian[head], rtol=1e-3, atol=1e-4 * float(hessian[head].abs().max())
+    )
+    assert float(hessian[head].abs().max()) > 0
+
+    # EK-FAC's products against its dense Fisher, on factors made up for one module
+    qs, _ = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
+    qa, _ = torch.linalg.qr(torch.randn(4, 4, generator=gen, dtype=torch.float64))
+    lam = torch.rand(3, 4, generator=gen, dtype=torch.float64)
+    eigen = Factors({"m": {"S_eigenvectors": qs, "A_eigenvectors": qa, "S_eigenvalues": torch.ones(3), "A_eigenvalues": torch.ones(4)}})  # fmt: skip
+    eigen.save(tmp_path / "factors" / "eigen")
+    Factors({"m": {"eigenvalues": lam}}).save(tmp_path / "factors" / "corrected")
+    curvature = first_order.ekfac_curvature(tmp_path / "factors", 2.0)
+    v = torch.randn(3, 4, generator=gen)
+    got = first_order.ekfac_products(curvature, {"m.weight": v})["m.weight"]
+    want = (dense_fisher(eigen, lam, "m") @ v.double().reshape(-1)).reshape(3, 4) / 2.0
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
