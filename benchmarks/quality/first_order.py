@@ -23,10 +23,18 @@ contributes ``H c`` to the weights' cotangent, for the step gradient's cotangent
   MAGIC's metagradient, computed another way: a check of the construction);
 * ``unrolled_final_hvp``: the exact Hessian of the step's batch at the final weights;
 * ``unrolled_final_gn``: the exact Gauss-Newton of the step's batch at the final weights;
+* ``unrolled_final_gn_other``: the same for another batch of the same epoch (none of the step's
+  documents), half an epoch away;
+* ``unrolled_all_final``: ``unrolled_final_gn`` with the documents' gradients taken at the final
+  weights too;
+* ``unrolled_final_state``: ``unrolled_all_final`` with AdamW's updates differentiated at the final
+  state as well (the final weights, their step gradients and the final moments at every step), so
+  that nothing of the trajectory is used but the order of the batches and the learning rates;
 * ``unrolled_ekfac``: EK-FAC's Gauss-Newton at the final weights (``--ekfac_dir``, by default the
   benchmark's own factors), for the weights it models, and none for the rest.
 
-The documents' contributions stay at each step's own weights in every unrolled mode.
+The documents' contributions stay at each step's own weights in every unrolled mode but
+the last two.
 
 Every mode needs every step's training state, which the script replays in memory (one training run of
 the recipe, about 3 GB for the example model). Each document's contribution at a step is an
@@ -155,7 +163,7 @@ def gauss_newton_products(
 
 
 def first_order_scores(
-    recipe_path: Path, modes: list[str], ekfac_dir: Path | None = None
+    recipe_path: Path, modes: list[str], ekfac_dir: Path | None = None, ekfac_scale: float = 1.0
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     import torch
     from tqdm import tqdm
@@ -187,7 +195,7 @@ def first_order_scores(
     if "unrolled_ekfac" in modes:
         if ekfac_dir is None:
             raise SystemExit("unrolled_ekfac needs the run's EK-FAC factors (bergson ekfac)")
-        curvature = ekfac_curvature(ekfac_dir, replay.layout.size / len(docs))
+        curvature = ekfac_curvature(ekfac_dir, replay.layout.size / len(docs) / ekfac_scale)
     out = {}
     for mode in modes:
         start = time.perf_counter()
@@ -204,7 +212,7 @@ def first_order_scores(
         for t in tqdm(reversed(range(total)), desc=mode, unit="step", total=total):
             lr = learning_rate(recipe.training, t, total)
             if unrolled:
-                state = states[t]
+                state = final if mode == "unrolled_final_state" else states[t]
                 g = step_derivatives(replay, model, state.params, t, [])[0]
                 cots, offsets = [], []
                 for j in range(nq):
@@ -221,13 +229,24 @@ def first_order_scores(
                     cots.append(cot)
                     offsets.append(float(sum((cot[k] * g[k]).sum() for k in g)))
                 exact = mode == "unrolled_exact"
-                _, tokens, positions, per_token, hvps = step_derivatives(
-                    replay, model, state.params, t, cots, hvp=exact
+                at_final = mode in (
+                    "unrolled_all_final",
+                    "unrolled_final_state",
+                )  # documents at the final weights
+                g_docs, tokens, positions, per_token, hvps = step_derivatives(
+                    replay, model, final.params if at_final else state.params, t, cots, hvp=exact
                 )
+                if at_final:
+                    offsets = [float(sum((cot[k] * g_docs[k]).sum() for k in g_docs)) for cot in cots]
                 if mode == "unrolled_final_hvp":
                     hvps = step_derivatives(replay, model, final.params, t, cots, hvp=True)[4]
-                elif mode == "unrolled_final_gn":
+                elif mode in ("unrolled_final_gn", "unrolled_all_final", "unrolled_final_state"):
                     hvps = gauss_newton_products(replay, model, final.params, t, cots)
+                elif mode == "unrolled_final_gn_other":  # another step of the same epoch: other documents
+                    per_epoch = total // recipe.training.epochs
+                    first = t - t % per_epoch
+                    other = first + (t - first + per_epoch // 2) % per_epoch
+                    hvps = gauss_newton_products(replay, model, final.params, other, cots)
                 elif mode == "unrolled_ekfac":
                     hvps = [ekfac_products(curvature, cot) for cot in cots]
                 for lam, h in zip(lams, hvps):  # d g_t / d theta_t = H_t: the curvature's term
@@ -245,12 +264,86 @@ def first_order_scores(
     return out, seconds
 
 
+def curvature_along_queries(recipe_path: Path, ekfac_dir: Path, directions: int = 2) -> dict[str, Any]:
+    """How EK-FAC's and K-FAC's Gauss-Newton compare with the exact one along each query's
+    gradient q (on the weights EK-FAC models): q^T F q for each, the exact Gauss-Newton taken as
+    the mean over the last epoch's batches at the final weights (the corpus, once), the factors'
+    per-document Fisher divided by the mean loss tokens per document; the share of the exact
+    form that lies within the modules' diagonal blocks; and the same ratio along random
+    directions."""
+    import torch
+
+    from bergson.methods.magic.command import load_recipe, prepare
+    from bergson.methods.magic.replay import Replay, query_gradient
+    from bergson.transforms.ekfac import Factors
+
+    recipe = load_recipe(str(recipe_path))
+    model, tokenizer, docs, queries = prepare(recipe)
+    pad = tokenizer.pad_token_id or 0
+    replay = Replay(model, docs, recipe.training, pad, progress=False)
+    final, _ = replay.run()
+    per_doc = float(docs.num_loss_tokens().sum()) / len(docs)
+    ekfac = ekfac_curvature(ekfac_dir, per_doc)
+    eigen = Factors.load(ekfac_dir / "eigen").tensors
+    kfac = {
+        f"{m}.weight": (
+            d["S_eigenvectors"].float(),
+            torch.outer(d["S_eigenvalues"], d["A_eigenvalues"]).float() / per_doc,
+            d["A_eigenvectors"].float(),
+        )
+        for m, d in eigen.items()
+    }
+    names = list(ekfac)
+    gen = torch.Generator().manual_seed(0)
+
+    def on_modelled(values: dict[str, Any]) -> dict[str, Any]:
+        return {k: values[k] if k in ekfac else torch.zeros_like(v) for k, v in final.params.items()}
+
+    vectors = [on_modelled(query_gradient(model, final.params, queries.select([j]), pad)) for j in range(len(queries))]  # fmt: skip
+    vectors += [on_modelled({k: torch.randn(v.shape, generator=gen) for k, v in final.params.items()}) for _ in range(directions)]  # fmt: skip
+    blocks = [{k: (v[k] if k == b else torch.zeros_like(v[k])) for k in v} for v in vectors for b in names]
+    per_epoch = replay.num_steps // recipe.training.epochs
+    last = range(replay.num_steps - per_epoch, replay.num_steps)
+    full, within = [0.0] * len(vectors), [0.0] * len(vectors)
+    for t in last:
+        products = gauss_newton_products(replay, model, final.params, t, vectors + blocks)
+        for i, v in enumerate(vectors):
+            full[i] += sum(float((v[k] * products[i][k]).sum()) for k in names) / per_epoch
+        for i, b in enumerate(blocks):
+            k = names[i % len(names)]
+            within[i // len(names)] += float((b[k] * products[len(vectors) + i][k]).sum()) / per_epoch
+
+    def form(curvature: dict[str, Any], v: dict[str, Any]) -> float:
+        products = ekfac_products(curvature, v)
+        return sum(float((v[k] * products[k]).sum()) for k in names)
+
+    rows = []
+    for i, v in enumerate(vectors):
+        rows.append(
+            {
+                "direction": f"query {i}" if i < len(queries) else f"random {i - len(queries)}",
+                "exact_gauss_newton": round(full[i], 4),
+                "within_blocks_share": round(within[i] / full[i], 3),
+                "ekfac_over_exact": round(form(ekfac, v) / full[i], 3),
+                "kfac_over_exact": round(form(kfac, v) / full[i], 3),
+                "ekfac_over_exact_within_blocks": round(form(ekfac, v) / within[i], 3),
+            }
+        )
+    return {"loss_tokens_per_document": round(per_doc, 2), "directions": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
         "--run", default="runs/quality_lm/run_bee8c4a5c0", help="the LM benchmark's run directory"
     )
     parser.add_argument("--cache_dir", default="runs/quality_lm/retrains")
+    parser.add_argument(
+        "--ekfac_scale",
+        type=float,
+        default=1.0,
+        help="multiply EK-FAC's curvature by this in unrolled_ekfac (a calibration experiment)",
+    )
     parser.add_argument(
         "--ekfac_dir",
         default=None,
@@ -265,13 +358,26 @@ def main() -> None:
             "unrolled_exact",
             "unrolled_final_hvp",
             "unrolled_final_gn",
+            "unrolled_final_gn_other",
+            "unrolled_all_final",
+            "unrolled_final_state",
             "unrolled_ekfac",
         ],
         default=["unrolled", "final"],
     )
     parser.add_argument("--subsets", type=int, default=16)
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.02, 0.05])
+    parser.add_argument(
+        "--curvature_check",
+        action="store_true",
+        help="instead of scores: EK-FAC's and K-FAC's Gauss-Newton against the exact one along the queries",
+    )
     args = parser.parse_args()
+    ekfac_dir = Path(args.ekfac_dir or Path(args.run) / "ekfac")
+    if args.curvature_check:
+        check = curvature_along_queries(Path(args.run) / "recipe.yaml", ekfac_dir)
+        print(json.dumps({"workload": args.run, "curvature": check}, indent=2))
+        return
 
     import torch
 
@@ -280,9 +386,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     recipe_path = Path(args.run) / "recipe.yaml"
-    scores, seconds = first_order_scores(
-        recipe_path, args.modes, Path(args.ekfac_dir or Path(args.run) / "ekfac")
-    )
+    scores, seconds = first_order_scores(recipe_path, args.modes, ekfac_dir, args.ekfac_scale)
     retrainer = Retrainer(load_recipe(str(recipe_path)), args.cache_dir, "cpu")
     n = len(retrainer.docs)
     base = retrainer.query_losses(np.array([], np.int64))
