@@ -30,11 +30,17 @@ contributes ``H c`` to the weights' cotangent, for the step gradient's cotangent
 * ``unrolled_final_state``: ``unrolled_all_final`` with AdamW's updates differentiated at the final
   state as well (the final weights, their step gradients and the final moments at every step), so
   that nothing of the trajectory is used but the order of the batches and the learning rates;
+* ``unrolled_fisher``: ``unrolled_final_state`` with H the Fisher of per-document gradients under
+  labels drawn from the model (``--fisher_draws`` per document), the matrix EK-FAC factorises but
+  kept whole, on the weights EK-FAC models (none for the rest);
 * ``unrolled_ekfac``: EK-FAC's Gauss-Newton at the final weights (``--ekfac_dir``, by default the
   benchmark's own factors), for the weights it models, and none for the rest.
 
 The documents' contributions stay at each step's own weights in every unrolled mode but
-the last two.
+``unrolled_all_final``, ``unrolled_final_state`` and ``unrolled_fisher``.
+
+``--curvature_check`` prints, instead of scores, how EK-FAC's and K-FAC's Gauss-Newton compare
+with the exact one along each query's gradient (:func:`curvature_along_queries`).
 
 Every mode needs every step's training state, which the script replays in memory (one training run of
 the recipe, about 3 GB for the example model). Each document's contribution at a step is an
@@ -57,6 +63,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# the unrolled modes that take the documents' gradients, and AdamW's derivatives, at the final state
+DOCUMENTS_AT_FINAL = ("unrolled_all_final", "unrolled_final_state", "unrolled_fisher")
+OPTIMIZER_AT_FINAL = ("unrolled_final_state", "unrolled_fisher")
 
 
 def step_derivatives(
@@ -162,8 +172,51 @@ def gauss_newton_products(
     return out
 
 
+def sampled_fisher(
+    model: Any, params: dict[str, Any], docs: Any, training: Any, names: list[str], draws: int, seed: int = 0
+) -> dict[str, Any]:
+    """Per-document gradients of the summed token losses at ``params`` under labels drawn from
+    the model itself (``draws`` per document, seeded), on the weights ``names``: [N * draws, ...]
+    per weight. Their mean outer product over the documents is the Fisher EK-FAC factorises,
+    unfactorised and with its blocks between weight matrices kept."""
+    import torch
+    from torch.func import functional_call
+
+    from bergson.methods.magic.replay import Replay, math_attention
+
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, list[Any]] = {k: [] for k in names}
+    for i in range(len(docs)):
+        one = Replay(model, docs.select([i]), training, progress=False).micro_batches(0)[0]
+        leaves = {k: v.detach().requires_grad_(k in names) for k, v in params.items()}
+        with torch.enable_grad(), math_attention():
+            logits = functional_call(model, leaves, (one.ids,), {"use_cache": False}).logits.float()
+            logp = torch.log_softmax(logits, -1).reshape(-1, logits.shape[-1])
+            for _ in range(draws):
+                labels = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+                picked = logp.gather(1, labels).reshape(one.mask.shape)
+                loss = -(picked * one.mask).sum()
+                grads = torch.autograd.grad(loss, [leaves[k] for k in names], retain_graph=True)
+                for k, g in zip(names, grads):
+                    out[k].append(g.detach())
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def fisher_products(fisher: dict[str, Any], scale: float, vector: dict[str, Any]) -> dict[str, Any]:
+    """``scale * mean_n G_n (G_n . v)`` over the rows of :func:`sampled_fisher`'s gradients."""
+    import torch
+
+    dots = sum(torch.einsum("n...,...->n", g, vector[k]) for k, g in fisher.items())
+    rows = next(iter(fisher.values())).shape[0]
+    return {k: torch.tensordot(dots * (scale / rows), g, dims=1) for k, g in fisher.items()}
+
+
 def first_order_scores(
-    recipe_path: Path, modes: list[str], ekfac_dir: Path | None = None, ekfac_scale: float = 1.0
+    recipe_path: Path,
+    modes: list[str],
+    ekfac_dir: Path | None = None,
+    ekfac_scale: float = 1.0,
+    fisher_draws: int = 1,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     import torch
     from tqdm import tqdm
@@ -192,6 +245,14 @@ def first_order_scores(
         for j in range(nq)
     ]
     curvature = {}
+    fisher: dict[str, Any] = {}
+    if "unrolled_fisher" in modes:
+        if ekfac_dir is None:
+            raise SystemExit("unrolled_fisher models the weights of the run's EK-FAC factors (bergson ekfac)")
+        start = time.perf_counter()
+        names = list(ekfac_curvature(ekfac_dir, 1.0))
+        fisher = sampled_fisher(model, final.params, docs, recipe.training, names, fisher_draws)
+        seconds["fisher"] = time.perf_counter() - start
     if "unrolled_ekfac" in modes:
         if ekfac_dir is None:
             raise SystemExit("unrolled_ekfac needs the run's EK-FAC factors (bergson ekfac)")
@@ -212,7 +273,7 @@ def first_order_scores(
         for t in tqdm(reversed(range(total)), desc=mode, unit="step", total=total):
             lr = learning_rate(recipe.training, t, total)
             if unrolled:
-                state = final if mode == "unrolled_final_state" else states[t]
+                state = final if mode in OPTIMIZER_AT_FINAL else states[t]
                 g = step_derivatives(replay, model, state.params, t, [])[0]
                 cots, offsets = [], []
                 for j in range(nq):
@@ -229,10 +290,7 @@ def first_order_scores(
                     cots.append(cot)
                     offsets.append(float(sum((cot[k] * g[k]).sum() for k in g)))
                 exact = mode == "unrolled_exact"
-                at_final = mode in (
-                    "unrolled_all_final",
-                    "unrolled_final_state",
-                )  # documents at the final weights
+                at_final = mode in DOCUMENTS_AT_FINAL
                 g_docs, tokens, positions, per_token, hvps = step_derivatives(
                     replay, model, final.params if at_final else state.params, t, cots, hvp=exact
                 )
@@ -247,6 +305,8 @@ def first_order_scores(
                     first = t - t % per_epoch
                     other = first + (t - first + per_epoch // 2) % per_epoch
                     hvps = gauss_newton_products(replay, model, final.params, other, cots)
+                elif mode == "unrolled_fisher":
+                    hvps = [fisher_products(fisher, len(docs) / replay.layout.size, cot) for cot in cots]
                 elif mode == "unrolled_ekfac":
                     hvps = [ekfac_products(curvature, cot) for cot in cots]
                 for lam, h in zip(lams, hvps):  # d g_t / d theta_t = H_t: the curvature's term
@@ -345,6 +405,9 @@ def main() -> None:
         help="multiply EK-FAC's curvature by this in unrolled_ekfac (a calibration experiment)",
     )
     parser.add_argument(
+        "--fisher_draws", type=int, default=1, help="label draws per document in unrolled_fisher"
+    )
+    parser.add_argument(
         "--ekfac_dir",
         default=None,
         help="the EK-FAC factors unrolled_ekfac uses (default: RUN/ekfac, the benchmark's own)",
@@ -361,6 +424,7 @@ def main() -> None:
             "unrolled_final_gn_other",
             "unrolled_all_final",
             "unrolled_final_state",
+            "unrolled_fisher",
             "unrolled_ekfac",
         ],
         default=["unrolled", "final"],
@@ -386,7 +450,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     recipe_path = Path(args.run) / "recipe.yaml"
-    scores, seconds = first_order_scores(recipe_path, args.modes, ekfac_dir, args.ekfac_scale)
+    scores, seconds = first_order_scores(
+        recipe_path, args.modes, ekfac_dir, args.ekfac_scale, args.fisher_draws
+    )
     retrainer = Retrainer(load_recipe(str(recipe_path)), args.cache_dir, "cpu")
     n = len(retrainer.docs)
     base = retrainer.query_losses(np.array([], np.int64))

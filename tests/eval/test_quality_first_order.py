@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 from benchmarks.quality import first_order, lm
@@ -117,3 +118,40 @@ def test_unrolled_curvature_modes_against_magic_and_the_exact_hessian(tmp_path):
     got = first_order.ekfac_products(curvature, {"m.weight": v})["m.weight"]
     want = (dense_fisher(eigen, lam, "m") @ v.double().reshape(-1)).reshape(3, 4) / 2.0
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_sampled_fisher_is_the_gauss_newton_in_expectation(tmp_path):
+    """Labels drawn from the model make each document's gradient outer product equal, in
+    expectation, to its Gauss-Newton: the mean of (G . v)^2 over many draws matches
+    v^T GN v computed exactly, and the Fisher's products are their definition."""
+    from bergson.methods.magic.command import load_recipe, prepare
+    from bergson.methods.magic.replay import Replay
+
+    args = lm.parse_args(["--quick", "--work", str(tmp_path)])
+    args.docs, args.epochs = 8, 1
+    args.query_file, args.num_queries = lm.write_queries(args, tmp_path)
+    recipe = load_recipe(str(lm.make_recipe(args, tmp_path)))
+    model, tokenizer, docs, _ = prepare(recipe)
+    one = docs.select([3])
+    replay = Replay(model, one, recipe.training, tokenizer.pad_token_id or 0, progress=False)
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    names = ["gpt_neox.layers.0.mlp.dense_h_to_4h.weight", "gpt_neox.layers.1.attention.dense.weight"]
+    gen = torch.Generator().manual_seed(1)
+    vector = {
+        k: torch.randn(v.shape, generator=gen) if k in names else torch.zeros_like(v)
+        for k, v in params.items()
+    }
+
+    (gn,) = first_order.gauss_newton_products(replay, model, params, 0, [vector])  # per-token mean
+    tokens = float(one.num_loss_tokens().sum())
+    exact = tokens * sum(float((vector[k] * gn[k]).sum()) for k in params)
+
+    fisher = first_order.sampled_fisher(model, params, one, recipe.training, names, draws=150)
+    assert fisher[names[0]].shape == (150, *params[names[0]].shape)
+    dots = torch.stack([torch.einsum("n...,...->n", fisher[k], vector[k]) for k in names]).sum(0)
+    assert float((dots**2).mean()) == pytest.approx(exact, rel=0.4)  # 150 draws: about 12% standard error
+
+    got = first_order.fisher_products(fisher, 0.5, vector)
+    for k in names:
+        want = 0.5 * torch.einsum("n,n...->...", dots, fisher[k]) / 150
+        torch.testing.assert_close(got[k], want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
