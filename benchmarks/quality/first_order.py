@@ -250,7 +250,9 @@ def first_order_scores(
         if ekfac_dir is None:
             raise SystemExit("unrolled_fisher models the weights of the run's EK-FAC factors (bergson ekfac)")
         start = time.perf_counter()
-        names = list(ekfac_curvature(ekfac_dir, 1.0))
+        from bergson.transforms.ekfac import Factors
+
+        names = [f"{m}.weight" for m in Factors.names(ekfac_dir / "corrected")]  # the header alone
         fisher = sampled_fisher(model, final.params, docs, recipe.training, names, fisher_draws)
         seconds["fisher"] = time.perf_counter() - start
     if "unrolled_ekfac" in modes:
@@ -294,7 +296,7 @@ def first_order_scores(
                 g_docs, tokens, positions, per_token, hvps = step_derivatives(
                     replay, model, final.params if at_final else state.params, t, cots, hvp=exact
                 )
-                if at_final:
+                if at_final and state is not final:  # (at the final state, g above is this gradient)
                     offsets = [float(sum((cot[k] * g_docs[k]).sum() for k in g_docs)) for cot in cots]
                 if mode == "unrolled_final_hvp":
                     hvps = step_derivatives(replay, model, final.params, t, cots, hvp=True)[4]
