@@ -78,6 +78,8 @@ _EXPORTS = {
     "TrainingConfig": "bergson.config",
     "ValidateConfig": "bergson.config",
     "magic": "bergson.methods.magic",
+    "unroll": "bergson.methods.magic.unroll",
+    "UnrollConfig": "bergson.config",
     "validate": "bergson.validation",
     "GradientCollectorCallback": "bergson.integrations",
     "prepare_for_gradient_collection": "bergson.integrations",
@@ -159,6 +161,8 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "TrainingConfig",
     "ValidateConfig",
     "magic",
+    "unroll",
+    "UnrollConfig",
     "validate",
     "GradientCollectorCallback",
     "prepare_for_gradient_collection",
@@ -204,6 +208,7 @@ if TYPE_CHECKING:
         TrackstarConfig,
         TrainingConfig,
         TrakConfig,
+        UnrollConfig,
         ValidateConfig,
     )
     from .core.layout import AttentionConfig
@@ -226,6 +231,7 @@ if TYPE_CHECKING:
     )
     from .methods.ekfac import ekfac
     from .methods.magic import magic
+    from .methods.magic.unroll import unroll
     from .methods.self_influence import self_influence
     from .methods.source import adam_step_preconditioner, source, unrolled_queries
     from .methods.trackstar import trackstar

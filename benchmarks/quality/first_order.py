@@ -394,6 +394,30 @@ def curvature_along_queries(recipe_path: Path, ekfac_dir: Path, directions: int 
     return {"loss_tokens_per_document": round(per_doc, 2), "directions": rows}
 
 
+def correlations(
+    run: Path, cache_dir: str, scores: dict[str, np.ndarray], subsets: int, fractions: list[float]
+) -> dict[str, dict[str, Any]]:
+    """Each score array's LDS and leave-k-out Spearman (mean and per query) against the LM
+    benchmark's retrains of ``run`` (cached under ``cache_dir``; missing ones are run)."""
+    from bergson.methods.magic.command import load_recipe
+    from bergson.validation import Retrainer, draw_subsets, score_correlations
+
+    retrainer = Retrainer(load_recipe(str(run / "recipe.yaml")), cache_dir, "cpu")
+    n = len(retrainer.docs)
+    base = retrainer.query_losses(np.array([], np.int64))
+    results: dict[str, dict[str, Any]] = {name: {} for name in scores}
+    protocols = [("lds", 0.5, "lds_spearman")]
+    protocols += [("leave_k_out", f, f"leave_{f * 100:g}pct_out_spearman") for f in fractions]
+    for protocol, fraction, name in protocols:
+        drawn = draw_subsets(n, protocol, fraction, subsets, 0)
+        measured = np.stack([retrainer.query_losses(s) - base for s in drawn])
+        for mode, s in scores.items():
+            r = score_correlations(s, drawn, measured)
+            results[mode][name] = round(float(r["mean_spearman"]), 3)
+            results[mode][name + "_per_query"] = [round(float(p["spearman"]), 3) for p in r["per_query"]]
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
@@ -447,27 +471,12 @@ def main() -> None:
 
     import torch
 
-    from bergson.methods.magic.command import load_recipe
-    from bergson.validation import Retrainer, draw_subsets, score_correlations
-
     torch.manual_seed(0)
     recipe_path = Path(args.run) / "recipe.yaml"
     scores, seconds = first_order_scores(
         recipe_path, args.modes, ekfac_dir, args.ekfac_scale, args.fisher_draws
     )
-    retrainer = Retrainer(load_recipe(str(recipe_path)), args.cache_dir, "cpu")
-    n = len(retrainer.docs)
-    base = retrainer.query_losses(np.array([], np.int64))
-    results: dict[str, dict[str, Any]] = {mode: {} for mode in args.modes}
-    protocols = [("lds", 0.5, "lds_spearman")]
-    protocols += [("leave_k_out", f, f"leave_{f * 100:g}pct_out_spearman") for f in args.fractions]
-    for protocol, fraction, name in protocols:
-        subsets = draw_subsets(n, protocol, fraction, args.subsets, 0)
-        measured = np.stack([retrainer.query_losses(s) - base for s in subsets])
-        for mode, s in scores.items():
-            r = score_correlations(s, subsets, measured)
-            results[mode][name] = round(float(r["mean_spearman"]), 3)
-            results[mode][name + "_per_query"] = [round(float(p["spearman"]), 3) for p in r["per_query"]]
+    results = correlations(Path(args.run), args.cache_dir, scores, args.subsets, args.fractions)
     print(
         json.dumps(
             {

@@ -26,6 +26,7 @@ from .commands import (
 from .io import ALIASES, from_dict, load_yaml, options_of, save_yaml, to_dict
 from .options import DampingMode, DataConfig, FaissConfig, ModelOptions, Precision, TrainingConfig
 from .self_influence import SelfInfluenceConfig
+from .unroll import UnrollConfig
 
 __all__ = [
     "ALIASES",
@@ -50,6 +51,7 @@ __all__ = [
     "TrackstarConfig",
     "TrainingConfig",
     "TrakConfig",
+    "UnrollConfig",
     "ValidateConfig",
     "VerifyConfig",
     "from_dict",

@@ -79,6 +79,11 @@ COMMANDS: dict[str, Command] = {
         "SourceConfig",
         "whole training documents, balanced by token count, in each segment's passes",
     ),
+    "unroll": Command(
+        "bergson.cli.unroll",
+        "MAGIC approximated at the final state: the run's batch order and learning rates, a Krylov Gauss-Newton.",
+        "UnrollConfig",
+    ),
     "magic": Command(
         "bergson.cli.magic",
         "MAGIC: train once with checkpoints, then differentiate the query loss through training.",

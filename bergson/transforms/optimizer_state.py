@@ -1,30 +1,22 @@
 """Normalizers read from the optimizer state of a training run.
 
 A Hugging Face ``Trainer`` checkpoint (``checkpoint-N/optimizer.pt``) or a file written by
-``torch.save(optimizer.state_dict(), ...)`` holds the second-moment estimates the optimizer
-divided its updates by. :func:`normalizers_from_optimizer_state` turns them into the
-normalizers of :mod:`bergson.transforms.normalizers`, one per tracked module, so that
-per-example gradients are normalized exactly as the training run normalized its updates.
-:func:`normalizers_from_optimizer` does the same from a live optimizer (the Trainer callback's
-per-step normalizers), sharing the conversion below.
-
+``torch.save(optimizer.state_dict(), ...)`` holds the second moments the optimizer divided its
+updates by. :func:`normalizers_from_optimizer_state` turns them into the normalizers of
+:mod:`bergson.transforms.normalizers`, one per tracked module (per-example gradients normalized
+as training normalized its updates); :func:`normalizers_from_optimizer` does the same from a live
+optimizer (the Trainer callback); :func:`adam_second_moments` returns Adam's v̂ per parameter.
 Supported optimizers (detected from the state of each weight):
 
-* ``torch.optim.Adam`` / ``AdamW`` (``exp_avg_sq``): the bias-corrected second moment
-  v̂ = exp_avg_sq / (1 - beta2**step) (``max_exp_avg_sq`` with ``amsgrad``), kept
-  elementwise as an :class:`AdamNormalizer` with the optimizer's ``eps``.
-* ``transformers.optimization.Adafactor`` (``exp_avg_sq_row`` / ``exp_avg_sq_col``; a full
-  ``exp_avg_sq`` for vectors such as biases): the rank-one estimate
-  v_ij = row_i col_j / mean(row), kept as an :class:`AdafactorNormalizer`.
-* ``torch.optim.Adafactor`` (``row_var`` / ``col_var``; ``variance`` for vectors): the
-  estimate (row_var @ col_var) / max(mean(row_var), eps1), kept as an
-  :class:`AdafactorNormalizer`.
+* ``torch.optim.Adam`` / ``AdamW`` (``exp_avg_sq``): v̂ = exp_avg_sq / (1 - beta2**step)
+  (``max_exp_avg_sq`` with ``amsgrad``), elementwise (:class:`AdamNormalizer`, with ``eps``).
+* ``transformers.optimization.Adafactor`` (``exp_avg_sq_row`` / ``_col``; ``exp_avg_sq`` for
+  vectors): v_ij = row_i col_j / mean(row) (:class:`AdafactorNormalizer`).
+* ``torch.optim.Adafactor`` (``row_var`` / ``col_var``; ``variance`` for vectors):
+  (row_var @ col_var) / max(mean(row_var), eps1) (:class:`AdafactorNormalizer`).
 
-The optimizer state is keyed by integer parameter indices. They are mapped to parameter
-names with the names stored in the file (``param_groups[i]["param_names"]``, written by
-torch optimizers built from ``named_parameters()``) or, failing that, by reconstructing the
-order in which the parameters were handed to the optimizer; see
-:func:`normalizers_from_optimizer_state`.
+The state's parameter indices are mapped to names with the file's ``param_groups[i]["param_names"]``
+or else by reconstructing the order of the optimizer's parameters (:func:`normalizers_from_optimizer_state`).
 """
 
 from __future__ import annotations
@@ -597,3 +589,12 @@ def _torch_adafactor(entry: _Entry, conv1d: bool, dtype: torch.dtype) -> _RankOn
     scale = 1.0 / row.mean().clamp(min=eps1)
     a, b = (col, row) if conv1d else (row, col)
     return _RankOne(a=a, b=b, scale=scale, floor=eps1 * eps1)
+
+
+def adam_second_moments(path: str | Path, model: nn.Module) -> dict[str, tuple[torch.Tensor, float]]:
+    """Adam's v̂ and eps per parameter name, from a state file or directory matched to ``model``."""
+    file = _resolve_file(path)
+    entries = _map_entries(_load_state_dict(file), model, file)
+    if missing := [name for name, e in entries.items() if "exp_avg_sq" not in e.state]:
+        raise BergsonError(f"{file}: parameter {missing[0]} has no exp_avg_sq: this is not Adam's state")
+    return {name: (_adam_moment(e), float(e.group.get("eps", 1e-8))) for name, e in entries.items()}

@@ -130,6 +130,20 @@ def magic_run(assets) -> str:
     return cfg.run_path
 
 
+@pytest.fixture(scope="module")
+def adam_run(assets) -> str:
+    """A tiny AdamW MAGIC run whose trained model (with optimizer.pt) ``bergson unroll`` reads."""
+    from bergson import MagicConfig, magic
+
+    data = C.DataConfig(dataset=assets["corpus"], split="train[:6]", truncation=True, max_length=24)
+    query = C.DataConfig(dataset=assets["corpus"], split="train[6:7]", truncation=True, max_length=24)
+    training = C.TrainingConfig(optimizer="adamw", lr=0.01, batch_size=3, epochs=1, seed=1)
+    cfg = MagicConfig(run_path=str(Path(assets["tmp"]) / "adam"), model=assets["model"], device="cpu",
+                      precision="fp32", data=data, query=query, training=training)  # fmt: skip
+    magic(cfg)
+    return cfg.run_path
+
+
 def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
     """Per command: (arguments, None for a run that must succeed or a text its error must
     contain). Refused runs read the options they refuse; each run has a run path of its own."""
@@ -279,6 +293,20 @@ def runs(a: dict[str, str], tmp: Path) -> dict[str, Runs]:
             *refused("workers", base=("--run_path", *qd)),
             (["--run_path", new(), *m, *d, *qd, "--query_batch_size", "2"], "--query_batch_size 2: it bounds"),
         ],
+        "unroll": [
+            ([new(), "--model", a.get("adam", "") + "/model", "--device", "cpu", "--precision", "fp32", *loading,
+              *d[:3], "train[:6]", *d[4:], *qd, "--training.optimizer", "adamw", "--training.lr", "0.01",
+              "--training.beta1", "0.9", "--training.beta2", "0.999", "--training.eps", "1e-8",
+              "--training.weight_decay", "0.0", "--training.schedule", "linear", "--training.warmup_steps", "0",
+              "--training.max_grad_norm", "0.0", "--training.batch_size", "3", "--training.grad_accumulation", "1",
+              "--training.epochs", "1", "--training.seed", "1", "--optimizer_state",
+              a.get("adam", "") + "/model/optimizer.pt", "--query_mode", "individual", "--krylov_steps", "2",
+              "--curvature_docs", "2", "--curvature_seed", "1", "--overwrite", "--top_k", "2"], None),
+            ([new(), "--model", a.get("adam", "") + "/model", *d, *qd, "--training.optimizer", "sgd"],
+             "--training.optimizer sgd"),
+            ([new(), "--model", a["model"], *d, *qd], "optimizer.pt"),
+            ([new(), "--model", a.get("adam", "") + "/model", *d, *qd, "--krylov_steps", "0"], "--krylov_steps 0"),
+        ],
         "query": [
             (["--index", a["store"], *m, *loading, "--query", "The river flows", "--top_k", "2", "--unit_norm",
               "--reverse", "--modules", a["module"], "--output", str(tmp / "hits.jsonl"), "--search", "exact",
@@ -358,6 +386,8 @@ def serve_once(args: list[str]) -> None:
 def test_every_option_is_read(command, assets, request, tmp_path, capfd):
     if command == "validate":
         assets = {**assets, "magic": request.getfixturevalue("magic_run")}
+    if command == "unroll":
+        assets = {**assets, "adam": request.getfixturevalue("adam_run")}
     cls = config_class(command)
     read: set[tuple[str, str]] = set()
     failures = []

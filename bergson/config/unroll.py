@@ -1,0 +1,58 @@
+"""``bergson unroll``'s options (its own module: :mod:`.commands` is at its size limit)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..errors import BergsonError
+from .data import share_tokenizer
+from .options import DataConfig, ModelOptions, RunOptions, TrainingConfig
+
+
+@dataclass
+class UnrollConfig(ModelOptions, RunOptions):
+    """Options of ``bergson unroll``: MAGIC's reverse pass through a training run, approximated at the
+    final state (its weights and AdamW's moments) with the exact Gauss-Newton of a few documents in a
+    Krylov subspace of each query."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """The training documents, in the order and with the recipe (--training.*) that trained --model."""
+
+    query: DataConfig = field(default_factory=DataConfig)
+    """The query documents whose loss after training is attributed."""
+
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """The recipe that trained --model: its batch order (seed, batch size, epochs) and learning rates
+    are followed step by step (a `bergson magic` YAML holds it)."""
+
+    optimizer_state: str = ""
+    """AdamW's state after the last training step (a torch.optim state dict; default MODEL/optimizer.pt,
+    as `bergson magic` writes to RUN/model and the Hugging Face Trainer to checkpoint-N/)."""
+
+    query_mode: Literal["aggregate", "individual"] = "aggregate"
+    """aggregate: one score column for the mean query loss; individual: a column per query."""
+
+    krylov_steps: int = 16
+    """Gauss-Newton products per score column (Lanczos steps): the dimension of the subspace in which
+    the query's response through the run is computed."""
+
+    curvature_docs: int = 16
+    """Training documents (drawn with --curvature_seed) whose mean token loss's Gauss-Newton stands for
+    every step's; the cost of each product grows with them."""
+
+    curvature_seed: int = 0
+    """Seed of the draw of --curvature_docs."""
+
+    top_k: int = 10
+    """Training documents printed per score column."""
+
+    def _check(self) -> None:
+        self.data._check()
+        self.query._check("--query.")
+        share_tokenizer(self.data, self.query)
+        if self.training.optimizer != "adamw":
+            raise BergsonError(
+                f"--training.optimizer {self.training.optimizer}: bergson unroll linearises AdamW; "
+                "use bergson magic for SGD"
+            )
