@@ -35,7 +35,12 @@ class UnrollConfig(ModelOptions, RunOptions):
 
     krylov_steps: int = 16
     """Gauss-Newton products per score column (Lanczos steps): the dimension of the subspace in which
-    the query's response through the run is computed."""
+    the query's response through the run is computed (with --krylov_space shared, block steps)."""
+
+    krylov_space: Literal["per_column", "shared"] = "per_column"
+    """per_column: each score column's own Krylov space (its scores do not depend on the other columns);
+    shared: one space grown from all columns' queries at once (each column then has --krylov_steps times
+    the number of columns dimensions for the same products)."""
 
     curvature_docs: int = 16
     """Training documents (drawn with --curvature_seed) whose mean token loss's Gauss-Newton stands for
@@ -51,8 +56,12 @@ class UnrollConfig(ModelOptions, RunOptions):
         self.data._check()
         self.query._check("--query.")
         share_tokenizer(self.data, self.query)
-        if self.training.optimizer != "adamw":
-            raise BergsonError(
-                f"--training.optimizer {self.training.optimizer}: bergson unroll linearises AdamW; "
-                "use bergson magic for SGD"
-            )
+        check_adamw(self.training)
+
+
+def check_adamw(training: TrainingConfig) -> None:
+    """Refuse a recipe ``bergson unroll`` cannot linearise (it follows AdamW's updates alone)."""
+    if training.optimizer != "adamw":
+        raise BergsonError(
+            f"--training.optimizer {training.optimizer}: bergson unroll linearises AdamW; use bergson magic for SGD"
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -117,20 +118,18 @@ def _scores(model, docs, queries, cfg):
     return unroll_module.unroll_scores(model, docs, columns, cfg, 0, progress=False)[0]
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_unroll_equals_the_linearised_run_differentiated_densely(tmp_path, tied):
+@pytest.mark.parametrize(("tied", "space"), [(False, "per_column"), (True, "per_column"), (False, "shared")])
+def test_unroll_equals_the_linearised_run_differentiated_densely(tmp_path, tied, space):
     """With the Krylov space grown until it closes, the scores equal the definition computed in
-    the full space to rounding, for an untied and a tied output head; with two Lanczos steps they
-    do not (so the curvature term is exercised)."""
+    the full space to rounding, for an untied and a tied output head and for a space per column or
+    shared; with two Lanczos steps they do not (so the curvature term is exercised)."""
     model, docs, queries = _trained(tmp_path, tied)
-    cfg = _config(tmp_path, krylov_steps=400, curvature_docs=2, curvature_seed=3)
+    cfg = _config(tmp_path, krylov_steps=400, curvature_docs=2, curvature_seed=3, krylov_space=space)
     truth = _dense_scores(model, docs, queries, cfg)
     got = _scores(model, docs, queries, cfg)
     scale = np.abs(truth).max()
     np.testing.assert_allclose(got, truth, atol=1e-7 * scale)
-    short = _scores(
-        model, docs, queries, _config(tmp_path, krylov_steps=2, curvature_docs=2, curvature_seed=3)
-    )
+    short = _scores(model, docs, queries, replace(cfg, krylov_steps=2))
     assert np.abs(short - truth).max() > 1e-3 * scale
 
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ...config.options import ModelOptions
-from ...config.unroll import UnrollConfig
+from ...config.unroll import UnrollConfig, check_adamw
 from ...errors import BergsonError
 from ...models import honours_numerics
 from .recipe import learning_rate
@@ -158,11 +158,12 @@ def gauss_newton_products(
 
 def lanczos(
     matvec: Callable[[Vectors], Vectors], starts: Vectors, steps: int
-) -> tuple[Vectors, list[np.ndarray], list[float]]:
+) -> list[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
     """``steps`` Lanczos iterations of the symmetric operator ``matvec`` (flat vectors in and out,
     one call for all starts) from each of ``starts``, fully reorthogonalised: per start its basis
-    [k, d], ``T = V A V^T`` [k, k] (tridiagonal) and its norm. A start whose Krylov space closes
-    early (an invariant subspace, where the recursion is exact) keeps the smaller basis."""
+    V [k, d], ``T = V A V^T`` [k, k] (tridiagonal) and the start's coordinates in V (its norm times
+    e_1). A start whose Krylov space closes early (an invariant subspace, where the recursion is
+    exact) keeps the smaller basis."""
     bases = [[s / s.norm()] for s in starts]
     alphas: list[list[float]] = [[] for _ in starts]
     betas: list[list[float]] = [[] for _ in starts]
@@ -184,17 +185,51 @@ def lanczos(
             bases[j].append(w / beta)
             still.append(j)
         live = still
-    tris = []
-    for j in range(len(starts)):
-        k = len(alphas[j])
-        tris.append(np.diag(alphas[j]) + np.diag(betas[j][: k - 1], 1) + np.diag(betas[j][: k - 1], -1))
-        bases[j] = bases[j][: max(k, 1)]
-    return [torch.stack(b) for b in bases], tris, [float(s.norm()) for s in starts]
+    out = []
+    for j, s in enumerate(starts):
+        k = max(len(alphas[j]), 1)
+        tri = np.zeros((k, k))
+        tri[: len(alphas[j]), : len(alphas[j])] = np.diag(alphas[j])
+        for i, beta in enumerate(betas[j][: k - 1]):
+            tri[i, i + 1] = tri[i + 1, i] = beta
+        start = np.zeros(k)
+        start[0] = float(s.norm())
+        out.append((torch.stack(bases[j][:k]), tri, start))
+    return out
+
+
+def block_lanczos(
+    matvec: Callable[[Vectors], Vectors], starts: Vectors, steps: int
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """One Krylov space shared by every start: ``steps`` block steps from the span of ``starts``
+    (one product per basis vector, as many per step as starts), fully reorthogonalised. Returns
+    the basis V [K, d], ``T = V A V^T`` [K, K] and each start's coordinates in V [starts, K]."""
+    block = list(starts)
+    basis = torch.zeros((0, block[0].shape[0]), dtype=block[0].dtype, device=block[0].device)
+    products: list[torch.Tensor] = []
+    for _ in range(steps):
+        added = []
+        for w in block:  # one at a time, so a dependent vector is dropped and nothing else
+            size = float(w.norm())
+            for _ in range(2):  # classical Gram-Schmidt twice keeps the basis orthonormal
+                w = w - basis.T @ (basis @ w)
+            if float(w.norm()) > 1e-7 * size:
+                added.append(w / w.norm())
+                basis = torch.cat([basis, added[-1][None]])
+        if not added:  # the space closed: the recursion in it is exact
+            break
+        block = matvec(added)
+        products += block
+    coords = (torch.stack(starts) @ basis.T).double().cpu().numpy()
+    if not products:  # every query gradient is zero: so is every score
+        return basis, np.zeros((0, 0)), coords
+    t = (basis @ torch.stack(products).T).double().cpu().numpy()
+    return basis, (t + t.T) / 2, coords
 
 
 def adjoint_scores(
     tridiagonal: np.ndarray,
-    start_norm: float,
+    start: np.ndarray,
     projections: np.ndarray,
     loss_tokens: np.ndarray,
     plan: list[np.ndarray],
@@ -206,14 +241,13 @@ def adjoint_scores(
 
     ``projections`` [N, k]: each document's ``V^T P^(1/2) G_i``; ``plan[t]`` the documents of step
     t and ``lrs[t]`` its learning rate. The cotangents of the weights (``lam``) and of the first
-    moment (``mu``) run backwards from the query's, ``P^(1/2) grad Q = start_norm * e_1``:
+    moment (``mu``) run backwards from the query's, ``P^(1/2) grad Q = V start``:
 
         theta_{t+1} = (1 - lr_t wd) theta_t - lr_t / (1 - beta1^(t+1)) P m_t
         m_t = beta1 m_{t-1} + (1 - beta1) g_t,    g_t = g_t(w) + H theta_t
     """
     k = tridiagonal.shape[0]
-    lam = np.zeros(k)
-    lam[0] = start_norm
+    lam = np.asarray(start, dtype=np.float64).copy()
     mu = np.zeros(k)
     scores = np.zeros(projections.shape[0])
     for t in reversed(range(len(plan))):
@@ -295,10 +329,7 @@ def unroll_scores(
     """Scores [N, columns] of ``docs`` for each query set in ``queries`` (its mean loss), with the
     seconds of each stage. ``model`` holds the final weights."""
     training = cfg.training
-    if training.optimizer != "adamw":
-        raise BergsonError(
-            f"--training.optimizer {training.optimizer}: bergson unroll linearises AdamW; use bergson magic for SGD"
-        )
+    check_adamw(training)
     if training.max_grad_norm > 0:
         logger.warning(
             "unroll: --training.max_grad_norm %g: gradient clipping is not modelled (its rescaling is "
@@ -335,24 +366,30 @@ def unroll_scores(
         return [root * flat(g) for g in got]
 
     with torch.no_grad():
-        bases, tris, norms = lanczos(matvec, starts, cfg.krylov_steps)
+        if cfg.krylov_space == "shared":
+            basis, tri, coords = block_lanczos(matvec, starts, cfg.krylov_steps)
+            spaces, columns_of = [(basis, tri)], [(0, c) for c in coords]
+        else:
+            found = lanczos(matvec, starts, cfg.krylov_steps)
+            spaces, columns_of = [(b, t) for b, t, _ in found], [(j, c) for j, (_, _, c) in enumerate(found)]
     seconds["curvature_s"] = time.perf_counter() - start
     start = time.perf_counter()
     one_epoch = replace(training, batch_size=DOCUMENT_BATCH, grad_accumulation=1, epochs=1)
     epoch = Replay(model, docs, one_epoch, pad, progress=False)
-    proj, loss_tokens = document_projections(model, params, epoch, torch.cat(bases) * root, progress)
+    directions = torch.cat([b for b, _ in spaces]) * root
+    proj, loss_tokens = document_projections(model, params, epoch, directions, progress)
     seconds["documents_s"] = time.perf_counter() - start
     start = time.perf_counter()
     total = replay.num_steps
     plan = [np.concatenate(replay.plan[t]) for t in range(total)]
     lrs = [learning_rate(training, t, total) for t in range(total)]
-    columns, col = [], 0
-    for tri, norm, basis in zip(tris, norms, bases):
-        k = tri.shape[0]
-        cols = proj[:, col : col + k]
-        col += basis.shape[0]
+    offsets = np.cumsum([0, *(len(b) for b, _ in spaces)])
+    columns = []
+    for space, coords in columns_of:
+        tri = spaces[space][1]
+        cols = proj[:, offsets[space] : offsets[space + 1]]
         columns.append(
-            adjoint_scores(tri, norm, cols, loss_tokens, plan, lrs, training.beta1, training.weight_decay)
+            adjoint_scores(tri, coords, cols, loss_tokens, plan, lrs, training.beta1, training.weight_decay)
         )
     seconds["recursion_s"] = time.perf_counter() - start
     return np.stack(columns, axis=1), seconds
@@ -399,6 +436,7 @@ def unroll(cfg: UnrollConfig) -> Any:
         "mode": cfg.query_mode,
         "query_dataset": cfg.query.dataset,
         "krylov_steps": cfg.krylov_steps,
+        "krylov_space": cfg.krylov_space,
         "curvature_docs": min(cfg.curvature_docs, len(docs)),
         "curvature_seed": cfg.curvature_seed,
         "optimizer_state": str(cfg.optimizer_state or Path(cfg.model) / "optimizer.pt"),
