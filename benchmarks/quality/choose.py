@@ -51,6 +51,8 @@ NEEDS = {
     "source": "a few checkpoints and the learning-rate schedule",
     "source_adam": "a few checkpoints with their optimizer state, and the schedule",
     "source_adam_discrete": "a few checkpoints with their optimizer state, and the schedule",
+    "unroll": "the model, its optimizer state and the training recipe (batch order, schedule)",
+    "unroll_8": "the model, its optimizer state and the training recipe (batch order, schedule)",
     "magic": "the whole training recipe (it retrains)",
     "exact_if": "a model small enough for its full Hessian",
 }
@@ -169,6 +171,9 @@ def page(results: Path) -> str:
         "- With checkpoints and the learning-rate schedule of the run (a Trainer output directory), SOURCE "
         "unrolls through training (`--step_model adam` for runs trained with Adam or AdamW); with several "
         "trained models, TRAK averages over them.",
+        "- With the trained model, its AdamW state and the recipe that trained it (its batch order and "
+        "schedule), Unroll follows MAGIC's reverse pass at the final state without retraining (`bergson "
+        "unroll`).",
         "- When you own the training recipe and the corpus is small enough to train through a few times, "
         "MAGIC is the closest to retraining.",
         "",

@@ -9,7 +9,7 @@ and reports the LDS and leave-k-out Spearman of each with its seconds, against t
 retrains as ``benchmarks.quality.lm``:
 
     python -m benchmarks.quality.lm    # the run, its checkpoint (with optimizer.pt) and retrains, first
-    python -m benchmarks.quality.krylov [--krylov 8 16] [--sample 8 16] [--seeds 0 1]
+    python -m benchmarks.quality.krylov [--krylov 8 16] [--sample 8 16] [--seeds 0 1] [--spaces per_column shared]
 
 Prints one JSON object.
 """
@@ -17,6 +17,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from dataclasses import replace
@@ -27,11 +28,14 @@ import numpy as np
 
 
 def sweep(
-    run: Path, steps: list[int], samples: list[int], seeds: list[int]
-) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
-    """Scores [documents, queries] and stage seconds per setting ``m{docs}_k{steps}_s{seed}``."""
+    run: Path, steps: list[int], samples: list[int], seeds: list[int], spaces: list[str]
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]], list[float]]:
+    """Scores [documents, queries] and stage seconds per setting ``{space}_m{docs}_k{steps}_s{seed}``,
+    and the seconds of plain training runs of the recipe interleaved with them (one before the sweep
+    and one after each setting's draws), so that costs are ratios measured under the same load."""
     from bergson.config import UnrollConfig
     from bergson.methods.magic.command import load_recipe, prepare
+    from bergson.methods.magic.replay import Replay
     from bergson.methods.magic.unroll import unroll_scores
 
     recipe = load_recipe(str(run / "recipe.yaml"))
@@ -39,19 +43,28 @@ def sweep(
     model, tokenizer, docs, queries = prepare(replace(recipe, model=str(checkpoint)))
     pad = tokenizer.pad_token_id or 0
     columns = [queries.select([j]) for j in range(len(queries))]
-    scores, seconds = {}, {}
-    for m in samples:
-        for k in steps:
-            for seed in seeds:
-                cfg = UnrollConfig(
-                    model=str(checkpoint), data=recipe.data, query=recipe.query, training=recipe.training,
-                    krylov_steps=k, curvature_docs=m, curvature_seed=seed,
-                )  # fmt: skip
-                name = f"m{m}_k{k}_s{seed}"
-                start = time.perf_counter()
-                scores[name], took = unroll_scores(model, docs, columns, cfg, pad, progress=False)
-                seconds[name] = {**{s: round(v, 2) for s, v in took.items()}, "total_s": round(time.perf_counter() - start, 2)}  # fmt: skip
-    return scores, seconds
+    scores: dict[str, np.ndarray] = {}
+    seconds: dict[str, dict[str, float]] = {}
+    runs: list[float] = []
+
+    def training_run() -> None:  # what one retrain of the benchmark does, in this process
+        start = time.perf_counter()
+        Replay(model, docs, recipe.training, pad, progress=False).run()
+        runs.append(round(time.perf_counter() - start, 2))
+
+    training_run()
+    for space, m, k, seed in itertools.product(spaces, samples, steps, seeds):
+        cfg = UnrollConfig(
+            model=str(checkpoint), data=recipe.data, query=recipe.query, training=recipe.training,
+            krylov_steps=k, curvature_docs=m, curvature_seed=seed, krylov_space=space,  # type: ignore[arg-type]
+        )  # fmt: skip
+        name = f"{space}_m{m}_k{k}_s{seed}"
+        start = time.perf_counter()
+        scores[name], took = unroll_scores(model, docs, columns, cfg, pad, progress=False)
+        seconds[name] = {**{s: round(v, 2) for s, v in took.items()}, "total_s": round(time.perf_counter() - start, 2)}  # fmt: skip
+        if seed == seeds[-1]:
+            training_run()
+    return scores, seconds, runs
 
 
 def main() -> None:
@@ -65,6 +78,7 @@ def main() -> None:
         "--sample", type=int, nargs="+", default=[8, 16], help="documents in the Gauss-Newton"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="draws of those documents")
+    parser.add_argument("--spaces", nargs="+", default=["per_column"], choices=["per_column", "shared"])
     parser.add_argument("--subsets", type=int, default=16)
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.02, 0.05])
     args = parser.parse_args()
@@ -74,13 +88,16 @@ def main() -> None:
     from .first_order import correlations
 
     torch.manual_seed(0)
-    scores, seconds = sweep(Path(args.run), args.krylov, args.sample, args.seeds)
+    scores, seconds, runs = sweep(Path(args.run), args.krylov, args.sample, args.seeds, args.spaces)
     results: dict[str, Any] = correlations(
         Path(args.run), args.cache_dir, scores, args.subsets, args.fractions
     )
+    run_s = float(np.median(runs))
     for name in results:
         results[name]["seconds"] = seconds[name]
-    print(json.dumps({"workload": args.run, "settings": results}, indent=2))
+        results[name]["training_runs"] = round(seconds[name]["total_s"] / run_s, 2)
+    out = {"workload": args.run, "training_run_s": runs, "settings": results}
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -87,11 +87,14 @@ METHODS = (
     "source",
     "source_adam",
     "source_adam_discrete",
+    "unroll",
+    "unroll_8",
     "magic",
 )
 FISHER_DRAWS = 4  # --fisher_samples of the ekfac_k4 row
 SOURCE_CHECKPOINTS = 3  # evenly spaced checkpoints of the run that SOURCE unrolls through
 ENSEMBLE_SEEDS = (1, 2, 3)  # data-order seeds of the extra models of TRAK's 4-model ensemble
+UNROLL = {"unroll": (16, 16), "unroll_8": (8, 8)}  # --krylov_steps and --curvature_docs of each row
 LABELS = {
     "dot": "gradient dot",
     "cosine": "cosine",
@@ -107,6 +110,10 @@ LABELS = {
     "source": f"SOURCE ({SOURCE_CHECKPOINTS} checkpoints)",
     "source_adam": f"SOURCE, Adam steps ({SOURCE_CHECKPOINTS} checkpoints)",
     "source_adam_discrete": f"SOURCE, Adam steps and first moment, discrete ({SOURCE_CHECKPOINTS} checkpoints)",
+    **{
+        name: f"Unroll ({k} Gauss-Newton products per query, {m} documents)"
+        for name, (k, m) in UNROLL.items()
+    },
     "magic": "MAGIC",
 }
 # the bergson commands each method needs (shared stores count for every method that uses them)
@@ -125,6 +132,7 @@ PIPELINES = {
     "source": ("source",),  # the run's checkpoints (step "trainer") are the user's already: not counted
     "source_adam": ("source_adam",),
     "source_adam_discrete": ("source_adam_discrete",),
+    **{name: (name,) for name in UNROLL},
     "magic": ("magic",),
 }
 STORES = {
@@ -142,6 +150,7 @@ STORES = {
     "source": "source/scores",
     "source_adam": "source_adam/scores",
     "source_adam_discrete": "source_adam_discrete/scores",
+    **{name: f"{name}/scores" for name in UNROLL},
     "magic": "magic/scores",
 }
 
@@ -426,8 +435,36 @@ def commands(args: argparse.Namespace, work: Path, recipe: Path) -> dict[str, li
                 ("source_adam_discrete", "adam", "discrete"),
             )
         },
+        **{
+            name: [
+                "unroll",
+                str(work / name),
+                "--config",
+                str(unroll_config(recipe, work)),
+                "--model",
+                ckpt,
+                "--krylov_steps",
+                str(k),
+                "--curvature_docs",
+                str(m),
+            ]
+            for name, (k, m) in UNROLL.items()
+        },
         "magic": ["magic", str(recipe), "--checkpoints", "sqrt"],
     }
+
+
+def unroll_config(recipe: Path, work: Path) -> Path:
+    """work/unroll.yaml: the recipe's documents, queries and training (what ``bergson unroll`` follows),
+    with one score column per query, on the CPU in float32."""
+    from bergson.config import MagicConfig, UnrollConfig, load_yaml, save_yaml
+
+    cfg = load_yaml(MagicConfig, recipe)
+    out = UnrollConfig(data=cfg.data, query=cfg.query, training=cfg.training, query_mode="individual",
+                       precision="fp32", device="cpu")  # fmt: skip
+    path = work / "unroll.yaml"
+    save_yaml(out, path)
+    return path
 
 
 # ------------------------------------------------------------------------------- running steps
