@@ -16,7 +16,9 @@ learning rates. This module makes that cheap:
   polynomial in A applied to ``b = P^(1/2) grad Q``.
 * **A Krylov subspace per column.** ``--krylov_steps`` Lanczos steps from b (one Gauss-Newton
   product each) give an orthonormal basis V and ``T = V^T A V``; the adjoint recursion then runs
-  through all T training steps in k dimensions (:func:`adjoint_scores`).
+  through all T training steps in k dimensions (:func:`adjoint_scores`). With
+  ``--krylov_space shared`` one space is grown from every column's b at once
+  (:func:`block_lanczos`) and each column's recursion runs in it.
 * **One pass over the documents.** A document's contribution at a step needs only
   ``V^T P^(1/2) G_i``, the projection of its summed loss gradient at the final weights: one
   per-document gradient each (:func:`document_projections`).
