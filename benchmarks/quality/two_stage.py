@@ -12,8 +12,8 @@ retrained without it (stage 1 without the half, then stage 2 unchanged from that
 change of each query's loss is measured; each method's LDS is the Spearman correlation over the
 halves between that change and the sum of the removed documents' scores (mean ± std over
 queries). Every gradient method runs through the ``bergson`` CLI on the final model (rows
-``... at the end of stage 1`` run on the stage-1 checkpoint instead, for contrast). MAGIC
-differentiates through one recipe only, so it has no row here.
+``... at the end of stage 1`` run on the stage-1 checkpoint instead, for contrast). MAGIC and
+Unroll differentiate through one recipe only, so they have no row here.
 
     python -m benchmarks.quality.two_stage [--docs 120] [--finetune_docs 120] [--epochs 4] [--subsets 8]
 
@@ -56,7 +56,7 @@ from .lm import METHODS as LM_METHODS
 from .lm import PIPELINES as LM_PIPELINES
 
 # every method of the LM benchmark but the 4-model ensemble (its extra models would need two stages
-# each) and MAGIC (one recipe only); the stages' checkpoints that SOURCE reads are not counted
+# each) and MAGIC and Unroll (one recipe only); the stages' checkpoints that SOURCE reads are not counted
 METHODS = tuple(m for m in LM_METHODS if m not in ("trak4", "magic", "unroll", "unroll_8"))
 PIPELINES = {m: LM_PIPELINES[m] for m in METHODS}
 STAGE1 = ("ekfac", "trak")  # also run on the stage-1 checkpoint, for contrast
