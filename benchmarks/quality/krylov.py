@@ -9,7 +9,7 @@ and reports the LDS and leave-k-out Spearman of each with its seconds, against t
 retrains as ``benchmarks.quality.lm``:
 
     python -m benchmarks.quality.lm    # the run, its checkpoint (with optimizer.pt) and retrains, first
-    python -m benchmarks.quality.krylov [--krylov 8 16] [--sample 8 16] [--seeds 0 1] [--spaces per_column shared]
+    python -m benchmarks.quality.krylov [--krylov 8 16] [--sample 8 16] [--seeds 0 1] [--spaces per_column shared] [--orders 0 1 2]
 
 Prints one JSON object.
 """
@@ -28,11 +28,20 @@ import numpy as np
 
 
 def sweep(
-    run: Path, steps: list[int], samples: list[int], seeds: list[int], spaces: list[str]
+    run: Path,
+    steps: list[int],
+    samples: list[int],
+    seeds: list[int],
+    spaces: list[str],
+    orders: list[int] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]], list[float]]:
     """Scores [documents, queries] and stage seconds per setting ``{space}_m{docs}_k{steps}_s{seed}``,
     and the seconds of plain training runs of the recipe interleaved with them (one before the sweep
-    and one after each setting's draws), so that costs are ratios measured under the same load."""
+    and one after each setting's draws), so that costs are ratios measured under the same load.
+
+    ``orders``: data-order seeds handed to unroll instead of the recipe's (the settings' names then
+    end in ``_o{seed}``), to measure what a batch order other than the run's (a run trained
+    elsewhere) costs; None: the recipe's own."""
     from bergson.config import UnrollConfig
     from bergson.methods.magic.command import load_recipe, prepare
     from bergson.methods.magic.replay import Replay
@@ -53,12 +62,14 @@ def sweep(
         runs.append(round(time.perf_counter() - start, 2))
 
     training_run()
-    for space, m, k, seed in itertools.product(spaces, samples, steps, seeds):
+    own = recipe.training.seed
+    for order, space, m, k, seed in itertools.product(orders or [own], spaces, samples, steps, seeds):
         cfg = UnrollConfig(
-            model=str(checkpoint), data=recipe.data, query=recipe.query, training=recipe.training,
+            model=str(checkpoint), data=recipe.data, query=recipe.query,
+            training=replace(recipe.training, seed=order),
             krylov_steps=k, curvature_docs=m, curvature_seed=seed, krylov_space=space,  # type: ignore[arg-type]
         )  # fmt: skip
-        name = f"{space}_m{m}_k{k}_s{seed}"
+        name = f"{space}_m{m}_k{k}_s{seed}" + ("" if order == own else f"_o{order}")
         start = time.perf_counter()
         scores[name], took = unroll_scores(model, docs, columns, cfg, pad, progress=False)
         seconds[name] = {**{s: round(v, 2) for s, v in took.items()}, "total_s": round(time.perf_counter() - start, 2)}  # fmt: skip
@@ -79,6 +90,9 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="draws of those documents")
     parser.add_argument("--spaces", nargs="+", default=["per_column"], choices=["per_column", "shared"])
+    parser.add_argument(
+        "--orders", type=int, nargs="+", default=None, help="data-order seeds instead of the recipe's"
+    )
     parser.add_argument("--subsets", type=int, default=16)
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.02, 0.05])
     args = parser.parse_args()
@@ -88,7 +102,9 @@ def main() -> None:
     from .first_order import correlations
 
     torch.manual_seed(0)
-    scores, seconds, runs = sweep(Path(args.run), args.krylov, args.sample, args.seeds, args.spaces)
+    scores, seconds, runs = sweep(
+        Path(args.run), args.krylov, args.sample, args.seeds, args.spaces, args.orders
+    )
     results: dict[str, Any] = correlations(
         Path(args.run), args.cache_dir, scores, args.subsets, args.fractions
     )
