@@ -144,32 +144,10 @@ def gauss_newton_products(
 ) -> list[dict[str, Any]]:
     """The exact Gauss-Newton of step ``t``'s mean token loss at ``params`` times each vector:
     J^T H_z J v, with J the logits' Jacobian and H_z = diag(p) - p p^T the softmax cross-entropy's
-    Hessian in the logits, per loss token (J v by the double-VJP trick, then one VJP back)."""
-    import torch
-    from torch.func import functional_call
+    Hessian in the logits, per loss token (``bergson unroll``'s products on the step's batches)."""
+    from bergson.methods.magic.unroll import gauss_newton_products as products
 
-    from bergson.methods.magic.replay import math_attention
-
-    batches = replay.micro_batches(t)
-    tokens = sum(float(b.mask.sum()) for b in batches)
-    keys = list(params)
-    out = [{k: torch.zeros_like(v) for k, v in params.items()} for _ in vectors]
-    for b in batches:
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        with torch.enable_grad(), math_attention():
-            logits = functional_call(model, leaves, (b.ids,), {"use_cache": False}).logits.float()
-            probs = torch.softmax(logits, -1).detach()
-            w = torch.zeros_like(logits, requires_grad=True)
-            jt_w = torch.autograd.grad(logits, [leaves[k] for k in keys], w, create_graph=True)
-            for j, v in enumerate(vectors):
-                dot = torch.stack([(x * v[k]).sum() for x, k in zip(jt_w, keys)]).sum()
-                (jv,) = torch.autograd.grad(dot, w, retain_graph=True)
-                hz = probs * jv - probs * (probs * jv).sum(-1, keepdim=True)
-                hz = hz * b.mask[..., None] / tokens
-                got = torch.autograd.grad(logits, [leaves[k] for k in keys], hz, retain_graph=True)
-                for k, x in zip(keys, got):
-                    out[j][k] += x
-    return out
+    return products(model, params, replay.micro_batches(t), vectors)
 
 
 def sampled_fisher(

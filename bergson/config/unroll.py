@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from ..errors import BergsonError
@@ -51,6 +52,10 @@ class UnrollConfig(ModelOptions, RunOptions):
 
     top_k: int = 10
     """Training documents printed per score column."""
+
+    def optimizer_state_file(self) -> Path:
+        """--optimizer_state, or optimizer.pt beside --model's weights."""
+        return Path(self.optimizer_state or Path(self.model) / "optimizer.pt")
 
     def _check(self) -> None:
         self.data._check()

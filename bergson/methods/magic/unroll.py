@@ -158,6 +158,14 @@ def gauss_newton_products(
     return out
 
 
+def _orthogonalise(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``w`` less its component in the span of the orthonormal rows of ``basis`` (classical
+    Gram-Schmidt twice, which keeps a fully reorthogonalised basis orthonormal)."""
+    for _ in range(2):
+        w = w - basis.T @ (basis @ w)
+    return w
+
+
 def lanczos(
     matvec: Callable[[Vectors], Vectors], starts: Vectors, steps: int
 ) -> list[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
@@ -178,8 +186,7 @@ def lanczos(
         for j, w in zip(live, products):
             basis = torch.stack(bases[j])
             alphas[j].append(float(bases[j][-1] @ w))
-            for _ in range(2):  # classical Gram-Schmidt twice keeps the basis orthonormal
-                w = w - basis.T @ (basis @ w)
+            w = _orthogonalise(w, basis)
             beta = float(w.norm())
             if it == steps - 1 or beta <= 1e-7 * max(abs(a) for a in alphas[j]):
                 continue
@@ -213,8 +220,7 @@ def block_lanczos(
         added = []
         for w in block:  # one at a time, so a dependent vector is dropped and nothing else
             size = float(w.norm())
-            for _ in range(2):  # classical Gram-Schmidt twice keeps the basis orthonormal
-                w = w - basis.T @ (basis @ w)
+            w = _orthogonalise(w, basis)
             if float(w.norm()) > 1e-7 * size:
                 added.append(w / w.norm())
                 basis = torch.cat([basis, added[-1][None]])
@@ -343,8 +349,7 @@ def unroll_scores(
     params = replay.initial_state().params  # the model's own: the final weights
     keys = list(params)
     shapes = [(k, params[k].shape, params[k].numel()) for k in keys]
-    optimizer_state = Path(cfg.optimizer_state or Path(cfg.model) / "optimizer.pt")
-    root = adam_root_preconditioner(optimizer_state, model, params)
+    root = adam_root_preconditioner(cfg.optimizer_state_file(), model, params)
 
     def flat(d: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([d[k].reshape(-1) for k in keys])
@@ -441,7 +446,7 @@ def unroll(cfg: UnrollConfig) -> Any:
         "krylov_space": cfg.krylov_space,
         "curvature_docs": min(cfg.curvature_docs, len(docs)),
         "curvature_seed": cfg.curvature_seed,
-        "optimizer_state": str(cfg.optimizer_state or Path(cfg.model) / "optimizer.pt"),
+        "optimizer_state": str(cfg.optimizer_state_file()),
         "training": dict(vars(cfg.training)),
         "approximations": "final weights and AdamW state at every step; one Gauss-Newton of "
         "--curvature_docs documents; the second moment's derivative dropped; gradient clipping not modelled",
