@@ -58,6 +58,11 @@ class UnrollConfig(ModelOptions, RunOptions):
         return Path(self.optimizer_state or Path(self.model) / "optimizer.pt")
 
     def _check(self) -> None:
+        if self.data.reward_column or self.query.reward_column:
+            raise BergsonError(
+                "--reward_column: bergson unroll follows a supervised fine-tune's AdamW steps; advantage-weighted "
+                "(GRPO) losses are not modelled, drop the option"
+            )
         self.data._check()
         self.query._check("--query.")
         share_tokenizer(self.data, self.query)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bergson import BergsonError
-from bergson.config import TrainingConfig, UnrollConfig
+from bergson.config import DataConfig, TrainingConfig, UnrollConfig
 from bergson.config.options import validate_options
 from bergson.methods.magic import unroll as unroll_module
 from bergson.methods.magic.recipe import learning_rate
@@ -162,6 +162,8 @@ def test_unroll_refuses_what_it_cannot_model(tmp_path):
         _scores(model, docs, queries, _config(tmp_path))
     with pytest.raises(BergsonError, match="--krylov_steps"):
         validate_options(UnrollConfig(krylov_steps=0))
+    with pytest.raises(BergsonError, match="--reward_column"):
+        validate_options(UnrollConfig(data=DataConfig(dataset="d.jsonl", reward_column="reward")))
 
 
 def test_unroll_from_the_shell(tmp_path, model_dir, corpus_file):
