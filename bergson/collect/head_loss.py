@@ -82,9 +82,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
             tgt = target[start:stop]
             if sample is not None:
                 tgt = torch.cat([sample(b, logits[a - start : z - start]) for b, a, z in block_docs])
-            lse = torch.logsumexp(logits, 1)
-            torch.sub(lse, logits.gather(1, tgt[:, None]).squeeze(1), out=losses[start:stop])
-            probs = logits.sub_(lse[:, None]).exp_()
+            picked = logits.gather(1, tgt[:, None]).squeeze(1)
+            probs, lse = _softmax_(logits)
+            torch.sub(lse, picked, out=losses[start:stop])
             probs[torch.arange(stop - start, device=probs.device), tgt] -= 1
             if upcast:
                 grad[start:stop] = probs.to(hidden.dtype) @ weight
@@ -97,6 +97,17 @@ class _HeadCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         (grad,) = ctx.saved_tensors
         return grad * upstream[:, None].to(grad.dtype), None, None, None, None, None
+
+
+def _softmax_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax of each row of ``logits`` [n, V], written over them, and the rows'
+    log-sum-exp [n]. One exponential per entry: ``torch.logsumexp`` followed by
+    ``(logits - lse).exp_()`` takes two, and its shift allocates a copy of the block."""
+    top = logits.amax(1, keepdim=True)
+    probs = logits.sub_(top).exp_()
+    total = probs.sum(1, keepdim=True)
+    probs.div_(total)
+    return probs, (top + total.log()).squeeze(1)
 
 
 def _plan(

@@ -63,6 +63,25 @@ def test_head_cross_entropy_equals_autograd_through_the_logits(monkeypatch, redu
     assert ours[2] == 0 and not g_ours[2].any() and not g_ours[1, 4:].any()
 
 
+def test_head_cross_entropy_is_stable_for_logits_far_from_zero():
+    """Float32 logits in the thousands (their exponentials overflow): losses and gradients
+    still equal autograd through ``F.cross_entropy``, which shifts by the row maximum too."""
+    torch.manual_seed(0)
+    head = nn.Linear(8, 300).requires_grad_(False)
+    head.weight.mul_(400.0)
+    head.bias.fill_(-3000.0)
+    target = torch.randint(0, 300, (2, 5))
+    out = []
+    for fn in (head_cross_entropy, _reference):
+        hidden = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        losses = fn(hidden, head, target, "sum")
+        losses.sum().backward()
+        out.append((losses.detach(), hidden.grad))
+    assert out[1][0].min() > 100 and torch.isfinite(out[0][0]).all()
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-5, atol=1e-3)
+
+
 def test_head_cross_entropy_in_bfloat16_matches_the_upcast_reference():
     torch.manual_seed(0)
     head = nn.Linear(16, 300, bias=False, dtype=torch.bfloat16).requires_grad_(False)
