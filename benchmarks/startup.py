@@ -11,6 +11,10 @@ start and at the end):
   first progress line of the gradient pass on its stderr (tqdm's ``gradients:`` bar), and the
   CPU seconds (user + system) the process had used by then. The process is stopped at that
   point: what comes after is the build itself, which ``benchmarks.build`` measures;
+- the libraries' floor: a process that loads the same model with transformers
+  (``AutoModelForCausalLM.from_pretrained``, after ``import torch``) and exits without the
+  interpreter's teardown, as the ``bergson`` program does. Every tool that attributes with
+  this model pays it; ``above_floor_s`` is what the build adds before its first progress line;
 - the same build under ``python -X importtime``: the modules imported before the first progress
   update, as the ``--top`` modules by cumulative import time, the ``--top`` outermost imports
   (those no other module of ours or theirs imported first), and the self time summed per
@@ -65,6 +69,22 @@ def _env() -> dict[str, str]:
 def time_import() -> float:
     start = time.perf_counter()
     subprocess.run([PYTHON, "-c", "import bergson"], check=True, env=_env())
+    return time.perf_counter() - start
+
+
+FLOOR = """
+import os, torch
+from transformers import AutoModelForCausalLM
+AutoModelForCausalLM.from_pretrained({model!r})
+os._exit(0)
+"""
+
+
+def time_floor() -> float:
+    """Seconds to load the shipped example model with transformers alone (see the docstring)."""
+    start = time.perf_counter()
+    code = FLOOR.format(model=str(ASSETS / "tiny-pythia"))
+    subprocess.run([PYTHON, "-c", code], check=True, env=_env(), stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
@@ -154,10 +174,11 @@ def main() -> None:
     ROOT = Path(args.root).resolve()
     PYTHON = os.path.abspath(args.python)  # not resolved: a venv's python is a link to the base one
     load_start = os.getloadavg()[0]
-    imports, builds, cpu, traced = [], [], [], []
+    imports, builds, cpu, traced, floors = [], [], [], [], []
     with tempfile.TemporaryDirectory(prefix="bergson-startup-") as tmp:
         for _ in range(args.repeats):
             imports.append(time_import())
+            floors.append(time_floor())
             leg = time_to_progress(Path(tmp), args.num_docs, importtime=False)
             builds.append(leg["seconds"])
             cpu.append(leg["cpu_seconds"])
@@ -174,9 +195,12 @@ def main() -> None:
                 "import_bergson_s": round(min(imports), 3),
                 "build_to_first_progress_s": round(min(builds), 3),
                 "build_to_first_progress_cpu_s": round(min(cpu), 3),
+                "libraries_floor_s": round(min(floors), 3),
+                "above_floor_s": round(min(builds) - min(floors), 3),
                 "import_bergson_times_s": [round(t, 3) for t in imports],
                 "build_to_first_progress_times_s": [round(t, 3) for t in builds],
                 "build_cpu_times_s": [round(t, 3) for t in cpu],
+                "libraries_floor_times_s": [round(t, 3) for t in floors],
                 "importtime_build_to_first_progress_s": round(best["seconds"], 3),
                 "importtime": summarize(best["imports"], args.top),
                 "load_average_1min": [round(load_start, 2), round(os.getloadavg()[0], 2)],
