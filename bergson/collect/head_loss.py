@@ -19,6 +19,13 @@ batches hand the model a stand-in for the logits (a zero expanded to [B, T, V], 
 check that it comes back untouched. Every batch of a model that passes the check, its first
 included, gets its loss through the fused head, so results do not depend on which batch came
 first. Models sharded with FSDP keep the ordinary route.
+
+MAGIC's replay trains the head and differentiates through the training step's gradient, so it
+takes :func:`trained_head_losses` instead: :class:`_TrainedHeadCrossEntropy` keeps only the
+rows' softmax for the reverse pass, and its gradient (:class:`_TrainedHeadGrad`) has a
+hand-written backward, the second-order term, in five matrix products and three elementwise
+passes over [N, V]. The same check of the model's logits decides the route; a head with a bias or
+half-precision weights keeps the route through the logits.
 """
 
 from __future__ import annotations
@@ -99,6 +106,82 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad * upstream[:, None].to(grad.dtype), None, None, None, None, None
 
 
+class _TrainedHeadCrossEntropy(torch.autograd.Function):
+    """Token losses of rows h [N, d] under a head W [V, d] without bias, and targets [N], for a
+    head that is trained: its gradient is taken at h and W, and can be differentiated again.
+    Only the rows' softmax P is kept; the [N, V] logits, log-softmax and one-hot are not."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        logits = torch.mm(hidden, weight.t())
+        probs = torch.softmax(logits, 1)
+        picked = probs.gather(1, target[:, None]).squeeze(1)
+        losses = picked.log().neg_()
+        low = picked < torch.finfo(probs.dtype).tiny  # the target's probability below the normal range
+        if bool(low.any()):  # there -log P loses precision (or is infinite): log-sum-exp less the logit
+            rows = low.nonzero().squeeze(1)
+            z = logits.index_select(0, rows)
+            losses[rows] = torch.logsumexp(z, 1) - z.gather(1, target[rows, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, probs, target)
+        return losses
+
+    @staticmethod
+    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        hidden, weight, probs, target = ctx.saved_tensors
+        want_weight = ctx.needs_input_grad[1]
+        grad_h, grad_w = _TrainedHeadGrad.apply(hidden, weight, upstream, probs, target, want_weight)
+        return grad_h, grad_w if want_weight else None, None
+
+
+class _TrainedHeadGrad(torch.autograd.Function):
+    """The gradients at h and W of Σₙ gₙ CEₙ: with G = diag(g)(P − onehot), G W and Gᵀ h, without
+    forming G. Its backward is the second-order term (a reverse pass through a training step),
+    with the dependence of the kept softmax P on h and W applied analytically: for cotangents
+    C_h and C_W of the two gradients, D = C_h Wᵀ + h C_Wᵀ is the cotangent of G, and the logits'
+    cotangent is g ⊙ P ⊙ (D − ⟨P, D⟩) (the softmax's Jacobian)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        upstream: torch.Tensor,
+        probs: torch.Tensor,
+        target: torch.Tensor,
+        want_weight: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(hidden, weight, upstream, probs, target)
+        scale = upstream[:, None]
+        grad_h = torch.mm(probs, weight).sub_(weight.index_select(0, target)).mul_(scale)
+        if not want_weight:  # a frozen head: no [V, d] product
+            return grad_h, weight.new_empty(0)
+        scaled = hidden * scale
+        grad_w = torch.mm(probs.t(), scaled).index_add_(0, target, scaled, alpha=-1)
+        return grad_h, grad_w
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, cot_h: torch.Tensor | None, cot_w: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, upstream, probs, target = ctx.saved_tensors
+        if cot_h is None:
+            cot_h = torch.zeros_like(hidden)
+        if cot_w is None or cot_w.numel() == 0:
+            cot_w = torch.zeros_like(weight)
+        d = torch.mm(torch.cat([cot_h, hidden], 1), torch.cat([weight, cot_w], 1).t())  # D: one product
+        inner = torch.linalg.vecdot(probs, d)  # ⟨Pₙ, Dₙ⟩
+        d_up = inner - d.gather(1, target[:, None]).squeeze(1)  # ⟨P − onehot, D⟩ per row
+        d.sub_(inner[:, None]).mul_(probs)  # the logits' cotangent, less its factor g
+        scale = upstream[:, None]
+        d_h = torch.mm(d, weight).addmm_(probs, cot_w).sub_(cot_w.index_select(0, target)).mul_(scale)
+        d_w = None
+        if ctx.needs_input_grad[1]:
+            scaled = cot_h * scale
+            d_w = torch.mm(d.t(), hidden * scale).addmm_(probs.t(), scaled)
+            d_w.index_add_(0, target, scaled, alpha=-1)
+        return d_h, d_w, d_up, None, None, None
+
+
 def _softmax_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The softmax of each row of ``logits`` [n, V], written over them, and the rows'
     log-sum-exp [n]. One exponential per entry: ``torch.logsumexp`` followed by
@@ -162,8 +245,10 @@ def reduce_documents(total: torch.Tensor, target: torch.Tensor, reduction: str) 
     return total
 
 
-def _fusable_head(model: nn.Module) -> nn.Linear | None:
-    """The model's output head when the fused loss may replace it (see the module docstring)."""
+def _fusable_head(model: nn.Module, trained: bool = False) -> nn.Linear | None:
+    """The model's output head when the fused loss may replace it (see the module docstring).
+    A ``trained`` head (MAGIC's replay) may need gradients, but must have no bias and float32 or
+    float64 weights (:class:`_TrainedHeadCrossEntropy`)."""
     if _PLAIN.get(model) is False:
         return None
     get = getattr(model, "get_output_embeddings", None)
@@ -171,41 +256,39 @@ def _fusable_head(model: nn.Module) -> nn.Linear | None:
     if type(head) is not nn.Linear:  # quantized and other subclasses keep their own forward
         return None
     params = [p for p in (head.weight, head.bias) if p is not None]
-    if any(p.requires_grad or type(p) is not nn.Parameter for p in params):  # a tracked or sharded head
+    if any(type(p) is not nn.Parameter for p in params):  # a sharded head
+        return None
+    if trained:
+        if head.bias is not None or head.weight.dtype not in (torch.float32, torch.float64):
+            return None
+    elif any(p.requires_grad for p in params):  # a tracked head
         return None
     if head._forward_hooks or head._forward_pre_hooks or head._backward_hooks or head._backward_pre_hooks:
         return None
     return head
 
 
-def document_losses(
-    model: nn.Module,
-    ids: torch.Tensor,
-    target: torch.Tensor,
-    reduction: str,
-    from_logits: Callable[[torch.Tensor], torch.Tensor],
-    sample: Sampler | None = None,
-) -> torch.Tensor:
-    """Each document's loss, [B]: through the fused head when the model allows it, otherwise
-    ``from_logits(logits)`` of the model's logits. On a model's first batch its head is also
-    run for real, to check that the model returns that very tensor as its logits."""
-    head = _fusable_head(model)
-    if head is None:
-        return from_logits(model(input_ids=ids, use_cache=False).logits)
+def _intercept(
+    model: nn.Module, head: nn.Linear, run: Callable[[], torch.Tensor], target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+    """Run the model (``run()`` returns its logits) with its head intercepted: (the head's input,
+    the weight the head was called with) when the logits are the head's own output, otherwise
+    the logits. On a model's first batch the head is run for real, to check that the model
+    returns that very tensor; later batches get a stand-in (a zero expanded to [B, T, V])."""
     known = model in _PLAIN
-    calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (the head's input, what it returned)
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (input, output, weight)
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         if known:  # a stand-in for the logits: a zero expanded to [B, T, V], no memory
             out = hidden.new_zeros(()).expand(*hidden.shape[:-1], head.out_features)
         else:
             out = nn.Linear.forward(head, hidden)
-        calls.append((hidden, out))
+        calls.append((hidden, out, head.weight))  # the weight in use (torch.func swaps it in)
         return out
 
     head.forward = forward  # type: ignore[method-assign]
     try:
-        logits = model(input_ids=ids, use_cache=False).logits
+        logits = run()
     finally:
         del head.forward
     plain = len(calls) == 1 and logits is calls[0][1] and calls[0][0].shape[:-1] == target.shape
@@ -217,10 +300,53 @@ def document_losses(
                 "the loss goes through the full logits",
                 type(model).__name__,
             )
-            return from_logits(logits)
+            return logits
     elif not plain:
         raise RuntimeError(
             "the model changed its logits after its first batch, so its output head cannot be fused; "
             "this is a bug of bergson, please report it with the model's class"
         )
-    return head_cross_entropy(calls[0][0], head, target, reduction, sample)
+    return calls[0][0], calls[0][2]
+
+
+def document_losses(
+    model: nn.Module,
+    ids: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str,
+    from_logits: Callable[[torch.Tensor], torch.Tensor],
+    sample: Sampler | None = None,
+) -> torch.Tensor:
+    """Each document's loss, [B]: through the fused head when the model allows it, otherwise
+    ``from_logits(logits)`` of the model's logits."""
+    head = _fusable_head(model)
+    if head is None:
+        return from_logits(model(input_ids=ids, use_cache=False).logits)
+    got = _intercept(model, head, lambda: model(input_ids=ids, use_cache=False).logits, target)
+    if isinstance(got, torch.Tensor):
+        return from_logits(got)
+    return head_cross_entropy(got[0], head, target, reduction, sample)
+
+
+def trained_head_losses(
+    model: nn.Module,
+    run: Callable[[], torch.Tensor],
+    target: torch.Tensor,
+    from_logits: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Every position's next-token cross-entropy, [B, T] (0 where ``target`` is the ignore
+    index), of the model run by ``run()`` (which returns its logits, e.g. through
+    ``torch.func.functional_call``), with the output head among what is differentiated, twice
+    if need be (MAGIC's replay): through :class:`_TrainedHeadCrossEntropy` when the model allows
+    it, otherwise ``from_logits(logits)``."""
+    head = _fusable_head(model, trained=True)
+    got = run() if head is None else _intercept(model, head, run, target)
+    if isinstance(got, torch.Tensor):
+        return from_logits(got)
+    hidden, weight = got
+    batch, seq, width = hidden.shape
+    flat = target.reshape(-1)
+    pos = (flat != IGNORE).nonzero().squeeze(1)
+    rows = hidden.reshape(batch * seq, width).index_select(0, pos)
+    token = _TrainedHeadCrossEntropy.apply(rows, weight, flat[pos])
+    return token.new_zeros(batch * seq).index_add(0, pos, token).view(batch, seq)

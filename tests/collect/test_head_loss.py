@@ -99,6 +99,70 @@ def test_head_cross_entropy_in_bfloat16_matches_the_upcast_reference():
     torch.testing.assert_close(out[0][1], out[1][1], rtol=0.02, atol=1e-3)  # bfloat16 rounding
 
 
+def _trained_reference(hidden, weight, target):
+    """Autograd through the logits ``hidden Wᵀ`` (the route of a model whose head is not fused)."""
+    return F.cross_entropy(hidden @ weight.t(), target, reduction="none")
+
+
+def _second_order(fn, frozen_head, seed=0):
+    """Losses, the create_graph gradients at h and W of Σ a·CE, and the gradients of a random
+    pairing of those with cotangents, at h, W and the token weights a (float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, d, v = 11, 6, 40
+    hidden = torch.randn(n, d, dtype=torch.float64, generator=gen).requires_grad_(True)
+    weight = torch.randn(v, d, dtype=torch.float64, generator=gen).requires_grad_(not frozen_head)
+    a = torch.randn(n, dtype=torch.float64, generator=gen).requires_grad_(True)
+    target = torch.randint(0, v, (n,), generator=gen)
+    losses = fn(hidden, weight, target)
+    inputs = [hidden] if frozen_head else [hidden, weight]
+    firsts = torch.autograd.grad((losses * a).sum(), inputs, create_graph=True)
+    pairing = sum((g * torch.randn(g.shape, dtype=g.dtype, generator=gen)).sum() for g in firsts)
+    seconds = torch.autograd.grad(pairing, [*inputs, a])
+    return [losses.detach(), *(g.detach() for g in firsts), *seconds]
+
+
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_trained_head_second_order_equals_autograd_through_the_logits(frozen_head):
+    """MAGIC's fused head: losses, gradients and their derivatives at h, W and the token weights."""
+    ours = _second_order(head_loss._TrainedHeadCrossEntropy.apply, frozen_head)
+    ref = _second_order(_trained_reference, frozen_head)
+    assert len(ours) == (4 if frozen_head else 6)
+    for x, y in zip(ours, ref):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+def test_trained_head_passes_gradgradcheck():
+    """Against finite differences of its own first and second derivatives (float64)."""
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(5, 3, dtype=torch.float64, generator=gen).requires_grad_(True)
+    weight = torch.randn(7, 3, dtype=torch.float64, generator=gen).requires_grad_(True)
+    target = torch.randint(0, 7, (5,), generator=gen)
+    a = torch.randn(5, dtype=torch.float64, generator=gen).requires_grad_(True)
+
+    def weighted(hidden, weight, a):
+        return head_loss._TrainedHeadCrossEntropy.apply(hidden, weight, target) * a
+
+    assert torch.autograd.gradcheck(weighted, (hidden, weight, a))
+    assert torch.autograd.gradgradcheck(weighted, (hidden, weight, a))
+
+
+def test_trained_head_is_stable_when_the_target_probability_underflows():
+    """Float32 logits in the hundreds: the targets' softmax probabilities underflow to zero,
+    and the losses still equal the log-sum-exp less the target logit, with finite gradients."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = (30 * torch.randn(6, 8, generator=gen)).requires_grad_(True)
+    weight = (10 * torch.randn(300, 8, generator=gen)).requires_grad_(True)
+    target = (hidden.detach() @ weight.detach().t()).argmin(1)  # the least likely token
+    target[0] = (hidden[0].detach() @ weight.detach().t()).argmax()  # and one likely one
+    out = []
+    for fn in (head_loss._TrainedHeadCrossEntropy.apply, _trained_reference):
+        losses = fn(hidden, weight, target)
+        out.append([losses.detach(), *torch.autograd.grad(losses.sum(), [hidden, weight])])
+    assert out[1][0][1:].min() > 200 and all(torch.isfinite(x).all() for x in out[0])
+    for x, y in zip(*out):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-3)
+
+
 def _collect(model, docs, *, fused: bool, **kw):
     head_loss._PLAIN.pop(model, None)
     if not fused:

@@ -9,14 +9,16 @@ import pytest
 import torch
 
 from bergson import BergsonError
+from bergson.collect import head_loss
 from bergson.config import TrainingConfig
 from bergson.methods.magic import reverse as reverse_module
 from bergson.methods.magic.command import check_precision
-from bergson.methods.magic.recipe import learning_rate, plan_steps
+from bergson.methods.magic.recipe import learning_rate, plan_steps, zero_slots_state
 from bergson.methods.magic.replay import Replay, query_losses
 from bergson.methods.magic.reverse import MagicRun, checkpoint_steps
 from bergson.validation import correlations, draw_subsets, rank
 from tests.helpers.assets import tiny_gpt2
+from tests.helpers.families import FAMILIES, VOCAB, make_family
 from tests.helpers.gradients import random_docs
 
 # GPT-2's eager attention keeps float64 throughout (GPT-NeoX's upcasts its softmax to float32,
@@ -80,6 +82,7 @@ def test_metagradients_equal_finite_differences(tmp_path, optimizer):
     )
     run, cot = _metagradient(replay, model, queries, tmp_path)
     grads = run.reverse(cot).token_grads
+    assert head_loss._PLAIN.get(model) is True  # through the fused, twice-differentiable head
     per_doc = replay.layout.per_document(grads[:, None])[:, 0]
     eps = 1e-4
     offsets = replay.layout.offsets
@@ -99,6 +102,38 @@ def test_metagradients_equal_finite_differences(tmp_path, optimizer):
     assert grads[k] == pytest.approx(fd, rel=1e-5, abs=1e-9)
     # the first token of every document predicts nothing: its weight has no effect
     assert np.all(grads[offsets[:-1]] == 0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_gets_the_same_reverse_step_by_either_route(family):
+    """One optimizer step, its loss and its vector-Jacobian product (at the state and at the
+    token weights) through the fused head equal those through the logits; the fused route is
+    taken wherever the family's logits are its head's output."""
+    from dataclasses import replace
+
+    model = make_family(family)
+    docs = random_docs(4, VOCAB, seed=3, lo=4, hi=9)
+    replay = Replay(model, docs, replace(RECIPE, batch_size=4, grad_accumulation=1), progress=False)
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for fused in (True, False):
+        head_loss._PLAIN.pop(model, None)
+        if not fused:
+            head_loss._PLAIN[model] = False  # as if the first batch had failed the check
+        state, loss = replay.step(replay.initial_state(), 0, replay.ones())
+        route = head_loss._PLAIN.get(model)
+        gen.manual_seed(0)
+        cot = zero_slots_state(
+            replay.recipe,
+            {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in state.params.items()},
+        )
+        cot = cot.like([x[None] for x in cot.tensors()])
+        back, wgrad = replay.step_vjp(replay.initial_state(), 0, replay.ones(), cot)
+        out.append((route, loss, state.tensors(), back.tensors(), wgrad))
+    assert out[0][0] is (family != "gemma2")  # gemma2 soft-caps its logits
+    assert out[0][1] == pytest.approx(out[1][1], rel=1e-12)
+    for a, b in zip([*out[0][2], *out[0][3], out[0][4]], [*out[1][2], *out[1][3], out[1][4]]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_checkpoint_schedules_spilling_and_resume_give_the_same_metagradients(tmp_path, monkeypatch):

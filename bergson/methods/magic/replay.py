@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ... import distributed
+from ...collect.head_loss import trained_head_losses
 from ...collect.losses import next_tokens
 from ...collect.losses import token_losses as position_losses
 from ...config import TrainingConfig
@@ -45,10 +46,17 @@ logger = logging.getLogger(__name__)
 
 def token_losses(model: nn.Module, params: Tensors, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of every position's next-token prediction under ``params``, [B, T] (0 where
-    the target is IGNORE); half-precision logits are upcast."""
+    the target is IGNORE): through the fused output head where the model allows it (neither the
+    [B, T, V] logits nor their log-softmax kept for the reverse pass), otherwise from the logits
+    (half-precision logits upcast)."""
     from torch.func import functional_call
 
-    return position_losses(functional_call(model, params, (ids,), {"use_cache": False}).logits, target)
+    return trained_head_losses(
+        model,
+        lambda: functional_call(model, params, (ids,), {"use_cache": False}).logits,
+        target,
+        lambda logits: position_losses(logits, target),
+    )
 
 
 @dataclass
