@@ -166,14 +166,20 @@ class _TrainedHeadGrad(torch.autograd.Function):
         hidden, weight, upstream, probs, target = ctx.saved_tensors
         if cot_h is None:
             cot_h = torch.zeros_like(hidden)
-        if cot_w is None or cot_w.numel() == 0:
-            cot_w = torch.zeros_like(weight)
-        d = torch.mm(torch.cat([cot_h, hidden], 1), torch.cat([weight, cot_w], 1).t())  # D: one product
+        if cot_w is not None and cot_w.numel() == 0:  # a frozen head's gradient has no cotangent
+            cot_w = None
+        if cot_w is not None:  # D = C_h Wᵀ + h C_Wᵀ: one product
+            d = torch.mm(torch.cat([cot_h, hidden], 1), torch.cat([weight, cot_w], 1).t())
+        else:
+            d = torch.mm(cot_h, weight.t())
         inner = torch.linalg.vecdot(probs, d)  # ⟨Pₙ, Dₙ⟩
         d_up = inner - d.gather(1, target[:, None]).squeeze(1)  # ⟨P − onehot, D⟩ per row
         d.sub_(inner[:, None]).mul_(probs)  # the logits' cotangent, less its factor g
         scale = upstream[:, None]
-        d_h = torch.mm(d, weight).addmm_(probs, cot_w).sub_(cot_w.index_select(0, target)).mul_(scale)
+        d_h = torch.mm(d, weight)
+        if cot_w is not None:
+            d_h.addmm_(probs, cot_w).sub_(cot_w.index_select(0, target))
+        d_h.mul_(scale)
         d_w = None
         if ctx.needs_input_grad[1]:
             scaled = cot_h * scale

@@ -51,9 +51,12 @@ def token_losses(model: nn.Module, params: Tensors, ids: torch.Tensor, target: t
     (half-precision logits upcast)."""
     from torch.func import functional_call
 
+    # the parameters that are not trained go in detached: no gradient is taken at them
+    full = {n: p.detach() for n, p in model.named_parameters() if n not in params}
+    full.update(params)
     return trained_head_losses(
         model,
-        lambda: functional_call(model, params, (ids,), {"use_cache": False}).logits,
+        lambda: functional_call(model, full, (ids,), {"use_cache": False}).logits,
         target,
         lambda logits: position_losses(logits, target),
     )
