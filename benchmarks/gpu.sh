@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issue 22; run on a lent GPU machine, from the repository root):
-#   1. the CUDA tests: a store built on the GPU equals the one built on the CPU;
+#   1. the CUDA tests: a store built on the GPU equals the one built on the CPU; MAGIC's fused
+#      output head gives the same reverse step as the route through the logits on the GPU;
 #   2. the numerics table for a Pythia-160M-shaped model (bf16 / fp32 / fp32+TF32 / bf16 with the
 #      math SDP kernel): build tokens/s next to a plain training step, as ratios, and each build
 #      against the card's 4·N·tokens FLOP ceiling;
@@ -21,7 +22,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv
 PY=${PYTHON:-python}
 status=0
 keep() { [ "$status" -ne 0 ] || status=$1; }
-timeout 100 "$PY" -m pytest -q -p no:cacheprovider tests/collect/test_cuda_build.py || keep $?
+timeout 100 "$PY" -m pytest -q -p no:cacheprovider tests/collect/test_cuda_build.py \
+  tests/methods/test_magic.py -k "cuda" || keep $?
 timeout 280 "$PY" -m benchmarks.gpu_checks --no_checks --shape 160m --num_docs 512 --repeats 2 --budget_s 250 || keep $?
 timeout 180 "$PY" -m benchmarks.gpu_checks --only_checks --shape 70m --num_docs 64 || keep $?
 exit "$status"

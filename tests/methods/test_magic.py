@@ -127,7 +127,9 @@ def _reverse_step_by_both_routes(model, freeze=()):
         route = head_loss._PLAIN.get(model)
         state, loss = replay.step(first, 1, replay.ones())
         gen = torch.Generator().manual_seed(0)
-        cot = state.like([torch.randn((1, *x.shape), generator=gen, dtype=x.dtype) for x in state.tensors()])
+        cot = state.like(
+            [torch.randn((1, *x.shape), generator=gen, dtype=x.dtype).to(x.device) for x in state.tensors()]
+        )
         back, wgrad = replay.step_vjp(first, 1, replay.ones(), cot)
         out.append((route, loss, [*state.tensors(), *back.tensors(), wgrad]))
     (route, loss, ours), (_, ref_loss, ref) = out
@@ -154,6 +156,13 @@ def test_a_frozen_head_gets_the_same_reverse_step_by_either_route(family, head):
     route, replay = _reverse_step_by_both_routes(make_family(family), freeze=[head])
     assert route is True
     assert not any(n.startswith(head[:-2]) for n in replay.names)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_fused_head_on_cuda_gets_the_same_reverse_step_by_either_route():
+    """The fused head's kernels on a GPU (run by ``bash benchmarks/gpu.sh`` on a lent one)."""
+    route, replay = _reverse_step_by_both_routes(make_family("llama").cuda())
+    assert route is True and replay.device.type == "cuda"
 
 
 def test_checkpoint_schedules_spilling_and_resume_give_the_same_metagradients(tmp_path, monkeypatch):
