@@ -216,6 +216,14 @@ def _plan(
     return out
 
 
+def _loss_rows(hidden: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The head's input rows [n, d] of the positions of ``target`` [B, T] that carry a loss,
+    their targets [n], and the positions in the flattened [B·T] layout [n]."""
+    flat = target.reshape(-1)
+    pos = (flat != IGNORE).nonzero().squeeze(1)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos), flat[pos], pos
+
+
 def head_cross_entropy(
     hidden: torch.Tensor,
     head: nn.Linear,
@@ -228,17 +236,15 @@ def head_cross_entropy(
     the cross-entropy of ``head(hidden)`` to rounding, without forming it. With ``sample``, the
     targets at the loss positions are drawn by it, one document at a time. Only ``hidden``
     gets a gradient."""
-    batch, seq, width = hidden.shape
-    flat = target.reshape(-1)
-    pos = (flat != IGNORE).nonzero().squeeze(1)
-    rows = hidden.reshape(batch * seq, width).index_select(0, pos)
+    batch, seq, _ = hidden.shape
+    rows, targets, pos = _loss_rows(hidden, target)
     doc = torch.div(pos, seq, rounding_mode="floor")
     spans = None
     if sample is not None:
         counts = torch.bincount(doc, minlength=batch).tolist()
         ends = torch.tensor(counts).cumsum(0).tolist()
         spans = [(b, ends[b] - counts[b], ends[b]) for b in range(batch) if counts[b]]
-    token = _HeadCrossEntropy.apply(rows, head.weight, head.bias, flat[pos], spans, sample)
+    token = _HeadCrossEntropy.apply(rows, head.weight, head.bias, targets, spans, sample)
     return reduce_documents(token.new_zeros(batch).index_add(0, doc, token), target, reduction)
 
 
@@ -274,13 +280,17 @@ def _fusable_head(model: nn.Module, trained: bool = False) -> nn.Linear | None:
     return head
 
 
-def _intercept(
-    model: nn.Module, head: nn.Linear, run: Callable[[], torch.Tensor], target: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
-    """Run the model (``run()`` returns its logits) with its head intercepted: (the head's input,
-    the weight the head was called with) when the logits are the head's own output, otherwise
-    the logits. On a model's first batch the head is run for real, to check that the model
-    returns that very tensor; later batches get a stand-in (a zero expanded to [B, T, V])."""
+def _head_input(
+    model: nn.Module, run: Callable[[], torch.Tensor], target: torch.Tensor, trained: bool = False
+) -> tuple[torch.Tensor, nn.Linear, torch.Tensor] | torch.Tensor:
+    """Run the model (``run()`` returns its logits) with its head intercepted where the fused
+    loss may replace it (:func:`_fusable_head`): (the head's input, the head, the weight it was
+    called with) when the logits are the head's own output, otherwise the logits. On a model's
+    first batch the head is run for real, to check that the model returns that very tensor;
+    later batches get a stand-in (a zero expanded to [B, T, V])."""
+    head = _fusable_head(model, trained)
+    if head is None:
+        return run()
     known = model in _PLAIN
     calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (input, output, weight)
 
@@ -312,7 +322,7 @@ def _intercept(
             "the model changed its logits after its first batch, so its output head cannot be fused; "
             "this is a bug of bergson, please report it with the model's class"
         )
-    return calls[0][0], calls[0][2]
+    return calls[0][0], head, calls[0][2]
 
 
 def document_losses(
@@ -325,13 +335,10 @@ def document_losses(
 ) -> torch.Tensor:
     """Each document's loss, [B]: through the fused head when the model allows it, otherwise
     ``from_logits(logits)`` of the model's logits."""
-    head = _fusable_head(model)
-    if head is None:
-        return from_logits(model(input_ids=ids, use_cache=False).logits)
-    got = _intercept(model, head, lambda: model(input_ids=ids, use_cache=False).logits, target)
+    got = _head_input(model, lambda: model(input_ids=ids, use_cache=False).logits, target)
     if isinstance(got, torch.Tensor):
         return from_logits(got)
-    return head_cross_entropy(got[0], head, target, reduction, sample)
+    return head_cross_entropy(got[0], got[1], target, reduction, sample)
 
 
 def trained_head_losses(
@@ -345,14 +352,10 @@ def trained_head_losses(
     ``torch.func.functional_call``), with the output head among what is differentiated, twice
     if need be (MAGIC's replay): through :class:`_TrainedHeadCrossEntropy` when the model allows
     it, otherwise ``from_logits(logits)``."""
-    head = _fusable_head(model, trained=True)
-    got = run() if head is None else _intercept(model, head, run, target)
+    got = _head_input(model, run, target, trained=True)
     if isinstance(got, torch.Tensor):
         return from_logits(got)
-    hidden, weight = got
-    batch, seq, width = hidden.shape
-    flat = target.reshape(-1)
-    pos = (flat != IGNORE).nonzero().squeeze(1)
-    rows = hidden.reshape(batch * seq, width).index_select(0, pos)
-    token = _TrainedHeadCrossEntropy.apply(rows, weight, flat[pos])
-    return token.new_zeros(batch * seq).index_add(0, pos, token).view(batch, seq)
+    hidden, _, weight = got
+    rows, targets, pos = _loss_rows(hidden, target)
+    token = _TrainedHeadCrossEntropy.apply(rows, weight, targets)
+    return token.new_zeros(target.numel()).index_add(0, pos, token).view(target.shape)
