@@ -21,6 +21,10 @@ tree), in one invocation:
   cotangents carried by a loop of backwards on the retained graph or by one vectorized
   (``is_grads_batched``) backward, in wall and process CPU seconds (CPU seconds are the steadier
   figure on a shared machine) and as ratios to a training step (``--legs vjp`` runs this alone).
+  The vjp leg also times one micro-batch's Hessian-vector product and token-weight derivatives
+  (what a reverse step needs from the gradient) by the replay's double backward, fused head and
+  through the logits, and by forward-over-reverse (``torch.func.jvp`` of the gradient), and
+  checks that the two orders agree.
 
     python -m benchmarks.magic [--epochs 8] [--num_subsets 20] [--fractions 0.02 0.05] [--skip_quality]
     python -m benchmarks.magic --legs queries --epochs 1 --train_docs 48   # --legs vjp: the step alone
@@ -113,10 +117,13 @@ def vjp_profile(epochs: int, repeats: int) -> None:
     from bergson.core.allocator import keep_freed_memory
 
     keep_freed_memory()
+    from torch.func import functional_call
+
     from bergson.cli import parse
+    from bergson.collect.losses import token_losses as position_losses
     from bergson.methods.magic.command import prepare
     from bergson.methods.magic.recipe import zero_slots_state
-    from bergson.methods.magic.replay import Replay, math_attention, query_gradient
+    from bergson.methods.magic.replay import Replay, math_attention, query_gradient, token_losses
 
     cfg = parse("magic", [str(CONFIG), *overrides(epochs)])
     model, tokenizer, docs, qdocs = prepare(cfg)
@@ -158,7 +165,49 @@ def vjp_profile(epochs: int, repeats: int) -> None:
         torch.autograd.grad(outs, inputs, grads, allow_unused=True)
         return time.perf_counter() - start
 
+    # one micro-batch's Hessian-vector product and token-weight derivatives, three ways: the
+    # replay's double backward (fused head), the same through the logits, and forward-over-reverse
+    # (torch.func.jvp of the gradient; the fused head has no forward-mode rule, so the logits)
+    mb = replay.micro_batches(t)[0]
+    p0 = {k: v.detach() for k, v in s.params.items()}
+    cg = {k: cots[0].params[k] for k in p0}
+    wt = mb.mask.to(next(iter(p0.values())).dtype)
+
+    def logits_losses(p: dict[str, Any]) -> Any:
+        full = {n: q.detach() for n, q in model.named_parameters() if n not in p}
+        full.update(p)
+        logits = functional_call(model, full, (mb.ids,), {"use_cache": False}).logits
+        return position_losses(logits, mb.target)
+
+    def hvp_reverse(fused: bool) -> list[Any]:
+        leaves = {k: v.clone().requires_grad_(True) for k, v in p0.items()}
+        ww = wt.clone().requires_grad_(True)
+        with math_attention():
+            tl = token_losses(model, leaves, mb.ids, mb.target) if fused else logits_losses(leaves)
+        g = torch.autograd.grad((tl * ww).sum(), list(leaves.values()), create_graph=True)
+        return list(torch.autograd.grad(g, [*leaves.values(), ww], [cg[k] for k in leaves]))
+
+    def hvp_forward() -> list[Any]:
+        def grad_and_losses(p: dict[str, Any]) -> Any:
+            def weighted(q: dict[str, Any]) -> Any:
+                tl = logits_losses(q)
+                return (tl * wt).sum(), tl
+
+            return torch.func.grad(weighted, has_aux=True)(p)
+
+        with math_attention():
+            hv, dtl = torch.func.jvp(grad_and_losses, (p0,), (cg,))[1]
+        return [*(hv[k] for k in p0), dtl]
+
+    by_reverse, by_forward = hvp_reverse(True), hvp_forward()
+    hvp_error = max(
+        float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(by_reverse, by_forward)
+    )
+
     legs = {
+        "micro_batch_hvp_reverse_over_reverse_fused": lambda: hvp_reverse(True),
+        "micro_batch_hvp_reverse_over_reverse_logits": lambda: hvp_reverse(False),
+        "micro_batch_hvp_forward_over_reverse_logits": hvp_forward,
         "replay_step": replay_step,
         "forward_and_create_graph_gradient": graph,
         "vjp_q1": lambda: replay.step_vjp(s, t, w, one),
@@ -183,6 +232,20 @@ def vjp_profile(epochs: int, repeats: int) -> None:
         "reverse_step_q1": round((cpu["replay_step"] + cpu["vjp_q1"]) / base, 2),
         "reverse_step_q5_loop_per_query": round((cpu["replay_step"] + cpu["vjp_q5_loop"]) / 5 / base, 2),
         "reverse_step_q5_vmap_per_query": round((cpu["replay_step"] + cpu["vjp_q5_vmap"]) / 5 / base, 2),
+    }
+    out["micro_batch_hvp"] = {
+        "tokens": int(mb.mask.sum()),
+        "forward_over_reverse_against_reverse_max_relative_difference": hvp_error,
+        "forward_over_reverse_over_reverse_logits_cpu": round(
+            cpu["micro_batch_hvp_forward_over_reverse_logits"]
+            / cpu["micro_batch_hvp_reverse_over_reverse_logits"],
+            2,
+        ),
+        "forward_over_reverse_over_reverse_fused_cpu": round(
+            cpu["micro_batch_hvp_forward_over_reverse_logits"]
+            / cpu["micro_batch_hvp_reverse_over_reverse_fused"],
+            2,
+        ),
     }
     print(json.dumps(out))
 
