@@ -165,6 +165,25 @@ def test_the_fused_head_on_cuda_gets_the_same_reverse_step_by_either_route():
     assert route is True and replay.device.type == "cuda"
 
 
+def test_float32_metagradients_equal_float64_ones_under_adamw_with_a_key_bias(tmp_path):
+    """GPT-2's key bias has a gradient that is zero in exact arithmetic (softmax ignores a shift
+    shared by a row's scores), so in float32 its Adam second moment is rounding noise and the
+    reverse pass's cotangent of that moment is huge. It must not reach the scores: those of a
+    float32 run equal the float64 run's, per token, to a few float32 roundings."""
+    import copy
+
+    model, docs, queries, _ = _setup()
+    grads = {}
+    for dtype in (torch.float64, torch.float32):
+        m = copy.deepcopy(model).to(dtype)
+        replay = Replay(m, docs, RECIPE, progress=False)
+        run, cot = _metagradient(replay, m, queries, tmp_path / str(dtype))
+        grads[dtype] = run.reverse(cot).token_grads.astype(np.float64)
+    ref, low = grads[torch.float64], grads[torch.float32]
+    assert np.abs(ref).max() > 0
+    assert np.abs(low - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
 def test_checkpoint_schedules_spilling_and_resume_give_the_same_metagradients(tmp_path, monkeypatch):
     model, _, queries, replay = _setup(n=16)
     assert replay.num_steps == 8
