@@ -25,6 +25,8 @@ tree), in one invocation:
   (what a reverse step needs from the gradient) by the replay's double backward, fused head and
   through the logits, and by forward-over-reverse (``torch.func.jvp`` of the gradient), and
   checks that the two orders agree.
+* ``precision`` (``--legs precision``): the aggregated query's per-document scores of the recipe
+  run in float32 against the same run in float64, in this process.
 
     python -m benchmarks.magic [--epochs 8] [--num_subsets 20] [--fractions 0.02 0.05] [--skip_quality]
     python -m benchmarks.magic --legs queries --epochs 1 --train_docs 48   # --legs vjp: the step alone
@@ -284,14 +286,57 @@ def queries_leg(py: list[str], epochs: int, repeats: int, runs_too: bool) -> dic
     return out
 
 
+def precision_leg(epochs: int) -> dict[str, Any]:
+    """The recipe's aggregated-query metagradients in float32 against float64 (in this process):
+    how far float32 rounding, AdamW's second moments of parameters whose gradient is zero in
+    exact arithmetic (a key bias's) included, moves the scores."""
+    import copy
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from bergson.cli import parse
+    from bergson.methods.magic.command import prepare
+    from bergson.methods.magic.replay import Replay, query_gradient
+    from bergson.methods.magic.reverse import MagicRun
+    from bergson.validation import correlations
+
+    cfg = parse("magic", [str(CONFIG), *overrides(epochs)])
+    model, tokenizer, docs, qdocs = prepare(cfg)
+    pad = tokenizer.pad_token_id or 0
+    per_doc, seconds = {}, {}
+    for dtype in (torch.float64, torch.float32):
+        log(f"precision: the recipe in {dtype}")
+        m = copy.deepcopy(model).to(dtype)
+        replay = Replay(m, docs, cfg.training, pad, progress=False)
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as d:
+            run = MagicRun(replay, Path(d), "sqrt")
+            final, _ = run.train()
+            cot = query_gradient(m, final.params, qdocs, pad)
+            grads = run.reverse([cot], Path(d) / "progress.safetensors").token_grads[:, :1]
+        per_doc[dtype] = replay.layout.per_document(grads.astype(np.float64))[:, 0]
+        seconds[str(dtype)] = round(time.perf_counter() - start, 1)
+    ref, low = per_doc[torch.float64], per_doc[torch.float32]
+    return {
+        "steps": run.total,
+        "documents": len(docs),
+        "max_difference_over_largest": float(np.abs(low - ref).max() / np.abs(ref).max()),
+        **correlations(ref, low),
+        "seconds": seconds,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--num_subsets", type=int, default=20)
     p.add_argument("--fractions", type=float, nargs="+", default=[0.02, 0.05])
     p.add_argument("--skip_quality", action="store_true")
-    p.add_argument("--legs", nargs="+", choices=["cost", "vjp", "queries"], default=["cost"],
-                   help="cost: training, plain and the three schedules (and quality); queries: Q columns")  # fmt: skip
+    p.add_argument("--legs", nargs="+", choices=["cost", "vjp", "queries", "precision"], default=["cost"],
+                   help="cost: training, plain and the three schedules (and quality); queries: Q columns; "
+                   "precision: float32 against float64 scores")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="repeats of each leg of the vjp profile")
     p.add_argument("--train_docs", type=int, default=240, help="training documents (fewer: a quicker run)")
     p.add_argument("--child", choices=["train", "plain", "vjp"], help=argparse.SUPPRESS)
@@ -311,6 +356,8 @@ def main() -> None:
     }
     if "vjp" in args.legs or "queries" in args.legs:
         result["queries"] = queries_leg(py, args.epochs, args.repeats, "queries" in args.legs)
+    if "precision" in args.legs:
+        result["precision"] = precision_leg(args.epochs)
     if "cost" not in args.legs:
         print(json.dumps(result, indent=2))
         return
