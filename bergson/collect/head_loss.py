@@ -114,16 +114,10 @@ class _TrainedHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         logits = torch.mm(hidden, weight.t())
-        probs = torch.softmax(logits, 1)
-        picked = probs.gather(1, target[:, None]).squeeze(1)
-        losses = picked.log().neg_()
-        low = picked < torch.finfo(probs.dtype).tiny  # the target's probability below the normal range
-        if bool(low.any()):  # there -log P loses precision (or is infinite): log-sum-exp less the logit
-            rows = low.nonzero().squeeze(1)
-            z = logits.index_select(0, rows)
-            losses[rows] = torch.logsumexp(z, 1) - z.gather(1, target[rows, None]).squeeze(1)
+        picked = logits.gather(1, target[:, None]).squeeze(1)
+        probs, lse = _softmax_(logits)  # over the logits, in place
         ctx.save_for_backward(hidden, weight, probs, target)
-        return losses
+        return lse - picked  # exact where the target's probability underflows
 
     @staticmethod
     def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
